@@ -1,0 +1,344 @@
+"""Convert stage: videos -> per-video record chunks (in worker processes) -> shards + `dataset.json`.
+
+The work is split so that a conversion can be killed at any moment and run
+again: every finished video leaves a committed chunk and a small JSON
+result in `OUT/.stp-work/`; a rerun of the same command skips those videos,
+then assembles all shards anew (atomically) and writes the manifest last.
+The records do not depend on the number of workers: each video is cut by
+the same code into its own chunk, and chunks are assembled in (split, id)
+order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tfrecords_tools import manifest as mf
+from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
+from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
+from tfrecords_tools.sources import Item, list_source
+from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
+from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoError, video_patches
+
+WORK_DIR = ".stp-work"
+
+
+class ConvertError(RuntimeError):
+    """The conversion as a whole cannot go on (an OUT written with another spec, --strict failures)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Everything that decides the records written (plus how the work is run)."""
+
+    src: str
+    out: str
+    spec: PatchSpec
+    encoding: str = "raw"
+    quality: int = 90
+    compression: str = "none"
+    shard_size_mb: float = 256.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    labels: Tuple[str, ...] = ()
+    split_fractions: Tuple[Tuple[str, float], ...] = ()
+    # How the work runs; never changes the records.
+    workers: int = 1
+    decode_threads: int = 1
+    overwrite: bool = False
+    strict: bool = False
+    command: str = ""
+
+    def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"Invalid value for argument `encoding`. Expected one of {ENCODINGS}. "
+                             f"Received encoding={self.encoding!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"Invalid value for argument `compression`. Expected one of {COMPRESSIONS}. "
+                             f"Received compression={self.compression!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"Invalid value for argument `quality`. Expected 1..100. Received quality={self.quality}")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"Invalid value for argument `shard_size_mb`. Expected a positive size. "
+                             f"Received shard_size_mb={self.shard_size_mb}")
+        if self.workers < 1:
+            raise ValueError(f"Invalid value for argument `workers`. Expected >= 1. Received workers={self.workers}")
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the bytes of the records; an existing OUT must match them."""
+        return {"spec": self.spec.to_dict(), "encoding": self.encoding,
+                "quality": self.quality if self.encoding == "jpeg" else None,
+                "compression": self.compression, "schema_version": SCHEMA_VERSION,
+                "max_pixels": self.max_pixels}
+
+
+# ---------------------------------------------------------------------------------------------
+# One video (runs in a worker process)
+
+
+def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: str) -> dict:
+    """Cuts one video into records in `chunk_path`; returns its result (never raises for bad input)."""
+    result = {"id": item.id, "split": item.split, "label": item.label, "status": "failed", "reason": "",
+              "patches": 0}
+    if item.error:
+        result["reason"] = item.error
+        return result
+    start = time.perf_counter()
+    writer = None
+    try:
+        writer = ChunkWriter(chunk_path)
+        plan: Optional[Plan] = None
+        reads = 0
+        for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads):
+            if isinstance(event, Plan):
+                plan = event
+                reads += 1
+                if reads > 1:
+                    writer.reset()
+                continue
+            writer.write(encode_patch(
+                event.pixels, encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
+                video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
+                valid=event.valid, timestamp=event.timestamp,
+                label=label_index, label_name=item.label, split=item.split))
+        result.update(frames=plan.frames, height=plan.height, width=plan.width, timing=plan.timing,
+                      seconds=round(time.perf_counter() - start, 4), reads=reads)
+        if not writer.sizes:
+            writer.abort()
+            result["status"] = "skipped"
+            result["reason"] = (f"{item.path}: no patch fits: {plan.frames} frames of {plan.height}x{plan.width} "
+                                f"after resampling/resizing, patch {cfg.spec.frames}x{cfg.spec.height}x"
+                                f"{cfg.spec.width} with pad={cfg.spec.pad}")
+            return result
+        writer.commit()
+        result.update(status="ok", patches=len(writer.sizes), sizes=writer.sizes)
+        return result
+    except VideoError as e:
+        result["reason"] = str(e)
+    except Exception as e:  # a bug or an unexpected library error: still name the file, keep going
+        result["reason"] = f"{item.path}: unexpected {type(e).__name__}: {e}"
+    if writer is not None:
+        writer.abort()
+    return result
+
+
+def _worker_init():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _worker_task(args):
+    item, label_index, cfg, chunk_path, result_path = args
+    result = convert_video(item, label_index, cfg, chunk_path)
+    _write_json_atomic(result_path, result)
+    return result
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole job
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the converter reports after each video (for a progress bar)."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    patches: int = 0
+    frames: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _versions() -> dict:
+    import av
+    import numpy
+    import tensorflow as tf
+
+    from importlib import metadata
+    try:
+        stp_version = metadata.version("stpkeras")
+    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+        stp_version = "unknown"
+    return {"stpkeras": stp_version, "tensorflow": tf.__version__, "numpy": numpy.__version__,
+            "av": av.__version__, "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+            "python": platform.python_version()}
+
+
+def _check_existing(cfg: ConvertConfig, work: str) -> Optional[dict]:
+    """Refuses an OUT written with other settings; returns its manifest if complete and matching."""
+    existing = None
+    fingerprint_path = os.path.join(work, "config.json")
+    if os.path.exists(mf.manifest_path(cfg.out)):
+        try:
+            existing = mf.read_manifest(cfg.out)
+        except mf.ManifestError:
+            existing = None
+        if existing is not None:
+            theirs = existing.get("fingerprint")
+            if theirs != cfg.fingerprint():
+                raise ConvertError(f"{cfg.out} holds a conversion with other settings ({_diff(theirs, cfg.fingerprint())}). "
+                                   "Use another OUT or --overwrite to replace it.")
+    if os.path.exists(fingerprint_path):
+        with open(fingerprint_path) as f:
+            theirs = json.load(f)
+        if theirs != cfg.fingerprint():
+            raise ConvertError(f"{cfg.out} holds an unfinished conversion with other settings "
+                               f"({_diff(theirs, cfg.fingerprint())}). Use --overwrite to start again.")
+    return existing
+
+
+def _diff(a: Optional[dict], b: dict) -> str:
+    if not isinstance(a, dict):
+        return "no recorded settings"
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in keys if a.get(k) != b.get(k))
+
+
+def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict], None]] = None) -> dict:
+    """Runs the whole conversion; returns the manifest (also written to `OUT/dataset.json`).
+
+    Bad videos never stop the job: each gets status `failed` (or `skipped`
+    when no patch fits) with its reason in the manifest. With `strict`,
+    the first failure raises `ConvertError` and no manifest is written.
+    """
+    started = time.perf_counter()
+    items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
+    work = os.path.join(cfg.out, WORK_DIR)
+    if cfg.overwrite and os.path.exists(cfg.out):
+        for name in list_shard_files(cfg.out) + [mf.MANIFEST_NAME]:
+            p = os.path.join(cfg.out, name)
+            if os.path.exists(p):
+                os.remove(p)
+        shutil.rmtree(work, ignore_errors=True)
+    fresh = not os.path.exists(work)
+    os.makedirs(work, exist_ok=True)
+    existing = _check_existing(cfg, work)
+    if existing is not None and fresh and _same_items(existing, items):
+        # Finished earlier with the same settings and inputs: nothing to redo.
+        shutil.rmtree(work, ignore_errors=True)
+        existing["up_to_date"] = True
+        return existing
+    _write_json_atomic(os.path.join(work, "config.json"), cfg.fingerprint())
+    for name in os.listdir(work):  # half-written chunks of a killed run
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(work, name))
+
+    label_index = {name: i for i, name in enumerate(labels)}
+    results: Dict[Tuple[str, str], dict] = {}
+    todo = []
+    for item in items:
+        result_path = os.path.join(work, item.key + ".json")
+        chunk_path = os.path.join(work, item.key + ".tfrecord")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                done = json.load(f)
+            # Finished videos are kept; failed ones are tried again (the file may have been fixed).
+            if (done.get("status") == "ok" and os.path.exists(chunk_path)) or done.get("status") == "skipped":
+                results[(item.split, item.id)] = done
+                continue
+        todo.append((item, label_index.get(item.label, UNLABELLED), cfg, chunk_path, result_path))
+
+    progress = Progress(total=len(items), done=len(results))
+    for r in results.values():
+        progress.patches += r.get("patches", 0)
+
+    def record(result):
+        results[(result["split"], result["id"])] = result
+        progress.done += 1
+        progress.patches += result.get("patches", 0)
+        progress.frames += result.get("frames", 0) if result["status"] == "ok" else 0
+        if result["status"] != "ok":
+            progress.failed += 1
+            if cfg.strict:
+                raise ConvertError(f"--strict: {result['reason']}")
+        if on_progress:
+            on_progress(progress, result)
+
+    for result in _run(todo, cfg.workers):
+        record(result)
+
+    manifest = _assemble(cfg, items, labels, results, work)
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    mf.write_manifest(cfg.out, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _same_items(manifest: dict, items: Sequence[Item]) -> bool:
+    listed = {(v["split"], v["id"], v.get("label", "")) for v in manifest.get("videos", [])}
+    return listed == {(i.split, i.id, i.label) for i in items} and manifest["counts"]["failed"] == 0
+
+
+def _run(todo: Sequence[tuple], workers: int) -> Iterable[dict]:
+    if workers <= 1 or len(todo) <= 1:
+        for task in todo:
+            yield _worker_task(task)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: TensorFlow and FFmpeg hold threads and locks that fork would copy mid-use.
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes=min(workers, len(todo)), initializer=_worker_init, maxtasksperchild=64) as pool:
+        # Longest first keeps both workers busy to the end; the output order does not depend on it.
+        order = sorted(todo, key=lambda t: -_size(t[0].path))
+        yield from pool.imap_unordered(_worker_task, order, chunksize=1)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[Tuple[str, str], dict],
+              work: str) -> dict:
+    splits: Dict[str, dict] = {}
+    videos = []
+    for item in items:  # items are sorted by (split, id): the shard order
+        r = results[(item.split, item.id)]
+        entry = {k: r[k] for k in ("id", "split", "label", "status", "reason", "patches") if k in r}
+        for k in ("frames", "height", "width", "timing"):
+            if k in r:
+                entry[k] = r[k]
+        videos.append(entry)
+        split = splits.setdefault(item.split, {"chunks": [], "videos": 0, "label_counts": {}})
+        if r["status"] == "ok":
+            split["chunks"].append(Chunk(os.path.join(work, item.key + ".tfrecord"), tuple(r["sizes"])))
+            split["videos"] += 1
+            if item.label:
+                split["label_counts"][item.label] = split["label_counts"].get(item.label, 0) + r["patches"]
+    # Shards of an earlier run with another layout would be read as data: remove them first.
+    for name in list_shard_files(cfg.out):
+        os.remove(os.path.join(cfg.out, name))
+    out_splits = {}
+    for name in sorted(splits):
+        s = splits[name]
+        shards = write_shards(cfg.out, name, s["chunks"], int(cfg.shard_size_mb * 1e6), cfg.compression)
+        out_splits[name] = {"records": sum(e["records"] for e in shards), "videos": s["videos"],
+                            "label_counts": dict(sorted(s["label_counts"].items())), "shards": shards}
+    counts = {"videos": len(videos), "ok": sum(v["status"] == "ok" for v in videos),
+              "failed": sum(v["status"] == "failed" for v in videos),
+              "skipped": sum(v["status"] == "skipped" for v in videos),
+              "patches": sum(s["records"] for s in out_splits.values())}
+    return {
+        "format": mf.FORMAT, "schema_version": SCHEMA_VERSION, "spec": cfg.spec.to_dict(),
+        "encoding": cfg.encoding, "quality": cfg.quality, "compression": cfg.compression,
+        "labels": list(labels), "splits": out_splits, "videos": videos, "counts": counts,
+        "fingerprint": cfg.fingerprint(), "source": os.path.abspath(cfg.src),
+        "command": cfg.command or " ".join(sys.argv), "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

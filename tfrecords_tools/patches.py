@@ -1,0 +1,148 @@
+"""Patch stage: grid arithmetic and cutting of frame windows into spacetime patches (numpy only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, List, Tuple
+
+import numpy as np
+
+from tfrecords_tools.spec import PatchSpec
+
+
+def grid_starts(length: int, size: int, stride: int, pad: str) -> List[int]:
+    """Start offsets of patches of `size` every `stride` along an axis of `length`.
+
+    `drop` keeps only patches that lie wholly inside. `edge`/`zero` also keep a
+    last partial patch when it holds values that no whole patch covers; a
+    start that falls in a gap between patches (stride > size) adds nothing.
+
+    >>> grid_starts(10, 4, 3, "drop"), grid_starts(10, 4, 3, "edge")
+    ([0, 3, 6], [0, 3, 6])
+    >>> grid_starts(11, 4, 3, "drop"), grid_starts(11, 4, 3, "zero")
+    ([0, 3, 6], [0, 3, 6, 9])
+    """
+    if length <= 0:
+        return []
+    if pad == "drop":
+        if length < size:
+            return []
+        return list(range(0, length - size + 1, stride))
+    starts = []
+    k = 0
+    while k * stride < length and (k == 0 or (k - 1) * stride + size < length):
+        starts.append(k * stride)
+        k += 1
+    return starts
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The patch grid of one video: starts along time, height and width."""
+
+    t: Tuple[int, ...]
+    y: Tuple[int, ...]
+    x: Tuple[int, ...]
+
+    @classmethod
+    def for_video(cls, spec: PatchSpec, num_frames: int, height: int, width: int) -> "Grid":
+        return cls(tuple(grid_starts(num_frames, spec.frames, spec.stride_frames, spec.pad)),
+                   tuple(grid_starts(height, spec.height, spec.stride_height, spec.pad)),
+                   tuple(grid_starts(width, spec.width, spec.stride_width, spec.pad)))
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.t) * len(self.y) * len(self.x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One cut patch: `pixels` is `uint8 [T, H, W, 3]` (padded where `valid` is smaller)."""
+
+    pixels: np.ndarray
+    index: Tuple[int, int, int]   # grid index (t, y, x)
+    offset: Tuple[int, int, int]  # first frame, top row, left column
+    valid: Tuple[int, int, int]   # frames, rows, columns holding real data (the rest is padding)
+    timestamp: float              # seconds of the first frame
+
+
+def _pad_to(block: np.ndarray, shape: Tuple[int, int, int], mode: str) -> np.ndarray:
+    widths = [(0, s - b) for s, b in zip(shape, block.shape[:3])] + [(0, 0)]
+    if all(w == (0, 0) for w in widths):
+        return block
+    if mode == "edge":
+        return np.pad(block, widths, mode="edge")
+    return np.pad(block, widths, mode="constant")
+
+
+def cut_window(spec: PatchSpec, window: np.ndarray, t_index: int, t_offset: int, grid: Grid,
+               timestamp: float) -> Iterator[Patch]:
+    """Cuts every spatial patch of one temporal window.
+
+    `window` is `uint8 [t, H, W, 3]` with t <= spec.frames frames starting at
+    frame `t_offset` (fewer only for a tail, which is padded here). Patches come
+    in row-major order (y, then x), the order every reader expects.
+    """
+    t_valid = window.shape[0]
+    height, width = window.shape[1:3]
+    for iy, y in enumerate(grid.y):
+        h_valid = min(spec.height, height - y)
+        for ix, x in enumerate(grid.x):
+            w_valid = min(spec.width, width - x)
+            block = _pad_to(window[:, y:y + spec.height, x:x + spec.width], spec.size, spec.pad)
+            yield Patch(np.ascontiguousarray(block), (t_index, iy, ix), (t_offset, y, x),
+                        (t_valid, h_valid, w_valid), timestamp)
+
+
+class PatchCutter:
+    """Turns a stream of frames into patches, holding at most `spec.frames` frames.
+
+    Feed frames in order with `add(frame, timestamp)`; each call yields the
+    patches whose last frame it was. `finish()` yields the padded tail patches
+    (`edge`/`zero`) once the stream has ended. The grid must be built for the
+    number of frames the stream will deliver.
+    """
+
+    def __init__(self, spec: PatchSpec, grid: Grid):
+        self.spec = spec
+        self.grid = grid
+        self._frames: List[np.ndarray] = []
+        self._stamps: List[float] = []
+        self._first = 0   # frame index of self._frames[0]
+        self._seen = 0    # frames added so far
+        self._next = 0    # index into grid.t of the next patch to emit
+
+    def _emit(self, length: int) -> Iterator[Patch]:
+        start = self.grid.t[self._next]
+        lo = start - self._first
+        window = np.stack(self._frames[lo:lo + length])
+        yield from cut_window(self.spec, window, self._next, start, self.grid, self._stamps[lo])
+        self._next += 1
+        # Frames before the next start are needed by no later patch.
+        keep_from = self.grid.t[self._next] if self._next < len(self.grid.t) else self._seen
+        drop = min(max(0, keep_from - self._first), len(self._frames))
+        del self._frames[:drop], self._stamps[:drop]
+        self._first += drop
+
+    def add(self, frame: np.ndarray, timestamp: float) -> Iterator[Patch]:
+        index = self._seen
+        self._seen += 1
+        if self._next >= len(self.grid.t) or index < self.grid.t[self._next]:
+            # In a gap between patches (stride > size) or past the grid: not needed.
+            self._first = self._seen
+            return
+        self._frames.append(frame)
+        self._stamps.append(timestamp)
+        while self._next < len(self.grid.t) and self._seen >= self.grid.t[self._next] + self.spec.frames:
+            yield from self._emit(self.spec.frames)
+
+    def finish(self) -> Iterator[Patch]:
+        """Yields the tail patches the grid holds but the stream did not fill."""
+        while self._next < len(self.grid.t):
+            start = self.grid.t[self._next]
+            if start >= self._seen:
+                raise RuntimeError(f"the stream ended after {self._seen} frames, "
+                                   f"but the grid has a patch starting at frame {start}")
+            yield from self._emit(self._seen - start)
+        self._frames.clear()
+        self._stamps.clear()

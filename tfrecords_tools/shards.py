@@ -1,0 +1,201 @@
+"""Shard stage: atomic writing of per-video record chunks, and their assembly into named shards.
+
+Each video is written to its own uncompressed TFRecord chunk (temporary
+name, renamed when complete), so a killed conversion loses at most the
+videos in flight. Assembly then copies the chunks' bytes, in a fixed order,
+into shards `{split}-{i:05d}-of-{n:05d}.tfrecord[.gz|.zz]` of about
+`shard_size` bytes, cut at record boundaries, compressing on the way
+(TFRecord GZIP/ZLIB files are the plain record stream, compressed). Every
+shard is written under a temporary name, hashed, then renamed. The same
+chunks give byte-identical shards, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import zlib
+from typing import Iterator, List, Sequence, Tuple
+
+SUFFIX = {"none": ".tfrecord", "gzip": ".tfrecord.gz", "zlib": ".tfrecord.zz"}
+SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(\.gz|\.zz)?$")
+RECORD_OVERHEAD = 16  # length (8) + length CRC (4) + data CRC (4)
+_COPY = 1 << 20
+
+
+def _gfile():
+    import tensorflow as tf
+    return tf.io.gfile
+
+
+def shard_name(split: str, i: int, n: int, compression: str) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}{SUFFIX[compression]}"
+
+
+class ChunkWriter:
+    """Writes one video's records to `path` atomically; tracks each framed record's size."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.sizes: List[int] = []
+        self._writer = tf.io.TFRecordWriter(self.tmp)
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+        self.sizes.append(len(record) + RECORD_OVERHEAD)
+
+    def reset(self) -> None:
+        """Drops everything written so far (the video is being read again)."""
+        import tensorflow as tf
+
+        self._writer.close()
+        self.sizes = []
+        self._writer = tf.io.TFRecordWriter(self.tmp)
+
+    def commit(self) -> None:
+        self._writer.close()
+        _gfile().rename(self.tmp, self.path, overwrite=True)
+
+    def abort(self) -> None:
+        self._writer.close()
+        gfile = _gfile()
+        if gfile.exists(self.tmp):
+            gfile.remove(self.tmp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A committed chunk: its file and the framed size of each record in it, in order."""
+
+    path: str
+    sizes: Tuple[int, ...]
+
+
+def plan_shards(chunks: Sequence[Chunk], shard_bytes: int) -> List[List[Tuple[int, int, int]]]:
+    """Splits the records of `chunks` (in order) into shards of about `shard_bytes`.
+
+    Returns per shard a list of (chunk index, first record, end record).
+    The shard count is fixed first (ceil(total / shard_bytes)), then records
+    are dealt so that each shard's bytes stay close to total / count.
+    """
+    total = sum(sum(c.sizes) for c in chunks)
+    if total == 0:
+        return []
+    n = max(1, math.ceil(total / max(1, shard_bytes)))
+    target = total / n
+    shards: List[List[Tuple[int, int, int]]] = [[] for _ in range(n)]
+    done = 0
+    for ci, chunk in enumerate(chunks):
+        first = None
+        shard_of_first = None
+        for ri, size in enumerate(chunk.sizes):
+            # A record goes to the shard its middle byte falls in.
+            s = min(n - 1, int((done + size / 2) // target))
+            if first is None:
+                first, shard_of_first = ri, s
+            elif s != shard_of_first:
+                shards[shard_of_first].append((ci, first, ri))
+                first, shard_of_first = ri, s
+            done += size
+        if first is not None:
+            shards[shard_of_first].append((ci, first, len(chunk.sizes)))
+    return [s for s in shards if s] or []
+
+
+class _Sink:
+    """A file that compresses (as TFRecord's GZIP/ZLIB do) and hashes what is written."""
+
+    def __init__(self, f, compression: str):
+        self.f = f
+        self.hash = hashlib.sha256()
+        self.bytes = 0
+        if compression == "gzip":
+            self.z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        elif compression == "zlib":
+            self.z = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS)
+        else:
+            self.z = None
+
+    def _out(self, data: bytes):
+        if data:
+            self.f.write(data)
+            self.hash.update(data)
+            self.bytes += len(data)
+
+    def write(self, data: bytes):
+        self._out(self.z.compress(data) if self.z else data)
+
+    def close(self):
+        if self.z:
+            self._out(self.z.flush())
+
+
+def _copy_range(src, start: int, length: int, sink: _Sink) -> None:
+    src.seek(start)
+    left = length
+    while left > 0:
+        data = src.read(min(_COPY, left))
+        if not data:
+            raise IOError(f"{src.name if hasattr(src, 'name') else 'chunk'}: ended {left} bytes early")
+        sink.write(data)
+        left -= len(data)
+
+
+def write_shards(out_dir: str, split: str, chunks: Sequence[Chunk], shard_bytes: int,
+                 compression: str) -> List[dict]:
+    """Assembles `chunks` into the shards of `split`; returns their manifest entries."""
+    from tfrecords_tools.manifest import join
+
+    gfile = _gfile()
+    layout = plan_shards(chunks, shard_bytes)
+    offsets = [[0] + list(_cumsum(c.sizes)) for c in chunks]
+    entries = []
+    n = len(layout)
+    for i, pieces in enumerate(layout):
+        name = shard_name(split, i, n, compression)
+        final = join(out_dir, name)
+        tmp = join(out_dir, "." + name + ".tmp")
+        records = 0
+        with gfile.GFile(tmp, "wb") as f:
+            sink = _Sink(f, compression)
+            for ci, first, end in pieces:
+                start = offsets[ci][first]
+                with gfile.GFile(chunks[ci].path, "rb") as src:
+                    _copy_range(src, start, offsets[ci][end] - start, sink)
+                records += end - first
+            sink.close()
+        gfile.rename(tmp, final, overwrite=True)
+        entries.append({"file": name, "records": records, "bytes": sink.bytes,
+                        "sha256": sink.hash.hexdigest()})
+    return entries
+
+
+def _cumsum(values: Sequence[int]) -> Iterator[int]:
+    acc = 0
+    for v in values:
+        acc += v
+        yield acc
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with _gfile().GFile(path, "rb") as f:
+        while True:
+            data = f.read(_COPY)
+            if not data:
+                return h.hexdigest()
+            h.update(data)
+
+
+def list_shard_files(out_dir: str) -> List[str]:
+    """Names of the shard files (and leftover temporaries) in `out_dir`."""
+    gfile = _gfile()
+    if not gfile.isdir(out_dir):
+        return []
+    return sorted(n for n in gfile.listdir(out_dir)
+                  if SHARD_RE.match(n) or (n.startswith(".") and n.endswith(".tmp") and ".tfrecord" in n))
