@@ -10,6 +10,7 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -26,9 +27,244 @@ EXIT_CORRUPT = 3
 @click.version_option(__version__, prog_name="stp")
 def main():
     """stpkeras: videos -> spacetime patches (TFRecords) -> Keras Conv3D models -> TF Serving."""
+    # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) buries the command's own output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 # --- commands are added below, one block per stage -------------------------------------------
+
+# --- convert / inspect / verify / preview (videos -> TFRecords) ---------------------------------
+
+
+def _triple(ctx, param, value):
+    if value is None:
+        return None
+    from tfrecords_tools.spec import parse_triple
+    try:
+        return parse_triple(value, param.name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _pair(ctx, param, value):
+    if value is None:
+        return None
+    from tfrecords_tools.spec import parse_pair
+    try:
+        return parse_pair(value, param.name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _fractions(ctx, param, value):
+    out = []
+    for text in value:
+        name, _, frac = text.partition("=")
+        try:
+            f = float(frac)
+        except ValueError:
+            f = -1.0
+        if not name or not 0.0 < f < 1.0:
+            raise click.BadParameter(f"expected SPLIT=FRACTION with 0 < FRACTION < 1, e.g. val=0.2; received {text!r}")
+        out.append((name, f))
+    if sum(f for _, f in out) >= 1.0:
+        raise click.BadParameter("the fractions must add up to less than 1 (the rest stays in train)")
+    return tuple(out)
+
+
+class _ProgressLine:
+    """One self-rewriting status line on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, progress, result):
+        import time
+        if result.get("status") != "ok":
+            click.echo(f"warning: {result['status']}: {result['reason']}", err=True)
+        if not self.enabled:
+            return
+        elapsed = max(1e-6, time.perf_counter() - progress.started)
+        width = 24
+        filled = int(width * progress.done / max(1, progress.total))
+        line = (f"\r[{'#' * filled}{'.' * (width - filled)}] videos {progress.done}/{progress.total}"
+                f" ({progress.failed} failed) | patches {progress.patches:,} | {progress.frames / elapsed:,.0f} frames/s")
+        click.echo(line, nl=False, err=True)
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            click.echo("", err=True)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, readable=True))
+@click.argument("out", type=click.Path(file_okay=False, writable=True))
+@click.option("--patch", default="8x64x64", show_default=True, metavar="TxHxW", callback=_triple,
+              help="Patch size: frames x height x width.")
+@click.option("--stride", default=None, metavar="TxHxW", callback=_triple,
+              help="Grid step (default: the patch size, i.e. non-overlapping).")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True, max=1000), default=None,
+              help="Resample to this frame rate by frame timestamps (default: keep every decoded frame).")
+@click.option("--resize", default=None, metavar="HxW", callback=_pair, help="Resize every frame to HxW.")
+@click.option("--short-side", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Resize so the shorter side is N pixels, keeping the aspect ratio.")
+@click.option("--pad", type=click.Choice(["drop", "edge", "zero"]), default="drop", show_default=True,
+              help="What to do with a tail that does not fill a whole patch.")
+@click.option("--encoding", type=click.Choice(["raw", "jpeg", "png"]), default="raw", show_default=True,
+              help="How pixels are stored: raw uint8 bytes, or one JPEG/PNG per frame.")
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "zlib"]), default="none", show_default=True,
+              help="TFRecord file compression.")
+@click.option("--shard-size", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              metavar="MB", help="Target shard size in MB.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, envvar="STP_WORKERS",
+              help="Worker processes (one video each at a time).")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="FFmpeg threads per worker.")
+@click.option("--labels", default=None, metavar="A,B,...",
+              help="The class names, in index order; a label not in the list is an error (default: all labels found, sorted).")
+@click.option("--split-fraction", "split_fraction", multiple=True, callback=_fractions, metavar="SPLIT=F",
+              help="Move a share of the train videos to another split, by a hash of their path (repeatable), e.g. val=0.2.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
+              help="Refuse videos whose declared frame has more pixels (decompression-bomb guard).")
+@click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
+@click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def convert(src, out, patch, stride, fps, resize, short_side, pad, encoding, quality, compression, shard_size,
+            workers, decode_threads, labels, split_fraction, max_pixels, overwrite, strict, quiet):
+    """Convert videos (a folder of class folders, a flat folder or a CSV) into TFRecords of patches."""
+    from tfrecords_tools.convert import ConvertConfig, ConvertError
+    from tfrecords_tools.convert import convert as run_convert
+    from tfrecords_tools.sources import SourceError
+    from tfrecords_tools.spec import PatchSpec
+
+    try:
+        spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
+                         stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
+                         pad=pad, fps=fps, resize=resize, short_side=short_side)
+        cfg = ConvertConfig(src=src, out=out, spec=spec, encoding=encoding, quality=quality,
+                            compression=compression, shard_size_mb=shard_size, max_pixels=max_pixels,
+                            labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
+                            split_fractions=split_fraction, workers=workers, decode_threads=decode_threads,
+                            overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    bar = _ProgressLine(enabled=not quiet and sys.stderr.isatty())
+    try:
+        manifest = run_convert(cfg, on_progress=bar)
+    except (ConvertError, SourceError) as e:
+        bar.close()
+        raise click.ClickException(str(e)) from e
+    finally:
+        bar.close()
+    counts = manifest["counts"]
+    if not quiet:
+        if manifest.get("up_to_date"):
+            click.echo(f"{out}: already converted with these settings (use --overwrite to redo).")
+        splits = ", ".join(f"{k} {v['records']:,} patches in {len(v['shards'])} shard(s)"
+                           for k, v in manifest["splits"].items())
+        click.echo(f"converted {counts['ok']}/{counts['videos']} videos -> {out}: {splits}")
+        if counts["failed"] or counts["skipped"]:
+            click.echo(f"{counts['failed']} failed, {counts['skipped']} skipped: see `stp inspect {out}`", err=True)
+    sys.exit(EXIT_PARTIAL if counts["failed"] or counts["skipped"] else EXIT_OK)
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(data, as_json):
+    """Describe a converted folder: spec, splits, labels, sizes, failures."""
+    import json as _json
+
+    from tfrecords_tools.manifest import ManifestError, read_manifest
+    from tfrecords_tools.spec import PatchSpec
+
+    try:
+        m = read_manifest(data)
+    except ManifestError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(_json.dumps(m, indent=1))
+        return
+    spec = PatchSpec.from_dict(m["spec"])
+    c = m["counts"]
+    total_bytes = sum(s["bytes"] for sp in m["splits"].values() for s in sp["shards"])
+    click.echo(f"{data}: {c['patches']:,} patches of uint8 {list(spec.shape)} from {c['ok']}/{c['videos']} videos "
+               f"({c['failed']} failed, {c['skipped']} skipped)")
+    click.echo(f"  spec: {spec.describe()}")
+    click.echo(f"  storage: {m['encoding']}" + (f" (quality {m['quality']})" if m["encoding"] == "jpeg" else "")
+               + f", compression {m['compression']}, {total_bytes / 1e6:,.1f} MB"
+               + (f", {total_bytes / max(1, c['patches']) / 1e3:,.1f} kB/patch" if c["patches"] else ""))
+    click.echo(f"  labels: {', '.join(m['labels']) if m['labels'] else '(unlabelled)'}")
+    for name, sp in m["splits"].items():
+        click.echo(f"  split {name}: {sp['records']:,} patches, {sp['videos']} videos, {len(sp['shards'])} shard(s)")
+        if sp.get("label_counts"):
+            most = max(sp["label_counts"].values())
+            for label, n in sp["label_counts"].items():
+                click.echo(f"    {label:>16} {n:>8,} {'#' * max(1, round(30 * n / most))}")
+    bad = [v for v in m["videos"] if v["status"] != "ok"]
+    if bad:
+        click.echo(f"  problems ({len(bad)}):")
+        for v in bad:
+            click.echo(f"    {v['status']}: {v['reason']}")
+    click.echo(f"  made by: {m.get('command', '?')} on {m.get('created', '?')} "
+               f"(stpkeras {m.get('versions', {}).get('stpkeras', '?')}, TF {m.get('versions', {}).get('tensorflow', '?')})")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+def verify(data):
+    """Read every record of every shard; check CRCs, sha256, counts and shapes (exit 3 on any problem)."""
+    from tfrecords_tools.manifest import ManifestError
+    from tfrecords_tools.verify import verify as run_verify
+
+    try:
+        report = run_verify(data)
+    except ManifestError as e:
+        raise click.ClickException(str(e)) from e
+    for problem in report.problems:
+        click.echo(f"error: {problem}", err=True)
+    click.echo(f"{data}: {report.shards} shards, {report.records:,} records read, "
+               f"{len(report.problems)} problem(s)")
+    sys.exit(EXIT_OK if report.ok else EXIT_CORRUPT)
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_png", type=click.Path(dir_okay=False), default="preview.png", show_default=True,
+              help="The PNG to write.")
+@click.option("--count", type=click.IntRange(1, 64), default=8, show_default=True, help="Patches to show (rows).")
+@click.option("--split", default=None, help="Split to sample from (default: the first).")
+@click.option("--scale", type=click.IntRange(1, 8), default=2, show_default=True, help="Pixel magnification.")
+def preview(data, out_png, count, split, scale):
+    """Write a PNG of sample patches (one row per patch, its frames side by side)."""
+    from stpkeras.preview import write_preview
+    from tfrecords_tools.manifest import ManifestError
+
+    try:
+        rows = write_preview(data, out_png, count=count, split=split, scale=scale)
+    except (ManifestError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {out_png}: {len(rows)} patches")
+    for r in rows:
+        click.echo(f"  {r}")
+
+
+@main.command()
+@click.option("--out", default="stp-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for everything the demo makes.")
+@click.option("--per-class", type=click.IntRange(2, 1000), default=24, show_default=True,
+              help="Generated videos per class.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="Training epochs (default: the demo's).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion workers.")
+def demo(out, per_class, epochs, workers):
+    """Run the whole job on built-in generated videos: make, convert, train, evaluate, export, predict."""
+    from stpkeras.demo import run_demo
+
+    sys.exit(run_demo(out, per_class=per_class, epochs=epochs, workers=workers, echo=click.echo))
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,3 +66,27 @@ def make_videos(folder: str, *, per_class: int = 12, frames: int = 32, height: i
                 f"{', '.join(classes)}; {per_class} videos per class, {frames} frames of {height}x{width} "
                 f"at {fps:g} fps, H.264. Seed {seed}. Public domain.\n")
     return folder
+
+
+def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, echo=print) -> int:
+    """`stp demo`: every stage on the built-in videos, saying what each step produced and where."""
+    import time
+
+    from tfrecords_tools.convert import ConvertConfig, convert
+    from tfrecords_tools.spec import PatchSpec
+
+    videos = os.path.join(out, "videos")
+    data = os.path.join(out, "data")
+    t = time.perf_counter()
+    if not os.path.isdir(videos):
+        make_videos(videos, per_class=per_class)
+    n = sum(len(files) for _, _, files in os.walk(videos) if files) - 1
+    echo(f"[1] videos: {n} H.264 videos of moving textures in {videos}/ "
+         f"({', '.join(DIRECTIONS)}; {time.perf_counter() - t:.1f}s)")
+    t = time.perf_counter()
+    spec = PatchSpec(8, 32, 32, stride_frames=4)
+    manifest = convert(ConvertConfig(src=videos, out=data, spec=spec, split_fractions=(("val", 0.25),),
+                                     workers=workers, command="stp demo"))
+    splits = ", ".join(f"{k}: {v['records']} patches" for k, v in manifest["splits"].items())
+    echo(f"[2] convert: {data}/ ({spec.describe()}; {splits}; {time.perf_counter() - t:.1f}s)")
+    return 0 if manifest["counts"]["failed"] == 0 else 1

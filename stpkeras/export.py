@@ -1,0 +1,526 @@
+"""Export stage: a trained classifier -> `saved_models/NAME/VERSION/`, the SavedModel layout TF Serving watches.
+
+One export holds three signatures, written with `keras.export.ExportArchive`
+and explicit input signatures (batch dimension `None`):
+
+| signature | input | outputs |
+|---|---|---|
+| `serving_default` | `patches`: `uint8 [batch, T, H, W, 3]` raw pixels | `logits` float32 [batch, K], `probabilities` float32 [batch, K], `class_ids` int64 [batch], `class_names` string [batch] |
+| `serve_examples` | `examples`: string [batch], serialized `tf.train.Example`s in the patch record schema (`tfrecords_tools.schema`), any encoding | the same four |
+| `embeddings` | `patches` as above | `embeddings` float32 [batch, D], the model's layer named `features` (only when the model has one) |
+
+Normalisation (uint8 -> float) is the model's own first layer, so a client
+sends raw pixels and the server computes exactly what training computed.
+
+Beside the graph:
+
+- `assets/labels.txt`: the class names, one a line (line i = class id i). It
+  is a real SavedModel asset: the `class_names` lookup table reads it, so it
+  moves with the model and the loader rewrites its path.
+- `assets/patch_spec.json`: the `PatchSpec` that cut the training patches; a
+  client cuts its videos with it (`stp predict` does).
+- `assets.extra/tf_serving_warmup_requests`: `PredictionLog` records that TF
+  Serving replays before it marks the version available.
+- `assets.extra/stpkeras_export.json`: where the export came from (run,
+  versions of TF and Keras, signatures).
+
+A version is written under a temporary name that is not an integer (TF
+Serving ignores those) and renamed when complete, so a server watching the
+folder never loads half a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfrecords_tools import schema as record_schema
+from tfrecords_tools.spec import PatchSpec
+
+# Signature names and their tensor keys: clients, the stand-in server and the
+# tests import these, never retype them.
+SERVING_DEFAULT = "serving_default"
+SERVE_EXAMPLES = "serve_examples"
+EMBEDDINGS = "embeddings"
+PATCHES = "patches"
+EXAMPLES = "examples"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+CLASS_IDS = "class_ids"
+CLASS_NAMES = "class_names"
+FEATURES_LAYER = "features"
+LOGITS_LAYER = "logits"
+
+LABELS_ASSET = "labels.txt"
+SPEC_ASSET = "patch_spec.json"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+INFO_FILE = os.path.join("assets.extra", "stpkeras_export.json")
+RUN_FILE = "run.json"
+RUN_MODEL = "best.keras"
+
+# TF Serving takes model names from folder names and URLs; keep them plain.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WARMUP_BATCH_SIZES = (1, 8)
+
+
+class ExportError(Exception):
+    """An export that cannot be written or read back; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSource:
+    """What an export is made from: a Keras model, its labels and its patch spec."""
+
+    model: object            # keras.Model: uint8 [None, T, H, W, 3] -> logits [None, K]
+    labels: Tuple[str, ...]
+    spec: PatchSpec
+    path: str                # the .keras file
+    run: Optional[dict]      # run.json, when there is one
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: str
+    name: str
+    version: int
+    signatures: Tuple[str, ...]
+    labels: Tuple[str, ...]
+    spec: PatchSpec
+    warmup_records: int
+
+
+# --- reading the input ------------------------------------------------------------------------
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: cannot read JSON ({e})") from e
+
+
+def load_keras_model(path: str):
+    """Loads a `.keras` file for inference (no optimizer), with the package's custom layers registered."""
+    import keras
+
+    try:  # the model registry registers custom layers with Keras on import
+        import stpkeras.models  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "stpkeras.models":
+            raise
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # Keras raises ValueError, OSError, zipfile errors, TypeError ...
+        raise ExportError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
+
+
+def read_run(run_dir: str) -> dict:
+    """Reads `RUN_DIR/run.json` (written by `stp train`) and checks the keys export needs."""
+    path = os.path.join(run_dir, RUN_FILE)
+    run = _read_json(path)
+    missing = [k for k in ("spec", "labels") if k not in run]
+    if missing:
+        raise ExportError(f"{path}: lacks {missing}; expected a run folder written by `stp train`")
+    return run
+
+
+def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
+                   spec: Optional[PatchSpec] = None) -> ExportSource:
+    """Finds the model, labels and spec behind `model_or_run`.
+
+    - A run folder: `best.keras` (else `last.keras`) with labels and spec from its `run.json`.
+    - A `.keras` file: labels and spec from a `run.json` beside it (a model in its run folder);
+      otherwise they must be passed (`labels=`, `spec=`; the CLI's `--data DATASET` reads both
+      from a converted folder's `dataset.json`). Passed values win over stored ones.
+    """
+    run = None
+    if os.path.isdir(model_or_run):
+        run_dir = model_or_run
+        candidates = [os.path.join(run_dir, n) for n in (RUN_MODEL, "last.keras")]
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            raise ExportError(f"{run_dir}: no best.keras or last.keras; expected a run folder written by `stp train` "
+                              "or a .keras file")
+        run = read_run(run_dir)
+    elif os.path.isfile(model_or_run):
+        path = model_or_run
+        if not path.endswith(".keras"):
+            raise ExportError(f"{path}: expected a run folder or a .keras file")
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
+        if os.path.isfile(beside):
+            run = read_run(os.path.dirname(beside))
+    else:
+        raise ExportError(f"{model_or_run}: no such run folder or .keras file")
+
+    if run is not None and run.get("task", "classify") != "classify":
+        raise ExportError(f"{path}: the run's task is {run.get('task')!r}; export writes classifiers (task classify)")
+    if labels is None and run is not None:
+        labels = run["labels"]
+    if spec is None and run is not None:
+        try:
+            spec = PatchSpec.from_dict(run["spec"])
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{path}: run.json holds a bad spec: {e}") from e
+    if labels is None or spec is None:
+        lacking = " and ".join(n for n, v in (("labels", labels), ("spec", spec)) if v is None)
+        raise ExportError(f"{path}: no run.json beside it, so its {lacking} are unknown. Pass them "
+                          "(`stp export --data DATASET_DIR` reads both from the dataset.json of the converted data)")
+    model = load_keras_model(path)
+    labels = check_labels(labels, path)
+    check_model(model, spec, len(labels), path)
+    return ExportSource(model, labels, spec, path, run)
+
+
+def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
+    labels = tuple(str(v) for v in labels)
+    if not labels:
+        raise ExportError(f"{where}: the label list is empty; a classifier needs at least one class name")
+    bad = [v for v in labels if not v or "\n" in v or "\r" in v]
+    if bad:
+        raise ExportError(f"{where}: class names must be non-empty single lines. Received {bad!r}")
+    if len(set(labels)) != len(labels):
+        raise ExportError(f"{where}: class names repeat: {sorted(v for v in set(labels) if labels.count(v) > 1)}")
+    return labels
+
+
+def check_model(model, spec: PatchSpec, num_classes: int, where: str) -> None:
+    """Checks the model contract: uint8 [None, T, H, W, 3] in, a layer `logits` with K units out."""
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1:
+        raise ExportError(f"{where}: expected a model with one input, it has {len(inputs)}")
+    shape = tuple(inputs[0].shape)
+    dtype = str(inputs[0].dtype)
+    if dtype != "uint8" or shape[1:] != spec.shape:
+        raise ExportError(f"{where}: the model takes {dtype} {list(shape)}, expected uint8 "
+                          f"[None, {', '.join(map(str, spec.shape))}] (the PatchSpec's patch shape)")
+    try:
+        logits = model.get_layer(LOGITS_LAYER)
+    except ValueError as e:
+        raise ExportError(f"{where}: the model has no layer named {LOGITS_LAYER!r} (its output layer)") from e
+    out = tuple(model.outputs[0].shape) if len(model.outputs) == 1 else None
+    if out is None or model.outputs[0] is not logits.output:
+        raise ExportError(f"{where}: expected one output, the layer {LOGITS_LAYER!r}")
+    if out[-1] != num_classes:
+        raise ExportError(f"{where}: the model outputs {out[-1]} logits but there are {num_classes} labels")
+
+
+# --- versions and layout ----------------------------------------------------------------------
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ExportError(f"Invalid model name {name!r}. Expected letters, digits, '_', '.', '-' "
+                          "(it becomes a folder name and part of TF Serving's URLs)")
+    return name
+
+
+def versions(model_root: str) -> List[int]:
+    """Integer version folders under `saved_models/NAME`, ascending (what TF Serving would load)."""
+    if not os.path.isdir(model_root):
+        return []
+    return sorted(int(n) for n in os.listdir(model_root)
+                  if n.isdigit() and os.path.isdir(os.path.join(model_root, n)))
+
+
+def next_version(model_root: str) -> int:
+    found = versions(model_root)
+    return found[-1] + 1 if found else 1
+
+
+def resolve_saved_model(path: str) -> str:
+    """A SavedModel folder, or `saved_models/NAME` (its newest version) -> the version folder."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    found = versions(path)
+    if found:
+        return os.path.join(path, str(found[-1]))
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: no such SavedModel folder")
+    raise ExportError(f"{path}: neither a SavedModel (no saved_model.pb) nor a model folder holding "
+                      "integer version folders")
+
+
+def read_assets(saved_model_dir: str) -> Tuple[Tuple[str, ...], PatchSpec]:
+    """Labels and `PatchSpec` stored in an export's assets."""
+    labels_path = os.path.join(saved_model_dir, "assets", LABELS_ASSET)
+    spec_path = os.path.join(saved_model_dir, "assets", SPEC_ASSET)
+    try:
+        with open(labels_path, encoding="utf-8") as f:
+            labels = tuple(line.rstrip("\n") for line in f)
+    except OSError as e:
+        raise ExportError(f"{saved_model_dir}: no label asset ({e}); expected an export written by `stp export`") from e
+    try:
+        spec = PatchSpec.from_dict(_read_json(spec_path))
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{spec_path}: bad PatchSpec ({e})") from e
+    return labels, spec
+
+
+# --- the graph --------------------------------------------------------------------------------
+
+
+def examples_to_patches(serialized, spec: PatchSpec):
+    """string [batch] serialized patch records -> `uint8 [batch, T, H, W, C]`, in pure TF.
+
+    Uses the one record schema (`tfrecords_tools.schema`): its keys, its
+    parsing spec and `decode_pixels`. Records of any encoding are accepted, so
+    any shard can be replayed at the server; a record whose declared shape
+    differs from the export's spec fails with a message saying so.
+    """
+    import tensorflow as tf
+
+    s = record_schema
+    # The jpeg/png spec reads the pixel data as a variable-length list: one string for
+    # `raw`, one per frame for jpeg/png. Only the keys decoding needs are required, so a
+    # client may send a record carrying just pixels, shape, encoding and version.
+    full = s.feature_spec("jpeg")
+    features = tf.io.parse_example(serialized, {k: full[k] for k in (s.PATCH, s.SHAPE, s.ENCODING, s.VERSION)})
+    data = tf.sparse.to_dense(features[s.PATCH], default_value=b"")
+    encoding = features[s.ENCODING]
+    checks = [
+        tf.debugging.assert_equal(features[s.VERSION], tf.constant(s.SCHEMA_VERSION, tf.int64),
+                                  message=f"record {s.VERSION} differs from the schema version this model reads"),
+        tf.debugging.assert_equal(features[s.SHAPE], tf.broadcast_to(tf.constant(spec.shape, tf.int64),
+                                                                      tf.shape(features[s.SHAPE])),
+                                  message=f"record {s.SHAPE} differs from the export's PatchSpec shape "
+                                          f"{list(spec.shape)}"),
+        tf.debugging.Assert(tf.reduce_all((encoding == "raw") | (encoding == "jpeg") | (encoding == "png")),
+                            [f"record {s.ENCODING} must be raw, jpeg or png; received", encoding]),
+    ]
+    frames = spec.frames
+
+    def decode_one(args):
+        record_data, record_encoding = args
+        return tf.case([
+            (tf.equal(record_encoding, "raw"), lambda: s.decode_pixels(record_data[0], "raw", spec.shape)),
+            (tf.equal(record_encoding, "jpeg"), lambda: s.decode_pixels(record_data[:frames], "jpeg", spec.shape)),
+        ], default=lambda: s.decode_pixels(record_data[:frames], "png", spec.shape), exclusive=True)
+
+    with tf.control_dependencies(checks):
+        data = tf.identity(data)
+    return tf.map_fn(decode_one, (data, encoding),
+                     fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
+
+
+def _label_table(labels_path: str):
+    import tensorflow as tf
+
+    init = tf.lookup.TextFileInitializer(labels_path, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                                         tf.string, tf.lookup.TextFileIndex.WHOLE_LINE)
+    return tf.lookup.StaticHashTable(init, default_value="")
+
+
+def _build_archive(source: ExportSource, labels_path: str):
+    import keras
+    import tensorflow as tf
+
+    model, spec = source.model, source.spec
+    table = _label_table(labels_path)
+    patch_sig = [tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)]
+    example_sig = [tf.TensorSpec([None], tf.string, name=EXAMPLES)]
+
+    def outputs(logits):
+        logits = tf.cast(logits, tf.float32)  # mixed-precision models compute in float16
+        ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        return {LOGITS: logits, PROBABILITIES: tf.nn.softmax(logits), CLASS_IDS: ids,
+                CLASS_NAMES: table.lookup(ids)}
+
+    def serve(patches):
+        return outputs(model(patches, training=False))
+
+    def serve_examples(examples):
+        return outputs(model(examples_to_patches(examples, spec), training=False))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(table)  # a lookup table is a resource: tracked explicitly, its labels file becomes an asset
+    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=patch_sig)
+    archive.add_endpoint(SERVE_EXAMPLES, serve_examples, input_signature=example_sig)
+    names = [SERVING_DEFAULT, SERVE_EXAMPLES]
+    if any(layer.name == FEATURES_LAYER for layer in model.layers):
+        # A second view of the same layers (shared weights) that also returns the pooled features.
+        features = keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features_model")
+
+        def embeddings(patches):
+            return {EMBEDDINGS: tf.cast(features(patches, training=False), tf.float32)}
+
+        archive.add_endpoint(EMBEDDINGS, embeddings, input_signature=patch_sig)
+        names.append(EMBEDDINGS)
+    return archive, tuple(names)
+
+
+# --- warmup -----------------------------------------------------------------------------------
+
+
+def warmup_requests(name: str, spec: PatchSpec, signatures: Sequence[str],
+                    batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> List[bytes]:
+    """Serialized `PredictionLog`s replayed by TF Serving's SavedModel warmup, one per signature and batch size.
+
+    The pixels are a fixed pseudo-random pattern (warmup only needs the
+    shapes; zeros would let a clever kernel take a shortcut it will not take later).
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    rng = np.random.default_rng(0)
+    logs = []
+    for signature in signatures:
+        for batch in batch_sizes:
+            pixels = rng.integers(0, 256, size=(batch, *spec.shape), dtype=np.uint8)
+            if signature == SERVE_EXAMPLES:
+                key = EXAMPLES
+                value = np.array([_example_of(p) for p in pixels], dtype=object)
+            else:
+                key = PATCHES
+                value = pixels
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            logs.append(log.SerializeToString())
+    return logs
+
+
+def _example_of(pixels: np.ndarray) -> bytes:
+    t, h, w, _ = pixels.shape
+    return record_schema.encode_patch(pixels, video_id="warmup", video_size=(t, h, w), index=(0, 0, 0),
+                                      offset=(0, 0, 0), valid=(t, h, w), timestamp=0.0, split="")
+
+
+def example_bytes(pixels: np.ndarray, encoding: str = "raw") -> bytes:
+    """One `uint8 [T, H, W, C]` patch as a record for `serve_examples` (a stand-alone patch, no video)."""
+    t, h, w, _ = pixels.shape
+    return record_schema.encode_patch(pixels, encoding=encoding, video_id="", video_size=(t, h, w),
+                                      index=(0, 0, 0), offset=(0, 0, 0), valid=(t, h, w), timestamp=0.0,
+                                      split="")
+
+
+def write_warmup(saved_model_dir: str, records: Sequence[bytes]) -> str:
+    import tensorflow as tf
+
+    path = os.path.join(saved_model_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return path
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optional[str] = None,
+                       version: Optional[int] = None, *, labels: Optional[Sequence[str]] = None,
+                       spec: Optional[PatchSpec] = None,
+                       warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> ExportResult:
+    """Writes `out_root/name/version/`: the SavedModel, its assets and its warmup requests.
+
+    `model_or_run` is a run folder, a `.keras` file (see `resolve_source`) or
+    an `ExportSource`. `name` defaults to the run folder's (or file's) name;
+    `version` to the next free integer. An existing version is never
+    overwritten. Returns where it wrote and what.
+    """
+    import keras
+    import tensorflow as tf
+
+    if isinstance(model_or_run, ExportSource):
+        source = model_or_run
+    else:
+        source = resolve_source(os.fspath(model_or_run), labels, spec)
+    if name is None:
+        base = source.path if source.run is None else os.path.dirname(os.path.abspath(source.path))
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(base))[0]) or "model"
+    check_name(name)
+    model_root = os.path.join(out_root, name)
+    if version is None:
+        version = next_version(model_root)
+    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ExportError(f"Invalid value for argument `version`. Expected a strictly positive integer. "
+                          f"Received version={version!r}")
+    final = os.path.join(model_root, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final}: version {version} exists; TF Serving may be serving it. "
+                          f"Pick another version (the next free one is {next_version(model_root)})")
+    os.makedirs(model_root, exist_ok=True)
+    # A non-integer name: TF Serving's version scan skips it while it is being written.
+    staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_root)
+    try:
+        target = os.path.join(staging, "model")
+        with tempfile.TemporaryDirectory() as scratch:
+            labels_path = os.path.join(scratch, LABELS_ASSET)
+            with open(labels_path, "w", encoding="utf-8") as f:
+                f.write("".join(label + "\n" for label in source.labels))
+            archive, signatures = _build_archive(source, labels_path)
+            archive.write_out(target, verbose=False)  # copies labels.txt into target/assets
+        with open(os.path.join(target, "assets", SPEC_ASSET), "w", encoding="utf-8") as f:
+            f.write(json.dumps(source.spec.to_dict(), indent=1, sort_keys=True) + "\n")
+        records = warmup_requests(name, source.spec, signatures, warmup_batch_sizes)
+        write_warmup(target, records)
+        info = {
+            "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
+            "spec": source.spec.to_dict(), "source": os.path.abspath(source.path),
+            "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
+            f.write(json.dumps(info, indent=1) + "\n")
+        os.rename(target, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(final, name, version, signatures, source.labels, source.spec, len(records))
+
+
+# --- TF Serving model config ------------------------------------------------------------------
+
+
+def find_models(root: str) -> Dict[str, List[int]]:
+    """Model folders under `root` that hold at least one complete integer version: {name: versions}."""
+    if not os.path.isdir(root):
+        raise ExportError(f"{root}: no such folder")
+    found = {}
+    for name in sorted(os.listdir(root)):
+        model_root = os.path.join(root, name)
+        if not _NAME.match(name) or not os.path.isdir(model_root):
+            continue
+        complete = [v for v in versions(model_root)
+                    if os.path.isfile(os.path.join(model_root, str(v), "saved_model.pb"))]
+        if complete:
+            found[name] = complete
+    return found
+
+
+def serving_config(root: str, base_path: Optional[str] = None) -> str:
+    """A TF Serving `--model_config_file` text proto (`model_config_list`) for every model under `root`.
+
+    `base_path` replaces `root` in the paths written (e.g. `/models` when the
+    folder is mounted there in a container); by default the absolute path of
+    `root`. The text is parsed back with the serving protos before it is returned.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    models = find_models(root)
+    if not models:
+        raise ExportError(f"{root}: no models found (expected NAME/VERSION/saved_model.pb, written by `stp export`)")
+    prefix = base_path if base_path is not None else os.path.abspath(root)
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in models:
+        entry = config.model_config_list.config.add()
+        entry.name = name
+        entry.base_path = f"{prefix.rstrip('/')}/{name}"
+        entry.model_platform = "tensorflow"
+    text = text_format.MessageToString(config)
+    parsed = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    if parsed != config:  # pragma: no cover - a protobuf bug, not a user error
+        raise ExportError("the model config did not survive a text round trip")
+    return text

@@ -1,0 +1,238 @@
+"""Input stage: converted TFRecords -> a batched, prefetched `tf.data.Dataset` of uint8 patches.
+
+`make_dataset(...)` reads top to bottom as the chain
+
+    manifest -> list shards -> shuffle files -> interleave reads -> shuffle records
+             -> parse + decode to uint8 + augment (one parallel map) -> batch -> prefetch
+
+Pixels stay `uint8 [T, H, W, 3]` all the way: the model normalises them in its
+first layer, on the accelerator, which keeps every host pass a quarter of the
+float size and matches the uint8 serving signature. There is no Python per
+element: every function below is pure TF and works eagerly and inside
+`Dataset.map`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import tensorflow as tf
+
+from stpkeras import augment as augment_lib
+from tfrecords_tools import manifest as manifest_lib
+from tfrecords_tools import schema
+from tfrecords_tools.spec import PatchSpec
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# Keys of the feature dicts that `make_dataset(..., as_supervised=False)` yields: the record's
+# own keys, with `schema.PATCH` decoded to pixels. Only these travel (the rest are dropped at parse).
+FEATURE_KEYS = (schema.PATCH, schema.LABEL, schema.VIDEO_ID, schema.INDEX, schema.OFFSET, schema.VALID,
+                schema.TIMESTAMP)
+
+Splits = Union[str, Sequence[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a converted folder holds, read once from its manifest."""
+
+    root: str
+    manifest: dict
+    spec: PatchSpec
+    encoding: str
+    compression: str  # the `compression_type` of `TFRecordDataset`: '', 'GZIP' or 'ZLIB'
+    labels: Tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        return tuple(manifest_lib.split_names(self.manifest))
+
+    def resolve(self, split: Splits) -> Tuple[str, ...]:
+        """`None` or `'all'` -> every split; a name or names -> those, checked."""
+        if split is None or split == "all":
+            return self.splits
+        names = (split,) if isinstance(split, str) else tuple(split)
+        missing = [n for n in names if n not in self.manifest["splits"]]
+        if missing or not names:
+            raise manifest_lib.ManifestError(
+                f"{manifest_lib.manifest_path(self.root)}: no split {missing or names!r}. "
+                f"Available: {sorted(self.splits)}")
+        return names
+
+    def files(self, split: Splits) -> List[str]:
+        return [f for name in self.resolve(split) for f in manifest_lib.shard_files(self.root, self.manifest, name)]
+
+    def num_records(self, split: Splits) -> int:
+        return sum(manifest_lib.num_records(self.manifest, name) for name in self.resolve(split))
+
+    def sha256(self) -> str:
+        """Hash of the manifest (which holds every shard's sha256): names the data a run saw."""
+        import hashlib
+        import json
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def load_info(root: str, spec: Optional[PatchSpec] = None) -> DataInfo:
+    """Reads `ROOT/dataset.json` (local or any `tf.io.gfile` path) and checks it.
+
+    `read_manifest` checks the format and schema version. When `spec` is
+    given (the spec a model was built for), the data's patch shape must match it.
+    """
+    data = manifest_lib.read_manifest(root)
+    data_spec = manifest_lib.spec_of(data)
+    if spec is not None and tuple(spec.shape) != tuple(data_spec.shape):
+        raise manifest_lib.ManifestError(
+            f"{manifest_lib.manifest_path(root)}: patches are {'x'.join(map(str, data_spec.shape))}, "
+            f"but the model expects {'x'.join(map(str, spec.shape))} (T x H x W x C).")
+    return DataInfo(root=root, manifest=data, spec=data_spec, encoding=data["encoding"],
+                    compression=manifest_lib.compression_type(data), labels=tuple(data["labels"]))
+
+
+# --- the chain's functions, pure TF ---------------------------------------------------------------
+
+def parse(serialized: tf.Tensor, encoding: str) -> Dict[str, tf.Tensor]:
+    """Serialized record (scalar string) -> the features in `FEATURE_KEYS`, pixels still encoded."""
+    features = schema.parse_patch(serialized, encoding)
+    return {key: features[key] for key in FEATURE_KEYS}
+
+
+def decode(features: Dict[str, tf.Tensor], encoding: str, spec: PatchSpec) -> Dict[str, tf.Tensor]:
+    """Decodes `features[schema.PATCH]` to `uint8 [T, H, W, 3]` with the spec's static shape."""
+    features = dict(features)
+    features[schema.PATCH] = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
+    features[schema.LABEL] = tf.cast(features[schema.LABEL], tf.int32)
+    return features
+
+
+def supervised(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Feature dict -> `(uint8 patch, int32 label)`, what `Model.fit` takes for classification."""
+    return features[schema.PATCH], features[schema.LABEL]
+
+
+def num_workers(strategy: Optional[tf.distribute.Strategy]) -> int:
+    """Input workers of `strategy` (hosts, each running one copy of the pipeline)."""
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None:
+        return 1
+    cluster = resolver.cluster_spec()
+    jobs = cluster.jobs if cluster else []
+    return max(1, sum(cluster.num_tasks(job) for job in ("chief", "worker") if job in jobs))
+
+
+def shard_policy(num_files: int, workers: int) -> tf.data.experimental.AutoShardPolicy:
+    """FILE when every worker gets at least one shard of its own, else DATA.
+
+    FILE sharding means each worker reads only its files; with fewer files than
+    workers some workers would get nothing, so each reads everything and keeps
+    every `workers`-th element instead.
+    """
+    policy = tf.data.experimental.AutoShardPolicy
+    return policy.FILE if num_files >= workers else policy.DATA
+
+
+def num_batches(num_records: int, batch_size: int, drop_remainder: bool) -> int:
+    return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
+
+
+def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_size: int = 32,
+                 training: bool = False, augment: Union[str, Sequence[str], None] = None,
+                 shuffle_buffer: int = 1024, seed: Optional[int] = None, deterministic: bool = False,
+                 repeat: bool = False, drop_remainder: Optional[bool] = None,
+                 strategy: Optional[tf.distribute.Strategy] = None, as_supervised: bool = True,
+                 spec: Optional[PatchSpec] = None, cache: bool = False) -> tf.data.Dataset:
+    """Streams the patches of `split` from a converted folder.
+
+    Args:
+      data: the converted folder (a local or `gs://` path) or its `DataInfo`.
+      split: a split name, a list of names, or `None`/`'all'` for every split.
+      batch_size: patches per replica; the dataset's batch is `batch_size x
+        strategy.num_replicas_in_sync` (the global batch `Model.fit` splits over replicas).
+      training: shuffles files and records, applies `augment`, and drops the
+        last partial batch (static batch shape, even split over replicas).
+        Off (evaluation): records in manifest order, no augmentation, every record kept.
+      augment: op names from `stpkeras.augment` (`'flip,crop,color'`, `'none'`); training only.
+      shuffle_buffer: records in the shuffle buffer (held still encoded).
+      seed: seeds file order, record order and augmentation. `None` draws one.
+      deterministic: same batches on every run with the same `seed` (ordered
+        parallel reads and maps); the default lets tf.data return elements out
+        of order, which is faster when one element is slow.
+      repeat: repeat forever (then pass `steps_per_epoch` to `fit`).
+      drop_remainder: defaults to `training`.
+      strategy: a `tf.distribute.Strategy` to batch and shard for.
+      as_supervised: yield `(uint8 [B, T, H, W, 3], int32 [B])`; else a dict
+        with `FEATURE_KEYS` (label, video id, grid index ... travel with each patch).
+      spec: the `PatchSpec` a model expects; the data must have its shape.
+      cache: cache the parsed, undecoded records in memory after the first pass.
+
+    Returns:
+      A `tf.data.Dataset` whose `cardinality()` is exact (from the manifest).
+    """
+    info = data if isinstance(data, DataInfo) else load_info(data, spec)
+    if spec is not None and tuple(spec.shape) != tuple(info.spec.shape):
+        raise manifest_lib.ManifestError(f"{info.root}: patches are {info.spec.shape}, the model expects {spec.shape}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
+                         f"Received batch_size={batch_size!r}")
+    ops = augment_lib.parse_augment(augment) if training else ()
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    global_batch = batch_size * replicas
+    files = info.files(split)
+    records = info.num_records(split)
+    if training and drop_remainder and records < global_batch:
+        raise ValueError(f"{info.root}: split {split!r} holds {records} records, fewer than one batch of "
+                         f"{global_batch} ({batch_size} per replica x {replicas}); lower `batch_size`.")
+    # One seed for the run; `random` (not tf) so an unseeded pipeline differs between runs.
+    seed = random.SystemRandom().randrange(2 ** 31) if seed is None else int(seed)
+    encoding, spec = info.encoding, info.spec
+    augment_fn = augment_lib.make_augment(ops)
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    # Interleave reads several shards at once: a sequential reader would wait on each file's
+    # latency (gs://) and hand the shuffle buffer records from one shard at a time.
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=1 << 22),
+        cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic or not training)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(records))
+    if cache:
+        ds = ds.cache()
+    if training:
+        # Shuffle the serialized records, before decoding: the buffer then holds compressed
+        # bytes (jpeg/png) and decoding runs once per record that leaves it.
+        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+    if repeat:
+        # After the shuffle, so an epoch boundary does not mix records from two epochs.
+        ds = ds.repeat()
+    if ops:
+        # One stateless seed per element, drawn by a seeded stream that changes every epoch:
+        # augmentation is then deterministic even when the map returns elements out of order.
+        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds)
+
+    def to_element(serialized, element_seed=None):
+        features = decode(parse(serialized, encoding), encoding, spec)
+        if ops:
+            features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
+        return supervised(features) if as_supervised else features
+
+    ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
+    ds = ds.batch(global_batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                  deterministic=True)
+    ds = ds.prefetch(AUTOTUNE)
+
+    options = tf.data.Options()
+    options.deterministic = deterministic or not training
+    options.experimental_distribute.auto_shard_policy = shard_policy(len(files), num_workers(strategy))
+    ds = ds.with_options(options)
+    return ds
