@@ -1,0 +1,52 @@
+"""Model stage: the registry of model families, each a factory `(spec, num_classes, **options) -> keras.Model`.
+
+Every model takes `uint8 [B, T, H, W, 3]` patches (input 'patch'), normalises
+them in its first layer (`layers.Normalize`), has a pooled feature layer named
+'features' and an output layer named 'logits' (float32, no softmax).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Tuple
+
+from stpkeras.models.c3d import build_c3d
+from stpkeras.models.r2plus1d import build_r2plus1d
+from stpkeras.models.resnet3d import build_resnet3d
+from stpkeras.models.stcnn import build_stcnn
+from stpkeras.models.vivit import build_vivit
+
+MODELS: Dict[str, Callable] = {
+    "stcnn": build_stcnn,
+    "c3d": build_c3d,
+    "r2plus1d": build_r2plus1d,
+    "resnet3d": build_resnet3d,
+    "vivit": build_vivit,
+}
+DEFAULT_MODEL = "stcnn"
+
+
+def model_names() -> Tuple[str, ...]:
+    return tuple(MODELS)
+
+
+def model_options(name: str) -> Dict[str, object]:
+    """The keyword options of model `name` and their defaults (for `--model-arg` and help)."""
+    factory = _factory(name)
+    return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "name"}
+
+
+def _factory(name: str) -> Callable:
+    if name not in MODELS:
+        raise ValueError(f"Invalid value for argument `model`. Expected one of {sorted(MODELS)}. Received model={name!r}")
+    return MODELS[name]
+
+
+def build_model(name: str, spec, num_classes: int, **options):
+    """Builds model `name` for patches of `spec`; `options` are the factory's keyword options (checked)."""
+    known = model_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"Invalid options {unknown} for model {name!r}. Expected some of {sorted(known)}.")
+    return _factory(name)(spec, num_classes, **options)

@@ -1,0 +1,112 @@
+"""Model stage: the layers every model family shares (pixel normalisation, positional embedding).
+
+`Normalize` is the one place where uint8 pixels become floats: every model's
+first layer, and the function `to_unit` for code that needs the same mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import keras
+from keras import ops
+
+PACKAGE = "stpkeras"
+
+
+def to_unit(pixels):
+    """uint8 (or float) pixels in [0, 255] -> float in [-1, 1] (`x / 127.5 - 1`), in the input's float dtype."""
+    dtype = pixels.dtype if "float" in str(pixels.dtype) else "float32"
+    return ops.cast(pixels, dtype) / 127.5 - 1.0
+
+
+def from_unit(x):
+    """Inverse of `to_unit`: float in [-1, 1] -> float pixels in [0, 255] (not rounded)."""
+    return (x + 1.0) * 127.5
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Normalize(keras.layers.Layer):
+    """`uint8 [B, T, H, W, C]` pixels -> floats in [-1, 1] in the layer's compute dtype.
+
+    The first layer of every model, so the input pipeline and the serving
+    signature stay uint8 and the conversion runs on the accelerator.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = False
+
+    def call(self, inputs):
+        return ops.cast(inputs, self.compute_dtype) / 127.5 - 1.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config()
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PositionalEmbedding(keras.layers.Layer):
+    """Adds a learned embedding per token position to `[B, N, D]` tokens."""
+
+    def __init__(self, initializer_stddev: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        if not initializer_stddev > 0:
+            raise ValueError("Invalid value for argument `initializer_stddev`. Expected a strictly positive "
+                             f"value. Received initializer_stddev={initializer_stddev}")
+        self.initializer_stddev = initializer_stddev
+
+    def build(self, input_shape):
+        _, tokens, dim = input_shape
+        self.embedding = self.add_weight(
+            name="embedding", shape=(tokens, dim),
+            initializer=keras.initializers.TruncatedNormal(stddev=self.initializer_stddev))
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.embedding, tokens.dtype)[None]
+
+    def get_config(self):
+        return {**super().get_config(), "initializer_stddev": self.initializer_stddev}
+
+
+def patch_input(spec) -> keras.KerasTensor:
+    """The model input for patches of `spec`: `uint8 [None, T, H, W, C]`, named 'patch'."""
+    return keras.Input(shape=spec.shape, dtype="uint8", name="patch")
+
+
+def triple(value, name: str) -> Tuple[int, int, int]:
+    """An int or three ints -> three strictly positive ints (checked)."""
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"Invalid value for argument `{name}`. Expected a strictly positive integer or three "
+                         f"of them (T, H, W). Received {name}={value!r}")
+    return values
+
+
+def positive_ints(values: Sequence[int], name: str) -> Tuple[int, ...]:
+    values = (values,) if isinstance(values, int) else tuple(values)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"Invalid value for argument `{name}`. Expected strictly positive integers. "
+                         f"Received {name}={values!r}")
+    return values
+
+
+def check_classes(num_classes) -> int:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError("Invalid value for argument `num_classes`. Expected an integer >= 2. "
+                         f"Received num_classes={num_classes!r}")
+    return num_classes
+
+
+def check_rate(rate, name: str = "dropout") -> float:
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"Invalid value for argument `{name}`. Expected a value in [0, 1). Received {name}={rate!r}")
+    return float(rate)
+
+
+def classifier_head(features, num_classes: int, dropout: float = 0.0):
+    """Pooled `features` -> `logits` (float32 even under mixed precision; no softmax)."""
+    x = keras.layers.Dropout(dropout, name="head_dropout")(features) if dropout else features
+    return keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
