@@ -1,0 +1,364 @@
+"""Inference stage: classify video files with an export, a `.keras` model or a TF Serving server.
+
+A video is decoded and cut by `tfrecords_tools.video.video_patches`, the
+function `stp convert` uses, under the model's own `PatchSpec` (stored in the
+export), so the model sees exactly the kind of patches it was trained on.
+Patches go to the model in batches while decoding goes on in a second thread;
+only a few batches are in memory at any time, whatever the video's length.
+The logits of a video's patches are averaged, and the softmax of that mean
+gives the video's scores.
+
+    predictor = stpkeras.load("saved_models/NAME")    # newest version
+    predictor(patches)                                 # uint8 [batch, T, H, W, 3] -> dict of outputs
+    predict_video(predictor, "clip.mp4").label
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from stpkeras.export import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES, RUN_FILE,
+                             RUN_MODEL, SERVING_DEFAULT, ExportError, check_labels, load_keras_model, read_assets,
+                             read_run, resolve_saved_model)
+from tfrecords_tools.spec import PatchSpec
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_TOP_K = 5
+_PREFETCH_BATCHES = 2
+
+
+class PatchInputError(ValueError):
+    """Patches whose dtype or shape the model does not take."""
+
+
+class NoPatches(ValueError):
+    """A video too small (or too short) for a single patch of the model's spec."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _as_str(values) -> np.ndarray:
+    return np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.ravel(values)],
+                    dtype=object).reshape(np.shape(values))
+
+
+class Predictor:
+    """A classifier on uint8 patches, with the labels and `PatchSpec` it was trained with.
+
+    Calling it with `uint8 [batch, T, H, W, 3]` returns numpy arrays:
+    `logits` float32 [batch, K], `probabilities` float32 [batch, K],
+    `class_ids` int64 [batch] and `class_names` (str) [batch], the outputs of
+    the export's `serving_default` signature.
+    """
+
+    labels: Tuple[str, ...]
+    spec: PatchSpec
+    source: str
+
+    def check(self, patches) -> np.ndarray:
+        patches = np.asarray(patches)
+        if patches.dtype != np.uint8 or patches.ndim != 5 or patches.shape[1:] != self.spec.shape:
+            raise PatchInputError(
+                f"{self.source}: expected uint8 patches [batch, {', '.join(map(str, self.spec.shape))}] "
+                f"(the model's PatchSpec: {self.spec.describe()}). Received {patches.dtype} {list(patches.shape)}")
+        return patches
+
+    def __call__(self, patches) -> Dict[str, np.ndarray]:
+        return self._run(self.check(patches))
+
+    def _run(self, patches: np.ndarray) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def has_embeddings(self) -> bool:
+        return False
+
+    def embed(self, patches) -> np.ndarray:
+        """`uint8 [batch, T, H, W, 3]` -> float32 [batch, D], the model's `features` layer."""
+        raise ExportError(f"{self.source}: the model has no `{EMBEDDINGS}` signature (no layer named features)")
+
+    def _outputs(self, logits: np.ndarray) -> Dict[str, np.ndarray]:
+        logits = np.asarray(logits, np.float32)
+        ids = logits.argmax(axis=-1).astype(np.int64)
+        return {LOGITS: logits, PROBABILITIES: _softmax(logits).astype(np.float32), CLASS_IDS: ids,
+                CLASS_NAMES: np.array([self.labels[i] for i in ids], dtype=object)}
+
+
+class SavedModelPredictor(Predictor):
+    """An export of `stp export`, loaded with `tf.saved_model.load` (the TF 2 loader)."""
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self.source = resolve_saved_model(path)
+        self.labels, self.spec = read_assets(self.source)
+        try:
+            self._loaded = tf.saved_model.load(self.source, tags=["serve"])
+        except Exception as e:  # TF raises OSError, DecodeError, NotFoundError, ValueError ... for a bad folder
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"{self.source}: not a loadable SavedModel ({type(e).__name__}: {first}). "
+                              "Export it again with `stp export`") from e
+        signatures = self._loaded.signatures
+        if SERVING_DEFAULT not in signatures:
+            raise ExportError(f"{self.source}: no {SERVING_DEFAULT!r} signature (it has {sorted(signatures)})")
+        self._serve = signatures[SERVING_DEFAULT]
+        self._embed = signatures.get(EMBEDDINGS)
+
+    def _run(self, patches):
+        out = {k: v.numpy() for k, v in self._serve(**{PATCHES: patches}).items()}
+        out[CLASS_NAMES] = _as_str(out[CLASS_NAMES])
+        return out
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self._embed is not None
+
+    def embed(self, patches) -> np.ndarray:
+        if self._embed is None:
+            return super().embed(patches)
+        return self._embed(**{PATCHES: self.check(patches)})[EMBEDDINGS].numpy()
+
+
+class KerasPredictor(Predictor):
+    """A `.keras` model, with labels and spec from the `run.json` of its run folder (or passed in)."""
+
+    def __init__(self, path: str, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None):
+        import keras
+        import tensorflow as tf
+
+        run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        model_path = os.path.join(path, RUN_MODEL) if os.path.isdir(path) else path
+        if (labels is None or spec is None) and os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+            run = read_run(run_dir)
+            labels = run["labels"] if labels is None else labels
+            spec = PatchSpec.from_dict(run["spec"]) if spec is None else spec
+        if labels is None or spec is None:
+            raise ExportError(f"{path}: no run.json beside the model, so its labels and PatchSpec are unknown; "
+                              "pass them, or export it and load the export")
+        self.source = model_path
+        self.labels = check_labels(labels, model_path)
+        self.spec = spec
+        self.model = load_keras_model(model_path)
+        self._call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        try:
+            features = self.model.get_layer("features")
+        except ValueError:
+            self._features = None
+        else:
+            sub = keras.Model(self.model.inputs, features.output)
+            self._features = tf.function(lambda x: sub(x, training=False), reduce_retracing=True)
+
+    def _run(self, patches):
+        return self._outputs(self._call(patches).numpy())
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self._features is not None
+
+    def embed(self, patches) -> np.ndarray:
+        if self._features is None:
+            return super().embed(patches)
+        return np.asarray(self._features(self.check(patches)), np.float32)
+
+
+class RemotePredictor(Predictor):
+    """A model served by TF Serving: labels and spec from the local export, the compute at the server."""
+
+    def __init__(self, client, labels: Sequence[str], spec: PatchSpec):
+        self.client = client
+        self.labels = tuple(labels)
+        self.spec = spec
+        self.source = str(client.address)
+
+    def _run(self, patches):
+        out = self.client.predict({PATCHES: patches}, SERVING_DEFAULT)
+        missing = {LOGITS, CLASS_IDS, CLASS_NAMES, PROBABILITIES} - set(out)
+        if missing:
+            raise ExportError(f"{self.source}: the server's answer lacks {sorted(missing)}; is it serving an export "
+                              "of `stp export`?")
+        if out[LOGITS].shape[-1] != len(self.labels):
+            raise ExportError(f"{self.source}: the served model has {out[LOGITS].shape[-1]} classes, the local "
+                              f"export {len(self.labels)}; MODEL and --server must be the same model")
+        return out
+
+    def embed(self, patches) -> np.ndarray:
+        return self.client.predict({PATCHES: self.check(patches)}, EMBEDDINGS)[EMBEDDINGS]
+
+
+def load(path: str, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None) -> Predictor:
+    """A predictor for a SavedModel folder, `saved_models/NAME` (its newest version), a `.keras` file or a run folder."""
+    path = os.fspath(path)
+    if path.endswith(".keras") or os.path.isfile(os.path.join(path, RUN_MODEL)):
+        if not os.path.exists(path):
+            raise ExportError(f"{path}: no such file")
+        return KerasPredictor(path, labels, spec)
+    return SavedModelPredictor(path)
+
+
+# --- videos -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VideoPrediction:
+    """The answer for one video; `error` is set (and the rest empty) when it could not be classified."""
+
+    video: str
+    label: Optional[str] = None
+    score: Optional[float] = None
+    top_k: List[Tuple[str, float]] = dataclasses.field(default_factory=list)
+    patches: int = 0
+    mean_logits: Optional[np.ndarray] = None
+    decode_s: float = 0.0   # time spent decoding and cutting (in the reader thread)
+    model_s: float = 0.0    # time spent in the model (or waiting for the server)
+    seconds: float = 0.0    # wall time for the video
+    error: Optional[str] = None
+
+    def to_json(self) -> str:
+        if self.error is not None:
+            return json.dumps({"video": self.video, "error": self.error})
+        return json.dumps({"video": self.video, "label": self.label, "score": round(self.score, 6),
+                           "top_k": [[label, round(score, 6)] for label, score in self.top_k],
+                           "patches": self.patches})
+
+
+_RESET = "reset"
+
+
+def _batches(path: str, spec: PatchSpec, batch_size: int, max_pixels: Optional[int], stats: dict,
+             stop: threading.Event) -> Iterator[Tuple[str, Optional[np.ndarray]]]:
+    """Yields `("reset", None)` when a read (re)starts and `("batch", uint8 [n, T, H, W, 3])` in between."""
+    from tfrecords_tools.patches import Patch
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, video_patches
+
+    pending: List[np.ndarray] = []
+    t = time.perf_counter()
+    for item in video_patches(path, spec, max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
+        if stop.is_set():
+            return
+        if isinstance(item, Patch):
+            pending.append(item.pixels)
+            if len(pending) < batch_size:
+                continue
+            batch, pending = np.stack(pending), []
+            stats["decode_s"] += time.perf_counter() - t
+            yield "batch", batch
+        else:
+            # A new read plan: what came before it is void (see `video_patches`).
+            pending = []
+            stats["decode_s"] += time.perf_counter() - t
+            yield _RESET, None
+        t = time.perf_counter()
+    if pending:
+        stats["decode_s"] += time.perf_counter() - t
+        yield "batch", np.stack(pending)
+
+
+def _prefetch(items: Iterator, stop: threading.Event, depth: int = _PREFETCH_BATCHES) -> Iterator:
+    """Runs `items` in a thread, at most `depth` items ahead; re-raises its exception here."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+
+    def put(x):
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for x in items:
+                put(("item", x))
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e))
+        put(("done", done))
+
+    thread = threading.Thread(target=work, name="predict-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "error":
+                raise x
+            if kind == "done":
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def predict_video(predictor: Predictor, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                  top_k: int = DEFAULT_TOP_K, max_pixels: Optional[int] = None) -> VideoPrediction:
+    """Classifies one video file: mean logits over all its patches. Raises on failure."""
+    if batch_size < 1:
+        raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
+                         f"Received batch_size={batch_size!r}")
+    start = time.perf_counter()
+    stats = {"decode_s": 0.0}
+    model_s = 0.0
+    total = np.zeros(len(predictor.labels), np.float64)
+    count = 0
+    stop = threading.Event()
+    for kind, batch in _prefetch(_batches(path, predictor.spec, batch_size, max_pixels, stats, stop), stop):
+        if kind == _RESET:
+            total[:] = 0
+            count = 0
+            continue
+        t = time.perf_counter()
+        logits = predictor(batch)[LOGITS]
+        model_s += time.perf_counter() - t
+        total += logits.astype(np.float64).sum(axis=0)
+        count += len(batch)
+    if count == 0:
+        raise NoPatches(f"{path}: no patches: the video is smaller than one patch "
+                          f"({predictor.spec.describe()})")
+    mean = (total / count).astype(np.float32)
+    probs = _softmax(mean)
+    order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
+    return VideoPrediction(video=path, label=predictor.labels[order[0]], score=float(probs[order[0]]),
+                           top_k=[(predictor.labels[i], float(probs[i])) for i in order], patches=count,
+                           mean_logits=mean, decode_s=stats["decode_s"], model_s=model_s,
+                           seconds=time.perf_counter() - start)
+
+
+def predict_videos(predictor: Predictor, paths: Iterable[str], **kwargs) -> Iterator[VideoPrediction]:
+    """`predict_video` for each path; a video that fails yields a result with `error` set, naming the reason.
+
+    Errors of the model or the server itself (wrong input, server down) are raised: every
+    later video would fail the same way.
+    """
+    from tfrecords_tools.video import VideoError
+
+    for path in paths:
+        try:
+            yield predict_video(predictor, path, **kwargs)
+        except (VideoError, NoPatches) as e:
+            yield VideoPrediction(video=path, error=str(e))
+
+
+def format_table(results: Sequence[VideoPrediction], top_k: int = DEFAULT_TOP_K) -> str:
+    """A plain-text table: video, label, score, the other top-k classes, patches."""
+    rows = [("video", "label", "score", f"top {top_k}", "patches")]
+    for r in results:
+        if r.error is not None:
+            rows.append((r.video, "ERROR", "", r.error, ""))
+        else:
+            rows.append((r.video, r.label, f"{r.score:.3f}",
+                         "  ".join(f"{label} {score:.3f}" for label, score in r.top_k), str(r.patches)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
