@@ -267,5 +267,124 @@ def demo(out, per_class, epochs, workers):
 
 
 
+# --- export / serving-config / predict (run folder -> SavedModel -> labels) --------------------
+
+
+def _labels_option(ctx, param, value):
+    """`--labels`: a text file with one class name a line, or names separated by commas."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@main.command("export")
+@click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
+@click.option("--name", required=True, metavar="NAME", help="Model name: the folder under --out and TF Serving's model name.")
+@click.option("--out", "out_root", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Root of the SavedModels (TF Serving's model base paths live under it).")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Version folder to write (default: the next free integer). An existing one is never replaced.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None, metavar="DATASET",
+              help="A converted folder whose dataset.json gives the labels and PatchSpec (for a .keras file "
+                   "outside its run folder).")
+@click.option("--labels", default=None, metavar="FILE|A,B,...", callback=_labels_option,
+              help="Class names (a file, one a line, or a comma list); overrides the run's.")
+def export_command(model, name, out_root, version, data, labels):
+    """Export a trained classifier for TF Serving: OUT/NAME/VERSION with signatures, assets and warmup."""
+    from stpkeras.export import ExportError, export_for_serving
+
+    spec = None
+    if data is not None:
+        from tfrecords_tools.manifest import ManifestError, read_manifest, spec_of
+
+        try:
+            manifest = read_manifest(data)
+        except ManifestError as e:
+            raise click.BadParameter(str(e), param_hint="--data") from e
+        spec = spec_of(manifest)
+        labels = labels if labels is not None else tuple(manifest["labels"]) or None
+    try:
+        result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec)
+    except ExportError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"exported {model} -> {result.path}")
+    click.echo(f"  signatures: {', '.join(result.signatures)}")
+    click.echo(f"  {len(result.labels)} classes: {', '.join(result.labels)}")
+    click.echo(f"  input: uint8 [batch, {', '.join(map(str, result.spec.shape))}] ({result.spec.describe()})")
+    click.echo(f"  warmup: {result.warmup_records} requests in assets.extra/tf_serving_warmup_requests")
+    click.echo(f"serve it: docker run -p 8500:8500 -p 8501:8501 -v {os.path.abspath(os.path.join(out_root, name))}:"
+               f"/models/{name} -e MODEL_NAME={name} tensorflow/serving:<TF version, >= the exporting TF>")
+
+
+@main.command("serving-config")
+@click.argument("root", type=click.Path(exists=True, file_okay=False), default="saved_models", required=False)
+@click.option("--base-path", default=None, metavar="PATH",
+              help="Write PATH/NAME as base paths instead of ROOT's absolute path (e.g. /models in a container).")
+def serving_config_command(root, base_path):
+    """Print a TF Serving model config (model_config_list) for every model under ROOT."""
+    from stpkeras.export import ExportError, serving_config
+
+    try:
+        click.echo(serving_config(root, base_path), nl=False)
+    except ExportError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--server", default=None, metavar="URL", envvar="STP_SERVER",
+              help="Run the model on TF Serving: http://HOST:8501/v1/models/NAME (REST) or "
+                   "grpc://HOST:8500/NAME (gRPC). MODEL still gives the labels and PatchSpec.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
+              help="Classes listed per video.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per video and line.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Patches per model call (memory stays bounded by it).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS", help="Per-request timeout with --server.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retries (with exponential back-off) when the server is unreachable or times out.")
+@click.option("--max-request-mb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="Split batches so that no request to the server is larger.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
+              help="Refuse videos whose frames are larger (decompression-bomb guard).")
+def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels):
+    """Classify VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or .keras).
+
+    Exit code 1 when some videos could not be classified (they are listed with the reason).
+    """
+    from stpkeras.export import ExportError
+    from stpkeras.predict import RemotePredictor, format_table, load, predict_videos
+    from stpkeras.serving import ServingError, connect
+
+    try:
+        predictor = load(model)
+        if server is not None:
+            client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
+            predictor = RemotePredictor(client, predictor.labels, predictor.spec)
+    except (ExportError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    results = []
+    try:
+        for result in predict_videos(predictor, videos, batch_size=batch_size, top_k=top_k, max_pixels=max_pixels):
+            results.append(result)
+            if as_json:
+                click.echo(result.to_json())
+            elif result.error is not None:
+                click.echo(f"{result.video}: {result.error}", err=True)
+    except ServingError as e:
+        raise click.ClickException(str(e)) from e
+    except (ExportError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    if not as_json:
+        click.echo(format_table(results, top_k))
+    sys.exit(EXIT_PARTIAL if any(r.error is not None for r in results) else EXIT_OK)
+
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
