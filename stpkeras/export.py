@@ -291,7 +291,7 @@ def examples_to_patches(serialized, spec: PatchSpec):
                                   message=f"record {s.VERSION} differs from the schema version this model reads"),
         tf.debugging.assert_equal(features[s.SHAPE], tf.broadcast_to(tf.constant(spec.shape, tf.int64),
                                                                       tf.shape(features[s.SHAPE])),
-                                  message=f"record {s.SHAPE} differs from the export's PatchSpec shape "
+                                  message=f"record {s.SHAPE} differs from the PatchSpec shape of this export "
                                           f"{list(spec.shape)}"),
         tf.debugging.Assert(tf.reduce_all((encoding == "raw") | (encoding == "jpeg") | (encoding == "png")),
                             [f"record {s.ENCODING} must be raw, jpeg or png; received", encoding]),

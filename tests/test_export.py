@@ -1,0 +1,270 @@
+"""Export: layout, assets, warmup, and the SavedModel loaded the way TF Serving loads it, in fresh processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stpkeras import export as ex
+from stpkeras.cli import main
+from tfrecords_tools import manifest as manifest_lib
+from tfrecords_tools import schema
+from tfrecords_tools.spec import PatchSpec
+
+SPEC = PatchSpec(frames=8, height=32, width=32, stride_frames=4)
+LABELS = ("down", "left", "right", "up")
+
+
+def build_trained(spec=SPEC, num_classes=len(LABELS), seed=0):
+    """A registry model after a few real training steps (so weights are not the initial ones)."""
+    import keras
+
+    from stpkeras.models import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model("stcnn", spec, num_classes)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(8, *spec.shape), dtype=np.uint8)
+    y = rng.integers(0, num_classes, size=(8,))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from stpkeras.testing.models import write_run
+
+    root = tmp_path_factory.mktemp("export")
+    model = build_trained()
+    run_dir = write_run(str(root / "run"), model, SPEC, LABELS, "stcnn")
+    result = ex.export_for_serving(run_dir, str(root / "saved_models"), "clf")
+    return model, run_dir, result
+
+
+def keras_reference(model, x):
+    import keras
+
+    logits = np.asarray(model(x, training=False))
+    features = keras.Model(model.inputs, model.get_layer("features").output)
+    return logits, np.asarray(features(x, training=False))
+
+
+def test_layout_assets_and_versions(exported):
+    model, run_dir, result = exported
+    assert result.version == 1 and result.path.endswith(os.path.join("clf", "1"))
+    assert result.signatures == (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES, ex.EMBEDDINGS)
+    with open(os.path.join(result.path, "assets", ex.LABELS_ASSET)) as f:
+        assert f.read() == "down\nleft\nright\nup\n"
+    assert ex.read_assets(result.path) == (LABELS, SPEC)
+    with open(os.path.join(result.path, ex.INFO_FILE)) as f:
+        info = json.load(f)
+    assert info["signatures"] == list(result.signatures) and info["run"]["model"] == "stcnn"
+    # No temporary folder is left behind; the next export takes the next version.
+    root = os.path.dirname(result.path)
+    assert os.listdir(root) == ["1"]
+    second = ex.export_for_serving(run_dir, os.path.dirname(root), "clf")
+    assert second.version == 2 and ex.resolve_saved_model(root) == second.path
+    with pytest.raises(ex.ExportError, match="version 2 exists"):
+        ex.export_for_serving(run_dir, os.path.dirname(root), "clf", version=2)
+    with pytest.raises(ex.ExportError, match="Invalid model name"):
+        ex.export_for_serving(run_dir, os.path.dirname(root), "bad/name")
+    shutil.rmtree(second.path)
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    path, inputs, out = sys.argv[1:4]
+    data = dict(np.load(inputs, allow_pickle=True))
+    results = {}
+    # 1. The TF1 session loader with tag "serve": the C++ SavedModel loader TF Serving uses.
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        for name, signature in meta.signature_def.items():
+            if name.startswith("__"):
+                continue
+            for key, value in data.items():
+                if not key.startswith(name + "/"):
+                    continue
+                (input_key, info), = signature.inputs.items()
+                fetched = sess.run({k: v.name for k, v in signature.outputs.items()}, {info.name: value})
+                for k, v in fetched.items():
+                    results[f"v1/{key}/{k}"] = v
+    # 2. The TF2 loader.
+    loaded = tf.saved_model.load(path)
+    for key, value in data.items():
+        name = key.split("/")[0]
+        fn = loaded.signatures[name]
+        (input_key, _), = fn.structured_input_signature[1].items()
+        for k, v in fn(**{input_key: tf.constant(value)}).items():
+            results[f"v2/{key}/{k}"] = v.numpy()
+    np.savez(out, **results)
+""")
+
+
+def test_fresh_process_loaders_equal_keras(exported, tmp_path):
+    """Both loaders, every signature, batch sizes 1 and 5, in a new process: outputs equal Keras within 1e-5."""
+    model, _, result = exported
+    rng = np.random.default_rng(7)
+    inputs = {}
+    for batch in (1, 5):
+        x = rng.integers(0, 256, size=(batch, *SPEC.shape), dtype=np.uint8)
+        inputs[f"{ex.SERVING_DEFAULT}/{batch}"] = x
+        inputs[f"{ex.EMBEDDINGS}/{batch}"] = x
+        # Lossless encodings, so the records decode to exactly these pixels.
+        inputs[f"{ex.SERVE_EXAMPLES}/{batch}"] = np.array(
+            [ex.example_bytes(p, "raw" if i % 2 == 0 else "png") for i, p in enumerate(x)], dtype=object)
+    np.savez(tmp_path / "in.npz", **inputs)
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, str(script), result.path, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(np.load(tmp_path / "out.npz", allow_pickle=True))
+    for loader in ("v1", "v2"):
+        for batch in (1, 5):
+            x = inputs[f"{ex.SERVING_DEFAULT}/{batch}"]
+            logits, features = keras_reference(model, x)
+            for sig in (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES):
+                key = f"{loader}/{sig}/{batch}"
+                np.testing.assert_allclose(out[f"{key}/{ex.LOGITS}"], logits, atol=1e-5, rtol=0)
+                e = np.exp(logits - logits.max(-1, keepdims=True))
+                np.testing.assert_allclose(out[f"{key}/{ex.PROBABILITIES}"], e / e.sum(-1, keepdims=True), atol=1e-5)
+                np.testing.assert_array_equal(out[f"{key}/{ex.CLASS_IDS}"], logits.argmax(-1))
+                assert [v.decode() for v in out[f"{key}/{ex.CLASS_NAMES}"]] == [LABELS[i] for i in logits.argmax(-1)]
+                assert out[f"{key}/{ex.LOGITS}"].shape == (batch, len(LABELS))
+            np.testing.assert_allclose(out[f"{loader}/{ex.EMBEDDINGS}/{batch}/{ex.EMBEDDINGS}"], features,
+                                       atol=1e-5, rtol=0)
+
+
+def test_saved_model_cli_lists_signatures(exported):
+    _, _, result = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    proc = subprocess.run([cli, "show", "--all", "--dir", result.path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    for name in (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES, ex.EMBEDDINGS):
+        assert f"signature_def['{name}']" in text
+    assert "inputs['patches'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 8, 32, 32, 3)" in text
+    assert "inputs['examples'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in text
+    for output in (ex.LOGITS, ex.PROBABILITIES, ex.CLASS_IDS, ex.CLASS_NAMES, ex.EMBEDDINGS):
+        assert f"outputs['{output}']" in text
+
+
+def test_warmup_records_replay(exported):
+    """Every warmup record is a PredictionLog whose request runs on the export, as TF Serving replays it."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, _, result = exported
+    loaded = tf.saved_model.load(result.path)
+    records = list(tf.data.TFRecordDataset(os.path.join(result.path, ex.WARMUP_FILE)).as_numpy_iterator())
+    assert len(records) == result.warmup_records == 3 * len(ex.WARMUP_BATCH_SIZES)
+    seen = set()
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record)
+        request = log.predict_log.request
+        assert request.model_spec.name == "clf"
+        sig = request.model_spec.signature_name
+        (key, proto), = request.inputs.items()
+        value = tf.make_ndarray(proto)
+        outputs = loaded.signatures[sig](**{key: tf.constant(value)})
+        assert next(iter(outputs.values())).shape[0] == len(value)
+        seen.add((sig, len(value)))
+    assert seen == {(s, b) for s in result.signatures for b in ex.WARMUP_BATCH_SIZES}
+
+
+def test_wrong_dtype_or_shape_is_a_clear_error(exported):
+    import tensorflow as tf
+
+    import stpkeras
+
+    _, _, result = exported
+    predictor = stpkeras.load(result.path)
+    with pytest.raises(ValueError, match=r"expected uint8 patches \[batch, 8, 32, 32, 3\].*Received float32"):
+        predictor(np.zeros((2, *SPEC.shape), np.float32))
+    with pytest.raises(ValueError, match=r"Received uint8 \[2, 4, 32, 32, 3\]"):
+        predictor(np.zeros((2, 4, 32, 32, 3), np.uint8))
+    # The raw signature refuses them too: its input signature is fixed.
+    fn = tf.saved_model.load(result.path).signatures[ex.SERVING_DEFAULT]
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        fn(patches=tf.zeros((2, *SPEC.shape), tf.float32))
+    # A record whose patch shape differs from the spec names the problem.
+    other = np.zeros((8, 16, 16, 3), np.uint8)
+    examples = tf.saved_model.load(result.path).signatures[ex.SERVE_EXAMPLES]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="patch/shape differs from the PatchSpec shape of this export"):
+        examples(examples=tf.constant([ex.example_bytes(other)]))
+
+
+def test_corrupted_saved_model_is_a_clear_error(exported, tmp_path):
+    import stpkeras
+
+    _, _, result = exported
+    broken = tmp_path / "broken" / "1"
+    shutil.copytree(result.path, broken)
+    with open(broken / "saved_model.pb", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ex.ExportError, match=r"broken.1: not a loadable SavedModel"):
+        stpkeras.load(str(broken.parent))
+    no_vars = tmp_path / "novars"
+    shutil.copytree(result.path, no_vars)
+    shutil.rmtree(no_vars / "variables")
+    with pytest.raises(ex.ExportError, match="not a loadable SavedModel"):
+        stpkeras.load(str(no_vars))
+    r = CliRunner().invoke(main, ["predict", str(broken), __file__])
+    assert r.exit_code == 2 and "not a loadable SavedModel" in r.output
+
+
+def test_export_cli_and_keras_file_sources(exported, tmp_path):
+    model, run_dir, _ = exported
+    out = tmp_path / "sm"
+    r = CliRunner().invoke(main, ["export", run_dir, "--name", "cli", "--out", str(out), "--version", "3"])
+    assert r.exit_code == 0, r.output
+    assert f"-> {out / 'cli' / '3'}" in r.output and "signatures: serving_default, serve_examples, embeddings" in r.output
+    # A .keras file away from its run folder needs labels and spec: --data gives both.
+    lone = tmp_path / "lone.keras"
+    shutil.copy(os.path.join(run_dir, "best.keras"), lone)
+    r = CliRunner().invoke(main, ["export", str(lone), "--name", "lone", "--out", str(out)])
+    assert r.exit_code == 2 and "labels and spec are unknown" in r.output and "--data" in r.output
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest_lib.write_manifest(str(data), {
+        "format": manifest_lib.FORMAT, "schema_version": schema.SCHEMA_VERSION, "spec": SPEC.to_dict(),
+        "encoding": "raw", "compression": "none", "labels": list(LABELS), "splits": {}})
+    r = CliRunner().invoke(main, ["export", str(lone), "--name", "lone", "--out", str(out), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    assert ex.read_assets(str(out / "lone" / "1")) == (LABELS, SPEC)
+    # Labels that do not match the model's outputs are refused before anything is written.
+    r = CliRunner().invoke(main, ["export", run_dir, "--name", "x", "--out", str(out), "--labels", "a,b,c"])
+    assert r.exit_code == 2 and "outputs 4 logits but there are 3 labels" in r.output
+    assert not (out / "x").exists() or ex.versions(str(out / "x")) == []
+
+
+def test_serving_config_lists_every_model(exported, tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    _, _, result = exported
+    root = tmp_path / "models"
+    for name in ("alpha", "beta"):
+        shutil.copytree(result.path, root / name / "1")
+    (root / "empty").mkdir()           # no version: not a model
+    (root / "beta" / ".export-2-tmp").mkdir()  # a half-written export: ignored
+    r = CliRunner().invoke(main, ["serving-config", str(root), "--base-path", "/models"])
+    assert r.exit_code == 0, r.output
+    config = text_format.Parse(r.output, model_server_config_pb2.ModelServerConfig())
+    entries = [(c.name, c.base_path, c.model_platform) for c in config.model_config_list.config]
+    assert entries == [("alpha", "/models/alpha", "tensorflow"), ("beta", "/models/beta", "tensorflow")]
+    text = ex.serving_config(str(root))
+    assert f'base_path: "{os.path.abspath(root)}/alpha"' in text
+    r = CliRunner().invoke(main, ["serving-config", str(root / "empty")])
+    assert r.exit_code == 2 and "no models found" in r.output
