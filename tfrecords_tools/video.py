@@ -239,7 +239,9 @@ class FrameStream:
                 raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded),
                              f"decoded {self.decoded} frames, the container's packets said {plan.frames}")
             return
-        # Resampling: output frame k shows the latest frame whose time is <= start + k / fps.
+        # Resampling: output frame k shows the latest frame whose time is <= start + k / fps, give or
+        # take _TAIL of a period: a time base such as 66667/1e6 s puts a 15 fps file's frame n at
+        # n * 66667 us, a little after n / 15 s, and an exact comparison would show frame n - 1 there.
         step = 1.0 / fps
         start = None
         shown = None  # (frame, rgb or None)
@@ -247,7 +249,7 @@ class FrameStream:
         for frame, t, duration in self._decoded():
             if start is None:
                 start = t
-            while shown is not None and start + emitted * step < t - _EPS:
+            while shown is not None and start + emitted * step < t - _TAIL * step:
                 if emitted < plan.frames:
                     if shown[1] is None:
                         shown = (shown[0], self._to_rgb(shown[0]))

@@ -1,0 +1,220 @@
+"""Decode stage: probing, timestamp resampling (also of a variable-frame-rate file), the index fallback
+for wrong timestamps, resizing, and patches that are bit-identical to frames PyAV decodes itself.
+"""
+
+import fractions
+import math
+
+import numpy as np
+import pytest
+
+from tfrecords_tools.patches import Patch
+from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import Plan, VideoError, probe, video_patches
+from videos import VFR_PTS_MS, cut, decode_all, pattern_frames, write_timed_video
+
+
+def read(path, spec, **kw):
+    """(plans, patches of the last read) of `video_patches`, as a consumer must take them."""
+    plans, patches = [], []
+    for event in video_patches(str(path), spec, **kw):
+        if isinstance(event, Plan):
+            plans.append(event)
+            patches = []  # a new plan: what came before is void
+        else:
+            assert isinstance(event, Patch)
+            patches.append(event)
+    return plans, patches
+
+
+def frames_of(patches):
+    """Frame patches (T=1, whole frame) -> `uint8 [N, H, W, 3]` and their timestamps."""
+    return np.stack([p.pixels[0] for p in patches]), [p.timestamp for p in patches]
+
+
+def source_index(frame, sources):
+    """Which of the lossless source frames `frame` is (exact match required)."""
+    hits = [i for i, s in enumerate(sources) if np.array_equal(frame, s)]
+    assert len(hits) == 1, f"frame matches source frames {hits}"
+    return hits[0]
+
+
+def test_probe(clip64, odd_clip):
+    info = probe(clip64.path)
+    assert (info.codec, info.width, info.height, info.packets) == ("h264", 64, 64, 24)
+    assert info.rate == pytest.approx(25.0)
+    assert info.start == pytest.approx(0.0) and info.end == pytest.approx(24 / 25)
+    odd = probe(odd_clip.path)
+    assert (odd.height, odd.width, odd.packets) == (50, 70, 20)
+
+
+def test_lossless_fixture_decodes_to_its_source(lossless_odd):
+    decoded, _ = decode_all(lossless_odd.path)
+    np.testing.assert_array_equal(decoded, lossless_odd.frames)
+
+
+@pytest.mark.parametrize("pad, stride", [("drop", None), ("edge", (5, 12, 20)), ("zero", (11, 30, 40))])
+def test_raw_patches_are_bit_identical_to_pyav_frames_cut_by_hand(lossless_odd, odd_clip, pad, stride):
+    for video in (lossless_odd, odd_clip):
+        decoded, times = decode_all(video.path)
+        if video.lossless:
+            np.testing.assert_array_equal(decoded, video.frames)
+        t, h, w = decoded.shape[:3]
+        spec = PatchSpec(4, 16, 16, pad=pad, stride_frames=stride and stride[0],
+                         stride_height=stride and stride[1], stride_width=stride and stride[2])
+        plans, patches = read(video.path, spec)
+        assert len(plans) == 1 and plans[0].timing == "pts"
+        assert (plans[0].frames, plans[0].height, plans[0].width) == (t, h, w)
+        assert len(patches) > 0
+        for p in patches:
+            ft, y, x = p.offset
+            np.testing.assert_array_equal(p.pixels, cut(decoded, ft, y, x, (4, 16, 16), pad))
+            assert p.timestamp == pytest.approx(times[ft])
+            assert p.valid == (min(4, t - ft), min(16, h - y), min(16, w - x))
+        # Every real pixel is in some patch when padding (and stride <= size); the count matches the grid.
+        ny, nx = len({p.offset[1] for p in patches}), len({p.offset[2] for p in patches})
+        nt = len({p.offset[0] for p in patches})
+        assert len(patches) == nt * ny * nx
+
+
+def test_vfr_fixture_decodes_with_the_timestamps_written(vfr_video):
+    decoded, times = decode_all(vfr_video.path)
+    np.testing.assert_array_equal(decoded, vfr_video.frames)
+    assert times == pytest.approx([ms / 1000 for ms in VFR_PTS_MS])
+
+
+def test_vfr_without_fps_keeps_every_frame_at_its_time(vfr_video):
+    plans, patches = read(vfr_video.path, PatchSpec(1, 32, 48))
+    frames, stamps = frames_of(patches)
+    np.testing.assert_array_equal(frames, vfr_video.frames)
+    assert stamps == pytest.approx([ms / 1000 for ms in VFR_PTS_MS])
+
+
+def test_vfr_resampled_to_10_fps_shows_the_frame_on_screen_at_each_time(vfr_video):
+    # Frames start at 0, 40, 100, 110, 300, 310, 320, 500, 740, 1000 ms; the last lasts 40 ms (25 fps
+    # declared), so the video ends at 1.04 s: 11 output frames at 0, 100, ..., 1000 ms. Each shows the
+    # latest frame that started at or before its time (e.g. 400 ms -> the frame of 320 ms, index 6).
+    plans, patches = read(vfr_video.path, PatchSpec(1, 32, 48, fps=10))
+    assert plans[-1].timing == "pts" and plans[-1].frames == 11
+    frames, stamps = frames_of(patches)
+    assert [source_index(f, vfr_video.frames) for f in frames] == [0, 2, 3, 4, 6, 7, 7, 7, 8, 8, 9]
+    assert stamps == pytest.approx([k / 10 for k in range(11)])
+
+
+@pytest.mark.parametrize("fps", [25.0, 7.0, 50.0, 9.9])
+def test_vfr_resampled_matches_the_latest_frame_rule(vfr_video, fps):
+    starts = [ms / 1000 for ms in VFR_PTS_MS]
+    count = math.ceil((1.04 - 0.0) * fps - 0.01)
+    # The latest frame started by the output time (1% of a period of slack absorbs time-base rounding).
+    expected = [max(i for i, s in enumerate(starts) if s <= (k + 0.01) / fps) for k in range(count)]
+    plans, patches = read(vfr_video.path, PatchSpec(1, 32, 48, fps=fps))
+    frames, stamps = frames_of(patches)
+    assert plans[-1].frames == len(patches) == count
+    assert [source_index(f, vfr_video.frames) for f in frames] == expected
+    assert stamps == pytest.approx([k / fps for k in range(count)])
+
+
+def test_resampling_at_the_files_own_rate_keeps_every_frame_despite_time_base_rounding(tmp_path):
+    # As tree.avi: a 15 fps stream whose time base is 66667 us, so frame n starts at n * 0.066667 s,
+    # a hair after n / 15 s. Resampled to 15 fps, every frame must come out once, in order.
+    frames = pattern_frames(40, 16, 24, seed=5)
+    path = write_timed_video(str(tmp_path / "cfr15.mp4"), frames, [66667 * n for n in range(40)],
+                             fractions.Fraction(1, 1000000), rate=15)
+    _, times = decode_all(path)
+    assert times[39] == pytest.approx(39 * 0.066667)
+    plans, patches = read(path, PatchSpec(1, 16, 24, fps=15))
+    out, stamps = frames_of(patches)
+    assert plans[-1].frames == 40
+    assert [source_index(f, frames) for f in out] == list(range(40))
+    assert stamps == pytest.approx([n / 15 for n in range(40)])
+
+
+def test_constant_rate_resampled_down(clip64):
+    decoded, _ = decode_all(clip64.path)
+    plans, patches = read(clip64.path, PatchSpec(1, 64, 64, fps=10))
+    frames, stamps = frames_of(patches)
+    # 24 frames at 25 fps last 0.96 s: 10 frames at 10 fps; frame k shows source floor(k * 2.5).
+    assert plans[-1].frames == 10
+    np.testing.assert_array_equal(frames, decoded[[0, 2, 5, 7, 10, 12, 15, 17, 20, 22]])
+    assert stamps == pytest.approx([k / 10 for k in range(10)])
+
+
+def test_constant_rate_resampled_up_repeats_frames(clip64):
+    decoded, _ = decode_all(clip64.path)
+    _, patches = read(clip64.path, PatchSpec(1, 64, 64, fps=50))
+    frames, _ = frames_of(patches)
+    assert len(frames) == 48
+    np.testing.assert_array_equal(frames, decoded.repeat(2, axis=0))
+
+
+def test_tree_avi_resampled_to_15_fps_gives_444_frames(sample):
+    # tree.avi holds 68 coded frames at irregular times over 29.6 s (see the samples' README).
+    path = sample("tree.avi")
+    decoded, times = decode_all(path, size=(24, 32))
+    assert len(decoded) == 68
+    plans, patches = read(path, PatchSpec(1, 24, 32, fps=15, resize=(24, 32)))
+    assert plans[-1].timing == "pts"
+    assert plans[-1].frames == len(patches) == 444
+    frames, stamps = frames_of(patches)
+    assert stamps == pytest.approx([k / 15 for k in range(444)], abs=1e-4)
+    # Output frame k shows the latest coded frame started by k / 15 s (time base 66667 us: 1% slack).
+    shown = [max(i for i, s in enumerate(times) if s <= (k + 0.01) / 15) for k in range(444)]
+    for k in range(444):
+        np.testing.assert_array_equal(frames[k], decoded[shown[k]], err_msg=f"output frame {k}")
+    # The coded frames sit at 0, 11, 17, ... in 1/15 s units: outputs 0..10 show frame 0, 11..16 frame 1.
+    assert shown[:18] == [0] * 11 + [1] * 6 + [2]
+    assert sorted(set(shown)) == list(range(68))  # every coded frame is shown at least once
+
+
+def test_megamind_falls_back_to_index_timing_and_keeps_decoder_order(sample):
+    path = sample("Megamind_bugy.avi")
+    decoded, times = decode_all(path, size=(22, 30))
+    assert len(decoded) == 270
+    assert sum(b <= a for a, b in zip(times, times[1:])) > 0  # the file's timestamps really go back
+    plans, patches = read(path, PatchSpec(1, 22, 30, resize=(22, 30)))
+    assert plans[-1].timing == "index"
+    assert plans[-1].frames == len(patches) == 270
+    frames, stamps = frames_of(patches)
+    np.testing.assert_array_equal(frames, decoded)  # decoder order, nothing re-sorted
+    assert stamps == pytest.approx([i / 30 for i in range(270)])  # index / declared 30 fps
+
+
+def test_megamind_with_fps_resamples_by_index(sample):
+    path = sample("Megamind_bugy.avi")
+    decoded, _ = decode_all(path, size=(22, 30))
+    plans, patches = read(path, PatchSpec(1, 22, 30, resize=(22, 30), fps=15))
+    assert plans[-1].timing == "index" and plans[-1].frames == 135
+    frames, _ = frames_of(patches)
+    np.testing.assert_array_equal(frames, decoded[::2])
+
+
+@pytest.mark.parametrize("kw, size", [(dict(short_side=32), (32, 44)), (dict(resize=(40, 60)), (40, 60)),
+                                      (dict(short_side=50), (50, 70))])
+def test_resize_and_short_side_output_sizes(odd_clip, kw, size):
+    decoded, _ = decode_all(odd_clip.path, size=size)
+    plans, patches = read(odd_clip.path, PatchSpec(2, size[0], size[1], **kw))
+    assert (plans[-1].height, plans[-1].width) == size
+    assert len(patches) == 10
+    assert all(p.pixels.shape == (2, size[0], size[1], 3) for p in patches)
+    np.testing.assert_array_equal(np.concatenate([p.pixels for p in patches]), decoded)
+
+
+def test_max_pixels_guard_refuses_before_decoding(clip64):
+    with pytest.raises(VideoError) as info:
+        list(video_patches(clip64.path, PatchSpec(1, 8, 8), max_pixels=64 * 64 - 1))
+    assert info.value.path == clip64.path
+    assert "declared frame size 64x64 = 4096 pixels exceeds the limit of 4095 (--max-pixels)" in str(info.value)
+    assert len(read(clip64.path, PatchSpec(1, 8, 8), max_pixels=64 * 64)[1]) == 24 * 64
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: None, "file not found"),
+    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    (lambda p: p.write_text("not a video\n" * 50), "FFmpeg could not open it: "),
+])
+def test_video_errors_name_the_file_and_the_reason(tmp_path, make, reason):
+    path = tmp_path / "v.mp4"
+    make(path)
+    with pytest.raises(VideoError) as info:
+        probe(str(path))
+    assert str(info.value).startswith(f"{path}: {reason}")

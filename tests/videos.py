@@ -1,0 +1,128 @@
+"""Test helper: small real videos (H.264 via PyAV's libx264) with known content, and direct PyAV decoding.
+
+The converter's results are checked against what these helpers know
+independently: the frames that went into a lossless file, the timestamps
+written into a variable-frame-rate file, or the frames PyAV itself decodes.
+"""
+
+from __future__ import annotations
+
+import fractions
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import av
+import numpy as np
+
+from tfrecords_tools.video import VideoWriter
+
+# The variable-frame-rate test file: frame i is shown from VFR_PTS_MS[i] milliseconds (irregular gaps).
+VFR_PTS_MS = (0, 40, 100, 110, 300, 310, 320, 500, 740, 1000)
+
+
+def pattern_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """`uint8 [count, height, width, 3]`: a smooth texture that slides one pixel a frame and brightens.
+
+    Smooth so lossy H.264 keeps it close; every frame differs from every other
+    (the brightness ramp), so a decoded frame can be matched to its source.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width + count].astype(np.float32)
+    base = np.zeros((height, width + count, 3), np.float32)
+    for _ in range(4):
+        fy, fx = rng.uniform(-0.3, 0.3, size=2)
+        base += np.sin(fy * yy + fx * xx + rng.uniform(0, 6.3))[..., None] * rng.uniform(0.2, 1.0, size=3)
+    base = (base - base.min()) / max(1e-6, float(base.max() - base.min())) * 180.0
+    out = np.empty((count, height, width, 3), np.uint8)
+    for t in range(count):
+        out[t] = np.clip(base[:, t:t + width] + 2.0 * t, 0, 255).astype(np.uint8)
+    return out
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 25.0, lossless: bool = False) -> str:
+    """Encodes `uint8 [T, H, W, 3]` frames with the project's `VideoWriter`; returns `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with VideoWriter(path, fps, lossless=lossless) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
+
+
+def write_timed_video(path: str, frames: np.ndarray, pts: Sequence[int],
+                      time_base: fractions.Fraction = fractions.Fraction(1, 1000), rate: int = 25) -> str:
+    """A lossless H.264 file whose frame i is shown from `pts[i] * time_base` seconds.
+
+    Written with PyAV directly (each frame's pts set by hand), since
+    `VideoWriter` only writes constant rates; `rate` is what the stream declares.
+    """
+    container = av.open(path, mode="w")
+    stream = container.add_stream("libx264rgb", rate=rate)
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "rgb24"
+    stream.time_base = time_base
+    stream.codec_context.time_base = time_base
+    stream.options = {"qp": "0", "preset": "veryfast"}
+    stream.thread_count = 1
+    for frame, p in zip(frames, pts):
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        vf.pts = int(p)
+        vf.time_base = time_base
+        for packet in stream.encode(vf):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def write_audio_only(path: str, seconds: float = 1.0, rate: int = 16000) -> str:
+    """An AAC file with one audio stream and no video stream."""
+    container = av.open(path, mode="w")
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = "mono"
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for i in range(0, len(wave), 1024):
+        frame = av.AudioFrame.from_ndarray(wave[None, i:i + 1024], format="fltp", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def decode_all(path: str, size: Optional[Tuple[int, int]] = None,
+               interpolation: str = "AREA") -> Tuple[np.ndarray, List[float]]:
+    """Every frame PyAV decodes, in decoder order: (`uint8 [N, H, W, 3]`, seconds of each frame).
+
+    `size` (H, W) resizes with FFmpeg's scaler, as the converter does.
+    """
+    frames, times = [], []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        for frame in container.decode(stream):
+            if size is None:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            else:
+                frames.append(frame.to_ndarray(format="rgb24", height=size[0], width=size[1],
+                                               interpolation=interpolation))
+            times.append(frame.time)
+    return np.stack(frames), times
+
+
+def cut(frames: np.ndarray, t: int, y: int, x: int, size: Tuple[int, int, int], pad: str) -> np.ndarray:
+    """The patch at (t, y, x) of an in-memory video, cut and padded by hand (`edge` or `zero`)."""
+    pt, ph, pw = size
+    block = frames[t:t + pt, y:y + ph, x:x + pw]
+    out = np.zeros((pt, ph, pw, 3), np.uint8)
+    vt, vh, vw = block.shape[:3]
+    out[:vt, :vh, :vw] = block
+    if pad == "edge":
+        out[:vt, :vh, vw:] = block[:, :, vw - 1:vw]       # repeat the last column
+        out[:vt, vh:, :] = out[:vt, vh - 1:vh, :]          # then the last row (corner included)
+        out[vt:] = out[vt - 1:vt]                          # then the last frame
+    return out
