@@ -386,5 +386,134 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
 
 
 
+# --- train / evaluate (TFRecords -> run folder -> metrics) --------------------------------------
+
+def _model_args(ctx, param, values):
+    """KEY=VALUE pairs; VALUE is JSON when it parses (8, 0.1, [1,3,3], "small"), else a string."""
+    import json
+    options = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", ctx=ctx, param=param)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return tuple(options.items())
+
+
+@main.command("train")
+@click.argument("data", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
+              help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
+@click.option("--model", "model_name", default="stcnn", show_default=True,
+              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit"]), help="Model family.")
+@click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
+              help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Patches per replica; the global batch is this x replicas.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate (AdamW).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="Learning-rate schedule over all steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--augment", default="crop,color", show_default=True, metavar="LIST",
+              help="Training augmentations: any of flip,crop,color, or 'none'. No flip by default: a "
+                   "horizontal flip swaps left and right motion.")
+@click.option("--train-split", default=None, metavar="SPLIT",
+              help="Split to train on (default: 'train', or every split but validation when there is none).")
+@click.option("--val-split", default=None, metavar="SPLIT",
+              help="Split to validate on (default: 'val' when DATA has it; 'none' for no validation).")
+@click.option("--strategy", type=click.Choice(["auto", "mirrored", "one", "multiworker"]), default="auto",
+              show_default=True, help="auto: MirroredStrategy over all GPUs (or over --devices CPU devices), "
+                                      "else one device. multiworker reads TF_CONFIG.")
+@click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Use the first N GPUs, or N logical CPU devices when there is no GPU (to test mirroring).")
+@click.option("--mixed-precision", is_flag=True, help="float16 compute on GPUs (bfloat16 on CPUs); logits stay float32.")
+@click.option("--jit", is_flag=True, help="Compile the train step with XLA.")
+@click.option("--seed", type=int, default=None, help="Seeds weights, data order and augmentation.")
+@click.option("--deterministic", is_flag=True, help="Same batches and same weights on every run (needs --seed).")
+@click.option("--class-weight", is_flag=True, help="Weight classes by inverse frequency in the training split.")
+@click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last finished epoch.")
+@click.option("--verbose", type=click.IntRange(0, 2), default=1, show_default=True,
+              help="1: a progress bar per epoch; 2: one line per epoch; 0: quiet.")
+def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, weight_decay, augment,
+                  train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
+                  class_weight, shuffle_buffer, resume, verbose):
+    """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
+
+    A killed run started again with --resume goes on from its last finished epoch.
+    """
+    from stpkeras.train import RunError, TrainConfig, train
+    from tfrecords_tools.manifest import ManifestError
+
+    if deterministic and seed is None:
+        raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
+    try:
+        config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
+                             batch_size=batch_size, lr=lr, schedule=schedule, weight_decay=weight_decay,
+                             augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
+                             devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
+                             deterministic=deterministic, resume=resume, class_weight=class_weight,
+                             shuffle_buffer=shuffle_buffer, verbose=verbose)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        run = train(config, echo=click.echo)
+    except (ManifestError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    except RunError as e:
+        raise click.ClickException(str(e)) from e
+    metrics = run["metrics"]
+    best = metrics.get("best", {})
+    click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
+               + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+               + f"; best.keras, last.keras, history.csv, curves.png, logs/")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("data", type=click.Path())
+@click.option("--split", default=None, help="Split to evaluate (default: 'test', else 'val').")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, metavar="K",
+              help="k of the top-k accuracy (at most the number of classes).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for eval-SPLIT.json and the confusion PNGs (default: the run folder).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: 'patch' and 'video' sections with accuracy, precision, recall, "
+                   "f1 (macro), per_class and confusion.")
+def evaluate_command(model, data, split, batch_size, top_k, out, as_json):
+    """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video."""
+    import json
+
+    from stpkeras.evaluate import EvalConfig, EvaluateError, evaluate
+    from stpkeras.train import RunError
+    from tfrecords_tools.manifest import ManifestError
+
+    try:
+        result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
+                                     out=out))
+    except (ManifestError, EvaluateError, RunError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for level in ("patch", "video"):
+        m = result[level]
+        topk = next(k for k in m if k.startswith("top"))
+        click.echo(f"{level:>5}: {m['count']} | accuracy {m['accuracy']:.4f} | precision {m['precision']:.4f} | "
+                   f"recall {m['recall']:.4f} | F1 {m['f1']:.4f} | {topk} {m[topk]:.4f}")
+    width = max(len(name) for name in result["labels"])
+    click.echo(f"{'class':<{width}}  precision  recall  F1      (video level)")
+    for name, c in result["video"]["per_class"].items():
+        click.echo(f"{name:<{width}}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  n={c['support']}")
+    click.echo(f"wrote {result['json']} and confusion PNGs")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -13,7 +13,7 @@ import keras
 from stpkeras.models import layers
 
 
-def build_stcnn(spec, num_classes: int, *, filters: int = 32, kernel_size=(3, 3, 3), pool_size=(2, 2, 2),
+def build_stcnn(spec, num_classes: int, *, filters: int = 32, kernel_size=(3, 5, 5), pool_size=(2, 4, 4),
                 dropout: float = 0.0, name: str = "stcnn") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> logits `[B, num_classes]`; `features` is the flattened pooled map."""
     num_classes = layers.check_classes(num_classes)

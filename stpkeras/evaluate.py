@@ -1,0 +1,172 @@
+"""Evaluate stage: a trained classifier on one split, at patch level and at video level.
+
+Video level averages the logits of all patches of a video (`video/id`) and
+takes the video's label. Both levels report accuracy, precision, recall and
+F1 per class and macro-averaged, top-k accuracy and the confusion matrix
+(rows: true class, columns: predicted), as JSON and as PNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+EVAL_JSON = "eval-{split}.json"
+CONFUSION_PNG = "confusion-{split}-{level}.png"
+
+
+class EvaluateError(RuntimeError):
+    """Model and data that cannot be evaluated together (other classes, other patch shape, no labels)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str                      # a run folder or a .keras file
+    data: str
+    split: Optional[str] = None     # None: 'test' when the data has it, else 'val'
+    batch_size: int = 64
+    top_k: int = 5
+    out: Optional[str] = None       # where eval-SPLIT.json and the PNGs go; None: the run folder
+
+    def __post_init__(self):
+        for name in ("batch_size", "top_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Invalid value for argument `{name}`. Expected a strictly positive integer. "
+                                 f"Received {name}={getattr(self, name)!r}")
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: Sequence[str],
+                           top_k: int = 5) -> dict:
+    """Metrics of `logits [N, C]` (float) against `labels [N]` (int in [0, C)).
+
+    `top_k` is clipped to `C - 1`. Precision of a class never predicted, and recall of a class absent from
+    `labels`, are 0 (and the macro mean includes them), as scikit-learn's
+    `zero_division=0` does.
+    """
+    labels = np.asarray(labels, np.int64)
+    logits = np.asarray(logits, np.float64)
+    num_classes = len(class_names)
+    if logits.ndim != 2 or logits.shape != (len(labels), num_classes):
+        raise ValueError(f"logits of shape {logits.shape} for {len(labels)} labels and {num_classes} classes")
+    predicted = logits.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_pos = np.diag(confusion).astype(np.float64)
+    predicted_count = confusion.sum(axis=0)
+    actual_count = confusion.sum(axis=1)
+    precision = np.divide(true_pos, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0)
+    recall = np.divide(true_pos, actual_count, out=np.zeros(num_classes), where=actual_count > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(num_classes), where=denom > 0)
+    # Top-C accuracy is always 1, so k stops at C - 1 (and at 1 for two classes).
+    k = max(1, min(top_k, num_classes - 1))
+    # Ties count against the true class: it is in the top k only if fewer than k score higher.
+    true_score = logits[np.arange(len(labels)), labels]
+    in_top_k = (logits > true_score[:, None]).sum(axis=1) < k
+    count = max(len(labels), 1)
+    return {
+        "count": int(len(labels)),
+        "accuracy": float(true_pos.sum() / count),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+        f"top{k}": float(in_top_k.mean()) if len(labels) else 0.0,
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(actual_count[i])} for i, name in enumerate(class_names)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def video_level(video_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-patch arrays -> (ids [V], labels [V], mean logits [V, C]), videos in first-seen order."""
+    ids, first, inverse = np.unique(video_ids, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sums = np.zeros((len(ids), logits.shape[1]), np.float64)
+    np.add.at(sums, inverse, logits)
+    counts = np.bincount(inverse, minlength=len(ids))
+    video_labels = labels[first]
+    mixed = [ids[v] for v in range(len(ids)) if np.any(labels[inverse == v] != video_labels[v])]
+    if mixed:
+        raise EvaluateError(f"videos {mixed[:5]} have patches with different labels")
+    order = np.argsort(first)
+    return ids[order], video_labels[order], (sums / counts[:, None])[order]
+
+
+def predict(model, dataset) -> Dict[str, np.ndarray]:
+    """Runs `model` over a feature-dict dataset; returns logits, labels and video ids, in order."""
+    import tensorflow as tf
+
+    from tfrecords_tools import schema
+
+    @tf.function(reduce_retracing=True)
+    def forward(patch):
+        return model(patch, training=False)
+
+    logits, labels, ids = [], [], []
+    for features in dataset:
+        logits.append(forward(features[schema.PATCH]).numpy())
+        labels.append(features[schema.LABEL].numpy())
+        ids.append(features[schema.VIDEO_ID].numpy())
+    if not logits:
+        return {"logits": np.zeros((0, model.output_shape[-1])), "labels": np.zeros(0, np.int64),
+                "video_ids": np.zeros(0, object)}
+    return {"logits": np.concatenate(logits).astype(np.float64), "labels": np.concatenate(labels),
+            "video_ids": np.concatenate(ids)}
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Evaluates `config.model` on a split of `config.data`; writes eval-SPLIT.json and confusion PNGs."""
+    from stpkeras import pipeline
+    from stpkeras.figures import draw_confusion
+    from stpkeras.train import load_run
+    from tfrecords_tools.spec import PatchSpec
+
+    model, run = load_run(config.model)
+    spec = PatchSpec.from_dict(run["spec"]) if run.get("spec") else None
+    info = pipeline.load_info(config.data)
+    model_shape = tuple(model.input_shape[1:])
+    if model_shape != tuple(info.spec.shape):
+        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
+                            f"{model_shape} (T, H, W, C)")
+    labels = tuple(run.get("labels") or info.labels)
+    if tuple(info.labels) != labels:
+        raise EvaluateError(f"{config.data}: classes {list(info.labels)} differ from the model's {list(labels)}")
+    if model.output_shape[-1] != len(labels):
+        raise EvaluateError(f"{config.model}: {model.output_shape[-1]} outputs for {len(labels)} classes {list(labels)}")
+    split = config.split
+    if split is None:
+        split = next((s for s in ("test", "val") if s in info.splits), None)
+        if split is None:
+            raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split (available: {list(info.splits)})")
+    info.resolve(split)
+
+    dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,
+                                    as_supervised=False, spec=spec)
+    out = predict(model, dataset)
+    known = out["labels"] >= 0
+    unlabelled = int((~known).sum())
+    if not known.any():
+        raise EvaluateError(f"{config.data}: split {split!r} has no labelled patches")
+    logits, y, ids = out["logits"][known], out["labels"][known].astype(np.int64), out["video_ids"][known]
+    result = {"model": config.model, "data": config.data, "split": split, "labels": list(labels),
+              "unlabelled_patches": unlabelled,
+              "patch": classification_metrics(y, logits, labels, config.top_k)}
+    _, video_labels, video_logits = video_level(ids, y, logits)
+    result["video"] = classification_metrics(video_labels, video_logits, labels, config.top_k)
+
+    out_dir = config.out or (config.model if os.path.isdir(config.model)
+                             else os.path.dirname(os.path.abspath(config.model)))
+    os.makedirs(out_dir, exist_ok=True)
+    for level in ("patch", "video"):
+        path = os.path.join(out_dir, CONFUSION_PNG.format(split=split, level=level))
+        draw_confusion(np.array(result[level]["confusion"]), labels, path, title=f"{split}, {level} level")
+        result[level]["confusion_png"] = path
+    result["json"] = os.path.join(out_dir, EVAL_JSON.format(split=split))
+    with open(result["json"], "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    return result
