@@ -21,29 +21,21 @@ SPEC = PatchSpec(frames=8, height=32, width=32, stride_frames=4)
 LABELS = ("down", "left", "right", "up")
 
 
-def build_trained(spec=SPEC, num_classes=len(LABELS), seed=0):
-    """A registry model after a few real training steps (so weights are not the initial ones)."""
-    import keras
-
-    from stpkeras.models import build_model
-
-    keras.utils.set_random_seed(seed)
-    model = build_model("stcnn", spec, num_classes)
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(8, *spec.shape), dtype=np.uint8)
-    y = rng.integers(0, num_classes, size=(8,))
-    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-    return model
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from stpkeras.testing.models import write_run
+    """The real chain on real videos: make -> convert -> train (tiny) -> export the run folder."""
+    from stpkeras.demo import make_videos
+    from stpkeras.train import TrainConfig, train
+    from tfrecords_tools.convert import ConvertConfig, convert
 
     root = tmp_path_factory.mktemp("export")
-    model = build_trained()
-    run_dir = write_run(str(root / "run"), model, SPEC, LABELS, "stcnn")
+    videos = make_videos(str(root / "videos"), per_class=2, frames=16, height=32, width=32)
+    convert(ConvertConfig(src=videos, out=str(root / "data"), spec=SPEC, split_fractions=(("val", 0.25),),
+                          workers=1, command="test"))
+    run_dir = str(root / "run")
+    run = train(TrainConfig.tiny(str(root / "data"), run_dir, epochs=1), echo=lambda *a: None)
+    assert tuple(run["labels"]) == LABELS
+    model = ex.load_keras_model(os.path.join(run_dir, "best.keras"))
     result = ex.export_for_serving(run_dir, str(root / "saved_models"), "clf")
     return model, run_dir, result
 
