@@ -30,6 +30,7 @@ def random_flip(patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     `tf.cond` reverses only the patches it flips; a batch-wide `tf.where`
     would reverse and select every patch.
     """
+    patch = tf.convert_to_tensor(patch)
     flip = tf.random.stateless_uniform([], seed) < 0.5
     return tf.cond(flip, lambda: tf.reverse(patch, axis=[2]), lambda: patch)
 
@@ -44,6 +45,7 @@ def random_crop(patch: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.8) -> tf
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"Invalid value for argument `min_scale`. Expected a value in (0, 1]. "
                          f"Received min_scale={min_scale}")
+    patch = tf.convert_to_tensor(patch)
     shape = tf.shape(patch)
     height, width = shape[1], shape[2]
     seeds = tf.random.experimental.stateless_split(seed, 4)

@@ -62,7 +62,7 @@ class DataInfo:
         missing = [n for n in names if n not in self.manifest["splits"]]
         if missing or not names:
             raise manifest_lib.ManifestError(
-                f"{manifest_lib.manifest_path(self.root)}: no split {missing or names!r}. "
+                f"{manifest_lib.manifest_path(self.root)}: no split {', '.join(map(repr, missing or names))}. "
                 f"Available: {sorted(self.splits)}")
         return names
 

@@ -1,0 +1,109 @@
+"""Tests of stpkeras.models: every family builds from a PatchSpec, takes uint8, normalises in its first
+layer, names 'features' and 'logits', wires its options through and reloads from .keras unchanged."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from stpkeras.models import build_model, model_names, model_options
+from stpkeras.models.layers import Normalize, PositionalEmbedding, to_unit
+from stpkeras.models.r2plus1d import intermediate_channels
+from tfrecords_tools.spec import PatchSpec
+
+SPEC = PatchSpec(4, 16, 16)
+# Small widths keep the whole file to a few seconds; the defaults are checked by count below.
+SMALL = {"stcnn": {"filters": 4}, "c3d": {"widths": (4, 8), "convs_per_stage": (1, 1)},
+         "r2plus1d": {"widths": (4, 8), "depth": 10}, "resnet3d": {"widths": (4, 8), "depth": 10},
+         "vivit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "tubelet": (2, 8, 8)}}
+
+
+def _pixels(batch, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (batch, *SPEC.shape), dtype=np.uint8)
+
+
+def test_registry_lists_the_five_families():
+    assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit"}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_model_contract_and_keras_round_trip(name, tmp_path):
+    model = build_model(name, SPEC, 3, **SMALL[name])
+    assert model.input.dtype == "uint8" and tuple(model.input.shape) == (None, *SPEC.shape)
+    assert isinstance(model.layers[1], Normalize)
+    assert model.output.name.startswith("logits") or model.layers[-1].name == "logits"
+    assert tuple(model.get_layer("logits").output.shape) == (None, 3)
+    assert model.get_layer("logits").activation is keras.activations.linear
+    assert len(model.get_layer("features").output.shape) == 2
+    x = _pixels(2)
+    y = np.asarray(model(x, training=False))
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(np.asarray(reloaded(x, training=False)), y)
+    # Another batch size through the reloaded model gives the same per-example outputs.
+    x3 = np.concatenate([x, _pixels(1, seed=1)])
+    np.testing.assert_allclose(np.asarray(reloaded(x3, training=False))[:2], y, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_maps_uint8_to_unit_range_and_serializes():
+    layer = Normalize()
+    out = np.asarray(layer(np.array([[0, 127, 255]], np.uint8)))
+    np.testing.assert_allclose(out, [[-1.0, 127 / 127.5 - 1, 1.0]], rtol=1e-6)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(to_unit(np.array([0, 255], np.uint8))), [-1.0, 1.0])
+    clone = Normalize.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert PositionalEmbedding.from_config(PositionalEmbedding(0.5).get_config()).initializer_stddev == 0.5
+
+
+def test_every_option_is_wired_through():
+    stcnn = build_model("stcnn", SPEC, 4, filters=6, kernel_size=(1, 3, 3), pool_size=(2, 8, 8))
+    conv = stcnn.get_layer("conv")
+    assert conv.filters == 6 and conv.kernel_size == (1, 3, 3)
+    assert stcnn.get_layer("pool").pool_size == (2, 8, 8)
+    assert tuple(stcnn.get_layer("features").output.shape) == (None, 2 * 2 * 2 * 6)
+    c3d = build_model("c3d", SPEC, 4, widths=(4, 8, 12), convs_per_stage=(1, 2, 1), dropout=0.5)
+    assert [l.filters for l in c3d.layers if isinstance(l, keras.layers.Conv3D)] == [4, 8, 8, 12]
+    assert c3d.get_layer("head_dropout").rate == 0.5
+    res = build_model("resnet3d", SPEC, 4, depth=18, widths=(4, 8))
+    assert sum(l.name.endswith("_conv1") for l in res.layers) == 4  # 2 + 2 blocks
+    full = build_model("r2plus1d", SPEC, 4, depth=10, width="full")
+    assert full.get_layer("features").output.shape[-1] == 512
+    vivit = build_model("vivit", SPEC, 4, tubelet=(2, 4, 4), dim=8, depth=2, heads=2, mlp_dim=12)
+    assert tuple(vivit.get_layer("tokens").output.shape) == (None, 2 * 4 * 4, 8)
+    assert sum(isinstance(l, keras.layers.MultiHeadAttention) for l in vivit.layers) == 2
+    assert vivit.get_layer("encoder0_mlp1").units == 12
+    assert set(model_options("stcnn")) == {"filters", "kernel_size", "pool_size", "dropout"}
+
+
+def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():
+    t, d, n_in, n_out = 3, 3, 64, 64
+    m = intermediate_channels(t, d, n_in, n_out)
+    assert m == 144  # the paper's M_i for 64 -> 64 channels
+    assert abs((d * d * n_in * m + t * m * n_out) - t * d * d * n_in * n_out) / (t * d * d * n_in * n_out) < 0.01
+
+
+def test_bad_arguments_say_what_was_expected():
+    with pytest.raises(ValueError, match="Expected an integer >= 2. Received num_classes=1"):
+        build_model("stcnn", SPEC, 1)
+    with pytest.raises(ValueError, match="Invalid options \\['widht'\\] for model 'c3d'"):
+        build_model("c3d", SPEC, 3, widht=4)
+    with pytest.raises(ValueError, match="Expected one of \\['c3d'"):
+        build_model("i3d", SPEC, 3)
+    with pytest.raises(ValueError, match="Received kernel_size=\\(3, 0, 3\\)"):
+        build_model("stcnn", SPEC, 3, kernel_size=(3, 0, 3))
+    with pytest.raises(ValueError, match="Expected a divisor of dim=16"):
+        build_model("vivit", SPEC, 3, dim=16, heads=3)
+
+
+def test_mixed_precision_keeps_float32_logits():
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model("stcnn", SPEC, 3, filters=4)
+        assert model.get_layer("conv").compute_dtype == "bfloat16"
+        assert np.asarray(model(_pixels(1))).dtype == np.float32
+    finally:
+        keras.mixed_precision.set_global_policy(policy)

@@ -1,0 +1,211 @@
+"""Tests of stpkeras.pipeline and stpkeras.augment: each function eagerly and inside `Dataset.map`,
+and `make_dataset` on real TFRecords (order, completeness, cardinality, determinism, sharding)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from converted import random_items, write_converted
+from stpkeras import augment, pipeline
+from tfrecords_tools import manifest, schema
+from tfrecords_tools.spec import PatchSpec
+
+SHAPE = (4, 8, 8, 3)
+LABELS = ("a", "b", "c")
+
+
+def _digest(pixels: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("converted"))
+    items = {"train": random_items(50, SHAPE, seed=0), "val": random_items(13, SHAPE, seed=1)}
+    write_converted(root, items, LABELS, shards=3)
+    return root, items
+
+
+def _patch(seed=0, shape=SHAPE):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# --- augmentations -----------------------------------------------------------------------------
+
+def _in_map(fn, patch, seed):
+    ds = tf.data.Dataset.from_tensors((patch, seed)).map(fn)
+    return next(iter(ds)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["eager", "map"])
+def test_flip_reverses_width_or_keeps_the_clip_and_is_seeded(mode):
+    patch = _patch()
+    outs = []
+    for s in range(16):
+        seed = tf.constant([s, 7], tf.int64)
+        out = augment.random_flip(patch, seed).numpy() if mode == "eager" else _in_map(augment.random_flip, patch, seed)
+        assert out.dtype == np.uint8
+        assert np.array_equal(out, patch) or np.array_equal(out, patch[:, :, ::-1])
+        again = augment.random_flip(patch, seed).numpy()
+        assert np.array_equal(out, again)
+        outs.append(np.array_equal(out, patch))
+    assert 0 < sum(outs) < 16  # both outcomes happen
+
+
+@pytest.mark.parametrize("mode", ["eager", "map"])
+def test_crop_takes_one_window_for_all_frames_and_keeps_the_shape(mode):
+    # Every pixel holds its own (row, column) code, so the crop window can be read back.
+    h, w = 16, 16
+    rows, cols = np.mgrid[0:h, 0:w]
+    frame = np.stack([rows * 10, cols * 10, np.zeros_like(rows)], -1).astype(np.uint8)
+    patch = np.repeat(frame[None], 4, axis=0)
+    seed = tf.constant([3, 4], tf.int64)
+    fn = lambda p, s: augment.random_crop(p, s, min_scale=0.5)  # noqa: E731
+    out = fn(patch, seed).numpy() if mode == "eager" else _in_map(fn, patch, seed)
+    assert out.shape == patch.shape and out.dtype == np.uint8
+    assert all(np.array_equal(out[0], out[t]) for t in range(4))  # the same window in every frame
+    src_rows, src_cols = out[..., 0] // 10, out[..., 1] // 10
+    # Nearest-neighbour: a monotone map of a window of at least half the side.
+    assert np.all(np.diff(src_rows[0], axis=0) >= 0) and np.all(np.diff(src_cols[0], axis=1) >= 0)
+    assert src_rows.max() - src_rows.min() + 1 >= h // 2 and src_cols.max() - src_cols.min() + 1 >= w // 2
+    assert np.array_equal(out, fn(patch, seed).numpy())
+
+
+@pytest.mark.parametrize("mode", ["eager", "map"])
+def test_color_changes_brightness_and_contrast_for_the_whole_clip(mode):
+    patch = np.full(SHAPE, 100, np.uint8)
+    patch[:, :, :4] = 140  # mean 120 per channel
+    seed = tf.constant([1, 2], tf.int64)
+    fn = lambda p, s: augment.random_color(p, s, brightness=0.1, contrast=(0.5, 0.5))  # noqa: E731
+    out = (fn(patch, seed).numpy() if mode == "eager" else _in_map(fn, patch, seed)).astype(int)
+    delta = out[0, 0, 4, 0] - 110  # 100 -> 120 + (100 - 120) * 0.5 + delta
+    assert abs(delta) <= 26
+    assert np.all(out[:, :, :4] == 130 + delta) and np.all(out[:, :, 4:] == 110 + delta)
+
+
+def test_parse_augment_names_and_errors():
+    assert augment.parse_augment("flip, crop,color") == ("flip", "crop", "color")
+    assert augment.parse_augment("none") == () and augment.parse_augment("") == ()
+    with pytest.raises(ValueError, match="Received augment='blur'"):
+        augment.parse_augment("blur")
+    assert augment.make_augment(["color", "flip"]).names == ("flip", "color")
+
+
+# --- parse and decode --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["raw", "png", "jpeg"])
+def test_parse_and_decode_eagerly_and_in_map(encoding):
+    pixels = _patch(shape=(3, 16, 16, 3)) if encoding != "jpeg" else np.full((3, 16, 16, 3), 90, np.uint8)
+    record = schema.encode_patch(pixels, encoding=encoding, video_id="x/v.mp4", video_size=(9, 16, 16),
+                                 index=(1, 0, 0), offset=(3, 0, 0), valid=(3, 16, 16), timestamp=0.5, label=2,
+                                 label_name="c", split="train")
+    spec = PatchSpec(3, 16, 16)
+
+    def chain(serialized):
+        return pipeline.decode(pipeline.parse(serialized, encoding), encoding, spec)
+
+    eager = chain(tf.constant(record))
+    mapped = next(iter(tf.data.Dataset.from_tensors(record).map(chain)))
+    for f in (eager, mapped):
+        assert set(f) == set(pipeline.FEATURE_KEYS)
+        assert f[schema.PATCH].dtype == tf.uint8 and f[schema.PATCH].shape == (3, 16, 16, 3)
+        got = f[schema.PATCH].numpy().astype(int)
+        assert np.abs(got - pixels).max() <= (2 if encoding == "jpeg" else 0)
+        assert f[schema.LABEL].numpy() == 2 and f[schema.LABEL].dtype == tf.int32
+        assert f[schema.VIDEO_ID].numpy() == b"x/v.mp4"
+        assert list(f[schema.OFFSET].numpy()) == [3, 0, 0]
+
+
+# --- make_dataset ------------------------------------------------------------------------------
+
+def test_evaluation_yields_every_record_once_with_its_label_and_video(folder):
+    root, items = folder
+    ds = pipeline.make_dataset(root, "train", batch_size=8, as_supervised=False)
+    assert ds.cardinality().numpy() == 7  # ceil(50 / 8), from the manifest
+    seen = []
+    for f in ds:
+        for pixels, label, vid in zip(f[schema.PATCH].numpy(), f[schema.LABEL].numpy(), f[schema.VIDEO_ID].numpy()):
+            seen.append((_digest(pixels), int(label), vid.decode()))
+    assert sorted(seen) == sorted((_digest(p), l, v) for p, l, v in items["train"])
+    assert len(list(ds)) == 7
+
+
+def test_training_batches_are_static_shuffled_and_deterministic_with_a_seed(folder):
+    root, items = folder
+    kwargs = dict(batch_size=8, training=True, augment="flip,crop,color", seed=5, deterministic=True)
+    ds = pipeline.make_dataset(root, "train", **kwargs)
+    assert ds.cardinality().numpy() == 6  # 50 // 8: the last partial batch is dropped
+    assert ds.element_spec[0].shape == (8, *SHAPE) and ds.element_spec[0].dtype == tf.uint8
+    first = [(x.numpy(), y.numpy()) for x, y in ds]
+    second_epoch = [(x.numpy(), y.numpy()) for x, y in ds]
+    rebuilt = [(x.numpy(), y.numpy()) for x, y in pipeline.make_dataset(root, "train", **kwargs)]
+    other = [(x.numpy(), y.numpy()) for x, y in pipeline.make_dataset(root, "train", **{**kwargs, "seed": 6})]
+    assert len(first) == 6
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, rebuilt))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, second_epoch))  # reshuffled each epoch
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+    labels = {_digest(p): l for p, l, _ in items["train"]}
+    order = [int(y) for _, ys in first for y in ys]
+    assert order != sorted(order) or len(set(order)) == 1
+
+
+def test_training_without_augmentation_keeps_pixels_and_labels_together(folder):
+    root, items = folder
+    labels = {_digest(p): l for p, l, _ in items["train"]}
+    ds = pipeline.make_dataset(root, "train", batch_size=10, training=True, seed=1)
+    pairs = [(_digest(x), int(y)) for xs, ys in ds for x, y in zip(xs.numpy(), ys.numpy())]
+    assert len(pairs) == 50 and len({d for d, _ in pairs}) == 50
+    assert all(labels[d] == y for d, y in pairs)
+
+
+def test_repeat_and_several_splits(folder):
+    root, _ = folder
+    ds = pipeline.make_dataset(root, ["train", "val"], batch_size=9, as_supervised=False)
+    assert ds.cardinality().numpy() == 7  # ceil(63 / 9)
+    assert sum(int(f[schema.LABEL].shape[0]) for f in ds) == 63
+    forever = pipeline.make_dataset(root, "all", batch_size=9, training=True, repeat=True, seed=0)
+    assert forever.cardinality().numpy() == tf.data.INFINITE_CARDINALITY
+    assert len(list(forever.take(20))) == 20
+
+
+def test_global_batch_and_shard_policy_under_a_strategy(folder):
+    root, _ = folder
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    ds = pipeline.make_dataset(root, "train", batch_size=4, training=True, strategy=strategy, seed=0)
+    assert ds.element_spec[0].shape[0] == 4 * strategy.num_replicas_in_sync
+    policy = tf.data.experimental.AutoShardPolicy
+    assert ds.options().experimental_distribute.auto_shard_policy == policy.FILE  # 3 shards, 1 worker
+    assert pipeline.shard_policy(3, 2) == policy.FILE and pipeline.shard_policy(3, 3) == policy.FILE
+    assert pipeline.shard_policy(2, 3) == policy.DATA
+
+    class MultiWorker:  # what num_workers reads from a MultiWorkerMirroredStrategy
+        cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"chief": ["h0:1"], "worker": ["h1:1", "h2:1", "h3:1"]}))
+    assert pipeline.num_workers(MultiWorker()) == 4 and pipeline.num_workers(strategy) == 1
+
+
+def test_gzip_and_jpeg_folders(tmp_path):
+    items = random_items(12, (2, 8, 8, 3), seed=3)
+    write_converted(str(tmp_path / "gz"), {"train": items}, LABELS, compression="gzip", shards=2)
+    got = [_digest(x) for xs, _ in pipeline.make_dataset(str(tmp_path / "gz"), "train", batch_size=5) for x in xs.numpy()]
+    assert sorted(got) == sorted(_digest(p) for p, _, _ in items)
+    flat = [(np.full((2, 8, 8, 3), 40 * i, np.uint8), i % 3, f"v{i}") for i in range(6)]
+    write_converted(str(tmp_path / "jpg"), {"train": flat}, LABELS, encoding="jpeg", shards=1)
+    xs = np.concatenate([x.numpy() for x, _ in pipeline.make_dataset(str(tmp_path / "jpg"), "train", batch_size=4)])
+    assert np.allclose(sorted(x.mean() for x in xs), [0, 40, 80, 120, 160, 200], atol=2)  # jpeg is lossy
+
+
+def test_errors_name_the_folder_and_what_was_expected(folder, tmp_path):
+    root, _ = folder
+    with pytest.raises(manifest.ManifestError, match="no split 'test'"):
+        pipeline.make_dataset(root, "test")
+    with pytest.raises(manifest.ManifestError, match="the model expects 8x8x8x3"):
+        pipeline.make_dataset(root, "train", spec=PatchSpec(8, 8, 8))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        pipeline.make_dataset(root, "val", batch_size=64, training=True)
+    with pytest.raises(manifest.ManifestError, match="no manifest"):
+        pipeline.make_dataset(str(tmp_path))
