@@ -282,6 +282,8 @@ def _prefetch(items: Iterator, stop: threading.Event, depth: int = _PREFETCH_BAT
         try:
             for x in items:
                 put(("item", x))
+                if stop.is_set():  # the consumer left: stop decoding
+                    return
         except BaseException as e:  # handed to the consumer, which raises it
             put(("error", e))
         put(("done", done))
