@@ -163,7 +163,10 @@ def read_history(run_dir: str) -> Dict[str, List[float]]:
     epochs = sorted(rows)
     history: Dict[str, List[float]] = {"epoch": [float(e) for e in epochs]}
     for key in keys:
-        history[key] = [float(rows[e][key]) if rows[e].get(key) not in (None, "") else float("nan") for e in epochs]
+        # CSVLogger writes 'NA' for a key an epoch lacks (every val_ key when there is no validation).
+        values = [float(rows[e][key]) if rows[e].get(key) not in (None, "", "NA") else float("nan") for e in epochs]
+        if not all(v != v for v in values):
+            history[key] = values
     return history
 
 

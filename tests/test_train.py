@@ -1,0 +1,177 @@
+"""Tests of stpkeras.train: learning from motion on real encoded videos, MirroredStrategy == one device,
+kill-and-resume, and the run folder's contract. Runs that need fresh device settings (logical CPU
+devices) or a real kill go through `stp train` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converted import random_items, write_converted
+from stpkeras.cli import main
+from stpkeras.train import RunError, TrainConfig, load_run, read_history, train
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+STP = [sys.executable, "-m", "stpkeras.cli", "train"]
+
+
+@pytest.fixture(scope="module")
+def motion_data(tmp_path_factory):
+    """Real H.264 videos of textures moving down/left/right/up, converted by the real converter:
+    64 videos of 16 frames of 32x32 -> 8x16x16 patches every 4 frames; a quarter of the videos in 'val'."""
+    from stpkeras.demo import make_videos
+    from tfrecords_tools.convert import ConvertConfig, convert
+    from tfrecords_tools.spec import PatchSpec
+
+    root = tmp_path_factory.mktemp("motion")
+    make_videos(str(root / "videos"), per_class=16, frames=16, height=32, width=32, seed=0)
+    manifest = convert(ConvertConfig(src=str(root / "videos"), out=str(root / "data"),
+                                     spec=PatchSpec(8, 16, 16, stride_frames=4), split_fractions=(("val", 0.25),),
+                                     workers=2))
+    assert manifest["counts"]["failed"] == 0
+    return str(root / "data")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("small"))
+    write_converted(root, {"train": random_items(64, (4, 8, 8, 3), seed=0),
+                           "val": random_items(16, (4, 8, 8, 3), seed=1)}, ("a", "b", "c"), shards=2)
+    return root
+
+
+def test_stcnn_learns_motion_and_a_model_without_temporal_kernel_cannot(motion_data, tmp_path):
+    from stpkeras.evaluate import EvalConfig, evaluate
+
+    results = {}
+    for name, kernel in (("spacetime", (3, 5, 5)), ("space_only", (1, 5, 5))):
+        config = TrainConfig(data=motion_data, out=str(tmp_path / name), model="stcnn", epochs=10, batch_size=16,
+                             lr=3e-3, augment=("crop", "color"), seed=1, deterministic=True, verbose=0,
+                             model_options=(("filters", 16), ("kernel_size", kernel)))
+        train(config, echo=lambda s: None)
+        results[name] = evaluate(EvalConfig(model=config.out, data=motion_data, split="val"))
+    spacetime, space_only = results["spacetime"], results["space_only"]
+    # Held-out videos (4 classes, chance 0.25): the class is in the motion only.
+    assert spacetime["patch"]["accuracy"] >= 0.65, spacetime["patch"]
+    assert spacetime["video"]["accuracy"] >= 0.8, spacetime["video"]
+    assert space_only["patch"]["accuracy"] <= 0.4, space_only["patch"]
+    assert space_only["video"]["accuracy"] <= 0.5, space_only["video"]
+
+
+def _weights(path):
+    return keras.models.load_model(path).get_weights()
+
+
+def test_mirrored_over_two_devices_trains_the_same_weights_as_one_device(small_data, tmp_path):
+    common = [small_data, "--epochs", "2", "--seed", "3", "--deterministic", "--augment", "none", "--verbose", "0",
+              "--model-arg", "filters=4", "--schedule", "constant", "--lr", "0.01"]
+    one = subprocess.run(STP + common + ["--out", str(tmp_path / "one"), "--strategy", "one", "--batch-size", "16"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(STP + common + ["--out", str(tmp_path / "two"), "--strategy", "mirrored", "--devices", "2",
+                                         "--batch-size", "8"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    run = json.load(open(tmp_path / "two" / "run.json"))
+    assert run["strategy"]["name"] == "MirroredStrategy" and run["strategy"]["replicas"] == 2
+    assert run["strategy"]["global_batch"] == 16 and len(run["strategy"]["devices"]) == 2
+    a, b = _weights(tmp_path / "one" / "last.keras"), _weights(tmp_path / "two" / "last.keras")
+    assert any(np.abs(w).max() > 0 for w in a)
+    # Same global batches, gradients averaged over replicas: equal up to float32 summation order.
+    # Tolerance: 1e-5 absolute on weights of magnitude ~0.1-1 (observed ~1e-7).
+    for wa, wb in zip(a, b):
+        np.testing.assert_allclose(wa, wb, rtol=0, atol=1e-5)
+    assert json.load(open(tmp_path / "one" / "run.json"))["metrics"]["optimizer_steps"] == 2 * (64 // 16)
+    assert run["metrics"]["optimizer_steps"] == 2 * (64 // 16)
+
+
+def _backed_up_epoch(path) -> int:
+    try:
+        return json.load(open(path))["epoch"]
+    except (OSError, ValueError, KeyError):  # not there yet, or caught mid-write
+        return -1
+
+
+def test_a_killed_run_resumes_from_its_last_finished_epoch(small_data, tmp_path):
+    out = tmp_path / "run"
+    epochs = 12
+    args = STP + [small_data, "--out", str(out), "--epochs", str(epochs), "--batch-size", "8", "--seed", "0",
+                  "--augment", "flip", "--verbose", "2", "--model-arg", "filters=4"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metadata = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if _backed_up_epoch(metadata) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.load(open(metadata))["epoch"]
+    assert 3 <= killed_at < epochs
+    assert not json.load(open(out / "run.json"))["status"] == "done"
+
+    refused = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Pass --resume" in refused.stderr
+
+    resumed = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at epoch {killed_at + 1}" in resumed.stdout
+    # Only the remaining epochs ran: Keras prints "Epoch k/N" for each.
+    assert f"Epoch {killed_at}/{epochs}" not in resumed.stdout and f"Epoch {killed_at + 1}/{epochs}" in resumed.stdout
+    history = read_history(str(out))
+    assert history["epoch"] == [float(e) for e in range(epochs)]
+    run = json.load(open(out / "run.json"))
+    # The optimizer's step count came back from the backup: every epoch's steps, not just the resumed ones.
+    assert run["status"] == "done" and run["metrics"]["optimizer_steps"] == epochs * (64 // 8)
+    assert not (out / "backup").exists()  # BackupAndRestore removes it when the run completes
+
+
+def test_run_folder_contract(small_data, tmp_path):
+    out = str(tmp_path / "run")
+    run = train(TrainConfig.tiny(small_data, out), echo=lambda s: None)
+    for name in ("run.json", "best.keras", "last.keras", "history.csv", "curves.png", "logs"):
+        assert os.path.exists(os.path.join(out, name)), name
+    on_disk = json.load(open(os.path.join(out, "run.json")))
+    assert on_disk == json.loads(json.dumps(run))
+    assert {"task", "model", "config", "spec", "labels", "data", "manifest_sha256", "versions", "metrics"} <= set(run)
+    assert run["task"] == "classify" and run["model"] == "stcnn" and run["labels"] == ["a", "b", "c"]
+    assert run["spec"]["frames"] == 4 and run["config"]["epochs"] == 2 and run["metrics"]["epochs"] == 2
+    assert {"tensorflow", "keras", "stpkeras"} <= set(run["versions"]) and len(run["manifest_sha256"]) == 64
+    history = read_history(out)
+    assert history["epoch"] == [0.0, 1.0] and run["metrics"]["final"]["loss"] == history["loss"][-1]
+    assert os.listdir(os.path.join(out, "logs"))
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    model, info = load_run(out)
+    same, _ = load_run(os.path.join(out, "best.keras"))
+    x = np.random.default_rng(0).integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(same(x)))
+    assert info["labels"] == ["a", "b", "c"] and model.input.dtype == "uint8"
+    with pytest.raises(RunError, match="already holds a run"):
+        train(TrainConfig.tiny(small_data, out), echo=lambda s: None)
+    with pytest.raises(RunError, match="nothing to resume"):
+        train(TrainConfig.tiny(small_data, out, resume=True), echo=lambda s: None)
+
+
+def test_train_command_checks_its_options(small_data, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--augment", "blur"])
+    assert result.exit_code == 2 and "Received augment='blur'" in result.output
+    result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--model-arg", "filters"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+    result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--deterministic"])
+    assert result.exit_code == 2 and "--deterministic needs --seed" in result.output
+    result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--val-split", "test"])
+    assert result.exit_code == 1 and "no split 'test' for validation" in result.output
