@@ -315,8 +315,11 @@ def export_command(model, name, out_root, version, data, labels):
     click.echo(f"  {len(result.labels)} classes: {', '.join(result.labels)}")
     click.echo(f"  input: uint8 [batch, {', '.join(map(str, result.spec.shape))}] ({result.spec.describe()})")
     click.echo(f"  warmup: {result.warmup_records} requests in assets.extra/tf_serving_warmup_requests")
+    import tensorflow as tf
+
+    # TF Serving must be at least the exporting TF, or loading fails with "Op type not registered".
     click.echo(f"serve it: docker run -p 8500:8500 -p 8501:8501 -v {os.path.abspath(os.path.join(out_root, name))}:"
-               f"/models/{name} -e MODEL_NAME={name} tensorflow/serving:<TF version, >= the exporting TF>")
+               f"/models/{name} -e MODEL_NAME={name} tensorflow/serving:{tf.__version__} (or newer)")
 
 
 @main.command("serving-config")
