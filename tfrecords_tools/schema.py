@@ -95,7 +95,11 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
         SPLIT: _bytes([split.encode()]),
         VERSION: _ints([SCHEMA_VERSION]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True writes the feature map sorted by key. Without it, protobuf (upb) orders map
+    # entries by a hash seeded per process: the same patch gives different bytes in each worker
+    # process and each run, and shard sha256s would depend on --workers.
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(encoding: str) -> Dict[str, tf.io.FixedLenFeature]:
