@@ -73,6 +73,14 @@ def test_split_batches():
         serving.split_batches([3, 9], 7)
 
 
+def test_json_uint8_equals_json_of_the_list():
+    rng = np.random.default_rng(0)
+    for shape in [(), (1,), (5,), (2, 3), (4, 1, 2, 1, 3), (1, 8, 32, 32, 3), (0, 3)]:
+        a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        assert json.loads(serving.json_uint8(a)) == a.tolist(), shape
+    assert serving.json_uint8(np.array([[0, 255]], np.uint8)) == b"[[0,255]]"
+
+
 @pytest.mark.parametrize("api", ["rest", "grpc"])
 def test_outputs_equal_local_model(server, local, api):
     x = np.random.default_rng(1).integers(0, 256, size=(5, *SPEC.shape), dtype=np.uint8)
