@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from videos import VFR_PTS_MS, pattern_frames, write_timed_video, write_video
+from videos import CLASSES, PER_CLASS, VFR_PTS_MS, pattern_frames, write_timed_video, write_video
 
 # Real footage beside the repository in a development checkout (see its README.md); a user's clone
 # lacks it, so every test that needs it skips with this reason.
@@ -20,9 +20,6 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 SAMPLES_MISSING = f"sample videos not found at {SAMPLES} (the ../shared/data/videos folder of a development checkout)"
 
 requires_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=SAMPLES_MISSING)
-
-CLASSES = ("circle", "square", "stripe")
-PER_CLASS = 4
 
 
 @dataclasses.dataclass(frozen=True)

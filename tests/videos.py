@@ -18,6 +18,9 @@ from tfrecords_tools.video import VideoWriter
 
 # The variable-frame-rate test file: frame i is shown from VFR_PTS_MS[i] milliseconds (irregular gaps).
 VFR_PTS_MS = (0, 40, 100, 110, 300, 310, 320, 500, 740, 1000)
+# The folder-of-classes source (conftest's `classes_src`): these classes, PER_CLASS videos each.
+CLASSES = ("circle", "square", "stripe")
+PER_CLASS = 4
 
 
 def pattern_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -85,7 +85,7 @@ class ConvertConfig:
 def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: str) -> dict:
     """Cuts one video into records in `chunk_path`; returns its result (never raises for bad input)."""
     result = {"id": item.id, "split": item.split, "label": item.label, "status": "failed", "reason": "",
-              "patches": 0}
+              "patches": 0, "key": item.key}
     if item.error:
         result["reason"] = item.error
         return result
@@ -224,20 +224,20 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
                 os.remove(p)
         shutil.rmtree(work, ignore_errors=True)
     fresh = not os.path.exists(work)
-    os.makedirs(work, exist_ok=True)
+    # Checked before anything is written: a refused run must leave OUT as it was.
     existing = _check_existing(cfg, work)
     if existing is not None and fresh and _same_items(existing, items):
         # Finished earlier with the same settings and inputs: nothing to redo.
-        shutil.rmtree(work, ignore_errors=True)
         existing["up_to_date"] = True
         return existing
+    os.makedirs(work, exist_ok=True)
     _write_json_atomic(os.path.join(work, "config.json"), cfg.fingerprint())
     for name in os.listdir(work):  # half-written chunks of a killed run
         if name.endswith(".tmp"):
             os.remove(os.path.join(work, name))
 
     label_index = {name: i for i, name in enumerate(labels)}
-    results: Dict[Tuple[str, str], dict] = {}
+    results: Dict[str, dict] = {}  # by Item.key: one CSV can list a video twice
     todo = []
     for item in items:
         result_path = os.path.join(work, item.key + ".json")
@@ -247,7 +247,7 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
                 done = json.load(f)
             # Finished videos are kept; failed ones are tried again (the file may have been fixed).
             if (done.get("status") == "ok" and os.path.exists(chunk_path)) or done.get("status") == "skipped":
-                results[(item.split, item.id)] = done
+                results[item.key] = done
                 continue
         todo.append((item, label_index.get(item.label, UNLABELLED), cfg, chunk_path, result_path))
 
@@ -256,7 +256,7 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
         progress.patches += r.get("patches", 0)
 
     def record(result):
-        results[(result["split"], result["id"])] = result
+        results[result["key"]] = result
         progress.done += 1
         progress.patches += result.get("patches", 0)
         progress.frames += result.get("frames", 0) if result["status"] == "ok" else 0
@@ -304,12 +304,12 @@ def _size(path: str) -> int:
         return 0
 
 
-def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[Tuple[str, str], dict],
+def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[str, dict],
               work: str) -> dict:
     splits: Dict[str, dict] = {}
     videos = []
     for item in items:  # items are sorted by (split, id): the shard order
-        r = results[(item.split, item.id)]
+        r = results[item.key]
         entry = {k: r[k] for k in ("id", "split", "label", "status", "reason", "patches") if k in r}
         for k in ("frames", "height", "width", "timing"):
             if k in r:

@@ -44,8 +44,12 @@ class Item:
 
     @property
     def key(self) -> str:
-        """A file-name-safe key, stable across runs (used for work files)."""
-        return hashlib.sha1(f"{self.split}\0{self.id}".encode()).hexdigest()[:20]
+        """A file-name-safe key, stable across runs and unique per entry (used for work files and results).
+
+        The CSV line is part of it: two rows naming the same video (the second
+        reported as an error) must not share results.
+        """
+        return hashlib.sha1(f"{self.split}\0{self.id}\0{self.line}".encode()).hexdigest()[:20]
 
 
 def _is_video(name: str) -> bool:

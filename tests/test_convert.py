@@ -1,0 +1,457 @@
+"""Convert stage: the three kinds of source, every kind of bad input, determinism across workers,
+kill-and-resume, refusing a different spec, compression and shard splitting, all on real encoded videos.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrecords_tools import manifest as mf
+from tfrecords_tools import schema
+from tfrecords_tools.convert import WORK_DIR, ConvertConfig, ConvertError, convert
+from tfrecords_tools.shards import SHARD_RE
+from tfrecords_tools.spec import PatchSpec
+from videos import CLASSES, PER_CLASS, cut, decode_all, pattern_frames, write_audio_only, write_video
+
+SPEC = PatchSpec(4, 32, 32)
+PATCHES_PER_CLIP = 6 * 2 * 2  # 24 frames of 64x64 in 4x32x32 patches
+
+
+def records_of(root, m=None, split=None):
+    """Every record of a converted folder (one split, or all in manifest order), parsed with numpy."""
+    m = m or mf.read_manifest(str(root))
+    out = []
+    for name in ([split] if split else list(m["splits"])):
+        for path in mf.shard_files(str(root), m, name):
+            for r in tf.data.TFRecordDataset(path, compression_type=mf.compression_type(m)):
+                out.append(r.numpy())
+    return out
+
+
+def shard_digests(root):
+    """{file name: sha256} of every shard in `root`, hashed here (not taken from the manifest)."""
+    return {n: hashlib.sha256((Path(root) / n).read_bytes()).hexdigest()
+            for n in sorted(os.listdir(root)) if SHARD_RE.match(n)}
+
+
+def stable(manifest):
+    """The manifest minus what may differ between equivalent runs (timings, command line, date)."""
+    return {k: v for k, v in manifest.items() if k not in ("seconds", "created", "command", "up_to_date")}
+
+
+def leftovers(root):
+    """Temporary or work files anywhere under `root` (a finished conversion leaves none)."""
+    return [str(p.relative_to(root)) for p in Path(root).rglob("*") if p.name.endswith(".tmp") or p.name == WORK_DIR]
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_folder_of_classes(converted, classes_src):
+    root, m = converted
+    assert m["labels"] == list(CLASSES)
+    assert m["counts"] == {"videos": 12, "ok": 12, "failed": 0, "skipped": 0, "patches": 12 * PATCHES_PER_CLIP}
+    train = m["splits"]["train"]
+    assert list(m["splits"]) == ["train"]
+    assert train["records"] == 12 * PATCHES_PER_CLIP and train["videos"] == 12
+    assert train["label_counts"] == {c: PER_CLASS * PATCHES_PER_CLIP for c in CLASSES}
+    assert [s["file"] for s in train["shards"]] == ["train-00000-of-00001.tfrecord"]
+    assert shard_digests(root) == {s["file"]: s["sha256"] for s in train["shards"]}
+    assert all(v["status"] == "ok" and v["reason"] == "" and v["patches"] == PATCHES_PER_CLIP and
+               (v["frames"], v["height"], v["width"], v["timing"]) == (24, 64, 64, "pts") for v in m["videos"])
+    assert m["fingerprint"]["spec"] == SPEC.to_dict() and PatchSpec.from_dict(m["spec"]) == SPEC
+    assert leftovers(root) == []
+
+    parsed = [schema.parse_patch_numpy(r, SPEC.shape) for r in records_of(root, m)]
+    ids = [f"{c}/{c}_{i}.mp4" for c in CLASSES for i in range(PER_CLASS)]
+    # Records come video by video in (split, id) order, each video's patches in grid order.
+    assert [p[schema.VIDEO_ID] for p in parsed] == [i for i in ids for _ in range(PATCHES_PER_CLIP)]
+    assert [tuple(p[schema.INDEX]) for p in parsed[:PATCHES_PER_CLIP]] == [
+        (t, y, x) for t in range(6) for y in range(2) for x in range(2)]
+    for p in parsed:
+        cls = p[schema.VIDEO_ID].split("/")[0]
+        assert p[schema.LABEL_NAME] == cls and p[schema.LABEL] == CLASSES.index(cls)
+        assert p[schema.SPLIT] == "train" and list(p[schema.VIDEO_SIZE]) == [24, 64, 64]
+    # The pixels of one whole video: exactly PyAV's frames, cut by hand.
+    video = str(classes_src / ids[5])
+    decoded, times = decode_all(video)
+    for p in parsed[5 * PATCHES_PER_CLIP:6 * PATCHES_PER_CLIP]:
+        t, y, x = p[schema.OFFSET]
+        np.testing.assert_array_equal(p[schema.PATCH], decoded[t:t + 4, y:y + 32, x:x + 32])
+        assert p[schema.TIMESTAMP] == pytest.approx(times[t], abs=1e-6)
+
+
+def test_flat_folder_is_unlabelled(tmp_path, clip64, odd_clip):
+    src = tmp_path / "flat"
+    src.mkdir()
+    shutil.copy(clip64.path, src / "b.mp4")
+    shutil.copy(odd_clip.path, src / "a.mp4")
+    (src / "notes.txt").write_text("not listed: not a video extension")
+    spec = PatchSpec(4, 16, 16, stride_height=12, stride_width=20, pad="zero")
+    m = convert(ConvertConfig(src=str(src), out=str(tmp_path / "out"), spec=spec))
+    assert m["labels"] == [] and m["splits"]["train"]["label_counts"] == {}
+    assert [v["id"] for v in m["videos"]] == ["a.mp4", "b.mp4"]
+    parsed = [schema.parse_patch_numpy(r, spec.shape) for r in records_of(tmp_path / "out", m)]
+    assert {(p[schema.LABEL], p[schema.LABEL_NAME]) for p in parsed} == {(-1, "")}
+    # a.mp4 is 20 x 50 x 70: t starts 0,4,8,12,16; y 0,12,24,36; x 0,20,40,60 (hand-computed, zero pad).
+    a = [p for p in parsed if p[schema.VIDEO_ID] == "a.mp4"]
+    assert len(a) == 5 * 4 * 4 == m["videos"][0]["patches"]
+    decoded, _ = decode_all(str(src / "a.mp4"))
+    for p in a:
+        t, y, x = p[schema.OFFSET]
+        assert t in (0, 4, 8, 12, 16) and y in (0, 12, 24, 36) and x in (0, 20, 40, 60)
+        assert list(p[schema.VALID]) == [4, min(16, 50 - y), min(16, 70 - x)]
+        np.testing.assert_array_equal(p[schema.PATCH], cut(decoded, t, y, x, (4, 16, 16), "zero"))
+
+
+def test_split_folders_above_class_folders(tmp_path, clip64, odd_clip):
+    src = tmp_path / "src"
+    for split, cls, video in (("train", "x", clip64), ("train", "y", odd_clip), ("val", "x", odd_clip)):
+        (src / split / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(video.path, src / split / cls / "v.mp4")
+    m = convert(ConvertConfig(src=str(src), out=str(tmp_path / "out"), spec=PatchSpec(4, 32, 32)))
+    assert m["labels"] == ["x", "y"]
+    assert {k: v["videos"] for k, v in m["splits"].items()} == {"train": 2, "val": 1}
+    assert sorted(os.listdir(tmp_path / "out")) == ["dataset.json", "train-00000-of-00001.tfrecord",
+                                                     "val-00000-of-00001.tfrecord"]
+
+
+def test_csv_with_split_column(tmp_path, clip64, odd_clip, cli):
+    src = tmp_path / "src"
+    (src / "clips").mkdir(parents=True)
+    shutil.copy(clip64.path, src / "clips" / "c.mp4")
+    shutil.copy(odd_clip.path, src / "o.mp4")
+    (src / "list.csv").write_text("path,label,split\n"
+                                  "clips/c.mp4,walk,train\n"
+                                  "o.mp4,run,train\n"
+                                  "clips/c.mp4,walk,val\n"
+                                  "o.mp4,run,test\n")
+    out = tmp_path / "out"
+    result = cli("convert", src / "list.csv", out, "--patch", "4x32x32", "--quiet")
+    assert result.exit_code == 0, result.output
+    m = mf.read_manifest(str(out))
+    assert m["labels"] == ["run", "walk"]
+    assert sorted(m["splits"]) == ["test", "train", "val"]
+    assert sorted(n for n in os.listdir(out) if SHARD_RE.match(n)) == [
+        "test-00000-of-00001.tfrecord", "train-00000-of-00001.tfrecord", "val-00000-of-00001.tfrecord"]
+    # o.mp4 (20 x 50 x 70) holds 5 x 1 x 2 patches of 4x32x32 (drop); c.mp4 holds 24.
+    assert {k: v["records"] for k, v in m["splits"].items()} == {"train": 34, "val": 24, "test": 10}
+    assert m["splits"]["train"]["label_counts"] == {"run": 10, "walk": 24}
+    for split in ("train", "val", "test"):
+        for r in records_of(out, m, split):
+            p = schema.parse_patch_numpy(r, (4, 32, 32, 3))
+            assert p[schema.SPLIT] == split
+            assert p[schema.LABEL] == m["labels"].index(p[schema.LABEL_NAME])
+            assert p[schema.VIDEO_ID] == {"walk": "clips/c.mp4", "run": "o.mp4"}[p[schema.LABEL_NAME]]
+
+
+def test_csv_listing_a_video_twice_keeps_the_first_and_reports_the_others(tmp_path, clip64):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip64.path, src / "a.mp4")
+    (src / "list.csv").write_text("path,label\na.mp4,x\na.mp4,\na.mp4,y\n")
+    m = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "out"), spec=SPEC))
+    by_line = sorted(m["videos"], key=lambda v: v["reason"])
+    assert [(v["id"], v["label"], v["status"]) for v in m["videos"]] == [
+        ("a.mp4", "x", "ok"), ("a.mp4", "", "failed"), ("a.mp4", "y", "failed")]
+    assert m["videos"][0]["patches"] == PATCHES_PER_CLIP and m["videos"][0]["reason"] == ""
+    assert m["videos"][1]["reason"].endswith("list.csv:3: empty label")
+    assert "listed twice in split 'train'" in m["videos"][2]["reason"]
+    assert m["counts"]["patches"] == PATCHES_PER_CLIP and len(by_line) == 3
+    assert {schema.parse_patch_numpy(r)[schema.LABEL_NAME] for r in records_of(tmp_path / "out", m)} == {"x"}
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+# Every kind of bad input the issue lists: (video id in the manifest, status, what the reason says).
+BAD = {
+    "missing": ("missing.mp4", "failed", "missing.mp4: file not found"),
+    "empty": ("empty.mp4", "failed", "empty.mp4: empty file (0 bytes)"),
+    "not-a-video": ("text.mp4", "failed", "text.mp4: FFmpeg could not open it: "),
+    "truncated": ("truncated.mp4", "failed", "truncated.mp4: FFmpeg could not open it: "),
+    "too-short": ("short.mp4", "skipped", "short.mp4: no patch fits: 3 frames of 64x64"),
+    "empty-label": ("good3.mp4", "failed", "list.csv:5: empty label"),
+    "unknown-label": ("good4.mp4", "failed", "list.csv:6: unknown label 'zebra'; expected one of ['a', 'b']"),
+    "escapes": ("../outside.mp4", "failed", "path '../outside.mp4' escapes the CSV's folder"),
+    "too-large": ("big.mp4", "failed", "big.mp4: declared frame size 128x128 = 16384 pixels exceeds the limit "
+                                       "of 10000 (--max-pixels)"),
+    "audio-only": ("audio.mp4", "failed", "audio.mp4: no video stream (streams found: audio)"),
+}
+GOOD = {"good1.mp4": "a", "good2.mp4": "b"}
+
+
+def make_bad_source(root: Path, clip) -> Path:
+    """A CSV of two good videos and one of each kind of bad input; returns the CSV path."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    for name in ("good1.mp4", "good2.mp4", "good3.mp4", "good4.mp4"):
+        shutil.copy(clip.path, src / name)
+    shutil.copy(clip.path, root / "outside.mp4")           # a real video, but outside the CSV's folder
+    (src / "empty.mp4").write_bytes(b"")
+    (src / "text.mp4").write_text("this is a text file renamed .mp4\n" * 40)
+    data = Path(clip.path).read_bytes()
+    (src / "truncated.mp4").write_bytes(data[:len(data) // 2])  # `head -c`: the index at the end is lost
+    write_video(str(src / "short.mp4"), pattern_frames(3, 64, 64))
+    write_video(str(src / "big.mp4"), pattern_frames(4, 128, 128))
+    write_audio_only(str(src / "audio.mp4"))
+    (src / "list.csv").write_text(
+        "path,label,split\n"
+        "good1.mp4,a,train\n"
+        "good2.mp4,b,val\n"
+        "missing.mp4,a,train\n"
+        "good3.mp4,,train\n"
+        "good4.mp4,zebra,train\n"
+        "empty.mp4,a,train\n"
+        "text.mp4,b,train\n"
+        "truncated.mp4,a,train\n"
+        "short.mp4,a,train\n"
+        "../outside.mp4,a,train\n"
+        "big.mp4,b,train\n"
+        "audio.mp4,a,train\n")
+    return src / "list.csv"
+
+
+BAD_ARGS = ("--patch", "4x32x32", "--labels", "a,b", "--max-pixels", "10000")
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory, clip64):
+    """One CLI conversion of the bad source: (click result, manifest, CSV path)."""
+    from click.testing import CliRunner
+
+    from stpkeras.cli import main
+
+    root = tmp_path_factory.mktemp("bad")
+    csv_path = make_bad_source(root, clip64)
+    out = root / "out"
+    result = CliRunner().invoke(main, ["convert", str(csv_path), str(out), *BAD_ARGS], catch_exceptions=False)
+    return result, mf.read_manifest(str(out)), csv_path
+
+
+def test_bad_inputs_leave_the_rest_converted_and_exit_1(bad_run):
+    result, m, _ = bad_run
+    assert result.exit_code == 1, result.output
+    assert m["counts"] == {"videos": 12, "ok": 2, "failed": 9, "skipped": 1, "patches": 2 * PATCHES_PER_CLIP}
+    assert {k: v["records"] for k, v in m["splits"].items()} == {"train": PATCHES_PER_CLIP, "val": PATCHES_PER_CLIP}
+    assert {k: v["label_counts"] for k, v in m["splits"].items()} == {
+        "train": {"a": PATCHES_PER_CLIP}, "val": {"b": PATCHES_PER_CLIP}}
+    ok = {v["id"]: v for v in m["videos"] if v["status"] == "ok"}
+    assert sorted(ok) == sorted(GOOD)
+    assert "converted 2/12 videos" in result.stdout
+    assert "9 failed, 1 skipped" in result.stderr
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_each_bad_input_is_reported_with_file_and_reason(bad_run, kind):
+    result, m, csv_path = bad_run
+    vid, status, reason = BAD[kind]
+    entries = [v for v in m["videos"] if v["id"] == vid]
+    assert len(entries) == 1, m["videos"]
+    entry = entries[0]
+    assert entry["status"] == status and entry["patches"] == 0
+    assert reason in entry["reason"]
+    # The reason names the file: the video's own path, or the CSV and its line for a bad row.
+    assert str(csv_path.parent) in entry["reason"] or str(csv_path) in entry["reason"]
+    assert f"warning: {status}: {entry['reason']}" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("kind, says", [("missing", "file not found"), ("truncated", "FFmpeg could not open it"),
+                                        ("too-short", "no patch fits"), ("unknown-label", "unknown label 'zebra'"),
+                                        ("audio-only", "no video stream")])
+def test_strict_makes_any_failure_fatal_and_writes_no_manifest(tmp_path, clip64, cli, kind, says):
+    csv_path = make_bad_source(tmp_path, clip64)
+    vid = BAD[kind][0]
+    rows = [line for line in csv_path.read_text().splitlines()[1:] if line.split(",")[0] in ("good1.mp4", vid)]
+    assert len(rows) == 2
+    csv_path.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    result = cli("convert", csv_path, out, *BAD_ARGS, "--strict")
+    assert result.exit_code == 1
+    assert f"Error: --strict: {csv_path.parent}" in result.stderr and says in result.stderr
+    assert not (out / "dataset.json").exists()
+    assert not [n for n in os.listdir(out) if SHARD_RE.match(n)]
+
+
+def test_bad_file_in_a_class_folder(tmp_path, clip64, cli):
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        shutil.copy(clip64.path, src / cls / "ok.mp4")
+    (src / "b" / "broken.mp4").write_text("not a video")
+    result = cli("convert", src, tmp_path / "out", "--patch", "4x32x32", "--quiet")
+    assert result.exit_code == 1
+    assert f"warning: failed: {src / 'b' / 'broken.mp4'}: FFmpeg could not open it" in result.stderr
+    m = mf.read_manifest(str(tmp_path / "out"))
+    assert m["labels"] == ["a", "b"]
+    assert m["splits"]["train"]["label_counts"] == {"a": PATCHES_PER_CLIP, "b": PATCHES_PER_CLIP}
+
+
+def test_source_errors_are_usage_errors(tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    result = cli("convert", tmp_path / "empty", tmp_path / "out")
+    assert result.exit_code == 1 and "no videos found" in result.stderr
+    (tmp_path / "bad.csv").write_text("file,label\nx.mp4,a\n")
+    result = cli("convert", tmp_path / "bad.csv", tmp_path / "out2")
+    assert result.exit_code == 1 and "expected a header with a `path` column" in result.stderr
+    result = cli("convert", tmp_path / "bad.csv", tmp_path / "out3", "--patch", "8x64")
+    assert result.exit_code == 2 and "Expected three integers written TxHxW" in result.stderr
+
+
+# --- determinism, resume, refusal -------------------------------------------------------------------
+
+
+def test_two_workers_write_the_same_records_and_manifest(tmp_path, converted, classes_src):
+    root, m1 = converted
+    m2 = convert(ConvertConfig(src=str(classes_src), out=str(tmp_path / "out"), spec=SPEC, workers=2))
+    assert shard_digests(tmp_path / "out") == shard_digests(root)
+    assert stable(m2) == stable(m1)
+    assert leftovers(tmp_path / "out") == []
+
+
+def _results(work: Path):
+    return [n for n in os.listdir(work) if n.endswith(".json") and n != "config.json"] if work.is_dir() else []
+
+
+def test_kill_and_resume_gives_the_records_of_a_clean_run(tmp_path, converted, classes_src, cli):
+    root, clean = converted
+    out = tmp_path / "out"
+    work = out / WORK_DIR
+    args = ["convert", str(classes_src), str(out), "--patch", "4x32x32", "--quiet"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "stpkeras.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not _results(work) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    done_before = len(_results(work))
+    assert proc.returncode == -signal.SIGKILL, f"the conversion ended by itself first: {err.decode()[-2000:]}"
+    assert 1 <= done_before < 12, f"killed with {done_before} of 12 videos done"
+    assert not (out / "dataset.json").exists()
+
+    # A half-written shard of an assembly that was killed too: it must not survive the rerun.
+    (out / ".train-00000-of-00001.tfrecord.tmp").write_bytes(b"half a shard")
+    # Another spec must not be mixed into the unfinished work.
+    refused = cli("convert", classes_src, out, "--patch", "4x16x16", "--quiet")
+    assert refused.exit_code == 1
+    assert "holds an unfinished conversion with other settings" in refused.stderr
+    assert len(_results(work)) == done_before
+
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert shard_digests(out) == shard_digests(root)
+    assert stable(mf.read_manifest(str(out))) == stable(clean)
+    assert leftovers(out) == []
+    assert sorted(os.listdir(out)) == ["dataset.json", "train-00000-of-00001.tfrecord"]
+
+
+def test_completed_conversion_is_up_to_date(converted_copy, converted, classes_src, cli):
+    before = shard_digests(converted_copy)
+    mtime = (converted_copy / "train-00000-of-00001.tfrecord").stat().st_mtime_ns
+    result = cli("convert", classes_src, converted_copy, "--patch", "4x32x32")
+    assert result.exit_code == 0
+    assert "already converted with these settings" in result.stdout
+    assert shard_digests(converted_copy) == before
+    assert (converted_copy / "train-00000-of-00001.tfrecord").stat().st_mtime_ns == mtime
+    assert leftovers(converted_copy) == []
+
+
+def test_refuses_another_spec_unless_overwrite(converted_copy, classes_src, cli):
+    before = shard_digests(converted_copy)
+    result = cli("convert", classes_src, converted_copy, "--patch", "4x32x32", "--encoding", "png")
+    assert result.exit_code == 1
+    assert "holds a conversion with other settings (encoding: 'raw' there, 'png' asked)" in result.stderr
+    result = cli("convert", classes_src, converted_copy, "--patch", "2x64x64")
+    assert result.exit_code == 1 and "spec:" in result.stderr and "--overwrite" in result.stderr
+    assert shard_digests(converted_copy) == before
+    assert mf.read_manifest(str(converted_copy))["spec"] == SPEC.to_dict()
+    assert leftovers(converted_copy) == []
+    # The refusals changed nothing: the original command still finds its work done.
+    assert "already converted with these settings" in cli("convert", classes_src, converted_copy,
+                                                          "--patch", "4x32x32").stdout
+
+    result = cli("convert", classes_src, converted_copy, "--patch", "2x64x64", "--overwrite", "--quiet")
+    assert result.exit_code == 0, result.output
+    m = mf.read_manifest(str(converted_copy))
+    assert PatchSpec.from_dict(m["spec"]) == PatchSpec(2, 64, 64)
+    assert m["counts"]["patches"] == 12 * 12
+    assert shard_digests(converted_copy) == {s["file"]: s["sha256"] for s in m["splits"]["train"]["shards"]}
+
+
+def test_refusal_through_the_library_raises_convert_error(converted_copy, classes_src):
+    with pytest.raises(ConvertError, match="quality: None there, 50 asked"):
+        convert(ConvertConfig(src=str(classes_src), out=str(converted_copy), spec=SPEC, encoding="jpeg",
+                              quality=50))
+
+
+# --- compression and shards ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression, suffix, tf_type, decompress", [
+    ("gzip", ".tfrecord.gz", "GZIP", gzip.decompress),
+    ("zlib", ".tfrecord.zz", "ZLIB", zlib.decompress),
+])
+def test_compressed_shards_hold_the_same_records(tmp_path, converted, classes_src, compression, suffix, tf_type,
+                                                 decompress):
+    root, plain = converted
+    out = tmp_path / "out"
+    m = convert(ConvertConfig(src=str(classes_src), out=str(out), spec=SPEC, compression=compression))
+    (shard,) = m["splits"]["train"]["shards"]
+    assert shard["file"] == "train-00000-of-00001" + suffix
+    data = (out / shard["file"]).read_bytes()
+    assert len(data) == shard["bytes"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
+    # The file is exactly the uncompressed shard, compressed.
+    assert decompress(data) == (root / "train-00000-of-00001.tfrecord").read_bytes()
+    assert len(data) < plain["splits"]["train"]["shards"][0]["bytes"]
+    read = [r.numpy() for r in tf.data.TFRecordDataset(str(out / shard["file"]), compression_type=tf_type)]
+    assert read == records_of(root, plain)
+    assert records_of(out, m) == read  # the manifest names the right compression type
+
+
+def test_shard_size_splits_into_named_shards(tmp_path, converted, classes_src, cli):
+    root, plain = converted
+    out = tmp_path / "out"
+    total = plain["splits"]["train"]["shards"][0]["bytes"]   # about 3.6 MB
+    result = cli("convert", classes_src, out, "--patch", "4x32x32", "--shard-size", "0.5", "--quiet")
+    assert result.exit_code == 0
+    m = mf.read_manifest(str(out))
+    shards = m["splits"]["train"]["shards"]
+    n = -(-total // 500_000)
+    assert len(shards) == n > 1
+    assert [s["file"] for s in shards] == [f"train-{i:05d}-of-{n:05d}.tfrecord" for i in range(n)]
+    assert sorted(n for n in os.listdir(out) if SHARD_RE.match(n)) == [s["file"] for s in shards]
+    record_size = 4 * 32 * 32 * 3 + 200
+    for s in shards:
+        count = sum(1 for _ in tf.data.TFRecordDataset(str(out / s["file"])))
+        assert count == s["records"] > 0
+        assert s["bytes"] == (out / s["file"]).stat().st_size <= 500_000 + record_size
+    assert sum(s["records"] for s in shards) == m["splits"]["train"]["records"] == 12 * PATCHES_PER_CLIP
+    assert sum(s["bytes"] for s in shards) == total
+    # Splitting only cuts the same record stream at record boundaries.
+    assert records_of(out, m) == records_of(root, plain)
+    assert b"".join((out / s["file"]).read_bytes() for s in shards) == (root / "train-00000-of-00001.tfrecord").read_bytes()
+
+
+def test_manifest_records_the_run(converted):
+    _, m = converted
+    assert m["format"] == "stpkeras.patches" and m["schema_version"] == schema.SCHEMA_VERSION
+    assert m["encoding"] == "raw" and m["compression"] == "none"
+    assert set(m["versions"]) >= {"stpkeras", "tensorflow", "numpy", "av", "python"}
+    assert m["versions"]["tensorflow"] == tf.__version__
+    assert isinstance(m["seconds"], float) and m["created"].endswith("Z") and m["command"]
+    json.dumps(m)  # plain JSON all the way down
