@@ -360,8 +360,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
             keras.callbacks.BackupAndRestore(backup_dir),
         ]
         class_weight = (task.class_weight(_counts(info, train_splits), info.labels) if config.class_weight else None)
+        # shuffle=False: the pipeline already shuffles (files, then records); Keras cannot shuffle a Dataset.
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                  class_weight=class_weight, verbose=config.verbose)
+                  class_weight=class_weight, verbose=config.verbose, shuffle=False)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
