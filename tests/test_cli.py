@@ -1,0 +1,145 @@
+"""CLI stage: `stp` lists its commands, `inspect` says what a converted folder holds, `preview` draws the
+patches it samples, and bad options are usage errors (exit 2).
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stpkeras import __version__
+from tfrecords_tools import manifest as mf
+from tfrecords_tools import schema
+from videos import CLASSES, PER_CLASS
+
+
+def test_help_lists_every_command(cli):
+    from stpkeras.cli import main
+
+    result = cli("--help")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    for name in ("convert", "inspect", "verify", "preview", "demo", *main.commands):
+        assert any(line.split()[:1] == [name] for line in lines), f"{name} missing from stp --help"
+    # One line each, with its description.
+    for name, command in main.commands.items():
+        first_words = command.get_short_help_str(limit=200).split()[:3]
+        line = next(line for line in lines if line.split()[:1] == [name])
+        assert " ".join(first_words) in line
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"stp, version {__version__}"
+
+
+def test_convert_help_documents_the_options(cli):
+    text = cli("convert", "--help").stdout
+    for option in ("--patch", "--stride", "--fps", "--resize", "--short-side", "--pad", "--encoding", "--quality",
+                   "--compression", "--shard-size", "--workers", "--overwrite", "--labels", "--max-pixels",
+                   "--strict", "--quiet"):
+        assert option in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--patch", "8x64"), "Expected three integers written TxHxW"),
+    (("--stride", "0x0"), "Invalid value for '--stride'"),
+    (("--resize", "64"), "Expected two integers written HxW"),
+    (("--pad", "mirror"), "'mirror' is not one of 'drop', 'edge', 'zero'"),
+    (("--resize", "40x40", "--short-side", "40", "--patch", "4x32x32"), "`resize` and `short_side` are exclusive"),
+    (("--patch", "4x64x64", "--resize", "32x32"), "Expected a frame at least as large as the patch (64x64)"),
+    (("--fps", "0"), "Invalid value for '--fps'"),
+    (("--workers", "0"), "Invalid value for '--workers'"),
+])
+def test_bad_options_are_usage_errors(cli, tmp_path, clip64, args, message):
+    result = cli("convert", clip64.path.rsplit("/", 1)[0], tmp_path / "out", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect(converted, cli):
+    root, m = converted
+    result = cli("inspect", root)
+    assert result.exit_code == 0
+    out = result.stdout
+    assert f"{root}: 288 patches of uint8 [4, 32, 32, 3] from 12/12 videos (0 failed, 0 skipped)" in out
+    assert "spec: patch 4x32x32, stride 4x32x32, pad drop" in out
+    size = m["splits"]["train"]["shards"][0]["bytes"]
+    assert f"storage: raw, compression none, {size / 1e6:,.1f} MB, {size / 288 / 1e3:,.1f} kB/patch" in out
+    assert f"labels: {', '.join(CLASSES)}" in out
+    assert "split train: 288 patches, 12 videos, 1 shard(s)" in out
+    for name in CLASSES:  # the histogram: one line per class with its count
+        assert any(line.split()[:2] == [name, str(PER_CLASS * 24)] for line in out.splitlines())
+    assert "problems" not in out
+
+
+def test_inspect_json_is_the_manifest(converted, cli):
+    root, m = converted
+    assert json.loads(cli("inspect", root, "--json").stdout) == mf.read_manifest(str(root))
+
+
+def test_inspect_lists_failures(tmp_path, clip64, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip64.path, src / "good.mp4")
+    (src / "broken.mp4").write_text("no video here")
+    assert cli("convert", src, tmp_path / "out", "--patch", "4x32x32", "--quiet").exit_code == 1
+    out = cli("inspect", tmp_path / "out").stdout
+    assert "24 patches of uint8 [4, 32, 32, 3] from 1/2 videos (1 failed, 0 skipped)" in out
+    assert "labels: (unlabelled)" in out
+    assert "problems (1):" in out
+    assert f"failed: {src / 'broken.mp4'}: FFmpeg could not open it" in out
+
+
+def test_inspect_refuses_a_folder_without_manifest(tmp_path, cli):
+    result = cli("inspect", tmp_path)
+    assert result.exit_code == 1 and "no manifest" in result.stderr
+
+
+def test_preview_png_shows_the_sampled_patches(converted, cli, tmp_path):
+    root, m = converted
+    png = tmp_path / "grid.png"
+    result = cli("preview", root, "--out", png, "--count", "3", "--scale", "2")
+    assert result.exit_code == 0
+    assert f"wrote {png}: 3 patches" in result.stdout
+    image = np.asarray(Image.open(png).convert("RGB"))
+    # Rows: 3 patches of 32 rows x 2, 4 pixels apart. Columns: 4 frames of 32 x 2, 2 pixels apart.
+    assert image.shape == (3 * 64 + 2 * 4, 4 * 64 + 3 * 2, 3)
+    # The rows are records 0, 144 and 287 (spread evenly over the 288); each strip is its frames, scaled.
+    records = [schema.parse_patch_numpy(r) for i, r in enumerate(_records(root, m)) if i in (0, 144, 287)]
+    for row, record in enumerate(records):
+        for t in range(4):
+            strip = image[row * 68:row * 68 + 64, t * 66:t * 66 + 64]
+            np.testing.assert_array_equal(strip, record[schema.PATCH][t].repeat(2, axis=0).repeat(2, axis=1))
+        if row < 2:
+            assert (image[row * 68 + 64:row * 68 + 68] == 255).all()  # white gap between rows
+    assert (image[:, 64:66] == 255).all()  # white gap between frames
+    lines = result.stdout.splitlines()[1:]
+    assert lines[0].strip() == "circle/circle_0.mp4 t=0 y=0 x=0 (0.00s) label=circle"
+    assert lines[2].strip().startswith("stripe/stripe_3.mp4 t=20 y=32 x=32")
+
+
+def _records(root, m):
+    import tensorflow as tf
+
+    return [r.numpy() for p in mf.shard_files(str(root), m, "train") for r in tf.data.TFRecordDataset(p)]
+
+
+def test_preview_of_an_unknown_split(converted, cli, tmp_path):
+    result = cli("preview", converted[0], "--out", tmp_path / "x.png", "--split", "test")
+    assert result.exit_code == 1 and "split 'test' holds no patches" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_no_progress_bar_when_not_a_terminal(tmp_path, clip64, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip64.path, src / "v.mp4")
+    result = cli("convert", src, tmp_path / "out", "--patch", "4x32x32")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.strip() == f"converted 1/1 videos -> {tmp_path / 'out'}: train 24 patches in 1 shard(s)"
+    quiet = cli("convert", src, tmp_path / "out2", "--patch", "4x32x32", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""

@@ -1,0 +1,88 @@
+"""Layering: `tfrecords_tools` never imports Keras; `stp --help` stays cheap (no TensorFlow).
+
+A plain `'keras' in sys.modules` check cannot tell who imported Keras: TensorFlow 2.21's own
+`tensorflow/__init__.py` eagerly imports `keras.src.optimizers` whenever Keras is installed. So the
+conversion runs in a fresh interpreter where every import of Keras is refused and its importer noted:
+the conversion and verification must still work, and the only importer may be TensorFlow itself.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import tfrecords_tools
+
+PACKAGE = Path(tfrecords_tools.__file__).parent
+
+CONVERT_WITHOUT_KERAS = textwrap.dedent("""
+    import json, sys, traceback
+
+    ATTEMPTS = []
+
+    class RefuseKeras:
+        # Refuses every import of Keras and notes the file that asked; lets mere look-ups
+        # (importlib.util.find_spec, which TensorFlow uses to find paths) through.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] not in ("keras", "tf_keras"):
+                return None
+            stack = traceback.extract_stack()[:-1]
+            if stack[-2].name != "_find_and_load_unlocked":
+                return None
+            callers = [f.filename for f in stack if "importlib" not in f.filename and not f.filename.startswith("<")]
+            ATTEMPTS.append([name, callers[-1] if callers else "?"])
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by the layering test)", name=name)
+
+    sys.meta_path.insert(0, RefuseKeras())
+    import tfrecords_tools
+    from tfrecords_tools import convert, manifest, patches, schema, shards, sources, spec, verify, video
+    from tfrecords_tools.convert import ConvertConfig
+    m = convert.convert(ConvertConfig(src=sys.argv[1], out=sys.argv[2], spec=spec.PatchSpec(4, 32, 32)))
+    report = verify.verify(sys.argv[2])
+    print(json.dumps({"patches": m["counts"]["patches"], "verified": report.ok, "attempts": ATTEMPTS,
+                      "loaded": sorted(k for k in sys.modules if k.split(".")[0] in ("keras", "tf_keras")),
+                      "tensorflow": "tensorflow" in sys.modules}))
+""")
+
+
+def test_no_module_of_tfrecords_tools_mentions_keras():
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Attribute) and node.attr == "keras":
+                names = ["keras"]  # tf.keras
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] in ("keras", "tf_keras", "stpkeras")], \
+                f"{path.name}:{node.lineno} imports {names}"
+
+
+def test_converting_and_verifying_works_with_keras_refused(tmp_path, clip64):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "v.mp4").write_bytes(Path(clip64.path).read_bytes())
+    proc = subprocess.run([sys.executable, "-c", CONVERT_WITHOUT_KERAS, str(src), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["patches"] == 24 and out["verified"] and out["tensorflow"]
+    assert out["loaded"] == []
+    importers = {Path(f).as_posix() for _, f in out["attempts"]}
+    assert all("/site-packages/tensorflow/" in f for f in importers), importers
+    assert not [f for f in importers if str(PACKAGE.as_posix()) in f]
+
+
+def test_cli_help_imports_neither_tensorflow_nor_keras():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom stpkeras.cli import main\n"
+            "r = CliRunner().invoke(main, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "print(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = proc.stdout.split()
+    assert "stpkeras.cli" in modules
+    assert [m for m in modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras")] == []
