@@ -455,3 +455,20 @@ def test_manifest_records_the_run(converted):
     assert m["versions"]["tensorflow"] == tf.__version__
     assert isinstance(m["seconds"], float) and m["created"].endswith("Z") and m["command"]
     json.dumps(m)  # plain JSON all the way down
+
+
+def test_wrong_timestamps_are_reread_by_index_without_duplicate_records(tmp_path, sample, cli):
+    # Megamind_bugy.avi's timestamps go back at some frame: the first read is abandoned there and the
+    # video read again by frame index. Records of the abandoned read must not stay in the chunk.
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sample("Megamind_bugy.avi"), src / "m.avi")
+    result = cli("convert", src, tmp_path / "out", "--patch", "4x24x32", "--resize", "24x32", "--quiet")
+    assert result.exit_code == 0, result.output
+    m = mf.read_manifest(str(tmp_path / "out"))
+    (video,) = m["videos"]
+    assert (video["status"], video["timing"], video["frames"], video["patches"]) == ("ok", "index", 270, 67)
+    parsed = [schema.parse_patch_numpy(r) for r in records_of(tmp_path / "out", m)]
+    assert [p[schema.OFFSET][0] for p in parsed] == [4 * k for k in range(67)]
+    decoded, _ = decode_all(str(src / "m.avi"), size=(24, 32))
+    np.testing.assert_array_equal(np.concatenate([p[schema.PATCH] for p in parsed]), decoded[:268])
