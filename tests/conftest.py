@@ -19,8 +19,6 @@ from videos import CLASSES, PER_CLASS, VFR_PTS_MS, pattern_frames, write_timed_v
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 SAMPLES_MISSING = f"sample videos not found at {SAMPLES} (the ../shared/data/videos folder of a development checkout)"
 
-requires_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=SAMPLES_MISSING)
-
 
 @dataclasses.dataclass(frozen=True)
 class Video:
