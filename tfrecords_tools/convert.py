@@ -12,19 +12,21 @@ order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tfrecords_tools import manifest as mf
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
 from tfrecords_tools.sources import Item, list_source
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
+from tfrecords_tools.storage import check_path, is_remote, scheme
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoError, video_patches
 
 WORK_DIR = ".stp-work"
@@ -49,6 +51,7 @@ class ConvertConfig:
     labels: Tuple[str, ...] = ()
     split_fractions: Tuple[Tuple[str, float], ...] = ()
     # How the work runs; never changes the records.
+    work_dir: Optional[str] = None  # local folder for per-video chunks; None: OUT/.stp-work (OUT must be local)
     workers: int = 1
     decode_threads: int = 1
     overwrite: bool = False
@@ -77,15 +80,85 @@ class ConvertConfig:
                 "compression": self.compression, "schema_version": SCHEMA_VERSION,
                 "max_pixels": self.max_pixels}
 
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_size_mb * 1e6)
+
+    def work_path(self) -> str:
+        """The local folder of this conversion's chunks and per-video results.
+
+        Chunks are written, re-read and deleted many times: they stay on local
+        disk even when OUT is remote, where only the finished shards go. Under a
+        user's `work_dir` each OUT gets its own subfolder, so one folder can
+        serve several conversions and removing it at the end removes only ours.
+        """
+        if self.work_dir is None:
+            if is_remote(self.out):
+                raise ConvertError(f"{self.out} is remote: pass a local work folder (--work-dir) for the "
+                                   "per-video chunks; only the finished shards and dataset.json go to OUT.")
+            return os.path.join(self.out, WORK_DIR)
+        if is_remote(self.work_dir):
+            raise ConvertError(f"--work-dir {self.work_dir}: expected a local folder, received a {scheme(self.work_dir)}:// URL")
+        return os.path.join(self.work_dir, "stp-work-" + hashlib.sha1(self.out.encode()).hexdigest()[:12])
+
 
 # ---------------------------------------------------------------------------------------------
 # One video (runs in a worker process)
 
 
+def video_records(item: Item, label_index: int, cfg: ConvertConfig) -> Iterator[Union[Plan, bytes]]:
+    """Streams the serialized records of one video: the per-video code shared by every runner.
+
+    Same contract as `video.video_patches`: a `Plan` at the start of every
+    read, then that read's records (`tf.train.Example` bytes) in grid order; a
+    second `Plan` means the records since the previous one must be dropped.
+    Raises `VideoError` (or anything else a broken file provokes); the callers
+    turn that into the video's result.
+    """
+    plan: Optional[Plan] = None
+    for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads):
+        if isinstance(event, Plan):
+            plan = event
+            yield event
+            continue
+        yield encode_patch(
+            event.pixels, encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
+            video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
+            valid=event.valid, timestamp=event.timestamp,
+            label=label_index, label_name=item.label, split=item.split)
+
+
+def new_result(item: Item) -> dict:
+    """A video's result before any work: `failed` until proven otherwise."""
+    return {"id": item.id, "split": item.split, "label": item.label, "status": "failed", "reason": "",
+            "patches": 0, "key": item.key}
+
+
+def finish_result(result: dict, item: Item, cfg: ConvertConfig, plan: Plan, reads: int, sizes: Sequence[int],
+                  seconds: float) -> dict:
+    """Fills in `result` for a video that was read to the end: `ok`, or `skipped` when no patch fits."""
+    result.update(frames=plan.frames, height=plan.height, width=plan.width, timing=plan.timing,
+                  seconds=round(seconds, 4), reads=reads)
+    if not sizes:
+        result["status"] = "skipped"
+        result["reason"] = (f"{item.path}: no patch fits: {plan.frames} frames of {plan.height}x{plan.width} "
+                            f"after resampling/resizing, patch {cfg.spec.frames}x{cfg.spec.height}x"
+                            f"{cfg.spec.width} with pad={cfg.spec.pad}")
+        return result
+    result.update(status="ok", patches=len(sizes), sizes=list(sizes))
+    return result
+
+
+def failure_reason(item: Item, error: Exception) -> str:
+    if isinstance(error, VideoError):
+        return str(error)
+    # A bug or an unexpected library error: still name the file, keep going.
+    return f"{item.path}: unexpected {type(error).__name__}: {error}"
+
+
 def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: str) -> dict:
     """Cuts one video into records in `chunk_path`; returns its result (never raises for bad input)."""
-    result = {"id": item.id, "split": item.split, "label": item.label, "status": "failed", "reason": "",
-              "patches": 0, "key": item.key}
+    result = new_result(item)
     if item.error:
         result["reason"] = item.error
         return result
@@ -95,34 +168,23 @@ def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: 
         writer = ChunkWriter(chunk_path)
         plan: Optional[Plan] = None
         reads = 0
-        for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads):
+        for event in video_records(item, label_index, cfg):
             if isinstance(event, Plan):
                 plan = event
                 reads += 1
                 if reads > 1:
                     writer.reset()
                 continue
-            writer.write(encode_patch(
-                event.pixels, encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
-                video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
-                valid=event.valid, timestamp=event.timestamp,
-                label=label_index, label_name=item.label, split=item.split))
-        result.update(frames=plan.frames, height=plan.height, width=plan.width, timing=plan.timing,
-                      seconds=round(time.perf_counter() - start, 4), reads=reads)
-        if not writer.sizes:
+            writer.write(event)
+        finish_result(result, item, cfg, plan, reads, writer.sizes, time.perf_counter() - start)
+        if result["status"] == "skipped":
             writer.abort()
-            result["status"] = "skipped"
-            result["reason"] = (f"{item.path}: no patch fits: {plan.frames} frames of {plan.height}x{plan.width} "
-                                f"after resampling/resizing, patch {cfg.spec.frames}x{cfg.spec.height}x"
-                                f"{cfg.spec.width} with pad={cfg.spec.pad}")
             return result
         writer.commit()
-        result.update(status="ok", patches=len(writer.sizes), sizes=writer.sizes)
         return result
-    except VideoError as e:
-        result["reason"] = str(e)
-    except Exception as e:  # a bug or an unexpected library error: still name the file, keep going
-        result["reason"] = f"{item.path}: unexpected {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001  every failure becomes the video's result
+        result.update(status="failed", reason=failure_reason(item, e), patches=0)
+        result.pop("sizes", None)
     if writer is not None:
         writer.abort()
     return result
@@ -181,7 +243,7 @@ def _check_existing(cfg: ConvertConfig, work: str) -> Optional[dict]:
     """Refuses an OUT written with other settings; returns its manifest if complete and matching."""
     existing = None
     fingerprint_path = os.path.join(work, "config.json")
-    if os.path.exists(mf.manifest_path(cfg.out)):
+    if _gfile().exists(mf.manifest_path(cfg.out)):
         try:
             existing = mf.read_manifest(cfg.out)
         except mf.ManifestError:
@@ -215,13 +277,12 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     the first failure raises `ConvertError` and no manifest is written.
     """
     started = time.perf_counter()
+    check_path(cfg.out)
+    gfile = _gfile()
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
-    work = os.path.join(cfg.out, WORK_DIR)
-    if cfg.overwrite and os.path.exists(cfg.out):
-        for name in list_shard_files(cfg.out) + [mf.MANIFEST_NAME]:
-            p = os.path.join(cfg.out, name)
-            if os.path.exists(p):
-                os.remove(p)
+    work = cfg.work_path()
+    if cfg.overwrite:
+        remove_outputs(cfg.out)
         shutil.rmtree(work, ignore_errors=True)
     fresh = not os.path.exists(work)
     # Checked before anything is written: a refused run must leave OUT as it was.
@@ -231,6 +292,7 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
         existing["up_to_date"] = True
         return existing
     os.makedirs(work, exist_ok=True)
+    gfile.makedirs(cfg.out)
     _write_json_atomic(os.path.join(work, "config.json"), cfg.fingerprint())
     for name in os.listdir(work):  # half-written chunks of a killed run
         if name.endswith(".tmp"):
@@ -277,6 +339,20 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     return manifest
 
 
+def _gfile():
+    import tensorflow as tf  # gfile: OUT may be gs:// (or s3:// with tensorflow-io)
+    return tf.io.gfile
+
+
+def remove_outputs(out: str) -> None:
+    """Removes the shards and manifest of an earlier conversion in `out` (--overwrite)."""
+    gfile = _gfile()
+    for name in list_shard_files(out) + [mf.MANIFEST_NAME]:
+        path = mf.join(out, name)
+        if gfile.exists(path):
+            gfile.remove(path)
+
+
 def _same_items(manifest: dict, items: Sequence[Item]) -> bool:
     listed = {(v["split"], v["id"], v.get("label", "")) for v in manifest.get("videos", [])}
     return listed == {(i.split, i.id, i.label) for i in items} and manifest["counts"]["failed"] == 0
@@ -306,6 +382,24 @@ def _size(path: str) -> int:
 
 def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[str, dict],
               work: str) -> dict:
+    # Shards of an earlier run with another layout would be read as data: remove them first.
+    for name in list_shard_files(cfg.out):
+        _gfile().remove(mf.join(cfg.out, name))
+
+    def write(split: str, ok: List[Item]) -> List[dict]:
+        chunks = [Chunk(os.path.join(work, i.key + ".tfrecord"), tuple(results[i.key]["sizes"])) for i in ok]
+        return write_shards(cfg.out, split, chunks, cfg.shard_bytes, cfg.compression)
+
+    return build_manifest(cfg, items, labels, results, write)
+
+
+def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[str], results: Dict[str, dict],
+                   shards_of: Callable[[str, List[Item]], List[dict]]) -> dict:
+    """The manifest of a conversion from its per-video results (by `Item.key`).
+
+    `shards_of(split, ok_items)` writes (local runner) or looks up (Beam) the
+    shard entries of a split whose converted videos are `ok_items`, in shard order.
+    """
     splits: Dict[str, dict] = {}
     videos = []
     for item in items:  # items are sorted by (split, id): the shard order
@@ -315,20 +409,16 @@ def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results:
             if k in r:
                 entry[k] = r[k]
         videos.append(entry)
-        split = splits.setdefault(item.split, {"chunks": [], "videos": 0, "label_counts": {}})
+        split = splits.setdefault(item.split, {"ok": [], "label_counts": {}})
         if r["status"] == "ok":
-            split["chunks"].append(Chunk(os.path.join(work, item.key + ".tfrecord"), tuple(r["sizes"])))
-            split["videos"] += 1
+            split["ok"].append(item)
             if item.label:
                 split["label_counts"][item.label] = split["label_counts"].get(item.label, 0) + r["patches"]
-    # Shards of an earlier run with another layout would be read as data: remove them first.
-    for name in list_shard_files(cfg.out):
-        os.remove(os.path.join(cfg.out, name))
     out_splits = {}
     for name in sorted(splits):
         s = splits[name]
-        shards = write_shards(cfg.out, name, s["chunks"], int(cfg.shard_size_mb * 1e6), cfg.compression)
-        out_splits[name] = {"records": sum(e["records"] for e in shards), "videos": s["videos"],
+        shards = shards_of(name, s["ok"])
+        out_splits[name] = {"records": sum(e["records"] for e in shards), "videos": len(s["ok"]),
                             "label_counts": dict(sorted(s["label_counts"].items())), "shards": shards}
     counts = {"videos": len(videos), "ok": sum(v["status"] == "ok" for v in videos),
               "failed": sum(v["status"] == "failed" for v in videos),
