@@ -518,5 +518,98 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json):
     click.echo(f"wrote {result['json']} and confusion PNGs")
 
 
+# --- index / search (run folder or export + videos -> index folder -> nearest videos) -------------
+
+
+@main.command("index")
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="VIDEOS_OR_DATA...")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="INDEX",
+              help="Index folder to write (index.json, embeddings.npy, center.npy).")
+@click.option("--split", default=None, metavar="SPLIT",
+              help="With a converted folder: the split to index (default: every split).")
+@click.option("--backend", type=click.Choice(["exact", "faiss"]), default="exact", show_default=True,
+              help="exact: matrix product in TensorFlow; faiss: approximate HNSW graph (pip install 'stpkeras[ann]'), "
+                   "for collections of about 100k videos and more.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Patches per model call.")
+@click.option("--no-center", "no_center", is_flag=True,
+              help="Do not subtract the mean embedding of the indexed videos before normalising.")
+def index_command(model, inputs, out, split, backend, batch_size, no_center):
+    """Embed videos (files, folders of videos, or one converted folder) with MODEL and write an index.
+
+    MODEL: a run folder, a .keras file or an export (saved_models/NAME[/VERSION]). A video's
+    embedding is the mean of its patches' L2-normalised pooled features. Exit code 1 when some
+    videos could not be embedded (listed with the reason and in index.json).
+    """
+    from stpkeras.index import RetrievalError, build_index
+    from tfrecords_tools.manifest import ManifestError
+
+    def report(video, error):
+        if error is not None:
+            click.echo(f"warning: {error}", err=True)
+
+    try:
+        index = build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size,
+                            center=not no_center, on_video=report)
+    except (RetrievalError, ManifestError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    failed = index.info.get("failed", [])
+    click.echo(f"indexed {len(index.ids)} videos ({sum(index.info.get('patches', [])):,} patches, {index.dim}-d, "
+               f"{index.backend}) in {index.info['seconds']:.1f}s -> {out}"
+               + (f"; {len(failed)} failed" if failed else ""))
+    sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
+
+
+@main.command("search")
+@click.argument("index_dir", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True), metavar="QUERY_VIDEO...")
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per query.")
+@click.option("--model", default=None, type=click.Path(exists=True),
+              help="Embed queries with this model (default: the one the index was built with).")
+@click.option("--split", default=None, metavar="SPLIT",
+              help="When QUERY is a labelled converted folder: its split to use as queries; prints recall@1/@5 "
+                   "(same class = relevant) instead of results.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per result and line: query, video, score, rank.")
+def search_command(index_dir, queries, k, model, split, as_json):
+    """Print the K videos of INDEX nearest to each QUERY_VIDEO, with cosine scores (best first).
+
+    Exit code 1 when some queries could not be embedded.
+    """
+    import json
+
+    from stpkeras.index import (RetrievalError, VideoIndex, embed_records, evaluate_retrieval, is_converted,
+                                load_embedder, search_videos)
+    from tfrecords_tools.manifest import ManifestError
+
+    try:
+        index = VideoIndex.load(index_dir)
+        model = model or index.model
+        if len(queries) == 1 and is_converted(queries[0]):
+            result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
+            click.echo(json.dumps(result) if as_json else
+                       f"{result['queries']} queries against {result['gallery']} videos: "
+                       + ", ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("recall")))
+            return
+        failed = 0
+        for query, hits, error in search_videos(index, model, queries, k):
+            if error is not None:
+                failed += 1
+                click.echo(json.dumps({"query": query, "error": error}) if as_json else f"{query}: {error}",
+                           err=not as_json)
+                continue
+            if as_json:
+                for hit in hits:
+                    click.echo(json.dumps({"query": query, **json.loads(hit.to_json())}))
+            else:
+                click.echo(query)
+                for hit in hits:
+                    click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}" + (f"  [{hit.label}]" if hit.label else ""))
+    except (RetrievalError, ManifestError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,511 @@
+"""Retrieval stage: videos -> one embedding each -> an index folder -> the nearest videos of a query.
+
+A video's embedding is the mean of its patches' L2-normalised pooled features
+(`stpkeras.embedding.feature_model`, or an export's `embeddings` signature),
+centred on the mean of the indexed videos and L2-normalised again, so the
+score of two videos is a cosine in [-1, 1]. Centring removes what every video
+shares (the features of a model not trained for retrieval are all positive
+after a ReLU, and their raw cosines all sit near 1), so the scores spread out.
+
+INDEX layout:
+
+    index.json       model, PatchSpec, dimension, backend, the ids (and labels) of the videos
+    embeddings.npy   float32 [N, D], L2-normalised, row i = ids[i]
+    center.npy       float32 [D], subtracted from every embedding before normalising
+    faiss.index      only for backend `faiss` (pip install stpkeras[ann])
+
+Search is exact in TensorFlow (one matrix product and `tf.math.top_k`) unless the
+index was built with `backend="faiss"`: an approximate HNSW graph (faiss
+`IndexHNSWFlat`, inner product) with the same interface, picked by
+`benchmarks/retrieval.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfrecords_tools.spec import PatchSpec
+
+INDEX_JSON = "index.json"
+EMBEDDINGS_NPY = "embeddings.npy"
+CENTER_NPY = "center.npy"
+FAISS_FILE = "faiss.index"
+FORMAT = "stpkeras.index"
+BACKENDS = ("exact", "faiss")
+DEFAULT_BATCH_SIZE = 32
+# HNSW settings: 32 links per node; a wider beam at build and at search than faiss' defaults
+# (40 / 16) keeps recall@10 >= 0.99 at 1M vectors in benchmarks/retrieval.py.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
+
+class RetrievalError(RuntimeError):
+    """A model, index folder or query that cannot be used; the message names the path."""
+
+
+# --- embedding models -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Embedder:
+    """Patches -> pooled features: `embed(uint8 [n, T, H, W, 3]) -> float32 [n, D]`, with the model's spec."""
+
+    spec: PatchSpec
+    source: str
+    embed: Callable[[np.ndarray], np.ndarray]
+
+
+def load_embedder(path: str) -> Embedder:
+    """A run folder, a `.keras` file or an export (`saved_models/NAME[/VERSION]`) -> its `Embedder`.
+
+    Keras models embed with `feature_model` (pooled features, whatever the task);
+    an export with its `embeddings` signature. The spec comes from the run's
+    `run.json` (or the export's assets); a `.keras` file alone gives only the patch
+    shape, so its videos are cut without resampling or resizing.
+    """
+    import tensorflow as tf
+
+    from stpkeras.export import ExportError, RUN_FILE, RUN_MODEL, load_keras_model
+
+    path = os.fspath(path)
+    if path.endswith(".keras") or os.path.isfile(os.path.join(path, RUN_MODEL)) or \
+            os.path.isfile(os.path.join(path, "last.keras")):
+        from stpkeras.embedding import FeatureError, feature_model
+
+        if os.path.isdir(path):
+            model_path = next(os.path.join(path, n) for n in (RUN_MODEL, "last.keras")
+                              if os.path.isfile(os.path.join(path, n)))
+        else:
+            model_path = path
+        if not os.path.isfile(model_path):
+            raise RetrievalError(f"{path}: no such file")
+        try:
+            model = load_keras_model(model_path)
+        except ExportError as e:
+            raise RetrievalError(str(e)) from e
+        run_json = os.path.join(os.path.dirname(os.path.abspath(model_path)), RUN_FILE)
+        if os.path.isfile(run_json):
+            with open(run_json, encoding="utf-8") as f:
+                spec = PatchSpec.from_dict(json.load(f)["spec"])
+        else:
+            spec = None
+        try:
+            features = feature_model(model)
+        except FeatureError as e:
+            raise RetrievalError(f"{model_path}: {e}") from e
+        t, h, w, c = features.input_shape[1:]
+        if spec is None:
+            spec = PatchSpec(frames=t, height=h, width=w)
+        elif tuple(spec.shape) != (t, h, w, c):
+            raise RetrievalError(f"{model_path}: the model takes {[t, h, w, c]}, its run.json spec {list(spec.shape)}")
+        call = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+        return Embedder(spec, model_path, lambda patches: np.asarray(call(patches), np.float32))
+    from stpkeras.predict import SavedModelPredictor
+
+    try:
+        predictor = SavedModelPredictor(path)
+    except ExportError as e:
+        raise RetrievalError(str(e)) from e
+    if not predictor.has_embeddings:
+        raise RetrievalError(f"{predictor.source}: the export has no `embeddings` signature (its model has no "
+                          "layer named features)")
+    return Embedder(predictor.spec, predictor.source, predictor.embed)
+
+
+def _normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def embed_video(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                max_pixels: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """One video file -> (mean of its patches' L2-normalised features `float32 [D]`, patch count).
+
+    Decoding and cutting run in a second thread (the predictor's reader), under
+    the model's own `PatchSpec`. Raises `NoPatches` for a video smaller than one patch.
+    """
+    import threading
+
+    from stpkeras.predict import NoPatches, _RESET, _batches, _prefetch
+
+    total, count = None, 0
+    stop = threading.Event()
+    stats = {"decode_s": 0.0}
+    for kind, batch in _prefetch(_batches(path, embedder.spec, batch_size, max_pixels, stats, stop), stop):
+        if kind == _RESET:
+            total, count = None, 0
+            continue
+        e = _normalize(embedder.embed(batch)).astype(np.float64).sum(axis=0)
+        total = e if total is None else total + e
+        count += len(batch)
+    if count == 0:
+        raise NoPatches(f"{path}: no patches: the video is smaller than one patch ({embedder.spec.describe()})")
+    return (total / count).astype(np.float32), count
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """Videos and their embeddings (before centring): `vectors float32 [N, D]`, one row per id."""
+
+    ids: Tuple[str, ...]
+    vectors: np.ndarray
+    labels: Tuple[str, ...] = ()     # class names, '' unlabelled (empty tuple: none known)
+    patches: Tuple[int, ...] = ()
+    failed: Tuple[Tuple[str, str], ...] = ()   # (video, reason)
+
+
+def embed_videos(embedder: Embedder, paths: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_pixels: Optional[int] = None, on_video: Optional[Callable[[str, Optional[str]], None]] = None
+                 ) -> Embedded:
+    """`embed_video` for each path; a video that fails is listed in `failed` with the reason, never dropped silently."""
+    from stpkeras.predict import NoPatches
+    from tfrecords_tools.video import VideoError
+
+    ids, vectors, patches, failed = [], [], [], []
+    for path in paths:
+        try:
+            v, n = embed_video(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+        except (VideoError, NoPatches) as e:
+            failed.append((path, str(e)))
+            if on_video:
+                on_video(path, str(e))
+            continue
+        ids.append(path)
+        vectors.append(v)
+        patches.append(n)
+        if on_video:
+            on_video(path, None)
+    dim = vectors[0].shape[0] if vectors else 0
+    return Embedded(tuple(ids), np.stack(vectors) if vectors else np.zeros((0, dim), np.float32),
+                    patches=tuple(patches), failed=tuple(failed))
+
+
+def embed_records(embedder: Embedder, data: str, split: Optional[str] = None, *,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> Embedded:
+    """A converted folder's `split` (None: every split) -> one embedding per `video/id`, with its label.
+
+    The records must have been cut with the model's patch shape.
+    """
+    from stpkeras import pipeline
+    from tfrecords_tools import schema
+
+    info = pipeline.load_info(data, embedder.spec)
+    dataset = pipeline.make_dataset(info, split, batch_size=batch_size, training=False, as_supervised=False)
+    sums: Dict[str, np.ndarray] = {}
+    counts: Dict[str, int] = {}
+    labels: Dict[str, int] = {}
+    for features in dataset:
+        e = _normalize(embedder.embed(features[schema.PATCH].numpy())).astype(np.float64)
+        for vid, label, row in zip(features[schema.VIDEO_ID].numpy(), features[schema.LABEL].numpy(), e):
+            vid = vid.decode("utf-8")
+            sums[vid] = sums[vid] + row if vid in sums else row.copy()
+            counts[vid] = counts.get(vid, 0) + 1
+            labels[vid] = int(label)
+    ids = tuple(sums)
+    names = info.labels
+    return Embedded(ids, np.stack([sums[i] / counts[i] for i in ids]).astype(np.float32) if ids else
+                    np.zeros((0, 0), np.float32),
+                    labels=tuple(names[labels[i]] if labels[i] >= 0 else "" for i in ids),
+                    patches=tuple(counts[i] for i in ids))
+
+
+# --- search backends ------------------------------------------------------------------------------
+
+class ExactSearch:
+    """Exact inner-product search in TensorFlow: `scores = queries @ vectors^T`, then `tf.math.top_k`.
+
+    The vectors live in one constant tensor; queries go in blocks so the score
+    matrix stays at most `block x N` floats.
+    """
+
+    name = "exact"
+
+    def __init__(self, vectors: np.ndarray, block: int = 256):
+        import tensorflow as tf
+
+        self.count = len(vectors)
+        self._vectors = tf.constant(np.asarray(vectors, np.float32))
+        self._block = block
+
+        @tf.function(reduce_retracing=True)
+        def top_k(queries, k):
+            scores = tf.linalg.matmul(queries, self._vectors, transpose_b=True)
+            return tf.math.top_k(scores, k=k)
+
+        self._top_k = top_k
+
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        import tensorflow as tf
+
+        k = min(int(k), self.count)
+        queries = np.asarray(queries, np.float32)
+        scores, indices = [], []
+        for i in range(0, len(queries), self._block):
+            s, j = self._top_k(tf.constant(queries[i:i + self._block]), tf.constant(k))
+            scores.append(s.numpy())
+            indices.append(j.numpy())
+        return np.concatenate(scores), np.concatenate(indices).astype(np.int64)
+
+
+class FaissSearch:
+    """Approximate inner-product search with a faiss HNSW graph (the `ann` extra: faiss-cpu)."""
+
+    name = "faiss"
+
+    def __init__(self, index, count: int):
+        self._index = index
+        self.count = count
+
+    @staticmethod
+    def _faiss():
+        try:
+            import faiss
+        except ImportError as e:
+            raise RetrievalError("backend 'faiss' needs faiss-cpu: pip install 'stpkeras[ann]' "
+                              f"(or pip install faiss-cpu) ({e})") from e
+        return faiss
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+              ef_search: int = HNSW_EF_SEARCH) -> "FaissSearch":
+        faiss = cls._faiss()
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+        index.add(vectors)
+        return cls(index, len(vectors))
+
+    @classmethod
+    def read(cls, path: str, count: int, ef_search: int = HNSW_EF_SEARCH) -> "FaissSearch":
+        faiss = cls._faiss()
+        index = faiss.read_index(path)
+        index.hnsw.efSearch = ef_search
+        return cls(index, count)
+
+    def write(self, path: str) -> None:
+        self._faiss().write_index(self._index, path)
+
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), self.count)
+        scores, indices = self._index.search(np.ascontiguousarray(queries, np.float32), k)
+        return scores, indices.astype(np.int64)
+
+
+# --- the index ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Hit:
+    video: str
+    score: float
+    rank: int
+    label: str = ""
+
+    def to_json(self) -> str:
+        out = {"video": self.video, "score": round(self.score, 6), "rank": self.rank}
+        if self.label:
+            out["label"] = self.label
+        return json.dumps(out)
+
+
+class VideoIndex:
+    """Indexed videos: ids, L2-normalised centred embeddings and a search backend.
+
+    `search(vectors [Q, D], k)` takes raw video embeddings (as `embed_video`
+    returns them), centres and normalises them as the indexed ones were, and
+    returns for each query its `k` best `Hit`s, best first.
+    """
+
+    def __init__(self, ids: Sequence[str], vectors: np.ndarray, center: np.ndarray, *, labels: Sequence[str] = (),
+                 model: str = "", spec: Optional[PatchSpec] = None, backend: str = "exact", searcher=None,
+                 info: Optional[dict] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
+                             f"Received backend={backend!r}")
+        self.ids = tuple(ids)
+        self.vectors = np.asarray(vectors, np.float32)
+        self.center = np.asarray(center, np.float32)
+        self.labels = tuple(labels)
+        self.model = model
+        self.spec = spec
+        self.backend = backend
+        self.info = dict(info or {})
+        if searcher is None:
+            searcher = ExactSearch(self.vectors) if backend == "exact" else FaissSearch.build(self.vectors)
+        self.searcher = searcher
+
+    @classmethod
+    def build(cls, embedded: Embedded, *, model: str = "", spec: Optional[PatchSpec] = None,
+              backend: str = "exact", center: bool = True) -> "VideoIndex":
+        if len(embedded.ids) == 0:
+            raise RetrievalError("no videos to index: every input failed or none was given")
+        raw = np.asarray(embedded.vectors, np.float32)
+        mean = raw.mean(axis=0) if center and len(raw) > 1 else np.zeros(raw.shape[1], np.float32)
+        vectors = _normalize(raw - mean)
+        return cls(embedded.ids, vectors, mean, labels=embedded.labels, model=model, spec=spec, backend=backend)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Raw video embeddings `[Q, D]` -> centred, L2-normalised (as the indexed vectors are)."""
+        raw = np.asarray(raw, np.float32).reshape(-1, self.dim) if np.ndim(raw) else raw
+        if raw.shape[-1] != self.dim:
+            raise RetrievalError(f"query embeddings have {raw.shape[-1]} dimensions, the index {self.dim}")
+        return _normalize(raw - self.center)
+
+    def search(self, raw: np.ndarray, k: int = 5) -> List[List[Hit]]:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Invalid value for argument `k`. Expected a strictly positive integer. Received k={k!r}")
+        scores, indices = self.searcher.search(self.prepare(raw), k)
+        out = []
+        for row_scores, row_indices in zip(scores, indices):
+            out.append([Hit(self.ids[j], float(s), r + 1, self.labels[j] if self.labels else "")
+                        for r, (s, j) in enumerate(zip(row_scores, row_indices)) if j >= 0])
+        return out
+
+    # --- on disk ---
+
+    def save(self, path: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        np.save(os.path.join(path, EMBEDDINGS_NPY), self.vectors)
+        np.save(os.path.join(path, CENTER_NPY), self.center)
+        if isinstance(self.searcher, FaissSearch):
+            self.searcher.write(os.path.join(path, FAISS_FILE))
+        import keras
+        import tensorflow as tf
+
+        info = {**self.info, "format": FORMAT, "count": len(self.ids), "dim": self.dim, "backend": self.backend,
+                "model": self.model, "spec": self.spec.to_dict() if self.spec else None,
+                "ids": list(self.ids), "labels": list(self.labels),
+                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        tmp = os.path.join(path, INDEX_JSON + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, os.path.join(path, INDEX_JSON))  # written last: a folder with index.json is complete
+        self.info = info
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "VideoIndex":
+        meta = os.path.join(path, INDEX_JSON)
+        try:
+            with open(meta, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise RetrievalError(f"{path}: not an index written by `stp index` ({e})") from e
+        if info.get("format") != FORMAT:
+            raise RetrievalError(f"{meta}: format {info.get('format')!r}, expected {FORMAT!r}")
+        vectors = np.load(os.path.join(path, EMBEDDINGS_NPY))
+        center = np.load(os.path.join(path, CENTER_NPY))
+        if vectors.shape != (info["count"], info["dim"]):
+            raise RetrievalError(f"{path}: {EMBEDDINGS_NPY} holds {vectors.shape}, index.json says "
+                              f"{(info['count'], info['dim'])}")
+        searcher = None
+        if info["backend"] == "faiss":
+            searcher = FaissSearch.read(os.path.join(path, FAISS_FILE), info["count"])
+        spec = PatchSpec.from_dict(info["spec"]) if info.get("spec") else None
+        return cls(info["ids"], vectors, center, labels=info.get("labels", ()), model=info.get("model", ""),
+                   spec=spec, backend=info["backend"], searcher=searcher, info=info)
+
+
+# --- what the commands call -----------------------------------------------------------------------
+
+def is_converted(path: str) -> bool:
+    from tfrecords_tools.manifest import MANIFEST_NAME
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def list_videos(paths: Iterable[str]) -> List[str]:
+    """Video files and folders of videos (walked, sorted) -> video files."""
+    from tfrecords_tools.sources import _walk_videos
+
+    out = []
+    for p in paths:
+        out.extend(_walk_videos(p) if os.path.isdir(p) else [p])
+    return out
+
+
+def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str] = None,
+                backend: str = "exact", batch_size: int = DEFAULT_BATCH_SIZE, center: bool = True,
+                max_pixels: Optional[int] = None,
+                on_video: Optional[Callable[[str, Optional[str]], None]] = None) -> VideoIndex:
+    """`stp index`: embeds `inputs` (video files, folders of videos, or one converted folder) with `model`
+    and writes the index to `out`. Videos that fail are listed in index.json under `failed`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
+                         f"Received backend={backend!r}")
+    started = time.perf_counter()
+    embedder = load_embedder(model)
+    if len(inputs) == 1 and is_converted(inputs[0]):
+        embedded = embed_records(embedder, inputs[0], split, batch_size=batch_size)
+        source = {"data": os.path.abspath(inputs[0]), "split": split}
+    else:
+        embedded = embed_videos(embedder, list_videos(inputs), batch_size=batch_size, max_pixels=max_pixels,
+                                on_video=on_video)
+        source = {"videos": [os.path.abspath(p) for p in inputs]}
+    index = VideoIndex.build(embedded, model=os.path.abspath(model), spec=embedder.spec, backend=backend,
+                             center=center)
+    index.info.update(source=source, failed=[{"video": v, "reason": r} for v, r in embedded.failed],
+                      patches=list(embedded.patches), seconds=round(time.perf_counter() - started, 3))
+    index.save(out)
+    return index
+
+
+def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int = 5, *,
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None
+                  ) -> Iterator[Tuple[str, Optional[List[Hit]], Optional[str]]]:
+    """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason)."""
+    from stpkeras.predict import NoPatches
+    from tfrecords_tools.video import VideoError
+
+    embedder = load_embedder(model)
+    for path in queries:
+        try:
+            raw, _ = embed_video(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+        except (VideoError, NoPatches) as e:
+            yield path, None, str(e)
+            continue
+        yield path, index.search(raw[None], k)[0], None
+
+
+# --- retrieval metrics ----------------------------------------------------------------------------
+
+def recall_at_k(query_labels: Sequence[str], retrieved_labels: Sequence[Sequence[str]],
+                ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Recall@k with 'same class = relevant': the fraction of queries with a relevant item in their top k.
+
+    `retrieved_labels[q]` are the labels of query q's results, best first (at
+    least max(ks) of them unless the gallery is smaller).
+    """
+    if len(query_labels) != len(retrieved_labels):
+        raise ValueError(f"{len(query_labels)} query labels for {len(retrieved_labels)} result lists")
+    out = {}
+    for k in ks:
+        hits = [label in list(got)[:k] for label, got in zip(query_labels, retrieved_labels)]
+        out[f"recall@{k}"] = float(np.mean(hits)) if hits else 0.0
+    return out
+
+
+def evaluate_retrieval(index: VideoIndex, queries: Embedded, ks: Sequence[int] = (1, 5)) -> dict:
+    """Recall@k of labelled `queries` (e.g. a held-out split) against a labelled index."""
+    if not index.labels or not any(index.labels):
+        raise RetrievalError("the index holds no labels (index a labelled converted folder to measure recall)")
+    keep = [i for i, label in enumerate(queries.labels) if label]
+    if not keep:
+        raise RetrievalError("the queries hold no labels")
+    hits = index.search(queries.vectors[keep], max(ks))
+    result = recall_at_k([queries.labels[i] for i in keep], [[h.label for h in row] for row in hits], ks)
+    result["queries"] = len(keep)
+    result["gallery"] = len(index.ids)
+    return result

@@ -1,0 +1,92 @@
+"""Retrieval: recall@k by hand, exact (TF) vs faiss vs numpy search, the index folder, pooled features, CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from stpkeras import index as ix
+from tfrecords_tools.spec import PatchSpec
+
+
+def test_recall_at_k_hand_computed():
+    # q0: first result relevant; q1: relevant at rank 3; q2: never; q3: relevant at rank 5.
+    queries = ["a", "b", "a", "c"]
+    retrieved = [["a", "b", "c", "b", "b"],
+                 ["a", "c", "b", "a", "a"],
+                 ["b", "b", "c", "c", "b"],
+                 ["a", "a", "b", "b", "c"]]
+    got = ix.recall_at_k(queries, retrieved, ks=(1, 3, 5))
+    assert got == {"recall@1": 0.25, "recall@3": 0.5, "recall@5": 0.75}
+    with pytest.raises(ValueError, match="2 query labels for 1 result lists"):
+        ix.recall_at_k(["a", "b"], [["a"]])
+
+
+def test_exact_tf_and_faiss_search_agree_with_numpy():
+    rng = np.random.default_rng(0)
+    vectors = ix._normalize(rng.normal(size=(500, 16)))
+    queries = ix._normalize(vectors[:20] + 0.05 * rng.normal(size=(20, 16)))
+    truth = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
+    scores, indices = ix.ExactSearch(vectors, block=7).search(queries, 5)
+    np.testing.assert_array_equal(indices, truth)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, truth, axis=1), atol=1e-5)
+    assert indices[:, 0].tolist() == list(range(20))  # each noisy copy finds its source
+    pytest.importorskip("faiss", reason="the `ann` extra (faiss-cpu) is not installed")
+    scores_ann, indices_ann = ix.FaissSearch.build(vectors).search(queries, 5)
+    # HNSW is approximate; on 500 vectors with a wide beam it returns the exact top 5.
+    np.testing.assert_array_equal(indices_ann, truth)
+    np.testing.assert_allclose(scores_ann, scores, atol=1e-5)
+    # k larger than the collection: every vector, once.
+    _, all_of_them = ix.ExactSearch(vectors[:3]).search(queries[:1], 10)
+    assert sorted(all_of_them[0].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_index_centres_saves_loads_and_searches(tmp_path, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss", reason="the `ann` extra (faiss-cpu) is not installed")
+    rng = np.random.default_rng(1)
+    # Raw features all share a large positive offset (ReLU features do): raw cosines all near 1.
+    raw = 5.0 + rng.normal(size=(6, 8)).astype(np.float32)
+    embedded = ix.Embedded(ids=tuple(f"v{i}.mp4" for i in range(6)), vectors=raw, labels=("a", "a", "b", "b", "c", "c"))
+    index = ix.VideoIndex.build(embedded, model="m", spec=PatchSpec(4, 8, 8), backend=backend)
+    np.testing.assert_allclose(index.center, raw.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(index.vectors, axis=1), 1.0, atol=1e-6)
+    index.save(str(tmp_path / "idx"))
+    assert sorted(os.listdir(tmp_path / "idx")) == sorted(
+        ["index.json", "embeddings.npy", "center.npy"] + (["faiss.index"] if backend == "faiss" else []))
+    loaded = ix.VideoIndex.load(str(tmp_path / "idx"))
+    assert loaded.ids == index.ids and loaded.labels == index.labels and loaded.spec == PatchSpec(4, 8, 8)
+    hits = loaded.search(raw[[3]] + 0.01, k=3)[0]
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert hits[0].video == "v3.mp4" and hits[0].label == "b" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    # Centred, the other videos no longer all score near 1.
+    assert hits[1].score < 0.9
+    queries = ix.Embedded(ids=("q0", "q1"), vectors=raw[[0, 4]] + 0.01, labels=("a", "b"))
+    assert ix.evaluate_retrieval(loaded, queries, ks=(1, 2)) == {
+        "recall@1": 0.5, "recall@2": 0.5, "queries": 2, "gallery": 6}
+
+
+def test_load_refuses_what_is_not_an_index(tmp_path):
+    with pytest.raises(ix.RetrievalError, match="not an index written by `stp index`"):
+        ix.VideoIndex.load(str(tmp_path))
+
+
+def test_pooled_features_of_stcnn_average_its_pooled_map_and_keep_its_outputs():
+    import keras
+
+    from stpkeras.embedding import feature_model
+    from stpkeras.models import build_model
+
+    spec = PatchSpec(4, 16, 16)
+    model = build_model("stcnn", spec, 3, filters=6)
+    x = np.random.default_rng(0).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    features = feature_model(model)
+    assert features.output_shape == (None, 6)
+    pooled_map = keras.Model(model.inputs, model.get_layer("pool").output)(x)
+    np.testing.assert_allclose(features(x), np.mean(pooled_map, axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert model.output_shape == (None, 3)  # the classifier itself is unchanged
+    c3d = build_model("c3d", spec, 3, widths=(4, 8), convs_per_stage=(1, 1))
+    np.testing.assert_allclose(feature_model(c3d)(x), keras.Model(c3d.inputs, c3d.get_layer("features").output)(x))
