@@ -95,10 +95,16 @@ def list_folder(root: str) -> Tuple[List[Item], bool]:
                 for path in _walk_videos(os.path.join(split_root, cls)):
                     items.append(Item(_rel(path, root), path, cls, "val" if split == "validation" else split))
         return items, True
-    if subdirs and not loose:
-        for cls in subdirs:
-            for path in _walk_videos(os.path.join(root, cls)):
-                items.append(Item(_rel(path, root), path, cls))
+    class_videos = {cls: _walk_videos(os.path.join(root, cls)) for cls in subdirs}
+    if any(class_videos.values()):
+        # Class folders. A video lying beside them has no class: report it rather than
+        # silently treating the whole source as unlabelled.
+        for cls, paths in class_videos.items():
+            items.extend(Item(_rel(path, root), path, cls) for path in paths)
+        for name in loose:
+            path = os.path.join(root, name)
+            items.append(Item(name, path, "", error=f"{path}: a video beside the class folders "
+                                                    f"({', '.join(subdirs)}) has no class; move it into one"))
         return items, True
     for path in _walk_videos(root):
         items.append(Item(_rel(path, root), path))
