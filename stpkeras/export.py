@@ -12,6 +12,11 @@ and explicit input signatures (batch dimension `None`):
 Normalisation (uint8 -> float) is the model's own first layer, so a client
 sends raw pixels and the server computes exactly what training computed.
 
+An enhancement run (`--task enhance`) exports `serving_default` and
+`serve_examples` with other outputs: `pixels` uint8 [batch, T, H, W, 3] (the
+enhanced patches, clipped and rounded) and `pixels_float` float32 (0-255
+units, unclipped); it has no labels asset and no `embeddings`.
+
 Beside the graph:
 
 - `assets/labels.txt`: the class names, one a line (line i = class id i). It
@@ -84,6 +89,7 @@ class ExportSource:
     spec: PatchSpec
     path: str                # the .keras file
     run: Optional[dict]      # run.json, when there is one
+    task: str = "classify"   # "enhance": pixels in, pixels out (no labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +167,8 @@ def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
     else:
         raise ExportError(f"{model_or_run}: no such run folder or .keras file")
 
+    if run is not None and run.get("task") == "enhance":
+        return _enhance_source(path, run, spec)
     if run is not None and run.get("task", "classify") != "classify":
         raise ExportError(f"{path}: the run's task is {run.get('task')!r}; export writes classifiers (task classify)")
     if labels is None and run is not None:
@@ -178,6 +186,17 @@ def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
     labels = check_labels(labels, path)
     check_model(model, spec, len(labels), path)
     return ExportSource(model, labels, spec, path, run)
+
+
+def _enhance_source(path: str, run: dict, spec: Optional[PatchSpec]) -> ExportSource:
+    """An enhancement run: the model maps uint8 patches to float32 pixels of the same shape (layer 'pixels')."""
+    spec = spec or PatchSpec.from_dict(run["spec"])
+    model = load_keras_model(path)
+    shapes = [tuple(t.shape) for t in model.inputs + model.outputs]
+    if len(shapes) != 2 or shapes[0][1:] != spec.shape or shapes[1][1:] != spec.shape:
+        raise ExportError(f"{path}: expected an enhancement model uint8 [None, {', '.join(map(str, spec.shape))}] -> "
+                          f"pixels of the same shape; it maps {shapes}")
+    return ExportSource(model, (), spec, path, run, task="enhance")
 
 
 def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
@@ -319,10 +338,35 @@ def _label_table(labels_path: str):
     return tf.lookup.StaticHashTable(init, default_value="")
 
 
+def _build_enhance_archive(source: ExportSource):
+    """`serving_default` / `serve_examples` of an enhancement model: degraded uint8 patches -> enhanced pixels."""
+    import keras
+    import tensorflow as tf
+
+    from stpkeras.enhance import PIXELS, PIXELS_FLOAT
+
+    model, spec = source.model, source.spec
+
+    def outputs(pixels):
+        pixels = tf.cast(pixels, tf.float32)
+        return {PIXELS: tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8), PIXELS_FLOAT: pixels}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SERVING_DEFAULT, lambda patches: outputs(model(patches, training=False)),
+                         input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)])
+    archive.add_endpoint(SERVE_EXAMPLES,
+                         lambda examples: outputs(model(examples_to_patches(examples, spec), training=False)),
+                         input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES)])
+    return archive, (SERVING_DEFAULT, SERVE_EXAMPLES)
+
+
 def _build_archive(source: ExportSource, labels_path: str):
     import keras
     import tensorflow as tf
 
+    if source.task == "enhance":
+        return _build_enhance_archive(source)
     model, spec = source.model, source.spec
     table = _label_table(labels_path)
     patch_sig = [tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)]
@@ -467,7 +511,7 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
         write_warmup(target, records)
         info = {
             "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
-            "spec": source.spec.to_dict(), "source": os.path.abspath(source.path),
+            "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
             "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

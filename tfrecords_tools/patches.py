@@ -146,3 +146,106 @@ class PatchCutter:
             yield from self._emit(self._seen - start)
         self._frames.clear()
         self._stamps.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse of cutting: overlap-add of (processed) patches back into frames
+
+
+def blend_window(size: int, overlap: int) -> np.ndarray:
+    """`float32 [size]` weights of one patch axis for overlap-add: 1 in the middle, and over the first and
+    last `overlap` values a raised-cosine ramp `sin^2`, sampled at half steps so it never reaches 0.
+
+    Two ramps that overlap by `overlap` values sum to exactly 1 (sin^2 + cos^2),
+    so neighbouring patches cross-fade without a seam; every weight is > 0, so
+    dividing by the summed weights gives back any value that all covering
+    patches agree on (no darkening at the video's borders).
+
+    >>> [round(v, 3) for v in blend_window(6, 2).tolist()]
+    [0.146, 0.854, 1.0, 1.0, 0.854, 0.146]
+    """
+    if not 0 <= overlap <= size // 2:
+        raise ValueError(f"Invalid value for argument `overlap`. Expected 0 <= overlap <= {size // 2} (half the "
+                         f"patch side {size}). Received overlap={overlap}")
+    w = np.ones(size, np.float64)
+    if overlap:
+        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
+        w[:overlap] = ramp
+        w[size - overlap:] = ramp[::-1]
+    return w.astype(np.float32)
+
+
+def overlap_spec(spec: PatchSpec, overlap: Tuple[int, int, int]) -> PatchSpec:
+    """The spec that cuts a whole video for reassembly: `spec`'s patch size, stride `size - overlap`,
+    `edge` padding (every pixel is covered, whatever the frame size) and no resampling or resizing."""
+    for name, size, o in zip(("frames", "height", "width"), spec.size, overlap):
+        if not 0 <= o <= size // 2:
+            raise ValueError(f"Invalid value for argument `overlap`. Expected 0 <= overlap <= {size // 2} in "
+                             f"{name} (half the patch's {size}). Received overlap={'x'.join(map(str, overlap))}")
+    t, h, w = spec.size
+    return PatchSpec(t, h, w, spec.channels, stride_frames=t - overlap[0], stride_height=h - overlap[1],
+                     stride_width=w - overlap[2], pad="edge")
+
+
+class PatchAssembler:
+    """Puts patches back into frames by weighted overlap-add, streaming over time.
+
+    Feed the patches of one video in grid order (t, then y, then x), each as
+    `float or uint8 [T, H, W, C]` pixels with its `offset` and `valid` extent
+    (from the `Patch` that was cut); `add` yields `(frame index, uint8 [H, W, C]
+    frame)` for every frame no later patch can touch, `finish` the rest. Each
+    patch is weighted by the outer product of `blend_window`s (separable in
+    t, y, x); a frame is the weighted sum divided by the summed weights, rounded
+    and clipped to uint8. Only frames from the current patch start on are held:
+    memory is about `spec.frames` float frames, whatever the video's length.
+    """
+
+    def __init__(self, spec: PatchSpec, overlap: Tuple[int, int, int], num_frames: int, height: int, width: int,
+                 channels: int = 3):
+        self.spec = spec
+        self.size = (num_frames, height, width)
+        self.channels = channels
+        self.windows = [blend_window(s, o) for s, o in zip(spec.size, overlap)]
+        self._acc: dict = {}       # frame index -> float32 [H, W, C] weighted sum
+        self._weight: dict = {}    # frame index -> float32 [H, W, 1] summed weights
+        self._next = 0             # the next frame to emit
+
+    def add(self, pixels: np.ndarray, offset: Tuple[int, int, int],
+            valid: Tuple[int, int, int]) -> Iterator[Tuple[int, np.ndarray]]:
+        t0, y0, x0 = offset
+        vt, vh, vw = valid
+        if t0 < self._next:
+            raise ValueError(f"patch at frame {t0} arrived after frame {self._next - 1} was emitted: "
+                             "patches must come in grid order (t, then y, then x)")
+        # Frames before this patch's start are complete: patches come in order of their start.
+        yield from self._emit(t0)
+        wt, wy, wx = (w[:v] for w, v in zip(self.windows, valid))
+        plane = (wy[:, None] * wx[None, :])[..., None]
+        block = np.asarray(pixels, np.float32)
+        for i in range(vt):
+            t = t0 + i
+            if t not in self._acc:
+                self._acc[t] = np.zeros((*self.size[1:], self.channels), np.float32)
+                self._weight[t] = np.zeros((*self.size[1:], 1), np.float32)
+            w = plane * wt[i]
+            self._acc[t][y0:y0 + vh, x0:x0 + vw] += block[i, :vh, :vw] * w
+            self._weight[t][y0:y0 + vh, x0:x0 + vw] += w
+
+    def _emit(self, before: int) -> Iterator[Tuple[int, np.ndarray]]:
+        while self._next < before:
+            t = self._next
+            if t not in self._acc:
+                raise ValueError(f"frame {t} was covered by no patch (a stride larger than the patch leaves gaps)")
+            weight = self._weight.pop(t)
+            if not np.all(weight > 0):
+                raise ValueError(f"frame {t}: {int((weight <= 0).sum())} pixels were covered by no patch")
+            frame = self._acc.pop(t) / weight
+            yield t, np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+            self._next += 1
+
+    def finish(self) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yields the frames still held; checks that every frame of the video was covered."""
+        yield from self._emit(self.size[0])
+        if self._acc:
+            raise ValueError(f"patches reached frames {sorted(self._acc)[:3]}... beyond the video's "
+                             f"{self.size[0]} frames")

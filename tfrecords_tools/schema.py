@@ -21,6 +21,9 @@ A record holds one patch:
 | `label/name` | bytes | class name, empty when unlabelled |
 | `split` | bytes | split name |
 | `schema/version` | int64 | `SCHEMA_VERSION` |
+| `target/data` | as `patch/data` (optional) | the clean pixels aligned with `patch/data`, same shape and encoding (paired data for enhancement: `stp convert` of a `path,target` CSV) |
+| `mask/data` | bytes x1 (optional) | class ids `uint8 [T, H, W]`, raw, cut on the patch's grid (a `mask` CSV column) |
+| `label/frames` | int64 [T] (optional) | class index of each frame, -1 outside every interval (an `intervals` CSV column) |
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ LABEL = "label/index"
 LABEL_NAME = "label/name"
 SPLIT = "split"
 VERSION = "schema/version"
+TARGET = "target/data"  # optional: only records of paired data (path,target CSV) carry it
+# Optional segmentation targets: records of videos without them are written exactly as before.
+MASK = "mask/data"           # raw uint8 [T, H, W] class ids (always raw: a lossy codec would change the ids)
+FRAME_LABELS = "label/frames"  # int64 [T]
 
 UNLABELLED = -1
 
@@ -76,10 +83,18 @@ def encode_frames(pixels: np.ndarray, encoding: str, quality: int = 90) -> list:
 def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90, video_id: str,
                  video_size: Sequence[int], index: Sequence[int], offset: Sequence[int],
                  valid: Sequence[int], timestamp: float, label: int = UNLABELLED,
-                 label_name: str = "", split: str = "train") -> bytes:
-    """Serializes one `uint8 [T, H, W, C]` patch and its metadata to a `tf.train.Example`."""
+                 label_name: str = "", split: str = "train", target: Optional[np.ndarray] = None,
+                 mask: Optional[np.ndarray] = None, frame_labels: Optional[Sequence[int]] = None) -> bytes:
+    """Serializes one `uint8 [T, H, W, C]` patch and its metadata to a `tf.train.Example`.
+
+    `target`, when given, is the clean patch aligned with `pixels` (same shape), stored under `TARGET`
+    with the same encoding.
+    """
     if pixels.dtype != np.uint8 or pixels.ndim != 4:
         raise ValueError(f"Expected a uint8 [T, H, W, C] patch. Received dtype={pixels.dtype}, shape={pixels.shape}")
+    if target is not None and (target.dtype != np.uint8 or target.shape != pixels.shape):
+        raise ValueError(f"Expected a uint8 target of the patch's shape {pixels.shape}. "
+                         f"Received dtype={target.dtype}, shape={target.shape}")
     feature = {
         PATCH: _bytes(encode_frames(pixels, encoding, quality)),
         SHAPE: _ints(pixels.shape),
@@ -95,6 +110,18 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
         SPLIT: _bytes([split.encode()]),
         VERSION: _ints([SCHEMA_VERSION]),
     }
+    if target is not None:
+        feature[TARGET] = _bytes(encode_frames(target, encoding, quality))
+    if mask is not None:
+        if mask.dtype != np.uint8 or mask.shape != pixels.shape[:3]:
+            raise ValueError(f"Expected a uint8 mask [T, H, W] = {list(pixels.shape[:3])}. "
+                             f"Received dtype={mask.dtype}, shape={list(mask.shape)}")
+        feature[MASK] = _bytes([np.ascontiguousarray(mask).tobytes()])
+    if frame_labels is not None:
+        if len(frame_labels) != pixels.shape[0]:
+            raise ValueError(f"Expected one frame label per frame ({pixels.shape[0]}). "
+                             f"Received {len(frame_labels)}")
+        feature[FRAME_LABELS] = _ints(frame_labels)
     # deterministic=True writes the feature map sorted by key. Without it, protobuf (upb) orders map
     # entries by a hash seeded per process: the same patch gives different bytes in each worker
     # process and each run, and shard sha256s would depend on --workers.
@@ -102,11 +129,12 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
     return example.SerializeToString(deterministic=True)
 
 
-def feature_spec(encoding: str) -> Dict[str, tf.io.FixedLenFeature]:
-    """The parsing spec for `tf.io.parse_example` of records written with `encoding`."""
+def feature_spec(encoding: str, target: bool = False, mask: bool = False,
+                 frame_labels: bool = False) -> Dict[str, tf.io.FixedLenFeature]:
+    """The parsing spec for `tf.io.parse_example` of records written with `encoding` (`target`: with `TARGET`)."""
     data = (tf.io.FixedLenFeature([], tf.string) if encoding == "raw"
             else tf.io.VarLenFeature(tf.string))
-    return {
+    spec = {
         PATCH: data,
         SHAPE: tf.io.FixedLenFeature([4], tf.int64),
         ENCODING: tf.io.FixedLenFeature([], tf.string),
@@ -121,18 +149,35 @@ def feature_spec(encoding: str) -> Dict[str, tf.io.FixedLenFeature]:
         SPLIT: tf.io.FixedLenFeature([], tf.string, default_value=""),
         VERSION: tf.io.FixedLenFeature([], tf.int64),
     }
+    if target:
+        spec[TARGET] = data
+    if mask:
+        spec[MASK] = tf.io.FixedLenFeature([], tf.string)
+    if frame_labels:
+        spec[FRAME_LABELS] = tf.io.VarLenFeature(tf.int64)
+    return spec
 
 
-def parse_patch(serialized: tf.Tensor, encoding: str) -> Dict[str, tf.Tensor]:
+def parse_patch(serialized: tf.Tensor, encoding: str, target: bool = False, mask: bool = False,
+                frame_labels: bool = False) -> Dict[str, tf.Tensor]:
     """Parses one serialized record (a scalar string tensor) into its features.
 
-    Pure TF: usable eagerly and inside `Dataset.map`. `PATCH` stays encoded;
-    `decode_pixels` turns it into pixels.
+    Pure TF: usable eagerly and inside `Dataset.map`. `PATCH` (and `TARGET`,
+    with `target=True`) stay encoded; `decode_pixels` turns them into pixels.
     """
-    features = tf.io.parse_single_example(serialized, feature_spec(encoding))
+    features = tf.io.parse_single_example(serialized, feature_spec(encoding, target, mask, frame_labels))
+    if frame_labels:
+        features[FRAME_LABELS] = tf.sparse.to_dense(features[FRAME_LABELS])
     if encoding != "raw":
         features[PATCH] = tf.sparse.to_dense(features[PATCH])
+        if target:
+            features[TARGET] = tf.sparse.to_dense(features[TARGET])
     return features
+
+
+def decode_mask(data: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+    """The raw `MASK` bytes of one patch -> `uint8 [T, H, W]` class ids with the static `size` (T, H, W)."""
+    return tf.reshape(tf.io.decode_raw(data, tf.uint8), [int(v) for v in size])
 
 
 def decode_pixels(data: tf.Tensor, encoding: str, shape: Sequence[int]) -> tf.Tensor:
@@ -154,7 +199,7 @@ def decode_pixels(data: tf.Tensor, encoding: str, shape: Sequence[int]) -> tf.Te
 def parse_patch_numpy(serialized: bytes, shape: Optional[Sequence[int]] = None) -> Dict[str, object]:
     """Parses one record in plain Python (for `verify`, `inspect` and tests).
 
-    Returns a dict of numpy values; `PATCH` is decoded to `uint8 [T, H, W, C]`.
+    Returns a dict of numpy values; `PATCH` (and `TARGET`, when present) is decoded to `uint8 [T, H, W, C]`.
     Raises `ValueError` saying what is wrong with the record.
     """
     example = tf.train.Example.FromString(serialized)
@@ -166,16 +211,7 @@ def parse_patch_numpy(serialized: bytes, shape: Optional[Sequence[int]] = None) 
     if shape is not None and declared != tuple(shape):
         raise ValueError(f"patch shape {declared} differs from the spec's {tuple(shape)}")
     encoding = f[ENCODING].bytes_list.value[0].decode()
-    data = list(f[PATCH].bytes_list.value)
-    if encoding == "raw":
-        expected = int(np.prod(declared))
-        if len(data) != 1 or len(data[0]) != expected:
-            raise ValueError(f"raw patch holds {sum(map(len, data))} bytes, expected {expected} for shape {declared}")
-        pixels = np.frombuffer(data[0], np.uint8).reshape(declared)
-    else:
-        if len(data) != declared[0]:
-            raise ValueError(f"{encoding} patch holds {len(data)} frames, expected {declared[0]}")
-        pixels = decode_pixels(tf.constant(data), encoding, declared).numpy()
+    pixels = _decode_numpy(list(f[PATCH].bytes_list.value), encoding, declared, "patch")
     out = {k: (list(v.int64_list.value) or list(v.float_list.value) or list(v.bytes_list.value))
            for k, v in f.items()}
     out = {k: (v[0] if len(v) == 1 and k not in (SHAPE, INDEX, OFFSET, VALID, VIDEO_SIZE) else v)
@@ -184,6 +220,23 @@ def parse_patch_numpy(serialized: bytes, shape: Optional[Sequence[int]] = None) 
         if isinstance(out.get(k), bytes):
             out[k] = out[k].decode()
     out[PATCH] = pixels
+    if TARGET in f:
+        out[TARGET] = _decode_numpy(list(f[TARGET].bytes_list.value), encoding, declared, "target")
+    if MASK in f:
+        out[MASK] = _decode_numpy(list(f[MASK].bytes_list.value), "raw", declared[:3], "mask")
+    if FRAME_LABELS in f:
+        out[FRAME_LABELS] = list(f[FRAME_LABELS].int64_list.value)
     if out[VERSION] != SCHEMA_VERSION:
         raise ValueError(f"schema version {out[VERSION]}, expected {SCHEMA_VERSION}")
     return out
+
+
+def _decode_numpy(data: list, encoding: str, declared: tuple, what: str) -> np.ndarray:
+    if encoding == "raw":
+        expected = int(np.prod(declared))
+        if len(data) != 1 or len(data[0]) != expected:
+            raise ValueError(f"raw {what} holds {sum(map(len, data))} bytes, expected {expected} for shape {declared}")
+        return np.frombuffer(data[0], np.uint8).reshape(declared)
+    if len(data) != declared[0]:
+        raise ValueError(f"{encoding} {what} holds {len(data)} frames, expected {declared[0]}")
+    return decode_pixels(tf.constant(data), encoding, declared).numpy()

@@ -1,8 +1,11 @@
 """Model stage: the registry of model families, each a factory `(spec, num_classes, **options) -> keras.Model`.
 
-Every model takes `uint8 [B, T, H, W, 3]` patches (input 'patch'), normalises
-them in its first layer (`layers.Normalize`), has a pooled feature layer named
-'features' and an output layer named 'logits' (float32, no softmax).
+Every model takes `uint8 [B, T, H, W, 3]` patches (input 'patch') and
+normalises them in its first layer (`layers.Normalize`). Classifiers have a
+pooled feature layer named 'features' and an output layer named 'logits'
+(float32, no softmax). Enhancers (`ENHANCE_MODELS`, for `--task enhance`) take
+the output channels in place of `num_classes` and end in the layer 'pixels':
+float32 `[B, T, H, W, 3]` in 0-255 units, the input plus a predicted residual.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import inspect
 from typing import Callable, Dict, Tuple
 
 from stpkeras.models.c3d import build_c3d
+from stpkeras.models.dncnn3d import build_dncnn3d
 from stpkeras.models.r2plus1d import build_r2plus1d
 from stpkeras.models.resnet3d import build_resnet3d
 from stpkeras.models.stcnn import build_stcnn
+from stpkeras.models.unet3d import build_unet3d
 from stpkeras.models.vivit import build_vivit
 
 MODELS: Dict[str, Callable] = {
@@ -22,8 +27,13 @@ MODELS: Dict[str, Callable] = {
     "r2plus1d": build_r2plus1d,
     "resnet3d": build_resnet3d,
     "vivit": build_vivit,
+    "unet3d": build_unet3d,
+    "dncnn3d": build_dncnn3d,
 }
 DEFAULT_MODEL = "stcnn"
+# Families that output pixels (input + residual), not logits: the models of `--task enhance`.
+ENHANCE_MODELS = ("unet3d", "dncnn3d")
+DEFAULT_ENHANCE_MODEL = "unet3d"
 
 
 def model_names() -> Tuple[str, ...]:

@@ -110,3 +110,34 @@ def classifier_head(features, num_classes: int, dropout: float = 0.0):
     """Pooled `features` -> `logits` (float32 even under mixed precision; no softmax)."""
     x = keras.layers.Dropout(dropout, name="head_dropout")(features) if dropout else features
     return keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResidualPixels(keras.layers.Layer):
+    """`[uint8 pixels [B, T, H, W, C], residual [B, T, H, W, C]]` -> float32 pixels `pixels + 127.5 * residual`.
+
+    The output layer of the enhancement models: they predict a residual in
+    `to_unit`'s scale, added here in float32 to the exact input values (not to
+    their normalised copy, which is bfloat16 under mixed precision), so a zero
+    residual returns the input unchanged. Not clipped: the loss sees the raw values;
+    serving clips and rounds to uint8.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        pixels, residual = inputs
+        return ops.cast(pixels, "float32") + ops.cast(residual, "float32") * 127.5
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return super().get_config()
+
+
+def enhance_output(pixels, residual):
+    """The enhancement models' output layer, named 'pixels' (see `ResidualPixels`)."""
+    return ResidualPixels(name="pixels")([pixels, residual])

@@ -1,0 +1,40 @@
+"""Model stage: `dncnn3d`, a DnCNN-style residual Conv3D stack for enhancement (`--task enhance`).
+
+uint8 `[B, T, H, W, 3]` -> Normalize -> `depth` Conv3D layers (ReLU between)
+-> a residual in `to_unit`'s scale, added to the input in the output layer
+'pixels' (float32 values in 0-255 units; see `layers.ResidualPixels`). Every
+layer sees the full resolution, so the receptive field grows by
+`kernel_size - 1` per layer: simple, and slow for a large field (`unet3d` is
+the default for that reason).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from stpkeras.models import layers
+
+
+def build_dncnn3d(spec, channels: int = 3, *, depth: int = 8, filters: int = 32, kernel_size=3,
+                  name: str = "dncnn3d") -> keras.Model:
+    """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
+
+    `channels` is the number of output channels, which must equal the input's
+    (the residual is added to it).
+    """
+    if channels != spec.channels:
+        raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
+                         f"(the output is input + residual). Received channels={channels!r}")
+    depth = layers.positive_ints(depth, "depth")[0]
+    if depth < 2:
+        raise ValueError(f"Invalid value for argument `depth`. Expected at least 2 layers. Received depth={depth}")
+    filters = layers.positive_ints(filters, "filters")[0]
+    kernel_size = layers.triple(kernel_size, "kernel_size")
+    inputs = layers.patch_input(spec)
+    x = layers.Normalize(name="normalize")(inputs)
+    for i in range(depth - 1):
+        x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", name=f"conv{i + 1}")(x)
+    # Zero-initialised: the untrained model returns its input, and training starts from there.
+    residual = keras.layers.Conv3D(channels, kernel_size, padding="same", kernel_initializer="zeros",
+                                   name="residual")(x)
+    return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)

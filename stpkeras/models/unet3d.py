@@ -1,0 +1,65 @@
+"""Model stage: `unet3d`, a Conv3D encoder-decoder with skip connections for enhancement (`--task enhance`).
+
+uint8 `[B, T, H, W, 3]` -> Normalize -> an encoder of `len(filters)` levels,
+each halving height and width (never time: patches are only a few frames long)
+-> a decoder that doubles them back and concatenates the encoder's map of the
+same size (the skip) -> a residual in `to_unit`'s scale, added to the input in
+the output layer 'pixels' (float32 values in 0-255 units).
+
+Why this shape is the default: a voxel-wise cost per layer of `voxels x
+filters_in x filters_out` stays constant when the filters double as the area
+quarters, so the coarse levels see a large spacetime neighbourhood (what
+denoising needs) for the cost of a few full-resolution layers.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from stpkeras.models import layers
+
+
+def build_unet3d(spec, channels: int = 3, *, filters=(24, 48, 96), convs: int = 2, kernel_size=3,
+                 name: str = "unet3d") -> keras.Model:
+    """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
+
+    `filters[i]` are the channels of level i (level 0 is full resolution);
+    `convs` Conv3D layers per level on each side. The patch's height and
+    width must be divisible by `2 ** (len(filters) - 1)`.
+    """
+    if channels != spec.channels:
+        raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
+                         f"(the output is input + residual). Received channels={channels!r}")
+    filters = layers.positive_ints(filters, "filters")
+    convs = layers.positive_ints(convs, "convs")[0]
+    kernel_size = layers.triple(kernel_size, "kernel_size")
+    scale = 2 ** (len(filters) - 1)
+    if spec.height % scale or spec.width % scale:
+        raise ValueError(f"Invalid value for argument `filters`. Expected at most as many levels as halvings of "
+                         f"the patch's {spec.height}x{spec.width}: {len(filters)} levels need sides divisible by "
+                         f"{scale}. Received filters={filters!r}")
+
+    def block(x, width, level, side):
+        for i in range(convs):
+            x = keras.layers.Conv3D(width, kernel_size, padding="same", activation="relu",
+                                    name=f"{side}{level}_conv{i + 1}")(x)
+        return x
+
+    inputs = layers.patch_input(spec)
+    x = layers.Normalize(name="normalize")(inputs)
+    skips = []
+    for level, width in enumerate(filters):
+        if level:
+            x = keras.layers.Conv3D(width, kernel_size, strides=(1, 2, 2), padding="same", activation="relu",
+                                    name=f"down{level}")(x)
+        x = block(x, width, level, "enc")
+        skips.append(x)
+    for level in range(len(filters) - 2, -1, -1):
+        x = keras.layers.Conv3DTranspose(filters[level], (1, 2, 2), strides=(1, 2, 2), activation="relu",
+                                         name=f"up{level}")(x)
+        x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        x = block(x, filters[level], level, "dec")
+    # Zero-initialised: the untrained model returns its input, and training starts from there.
+    residual = keras.layers.Conv3D(channels, kernel_size, padding="same", kernel_initializer="zeros",
+                                   name="residual")(x)
+    return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)
