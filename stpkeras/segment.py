@@ -152,3 +152,298 @@ def label_frames(times: Sequence[float], intervals: Sequence[Tuple[float, float,
     for start, end, label in intervals:
         out[(t >= start) & (t < end)] = label
     return out
+
+
+# --- the task's data ------------------------------------------------------------------------------
+
+MASK_CLASSES = "mask_classes"     # manifest keys written by `stp convert` for segmentation targets
+FRAME_LABEL_NAMES = "frame_labels"
+KINDS = ("mask", "frames")
+
+
+def data_kind(info) -> str:
+    """'mask' when the converted data carries masks, else 'frames' when it carries frame labels."""
+    if info.manifest.get(MASK_CLASSES):
+        return "mask"
+    if info.manifest.get(FRAME_LABEL_NAMES):
+        return "frames"
+    raise ValueError("task segment needs records with masks or frame labels: convert a CSV with a `mask` "
+                     "or an `intervals` column")
+
+
+def class_names(info, kind: Optional[str] = None) -> Tuple[str, ...]:
+    """Mask classes are named by their ids ('0', '1', ...); frame classes by the interval labels."""
+    kind = kind or data_kind(info)
+    if kind == "mask":
+        return tuple(str(i) for i in range(int(info.manifest[MASK_CLASSES])))
+    return tuple(info.manifest[FRAME_LABEL_NAMES])
+
+
+def make_element(info, kind: str, augment: Sequence[str] = ()):
+    """The segment task's element: `(serialized record, seed) -> (uint8 patch, int32 target)`.
+
+    The target is the mask `[T, H, W]` or the frame labels `[T]`. For masks,
+    flip and crop apply to pixels and mask together (the mask rides as a fourth
+    channel; crop resizes with nearest neighbours, so ids stay ids); colour
+    applies to the pixels only.
+    """
+    import tensorflow as tf
+
+    from stpkeras import augment as augment_lib
+    from tfrecords_tools import schema
+
+    if kind not in KINDS:
+        raise ValueError(f"Invalid value for argument `kind`. Expected one of {KINDS}. Received kind={kind!r}")
+    spec, encoding = info.spec, info.encoding
+    names = augment_lib.parse_augment(augment)
+    geometry = augment_lib.make_augment([n for n in names if n != "color"])
+    color = augment_lib.make_augment(["color"] if "color" in names else [])
+
+    def element(serialized, seed):
+        features = schema.parse_patch(serialized, encoding, mask=kind == "mask", frame_labels=kind == "frames")
+        patch = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        if kind == "mask":
+            mask = schema.decode_mask(features[schema.MASK], spec.size)
+            both = geometry(tf.concat([patch, mask[..., None]], axis=-1), seeds[0])
+            patch, target = both[..., :spec.channels], tf.cast(both[..., spec.channels], tf.int32)
+        else:
+            patch = geometry(patch, seeds[0])
+            target = tf.ensure_shape(tf.cast(features[schema.FRAME_LABELS], tf.int32), [spec.frames])
+        return color(patch, seeds[1]), target
+
+    return element
+
+
+# --- whole videos and converted data --------------------------------------------------------------
+
+# Colours of classes 1, 2, ... in overlays (class 0, background, is left as it is).
+PALETTE = np.array([[255, 40, 40], [40, 220, 40], [60, 90, 255], [255, 220, 0], [255, 0, 255], [0, 230, 230],
+                    [255, 140, 0], [150, 60, 255]], np.float32)
+
+
+class SegmentError(ValueError):
+    """A model or input that cannot be segmented as asked; the message names the path."""
+
+
+@dataclasses.dataclass
+class Segmenter:
+    """A trained segment-task model: `logits(uint8 [n, T, H, W, 3])` -> float32 `[n, T, H, W, K]` or `[n, T, K]`."""
+
+    model: object
+    spec: object          # PatchSpec
+    labels: Tuple[str, ...]
+    kind: str             # "mask" or "frames"
+    source: str
+
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(patches), np.float32)
+
+    def __post_init__(self):
+        import tensorflow as tf
+        model = self.model
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def load_segmenter(path: str) -> Segmenter:
+    """A run folder of `stp train --task segment` (or a `.keras` file in one) -> its `Segmenter`."""
+    from stpkeras.train import RunError, load_run
+    from tfrecords_tools.spec import PatchSpec
+
+    try:
+        model, run = load_run(path)
+    except RunError as e:
+        raise SegmentError(str(e)) from e
+    if run.get("task") != "segment":
+        raise SegmentError(f"{path}: the run's task is {run.get('task')!r}; expected a model trained with --task segment")
+    rank = len(model.output_shape)
+    kind = {5: "mask", 3: "frames"}.get(rank)
+    if kind is None:
+        raise SegmentError(f"{path}: output {model.output_shape}; expected [B, T, H, W, K] or [B, T, K] logits")
+    return Segmenter(model, PatchSpec.from_dict(run["spec"]), tuple(run["labels"]), kind, path)
+
+
+@dataclasses.dataclass
+class VideoSegmentation:
+    """What `segment_video` found: per frame class ids (`frames`) or coverage per class (`mask`)."""
+
+    video: str
+    kind: str
+    frames: int = 0
+    patches: int = 0
+    intervals: List[Interval] = dataclasses.field(default_factory=list)
+    class_fraction: Dict[str, float] = dataclasses.field(default_factory=dict)
+    out: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        out = {"video": self.video, "kind": self.kind, "frames": self.frames, "patches": self.patches}
+        if self.kind == "frames":
+            out["intervals"] = [i.to_dict() for i in self.intervals]
+        else:
+            out["class_fraction"] = {k: round(v, 6) for k, v in self.class_fraction.items()}
+            out["out"] = self.out
+        return out
+
+
+def overlay(frame: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`uint8 [H, W, 3]` frame with classes >= 1 of `ids [H, W]` tinted in their palette colour."""
+    out = frame.astype(np.float32)
+    for k in np.unique(ids):
+        if k == 0:
+            continue
+        where = ids == k
+        out[where] = (1 - alpha) * out[where] + alpha * PALETTE[(int(k) - 1) % len(PALETTE)]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
+                  overlap: Optional[Tuple[int, int, int]] = None, batch_size: int = 16,
+                  max_pixels: Optional[int] = None) -> VideoSegmentation:
+    """Segments one video with overlapping patches.
+
+    mask: class probabilities of overlapping patches are blended back into
+    frames by `tfrecords_tools.patches.PatchAssembler` (the enhancement's
+    overlap-add), their argmax tinted over the frames into `out` (H.264).
+    frames: the logits of every patch covering a frame are averaged; the
+    argmax per frame gives the intervals.
+    """
+    import threading
+
+    from stpkeras.predict import _prefetch
+    from tfrecords_tools.patches import Patch, PatchAssembler, overlap_spec
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoWriter, probe, video_patches
+
+    if segmenter.kind == "mask" and not out:
+        raise SegmentError("a mask model writes an overlay video: pass `out` (--out overlay.mp4)")
+    spec = segmenter.spec
+    overlap = tuple(overlap) if overlap is not None else tuple(s // 4 for s in spec.size)
+    # Overlapping, edge-padded patches cover every pixel; the model's own resampling and resizing stay.
+    cut = dataclasses.replace(overlap_spec(spec, overlap), fps=spec.fps, resize=spec.resize,
+                              short_side=spec.short_side)
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    fps = spec.fps or probe(path, max_pixels).rate
+    k = len(segmenter.labels)
+    result = VideoSegmentation(path, segmenter.kind, out=out)
+    state: dict = {}
+
+    def start(plan):
+        if state.get("writer") is not None:
+            state["writer"].close()
+        state.update(plan=plan, batch=[], counts=np.zeros(k, np.int64), patches=0)
+        if segmenter.kind == "mask":
+            state["pixels"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width)
+            state["probs"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width, channels=k)
+            state["writer"] = VideoWriter(out, fps)
+        else:
+            state["sums"] = np.zeros((plan.frames, k), np.float64)
+            state["covered"] = np.zeros(plan.frames, np.int64)
+
+    def run(batch):
+        logits = segmenter.logits(np.stack([p.pixels for p in batch]))
+        state["patches"] += len(batch)
+        for patch, lg in zip(batch, logits):
+            t0, vt = patch.offset[0], patch.valid[0]
+            if segmenter.kind == "frames":
+                state["sums"][t0:t0 + vt] += lg[:vt]
+                state["covered"][t0:t0 + vt] += 1
+                continue
+            e = np.exp(lg - lg.max(axis=-1, keepdims=True))
+            probs = 255.0 * e / e.sum(axis=-1, keepdims=True)   # the assembler rounds to uint8: 1/255 steps
+            frames = list(state["pixels"].add(patch.pixels, patch.offset, patch.valid))
+            maps = list(state["probs"].add(probs, patch.offset, patch.valid))
+            write(frames, maps)
+
+    def write(frames, maps):
+        for (_, frame), (_, prob) in zip(frames, maps):
+            ids = prob.argmax(axis=-1)
+            state["counts"] += np.bincount(ids.ravel(), minlength=k)
+            state["writer"].write(overlay(frame, ids))
+
+    stop = threading.Event()
+    try:
+        for event in _prefetch(video_patches(path, cut, max_pixels=max_pixels), stop):
+            if isinstance(event, Plan):
+                start(event)
+                continue
+            state["batch"].append(event)
+            if len(state["batch"]) == batch_size:
+                run(state["batch"])
+                state["batch"] = []
+        if state.get("batch"):
+            run(state["batch"])
+        if "plan" not in state or state["patches"] == 0:
+            raise SegmentError(f"{path}: no patches ({cut.describe()})")
+        plan = state["plan"]
+        if segmenter.kind == "mask":
+            write(list(state["pixels"].finish()), list(state["probs"].finish()))
+            total = max(1, int(state["counts"].sum()))
+            result.class_fraction = {name: float(c) / total for name, c in zip(segmenter.labels, state["counts"])}
+        else:
+            ids = state["sums"].argmax(axis=1)
+            ids[state["covered"] == 0] = IGNORE
+            period = (plan.end - plan.start) / max(1, plan.frames)
+            result.intervals = frames_to_intervals(ids, [j * period for j in range(plan.frames)],
+                                                   plan.frames * period, segmenter.labels)
+        result.frames, result.patches = plan.frames, state["patches"]
+    finally:
+        stop.set()
+        if state.get("writer") is not None:
+            state["writer"].close()
+    return result
+
+
+def evaluate_segmentation(segmenter: Segmenter, data: str, split: Optional[str] = None,
+                          batch_size: int = 16) -> dict:
+    """Mean IoU per class (masks) or frame accuracy and segmental F1 (frames) on a converted split.
+
+    Frames: a video's frame is labelled by the mean logits of the patches holding
+    it; segments are formed per video over its whole timeline.
+    """
+    import tensorflow as tf
+
+    from stpkeras import pipeline
+    from tfrecords_tools import schema
+
+    info = pipeline.load_info(data, segmenter.spec)
+    kind = data_kind(info)
+    if kind != segmenter.kind or tuple(class_names(info, kind)) != segmenter.labels:
+        raise SegmentError(f"{data}: holds {kind} targets of classes {list(class_names(info, kind))}; the model "
+                           f"predicts {segmenter.kind} of {list(segmenter.labels)}")
+    if split is None:
+        split = next((s for s in ("test", "val") if s in info.splits), None)
+        if split is None:
+            raise SegmentError(f"{data}: no 'test' or 'val' split; pass --split (available: {list(info.splits)})")
+    element = make_element(info, kind)
+
+    def with_ids(serialized, seed):
+        patch, target = element(serialized, seed)
+        f = schema.parse_patch(serialized, info.encoding)
+        return {"patch": patch, "target": target, "video": f[schema.VIDEO_ID], "offset": f[schema.OFFSET][0]}
+
+    ds = pipeline.make_dataset(info, split, batch_size=batch_size, training=False, element_fn=with_ids)
+    k = len(segmenter.labels)
+    confusion = np.zeros((k, k), np.int64)
+    sums: Dict[str, Dict[int, np.ndarray]] = {}
+    truth: Dict[str, Dict[int, int]] = {}
+    for batch in ds:
+        logits = segmenter.logits(batch["patch"].numpy())
+        target = batch["target"].numpy()
+        if kind == "mask":
+            confusion += confusion_matrix(target, logits.argmax(axis=-1), k)
+            continue
+        for vid, t0, lg, y in zip(batch["video"].numpy(), batch["offset"].numpy(), logits, target):
+            per_frame = sums.setdefault(vid.decode(), {})
+            labels = truth.setdefault(vid.decode(), {})
+            for i in range(len(y)):
+                if y[i] < 0 and int(t0) + i in labels:
+                    continue  # padding repeats a frame that a real patch labels
+                per_frame[int(t0) + i] = per_frame.get(int(t0) + i, 0) + lg[i]
+                labels[int(t0) + i] = max(labels.get(int(t0) + i, IGNORE), int(y[i]))
+    result = {"split": split, "kind": kind, "labels": list(segmenter.labels)}
+    if kind == "mask":
+        return {**result, **mask_metrics(confusion, segmenter.labels)}
+    sequences = []
+    for vid in sorted(sums):
+        frames = sorted(sums[vid])
+        sequences.append(([truth[vid][j] for j in frames], [int(np.argmax(sums[vid][j])) for j in frames]))
+    return {**result, "videos": len(sequences), **frame_metrics(sequences)}

@@ -90,3 +90,92 @@ def test_pooled_features_of_stcnn_average_its_pooled_map_and_keep_its_outputs():
     assert model.output_shape == (None, 3)  # the classifier itself is unchanged
     c3d = build_model("c3d", spec, 3, widths=(4, 8), convs_per_stage=(1, 1))
     np.testing.assert_allclose(feature_model(c3d)(x), keras.Model(c3d.inputs, c3d.get_layer("features").output)(x))
+
+
+# --- end to end on the sample videos ---------------------------------------------------------------
+
+SAMPLES = ("bikes.mp4", "bigbuckbunny.mp4", "tree.avi", "Megamind_bugy.avi")
+NEAR_DUP_SPEC = PatchSpec(8, 32, 32, short_side=48)
+
+
+def _decoded(path):
+    import av
+
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _even(n):
+    return max(2, n - n % 2)
+
+
+def _copies(frames, out_dir, stem):
+    """Re-encoded (crf 35), resized (half), cropped (6% off every side) and trimmed (middle 70%) copies."""
+    from PIL import Image
+
+    from tfrecords_tools.video import VideoWriter
+
+    t, h, w, _ = frames.shape
+    dy, dx = h * 6 // 100, w * 6 // 100
+    versions = {
+        "reencoded": (frames, 35),
+        "resized": (np.stack([np.asarray(Image.fromarray(f).resize((_even(w // 2), _even(h // 2)), Image.BILINEAR))
+                              for f in frames]), 23),
+        "cropped": (frames[:, dy:dy + _even(h - 2 * dy), dx:dx + _even(w - 2 * dx)], 23),
+        "trimmed": (frames[int(0.15 * t):int(0.85 * t)], 23),
+    }
+    paths = {}
+    for name, (clip, crf) in versions.items():
+        paths[name] = os.path.join(out_dir, f"{stem}_{name}.mp4")
+        with VideoWriter(paths[name], 25.0, crf=crf, options={"preset": "ultrafast"}) as writer:
+            for frame in clip:
+                writer.write(np.ascontiguousarray(frame))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def embed_run(tmp_path_factory, sample):
+    """`stp train --task embed` (self-supervised, no labels) on the four sample videos: the run folder."""
+    from tfrecords_tools.convert import ConvertConfig, convert
+    from stpkeras.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("embed")
+    src = root / "src"
+    src.mkdir()
+    for name in SAMPLES:
+        os.symlink(sample(name), src / name)
+    manifest = convert(ConvertConfig(src=str(src), out=str(root / "data"), spec=NEAR_DUP_SPEC, workers=2))
+    assert manifest["counts"]["ok"] == 4
+    run = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), task="embed", model="stcnn",
+                            model_options=(("filters", 16),), epochs=3, batch_size=32, lr=3e-3,
+                            augment=("crop", "color"), seed=0, verbose=0), echo=lambda s: None)
+    assert run["task"] == "embed" and run["metrics"]["epochs"] == 3
+    # The contrastive task learns: its loss falls from the first epoch to the last.
+    from stpkeras.train import read_history
+    losses = read_history(str(root / "run"))["loss"]
+    assert losses[-1] < losses[0], losses
+    return str(root / "run"), src
+
+
+def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_run, tmp_path, cli):
+    run_dir, src = embed_run
+    index_dir = tmp_path / "index"
+    result = cli("index", run_dir, *[src / n for n in SAMPLES], "--out", index_dir)
+    assert result.exit_code == 0, result.output
+    assert "indexed 4 videos" in result.output
+    info = json.loads((index_dir / "index.json").read_text())
+    assert info["count"] == 4 and info["dim"] == 16 and info["failed"] == []
+    queries, sources = [], []
+    for name in SAMPLES:
+        for path in _copies(_decoded(str(src / name)), str(tmp_path), os.path.splitext(name)[0]).values():
+            queries.append(path)
+            sources.append(str(src / name))
+    result = cli("search", index_dir, *queries, "-k", "2", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert len(rows) == 2 * len(queries)
+    top = {r["query"]: r for r in rows if r["rank"] == 1}
+    second = {r["query"]: r for r in rows if r["rank"] == 2}
+    for query, source in zip(queries, sources):
+        assert os.path.abspath(top[query]["video"]) == os.path.abspath(source), (query, top[query], second[query])
+        assert top[query]["score"] > second[query]["score"]

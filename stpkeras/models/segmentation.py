@@ -1,0 +1,78 @@
+"""Model stage: segmentation networks for `--task segment`: a class per voxel or a class per frame.
+
+`unet3d` here is the same encoder-decoder as the enhancement `unet3d` (levels
+that halve height and width, never time; Conv3DTranspose back up; skips by
+concatenation) with a classification head instead of the residual pixels:
+
+- `kind="mask"`: a 1x1x1 Conv3D to `num_classes` logits per voxel, `[B, T, H, W, K]`;
+- `kind="frames"`: the decoder's map averaged over height and width, then a
+  Dense to logits per frame, `[B, T, K]`.
+
+`kernel_size=(1, 3, 3)` makes every convolution per frame: the 2D baseline that
+sees no motion (the control model of the segmentation test).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from stpkeras.models import layers
+
+KINDS = ("mask", "frames")
+SEGMENT_MODELS = ("unet3d",)
+
+
+def unet_body(x, filters, convs: int, kernel_size):
+    """Encoder-decoder: `[B, T, H, W, C]` -> `[B, T, H, W, filters[0]]` (H, W divisible by 2^(levels-1))."""
+    def block(x, width, level, side):
+        for i in range(convs):
+            x = keras.layers.Conv3D(width, kernel_size, padding="same", activation="relu",
+                                    name=f"{side}{level}_conv{i + 1}")(x)
+        return x
+
+    skips = []
+    for level, width in enumerate(filters):
+        if level:
+            x = keras.layers.Conv3D(width, kernel_size, strides=(1, 2, 2), padding="same", activation="relu",
+                                    name=f"down{level}")(x)
+        x = block(x, width, level, "enc")
+        skips.append(x)
+    for level in range(len(filters) - 2, -1, -1):
+        x = keras.layers.Conv3DTranspose(filters[level], (1, 2, 2), strides=(1, 2, 2), activation="relu",
+                                         name=f"up{level}")(x)
+        x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        x = block(x, filters[level], level, "dec")
+    return x
+
+
+def build_unet3d_segmenter(spec, num_classes: int, *, kind: str = "mask", filters=(16, 32, 64), convs: int = 2,
+                           kernel_size=3, name: str = "unet3d_segment") -> keras.Model:
+    """uint8 `[B, T, H, W, 3]` -> float32 logits `[B, T, H, W, K]` (mask) or `[B, T, K]` (frames), layer 'logits'."""
+    num_classes = layers.check_classes(num_classes)
+    if kind not in KINDS:
+        raise ValueError(f"Invalid value for argument `kind`. Expected one of {KINDS}. Received kind={kind!r}")
+    filters = layers.positive_ints(filters, "filters")
+    convs = layers.positive_ints(convs, "convs")[0]
+    kernel_size = layers.triple(kernel_size, "kernel_size")
+    scale = 2 ** (len(filters) - 1)
+    if spec.height % scale or spec.width % scale:
+        raise ValueError(f"Invalid value for argument `filters`. Expected at most as many levels as halvings of "
+                         f"the patch's {spec.height}x{spec.width}: {len(filters)} levels need sides divisible by "
+                         f"{scale}. Received filters={filters!r}")
+    inputs = layers.patch_input(spec)
+    x = unet_body(layers.Normalize(name="normalize")(inputs), filters, convs, kernel_size)
+    if kind == "mask":
+        logits = keras.layers.Conv3D(num_classes, 1, dtype="float32", name="logits")(x)
+    else:
+        from stpkeras.embedding import GlobalMean
+        per_frame = GlobalMean((2, 3), name="frame_features")(x)
+        logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(per_frame)
+    return keras.Model(inputs, logits, name=name)
+
+
+def build_segmenter(model: str, spec, num_classes: int, *, kind: str, **options) -> keras.Model:
+    """The segment task's factory: model family `model` (only 'unet3d') with a `kind` head."""
+    if model not in SEGMENT_MODELS:
+        raise ValueError(f"Invalid value for argument `model`. Task segment supports {list(SEGMENT_MODELS)}. "
+                         f"Received model={model!r}")
+    return build_unet3d_segmenter(spec, num_classes, kind=kind, **options)
