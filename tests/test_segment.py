@@ -1,5 +1,7 @@
 """Segmentation: every metric against a hand-computed case, intervals <-> frame labels."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -52,3 +54,120 @@ def test_intervals_to_frame_labels_and_back():
     intervals = sg.frames_to_intervals(labels[:5], times[:5], end=2.5, names=["walk", "run"])
     assert [i.to_dict() for i in intervals] == [{"start": 0.0, "end": 1.0, "label": "walk"},
                                                 {"start": 1.0, "end": 2.5, "label": "run"}]
+
+
+# --- targets written by the converter -------------------------------------------------------------
+
+def _records(root, manifest, split):
+    import tensorflow as tf
+
+    from tfrecords_tools import schema
+
+    files = [os.path.join(root, s["file"]) for s in manifest["splits"][split]["shards"]]
+    return [schema.parse_patch_numpy(r.numpy()) for r in tf.data.TFRecordDataset(files)]
+
+
+def test_masks_from_a_mask_video_and_from_pngs_line_up_with_the_patches(tmp_path, sample):
+    from segdata import camouflage_video, real_frames, write_camouflage_source
+    from tfrecords_tools import schema
+    from tfrecords_tools.convert import ConvertConfig, convert
+    from tfrecords_tools.spec import PatchSpec
+
+    csv_path = write_camouflage_source(str(tmp_path / "src"), [sample("bikes.mp4")], videos=2, frames=12, size=32,
+                                       seed=3, val_every=10)
+    spec = PatchSpec(8, 16, 16, stride_frames=4, pad="edge")
+    manifest = convert(ConvertConfig(src=csv_path, out=str(tmp_path / "data"), spec=spec))
+    assert manifest["counts"]["ok"] == 2 and manifest["mask_classes"] == 2
+    # Regenerate the masks the source was written with (same seed, same draws).
+    rng = np.random.default_rng(3)
+    from segdata import _crop
+    frame = [f for f in real_frames(sample("bikes.mp4"), 6)]
+    expected = {}
+    for i in range(2):
+        picked = frame[int(rng.integers(len(frame)))]
+        _, mask = camouflage_video(_crop(picked, 32, rng), _crop(picked, 32, rng), 12, rng)
+        expected[f"v{i:03d}.mp4"] = mask  # v000: mask video, v001: PNG folder
+    records = [r for split in manifest["splits"] for r in _records(str(tmp_path / "data"), manifest, split)]
+    assert len(records) == 2 * 2 * 2 * 2  # 2 videos x (t 0, 4 -> edge-padded to 2 windows) x 2 x 2
+    for r in records:
+        t, y, x = r[schema.OFFSET]
+        vt, vh, vw = r[schema.VALID]
+        want = expected[r[schema.VIDEO_ID]][t:t + vt, y:y + vh, x:x + vw]
+        np.testing.assert_array_equal(r[schema.MASK][:vt, :vh, :vw], want)
+        assert r[schema.MASK].shape == (8, 16, 16)
+
+
+def test_frame_labels_from_intervals(tmp_path, sample):
+    import csv
+
+    from segdata import write_scene_changes
+    from tfrecords_tools import schema
+    from tfrecords_tools.convert import ConvertConfig, convert
+    from tfrecords_tools.spec import PatchSpec
+
+    csv_path = write_scene_changes(str(tmp_path / "src"), [sample("bikes.mp4"), sample("tree.avi")], videos=2,
+                                   fps=10.0, seed=1)
+    manifest = convert(ConvertConfig(src=csv_path, out=str(tmp_path / "data"), spec=PatchSpec(8, 32, 32, stride_frames=8,
+                                                                                            pad="zero")))
+    assert manifest["frame_labels"] == ["bikes", "tree"]
+    assert "frame_labels" in manifest["fingerprint"]
+    records = [r for split in manifest["splits"] for r in _records(str(tmp_path / "data"), manifest, split)]
+    for r in records:
+        stem = os.path.splitext(r[schema.VIDEO_ID])[0]
+        with open(tmp_path / "src" / (stem + ".csv")) as f:
+            intervals = [(float(row["start"]), float(row["end"]), ["bikes", "tree"].index(row["label"]))
+                         for row in csv.DictReader(f)]
+        t0, valid = r[schema.OFFSET][0], r[schema.VALID][0]
+        want = sg.label_frames([(t0 + i) / 10.0 for i in range(valid)], intervals).tolist() + [-1] * (8 - valid)
+        assert r[schema.FRAME_LABELS] == want
+    # A bad intervals file is that video's failure, named, not the job's.
+    with open(tmp_path / "src" / "scene000.csv", "w") as f:
+        f.write("start,end,label\n2,1,x\n")
+    manifest = convert(ConvertConfig(src=csv_path, out=str(tmp_path / "data2"), spec=PatchSpec(8, 32, 32)))
+    failed = [v for v in manifest["videos"] if v["status"] == "failed"]
+    assert len(failed) == 1 and "scene000.csv:2: expected 0 <= start < end" in failed[0]["reason"]
+
+
+def test_records_without_targets_are_unchanged():
+    from tfrecords_tools import schema
+
+    pixels = np.zeros((2, 4, 4, 3), np.uint8)
+    meta = dict(video_id="v", video_size=(2, 4, 4), index=(0, 0, 0), offset=(0, 0, 0), valid=(2, 4, 4), timestamp=0.0)
+    plain = schema.encode_patch(pixels, **meta)
+    assert schema.encode_patch(pixels, mask=None, frame_labels=None, **meta) == plain
+    with_mask = schema.parse_patch_numpy(schema.encode_patch(pixels, mask=np.ones((2, 4, 4), np.uint8), **meta))
+    assert with_mask[schema.MASK].tolist() == np.ones((2, 4, 4)).tolist()
+    with pytest.raises(ValueError, match=r"Expected a uint8 mask \[T, H, W\] = \[2, 4, 4\]"):
+        schema.encode_patch(pixels, mask=np.ones((2, 4, 5), np.uint8), **meta)
+
+
+def test_action_segmentation_learns_scene_changes_and_prints_intervals(tmp_path, sample, cli):
+    """Per-frame classes from `start,end,label` intervals: videos cutting between three sample videos."""
+    import csv
+    import json
+
+    from segdata import write_scene_changes
+
+    csv_path = write_scene_changes(str(tmp_path / "src"), [sample("bikes.mp4"), sample("bigbuckbunny.mp4"),
+                                                           sample("tree.avi")], videos=24, fps=10.0, seed=0)
+    assert cli("convert", csv_path, tmp_path / "data", "--patch", "8x32x32", "--stride", "4x32x32",
+               "-q").exit_code == 0
+    result = cli("train", tmp_path / "data", "--out", tmp_path / "run", "--task", "segment", "--model-arg",
+                 "filters=[8,16]", "--model-arg", "convs=1", "--epochs", "8", "--batch-size", "16", "--lr", "5e-3",
+                 "--seed", "0", "--verbose", "0")
+    assert result.exit_code == 0, result.output
+    result = cli("segment", tmp_path / "run", tmp_path / "data", "--split", "val", "--json")
+    metrics = json.loads(result.output)
+    assert metrics["kind"] == "frames" and metrics["videos"] == 6
+    assert metrics["frame_accuracy"] >= 0.9, metrics
+    assert metrics["f1@0.5"] >= 0.8, metrics
+    # The intervals printed for a held-out video match the cuts it was made with, frame by frame.
+    result = cli("segment", tmp_path / "run", tmp_path / "src" / "scene000.mp4", "--json")
+    found = json.loads(result.output)["intervals"]
+    with open(tmp_path / "src" / "scene000.csv") as f:
+        truth = [(float(r["start"]), float(r["end"]), r["label"]) for r in csv.DictReader(f)]
+    times = np.arange(0, truth[-1][1], 0.1) + 0.05
+    names = ["bigbuckbunny", "bikes", "tree"]
+    want = sg.label_frames(times, [(a, b, names.index(c)) for a, b, c in truth])
+    got = sg.label_frames(times, [(i["start"], i["end"], names.index(i["label"])) for i in found])
+    assert np.mean(want == got) >= 0.9, (truth, found)

@@ -68,7 +68,9 @@ def frame_labels(patch: Patch, plan: Plan, intervals: Sequence[Tuple[float, floa
     for i in range(frames):
         label = UNLABELLED
         if i < patch.valid[0]:
-            t = (patch.offset[0] + i) * period
+            # A thousandth of a period later: a start time computed in floats (7 x 0.1 = 0.7000000000000001,
+            # 0.79999 for 8 x (3.4 / 34)) must not fall before an interval boundary it sits on.
+            t = (patch.offset[0] + i + 1e-3) * period
             for start, end, index in intervals:
                 if start <= t < end:
                     label = index  # a later interval wins where they overlap
