@@ -181,6 +181,17 @@ def _reference_frames(path: str, spec: PatchSpec, max_pixels: int) -> Iterator[n
                            "re-encode it") from e
 
 
+def _open_writer(path: str, fps: float, crf: int, lossless: bool, height: int, width: int):
+    from tfrecords_tools.video import VideoWriter
+
+    writer = VideoWriter(path, fps, crf=crf, lossless=lossless)
+    if not lossless and (height % 2 or width % 2):
+        # yuv420p halves both chroma sides, so libx264 refuses odd sizes; 4:4:4 keeps the exact size
+        # (fewer players decode it than 4:2:0; --lossless RGB has the same limit).
+        writer.stream.pix_fmt = "yuv444p"
+    return writer
+
+
 def _write_png(path: str, frames) -> None:
     from PIL import Image
     Image.fromarray(np.concatenate(frames, axis=1)).save(path)
@@ -199,7 +210,7 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
     """
     from stpkeras.predict import _prefetch
     from tfrecords_tools.patches import Patch
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoWriter, probe, video_patches
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, probe, video_patches
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
@@ -224,8 +235,9 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
         close()
         state.update(plan=plan, out_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
                      in_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
-                     writer=VideoWriter(out, info.rate, crf=crf, lossless=lossless),
-                     side=VideoWriter(side_by_side, info.rate, crf=crf, lossless=lossless) if side_by_side else None,
+                     writer=_open_writer(out, info.rate, crf, lossless, plan.height, plan.width),
+                     side=(_open_writer(side_by_side, info.rate, crf, lossless, plan.height,
+                                        plan.width * (3 if reference else 2)) if side_by_side else None),
                      ref=_reference_frames(reference, spec, max_pixels) if reference else None,
                      scores=[], pending_in={}, patches=0,
                      png_at=(plan.frames // 2 if frame_index is None else min(frame_index, plan.frames - 1)))

@@ -19,7 +19,7 @@ import keras
 from stpkeras.models import layers
 
 
-def build_unet3d(spec, channels: int = 3, *, filters=(24, 48, 96), convs: int = 2, kernel_size=3,
+def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 2, kernel_size=3,
                  name: str = "unet3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 

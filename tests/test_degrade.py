@@ -1,0 +1,169 @@
+"""Tests of stpkeras.degrade (eagerly and inside Dataset.map), stpkeras.quality against hand-computed
+values, and the enhance element of the pipeline (self-supervised and paired records)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stpkeras import degrade, quality
+from tfrecords_tools import schema
+from tfrecords_tools.spec import PatchSpec
+
+SHAPE = (4, 24, 24, 3)
+
+
+def _patch(seed=0, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:shape[1], 0:shape[2]]
+    base = 128 + 60 * np.sin(yy / 3.0)[..., None] * np.cos(xx / 4.0)[..., None] + rng.normal(0, 5, (*shape[1:3], 3))
+    return np.clip(np.repeat(base[None], shape[0], 0), 0, 255).astype(np.uint8)
+
+
+def _run(fn, patch, seed, mode):
+    if mode == "eager":
+        out, params = fn(tf.constant(patch), tf.constant(seed, tf.int64))
+        return out.numpy(), {k: float(v) for k, v in params.items()}
+    ds = tf.data.Dataset.from_tensors((patch, np.array(seed, np.int64))).map(lambda p, s: fn(p, s))
+    out, params = next(iter(ds))
+    return out.numpy(), {k: float(v) for k, v in params.items()}
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+def test_parse_degrade_values_ranges_order_and_errors():
+    ds = degrade.parse_degrade(["jpeg:20", "noise:10-40", "blur:1.5"])
+    assert [str(d) for d in ds] == ["blur:1.5", "noise:10-40", "jpeg:20"]  # the physical order, not the given one
+    assert ds[1] == degrade.Degradation("noise", 10.0, 40.0)
+    assert degrade.parse_degrade("none") == () and degrade.parse_degrade(None) == ()
+    assert degrade.describe(degrade.parse_degrade("motion:7,flicker:0.1")) == ("motion:7", "flicker:0.1")
+    for bad, match in (("noise", "KIND:PARAM"), ("fog:3", "Expected a kind"), ("noise:40-10", "LOW <= HIGH"),
+                       ("jpeg:0", "within"), ("noise:5,noise:6", "at most once"), ("jpeg:10.5", "integer")):
+        with pytest.raises(ValueError, match=match):
+            degrade.parse_degrade(bad)
+
+
+# --- the ops --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["eager", "map"])
+@pytest.mark.parametrize("text", ["noise:10-40", "poisson:5-50", "blur:0.5-2", "motion:3-9", "jpeg:10-30",
+                                  "flicker:0.05-0.2"])
+def test_every_op_is_seeded_uint8_and_draws_within_its_range(text, mode):
+    fn = degrade.make_degrade([text])
+    d = fn.degradations[0]
+    patch = _patch()
+    out, params = _run(fn, patch, [1, 2], mode)
+    again, params_again = _run(fn, patch, [1, 2], mode)
+    other, params_other = _run(fn, patch, [3, 4], mode)
+    assert out.dtype == np.uint8 and out.shape == patch.shape
+    assert np.array_equal(out, again) and params == params_again          # same seed, same result
+    assert not np.array_equal(out, other) and params != params_other      # another seed, another draw
+    assert d.low <= params[d.kind] <= d.high
+    assert not np.array_equal(out, patch)
+
+
+def test_gaussian_noise_has_the_drawn_sigma():
+    flat = np.full((8, 64, 64, 3), 128, np.uint8)  # far from 0 and 255: no clipping
+    out, params = degrade.make_degrade(["noise:10-40"])(flat, tf.constant([5, 6], tf.int64))
+    measured = float(np.std(out.numpy().astype(float) - 128))
+    # Rounding adds a variance of 1/12.
+    assert measured == pytest.approx(math.sqrt(float(params["noise"]) ** 2 + 1 / 12), rel=0.02)
+
+
+def test_blur_keeps_a_flat_patch_and_smooths_an_edge():
+    flat = np.full(SHAPE, 77, np.uint8)
+    out, _ = degrade.make_degrade(["blur:2"])(flat, tf.constant([0, 1], tf.int64))
+    assert np.all(out.numpy() == 77)  # normalised kernel, mirrored edges: no darkening
+    edge = np.zeros(SHAPE, np.uint8)
+    edge[:, :, 12:] = 200
+    out, _ = degrade.make_degrade(["blur:2"])(edge, tf.constant([0, 1], tf.int64))
+    row = out.numpy()[0, 5, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 200 and np.all(np.diff(row) >= 0) and 0 < row[11] < 200
+
+
+def test_motion_kernel_is_a_normalised_line():
+    k = degrade.motion_kernel(tf.constant(5.0), tf.constant(0.0), 7).numpy()
+    assert k.sum() == pytest.approx(1.0)
+    assert np.allclose(k[3, 1:6], 0.2) and np.allclose(np.delete(k, 3, axis=0), 0)  # horizontal, 5 pixels
+    assert degrade.motion_kernel(tf.constant(1.0), tf.constant(0.7), 7).numpy()[3, 3] == pytest.approx(1.0)
+
+
+def test_flicker_scales_each_frame_by_one_gain():
+    flat = np.full(SHAPE, 100, np.uint8)
+    out, params = degrade.make_degrade(["flicker:0.2"])(flat, tf.constant([2, 3], tf.int64))
+    out = out.numpy().astype(int)
+    gains = out[:, 0, 0, 0] / 100.0
+    assert all(np.all(out[t] == out[t, 0, 0, 0]) for t in range(SHAPE[0]))  # one gain per frame
+    assert np.all(np.abs(gains - 1) <= 0.2 + 0.005) and len(set(gains)) > 1 and params["flicker"] == 0.2
+
+
+def test_adding_a_degradation_does_not_change_what_the_others_draw():
+    patch = _patch()
+    seed = tf.constant([9, 9], tf.int64)
+    _, alone = degrade.make_degrade(["noise:10-40"])(patch, seed)
+    _, chained = degrade.make_degrade(["noise:10-40", "jpeg:20-60"])(patch, seed)
+    assert float(alone["noise"]) == float(chained["noise"])
+
+
+# --- quality ---------------------------------------------------------------------------------------
+
+def test_psnr_and_ssim_against_hand_computed_values():
+    a = np.full((2, 4, 16, 16, 3), 100, np.uint8)
+    b = np.full_like(a, 110)
+    assert quality.psnr(a, b).numpy() == pytest.approx([10 * math.log10(255 ** 2 / 100)] * 2, abs=1e-4)
+    # Constant images: the contrast-structure term is 1, SSIM is the luminance term.
+    c1 = (0.01 * 255) ** 2
+    expected = (2 * 100 * 110 + c1) / (100 ** 2 + 110 ** 2 + c1)
+    assert quality.ssim(a, b).numpy() == pytest.approx([expected] * 2, abs=2e-4)
+    # One value off by 155 in a frame of 16x16x3 values: MSE = 155^2 / 768.
+    c = a.copy()
+    c[0, 0, 0, 0, 0] = 255
+    frame = quality.psnr(a[0, 0], c[0, 0], axes=3).numpy()
+    assert frame == pytest.approx(10 * math.log10(255 ** 2 * 768 / 155 ** 2), abs=1e-4)
+    assert quality.psnr(a, a).numpy().tolist() == [quality.MAX_PSNR] * 2
+    assert quality.ssim(a, a).numpy() == pytest.approx([1.0, 1.0])
+    # Float predictions are clipped and rounded first: what a uint8 output would hold.
+    assert quality.psnr(np.full(a.shape, 300.4, np.float32), np.full_like(a, 255)).numpy()[0] == quality.MAX_PSNR
+
+
+def test_keras_metrics_average_per_patch():
+    m = quality.PSNR()
+    y = np.full((2, 4, 16, 16, 3), 100, np.uint8)
+    pred = y.astype(np.float32)
+    pred[0] += 10
+    m.update_state(y, pred)
+    assert float(m.result()) == pytest.approx((10 * math.log10(255 ** 2 / 100) + quality.MAX_PSNR) / 2, abs=1e-3)
+
+
+# --- the element -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_make_pairs_self_supervised_and_paired(encoding):
+    spec = PatchSpec(4, 24, 24)
+    clean = _patch(1)
+    degraded = _patch(2)
+    common = dict(encoding=encoding, video_id="v", video_size=(4, 24, 24), index=(0, 0, 0), offset=(0, 0, 0),
+                  valid=(4, 24, 24), timestamp=0.0)
+    plain = schema.encode_patch(clean, **common)
+    paired = schema.encode_patch(degraded, target=clean, **common)
+    assert np.array_equal(schema.parse_patch_numpy(paired)[schema.TARGET], clean)
+
+    element = degrade.make_pairs(encoding, spec, paired=False, degradations=["noise:25"])
+    x, y = element(tf.constant(plain), tf.constant([1, 1], tf.int64))
+    assert np.array_equal(y.numpy(), clean) and x.dtype == tf.uint8
+    assert 15 < float(quality.psnr(x, y)) < 25  # sigma 25: about 20 dB
+
+    element = degrade.make_pairs(encoding, spec, paired=True)
+    ds = tf.data.Dataset.from_tensors(paired).map(lambda r: element(r, tf.constant([0, 0], tf.int64)))
+    x, y = next(iter(ds))
+    assert np.array_equal(x.numpy(), degraded) and np.array_equal(y.numpy(), clean)
+
+    # Augmentation crops input and target alike.
+    element = degrade.make_pairs(encoding, spec, paired=True, augment=["crop", "color"])
+    x, y = element(tf.constant(paired), tf.constant([4, 2], tf.int64))
+    same = degrade.make_pairs(encoding, spec, paired=True, augment=["crop", "color"])
+    x2, y2 = same(tf.constant(paired), tf.constant([4, 2], tf.int64))
+    assert np.array_equal(x.numpy(), x2.numpy()) and not np.array_equal(y.numpy(), clean)

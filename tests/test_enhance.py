@@ -1,0 +1,259 @@
+"""Tests of enhancement end to end: overlap-add reassembly (exact with an identity model, odd sizes, bounded
+memory), `stp enhance` on real encoded videos, paired conversion (`path,target`), a short `stp train --task
+enhance` that beats its noisy input, `stp evaluate` with baselines, and the export's serving signature."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stpkeras.enhance import PIXELS, PIXELS_FLOAT, enhance_video, load_enhancer
+from tfrecords_tools import schema
+from tfrecords_tools.patches import Grid, PatchAssembler, PatchCutter, blend_window, overlap_spec
+from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import VideoWriter
+from videos import decode_all, pattern_frames, write_video
+
+
+# --- overlap-add --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,overlap", [(8, 0), (8, 1), (8, 2), (8, 4), (64, 16), (5, 2)])
+def test_blend_windows_cross_fade_to_one_and_never_reach_zero(size, overlap):
+    w = blend_window(size, overlap)
+    assert w.dtype == np.float32 and np.all(w > 0) and np.all(w <= 1)
+    stride = size - overlap
+    if overlap:
+        assert np.allclose(w[stride:] + w[:overlap], 1.0, atol=1e-6)  # neighbouring ramps sum to one
+    with pytest.raises(ValueError, match="overlap"):
+        blend_window(size, size // 2 + 1)
+
+
+def _assemble(frames, spec, overlap, transform=lambda p: p):
+    """Cuts `frames` like the enhancer does, applies `transform` per patch, reassembles; checks memory."""
+    cut = overlap_spec(spec, overlap)
+    t, h, w = frames.shape[:3]
+    grid = Grid.for_video(cut, t, h, w)
+    cutter = PatchCutter(cut, grid)
+    assembler = PatchAssembler(cut, overlap, t, h, w)
+    out, held = [], 0
+    for i, frame in enumerate(frames):
+        for patch in cutter.add(frame, float(i)):
+            out += list(assembler.add(transform(patch.pixels), patch.offset, patch.valid))
+            held = max(held, len(assembler._acc))
+    for patch in cutter.finish():
+        out += list(assembler.add(transform(patch.pixels), patch.offset, patch.valid))
+    out += list(assembler.finish())
+    assert [i for i, _ in out] == list(range(t))
+    return np.stack([f for _, f in out]), held
+
+
+@pytest.mark.parametrize("shape,overlap", [((19, 45, 71), (2, 4, 4)), ((7, 13, 9), (1, 3, 2)),
+                                           ((3, 10, 10), (2, 4, 4)), ((30, 33, 17), (0, 0, 0)),
+                                           ((11, 16, 16), (4, 8, 8))])
+def test_identity_reassembles_exactly_on_odd_sizes(shape, overlap):
+    """No seam and no darkening at the borders: an identity model gives back every pixel exactly,
+    also where the frame is smaller than a patch (3 frames, 10x10 for 8x16x16 patches)."""
+    frames = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    out, held = _assemble(frames, PatchSpec(8, 16, 16), overlap)
+    assert np.array_equal(out, frames)
+    assert held <= 8  # about one patch length of frames in memory, whatever the video's length
+    # Float outputs off by < 0.5 round back; a constant shift is kept everywhere (no border effects).
+    out, _ = _assemble(frames, PatchSpec(8, 16, 16), overlap, lambda p: p.astype(np.float32) + 0.4)
+    assert np.array_equal(out, frames)
+    flat = np.full((*shape, 3), 100, np.uint8)
+    out, _ = _assemble(flat, PatchSpec(8, 16, 16), overlap, lambda p: p.astype(np.float32) + 7)
+    assert np.all(out == 107)
+
+
+def test_overlap_spec_checks_its_range():
+    with pytest.raises(ValueError, match="overlap"):
+        overlap_spec(PatchSpec(8, 16, 16), (5, 4, 4))
+    assert overlap_spec(PatchSpec(8, 16, 16, fps=10, short_side=32), (2, 4, 4)).stride == (6, 12, 12)
+
+
+# --- whole videos ---------------------------------------------------------------------------------
+
+def _identity_run(root, spec):
+    """A run folder holding an untrained dncnn3d: its residual layer is zero-initialised, so it returns its input."""
+    from stpkeras.models import build_model
+
+    os.makedirs(root, exist_ok=True)
+    build_model("dncnn3d", spec, 3, depth=2, filters=4).save(os.path.join(root, "best.keras"))
+    with open(os.path.join(root, "run.json"), "w") as f:
+        json.dump({"task": "enhance", "spec": spec.to_dict(), "labels": [], "model": "dncnn3d"}, f)
+    return str(root)
+
+
+def test_enhance_video_with_an_identity_model_gives_back_the_input(tmp_path, lossless_odd, cli):
+    run = _identity_run(tmp_path / "run", PatchSpec(4, 16, 16))
+    out = str(tmp_path / "out.mp4")
+    result = enhance_video(load_enhancer(run), lossless_odd.path, out, lossless=True, reference=lossless_odd.path,
+                           batch_size=5, side_by_side=str(tmp_path / "sbs.mp4"), frame_png=str(tmp_path / "f.png"))
+    decoded, times = decode_all(out)
+    assert np.array_equal(decoded, lossless_odd.frames)  # 19 frames of 45x71, exact
+    assert (result.frames, result.height, result.width, result.fps) == (19, 45, 71, 25.0)
+    assert times[1] - times[0] == pytest.approx(1 / 25)
+    assert result.output_psnr == result.input_psnr == 100.0 and result.output_ssim == pytest.approx(1.0)
+    sbs, _ = decode_all(str(tmp_path / "sbs.mp4"))
+    assert sbs.shape == (19, 45, 71 * 3, 3)
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png"))[:, 71:142], lossless_odd.frames[9])
+
+    # The CLI, with another overlap and lossy output: same frame count, close to the input.
+    r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "cli.mp4", "--overlap", "1x5x3",
+            "--reference", lossless_odd.path, "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["frames"] == 19 and got["output_psnr"] == 100.0
+    assert decode_all(str(tmp_path / "cli.mp4"))[0].shape == lossless_odd.frames.shape
+    r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "x.mp4", "--overlap", "3x5x3")
+    assert r.exit_code == 2 and "overlap" in r.output
+
+
+def test_enhance_refuses_a_mismatched_reference_and_a_classifier(tmp_path, lossless_odd, clip64, cli):
+    run = _identity_run(tmp_path / "run", PatchSpec(4, 16, 16))
+    r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "o.mp4", "--reference", clip64.path)
+    assert r.exit_code == 2 and "expected the same size" in r.output
+    with open(os.path.join(run, "run.json"), "w") as f:
+        json.dump({"task": "classify", "spec": PatchSpec(4, 16, 16).to_dict(), "labels": ["a", "b"]}, f)
+    r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "expected an enhancement model" in r.output
+
+
+# --- paired conversion ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """clean.mp4 (lossless) and bad.mp4 (H.264 at crf 40), 16 frames of 40x48; plus mismatched pairs."""
+    root = tmp_path_factory.mktemp("pairs")
+    clean = pattern_frames(16, 40, 48, seed=5)
+    write_video(str(root / "clean.mp4"), clean, lossless=True)
+    with VideoWriter(str(root / "bad.mp4"), 25, crf=40) as w:
+        for frame in clean:
+            w.write(frame)
+    for name in ("short_pair.mp4", "small_pair.mp4"):
+        shutil.copy(root / "bad.mp4", root / name)
+    write_video(str(root / "short.mp4"), clean[:12], lossless=True)
+    write_video(str(root / "small.mp4"), np.ascontiguousarray(clean[:, :32, :32]), lossless=True)
+    (root / "pairs.csv").write_text("path,target\nbad.mp4,clean.mp4\nshort_pair.mp4,short.mp4\n"
+                                    "small_pair.mp4,small.mp4\n")
+    return root, clean
+
+
+def test_convert_pairs_writes_aligned_targets_and_fails_mismatched_pairs(pairs, tmp_path, cli):
+    root, clean = pairs
+    r = cli("convert", root / "pairs.csv", tmp_path / "data", "--patch", "4x16x16", "--quiet")
+    assert r.exit_code == 1  # two pairs failed
+    manifest = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    assert manifest["paired"] is True and manifest["counts"]["ok"] == 1
+    reasons = {v["id"]: v["reason"] for v in manifest["videos"]}
+    assert "has 12 frames under the video's timing, the video 16" in reasons["short_pair.mp4"]
+    assert "has frames of 32x32, the video 48x40" in reasons["small_pair.mp4"]
+    shard = tmp_path / "data" / manifest["splits"]["train"]["shards"][0]["file"]
+    records = [schema.parse_patch_numpy(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
+    assert len(records) == 4 * 2 * 3
+    for rec in records:
+        t, y, x = rec[schema.OFFSET]
+        assert np.array_equal(rec[schema.TARGET], clean[t:t + 4, y:y + 16, x:x + 16])  # lossless: exact
+        assert np.abs(rec[schema.PATCH].astype(int) - rec[schema.TARGET]).mean() > 0.5  # crf 40: degraded
+
+
+# --- training, evaluation, export -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    """Three generated videos (64x64, 24 frames) converted to 4x32x32 patches (one video held out as 'test'),
+    and a dncnn3d trained on them with Gaussian noise sigma 25 by `stp train --task enhance`."""
+    from click.testing import CliRunner
+
+    from stpkeras.cli import main
+
+    root = tmp_path_factory.mktemp("enhance")
+    lines = ["path,split"]
+    for i, split in enumerate(("train", "train", "test")):
+        write_video(str(root / f"v{i}.mp4"), pattern_frames(24, 64, 64, seed=40 + i))
+        lines.append(f"v{i}.mp4,{split}")
+    (root / "videos.csv").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    r = runner.invoke(main, ["convert", str(root / "videos.csv"), str(root / "data"), "--patch", "4x32x32",
+                             "--stride", "2x16x16", "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["train", str(root / "data"), "--out", str(root / "run"), "--task", "enhance",
+                             "--model", "dncnn3d", "--model-arg", "depth=4", "--model-arg", "filters=16",
+                             "--degrade", "noise:25", "--epochs", "12", "--batch-size", "16", "--lr", "3e-3",
+                             "--augment", "none", "--val-split", "test", "--seed", "0", "--verbose", "0"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_short_training_beats_its_noisy_input_and_evaluate_reports_baselines(noisy_run, cli):
+    run = json.loads((noisy_run / "run" / "run.json").read_text())
+    assert run["task"] == "enhance" and run["config"]["task_options"] == {"degrade": ["noise:25"], "pixel_loss": "l1"}
+    r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["split"] == "test" and result["degrade"] == ["noise:25"]
+    assert 19 < result["input"]["psnr"] < 22  # sigma 25 on 0-255: about 20.2 dB
+    assert result["output"]["psnr"] > result["input"]["psnr"] + 3  # +4.5 dB after these 12 short epochs
+    assert result["output"]["ssim"] > result["input"]["ssim"]
+    assert {"gaussian3d", "median3", "median5"} <= set(result["baselines"])
+    assert all(v["psnr"] > result["input"]["psnr"] for v in result["baselines"].values())
+    # The same seed gives the same degraded inputs.
+    again = json.loads(cli("evaluate", noisy_run / "run", noisy_run / "data", "--json", "--no-baselines").output)
+    assert again["input"] == result["input"] and again["output"] == result["output"]
+    r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--no-baselines")
+    assert r.exit_code == 0 and "model gain:" in r.output
+
+
+def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
+    import keras
+
+    r = cli("export", noisy_run / "run", "--name", "denoise", "--out", tmp_path / "saved")
+    assert r.exit_code == 0, r.output
+    loaded = tf.saved_model.load(str(tmp_path / "saved" / "denoise" / "1"))
+    serve = loaded.signatures["serving_default"]
+    model = keras.saving.load_model(str(noisy_run / "run" / "best.keras"), compile=False)
+    rng = np.random.default_rng(0)
+    for batch in (3, 1):
+        x = rng.integers(0, 256, (batch, 4, 32, 32, 3), dtype=np.uint8)
+        out = serve(patches=tf.constant(x))
+        expected = model(x).numpy()
+        assert out[PIXELS].dtype == tf.uint8 and out[PIXELS].shape == x.shape
+        assert np.allclose(out[PIXELS_FLOAT].numpy(), expected, atol=1e-3)
+        assert np.array_equal(out[PIXELS].numpy(), np.clip(np.rint(expected), 0, 255).astype(np.uint8))
+    # The export enhances whole videos too.
+    enhancer = load_enhancer(str(tmp_path / "saved" / "denoise"))
+    assert enhancer.spec.shape == (4, 32, 32, 3)
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,options", [("unet3d", {"filters": (4, 8, 16)}), ("dncnn3d", {"depth": 3, "filters": 4})])
+def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path):
+    import keras
+
+    from stpkeras.models import build_model
+    from stpkeras.models.layers import Normalize
+
+    spec = PatchSpec(4, 16, 16)
+    model = build_model(name, spec, 3, **options)
+    assert model.input.dtype == "uint8" and isinstance(model.layers[1], Normalize)
+    assert model.get_layer("pixels").dtype == "float32" and tuple(model.output.shape) == (None, *spec.shape)
+    x = np.random.default_rng(0).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    assert np.array_equal(np.asarray(model(x)), x.astype(np.float32))  # zero residual: exactly the input
+    weights = [w + 0.01 for w in model.get_weights()]
+    model.set_weights(weights)
+    y = np.asarray(model(x))
+    model.save(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(np.asarray(keras.models.load_model(str(tmp_path / "m.keras"))(x)), y, rtol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        build_model(name, spec, 5, **options)
+    if name == "unet3d":
+        with pytest.raises(ValueError, match="divisible by 8"):
+            build_model(name, PatchSpec(4, 20, 20), 3, filters=(4, 8, 16, 32))

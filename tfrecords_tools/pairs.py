@@ -1,0 +1,35 @@
+"""Pair stage: the clean target of a degraded video, cut into patches aligned with the video's own.
+
+A CSV with columns `path,target` names a degraded video (e.g. a heavily
+compressed copy) and its clean original. The target is decoded under the
+*video's* read plan (timing, frame count, size) and cut on the same grid, so
+target patch i lines up with video patch i; `convert` stores it in the same
+record (`schema.TARGET`). A target whose frame size or frame count differs
+raises `VideoError` naming both files, and the pair is a failed item.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from tfrecords_tools.patches import Grid, Patch, PatchCutter
+from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, Plan, Replan, VideoError, probe
+
+
+def target_patches(path: str, video: str, spec: PatchSpec, plan: Plan, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   threads: int = 1) -> Iterator[Patch]:
+    """The patches of the target video `path` under `plan`, the read plan of the degraded `video`."""
+    info = probe(path, max_pixels)
+    source = probe(video, max_pixels)
+    if (info.width, info.height) != (source.width, source.height):
+        raise VideoError(video, f"its target {path} has frames of {info.width}x{info.height}, the video "
+                                f"{source.width}x{source.height}; a pair must have the same frame size")
+    cutter = PatchCutter(spec, Grid.for_video(spec, plan.frames, plan.height, plan.width))
+    try:
+        for frame, t in FrameStream(info, spec, plan, threads):
+            yield from cutter.add(frame, t)
+        yield from cutter.finish()
+    except Replan as e:
+        raise VideoError(video, f"its target {path} has {e.plan.frames} frames under the video's timing, the "
+                                f"video {plan.frames}; a pair must have the same frame count and timing") from e
