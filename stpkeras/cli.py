@@ -132,13 +132,29 @@ class _ProgressLine:
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Local folder for per-video chunks (default OUT/.stp-work; required when OUT is gs:// or s3://).")
+@click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="local: worker processes on this machine; beam: an Apache Beam pipeline "
+                   "(pip install 'stpkeras[beam]'), DirectRunner unless --beam-option runner=... says otherwise.")
+@click.option("--beam-option", "beam_option", multiple=True, metavar="KEY=VALUE",
+              help="A Beam pipeline option, repeatable, e.g. runner=DataflowRunner, project=P, region=R, "
+                   "temp_location=gs://B/tmp (see the README).")
 def convert(src, out, patch, stride, fps, resize, short_side, pad, encoding, quality, compression, shard_size,
-            workers, decode_threads, labels, split_fraction, max_pixels, overwrite, strict, quiet):
-    """Convert videos (a folder of class folders, a flat folder or a CSV) into TFRecords of patches."""
+            workers, decode_threads, labels, split_fraction, max_pixels, overwrite, strict, quiet, work_dir, runner,
+            beam_option):
+    """Convert videos (a folder of class folders, a flat folder or a CSV) into TFRecords of patches.
+
+    OUT may be a local folder or a gs:// (s3:// with tensorflow-io) URL.
+    """
     from tfrecords_tools.convert import ConvertConfig, ConvertError
     from tfrecords_tools.convert import convert as run_convert
     from tfrecords_tools.sources import SourceError
     from tfrecords_tools.spec import PatchSpec
+    from tfrecords_tools.storage import StorageError
+
+    if beam_option and runner != "beam":
+        raise click.BadParameter("needs --runner beam", param_hint="--beam-option")
 
     try:
         spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
@@ -148,12 +164,31 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, encoding, qua
                             compression=compression, shard_size_mb=shard_size, max_pixels=max_pixels,
                             labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
                             split_fractions=split_fraction, workers=workers, decode_threads=decode_threads,
-                            overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]))
+                            overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]),
+                            work_dir=work_dir)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    bar = _ProgressLine(enabled=not quiet and sys.stderr.isatty())
+    bar = _ProgressLine(enabled=not quiet and sys.stderr.isatty() and runner == "local")
     try:
-        manifest = run_convert(cfg, on_progress=bar)
+        if runner == "beam":
+            try:
+                from tfrecords_tools.beam import beam_options, convert_beam
+            except ImportError as e:
+                raise click.UsageError(f"--runner beam needs Apache Beam: pip install 'stpkeras[beam]' ({e})") from e
+            try:
+                options = beam_options(beam_option)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--beam-option") from e
+            manifest = convert_beam(cfg, options)
+            if not quiet:
+                for v in manifest["videos"]:
+                    if v["status"] != "ok":
+                        click.echo(f"warning: {v['status']}: {v['reason']}", err=True)
+        else:
+            manifest = run_convert(cfg, on_progress=bar)
+    except StorageError as e:
+        bar.close()
+        raise click.BadParameter(str(e), param_hint="OUT") from e
     except (ConvertError, SourceError) as e:
         bar.close()
         raise click.ClickException(str(e)) from e
@@ -444,9 +479,15 @@ def _model_args(ctx, param, values):
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last finished epoch.")
 @click.option("--verbose", type=click.IntRange(0, 2), default=1, show_default=True,
               help="1: a progress bar per epoch; 2: one line per epoch; 0: quiet.")
+@click.option("--data-service", default=None, metavar="grpc://HOST:PORT", envvar="STP_DATA_SERVICE",
+              help="Decode and augment on a tf.data service (`stp data-service dispatcher/worker`), "
+                   "distributed_epoch: each record once per epoch.")
+@click.option("--trace-records", "trace_dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="Write the video id and grid index of every training record this process receives to DIR "
+                   "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
 def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose):
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -462,7 +503,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
                              augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
                              deterministic=deterministic, resume=resume, class_weight=class_weight,
-                             shuffle_buffer=shuffle_buffer, verbose=verbose)
+                             shuffle_buffer=shuffle_buffer, verbose=verbose, data_service=data_service,
+                             trace_dir=trace_dir)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
@@ -611,5 +653,143 @@ def search_command(index_dir, queries, k, model, split, as_json):
     sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
+# --- data-service (tf.data service servers for `stp train --data-service`) ---------------------
+
+
+@main.group("data-service")
+def data_service_group():
+    """Run a tf.data service: one dispatcher, any number of CPU workers that decode for `stp train`."""
+
+
+@data_service_group.command("dispatcher")
+@click.option("--port", type=click.IntRange(0, 65535), default=5050, show_default=True, help="Port to listen on (0: any).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Journal folder: a restarted dispatcher recovers its jobs from it (fault-tolerant mode).")
+@click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",
+              help="A worker silent this long is dropped and its share of the epoch given up.")
+def dispatcher_command(port, work_dir, worker_timeout):
+    """Start a dispatcher and serve until interrupted."""
+    from stpkeras.data_service import start_dispatcher
+
+    server = start_dispatcher(port, work_dir, worker_timeout)
+    click.echo(f"dispatcher listening on {server.target} (train with --data-service {server.target})", err=True)
+    server.join()
+
+
+@data_service_group.command("worker")
+@click.option("--dispatcher", required=True, metavar="HOST:PORT", help="The dispatcher to register with.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port to listen on (0: any).")
+@click.option("--host", default=None, metavar="HOST",
+              help="The name the trainer reaches this machine by (default: this machine's host name).")
+def worker_command(dispatcher, port, host):
+    """Start a worker (it runs the trainer's input pipeline) and serve until interrupted."""
+    import socket
+
+    from stpkeras.data_service import start_worker
+
+    try:
+        server = start_worker(dispatcher, port, host or socket.gethostname())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--dispatcher") from e
+    click.echo(f"worker registered with {dispatcher}", err=True)
+    server.join()
+
+
+def run():
+    """The `stp` console script: `main`, then an exit that survives tensorflow-io's S3 teardown.
+
+    See `tfrecords_tools.storage.exit_process`: a process that used s3:// would
+    otherwise abort at exit with code 134 after finishing its work.
+    """
+    from tfrecords_tools.storage import exit_process
+
+    try:
+        code = main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        click.echo(str(code), err=True)
+        code = 1
+    exit_process(code)
+
+
+# --- segment (run folder + video -> overlay video or intervals; + converted data -> metrics) ------
+
+
+def _overlap_option(ctx, param, value):
+    if value is None:
+        return None
+    from tfrecords_tools.spec import parse_triple
+    try:
+        return parse_triple(value, "overlap")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+@main.command("segment")
+@click.argument("model", type=click.Path(exists=True), metavar="RUN_DIR_OR_MODEL")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="VIDEO_OR_DATA...")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), metavar="OVERLAY.mp4",
+              help="Mask models: the video to write, the classes tinted over the frames (one input video).")
+@click.option("--split", default=None, metavar="SPLIT",
+              help="With a converted folder: the split to evaluate (default: 'test', else 'val').")
+@click.option("--overlap", default=None, metavar="TxHxW", callback=_overlap_option,
+              help="Overlap of neighbouring patches (default: a quarter of the patch).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input.")
+def segment_command(model, inputs, out, split, overlap, batch_size, as_json):
+    """Segment videos with a model trained with --task segment, or evaluate it on converted data.
+
+    A per-voxel model writes OUT (the masks over the video) and prints the share of each class; a
+    per-frame model prints the intervals it finds (start, end in seconds, label). Given a converted
+    folder, prints mean IoU per class (masks) or frame accuracy and segmental F1@{0.1,0.25,0.5} (frames).
+    """
+    import json
+
+    from stpkeras.segment import SegmentError, evaluate_segmentation, load_segmenter, segment_video
+    from stpkeras.index import is_converted
+    from tfrecords_tools.manifest import ManifestError
+    from tfrecords_tools.video import VideoError
+
+    try:
+        segmenter = load_segmenter(model)
+        if len(inputs) == 1 and is_converted(inputs[0]):
+            result = evaluate_segmentation(segmenter, inputs[0], split, batch_size)
+            if as_json:
+                click.echo(json.dumps(result))
+            elif result["kind"] == "mask":
+                click.echo(f"{result['split']}: mean IoU {result['mean_iou']:.4f}, pixel accuracy "
+                           f"{result['pixel_accuracy']:.4f}; IoU per class: "
+                           + ", ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in result["iou"].items()))
+            else:
+                click.echo(f"{result['split']}: {result['videos']} videos, frame accuracy {result['frame_accuracy']:.4f}, "
+                           + ", ".join(f"F1@{t} {result['f1@' + t]:.4f}" for t in ("0.1", "0.25", "0.5")))
+            return
+        if segmenter.kind == "mask" and (out is None or len(inputs) != 1):
+            raise click.BadParameter("a per-voxel model writes one overlay video: give one VIDEO and --out",
+                                     param_hint="--out")
+        for video in inputs:
+            result = segment_video(segmenter, video, out, overlap=overlap, batch_size=batch_size)
+            if as_json:
+                click.echo(json.dumps(result.to_dict()))
+            elif result.kind == "mask":
+                click.echo(f"{video}: {result.frames} frames -> {out}; "
+                           + ", ".join(f"class {k} {v:.1%}" for k, v in result.class_fraction.items()))
+            else:
+                click.echo(f"{video}: {result.frames} frames")
+                for interval in result.intervals:
+                    click.echo(f"  {interval.start:8.3f}  {interval.end:8.3f}  {interval.label}")
+    except (SegmentError, ManifestError, VideoError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

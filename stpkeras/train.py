@@ -63,6 +63,9 @@ class TrainConfig:
     class_weight: bool = False
     shuffle_buffer: int = 1024
     verbose: int = 1                    # Keras fit verbosity: 1 progress bar, 2 one line per epoch, 0 quiet
+    # Beyond one machine (multiworker.py, data_service.py).
+    data_service: Optional[str] = None  # grpc://HOST:PORT of a tf.data service dispatcher
+    trace_dir: Optional[str] = None     # write the video id + grid index of every training record seen here
 
     def __post_init__(self):
         def bad(name, expected):
@@ -134,11 +137,12 @@ def make_strategy(name: str):
     """auto: MirroredStrategy over all GPUs when there are any, else over the logical CPU
     devices when there are several (`--devices`), else one device."""
     import tensorflow as tf
+    if name == "multiworker":
+        # Reads the cluster from TF_CONFIG, TensorFlow's own convention for multi-worker jobs. Before any
+        # other TF call: listing devices initialises the runtime, after which collectives cannot be set up.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
-    if name == "multiworker":
-        # Reads the cluster from TF_CONFIG, TensorFlow's own convention for multi-worker jobs.
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "one" or (name == "auto" and not gpus and len(cpus) < 2):
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else cpus[0].name)
     devices = [d.name for d in gpus] or [d.name for d in cpus]
@@ -277,6 +281,10 @@ def _curves_callback(run_dir: str):
 def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     """Trains `config.model` on `config.data` into `config.out`; returns run.json's content."""
     configure_devices(config.devices)
+    if config.strategy == "multiworker":
+        # Keras 3's fit cannot run under MultiWorkerMirroredStrategy (see multiworker.py).
+        from stpkeras.multiworker import train_multiworker
+        return train_multiworker(config, echo)
 
     import keras
     import tensorflow as tf
@@ -328,6 +336,19 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
         train_ds = pipeline.make_dataset(info, train_splits, training=True, augment=config.augment,
                                          shuffle_buffer=config.shuffle_buffer, **common)
         val_ds = pipeline.make_dataset(info, val_split, training=False, **common) if val_split else None
+        if config.data_service:
+            # Decoding and augmentation run on the tf.data service's workers (see data_service.py).
+            if getattr(task, "element_fn", lambda *a, **k: None)(info, config.augment, training=True) is not None:
+                raise RunError(f"--data-service: task {task.name!r} brings its own element; only (patch, label) "
+                               "tasks are served so far")
+            from stpkeras.data_service import make_service_dataset
+            if config.trace_dir:
+                os.makedirs(config.trace_dir, exist_ok=True)
+            trace_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+            train_ds = make_service_dataset(
+                info, train_splits, config.data_service, batch_size=global_batch, augment=config.augment,
+                shuffle_buffer=config.shuffle_buffer, seed=config.seed, trace_epoch=trace_epoch,
+                trace_file=os.path.join(config.trace_dir, "trainer.txt") if config.trace_dir else None)
 
         monitor = ("val_" if val_ds is not None else "") + task.monitor
         initial_epoch = _backup_epoch(backup_dir) if resuming else 0
@@ -359,6 +380,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
             _curves_callback(config.out),
             keras.callbacks.BackupAndRestore(backup_dir),
         ]
+        if config.data_service and config.trace_dir:
+            from stpkeras.data_service import trace_epoch_callback
+            callbacks.append(trace_epoch_callback(trace_epoch))
         class_weight = (task.class_weight(_counts(info, train_splits), info.labels) if config.class_weight else None)
         # shuffle=False: the pipeline already shuffles (files, then records); Keras cannot shuffle a Dataset.
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,

@@ -53,7 +53,9 @@ def manifest_path(root: str) -> str:
 
 def read_manifest(root: str) -> dict:
     """Reads and validates `ROOT/dataset.json`; raises `ManifestError` naming the file."""
-    path = manifest_path(root)
+    from tfrecords_tools.storage import check_path
+
+    path = manifest_path(check_path(root))
     gfile = _gfile()
     if not gfile.exists(path):
         raise ManifestError(f"{path}: no manifest. Expected a folder written by `stp convert`.")

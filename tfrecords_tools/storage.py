@@ -23,7 +23,11 @@ PLUGIN_PACKAGE = "tensorflow-io==0.37.1"
 PLUGIN_TF_RANGE = ">=2.16,<2.18"
 
 
-class StorageError(RuntimeError):
+# Set once a tensorflow-io file system has been loaded for a path in this process (see `exit_process`).
+_PLUGIN_IN_USE = []
+
+
+class StorageError(ValueError):
     """A path whose file system is not available in this process (the message says why)."""
 
 
@@ -75,6 +79,8 @@ def check_path(path: str) -> str:
 
     why = _load_plugin() if name in PLUGIN_SCHEMES else None
     if _registered(name):
+        if name in PLUGIN_SCHEMES and not _PLUGIN_IN_USE:
+            _PLUGIN_IN_USE.append(name)
         return path
     if name in PLUGIN_SCHEMES:
         raise StorageError(
@@ -85,3 +91,35 @@ def check_path(path: str) -> str:
     raise StorageError(f"{path}: TensorFlow {tf.__version__} has no file system for {name}://. "
                        f"Supported here: local paths, {', '.join(s + '://' for s in BUILTIN_SCHEMES)} and, with "
                        f"{PLUGIN_PACKAGE}, {', '.join(s + '://' for s in PLUGIN_SCHEMES)}.")
+
+
+def exit_process(code: int) -> None:
+    """Ends the process with `code`; after tensorflow-io's S3 file system was used, skips C++ static destructors.
+
+    With tensorflow-io 0.37.1 (TF 2.16 and 2.17 alike), a process that made
+    any s3:// call aborts at exit with "pure virtual method called" (SIGABRT,
+    exit code 134), after all its work is done: the AWS SDK inside the plugin
+    is never shut down (`Aws::ShutdownAPI`), and its static EC2-metadata client
+    is destroyed during `exit()` after the curl handle container it still
+    points to (gdb: `__run_exit_handlers` -> `~EC2MetadataClient` ->
+    `~CurlHttpClient` -> `~CurlHandleContainer` -> `__cxa_pure_virtual`). It
+    happens against any endpoint (seen here against a local S3 server), for
+    reads as well as writes, and no environment setting avoids it. Files were
+    closed (uploaded) before that point, so the work is intact but the exit
+    code lies. Here Python's atexit handlers run and its buffers are flushed
+    by hand; `os._exit` then skips only the C++ destructors that crash. Call it
+    last, from the outermost frame (as the `stp` entry point does).
+    """
+    import atexit
+    import os
+    import sys
+
+    if not _PLUGIN_IN_USE:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what interpreter shutdown would run (TensorBoard writers, logging)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

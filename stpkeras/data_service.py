@@ -1,0 +1,140 @@
+"""Input stage, disaggregated: the tf.data service (a dispatcher and CPU workers) decodes and augments for a trainer.
+
+For when decoding and augmentation need more CPUs than the trainer has. The
+trainer ships the input pipeline's graph to a dispatcher; workers on other
+machines run it and stream finished elements back over gRPC.
+
+    trainer:  shard file list --(dispatcher hands out files, one at a time)-->
+    workers:  read records -> shuffle -> parse + decode + augment -> batch
+    trainer:  <-- batches from every worker, as they come -> (trace) -> (patch, label) -> fit
+
+Processing mode is `distributed_epoch` (`ShardingPolicy.DYNAMIC`): the file
+list is the split source, so within an epoch every file, and hence every
+record, is handed to exactly one worker once. A worker that dies loses the
+records of the file it was reading (tf.data service gives no visitation
+guarantee under failures); the others go on and training does not stop.
+A dispatcher started with a work folder journals its state and recovers it on restart.
+
+Workers need only TensorFlow (same version as the trainer) and read access to
+the shards' paths; stpkeras itself runs in the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from stpkeras import augment as augment_lib
+from stpkeras import pipeline
+from tfrecords_tools import schema
+
+SERVICE_PREFIX = "grpc://"
+
+
+def service_address(url: str) -> str:
+    """'grpc://HOST:PORT' (or 'HOST:PORT') -> 'HOST:PORT', checked."""
+    address = url[len(SERVICE_PREFIX):] if url.startswith(SERVICE_PREFIX) else url
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"Invalid value for argument `data_service`. Expected grpc://HOST:PORT. Received {url!r}")
+    return address
+
+
+def start_dispatcher(port: int, work_dir: Optional[str] = None,
+                     worker_timeout_s: float = 10.0) -> tf.data.experimental.service.DispatchServer:
+    """Starts a dispatcher on `port` (0: a free one); with `work_dir`, its journal survives restarts."""
+    config = tf.data.experimental.service.DispatcherConfig(
+        port=port, work_dir=work_dir, fault_tolerant_mode=work_dir is not None,
+        # How soon a silent worker is declared dead and its share of the epoch dropped.
+        worker_timeout_ms=int(worker_timeout_s * 1000))
+    return tf.data.experimental.service.DispatchServer(config)
+
+
+def start_worker(dispatcher: str, port: int = 0, host: str = "localhost") -> tf.data.experimental.service.WorkerServer:
+    """Starts a worker that registers with `dispatcher` (HOST:PORT); `host` is how others reach this machine."""
+    config = tf.data.experimental.service.WorkerConfig(
+        dispatcher_address=service_address(dispatcher), port=port, worker_address=f"{host}:%port%")
+    return tf.data.experimental.service.WorkerServer(config)
+
+
+def make_service_dataset(info: pipeline.DataInfo, split: pipeline.Splits, service: str, *, batch_size: int,
+                         augment: Sequence[str] = (), shuffle_buffer: int = 1024, seed: Optional[int] = None,
+                         trace_file: Optional[str] = None, trace_epoch: Optional[tf.Variable] = None,
+                         as_supervised: bool = True) -> tf.data.Dataset:
+    """Batches of `split` produced by the tf.data service at `service` (grpc://HOST:PORT).
+
+    The chain of `pipeline.make_dataset` with the two changes the service needs:
+    no cardinality assertion (each worker reads only the files it is handed),
+    and the last batch of each worker kept (`drop_remainder=False`), so every
+    record of the epoch reaches the trainer. Per-element augmentation seeds
+    come from a stateful generator on the worker: a seeded stream zipped in
+    (as `make_dataset` does) is a second source the dispatcher cannot split.
+
+    Args:
+      batch_size: the global batch (the trainer's `strategy` splits it over replicas).
+      trace_file: append, per batch that reaches the trainer, one line
+        `EPOCH video_id:t,y,x ...` for its records (a `tf.print` in the trainer's graph, no Python).
+      trace_epoch: an int64 variable holding the epoch (`TraceEpoch` sets it); -1 marks
+        batches read outside an epoch (Keras' fit peeks at one batch to build the model).
+
+    Returns:
+      `(uint8 [B, T, H, W, 3], int32 [B])` batches, B <= batch_size; cardinality unknown.
+    """
+    files = info.files(split)
+    encoding, spec = info.encoding, info.spec
+    ops = augment_lib.parse_augment(augment)
+    augment_fn = augment_lib.make_augment(ops)
+
+    def to_element(serialized):
+        features = pipeline.decode(pipeline.parse(serialized, encoding), encoding, spec)
+        if ops:
+            element_seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+            features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
+        return {key: features[key] for key in (schema.PATCH, schema.LABEL, schema.VIDEO_ID, schema.INDEX)}
+
+    # The split source: the dispatcher hands these file names to workers one at a time.
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=1 << 22),
+        cycle_length=min(len(files), 4), block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    # Each worker shuffles what it reads; with many files per worker this mixes videos as make_dataset does.
+    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.map(to_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=SERVICE_PREFIX + service_address(service)))
+    # Trainer side from here on.
+    if trace_file is not None:
+        epoch = trace_epoch if trace_epoch is not None else tf.Variable(-1, dtype=tf.int64, trainable=False)
+        ds = ds.map(lambda b: trace_batch(b, trace_file, epoch))
+    if as_supervised:
+        ds = ds.map(pipeline.supervised)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def trace_batch(batch: dict, path: str, epoch: tf.Variable) -> dict:
+    """Appends `EPOCH video_id:t,y,x ...` for the batch's records to `path`; returns `batch` unchanged."""
+    index = tf.strings.reduce_join(tf.strings.as_string(batch[schema.INDEX]), axis=-1, separator=",")
+    line = tf.strings.reduce_join(batch[schema.VIDEO_ID] + ":" + index, separator=" ")
+    # One string argument: tf.print quotes strings only when they come with other values.
+    printed = tf.print(tf.strings.join([tf.strings.as_string(epoch.read_value()), line], " "),
+                       output_stream="file://" + path)
+    with tf.control_dependencies([printed]):
+        return {k: tf.identity(v) for k, v in batch.items()}
+
+
+def trace_epoch_callback(variable: tf.Variable):
+    """A Keras callback that keeps `variable` at the current epoch (for `make_service_dataset`'s trace)."""
+    import keras
+
+    class TraceEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            variable.assign(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            variable.assign(-1)
+
+    return TraceEpoch()
