@@ -28,6 +28,7 @@ A record holds one patch:
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -57,15 +58,23 @@ UNLABELLED = -1
 
 
 # `encode_patch` writes the protobuf wire format of `tf.train.Example` (example.proto, feature.proto)
-# itself. Building the message with protobuf cost about 1.2 ms for a 600 kB raw patch, more than the
-# decoding of its 16 frames: every `Feature(bytes_list=...)` copies its payload and each fresh message's
-# buffers are page-faulted in again. Joining the pieces once costs one copy. The bytes are those of
-# `Example.SerializeToString(deterministic=True)`: map entries sorted by key (UTF-8 bytes), each entry
-# its key then its value, ints and floats packed; a test checks this against protobuf.
-_BYTES_LIST, _FLOAT_LIST, _INT64_LIST = 1, 2, 3  # field numbers of the `Feature.kind` oneof
+# itself. Building the message with protobuf cost 1.3 ms for a 16x112x112 raw patch (600 kB), about
+# what decoding its 16 frames costs: every `Feature(bytes_list=...)` copies its payload and each fresh
+# message's buffers are page-faulted in again. Joining the pieces once costs one copy: 39 us (8x64x64:
+# 59 -> 28 us). The bytes are those of `Example.SerializeToString(deterministic=True)`: map entries
+# sorted by key (UTF-8 bytes), each entry its key then its value, ints and floats packed;
+# tests/test_schema_wire.py checks them against protobuf.
+#
+# Tags (field number << 3 | 2: length-delimited) of the fields written. Field 1 is `Example.features`,
+# `Features.feature` (a map entry), the entry's key and the lists' `value`; field 2 the entry's value.
+_TAG_1, _TAG_2 = b"\x0a", b"\x12"
+_BYTES_LIST, _FLOAT_LIST, _INT64_LIST = b"\x0a", b"\x12", b"\x1a"  # the `Feature.kind` oneof
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     value &= 0xFFFFFFFFFFFFFFFF  # int64: negatives as two's complement, ten bytes
     out = bytearray()
     while value > 0x7F:
@@ -79,32 +88,51 @@ def _nbytes(piece) -> int:
     return piece.nbytes if isinstance(piece, memoryview) else len(piece)
 
 
-def _field(number: int, pieces: list) -> list:
-    """A length-delimited field (wire type 2) holding `pieces`, as a list of pieces."""
-    return [_varint(number << 3 | 2) + _varint(sum(_nbytes(p) for p in pieces))] + pieces
-
-
 def _bytes(values: Sequence) -> list:
-    """A `Feature` with a `BytesList` (values: bytes, or flat uint8 memoryviews that are not copied)."""
-    return _field(_BYTES_LIST, [piece for v in values for piece in _field(1, [v])])
+    """The pieces of a `Feature` with a `BytesList` (values: bytes, or flat uint8 memoryviews, not copied)."""
+    pieces = [b""]
+    size = 0
+    for v in values:
+        head = _TAG_1 + _varint(_nbytes(v))
+        pieces += (head, v)
+        size += len(head) + _nbytes(v)
+    pieces[0] = _BYTES_LIST + _varint(size)
+    return pieces
+
+
+def _packed(kind: bytes, packed: bytes) -> list:
+    inner = _TAG_1 + _varint(len(packed)) + packed if packed else b""
+    return [kind + _varint(len(inner)) + inner]
 
 
 def _ints(values: Sequence[int]) -> list:
-    packed = b"".join(_varint(int(v)) for v in values)
-    return _field(_INT64_LIST, _field(1, [packed]) if packed else [])
+    return _packed(_INT64_LIST, b"".join([_varint(int(v)) for v in values]))
 
 
 def _floats(values: Sequence[float]) -> list:
-    packed = np.asarray([float(v) for v in values], dtype="<f4").tobytes()
-    return _field(_FLOAT_LIST, _field(1, [packed]) if packed else [])
+    return _packed(_FLOAT_LIST, np.asarray([float(v) for v in values], dtype="<f4").tobytes())
+
+
+@functools.lru_cache(maxsize=256)
+def _key(key: str) -> bytes:
+    raw = key.encode()
+    return _TAG_1 + _varint(len(raw)) + raw
 
 
 def _serialize_example(features: Dict[str, list]) -> bytes:
     """`{key: feature pieces}` -> the serialized `tf.train.Example` (deterministic: keys sorted)."""
-    entries = []
-    for key in sorted(features, key=str.encode):
-        entries += _field(1, _field(1, [key.encode()]) + _field(2, features[key]))
-    return b"".join(_field(1, entries))
+    pieces = [b""]
+    size = 0
+    for name in sorted(features, key=str.encode):
+        feature = features[name]
+        length = sum([_nbytes(p) for p in feature])
+        body = _key(name) + _TAG_2 + _varint(length)
+        head = _TAG_1 + _varint(len(body) + length) + body
+        pieces.append(head)
+        pieces += feature
+        size += len(head) + length
+    pieces[0] = _TAG_1 + _varint(size)
+    return b"".join(pieces)
 
 
 def _payload(pixels: np.ndarray, encoding: str, quality: int) -> list:

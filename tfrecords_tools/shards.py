@@ -146,6 +146,12 @@ def _copy_range(src, start: int, length: int, sink: _Sink) -> None:
         left -= len(data)
 
 
+def _open_chunk(path: str):
+    # Chunks sit in a local work folder, and plain reads cost less than GFile's (assembling 82 MB of
+    # chunks: 92 -> 80 ms, most of the rest is sha256).
+    return open(path, "rb") if "://" not in path else _gfile().GFile(path, "rb")
+
+
 def write_shards(out_dir: str, split: str, chunks: Sequence[Chunk], shard_bytes: int,
                  compression: str) -> List[dict]:
     """Assembles `chunks` into the shards of `split`; returns their manifest entries."""
@@ -165,7 +171,7 @@ def write_shards(out_dir: str, split: str, chunks: Sequence[Chunk], shard_bytes:
             sink = _Sink(f, compression)
             for ci, first, end in pieces:
                 start = offsets[ci][first]
-                with gfile.GFile(chunks[ci].path, "rb") as src:
+                with _open_chunk(chunks[ci].path) as src:
                     _copy_range(src, start, offsets[ci][end] - start, sink)
                 records += end - first
             sink.close()
