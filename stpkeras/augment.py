@@ -7,6 +7,11 @@ the same pixels on every run. Each op draws its random values once per
 patch, never per frame: the same flip, crop window and colour change apply
 to every frame, or the augmentation itself would add motion.
 
+Each op computes its output on uint8 (one pass per axis it moves pixels
+along, two for colour), never on a float copy of the clip: on a 2-core host a
+chain of float passes over 16x112x112 clips costs more than reading them
+(see benchmarks/pipeline.py).
+
 Ops are named so the CLI can chain them (`--augment flip,crop,color`).
 None of them runs on evaluation.
 """
@@ -24,6 +29,17 @@ Augment = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 DEFAULT_AUGMENT: Tuple[str, ...] = ("crop", "color")
 
 
+def _reverse_width(patch: tf.Tensor) -> tf.Tensor:
+    """`[..., W, C]` reversed along W.
+
+    Viewed as `[rows, W, C]`, the reverse takes TF's row-reversal fast path (one
+    memcpy per pixel); on the 4-D patch it runs a generic index loop, 3x slower.
+    """
+    shape = tf.shape(patch)
+    rows = tf.reshape(patch, [-1, shape[-2], shape[-1]])
+    return tf.reshape(tf.reverse(rows, axis=[1]), shape)
+
+
 def random_flip(patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Flips the whole clip left-right with probability 1/2.
 
@@ -32,15 +48,26 @@ def random_flip(patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """
     patch = tf.convert_to_tensor(patch)
     flip = tf.random.stateless_uniform([], seed) < 0.5
-    return tf.cond(flip, lambda: tf.reverse(patch, axis=[2]), lambda: patch)
+    return tf.ensure_shape(tf.cond(flip, lambda: _reverse_width(patch), lambda: patch), patch.shape)
+
+
+def _nearest(size: tf.Tensor, start: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
+    """Source indices of `size` outputs resampled by nearest neighbour from `[start, start + length)`.
+
+    Pixel centres are aligned (`tf.image.resize(..., 'nearest')`): output i reads
+    `start + floor((i + 0.5) * length / size)`, computed exactly in integers.
+    """
+    return start + (2 * tf.range(size) + 1) * length // (2 * size)
 
 
 def random_crop(patch: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.8) -> tf.Tensor:
-    """Crops a random window inside the patch and resizes it back to `[H, W]`.
+    """Crops a random window inside the patch and resizes it back to `[H, W]` (nearest neighbour).
 
     The window's sides are each a fraction in `[min_scale, 1]` of the patch's
-    (a scale and aspect jitter) at a random place. Nearest-neighbour resizing
-    keeps the pixels uint8, so the op never makes a float copy of the clip.
+    (a scale and aspect jitter) at a random place. Cropping and nearest-neighbour
+    resizing together pick rows and columns of the patch, so the op is two
+    gathers on uint8 (rows, then columns): no float copy, and no copy of the
+    window before resizing.
     """
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"Invalid value for argument `min_scale`. Expected a value in (0, 1]. "
@@ -55,29 +82,49 @@ def random_crop(patch: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.8) -> tf
     crop_w = tf.maximum(1, tf.cast(tf.round(scale_w * tf.cast(width, tf.float32)), tf.int32))
     top = tf.random.stateless_uniform([], seeds[2], 0, height - crop_h + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], seeds[3], 0, width - crop_w + 1, dtype=tf.int32)
-    window = patch[:, top:top + crop_h, left:left + crop_w, :]
-    resized = tf.image.resize(window, [height, width], method="nearest")
+    # Rows first: a row is W x C contiguous bytes, so that gather is a few large copies.
+    rows = tf.gather(patch, _nearest(height, top, crop_h), axis=1)
+    resized = tf.gather(rows, _nearest(width, left, crop_w), axis=2)
     return tf.ensure_shape(resized, patch.shape)
+
+
+def _affine_uint8(patch: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+    """`round(clip(patch * scale + offset, 0, 255))` on uint8, for scalars `scale` > 0 and `offset`.
+
+    Written as a dequantize/quantize pair: dequantizing maps each value v to
+    `min + v * (max - min) / 255`, which with `min = offset`, `max = offset + 255
+    * scale` is the affine map; quantizing to `[0, 255]` clips and rounds back to
+    uint8. That is two passes over the patch, against seven for cast, multiply,
+    add, round, clip and cast on a 4x larger float copy.
+    """
+    values = tf.quantization.dequantize(tf.bitcast(patch, tf.quint8), offset, offset + 255.0 * scale,
+                                        mode="MIN_COMBINED")
+    # The raw op: `tf.quantization.quantize` logs a deprecation warning on every trace.
+    rounded = tf.raw_ops.QuantizeV2(input=values, min_range=0.0, max_range=255.0, T=tf.quint8, mode="MIN_COMBINED",
+                                    round_mode="HALF_AWAY_FROM_ZERO").output
+    return tf.bitcast(rounded, tf.uint8)
 
 
 def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
                  contrast: Tuple[float, float] = (0.75, 1.25)) -> tf.Tensor:
     """Random brightness (`+-brightness x 255`) and contrast (factor in `contrast`) for the clip.
 
-    Contrast scales each channel around its mean over the whole clip, as
-    `tf.image.adjust_contrast` does per image. One float pass, rounded back to uint8.
+    Contrast scales every value around the clip's mean (over all frames, pixels
+    and channels, one mean as torchvision takes one grey mean per image), so the
+    colour balance is kept: `v -> (v - mean) * factor + mean + delta`, rounded
+    and clipped to uint8.
     """
     low, high = contrast
     if not 0.0 < low <= high:
         raise ValueError(f"Invalid value for argument `contrast`. Expected 0 < low <= high. "
                          f"Received contrast={contrast}")
+    patch = tf.convert_to_tensor(patch)
     seeds = tf.random.experimental.stateless_split(seed, 2)
     delta = tf.random.stateless_uniform([], seeds[0], -brightness, brightness) * 255.0
     factor = tf.random.stateless_uniform([], seeds[1], low, high)
-    x = tf.cast(patch, tf.float32)
-    mean = tf.reduce_mean(x, axis=[0, 1, 2], keepdims=True)
-    x = (x - mean) * factor + mean + delta
-    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+    # A reduction over the flat patch: reducing per channel would stride over the 3-wide last axis.
+    mean = tf.reduce_mean(tf.cast(tf.reshape(patch, [-1]), tf.float32))
+    return tf.ensure_shape(_affine_uint8(patch, factor, (1.0 - factor) * mean + delta), patch.shape)
 
 
 AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color}

@@ -3,7 +3,11 @@
 `make_dataset(...)` reads top to bottom as the chain
 
     manifest -> list shards -> shuffle files -> interleave reads -> shuffle records
-             -> parse + decode to uint8 + augment (one parallel map) -> batch -> prefetch
+             -> batch the serialized records -> parse + decode whole batches (one parallel map) -> prefetch
+
+or, when each record needs work of its own (augmentation, a task's `element_fn`),
+
+             -> parse + decode + augment each record (one parallel map) -> batch -> prefetch
 
 Pixels stay `uint8 [T, H, W, 3]` all the way: the model normalises them in its
 first layer, on the accelerator, which keeps every host pass a quarter of the
@@ -97,17 +101,40 @@ def load_info(root: str, spec: Optional[PatchSpec] = None) -> DataInfo:
 
 # --- the chain's functions, pure TF ---------------------------------------------------------------
 
-def parse(serialized: tf.Tensor, encoding: str) -> Dict[str, tf.Tensor]:
-    """Serialized record (scalar string) -> the features in `FEATURE_KEYS`, pixels still encoded."""
-    features = schema.parse_patch(serialized, encoding)
-    return {key: features[key] for key in FEATURE_KEYS}
+def parse(serialized: tf.Tensor, encoding: str, keys: Sequence[str] = FEATURE_KEYS) -> Dict[str, tf.Tensor]:
+    """Serialized records -> the features in `keys`, pixels still encoded.
+
+    `serialized` is one record (a scalar string) or a batch of them (`[B]`);
+    every feature then has that leading `[B]`. Features not in `keys` are
+    skipped by the parser, not parsed and dropped.
+    """
+    spec = schema.feature_spec(encoding)
+    features = tf.io.parse_example(serialized, {key: spec[key] for key in keys})
+    if encoding != "raw" and schema.PATCH in features:
+        features[schema.PATCH] = tf.sparse.to_dense(features[schema.PATCH])  # one string per frame
+    return features
 
 
 def decode(features: Dict[str, tf.Tensor], encoding: str, spec: PatchSpec) -> Dict[str, tf.Tensor]:
-    """Decodes `features[schema.PATCH]` to `uint8 [T, H, W, 3]` with the spec's static shape."""
+    """Decodes `features[schema.PATCH]` to `uint8 [T, H, W, C]`, or `[B, T, H, W, C]` for a batch.
+
+    The shape is static but for `B`. The label, when present, becomes int32.
+    """
     features = dict(features)
-    features[schema.PATCH] = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
-    features[schema.LABEL] = tf.cast(features[schema.LABEL], tf.int32)
+    data = features[schema.PATCH]
+    if data.shape.rank == (0 if encoding == "raw" else 1):  # one record
+        pixels = schema.decode_pixels(data, encoding, spec.shape)
+    elif encoding == "raw":
+        # One copy for the whole batch: from the records' bytes straight into the `[B, ...]` tensor.
+        pixels = tf.ensure_shape(tf.reshape(tf.io.decode_raw(data, tf.uint8), [-1, *spec.shape]),
+                                 data.shape.concatenate(spec.shape))
+    else:
+        # JPEG and PNG decoders take one image per op: record by record, frame by frame.
+        pixels = tf.map_fn(lambda frames: schema.decode_pixels(frames, encoding, spec.shape), data,
+                           fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
+    features[schema.PATCH] = pixels
+    if schema.LABEL in features:
+        features[schema.LABEL] = tf.cast(features[schema.LABEL], tf.int32)
     return features
 
 
@@ -137,6 +164,17 @@ def shard_policy(num_files: int, workers: int) -> tf.data.experimental.AutoShard
     return policy.FILE if num_files >= workers else policy.DATA
 
 
+def read_buffer_size(root: str) -> Optional[int]:
+    """The TFRecord read buffer for shards under `root`: none for local files, TF's default for remote ones.
+
+    A local read goes straight into the record's string; a buffer in between
+    copies every record once more, and a patch record is hundreds of KB.
+    Remote file systems (gs://, s3://) keep TF's default buffer, which their
+    latency needs.
+    """
+    return 0 if "://" not in root or root.startswith("file://") else None
+
+
 def num_batches(num_records: int, batch_size: int, drop_remainder: bool) -> int:
     return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
 
@@ -146,7 +184,8 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
                  shuffle_buffer: int = 1024, seed: Optional[int] = None, deterministic: bool = False,
                  repeat: bool = False, drop_remainder: Optional[bool] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, as_supervised: bool = True,
-                 spec: Optional[PatchSpec] = None, cache: bool = False) -> tf.data.Dataset:
+                 spec: Optional[PatchSpec] = None, cache: bool = False,
+                 element_fn: Optional[Callable[[tf.Tensor, tf.Tensor], object]] = None) -> tf.data.Dataset:
     """Streams the patches of `split` from a converted folder.
 
     Args:
@@ -170,6 +209,10 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
         with `FEATURE_KEYS` (label, video id, grid index ... travel with each patch).
       spec: the `PatchSpec` a model expects; the data must have its shape.
       cache: cache the parsed, undecoded records in memory after the first pass.
+      element_fn: a task's own element, `(serialized record, seed int64 [2]) -> element`
+        (e.g. two augmented views for `embed`, `(patch, mask)` for `segment`), pure TF. It
+        replaces parse/decode/augment/`as_supervised`; `augment` must then be None (the
+        task applies its own). Every element gets its seed, also when not training.
 
     Returns:
       A `tf.data.Dataset` whose `cardinality()` is exact (from the manifest).
@@ -181,6 +224,9 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
         raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
                          f"Received batch_size={batch_size!r}")
     ops = augment_lib.parse_augment(augment) if training else ()
+    if element_fn is not None and ops:
+        raise ValueError("Invalid arguments: `augment` and `element_fn` are exclusive (the element applies "
+                         f"its own augmentation). Received augment={augment!r}")
     drop_remainder = training if drop_remainder is None else drop_remainder
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     global_batch = batch_size * replicas
@@ -194,16 +240,31 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     encoding, spec = info.encoding, info.spec
     augment_fn = augment_lib.make_augment(ops)
 
+    # Ordered unless training asks for speed: evaluation reads in a fixed order.
+    ordered = deterministic or not training
+    # Only what the element needs is parsed: a supervised element uses the pixels and the label.
+    keys = (schema.PATCH, schema.LABEL) if as_supervised else FEATURE_KEYS
+
+    def to_element(serialized, element_seed=None):
+        """A serialized record, or a batch of them, -> what the dataset yields."""
+        if element_fn is not None:
+            return element_fn(serialized, element_seed)
+        features = decode(parse(serialized, encoding, keys), encoding, spec)
+        if ops:
+            features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
+        return supervised(features) if as_supervised else features
+
     ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
         # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     # Interleave reads several shards at once: a sequential reader would wait on each file's
-    # latency (gs://) and hand the shuffle buffer records from one shard at a time.
+    # latency (gs://) and hand the shuffle buffer records from one shard at a time. Reading is
+    # the largest cost of raw records (a copy and a CRC per record), so it runs on several threads.
+    buffer_size = read_buffer_size(info.root)
     ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=1 << 22),
-        cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic or not training)
+        lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=buffer_size),
+        cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     ds = ds.apply(tf.data.experimental.assert_cardinality(records))
     if cache:
         ds = ds.cache()
@@ -214,25 +275,34 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     if repeat:
         # After the shuffle, so an epoch boundary does not mix records from two epochs.
         ds = ds.repeat()
-    if ops:
-        # One stateless seed per element, drawn by a seeded stream that changes every epoch:
-        # augmentation is then deterministic even when the map returns elements out of order.
-        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
+    # Raw records with nothing to do per record are parsed and decoded a batch at a time (below).
+    # JPEG and PNG decode one frame per op anyway; record by record, the parallel map spreads that
+    # work evenly over the cores (measured: a batch per call is slower for them).
+    per_record = bool(ops) or element_fn is not None or encoding != "raw"
+    if ops or element_fn is not None:
+        # One stateless seed per element, drawn by a seeded stream that changes every epoch in training:
+        # augmentation is then deterministic even when the map returns elements out of order. In
+        # evaluation the stream restarts each pass, so an element (e.g. a degraded patch for enhance,
+        # validation views for embed) is the same every epoch.
+        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=training).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
-
-    def to_element(serialized, element_seed=None):
-        features = decode(parse(serialized, encoding), encoding, spec)
-        if ops:
-            features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
-        return supervised(features) if as_supervised else features
-
-    ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=deterministic or not training)
-    ds = ds.batch(global_batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                  deterministic=True)
+    if per_record:
+        # Each record is parsed, decoded and augmented on its own (the augmentations draw per
+        # patch), then the patches are batched.
+        ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=ordered)
+        ds = ds.batch(global_batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                      deterministic=True)
+    else:
+        # Batch the serialized records first, then parse and decode a batch per
+        # call. Batching moves the record strings (no copy), one parse and one decode op serve the
+        # whole batch, and the raw bytes are copied once, into the batch tensor; decoding record by
+        # record and batching afterwards copies every pixel once more.
+        ds = ds.batch(global_batch, drop_remainder=drop_remainder)
+        ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     ds = ds.prefetch(AUTOTUNE)
 
     options = tf.data.Options()
-    options.deterministic = deterministic or not training
+    options.deterministic = ordered
     options.experimental_distribute.auto_shard_policy = shard_policy(len(files), num_workers(strategy))
     ds = ds.with_options(options)
     return ds
