@@ -218,3 +218,21 @@ def test_video_errors_name_the_file_and_the_reason(tmp_path, make, reason):
     with pytest.raises(VideoError) as info:
         probe(str(path))
     assert str(info.value).startswith(f"{path}: {reason}")
+
+
+@pytest.mark.parametrize("ext", ["mkv", "webm"])
+def test_a_streamable_file_cut_short_is_reported_as_truncated(tmp_path, ext):
+    """Matroska/WebM copies cut at 60% still open and decode; the declared duration gives them away."""
+    from tfrecords_tools.video import VideoError, VideoWriter, probe
+
+    full = str(tmp_path / f"full.{ext}")
+    with VideoWriter(full, 25, codec="libx264" if ext == "mkv" else "libvpx-vp9") as w:
+        for i in range(48):
+            w.write(np.full((32, 32, 3), i * 5, np.uint8))
+    assert probe(full).packets == 48
+    cut = str(tmp_path / f"cut.{ext}")
+    data = open(full, "rb").read()
+    open(cut, "wb").write(data[: int(len(data) * 0.6)])
+    with pytest.raises(VideoError, match=r"truncated: its frames end at .* but the file declares 1\.92s") as e:
+        probe(cut)
+    assert cut in str(e.value)

@@ -129,9 +129,27 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
             raise VideoError(path, "the video stream holds no frames")
         if not math.isfinite(start):
             start, end = 0.0, packets / rate
+        declared = _declared_duration(container, stream)
+        # A file cut short (a copy that stopped, a broken upload) often still opens: streamable
+        # containers (Matroska, WebM, MPEG-TS) just end early. The header still says how long it was.
+        if declared and (end - start) < 0.9 * declared - 2.0 / rate:
+            raise VideoError(path, f"truncated: its frames end at {end - start:.2f}s but the file declares "
+                                   f"{declared:.2f}s ({packets} frames read)")
         return VideoInfo(path, stream.codec_context.name, width, height, rate, packets, start, end)
     finally:
         container.close()
+
+
+def _declared_duration(container, stream) -> Optional[float]:
+    """Seconds the video stream (or a video-only container) declares; None when it does not say.
+
+    A container's duration covers every stream, so with audio beside the video it is not used.
+    """
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return None
 
 
 def count_resampled(start: float, end: float, fps: float) -> int:
