@@ -358,19 +358,60 @@ def _same_items(manifest: dict, items: Sequence[Item]) -> bool:
     return listed == {(i.split, i.id, i.label) for i in items} and manifest["counts"]["failed"] == 0
 
 
+def _ready() -> bool:
+    """A pool child's first call: it returns once the child has imported this module (and TensorFlow)."""
+    return True
+
+
 def _run(todo: Sequence[tuple], workers: int) -> Iterable[dict]:
+    """Runs the tasks in `workers` processes, this one included; yields results as they finish."""
     if workers <= 1 or len(todo) <= 1:
         for task in todo:
             yield _worker_task(task)
         return
+    import collections
     import multiprocessing as mp
+    import queue
 
+    # This process is one of the workers: it has TensorFlow loaded and starts at once, while a
+    # spawned child spends 2-3 s (CPU) importing it; with only children, that start-up was paid
+    # before any video and this process sat idle. A child gets a video only after answering
+    # `_ready`, so no video waits in the queue of a child that is still starting.
+    # Longest first keeps every process busy to the end; the output order does not depend on it.
+    order = collections.deque(sorted(todo, key=lambda t: -_size(t[0].path)))
+    finished: "queue.SimpleQueue" = queue.SimpleQueue()
+    children = min(workers, len(todo)) - 1
     # spawn, not fork: TensorFlow and FFmpeg hold threads and locks that fork would copy mid-use.
     ctx = mp.get_context("spawn")
-    with ctx.Pool(processes=min(workers, len(todo)), initializer=_worker_init, maxtasksperchild=64) as pool:
-        # Longest first keeps both workers busy to the end; the output order does not depend on it.
-        order = sorted(todo, key=lambda t: -_size(t[0].path))
-        yield from pool.imap_unordered(_worker_task, order, chunksize=1)
+    with ctx.Pool(processes=children, initializer=_worker_init, maxtasksperchild=64) as pool:
+
+        def give(_=None):  # runs in the pool's result thread: hands the child its next video
+            try:
+                task = order.popleft()
+            except IndexError:
+                return
+            pool.apply_async(_worker_task, (task,), callback=done, error_callback=finished.put)
+
+        def done(result):
+            finished.put(result)
+            give()
+
+        for _ in range(children):
+            pool.apply_async(_ready, callback=give, error_callback=finished.put)
+        left = len(todo)
+        while left:
+            try:
+                result = finished.get(block=not order)
+            except queue.Empty:  # no child has finished: take the next video here
+                try:
+                    task = order.popleft()
+                except IndexError:  # a child took the last one meanwhile
+                    continue
+                result = _worker_task(task)
+            if isinstance(result, BaseException):
+                raise result
+            left -= 1
+            yield result
 
 
 def _size(path: str) -> int:
