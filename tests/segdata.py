@@ -2,10 +2,12 @@
 videos whose content changes at known times.
 
 Camouflage: the background is a still crop of a real frame; the object is a disk
-textured with another crop of the same frame, its edge feathered over a few
-pixels so no seam marks it. A single frame shows real texture everywhere; only
-the disk's motion (its texture moves with it, the background does not) tells
-where it is. A per-frame 2D model cannot find it; a spacetime model can.
+cut out of that background where it starts and carried across it (a
+kinematogram with real texture). A single frame shows the same real texture
+everywhere: frame 0 is the background itself, later frames hold a displaced
+copy of a piece of it. Only the disk's motion (its texture moves with it, the
+background does not) tells where it is. A per-frame 2D model cannot find it; a
+spacetime model can.
 """
 
 from __future__ import annotations
@@ -42,45 +44,64 @@ def _crop(frame: np.ndarray, size: int, rng) -> np.ndarray:
     return np.asarray(Image.fromarray(frame[y:y + side, x:x + side]).resize((size, size), Image.BOX), np.float32)
 
 
-def camouflage_video(background: np.ndarray, texture: np.ndarray, frames: int, rng,
-                     radius: float = 7.0, speed: float = 1.5, feather: float = 2.5) -> Tuple[np.ndarray, np.ndarray]:
-    """A disk textured with `texture` gliding over a still `background` (both float [S, S, 3]).
+def camouflage_video(background: np.ndarray, frames: int, rng, radius: Tuple[float, float] = (7.0, 10.0),
+                     speed: Tuple[float, float] = (1.5, 3.0), feather: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """A disk cut out of a still `background` (float [S, S, 3]) gliding over it: `(uint8 [T, S, S, 3], uint8 [T, S, S])`.
 
-    Returns `(uint8 [T, S, S, 3] frames, uint8 [T, S, S] mask)` (1 = the disk's pixels, alpha >= 0.5).
-    The texture moves with the disk, wrapping around.
+    The disk carries the background's pixels from where it started (integer
+    shifts, so no resampling blur), so it is textured exactly like the
+    background: frame 0 equals the background, and every later frame is the
+    background with a displaced copy of a piece of itself. Its radius and
+    speed (pixels per frame) are drawn from the given ranges; it bounces off the
+    borders so it stays whole in the frame; its edge is antialiased over
+    `feather` pixels. The mask is 1 where the disk covers a pixel (alpha >= 0.5).
     """
     size = background.shape[0]
+    radius = float(rng.uniform(*radius))
     angle = rng.uniform(0, 2 * np.pi)
-    velocity = speed * np.array([np.sin(angle), np.cos(angle)])
-    start = rng.uniform(radius + 2, size - radius - 2, size=2)
+    velocity = rng.uniform(*speed) * np.array([np.sin(angle), np.cos(angle)])
+    start = rng.uniform(radius + 1, size - radius - 1, size=2)
+    room = size - 2 * radius
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     video = np.empty((frames, size, size, 3), np.uint8)
     mask = np.empty((frames, size, size), np.uint8)
     for t in range(frames):
-        cy, cx = start + velocity * t
-        # Bounce off the borders so the disk stays whole in the frame.
-        cy = radius + abs((cy - radius) % (2 * (size - 2 * radius)) - (size - 2 * radius))
-        cx = radius + abs((cx - radius) % (2 * (size - 2 * radius)) - (size - 2 * radius))
+        # Bounce off the borders: the position folds back into [radius, size - radius].
+        cy, cx = radius + np.abs((start + velocity * t - radius) % (2 * room) - room)
         alpha = np.clip((radius - np.hypot(yy - cy, xx - cx)) / feather + 0.5, 0.0, 1.0)[..., None]
-        shifted = np.roll(texture, (int(round(cy - start[0])), int(round(cx - start[1]))), axis=(0, 1))
-        video[t] = np.clip(alpha * shifted + (1 - alpha) * background, 0, 255).round().astype(np.uint8)
+        # Under the disk, x - shift stays inside the starting disk: no wrapped seam shows.
+        carried = np.roll(background, (int(round(cy - start[0])), int(round(cx - start[1]))), axis=(0, 1))
+        video[t] = np.clip(alpha * carried + (1 - alpha) * background, 0, 255).round().astype(np.uint8)
         mask[t] = (alpha[..., 0] >= 0.5).astype(np.uint8)
     return video, mask
+
+
+def camouflage_pool(samples: Sequence[str]) -> List[np.ndarray]:
+    """The real frames backgrounds are cropped from: 6 frames of each sample video."""
+    return [f for path in samples for f in real_frames(path, 6)]
+
+
+def camouflage_clip(pool: Sequence[np.ndarray], frames: int, size: int, rng) -> Tuple[np.ndarray, np.ndarray]:
+    """One camouflage video on a random crop of a random frame of `pool` (see `camouflage_video`)."""
+    return camouflage_video(_crop(pool[int(rng.integers(len(pool)))], size, rng), frames, rng)
 
 
 def write_camouflage_source(root: str, samples: Sequence[str], videos: int, frames: int = 16, size: int = 32,
                             seed: int = 0, val_every: int = 4) -> str:
     """Writes `videos` camouflage videos (lossless) and their masks, alternately as a lossless mask video and
-    as a folder of PNGs, and a CSV `path,mask,split` (every `val_every`-th video in 'val'); returns the CSV path."""
+    as a folder of PNGs, and a CSV `path,mask,split` (every `val_every`-th video in 'val'); returns the CSV path.
+
+    `camouflage_clip(camouflage_pool(samples), frames, size, rng)` with
+    `rng = np.random.default_rng(seed)`, called `videos` times, makes the same videos.
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    pool = [f for path in samples for f in real_frames(path, 6)]
+    pool = camouflage_pool(samples)
     os.makedirs(root, exist_ok=True)
     rows = []
     for i in range(videos):
-        frame = pool[int(rng.integers(len(pool)))]
-        video, mask = camouflage_video(_crop(frame, size, rng), _crop(frame, size, rng), frames, rng)
+        video, mask = camouflage_clip(pool, frames, size, rng)
         name = f"v{i:03d}"
         write_video(os.path.join(root, name + ".mp4"), video, lossless=True)
         if i % 2:

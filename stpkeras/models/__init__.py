@@ -17,6 +17,7 @@ from stpkeras.models.c3d import build_c3d
 from stpkeras.models.dncnn3d import build_dncnn3d
 from stpkeras.models.r2plus1d import build_r2plus1d
 from stpkeras.models.resnet3d import build_resnet3d
+from stpkeras.models.segmentation import SegmentationLoss  # noqa: F401  registered: segment runs load with it
 from stpkeras.models.stcnn import build_stcnn
 from stpkeras.models.unet3d import build_unet3d
 from stpkeras.models.vivit import build_vivit
