@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", default=DEFAULT_VIDEOS)
     parser.add_argument("--out", default="/tmp/stp-bench-enhance")
-    parser.add_argument("--epochs", type=int, default=6, help="denoising epochs (about 2 min each on 2 cores)")
+    parser.add_argument("--epochs", type=int, default=9,
+                        help="denoising epochs (about 90 s each on 2 otherwise idle cores)")
     parser.add_argument("--pair-epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -104,12 +105,21 @@ def main(argv=None) -> int:
     # Training patches every 128 pixels (8x64x64, every 8 frames): fewer, more varied patches than a dense
     # grid, so several epochs fit the time budget. Test patches: the dense grid of the held-out videos.
     t0 = time.perf_counter()
-    train_csv = write_csv(os.path.join(out, "train.csv"), [("path", "split")] + [(os.path.join(src, n), "train") for n in TRAIN])
-    test_csv = write_csv(os.path.join(out, "test.csv"), [("path", "split")] + [(os.path.join(src, n), "test") for n in TEST])
+    # CSV paths stay inside the CSV's folder: link the samples there.
+    videos = os.path.join(out, "videos")
+    os.makedirs(videos, exist_ok=True)
+    for name in TRAIN + TEST:
+        if not os.path.lexists(os.path.join(videos, name)):
+            os.symlink(os.path.join(src, name), os.path.join(videos, name))
+    train_csv = write_csv(os.path.join(videos, "train.csv"), [("path", "split")] + [(n, "train") for n in TRAIN])
+    test_csv = write_csv(os.path.join(videos, "test.csv"), [("path", "split")] + [(n, "test") for n in TEST])
     train_data, test_data = os.path.join(out, "data-train"), os.path.join(out, "data-test")
     m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(8, 64, 64, stride_height=128,
                                                                                    stride_width=128), workers=2))
     m_test = convert(ConvertConfig(src=test_csv, out=test_data, spec=PatchSpec(8, 64, 64), workers=2))
+    for m in (m_train, m_test):
+        if m["counts"]["failed"]:
+            raise SystemExit(f"conversion failed: {[v['reason'] for v in m['videos'] if v['status'] != 'ok']}")
     log(f"converted: {m_train['counts']['patches']} training patches ({', '.join(TRAIN)}), "
         f"{m_test['counts']['patches']} test patches ({', '.join(TEST)}) in {time.perf_counter() - t0:.0f}s")
 
@@ -157,10 +167,10 @@ def main(argv=None) -> int:
             pristine = write_frames(os.path.join(out, f"{stem}-pristine.mp4"), frames, rate, lossless=True)
             compressed = write_frames(os.path.join(out, f"{stem}-crf{CRF}.mp4"), frames, rate, lossless=False,
                                       crf=CRF)
-            rows.append((compressed, pristine, split))
+            rows.append((os.path.basename(compressed), os.path.basename(pristine), split))
         pairs_data = os.path.join(out, "data-pairs")
         m_pairs = convert(ConvertConfig(src=write_csv(os.path.join(out, "pairs.csv"), rows), out=pairs_data,
-                                        spec=PatchSpec(8, 64, 64), workers=2))
+                                        spec=PatchSpec(8, 64, 64, stride_height=128, stride_width=128), workers=2))
         pair_run = os.path.join(out, "run-pairs")
         run = train(TrainConfig(data=pairs_data, out=pair_run, model="unet3d", task="enhance",
                                 epochs=args.pair_epochs, batch_size=args.batch_size, lr=args.lr, augment=("flip",),

@@ -426,6 +426,17 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
 
 # --- train / evaluate (TFRecords -> run folder -> metrics) --------------------------------------
 
+def _degrade_option(ctx, param, values):
+    """`--degrade KIND:PARAM` (repeatable) -> the canonical strings of `stpkeras.degrade`, checked."""
+    if not values:
+        return ()
+    from stpkeras.degrade import describe, parse_degrade
+    try:
+        return describe(parse_degrade(values))
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+
 def _model_args(ctx, param, values):
     """KEY=VALUE pairs; VALUE is JSON when it parses (8, 0.1, [1,3,3], "small"), else a string."""
     import json
@@ -446,8 +457,9 @@ def _model_args(ctx, param, values):
 @click.argument("data", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
-@click.option("--model", "model_name", default="stcnn", show_default=True,
-              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit"]), help="Model family.")
+@click.option("--model", "model_name", default=None,
+              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d"]),
+              help="Model family (default: stcnn; unet3d for --task enhance and segment).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -458,9 +470,10 @@ def _model_args(ctx, param, values):
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning-rate schedule over all steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--augment", default="crop,color", show_default=True, metavar="LIST",
-              help="Training augmentations: any of flip,crop,color, or 'none'. No flip by default: a "
-                   "horizontal flip swaps left and right motion.")
+@click.option("--augment", default=None, metavar="LIST",
+              help="Training augmentations: any of flip,crop,color, or 'none' (default crop,color; flip for "
+                   "--task enhance). No flip by default otherwise: a horizontal flip swaps left and right "
+                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target.")
 @click.option("--train-split", default=None, metavar="SPLIT",
               help="Split to train on (default: 'train', or every split but validation when there is none).")
 @click.option("--val-split", default=None, metavar="SPLIT",
@@ -485,9 +498,20 @@ def _model_args(ctx, param, values):
 @click.option("--trace-records", "trace_dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
               help="Write the video id and grid index of every training record this process receives to DIR "
                    "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
+@click.option("--task", type=click.Choice(["classify", "embed", "segment", "enhance"]), default="classify",
+              show_default=True, help="classify: a label per patch; enhance: restore degraded patches (unet3d, dncnn3d); "
+                                      "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
+                                      "segment: a class per voxel (data with masks) or per frame (data with "
+                                      "intervals), unet3d.")
+@click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
+              help="enhance: a degradation applied on the fly, repeatable: noise:25 (Gaussian sigma, 0-255), "
+                   "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
+                   "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
+@click.option("--loss", "pixel_loss", type=click.Choice(["l1", "l2"]), default=None,
+              help="enhance: the pixel loss (default l1).")
 def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir):
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, pixel_loss):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -498,7 +522,14 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     if deterministic and seed is None:
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
     try:
+        if (degrade or pixel_loss) and task != "enhance":
+            raise click.BadParameter("--degrade and --loss are options of --task enhance", param_hint="--task")
+        task_options = (("degrade", degrade), ("pixel_loss", pixel_loss or "l1")) if task == "enhance" else ()
+        model_name = model_name or ("unet3d" if task in ("enhance", "segment") else "stcnn")
+        if augment is None:
+            augment = "flip" if task == "enhance" else "crop,color"
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
+                             task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, weight_decay=weight_decay,
                              augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
@@ -516,7 +547,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     metrics = run["metrics"]
     best = metrics.get("best", {})
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
-               + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+               + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim"))
                + f"; best.keras, last.keras, history.csv, curves.png, logs/")
 
 
@@ -532,8 +563,17 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: 'patch' and 'video' sections with accuracy, precision, recall, "
                    "f1 (macro), per_class and confusion.")
-def evaluate_command(model, data, split, batch_size, top_k, out, as_json):
-    """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video."""
+@click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
+              help="Enhancement runs: degradations of the clean patches (default: the run's own), repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Enhancement runs: seed of the degradations (the same seed, the same inputs).")
+@click.option("--no-baselines", is_flag=True, help="Enhancement runs: skip the classical baselines.")
+def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines):
+    """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video.
+
+    An enhancement run (--task enhance) reports PSNR/SSIM of the degraded input, of classical
+    baselines and of the model instead.
+    """
     import json
 
     from stpkeras.evaluate import EvalConfig, EvaluateError, evaluate
@@ -542,11 +582,25 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json):
 
     try:
         result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                     out=out))
+                                     out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
     except (ManifestError, EvaluateError, RunError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if as_json:
         click.echo(json.dumps(result))
+        return
+    if result.get("task") == "enhance":
+        click.echo(f"{result['split']}: {result['patches']} patches, "
+                   + (", ".join(result["degrade"]) or "paired targets") + f" (seed {result['seed']})")
+        rows = [("input", result["input"], "")] + [
+            (name, v, f"{v['param']:g}") for name, v in result["baselines"].items()] + [("model", result["output"], "")]
+        click.echo(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}  parameter")
+        for name, v, param in rows:
+            click.echo(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}  {param}")
+        gain = result["gain_db"]
+        click.echo(f"model gain: {gain['over_input']:+.2f} dB over the input"
+                   + (f", {gain['over_best_baseline']:+.2f} dB over {result['best_baseline']}"
+                      if result["best_baseline"] else ""))
+        click.echo(f"wrote {result['json']}")
         return
     for level in ("patch", "video"):
         m = result[level]
@@ -653,6 +707,71 @@ def search_command(index_dir, queries, k, model, split, as_json):
     sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
+# --- enhance (a whole video through an enhancement model) ------------------------------------
+
+
+@main.command("enhance")
+@click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
+@click.argument("video", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), metavar="OUT.mp4",
+              help="The enhanced video (H.264 at the source's frame rate).")
+@click.option("--reference", default=None, type=click.Path(exists=True, dir_okay=False), metavar="CLEAN",
+              help="The clean video: print PSNR/SSIM of the input and of the output against it.")
+@click.option("--overlap", default=None, metavar="TxHxW", callback=_triple,
+              help="Overlap of neighbouring patches, at most half the patch (default: a quarter of it).")
+@click.option("--lossless", is_flag=True,
+              help="Write lossless RGB H.264 (libx264rgb, qp 0), so measurements are not blurred by the codec.")
+@click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower: better).")
+@click.option("--side-by-side", default=None, type=click.Path(dir_okay=False), metavar="FILE.mp4",
+              help="Also write input | output (| reference) side by side.")
+@click.option("--frame-png", default=None, type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Write one frame as input | output (| reference) to a PNG.")
+@click.option("--frame", "frame_index", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The frame of --frame-png (default: the middle one).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Patches per model call (memory stays bounded by it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
+              help="Refuse videos whose frames are larger (decompression-bomb guard).")
+def enhance_command(model, video, out, reference, overlap, lossless, crf, side_by_side, frame_png, frame_index,
+                    batch_size, as_json, max_pixels):
+    """Enhance VIDEO with MODEL (a run folder of --task enhance, a .keras file in one, or its export).
+
+    The video is cut into overlapping patches of the model's size, enhanced in batches and put back
+    by overlap-add with a smooth window, streaming: any length, any frame size.
+    """
+    import json
+
+    from stpkeras.enhance import EnhanceError, enhance_video, load_enhancer
+    from stpkeras.export import ExportError
+    from tfrecords_tools.video import VideoError
+
+    try:
+        enhancer = load_enhancer(model)
+    except (EnhanceError, ExportError, OSError) as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        result = enhance_video(enhancer, video, out, overlap=overlap, batch_size=batch_size, crf=crf,
+                               lossless=lossless, reference=reference, side_by_side=side_by_side,
+                               frame_png=frame_png, frame_index=frame_index, max_pixels=max_pixels)
+    except VideoError as e:
+        raise click.ClickException(str(e)) from e
+    except ValueError as e:  # EnhanceError, a bad --overlap
+        raise click.UsageError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(f"{out}: {result.frames} frames of {result.width}x{result.height} at {result.fps:g} fps, "
+               f"{result.patches} patches, {result.seconds:.1f}s ({result.model_s:.1f}s in the model)")
+    if result.reference:
+        click.echo(f"against {reference}: input PSNR {result.input_psnr:.2f} dB SSIM {result.input_ssim:.4f} -> "
+                   f"output PSNR {result.output_psnr:.2f} dB SSIM {result.output_ssim:.4f} "
+                   f"({result.output_psnr - result.input_psnr:+.2f} dB)")
+    for path in (side_by_side, frame_png):
+        if path:
+            click.echo(f"wrote {path}")
+
+
 # --- data-service (tf.data service servers for `stp train --data-service`) ---------------------
 
 
@@ -666,7 +785,8 @@ def data_service_group():
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Journal folder: a restarted dispatcher recovers its jobs from it (fault-tolerant mode).")
 @click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",
-              help="A worker silent this long is dropped and its share of the epoch given up.")
+              help="A worker silent this long is reported missing. Jobs still wait for it: restart a dead worker "
+                   "with the same --host and --port (README: tf.data service).")
 def dispatcher_command(port, work_dir, worker_timeout):
     """Start a dispatcher and serve until interrupted."""
     from stpkeras.data_service import start_dispatcher

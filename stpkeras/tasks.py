@@ -1,8 +1,8 @@
 """Task stage: what a task adds to a model family: its head, targets, loss, metrics and monitor.
 
-`classify` is the one task today; `enhance`, `embed` and `segment` join the
-`TASKS` registry with the same interface, so `train.py` and `evaluate.py`
-never branch on the task's name.
+`classify`, `embed` (self-supervised contrastive), `segment` (per voxel or
+per frame) and `enhance` (degraded pixels -> clean pixels) share one interface
+in the `TASKS` registry, so `train.py` never branches on the task's name.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ class Task:
     def class_weight(self, counts: Dict[str, int], labels: Sequence[str]) -> Optional[Dict[int, float]]:
         return None
 
+    def class_names(self, info) -> Sequence[str]:
+        """The classes the model predicts, from the data's `DataInfo` (recorded as run.json's `labels`)."""
+        return info.labels
+
+    def for_data(self, info) -> "Task":
+        """The task specialised for the data it trains on (e.g. segment: masks or frame labels)."""
+        return self
+
+    def element_fn(self, info, augment: Sequence[str], training: bool):
+        """The task's own `(serialized record, seed) -> element` for `make_dataset`, or None for
+        `(patch, label)` with the pipeline's augmentation."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Classify(Task):
@@ -47,7 +60,10 @@ class Classify(Task):
     needs_labels: bool = True
 
     def build_model(self, model, spec, labels, options):
-        from stpkeras.models import build_model
+        from stpkeras.models import ENHANCE_MODELS, build_model
+        if model in ENHANCE_MODELS:
+            raise ValueError(f"Invalid value for argument `model`. {model!r} outputs pixels (task enhance); "
+                             "task classify needs a classifier")
         return build_model(model, spec, len(labels), **dict(options))
 
     def loss(self):
@@ -73,13 +89,164 @@ class Classify(Task):
         return {i: total / (len(labels) * counts[name]) for i, name in enumerate(labels)}
 
 
-TASKS: Dict[str, Task] = {"classify": Classify()}
+@dataclasses.dataclass(frozen=True)
+class Embed(Task):
+    """Self-supervised contrastive learning, no labels: two augmented views of each patch are positives
+    (`stpkeras.embedding`). The model maps views `uint8 [B, 2, T, H, W, C]` to projections `[B, 2, P]`;
+    retrieval uses its encoder's pooled `features`. Model options go to the backbone."""
+
+    name: str = "embed"
+    monitor: str = "loss"
+    monitor_mode: str = "min"
+    needs_labels: bool = False
+    temperature: float = 0.1
+
+    def class_names(self, info):
+        return ()
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.embedding import build_contrastive
+        from stpkeras.models import build_model
+        # The backbone's classifier head (2 dummy classes) is not on the path to the projections: unused.
+        return build_contrastive(build_model(model, spec, 2, **dict(options)), spec)
+
+    def loss(self):
+        from stpkeras.embedding import ContrastiveLoss
+        return ContrastiveLoss(self.temperature)
+
+    def metrics(self, labels):
+        from stpkeras.embedding import pair_accuracy_metric
+        return [keras.metrics.MeanMetricWrapper(pair_accuracy_metric, name="pair_accuracy")]
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.embedding import make_views
+        # Validation views are augmented too (seeded, the same every epoch): identical views would be trivial.
+        return make_views(info.encoding, info.spec, augment)
 
 
-def get_task(name: str) -> Task:
+@dataclasses.dataclass(frozen=True)
+class Segment(Task):
+    """A class per voxel (records with a `mask`) or per frame (records with frame labels from intervals).
+
+    `for_data` picks the kind from the manifest. The model ('unet3d') outputs logits `[B, T, H, W, K]`
+    (mask) or `[B, T, K]` (frames); unlabelled voxels/frames (-1) count in neither loss nor IoU.
+    The loss is cross-entropy, plus `dice` x soft Dice for masks, where the objects are a small share
+    of the voxels (`SegmentationLoss`); frames are classes of similar size: cross-entropy alone.
+    """
+
+    name: str = "segment"
+    monitor: str = "mean_iou"
+    monitor_mode: str = "max"
+    needs_labels: bool = True
+    kind: str = ""   # "mask" or "frames", set by for_data
+    dice: float = 1.0
+
+    def for_data(self, info) -> "Segment":
+        from stpkeras.segment import data_kind
+        return dataclasses.replace(self, kind=data_kind(info))
+
+    def class_names(self, info):
+        from stpkeras.segment import class_names
+        return class_names(info, self.kind or None)
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.models.segmentation import build_segmenter
+        return build_segmenter(model, spec, len(labels), kind=self.kind, **dict(options))
+
+    def loss(self):
+        from stpkeras.models.segmentation import SegmentationLoss
+        return SegmentationLoss(dice=self.dice if self.kind == "mask" else 0.0)
+
+    def metrics(self, labels):
+        k = len(labels)
+        metrics = [keras.metrics.MeanIoU(k, sparse_y_pred=False, ignore_class=-1, name="mean_iou")]
+        metrics += [keras.metrics.IoU(k, [i], sparse_y_pred=False, ignore_class=-1, name=f"iou_{i}")
+                    for i in range(k)]
+        return metrics + [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.segment import make_element
+        return make_element(info, self.kind, augment if training else ())
+
+
+PIXEL_LOSSES = ("l1", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Enhance(Task):
+    """Restoration: a degraded `uint8 [B, T, H, W, 3]` patch -> float32 pixels `[B, T, H, W, 3]` against the clean patch.
+
+    The clean patch is the record's patch, degraded on the fly by `degrade`
+    (`stpkeras.degrade`, e.g. `('noise:25',)`), or, for paired data (`stp
+    convert` of a `path,target` CSV), the record's target. The loss is the
+    mean absolute (`l1`) or squared (`l2`) error in 0-255 units; PSNR and SSIM
+    (`stpkeras.quality`) are measured on the clipped, rounded output.
+    """
+
+    name: str = "enhance"
+    monitor: str = "psnr"
+    monitor_mode: str = "max"
+    needs_labels: bool = False
+    degrade: Tuple[str, ...] = ()
+    pixel_loss: str = "l1"
+    paired: bool = False   # set by for_data from the manifest
+
+    def __post_init__(self):
+        from stpkeras.degrade import describe, parse_degrade
+        # Stored in canonical form (the order they apply in), as run.json records them.
+        object.__setattr__(self, "degrade", describe(parse_degrade(self.degrade)))
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"Invalid value for argument `pixel_loss`. Expected one of {PIXEL_LOSSES}. "
+                             f"Received pixel_loss={self.pixel_loss!r}")
+
+    def for_data(self, info) -> "Enhance":
+        paired = bool(info.manifest.get("paired"))
+        if not paired and not self.degrade:
+            raise ValueError(f"{info.root}: task enhance needs clean/degraded pairs: pass --degrade KIND:PARAM "
+                             "(e.g. noise:25) to degrade the patches on the fly, or convert a path,target CSV")
+        return dataclasses.replace(self, paired=paired)
+
+    def class_names(self, info):
+        return ()
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.models import ENHANCE_MODELS, build_model
+        if model not in ENHANCE_MODELS:
+            raise ValueError(f"Invalid value for argument `model`. Task enhance needs one of {list(ENHANCE_MODELS)}. "
+                             f"Received model={model!r}")
+        return build_model(model, spec, spec.channels, **dict(options))
+
+    def loss(self):
+        if self.pixel_loss == "l2":
+            return keras.losses.MeanSquaredError()
+        return keras.losses.MeanAbsoluteError()
+
+    def metrics(self, labels):
+        from stpkeras.quality import PSNR, SSIM
+        return [PSNR(), SSIM()]
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.degrade import make_pairs
+        # Validation is degraded too (seeded: the same degradations every epoch), but not augmented.
+        return make_pairs(info.encoding, info.spec, paired=self.paired, degradations=self.degrade,
+                          augment=augment if training else ())
+
+
+TASKS: Dict[str, Task] = {"classify": Classify(), "embed": Embed(), "segment": Segment(), "enhance": Enhance()}
+
+
+def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:
+    """The task `name`, with `options` (its dataclass fields, e.g. enhance's `degrade`) set; checked."""
     if name not in TASKS:
         raise ValueError(f"Invalid value for argument `task`. Expected one of {sorted(TASKS)}. Received task={name!r}")
-    return TASKS[name]
+    task = TASKS[name]
+    if options:
+        fields = {f.name for f in dataclasses.fields(task)} - {f.name for f in dataclasses.fields(Task)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"Invalid options {unknown} for task {name!r}. Expected some of {sorted(fields)}.")
+        task = dataclasses.replace(task, **options)
+    return task
 
 
 def task_names() -> Tuple[str, ...]:

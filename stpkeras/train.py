@@ -45,6 +45,7 @@ class TrainConfig:
     model: str = "stcnn"
     model_options: Tuple[Tuple[str, object], ...] = ()
     task: str = "classify"
+    task_options: Tuple[Tuple[str, object], ...] = ()   # the task's own settings, e.g. enhance's degrade, pixel_loss
     epochs: int = 10
     batch_size: int = 32          # per replica; the global batch is this x replicas
     lr: float = 1e-3              # peak learning rate (AdamW)
@@ -88,6 +89,7 @@ class TrainConfig:
             bad("verbose", "0, 1 or 2")
         object.__setattr__(self, "augment", augment_lib.parse_augment(self.augment))
         object.__setattr__(self, "model_options", tuple(sorted(dict(self.model_options).items())))
+        object.__setattr__(self, "task_options", tuple(sorted(dict(self.task_options).items())))
 
     @classmethod
     def tiny(cls, data: str, out: str, **overrides) -> "TrainConfig":
@@ -100,6 +102,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_options"] = dict(self.model_options)
+        d["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.task_options}
         d["augment"] = list(self.augment)
         return d
 
@@ -293,11 +296,16 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     from stpkeras.tasks import get_task
 
     started = time.time()
-    task = get_task(config.task)
     info = pipeline.load_info(config.data)
-    if task.needs_labels and info.num_classes < 2:
+    task = get_task(config.task, dict(config.task_options)).for_data(info)
+    try:
+        # The task's classes: the data's labels for classify, mask or frame classes for segment, none for embed.
+        labels = tuple(task.class_names(info))
+    except ValueError as e:
+        raise RunError(f"{config.data}: {e}") from e
+    if task.needs_labels and len(labels) < 2:
         raise RunError(f"{config.data}: task {task.name!r} needs labelled data with >= 2 classes; "
-                       f"the manifest lists {list(info.labels)}")
+                       f"the manifest lists {list(labels)}")
     train_splits, val_split = _splits(info, config)
     resuming = _prepare_run_dir(config)
     backup_dir = os.path.join(config.out, BACKUP)
@@ -323,19 +331,24 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     try:
         with strategy.scope():
-            model = task.build_model(config.model, info.spec, info.labels, dict(config.model_options))
+            model = task.build_model(config.model, info.spec, labels, dict(config.model_options))
             if config.schedule == "cosine":
                 lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps, alpha=0.01)
             else:
                 lr = config.lr
             model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=config.weight_decay),
-                          loss=task.loss(), metrics=task.metrics(info.labels), jit_compile=config.jit)
+                          loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
 
         common = dict(batch_size=config.batch_size, strategy=strategy, seed=config.seed,
                       deterministic=config.deterministic)
-        train_ds = pipeline.make_dataset(info, train_splits, training=True, augment=config.augment,
+        # A task with its own element (views, masks) applies the augmentation itself.
+        train_element = task.element_fn(info, config.augment, training=True)
+        val_element = task.element_fn(info, config.augment, training=False)
+        train_ds = pipeline.make_dataset(info, train_splits, training=True, element_fn=train_element,
+                                         augment=None if train_element is not None else config.augment,
                                          shuffle_buffer=config.shuffle_buffer, **common)
-        val_ds = pipeline.make_dataset(info, val_split, training=False, **common) if val_split else None
+        val_ds = (pipeline.make_dataset(info, val_split, training=False, element_fn=val_element, **common)
+                  if val_split else None)
         if config.data_service:
             # Decoding and augmentation run on the tf.data service's workers (see data_service.py).
             if getattr(task, "element_fn", lambda *a, **k: None)(info, config.augment, training=True) is not None:
@@ -354,7 +367,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
         initial_epoch = _backup_epoch(backup_dir) if resuming else 0
         best_so_far = _best_value(read_history(config.out), monitor, task.monitor_mode, initial_epoch)
         run = {"task": task.name, "model": config.model, "config": config.to_dict(),
-               "spec": info.spec.to_dict(), "labels": list(info.labels), "data": config.data,
+               "spec": info.spec.to_dict(), "labels": list(labels), "data": config.data,
                "manifest_sha256": info.sha256(), "versions": versions(),
                "splits": {"train": list(train_splits), "val": val_split},
                "strategy": {"name": type(strategy).__name__, "replicas": replicas, "global_batch": global_batch,
@@ -380,10 +393,13 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
             _curves_callback(config.out),
             keras.callbacks.BackupAndRestore(backup_dir),
         ]
-        if config.data_service and config.trace_dir:
-            from stpkeras.data_service import trace_epoch_callback
-            callbacks.append(trace_epoch_callback(trace_epoch))
-        class_weight = (task.class_weight(_counts(info, train_splits), info.labels) if config.class_weight else None)
+        if config.data_service:
+            from stpkeras.data_service import stall_warning_callback, trace_epoch_callback
+            # A dead worker stalls the epoch until it is restarted: say so rather than hang in silence.
+            callbacks.append(stall_warning_callback(config.data_service, echo=echo))
+            if config.trace_dir:
+                callbacks.append(trace_epoch_callback(trace_epoch))
+        class_weight = (task.class_weight(_counts(info, train_splits), labels) if config.class_weight else None)
         # shuffle=False: the pipeline already shuffles (files, then records); Keras cannot shuffle a Dataset.
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                   class_weight=class_weight, verbose=config.verbose, shuffle=False)

@@ -24,7 +24,8 @@ def _pixels(batch, seed=0):
 
 
 def test_registry_lists_the_five_families():
-    assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit"}
+    # ... and the two enhancement families (pixels out, tested in test_enhance.py).
+    assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d"}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -25,6 +25,8 @@ from tfrecords_tools import manifest as mf
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
 from tfrecords_tools.sources import Item, list_source
+from tfrecords_tools.pairs import target_patches
+from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
 from tfrecords_tools.storage import check_path, is_remote, scheme
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoError, video_patches
@@ -50,6 +52,8 @@ class ConvertConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     labels: Tuple[str, ...] = ()
     split_fractions: Tuple[Tuple[str, float], ...] = ()
+    # Classes of the `intervals` labels (per-frame targets), in index order; () = all found, sorted.
+    frame_labels: Tuple[str, ...] = ()
     # How the work runs; never changes the records.
     work_dir: Optional[str] = None  # local folder for per-video chunks; None: OUT/.stp-work (OUT must be local)
     workers: int = 1
@@ -78,7 +82,9 @@ class ConvertConfig:
         return {"spec": self.spec.to_dict(), "encoding": self.encoding,
                 "quality": self.quality if self.encoding == "jpeg" else None,
                 "compression": self.compression, "schema_version": SCHEMA_VERSION,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels,
+                # Only data with frame labels has the key: other conversions keep their fingerprint.
+                **({"frame_labels": list(self.frame_labels)} if self.frame_labels else {})}
 
     @property
     def shard_bytes(self) -> int:
@@ -106,26 +112,48 @@ class ConvertConfig:
 # One video (runs in a worker process)
 
 
-def video_records(item: Item, label_index: int, cfg: ConvertConfig) -> Iterator[Union[Plan, bytes]]:
+def video_records(item: Item, label_index: int, cfg: ConvertConfig,
+                  stats: Optional[dict] = None) -> Iterator[Union[Plan, bytes]]:
     """Streams the serialized records of one video: the per-video code shared by every runner.
 
     Same contract as `video.video_patches`: a `Plan` at the start of every
     read, then that read's records (`tf.train.Example` bytes) in grid order; a
     second `Plan` means the records since the previous one must be dropped.
     Raises `VideoError` (or anything else a broken file provokes); the callers
-    turn that into the video's result.
+    turn that into the video's result. A video with a `mask` or `intervals`
+    gets those targets in its records (`tfrecords_tools.targets`); `stats`
+    receives `mask_max`, the largest class id of its masks. A video with a
+    `target` (its clean original) gets the target's aligned patch in each record
+    (`tfrecords_tools.pairs`).
     """
     plan: Optional[Plan] = None
+    targets: Optional[Targets] = None
+    clean: Optional[Iterator] = None
+    segmented = bool(item.mask or item.intervals)
     for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads):
         if isinstance(event, Plan):
             plan = event
+            if segmented:
+                targets = Targets(item, cfg.spec, plan, cfg.frame_labels, cfg.max_pixels, stats)
+            if item.target:
+                # Decoded in lockstep under this plan, so memory stays at one patch length of each video.
+                clean = target_patches(item.target, item.path, cfg.spec, plan, max_pixels=cfg.max_pixels,
+                                       threads=cfg.decode_threads)
             yield event
             continue
         yield encode_patch(
             event.pixels, encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
             video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
             valid=event.valid, timestamp=event.timestamp,
-            label=label_index, label_name=item.label, split=item.split)
+            label=label_index, label_name=item.label, split=item.split,
+            **(targets.extras(event) if targets is not None else {}),
+            **({"target": _aligned(next(clean, None), event, item)} if clean is not None else {}))
+
+
+def _aligned(target, patch, item: Item):
+    if target is None or target.offset != patch.offset:
+        raise VideoError(item.path, f"its target {item.target} gave no patch at {patch.offset}")
+    return target.pixels
 
 
 def new_result(item: Item) -> dict:
@@ -168,7 +196,7 @@ def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: 
         writer = ChunkWriter(chunk_path)
         plan: Optional[Plan] = None
         reads = 0
-        for event in video_records(item, label_index, cfg):
+        for event in video_records(item, label_index, cfg, stats=result):
             if isinstance(event, Plan):
                 plan = event
                 reads += 1
@@ -280,6 +308,9 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     check_path(cfg.out)
     gfile = _gfile()
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
+    if any(item.intervals for item in items):
+        items, frame_names = resolve_frame_labels(items, cfg.frame_labels)
+        cfg = dataclasses.replace(cfg, frame_labels=frame_names)
     work = cfg.work_path()
     if cfg.overwrite:
         remove_outputs(cfg.out)
@@ -465,7 +496,18 @@ def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[s
               "failed": sum(v["status"] == "failed" for v in videos),
               "skipped": sum(v["status"] == "skipped" for v in videos),
               "patches": sum(s["records"] for s in out_splits.values())}
+    # Segmentation targets, when the records carry them: mask classes 0..N-1 and the frame classes.
+    mask_max = max((results[i.key].get("mask_max", -1) for i in items if results[i.key]["status"] == "ok"),
+                   default=-1)
+    targets = {}
+    if mask_max >= 0:
+        targets["mask_classes"] = max(2, mask_max + 1)
+    if cfg.frame_labels:
+        targets["frame_labels"] = list(cfg.frame_labels)
+    if any(i.target for i in items):
+        targets["paired"] = True  # records carry `schema.TARGET`: clean/degraded pairs for --task enhance
     return {
+        **targets,
         "format": mf.FORMAT, "schema_version": SCHEMA_VERSION, "spec": cfg.spec.to_dict(),
         "encoding": cfg.encoding, "quality": cfg.quality, "compression": cfg.compression,
         "labels": list(labels), "splits": out_splits, "videos": videos, "counts": counts,

@@ -6,7 +6,9 @@ Three inputs are understood:
   (`train/`, `val/`, `test/`);
 - a flat folder of videos (unlabelled);
 - a CSV with columns `path,label[,split]` (or `path` alone), paths relative
-  to the CSV's folder.
+  to the CSV's folder. Optional segmentation columns: `mask` (a lossless mask
+  video or a folder of PNG masks, one per frame: class ids in the first
+  channel) and `intervals` (a CSV `start,end,label` in seconds: a class per frame).
 
 Problems with one entry (an empty or unknown label, a path that escapes the
 CSV's folder) do not stop the listing: they come back as `Item`s with an
@@ -41,6 +43,9 @@ class Item:
     split: str = DEFAULT_SPLIT
     error: str = ""
     line: int = 0           # CSV line number (1-based, header = 1), 0 for folders
+    mask: str = ""          # absolute path of its mask video or PNG folder ('' none)
+    intervals: str = ""     # absolute path of its `start,end,label` CSV ('' none)
+    target: str = ""        # absolute path of its clean original (a `target` column: paired data), '' none
 
     @property
     def key(self) -> str:
@@ -145,8 +150,37 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
                 items.append(Item(vid, path, label, split,
                                   f"{where}: unknown label {label!r}; expected one of {sorted(allowed)}", n))
                 continue
-            items.append(Item(vid, path, label, split, "", n))
+            extras, problem = {}, ""
+            for column in ("mask", "intervals", "target"):
+                if row.get(column):
+                    extra = os.path.normpath(os.path.join(root, row[column]))
+                    if os.path.isabs(row[column]) or _rel(extra, root).startswith("../"):
+                        problem = f"{where}: {column} {row[column]!r} escapes the CSV's folder {root}"
+                    extras[column] = extra
+            items.append(Item(vid, path, label, split, problem, n, **extras))
     return items, labelled
+
+
+def read_intervals(path: str) -> List[Tuple[float, float, str]]:
+    """A CSV `start,end,label` (seconds, end exclusive) -> its rows; raises `ValueError` naming the file and line."""
+    out = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        if not {"start", "end", "label"} <= set(fields):
+            raise ValueError(f"{path}: expected a header start,end,label; received columns {fields}")
+        for n, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            try:
+                start, end = float(row["start"]), float(row["end"])
+            except ValueError:
+                raise ValueError(f"{path}:{n}: start and end must be seconds; received "
+                                 f"{row['start']!r}, {row['end']!r}") from None
+            if not 0 <= start < end or not row["label"]:
+                raise ValueError(f"{path}:{n}: expected 0 <= start < end and a label; received "
+                                 f"start={start}, end={end}, label={row['label']!r}")
+            out.append((start, end, row["label"]))
+    return out
 
 
 def list_source(src: str, labels: Optional[Sequence[str]] = None,
