@@ -10,9 +10,24 @@ machines run it and stream finished elements back over gRPC.
 
 Processing mode is `distributed_epoch` (`ShardingPolicy.DYNAMIC`): the file
 list is the split source, so within an epoch every file, and hence every
-record, is handed to exactly one worker once. A worker that dies loses the
-records of the file it was reading (tf.data service gives no visitation
-guarantee under failures); the others go on and training does not stop.
+record, is handed to exactly one worker once.
+
+A worker that dies (TF 2.21, read from tensorflow/core/data/service and
+measured in tests/test_data_service.py):
+  - The epoch waits for it. The dispatcher never drops a worker from a job:
+    `worker_timeout_ms` only serves tf.data snapshots, the job is finished when
+    every one of its tasks has reported the end of its input, and the trainer
+    skips over an unreachable worker and retries it forever. A new worker at
+    another address does not release the epoch.
+  - A worker started again at the same HOST:PORT takes the task back, reads
+    the files the dispatcher has not yet handed out, and the epoch ends. Run
+    workers at a stable address under something that restarts them
+    (a Kubernetes StatefulSet, systemd `Restart=always`).
+  - Records are delivered at most once (DYNAMIC sharding's guarantee): what the
+    dead worker had read but not yet delivered (the rest of its open files,
+    its shuffle buffer, its prefetched batches) is lost for that epoch and
+    never sent twice; later epochs are complete again.
+`stall_warning_callback` says so in the trainer's output when no batch comes.
 A dispatcher started with a work folder journals its state and recovers it on restart.
 
 Workers need only TensorFlow (same version as the trainer) and read access to
@@ -21,7 +36,9 @@ the shards' paths; stpkeras itself runs in the trainer.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import threading
+import time
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -46,7 +63,8 @@ def start_dispatcher(port: int, work_dir: Optional[str] = None,
     """Starts a dispatcher on `port` (0: a free one); with `work_dir`, its journal survives restarts."""
     config = tf.data.experimental.service.DispatcherConfig(
         port=port, work_dir=work_dir, fault_tolerant_mode=work_dir is not None,
-        # How soon a silent worker is declared dead and its share of the epoch dropped.
+        # How soon a silent worker is declared missing. In TF 2.21 only snapshots act on it: a job
+        # keeps the dead worker's task and waits for a worker at that address (module docstring).
         worker_timeout_ms=int(worker_timeout_s * 1000))
     return tf.data.experimental.service.DispatchServer(config)
 
@@ -79,7 +97,9 @@ def make_service_dataset(info: pipeline.DataInfo, split: pipeline.Splits, servic
         batches read outside an epoch (Keras' fit peeks at one batch to build the model).
 
     Returns:
-      `(uint8 [B, T, H, W, 3], int32 [B])` batches, B <= batch_size; cardinality unknown.
+      `(uint8 [B, T, H, W, 3], int32 [B])` batches of `batch_size` but the last of an epoch; the
+      graph's cardinality is unknown, `ds.cardinality()` in Python gives the batches of a complete
+      epoch (for Keras' `fit`, see the end of this function).
     """
     files = info.files(split)
     encoding, spec = info.encoding, info.spec
@@ -106,13 +126,25 @@ def make_service_dataset(info: pipeline.DataInfo, split: pipeline.Splits, servic
     ds = ds.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
         service=SERVICE_PREFIX + service_address(service)))
-    # Trainer side from here on.
+    # Trainer side from here on. Each worker ends the epoch with a partial batch, so how many batches
+    # arrive depends on how the files fell: rebatched here, a complete epoch is always
+    # ceil(records / batch_size) batches, and one with records lost to a dead worker is fewer.
+    ds = ds.rebatch(batch_size)
     if trace_file is not None:
         epoch = trace_epoch if trace_epoch is not None else tf.Variable(-1, dtype=tf.int64, trainable=False)
         ds = ds.map(lambda b: trace_batch(b, trace_file, epoch))
     if as_supervised:
         ds = ds.map(pipeline.supervised)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    # Keras' fit takes an epoch of unknown length to be as long as the first one it saw and cuts the
+    # later ones to it (keras/src/trainers/epoch_iterator.py; tensorflow/tensorflow#41571): a first
+    # epoch short of records lost to a dead worker would cut every later, complete one. Keras reads
+    # the length from `dataset.cardinality()` in Python, so this dataset states the length of a
+    # complete epoch there, an upper bound (the graph's cardinality stays unknown); a shorter epoch
+    # then simply ends early.
+    complete = -(-info.num_records(split) // batch_size)
+    ds.cardinality = lambda: tf.constant(complete, tf.int64)
+    return ds
 
 
 def trace_batch(batch: dict, path: str, epoch: tf.Variable) -> dict:
@@ -138,3 +170,47 @@ def trace_epoch_callback(variable: tf.Variable):
             variable.assign(-1)
 
     return TraceEpoch()
+
+
+def stall_warning_callback(service: str, after_s: float = 60.0, echo: Callable[[str], None] = print):
+    """A Keras callback that reports, once per stall, when no batch has come from `service` for `after_s` s.
+
+    The trainer cannot tell a slow worker from a dead one (it retries a dead
+    worker forever, see the module docstring), so this says in the output what
+    to do instead of leaving a silent hang. A daemon thread watches the time of
+    the last batch; validation and epoch-end work count as progress.
+    """
+    import keras
+
+    if not after_s > 0:
+        raise ValueError(f"Invalid value for argument `after_s`. Expected a strictly positive value. "
+                         f"Received after_s={after_s!r}")
+
+    class StallWarning(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self._last = time.monotonic()
+            self._stop = threading.Event()
+            threading.Thread(target=self._watch, name="stall-warning", daemon=True).start()
+
+        def on_train_end(self, logs=None):
+            self._stop.set()
+
+        def _progress(self, *args, **kwargs):
+            self._last = time.monotonic()
+
+        on_train_batch_end = on_test_batch_end = on_epoch_begin = on_epoch_end = _progress
+
+        def _watch(self):
+            warned_at = None
+            while not self._stop.wait(min(after_s, 5.0)):
+                idle = time.monotonic() - self._last
+                if idle < after_s:
+                    warned_at = None
+                elif warned_at != self._last:
+                    warned_at = self._last
+                    echo(f"warning: no batch from the tf.data service at {service} for {idle:.0f} s. If a worker "
+                         "died, the epoch waits until a worker is started again at its HOST:PORT (`stp "
+                         "data-service worker --port P --host H`); a worker at another address does not release "
+                         "it, and the records the dead worker had in flight are lost for this epoch.")
+
+    return StallWarning()

@@ -19,15 +19,23 @@ STP = [sys.executable, "-m", "stpkeras.cli"]
 
 @pytest.fixture
 def service(tmp_path):
-    """(grpc://127.0.0.1:PORT, [worker processes]): a dispatcher and two workers, stopped afterwards."""
-    port, w1, w2 = free_ports(3)
+    """(grpc://127.0.0.1:PORT, [worker processes], start_worker): a dispatcher and two workers, stopped afterwards.
+
+    `start_worker(i)` starts worker i again at its HOST:PORT, as a cluster manager restarts a dead one.
+    """
+    port, *worker_ports = free_ports(3)
     procs = [subprocess.Popen(STP + ["data-service", "dispatcher", "--port", str(port), "--worker-timeout", "2",
                                      "--work-dir", str(tmp_path / "journal")], env=ENV)]
     time.sleep(1.0)
-    workers = [subprocess.Popen(STP + ["data-service", "worker", "--dispatcher", f"127.0.0.1:{port}",
-                                       "--port", str(w), "--host", "127.0.0.1"], env=ENV) for w in (w1, w2)]
-    procs += workers
-    yield f"grpc://127.0.0.1:{port}", workers
+
+    def start_worker(i):
+        proc = subprocess.Popen(STP + ["data-service", "worker", "--dispatcher", f"127.0.0.1:{port}",
+                                       "--port", str(worker_ports[i]), "--host", "127.0.0.1"], env=ENV)
+        procs.append(proc)
+        return proc
+
+    workers = [start_worker(i) for i in range(2)]
+    yield f"grpc://127.0.0.1:{port}", workers, start_worker
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -45,6 +53,12 @@ def records(path, epoch=None):
     return out
 
 
+def epochs_done(run):
+    """Rows of `run`'s history.csv (Keras' CSVLogger creates it, empty, when training begins)."""
+    path = run / "history.csv"
+    return max(0, len(open(path).read().strip().splitlines()) - 1) if path.exists() else 0
+
+
 def train(data, out, service, trace, epochs, **kw):
     return subprocess.Popen(STP + ["train", data, "--out", str(out), "--data-service", service,
                                    "--trace-records", str(trace), "--epochs", str(epochs), "--batch-size", "16",
@@ -54,7 +68,7 @@ def train(data, out, service, trace, epochs, **kw):
 
 
 def test_every_record_arrives_once_per_epoch(tmp_path, service):
-    address, workers = service
+    address, _, _ = service
     data = str(tmp_path / "data")
     write_converted(data, {"train": random_items(200, (4, 8, 8, 3), seed=0)}, ("a", "b", "c"), shards=8)
     expected = {f"v{i % 6}.mp4:{i},0,0" for i in range(200)}
@@ -68,28 +82,62 @@ def test_every_record_arrives_once_per_epoch(tmp_path, service):
 
 
 
-@pytest.mark.skip(reason="OPEN: with TF 2.21, killing one of two workers mid-epoch (dispatcher --worker-timeout 2, "
-                         "fault-tolerant journal) left the trainer waiting: no progress for 400 s. Under investigation.")
 def test_a_worker_killed_mid_epoch_does_not_stop_training(tmp_path, service):
-    address, workers = service
-    # Three epochs over more data; one worker is killed as soon as the first batches arrive.
-    write_converted(str(tmp_path / "big"), {"train": random_items(3000, (4, 8, 8, 3), seed=1)}, ("a", "b", "c"),
-                    shards=32)
-    trace = tmp_path / "trace2"
-    proc = train(str(tmp_path / "big"), tmp_path / "run2", address, trace, epochs=3)
-    deadline = time.time() + 180
-    while time.time() < deadline and not (trace / "trainer.txt").exists():
-        time.sleep(0.2)
-    while time.time() < deadline and len(records(trace / "trainer.txt")) < 200:
+    """What TF 2.21's tf.data service guarantees when a worker dies (data_service.py's docstring says why):
+    the epoch waits for the dead worker's address; restarted there, the worker finishes the epoch; every
+    record arrives at most once in that epoch (those the dead worker held are lost) and exactly once after."""
+    address, workers, start_worker = service
+    # 64 videos over 32 shards (a video's patches share a shard): files of ~47 records, the unit of hand-out.
+    write_converted(str(tmp_path / "big"), {"train": random_items(1500, (4, 8, 8, 3), videos=64, seed=1)},
+                    ("a", "b", "c"), shards=32)
+    expected = {f"v{i % 64}.mp4:{i},0,0" for i in range(1500)}
+    trace, run = tmp_path / "trace2", tmp_path / "run2"
+    proc = train(str(tmp_path / "big"), run, address, trace, epochs=2)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not (trace / "trainer.txt").exists() or len(records(trace / "trainer.txt")) < 200):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     workers[0].kill()
-    out, _ = proc.communicate(timeout=400)
+    workers[0].wait(timeout=30)
+
+    # The survivor finishes what it holds and the files still undistributed, then the epoch waits: nothing
+    # releases the dead worker's task (a new worker at another address would not either).
+    seen, still_since = -1, time.time()
+    while time.time() < deadline and time.time() - still_since < 8:
+        now = len(records(trace / "trainer.txt"))
+        seen, still_since = now, (still_since if now == seen else time.time())
+        time.sleep(0.5)
+    assert proc.poll() is None and epochs_done(run) == 0
+    assert seen < 1500
+
+    # Restarted at the same HOST:PORT, the worker takes its task back and the run ends normally.
+    start_worker(0)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    history = open(tmp_path / "run2" / "history.csv").read().strip().splitlines()
-    assert len(history) == 4  # header + 3 epochs
-    # No record came twice in an epoch; the dead worker's files in flight were lost at most (tf.data
-    # service gives no visitation guarantee under failures); the survivor carried the later epochs
-    # alone, each of them complete.
-    per_epoch = [Counter(records(trace / "trainer.txt", epoch=e)) for e in range(3)]
-    assert all(max(c.values()) == 1 for c in per_epoch)
-    assert len(per_epoch[2]) == 3000
+    assert epochs_done(run) == 2
+    first, second = (Counter(records(trace / "trainer.txt", epoch=e)) for e in range(2))
+    # At most once in the epoch of the failure: some records are lost, none comes twice.
+    assert set(first) <= expected and max(first.values()) == 1
+    assert seen <= len(first) < 1500
+    lost = expected - set(first)
+    print(f"epoch of the failure: {len(lost)} of 1500 records lost "
+          f"(from {len({r.split(':')[0] for r in lost})} videos)")
+    # Exactly once in the next epoch, both workers back.
+    assert set(second) == expected and set(second.values()) == {1}
+
+
+def test_a_stall_is_reported_not_silent():
+    from stpkeras.data_service import stall_warning_callback
+
+    said = []
+    callback = stall_warning_callback("grpc://127.0.0.1:1", after_s=0.3, echo=said.append)
+    callback.on_train_begin()
+    time.sleep(1.2)
+    callback.on_train_batch_end(0)
+    time.sleep(0.1)
+    callback.on_train_end()
+    # One warning per stall, however long it lasts, naming the service and the way out.
+    assert len(said) == 1
+    assert "grpc://127.0.0.1:1" in said[0] and "HOST:PORT" in said[0]
+    with pytest.raises(ValueError, match="after_s"):
+        stall_warning_callback("grpc://127.0.0.1:1", after_s=0)
