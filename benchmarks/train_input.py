@@ -1,0 +1,124 @@
+"""Benchmark: is the input pipeline ever the bottleneck of training? Steps/s of `Model.fit` fed by `make_dataset`
+vs the same batches cached in memory, in one run.
+
+On records converted (by the real converter) from the sample videos (16x112x112 clips, raw), `stcnn` (the
+default widths) is trained with `fit`, batch 32, in two ways:
+
+  streamed: `make_dataset(training=True, augment=..., repeat=True)`, reading, shuffling, decoding and
+            augmenting while the model trains (the threads share the CPU cores with the model);
+  cached:   the same number of batches taken from the same pipeline beforehand and held in memory
+            (`Dataset.cache()` filled once), so feeding a step costs nothing.
+
+The goal is streamed / cached >= 0.95 (input never the bottleneck). Rounds alternate streamed and cached
+fits of `--steps` steps on the same model (compiled and traced once), and the ratio is taken per round,
+between measurements a minute apart, because other jobs share the machine. Each fit starts a new iterator
+of its dataset; its first two steps are not timed.
+
+Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/train_input.py [--videos DIR] [--steps 10] [--rounds 3]
+     [--augment crop,color]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import pipeline as pipeline_bench  # noqa: E402  (benchmarks/pipeline.py: the converted sample videos)
+
+BATCH = pipeline_bench.BATCH
+
+
+def fit_steps_per_second(model, dataset, steps: int, skip: int = 2) -> float:
+    """Steps/s of `fit` over `steps` steps, after `skip` steps that absorb the start of the dataset's iterator
+    (each `fit` call starts a new one: the shuffle buffer refills)."""
+    import keras
+
+    times = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch in (skip - 1, skip + steps - 1):
+                times.append(time.perf_counter())
+
+    model.fit(dataset, steps_per_epoch=skip + steps, epochs=1, verbose=0, callbacks=[Clock()])
+    return steps / (times[1] - times[0])
+
+
+def main() -> int:
+    from stpkeras import augment as augment_lib
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", default=pipeline_bench.DEFAULT_VIDEOS)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per fit and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating streamed/cached fits")
+    parser.add_argument("--augment", default=",".join(augment_lib.DEFAULT_AUGMENT),
+                        help="make_dataset's augment (default: the default of `stp train`)")
+    parser.add_argument("--model", default="stcnn")
+    args = parser.parse_args()
+    if not all(os.path.exists(os.path.join(args.videos, f)) for f in pipeline_bench.FILES):
+        print(f"sample videos {pipeline_bench.FILES} not found in {args.videos}", file=sys.stderr)
+        return 2
+    import keras
+    import tensorflow as tf
+
+    from stpkeras.models import build_model
+    from stpkeras.pipeline import load_info, make_dataset
+
+    command = " ".join(["TF_CPP_MIN_LOG_LEVEL=2", "python", "benchmarks/train_input.py",
+                        *map(shlex.quote, sys.argv[1:])])
+    work = tempfile.mkdtemp(prefix="stp-bench-train-")
+    try:
+        raw = pipeline_bench.convert_samples(args.videos, work, "raw")
+        info = load_info(raw)
+        keras.utils.set_random_seed(0)
+        model = build_model(args.model, info.spec, info.num_classes)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+        def streamed():
+            return make_dataset(info, "all", batch_size=BATCH, training=True, augment=args.augment, seed=0,
+                                repeat=True)
+
+        # The same batches, in memory: `steps` batches of the pipeline, cached on a first pass.
+        cached = streamed().take(args.steps).cache()
+        for _ in cached:
+            pass
+        cached = cached.repeat()
+        stream = streamed()
+        for ds in (stream, cached):  # warm up: trace the train step, fill the pipeline's buffers
+            model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
+
+        rates = {"streamed": [], "cached": []}
+        for _ in range(args.rounds):
+            rates["streamed"].append(fit_steps_per_second(model, stream, args.steps))
+            rates["cached"].append(fit_steps_per_second(model, cached, args.steps))
+        ratio = [a / b for a, b in zip(rates["streamed"], rates["cached"])]
+
+        print(f"`{command}`\n")
+        print(f"{args.model} ({model.count_params()} parameters) on {info.num_records('all')} clips of "
+              f"{'x'.join(map(str, info.spec.shape))}, batch {BATCH}, augment {args.augment or 'none'}; "
+              f"{os.cpu_count()} CPU cores; TF {tf.__version__}, Keras {keras.__version__}; {args.rounds} rounds "
+              f"of {args.steps} steps each way.\n")
+        print("| fit fed by | steps/s (median) | range over rounds |\n|---|---:|---:|")
+        for name, r in rates.items():
+            print(f"| {name} | {statistics.median(r):.3f} | {min(r):.3f}-{max(r):.3f} |")
+        print(f"\nstreamed / cached: {statistics.median(ratio):.3f}x (median of rounds; range "
+              f"{min(ratio):.3f}-{max(ratio):.3f}; goal >= 0.95x)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
