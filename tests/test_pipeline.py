@@ -87,6 +87,41 @@ def test_color_changes_brightness_and_contrast_for_the_whole_clip(mode):
     assert np.all(out[:, :, :4] == 130 + delta) and np.all(out[:, :, 4:] == 110 + delta)
 
 
+@pytest.mark.parametrize("mode", ["eager", "map"])
+def test_crop_is_a_nearest_neighbour_resize_of_one_window(mode):
+    patch = _patch(seed=4, shape=(3, 8, 8, 3))
+    seed = tf.constant([5, 6], tf.int64)
+    fn = lambda p, s: augment.random_crop(p, s, min_scale=0.5)  # noqa: E731
+    out = fn(patch, seed).numpy() if mode == "eager" else _in_map(fn, patch, seed)
+    windows = [(top, h, left, w) for h in range(4, 9) for w in range(4, 9)
+               for top in range(0, 9 - h) for left in range(0, 9 - w)]
+    matches = [win for win in windows if np.array_equal(out, tf.image.resize(
+        patch[:, win[0]:win[0] + win[1], win[2]:win[2] + win[3]], (8, 8), method="nearest").numpy())]
+    assert matches  # what tf.image.resize gives for a window of the patch
+
+
+@pytest.mark.parametrize("mode", ["eager", "map"])
+def test_color_is_one_affine_map_around_the_clip_mean(mode):
+    patch = _patch(seed=5, shape=(4, 8, 8, 3))
+    seed = tf.constant([7, 8], tf.int64)
+    fn = lambda p, s: augment.random_color(p, s, brightness=0.0, contrast=(1.2, 1.2))  # noqa: E731
+    out = (fn(patch, seed).numpy() if mode == "eager" else _in_map(fn, patch, seed)).astype(int)
+    mean = patch.mean()  # over frames, pixels and channels
+    expected = np.clip(np.floor((patch - mean) * 1.2 + mean + 0.5), 0, 255)
+    assert out.dtype == np.int64 and np.abs(out - expected).max() <= 1 and (out != expected).mean() < 0.01
+    assert np.array_equal(fn(patch, seed).numpy(), fn(patch, seed).numpy())
+
+
+def test_ops_keep_extra_channels_together():
+    # The enhance task augments input and target stacked along channels: one draw must cover both.
+    patch = _patch(seed=6, shape=(3, 8, 8, 3))
+    both = np.concatenate([patch, patch], axis=-1)
+    for op in augment.AUGMENTATIONS.values():
+        for s in range(4):
+            out = op(both, tf.constant([s, 1], tf.int64)).numpy()
+            assert out.shape == both.shape and np.array_equal(out[..., :3], out[..., 3:])
+
+
 def test_parse_augment_names_and_errors():
     assert augment.parse_augment("flip, crop,color") == ("flip", "crop", "color")
     assert augment.parse_augment("none") == () and augment.parse_augment("") == ()
@@ -118,6 +153,36 @@ def test_parse_and_decode_eagerly_and_in_map(encoding):
         assert f[schema.LABEL].numpy() == 2 and f[schema.LABEL].dtype == tf.int32
         assert f[schema.VIDEO_ID].numpy() == b"x/v.mp4"
         assert list(f[schema.OFFSET].numpy()) == [3, 0, 0]
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png", "jpeg"])
+def test_parse_and_decode_a_batch_eagerly_and_in_map(encoding):
+    spec = PatchSpec(3, 16, 16)
+    patches = [_patch(seed=i, shape=spec.shape) if encoding != "jpeg" else np.full(spec.shape, 30 * i, np.uint8)
+               for i in range(4)]
+    records = [schema.encode_patch(p, encoding=encoding, video_id=f"v{i}.mp4", video_size=(9, 16, 16),
+                                   index=(i, 0, 0), offset=(3 * i, 0, 0), valid=spec.shape[:3], timestamp=0.0,
+                                   label=i % 3) for i, p in enumerate(patches)]
+    keys = (schema.PATCH, schema.LABEL)
+
+    def chain(serialized):
+        return pipeline.decode(pipeline.parse(serialized, encoding, keys), encoding, spec)
+
+    eager = chain(tf.constant(records))
+    mapped = next(iter(tf.data.Dataset.from_tensors(records).map(chain)))
+    one_by_one = [chain(tf.constant(r)) for r in records]
+    for f in (eager, mapped):
+        assert set(f) == set(keys)  # only what was asked for is parsed
+        assert f[schema.PATCH].dtype == tf.uint8 and f[schema.PATCH].shape == (4, *spec.shape)
+        assert np.array_equal(f[schema.PATCH].numpy(), np.stack([g[schema.PATCH].numpy() for g in one_by_one]))
+        assert np.abs(f[schema.PATCH].numpy().astype(int) - np.stack(patches)).max() <= (2 if encoding == "jpeg" else 0)
+        assert list(f[schema.LABEL].numpy()) == [0, 1, 2, 0] and f[schema.LABEL].dtype == tf.int32
+
+
+def test_local_shards_are_read_without_a_buffer():
+    assert pipeline.read_buffer_size("/data/converted") == 0
+    assert pipeline.read_buffer_size("file:///data/converted") == 0
+    assert pipeline.read_buffer_size("gs://bucket/converted") is None
 
 
 # --- make_dataset ------------------------------------------------------------------------------
