@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -83,14 +83,23 @@ def cut_window(spec: PatchSpec, window: np.ndarray, t_index: int, t_offset: int,
     frame `t_offset` (fewer only for a tail, which is padded here). Patches come
     in row-major order (y, then x), the order every reader expects.
     """
-    t_valid = window.shape[0]
-    height, width = window.shape[1:3]
+    yield from _cut(spec, window, t_index, t_offset, grid, timestamp)
+
+
+def _cut(spec: PatchSpec, frames: Sequence[np.ndarray], t_index: int, t_offset: int, grid: Grid,
+         timestamp: float) -> Iterator[Patch]:
+    """`cut_window` on a sequence of `uint8 [H, W, 3]` frames (an array's first axis, or a list)."""
+    t_valid = len(frames)
+    height, width = frames[0].shape[:2]
     for iy, y in enumerate(grid.y):
         h_valid = min(spec.height, height - y)
         for ix, x in enumerate(grid.x):
             w_valid = min(spec.width, width - x)
-            block = _pad_to(window[:, y:y + spec.height, x:x + spec.width], spec.size, spec.pad)
-            yield Patch(np.ascontiguousarray(block), (t_index, iy, ix), (t_offset, y, x),
+            # One copy per patch, straight from the frames: stacking the window first, then making
+            # each patch contiguous, copied every pixel twice.
+            area = (slice(y, y + spec.height), slice(x, x + spec.width))
+            block = np.stack([frame[area] for frame in frames])
+            yield Patch(_pad_to(block, spec.size, spec.pad), (t_index, iy, ix), (t_offset, y, x),
                         (t_valid, h_valid, w_valid), timestamp)
 
 
@@ -115,8 +124,7 @@ class PatchCutter:
     def _emit(self, length: int) -> Iterator[Patch]:
         start = self.grid.t[self._next]
         lo = start - self._first
-        window = np.stack(self._frames[lo:lo + length])
-        yield from cut_window(self.spec, window, self._next, start, self.grid, self._stamps[lo])
+        yield from _cut(self.spec, self._frames[lo:lo + length], self._next, start, self.grid, self._stamps[lo])
         self._next += 1
         # Frames before the next start are needed by no later patch.
         keep_from = self.grid.t[self._next] if self._next < len(self.grid.t) else self._seen
