@@ -218,6 +218,16 @@ def test_training_batches_are_static_shuffled_and_deterministic_with_a_seed(fold
     assert order != sorted(order) or len(set(order)) == 1
 
 
+def test_deterministic_without_augmentation_gives_the_same_batches(folder):
+    # Without augmentation raw records are batched before parsing: a different chain, the same promise.
+    root, _ = folder
+    kwargs = dict(batch_size=8, training=True, seed=3, deterministic=True, as_supervised=False)
+    runs = [[(f[schema.PATCH].numpy(), f[schema.VIDEO_ID].numpy()) for f in pipeline.make_dataset(root, "train", **kwargs)]
+            for _ in range(2)]
+    assert len(runs[0]) == 6
+    assert all(np.array_equal(a[0], b[0]) and list(a[1]) == list(b[1]) for a, b in zip(*runs))
+
+
 def test_training_without_augmentation_keeps_pixels_and_labels_together(folder):
     root, items = folder
     labels = {_digest(p): l for p, l, _ in items["train"]}
