@@ -208,7 +208,8 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
       as_supervised: yield `(uint8 [B, T, H, W, 3], int32 [B])`; else a dict
         with `FEATURE_KEYS` (label, video id, grid index ... travel with each patch).
       spec: the `PatchSpec` a model expects; the data must have its shape.
-      cache: cache the parsed, undecoded records in memory after the first pass.
+      cache: keep the serialized records in memory after the first pass (parsing and
+        decoding still run every epoch).
       element_fn: a task's own element, `(serialized record, seed int64 [2]) -> element`
         (e.g. two augmented views for `embed`, `(patch, mask)` for `segment`), pure TF. It
         replaces parse/decode/augment/`as_supervised`; `augment` must then be None (the
