@@ -18,7 +18,8 @@ On records converted (by the real converter) from the sample videos, 16x112x112 
 
 Every pipeline is measured `--rounds` times, the rounds interleaved, so that a ratio is taken between
 measurements a few seconds apart (other jobs share the machine); the table gives the median and the
-range over rounds.
+range over rounds, and the CPU time the process spent per clip (the pipeline's work, which other jobs
+disturb less than its rate).
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/pipeline.py [--videos DIR] [--seconds 5] [--rounds 3]
 """
@@ -26,6 +27,7 @@ Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/pipeline.py [--videos DIR] [--seco
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import resource
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -244,12 +247,37 @@ def bare_minimum_dataset(raw: str, s):
 
 # --- measuring -------------------------------------------------------------------------------------
 
-def clips_per_second(it, seconds: float, min_batches: int = 2) -> float:
-    n, start = 0, time.perf_counter()
+def clips_per_second(ds, seconds: float, min_batches: int = 2) -> Tuple[float, float]:
+    """Clips/s of a fresh iterator over `ds`, after a second of warm-up (buffers filled, functions traced),
+    and the CPU time this process spent per clip meanwhile (ms; all threads, so the pipeline's own work,
+    a figure other jobs on the machine disturb less than clips/s).
+
+    The iterator is dropped afterwards: a live one keeps its background threads filling its buffers,
+    which would slow down the pipeline measured next.
+    """
+    it = iter(ds)
+    start = time.perf_counter()
+    next(it)
+    while time.perf_counter() - start < 1.0:
+        next(it)
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or n < min_batches * BATCH:
         x, _ = next(it)
         n += int(x.shape[0])
-    return n / (time.perf_counter() - start)
+    rate, cpu_ms = n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e3
+    del it
+    gc.collect()
+    return rate, cpu_ms
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (`VmHWM`). Not `ru_maxrss`: Linux carries that over from the
+    parent across fork and exec, so a child would report its parent's peak when that is larger."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_memory(raw: str, repeats: int) -> None:
@@ -259,7 +287,7 @@ def child_memory(raw: str, repeats: int) -> None:
     steps = repeats * (make_dataset(raw, "all", batch_size=BATCH, training=True).cardinality().numpy())
     for _ in ds.take(int(steps)):
         pass
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
 
 
 def main() -> int:
@@ -311,28 +339,32 @@ def main() -> int:
             "Python generator, PyAV per clip": generator_dataset(clips, src, s),
             "make_dataset jpeg, flip+shuffle": ours(jpeg, "flip"),
         }
-        iterators = {name: iter(ds) for name, ds in pipelines.items()}
-        for it in iterators.values():  # warm up: fill buffers, trace functions
-            next(it)
         rates = {name: [] for name in pipelines}
+        cpu = {name: [] for name in pipelines}
         for _ in range(args.rounds):
-            for name, it in iterators.items():
-                rates[name].append(clips_per_second(it, args.seconds))
+            for name, ds in pipelines.items():
+                rate, cpu_ms = clips_per_second(ds, args.seconds)
+                rates[name].append(rate)
+                cpu[name].append(cpu_ms)
 
-        print("| pipeline | clips/s (median) | range over rounds |\n|---|---:|---:|")
+        print("| pipeline | clips/s (median) | range over rounds | CPU ms per clip (median) |\n|---|---:|---:|---:|")
         for name, r in rates.items():
-            print(f"| {name} | {statistics.median(r):.0f} | {min(r):.0f}-{max(r):.0f} |")
-        print("\n| ratio | median over rounds | range | goal |\n|---|---:|---:|---|")
+            print(f"| {name} | {statistics.median(r):.0f} | {min(r):.0f}-{max(r):.0f} | "
+                  f"{statistics.median(cpu[name]):.2f} |")
+        print("\n| ratio | median over rounds | range | CPU ms per clip, inverse ratio | goal |\n"
+              "|---|---:|---:|---:|---|")
         for a, b, goal in [("make_dataset raw, flip+shuffle", "DMVR-style, pre-cut 112x112 JPEG frames", ">= 4x"),
                            ("make_dataset raw, flip+shuffle", "DMVR-style, whole-video JPEG frames", "(DMVR's layout)"),
                            ("make_dataset raw, no augmentation", "bare minimum parse_example+decode_raw", ">= 0.9x"),
                            ("make_dataset raw, flip+shuffle", "Python generator, PyAV per clip", ">= 15x"),
                            ("make_dataset jpeg, flip+shuffle", "make_dataset raw, flip+shuffle", "(jpeg / raw)")]:
             ratio = [x / y for x, y in zip(rates[a], rates[b])]
-            print(f"| {a} / {b} | {statistics.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f} | {goal} |")
+            work_ratio = statistics.median(cpu[b]) / statistics.median(cpu[a])
+            print(f"| {a} / {b} | {statistics.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f} | "
+                  f"{work_ratio:.2f}x | {goal} |")
         # Peak memory, each count of passes in a fresh process. With glibc's default of up to 8 malloc arenas
-        # per core, record-sized blocks freed by one thread and allocated by another fragment the heaps until
-        # a plateau some 2x the first pass; one arena keeps the footprint flat. Both are shown.
+        # per core, the record-sized blocks that pass between threads fragment the heaps until a plateau
+        # some 2x the first pass; one arena keeps the footprint flat. Both are shown.
         print("\n| allocator | peak RSS, 1 pass | peak RSS, 10 passes | 10 / 1 | goal |\n|---|---:|---:|---:|---|")
         for label, extra in [("glibc default", {}), ("glibc, MALLOC_ARENA_MAX=1", {"MALLOC_ARENA_MAX": "1"})]:
             mem = {}

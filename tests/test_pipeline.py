@@ -222,8 +222,8 @@ def test_deterministic_without_augmentation_gives_the_same_batches(folder):
     # Without augmentation raw records are batched before parsing: a different chain, the same promise.
     root, _ = folder
     kwargs = dict(batch_size=8, training=True, seed=3, deterministic=True, as_supervised=False)
-    runs = [[(f[schema.PATCH].numpy(), f[schema.VIDEO_ID].numpy()) for f in pipeline.make_dataset(root, "train", **kwargs)]
-            for _ in range(2)]
+    runs = [[(f[schema.PATCH].numpy(), f[schema.VIDEO_ID].numpy())
+             for f in pipeline.make_dataset(root, "train", **kwargs)] for _ in range(2)]
     assert len(runs[0]) == 6
     assert all(np.array_equal(a[0], b[0]) and list(a[1]) == list(b[1]) for a, b in zip(*runs))
 
