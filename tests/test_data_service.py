@@ -100,15 +100,18 @@ def test_a_worker_killed_mid_epoch_does_not_stop_training(tmp_path, service):
     workers[0].kill()
     workers[0].wait(timeout=30)
 
-    # The survivor finishes what it holds and the files still undistributed, then the epoch waits: nothing
-    # releases the dead worker's task (a new worker at another address would not either).
+    # The survivor finishes what it holds and the files still undistributed. If the dead worker still
+    # held a task, the epoch then waits: nothing releases it (a new worker at another address would not
+    # either). Whether it held one when killed depends on timing (on a quiet machine the survivor can
+    # have been handed the last files already), so the stall is checked only when the epoch is unfinished.
     seen, still_since = -1, time.time()
-    while time.time() < deadline and time.time() - still_since < 8:
+    while time.time() < deadline and time.time() - still_since < 8 and proc.poll() is None:
         now = len(records(trace / "trainer.txt"))
         seen, still_since = now, (still_since if now == seen else time.time())
         time.sleep(0.5)
-    assert proc.poll() is None and epochs_done(run) == 0
-    assert seen < 1500
+    stalled = epochs_done(run) == 0
+    if stalled:
+        assert proc.poll() is None and seen < 1500
 
     # Restarted at the same HOST:PORT, the worker takes its task back and the run ends normally.
     start_worker(0)
@@ -118,7 +121,7 @@ def test_a_worker_killed_mid_epoch_does_not_stop_training(tmp_path, service):
     first, second = (Counter(records(trace / "trainer.txt", epoch=e)) for e in range(2))
     # At most once in the epoch of the failure: some records are lost, none comes twice.
     assert set(first) <= expected and max(first.values()) == 1
-    assert seen <= len(first) < 1500
+    assert len(first) <= 1500 and (not stalled or seen <= len(first))
     lost = expected - set(first)
     print(f"epoch of the failure: {len(lost)} of 1500 records lost "
           f"(from {len({r.split(':')[0] for r in lost})} videos)")
