@@ -16,6 +16,7 @@ import sys
 import click
 
 from stpkeras import __version__
+from tfrecords_tools.spec import parse_pair, parse_triple
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -36,24 +37,20 @@ def main():
 # --- convert / inspect / verify / preview (videos -> TFRecords) ---------------------------------
 
 
-def _triple(ctx, param, value):
-    if value is None:
-        return None
-    from tfrecords_tools.spec import parse_triple
-    try:
-        return parse_triple(value, param.name)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+def _sizes(parse):
+    """A click callback that parses 'TxHxW' / 'HxW' with `parse` and reports a bad value as click does."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(value, param.name)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from e
+    return callback
 
 
-def _pair(ctx, param, value):
-    if value is None:
-        return None
-    from tfrecords_tools.spec import parse_pair
-    try:
-        return parse_pair(value, param.name)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+_triple = _sizes(parse_triple)
+_pair = _sizes(parse_pair)
 
 
 def _fractions(ctx, param, value):
