@@ -21,32 +21,10 @@ import keras
 from keras import ops
 
 from stpkeras.models import layers
+from stpkeras.models.unet3d import check_levels, unet_body
 
 KINDS = ("mask", "frames")
 SEGMENT_MODELS = ("unet3d",)
-
-
-def unet_body(x, filters, convs: int, kernel_size):
-    """Encoder-decoder: `[B, T, H, W, C]` -> `[B, T, H, W, filters[0]]` (H, W divisible by 2^(levels-1))."""
-    def block(x, width, level, side):
-        for i in range(convs):
-            x = keras.layers.Conv3D(width, kernel_size, padding="same", activation="relu",
-                                    name=f"{side}{level}_conv{i + 1}")(x)
-        return x
-
-    skips = []
-    for level, width in enumerate(filters):
-        if level:
-            x = keras.layers.Conv3D(width, kernel_size, strides=(1, 2, 2), padding="same", activation="relu",
-                                    name=f"down{level}")(x)
-        x = block(x, width, level, "enc")
-        skips.append(x)
-    for level in range(len(filters) - 2, -1, -1):
-        x = keras.layers.Conv3DTranspose(filters[level], (1, 2, 2), strides=(1, 2, 2), activation="relu",
-                                         name=f"up{level}")(x)
-        x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = block(x, filters[level], level, "dec")
-    return x
 
 
 def build_unet3d_segmenter(spec, num_classes: int, *, kind: str = "mask", filters=(16, 32, 64), convs: int = 2,
@@ -58,11 +36,7 @@ def build_unet3d_segmenter(spec, num_classes: int, *, kind: str = "mask", filter
     filters = layers.positive_ints(filters, "filters")
     convs = layers.positive_ints(convs, "convs")[0]
     kernel_size = layers.triple(kernel_size, "kernel_size")
-    scale = 2 ** (len(filters) - 1)
-    if spec.height % scale or spec.width % scale:
-        raise ValueError(f"Invalid value for argument `filters`. Expected at most as many levels as halvings of "
-                         f"the patch's {spec.height}x{spec.width}: {len(filters)} levels need sides divisible by "
-                         f"{scale}. Received filters={filters!r}")
+    check_levels(spec, filters)
     inputs = layers.patch_input(spec)
     x = unet_body(layers.Normalize(name="normalize")(inputs), filters, convs, kernel_size)
     if kind == "mask":

@@ -19,6 +19,38 @@ import keras
 from stpkeras.models import layers
 
 
+def check_levels(spec, filters) -> None:
+    """Every level halves height and width: the patch's sides must be divisible by 2^(levels-1)."""
+    scale = 2 ** (len(filters) - 1)
+    if spec.height % scale or spec.width % scale:
+        raise ValueError(f"Invalid value for argument `filters`. Expected at most as many levels as halvings of "
+                         f"the patch's {spec.height}x{spec.width}: {len(filters)} levels need sides divisible by "
+                         f"{scale}. Received filters={filters!r}")
+
+
+def unet_body(x, filters, convs: int, kernel_size):
+    """Encoder-decoder: `[B, T, H, W, C]` -> `[B, T, H, W, filters[0]]` (shared with the segmenter)."""
+    def block(x, width, level, side):
+        for i in range(convs):
+            x = keras.layers.Conv3D(width, kernel_size, padding="same", activation="relu",
+                                    name=f"{side}{level}_conv{i + 1}")(x)
+        return x
+
+    skips = []
+    for level, width in enumerate(filters):
+        if level:
+            x = keras.layers.Conv3D(width, kernel_size, strides=(1, 2, 2), padding="same", activation="relu",
+                                    name=f"down{level}")(x)
+        x = block(x, width, level, "enc")
+        skips.append(x)
+    for level in range(len(filters) - 2, -1, -1):
+        x = keras.layers.Conv3DTranspose(filters[level], (1, 2, 2), strides=(1, 2, 2), activation="relu",
+                                         name=f"up{level}")(x)
+        x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        x = block(x, filters[level], level, "dec")
+    return x
+
+
 def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 2, kernel_size=3,
                  name: str = "unet3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
@@ -33,32 +65,9 @@ def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 
     filters = layers.positive_ints(filters, "filters")
     convs = layers.positive_ints(convs, "convs")[0]
     kernel_size = layers.triple(kernel_size, "kernel_size")
-    scale = 2 ** (len(filters) - 1)
-    if spec.height % scale or spec.width % scale:
-        raise ValueError(f"Invalid value for argument `filters`. Expected at most as many levels as halvings of "
-                         f"the patch's {spec.height}x{spec.width}: {len(filters)} levels need sides divisible by "
-                         f"{scale}. Received filters={filters!r}")
-
-    def block(x, width, level, side):
-        for i in range(convs):
-            x = keras.layers.Conv3D(width, kernel_size, padding="same", activation="relu",
-                                    name=f"{side}{level}_conv{i + 1}")(x)
-        return x
-
+    check_levels(spec, filters)
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
-    skips = []
-    for level, width in enumerate(filters):
-        if level:
-            x = keras.layers.Conv3D(width, kernel_size, strides=(1, 2, 2), padding="same", activation="relu",
-                                    name=f"down{level}")(x)
-        x = block(x, width, level, "enc")
-        skips.append(x)
-    for level in range(len(filters) - 2, -1, -1):
-        x = keras.layers.Conv3DTranspose(filters[level], (1, 2, 2), strides=(1, 2, 2), activation="relu",
-                                         name=f"up{level}")(x)
-        x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = block(x, filters[level], level, "dec")
+    x = unet_body(layers.Normalize(name="normalize")(inputs), filters, convs, kernel_size)
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     residual = keras.layers.Conv3D(channels, kernel_size, padding="same", kernel_initializer="zeros",
                                    name="residual")(x)
