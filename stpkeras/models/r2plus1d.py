@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 
 from stpkeras.models import layers
-from stpkeras.models.resnet3d import DEPTHS, WIDTHS, residual_network
+from stpkeras.models.resnet3d import residual_network, stages
 
 
 def intermediate_channels(t: int, d: int, n_in: int, n_out: int) -> int:
@@ -33,13 +33,6 @@ def conv2plus1d(x, filters: int, kernel, strides, name: str):
 def build_r2plus1d(spec, num_classes: int, *, depth: int = 18, width: str = "small", widths=None,
                    dropout: float = 0.0, name: str = "r2plus1d") -> keras.Model:
     """R(2+1)D-`depth` (10, 18 or 34); `width` 'small' (32..256) or 'full' (64..512, the paper's), or `widths`."""
-    if depth not in DEPTHS:
-        raise ValueError(f"Invalid value for argument `depth`. Expected one of {sorted(DEPTHS)}. Received depth={depth!r}")
-    if widths is None:
-        if width not in WIDTHS:
-            raise ValueError(f"Invalid value for argument `width`. Expected one of {sorted(WIDTHS)}. "
-                             f"Received width={width!r}")
-        widths = WIDTHS[width]
-    blocks = DEPTHS[depth][:len(widths)]
+    widths, blocks = stages(depth, width, widths)
     return residual_network(spec, num_classes, conv=conv2plus1d, widths=widths, blocks=blocks,
                             stem_kernel=(3, 7, 7), stem_strides=(1, 2, 2), dropout=dropout, name=name)

@@ -63,9 +63,8 @@ def residual_network(spec, num_classes: int, *, conv: Conv, widths: Sequence[int
     return keras.Model(inputs, logits, name=name)
 
 
-def build_resnet3d(spec, num_classes: int, *, depth: int = 18, width: str = "small", widths=None,
-                   dropout: float = 0.0, name: str = "resnet3d") -> keras.Model:
-    """3D ResNet-`depth` (10, 18 or 34); `width` 'small' (32..256) or 'full' (64..512), or explicit `widths`."""
+def stages(depth: int, width: str, widths=None):
+    """(widths, blocks per stage) for a ResNet-`depth` of `width` 'small'/'full', or explicit `widths`."""
     if depth not in DEPTHS:
         raise ValueError(f"Invalid value for argument `depth`. Expected one of {sorted(DEPTHS)}. Received depth={depth!r}")
     if widths is None:
@@ -74,5 +73,12 @@ def build_resnet3d(spec, num_classes: int, *, depth: int = 18, width: str = "sma
                              f"Received width={width!r}")
         widths = WIDTHS[width]
     blocks = DEPTHS[depth][:len(widths)]
+    return widths, blocks
+
+
+def build_resnet3d(spec, num_classes: int, *, depth: int = 18, width: str = "small", widths=None,
+                   dropout: float = 0.0, name: str = "resnet3d") -> keras.Model:
+    """3D ResNet-`depth` (10, 18 or 34); `width` 'small' (32..256) or 'full' (64..512), or explicit `widths`."""
+    widths, blocks = stages(depth, width, widths)
     return residual_network(spec, num_classes, conv=conv3d, widths=widths, blocks=blocks, stem_kernel=(3, 7, 7),
                             stem_strides=(1, 2, 2), dropout=dropout, name=name)
