@@ -208,7 +208,12 @@ def load_run(path: str):
     """A run folder (its best.keras, else last.keras) or a `.keras` file -> (keras.Model, run.json or {})."""
     import keras
 
-    import stpkeras.models  # noqa: F401  registers the custom layers
+    # A fresh process (`stp evaluate RUN`) must know every class a run's .keras file names: the custom
+    # layers and the segmentation loss (models), enhancement's metrics (quality), the contrastive
+    # model's layers and loss (embedding).
+    import stpkeras.embedding  # noqa: F401
+    import stpkeras.models  # noqa: F401
+    import stpkeras.quality  # noqa: F401
 
     if os.path.isdir(path):
         run_json = os.path.join(path, RUN_JSON)
@@ -344,9 +349,14 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
         # A task with its own element (views, masks) applies the augmentation itself.
         train_element = task.element_fn(info, config.augment, training=True)
         val_element = task.element_fn(info, config.augment, training=False)
+        # One iterator for the whole run: the dataset repeats and `fit` counts `steps` batches an epoch.
+        # A dataset that ends each epoch makes Keras build a new iterator every epoch, and on 2 cores
+        # some of those iterators left the training ops on one core: epochs of the enhancement benchmark
+        # took 45 s or 82 s at random (same CPU time), against 45 s every epoch with one iterator.
         train_ds = pipeline.make_dataset(info, train_splits, training=True, element_fn=train_element,
                                          augment=None if train_element is not None else config.augment,
-                                         shuffle_buffer=config.shuffle_buffer, **common)
+                                         shuffle_buffer=config.shuffle_buffer, repeat=True, **common)
+        steps_per_epoch = steps
         val_ds = (pipeline.make_dataset(info, val_split, training=False, element_fn=val_element, **common)
                   if val_split else None)
         if config.data_service:
@@ -358,6 +368,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
             if config.trace_dir:
                 os.makedirs(config.trace_dir, exist_ok=True)
             trace_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+            steps_per_epoch = None  # the service's epochs end by themselves (each record once per epoch)
             train_ds = make_service_dataset(
                 info, train_splits, config.data_service, batch_size=global_batch, augment=config.augment,
                 shuffle_buffer=config.shuffle_buffer, seed=config.seed, trace_epoch=trace_epoch,
@@ -401,8 +412,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
                 callbacks.append(trace_epoch_callback(trace_epoch))
         class_weight = (task.class_weight(_counts(info, train_splits), labels) if config.class_weight else None)
         # shuffle=False: the pipeline already shuffles (files, then records); Keras cannot shuffle a Dataset.
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                  class_weight=class_weight, verbose=config.verbose, shuffle=False)
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                  callbacks=callbacks, class_weight=class_weight, verbose=config.verbose, shuffle=False)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 

@@ -211,6 +211,21 @@ def test_short_training_beats_its_noisy_input_and_evaluate_reports_baselines(noi
     assert r.exit_code == 0 and "model gain:" in r.output
 
 
+def test_evaluate_loads_an_enhance_run_in_a_fresh_process(noisy_run):
+    """`stp evaluate RUN` in a new process: the run's .keras names the PSNR/SSIM metrics, which must be
+    registered before the load (in-process tests had them imported by training)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "stpkeras.cli", "evaluate", str(noisy_run / "run"),
+                           str(noisy_run / "data"), "--json", "--no-baselines"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout)
+    assert fresh["output"]["psnr"] > fresh["input"]["psnr"] + 1.0
+
+
 def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
     import keras
 
