@@ -356,7 +356,6 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
         train_ds = pipeline.make_dataset(info, train_splits, training=True, element_fn=train_element,
                                          augment=None if train_element is not None else config.augment,
                                          shuffle_buffer=config.shuffle_buffer, repeat=True, **common)
-        steps_per_epoch = steps
         val_ds = (pipeline.make_dataset(info, val_split, training=False, element_fn=val_element, **common)
                   if val_split else None)
         if config.data_service:
@@ -368,7 +367,6 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
             if config.trace_dir:
                 os.makedirs(config.trace_dir, exist_ok=True)
             trace_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
-            steps_per_epoch = None  # the service's epochs end by themselves (each record once per epoch)
             train_ds = make_service_dataset(
                 info, train_splits, config.data_service, batch_size=global_batch, augment=config.augment,
                 shuffle_buffer=config.shuffle_buffer, seed=config.seed, trace_epoch=trace_epoch,
@@ -412,6 +410,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
                 callbacks.append(trace_epoch_callback(trace_epoch))
         class_weight = (task.class_weight(_counts(info, train_splits), labels) if config.class_weight else None)
         # shuffle=False: the pipeline already shuffles (files, then records); Keras cannot shuffle a Dataset.
+        # A tf.data service dataset ends its epochs itself (each record once per epoch).
+        steps_per_epoch = None if config.data_service else steps
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   callbacks=callbacks, class_weight=class_weight, verbose=config.verbose, shuffle=False)
     finally:

@@ -77,8 +77,8 @@ def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     # A 1x1x1 projection, not a kernel_size one: the decoder's last convolutions already see the
     # neighbourhood, and with 27x fewer inputs per output the first Adam steps on this layer do not
-    # swing the output far enough to silence the ReLUs behind it. Measured on the denoising benchmark's
-    # data (250 steps, lr 2e-3, L1 loss about 17 for the identity): 6.6 with it, 10.1 with a 3x3x3 projection; with
-    # filters (32, 64, 128) the 3x3x3 projection did not learn at all (loss stayed at 16-17).
+    # swing the output far enough to silence the ReLUs behind it. Measured on the denoising
+    # benchmark's data (250 steps, lr 2e-3; L1 about 17 for the identity): 6.6 with it, 10.1 with
+    # a 3x3x3 projection; with filters (32, 64, 128) the 3x3x3 one did not learn at all (16-17).
     residual = keras.layers.Conv3D(channels, 1, kernel_initializer="zeros", name="residual")(x)
     return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)
