@@ -5,7 +5,7 @@ Claims measured (issue 5):
    --task enhance` on 2 CPU cores in under 15 minutes, gains >= 10 dB PSNR over the noisy input and
    >= 3.5 dB over the best classical baseline (3D Gaussian, temporal median 3/5, OpenCV non-local means;
    each with its parameter chosen on the test data itself, in their favour) on videos it never saw.
-   Measured twice: on the test split's 8x64x64 patches (`stp evaluate`: every method sees each patch
+   Measured twice: on the test split's Tx64x64 patches (`stp evaluate`: every method sees each patch
    alone, borders included), and on the test videos whole (`stp enhance`, overlapping patches; the
    baselines on the full frames), which is what a user gets.
 2. Restoring compression: trained on pairs (a crf-37 H.264 copy and its lossless original) of other videos,
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
                         help="denoising epochs (about 42 s each on 2 otherwise idle cores: 19 take 13.4 min)")
     parser.add_argument("--pair-epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--skip-pairs", action="store_true")
     args = parser.parse_args(argv)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     log(f"cores: {os.cpu_count()}; TensorFlow {tf.__version__}")
 
     # --- 1. denoising ----------------------------------------------------------------------------
-    # Training patches every 128 pixels (8x64x64, every 8 frames): fewer, more varied patches than a dense
+    # Training patches every 128 pixels (Tx64x64, every T frames): fewer, more varied patches than a dense
     # grid, so several epochs fit the time budget. Test patches: the dense grid of the held-out videos.
     t0 = time.perf_counter()
     # CSV paths stay inside the CSV's folder: link the samples there.
@@ -182,9 +183,10 @@ def main(argv=None) -> int:
     train_csv = write_csv(os.path.join(videos, "train.csv"), [("path", "split")] + [(n, "train") for n in TRAIN])
     test_csv = write_csv(os.path.join(videos, "test.csv"), [("path", "split")] + [(n, "test") for n in TEST])
     train_data, test_data = os.path.join(out, "data-train"), os.path.join(out, "data-test")
-    m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(8, 64, 64, stride_height=128,
+    m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(args.frames, 64, 64,
+                                                                                   stride_height=128,
                                                                                    stride_width=128), workers=2))
-    m_test = convert(ConvertConfig(src=test_csv, out=test_data, spec=PatchSpec(8, 64, 64), workers=2))
+    m_test = convert(ConvertConfig(src=test_csv, out=test_data, spec=PatchSpec(args.frames, 64, 64), workers=2))
     for m in (m_train, m_test):
         if m["counts"]["failed"]:
             raise SystemExit(f"conversion failed: {[v['reason'] for v in m['videos'] if v['status'] != 'ok']}")
@@ -207,7 +209,8 @@ def main(argv=None) -> int:
     log(f"trained unet3d ({run['params']:,} parameters) for {args.epochs} epochs in {train_s / 60:.1f} min")
     result = evaluate(EvalConfig(model=run_dir, data=test_data, split="test", batch_size=32, seed=0))
     best = result["best_baseline"]
-    log(f"\nheld-out test ({result['patches']} patches of 8x64x64 from {', '.join(TEST)}), noise sigma {SIGMA}:")
+    log(f"\nheld-out test ({result['patches']} patches of {args.frames}x64x64 from {', '.join(TEST)}), "
+        f"noise sigma {SIGMA}:")
     log(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}")
     for name, v in [("noisy", result["input"])] + list(result["baselines"].items()) + [("unet3d", result["output"])]:
         log(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}" + (f"  (param {v['param']:g})" if "param" in v else ""))
