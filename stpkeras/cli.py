@@ -466,6 +466,9 @@ def _model_args(ctx, param, values):
               help="Peak learning rate (AdamW).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning-rate schedule over all steps.")
+@click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
+              metavar="FRACTION", help="Fraction of all steps over which the learning rate rises linearly from 0 "
+                                       "to --lr (0: none).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
               help="Training augmentations: any of flip,crop,color, or 'none' (default crop,color; flip for "
@@ -506,7 +509,7 @@ def _model_args(ctx, param, values):
                    "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
 @click.option("--loss", "pixel_loss", type=click.Choice(["l1", "l2"]), default=None,
               help="enhance: the pixel loss (default l1).")
-def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, weight_decay, augment,
+def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, pixel_loss):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
@@ -527,7 +530,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
             augment = "flip" if task == "enhance" else "crop,color"
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
                              task=task, task_options=task_options,
-                             batch_size=batch_size, lr=lr, schedule=schedule, weight_decay=weight_decay,
+                             batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
                              augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
                              deterministic=deterministic, resume=resume, class_weight=class_weight,

@@ -51,6 +51,7 @@ class TrainConfig:
     lr: float = 1e-3              # peak learning rate (AdamW)
     schedule: str = "cosine"
     weight_decay: float = 1e-4
+    warmup: float = 0.05          # fraction of all steps over which the learning rate rises linearly from 0
     augment: Tuple[str, ...] = augment_lib.DEFAULT_AUGMENT
     train_split: Optional[str] = None   # None: 'train' when the data has it, else every split
     val_split: Optional[str] = None     # None: 'val' when the data has it; 'none': no validation
@@ -77,6 +78,8 @@ class TrainConfig:
                 bad(name, "a strictly positive integer")
         if not self.lr > 0:
             bad("lr", "a strictly positive value")
+        if not 0 <= self.warmup < 1:
+            bad("warmup", "a fraction of the steps in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "a value >= 0")
         if self.schedule not in SCHEDULES:
@@ -286,6 +289,23 @@ def _curves_callback(run_dir: str):
     return Curves()
 
 
+
+def learning_rate(config: TrainConfig, total_steps: int):
+    """The peak `config.lr`, reached after a linear warmup over `config.warmup` of the steps, then cosine
+    decay to 1% of it (or held, for the constant schedule). Without warmup, Adam's first steps move every
+    weight by about lr whatever its gradient: measured on the denoising benchmark, a zero-initialised
+    dncnn3d then never left the identity (its ReLUs silenced), and learnt with 5% warmup."""
+    import keras
+
+    warmup = int(round(config.warmup * total_steps))
+    alpha = 0.01 if config.schedule == "cosine" else 1.0  # alpha 1: no decay
+    if not warmup and config.schedule != "cosine":
+        return config.lr
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else config.lr, decay_steps=max(total_steps - warmup, 1), alpha=alpha,
+        warmup_target=config.lr if warmup else None, warmup_steps=warmup)
+
+
 def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     """Trains `config.model` on `config.data` into `config.out`; returns run.json's content."""
     configure_devices(config.devices)
@@ -337,10 +357,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     try:
         with strategy.scope():
             model = task.build_model(config.model, info.spec, labels, dict(config.model_options))
-            if config.schedule == "cosine":
-                lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps, alpha=0.01)
-            else:
-                lr = config.lr
+            lr = learning_rate(config, config.epochs * steps)
             model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=config.weight_decay),
                           loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
 

@@ -178,3 +178,23 @@ def test_train_command_checks_its_options(small_data, tmp_path):
     assert result.exit_code == 2 and "--deterministic needs --seed" in result.output
     result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--val-split", "test"])
     assert result.exit_code == 1 and "no split 'test' for validation" in result.output
+
+
+def test_learning_rate_warms_up_linearly_then_decays_or_holds():
+    from stpkeras.train import learning_rate
+
+    def values(steps, **kw):
+        schedule = learning_rate(TrainConfig(data="d", out="o", lr=0.01, **kw), 100)
+        return [float(schedule(s)) if callable(schedule) else schedule for s in steps]
+
+    # 5% of 100 steps: 0 at step 0, half the peak at step 2.5 (linear), the peak at step 5, then cosine
+    # decay over the 95 steps left to 1% of the peak (half way: (1 + 0.01) / 2 of it).
+    rise = values([0, 1, 5, 52.5, 100, 1000], warmup=0.05)
+    np.testing.assert_allclose(rise, [0.0, 0.002, 0.01, 0.00505, 0.0001, 0.0001], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(values([0, 2, 5, 100], warmup=0.05, schedule="constant"), [0, 0.004, 0.01, 0.01],
+                               rtol=1e-5, atol=1e-9)
+    # No warmup: cosine from the peak at step 0, as before; constant is a plain number.
+    np.testing.assert_allclose(values([0, 50, 100], warmup=0.0), [0.01, 0.00505, 0.0001], rtol=1e-5)
+    assert values([0], warmup=0.0, schedule="constant") == [0.01]
+    with pytest.raises(ValueError, match="Expected a fraction of the steps in"):
+        TrainConfig(data="d", out="o", warmup=1.0)
