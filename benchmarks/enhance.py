@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
     parser.add_argument("--skip-pairs", action="store_true")
     args = parser.parse_args(argv)
 
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
 
     from stpkeras.enhance import enhance_video, load_enhancer
     from stpkeras.evaluate import EvalConfig, evaluate
+    from stpkeras.models import DEFAULT_ENHANCE_MODEL
     from stpkeras.train import TrainConfig, train
     from tfrecords_tools.convert import ConvertConfig, convert
     from tfrecords_tools.spec import PatchSpec
@@ -194,25 +196,27 @@ def main(argv=None) -> int:
         f"{m_test['counts']['patches']} test patches ({', '.join(TEST)}) in {time.perf_counter() - t0:.0f}s")
 
     run_dir = os.path.join(out, "run-denoise")
-    config = TrainConfig(data=train_data, out=run_dir, model="unet3d", task="enhance",
+    model = args.model or DEFAULT_ENHANCE_MODEL
+    config = TrainConfig(data=train_data, out=run_dir, model=model, task="enhance",
                          task_options=(("degrade", (f"noise:{SIGMA}",)),), epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
                          mixed_precision=True, seed=0, verbose=2, resume=os.path.exists(run_dir))
     done = os.path.join(run_dir, "run.json")
     previous = json.load(open(done)) if os.path.exists(done) else {}
-    if previous.get("status") == "done" and previous.get("config", {}).get("epochs") == args.epochs:
+    if previous.get("status") == "done" and previous.get("config", {}).get("epochs") == args.epochs \
+            and previous["config"].get("model") == model:
         run = previous  # a finished run of these epochs in OUT is measured again, not retrained
         log(f"reusing the finished run in {run_dir} (delete it to train again)")
     else:
         run = train(config, echo=log)
     train_s = run["seconds"]
-    log(f"trained unet3d ({run['params']:,} parameters) for {args.epochs} epochs in {train_s / 60:.1f} min")
+    log(f"trained {model} ({run['params']:,} parameters) for {args.epochs} epochs in {train_s / 60:.1f} min")
     result = evaluate(EvalConfig(model=run_dir, data=test_data, split="test", batch_size=32, seed=0))
     best = result["best_baseline"]
     log(f"\nheld-out test ({result['patches']} patches of {args.frames}x64x64 from {', '.join(TEST)}), "
         f"noise sigma {SIGMA}:")
     log(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}")
-    for name, v in [("noisy", result["input"])] + list(result["baselines"].items()) + [("unet3d", result["output"])]:
+    for name, v in [("noisy", result["input"])] + list(result["baselines"].items()) + [(model, result["output"])]:
         log(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}" + (f"  (param {v['param']:g})" if "param" in v else ""))
     gain, over = result["gain_db"]["over_input"], result["gain_db"]["over_best_baseline"]
     log(f"gain: {gain:+.2f} dB over noisy (goal >= +10), {over:+.2f} dB over {best} (goal >= +3.5); "
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
         m_pairs = convert(ConvertConfig(src=write_csv(os.path.join(out, "pairs.csv"), rows), out=pairs_data,
                                         spec=PatchSpec(8, 64, 64, stride_height=128, stride_width=128), workers=2))
         pair_run = os.path.join(out, "run-pairs")
-        run = train(TrainConfig(data=pairs_data, out=pair_run, model="unet3d", task="enhance",
+        run = train(TrainConfig(data=pairs_data, out=pair_run, model=model, task="enhance",
                                 epochs=args.pair_epochs, batch_size=args.batch_size, lr=args.lr, augment=("flip",),
                                 train_split="train", val_split="none", mixed_precision=True, seed=0, verbose=2,
                                 resume=os.path.exists(pair_run)), echo=log)

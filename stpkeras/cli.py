@@ -456,7 +456,7 @@ def _model_args(ctx, param, values):
               help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
 @click.option("--model", "model_name", default=None,
               type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d"]),
-              help="Model family (default: stcnn; unet3d for --task enhance and segment).")
+              help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -516,6 +516,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
 
     A killed run started again with --resume goes on from its last finished epoch.
     """
+    from stpkeras.models import DEFAULT_ENHANCE_MODEL, DEFAULT_MODEL
     from stpkeras.train import RunError, TrainConfig, train
     from tfrecords_tools.manifest import ManifestError
 
@@ -525,7 +526,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
         if (degrade or pixel_loss) and task != "enhance":
             raise click.BadParameter("--degrade and --loss are options of --task enhance", param_hint="--task")
         task_options = (("degrade", degrade), ("pixel_loss", pixel_loss or "l1")) if task == "enhance" else ()
-        model_name = model_name or ("unet3d" if task in ("enhance", "segment") else "stcnn")
+        model_name = model_name or {"enhance": DEFAULT_ENHANCE_MODEL, "segment": "unet3d"}.get(task, DEFAULT_MODEL)
         if augment is None:
             augment = "flip" if task == "enhance" else "crop,color"
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,

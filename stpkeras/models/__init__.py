@@ -34,7 +34,7 @@ MODELS: Dict[str, Callable] = {
 DEFAULT_MODEL = "stcnn"
 # Families that output pixels (input + residual), not logits: the models of `--task enhance`.
 ENHANCE_MODELS = ("unet3d", "dncnn3d")
-DEFAULT_ENHANCE_MODEL = "unet3d"
+DEFAULT_ENHANCE_MODEL = "dncnn3d"
 
 
 def model_names() -> Tuple[str, ...]:

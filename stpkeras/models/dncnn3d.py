@@ -15,7 +15,7 @@ import keras
 from stpkeras.models import layers
 
 
-def build_dncnn3d(spec, channels: int = 3, *, depth: int = 8, filters: int = 32, kernel_size=3,
+def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32, kernel_size=3,
                   name: str = "dncnn3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
