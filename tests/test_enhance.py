@@ -168,7 +168,7 @@ def test_convert_pairs_writes_aligned_targets_and_fails_mismatched_pairs(pairs, 
 @pytest.fixture(scope="module")
 def noisy_run(tmp_path_factory):
     """Three generated videos (64x64, 24 frames) converted to 4x32x32 patches (one video held out as 'test'),
-    and a dncnn3d trained on them with Gaussian noise sigma 25 by `stp train --task enhance`."""
+    and a dncnn3d (the default enhancer) trained on them with Gaussian noise sigma 25 by `stp train --task enhance`."""
     from click.testing import CliRunner
 
     from stpkeras.cli import main
@@ -184,7 +184,7 @@ def noisy_run(tmp_path_factory):
                              "--stride", "2x16x16", "--quiet"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["train", str(root / "data"), "--out", str(root / "run"), "--task", "enhance",
-                             "--model", "dncnn3d", "--model-arg", "depth=4", "--model-arg", "filters=16",
+                             "--model-arg", "depth=4", "--model-arg", "filters=16",  # dncnn3d: the default
                              "--degrade", "noise:25", "--epochs", "12", "--batch-size", "16", "--lr", "3e-3",
                              "--augment", "none", "--val-split", "test", "--seed", "0", "--verbose", "0"],
                       catch_exceptions=False)
@@ -195,6 +195,7 @@ def noisy_run(tmp_path_factory):
 def test_short_training_beats_its_noisy_input_and_evaluate_reports_baselines(noisy_run, cli):
     run = json.loads((noisy_run / "run" / "run.json").read_text())
     assert run["task"] == "enhance" and run["config"]["task_options"] == {"degrade": ["noise:25"], "pixel_loss": "l1"}
+    assert run["config"]["model"] == "dncnn3d" and run["config"]["warmup"] == 0.05  # the defaults of --task enhance
     r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
