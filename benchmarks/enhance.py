@@ -1,7 +1,7 @@
 """Benchmark: video enhancement on held-out real footage, against classical baselines run in the same process.
 
 Claims measured (issue 5):
-1. Denoising, Gaussian noise sigma 25 (0-255 units): the default model (`unet3d`), trained by `stp train
+1. Denoising, Gaussian noise sigma 25 (0-255 units): the default model (`dncnn3d`), trained by `stp train
    --task enhance` on 2 CPU cores in under 15 minutes, gains >= 10 dB PSNR over the noisy input and
    >= 3.5 dB over the best classical baseline (3D Gaussian, temporal median 3/5, OpenCV non-local means;
    each with its parameter chosen on the test data itself, in their favour) on videos it never saw.
@@ -15,7 +15,7 @@ Train on bigbuckbunny.mp4 + Megamind_bugy.avi, test on bikes.mp4 + tree.avi (the
 ../shared/data/videos). Every number comes from the library's own functions (`convert`, `train`,
 `evaluate`, `enhance_video`); the script prints them and writes OUT/enhance.json.
 
-    python benchmarks/enhance.py [--videos DIR] [--out DIR] [--epochs 19] [--pair-epochs 8]
+    python benchmarks/enhance.py [--videos DIR] [--out DIR] [--epochs 24] [--pair-epochs 8] [--model NAME]
 
 A finished run of the same epochs in OUT is measured again, not retrained (delete OUT to train again).
 """
@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", default=DEFAULT_VIDEOS)
     parser.add_argument("--out", default="/tmp/stp-bench-enhance")
-    parser.add_argument("--epochs", type=int, default=19,
-                        help="denoising epochs (about 42 s each on 2 otherwise idle cores: 19 take 13.4 min)")
+    parser.add_argument("--epochs", type=int, default=24,
+                        help="denoising epochs (dncnn3d: about 31 s each on 2 otherwise idle cores; 24 take 13.4 min "
+                             "with the run's setup)")
     parser.add_argument("--pair-epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")

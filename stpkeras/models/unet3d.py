@@ -6,10 +6,13 @@ each halving height and width (never time: patches are only a few frames long)
 same size (the skip) -> a residual in `to_unit`'s scale, added to the input in
 the output layer 'pixels' (float32 values in 0-255 units).
 
-Why this shape is the default: a voxel-wise cost per layer of `voxels x
-filters_in x filters_out` stays constant when the filters double as the area
-quarters, so the coarse levels see a large spacetime neighbourhood (what
-denoising needs) for the cost of a few full-resolution layers.
+Why this shape: a voxel-wise cost per layer of `voxels x filters_in x
+filters_out` stays constant when the filters double as the area quarters, so
+the coarse levels see a large spacetime neighbourhood for the cost of a few
+full-resolution layers. The segmenter builds on its trunk. For denoising,
+`dncnn3d` is the default: on the enhancement benchmark (2 CPU cores, 13.4
+min) it reached 33.68 dB where this network, with 5x its parameters and
+about the same cost per step, reached 32.38.
 """
 
 from __future__ import annotations
