@@ -289,7 +289,6 @@ def _curves_callback(run_dir: str):
     return Curves()
 
 
-
 def learning_rate(config: TrainConfig, total_steps: int):
     """The peak `config.lr`, reached after a linear warmup over `config.warmup` of the steps, then cosine
     decay to 1% of it (or held, for the constant schedule). Without warmup, Adam's first steps move every
