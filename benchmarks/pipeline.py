@@ -264,7 +264,7 @@ def clips_per_second(ds, seconds: float, min_batches: int = 2) -> Tuple[float, f
     n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or n < min_batches * BATCH:
         x, _ = next(it)
-        n += int(x.shape[0])
+        n += int((x[0] if isinstance(x, tuple) else x).shape[0])  # a tuple: planes of one batch
     rate, cpu_ms = n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e3
     del it
     gc.collect()
