@@ -12,6 +12,8 @@ On records converted (by the real converter) from the sample videos, 16x112x112 
   3. make_dataset raw, flip + shuffle  vs  what users write without this package: a Python generator
      that decodes each clip from the video file with PyAV (seek, decode its frames, resize, crop),
      the same clips in the same number per epoch, in shuffled order              (goal >= 15x)
+     The same with records converted with `--pixels yuv440` (2 bytes a pixel, chroma of row pairs; the
+     JPEG frames of the baseline keep chroma of 2x2 blocks)                        (goal >= 4x)
   4. jpeg records vs raw records through make_dataset (flip + shuffle)
   5. peak memory (max RSS) streaming 10x more records (repeat 10) vs once, with glibc's default
      malloc arenas and with one arena                                               (goal <= ~1.1x)
@@ -55,15 +57,17 @@ def spec():
     return PatchSpec(16, 112, 112, stride_frames=8, short_side=224)
 
 
-def convert_samples(videos: str, work: str, encoding: str) -> str:
+def convert_samples(videos: str, work: str, encoding: str, pixels: str = "rgb") -> str:
+    import dataclasses
+
     from tfrecords_tools.convert import ConvertConfig, convert
     src = os.path.join(work, "src")
     if not os.path.isdir(src):
         for i, name in enumerate(FILES):
             os.makedirs(os.path.join(src, f"class{i}"), exist_ok=True)
             os.symlink(os.path.abspath(os.path.join(videos, name)), os.path.join(src, f"class{i}", name))
-    out = os.path.join(work, encoding)
-    convert(ConvertConfig(src=src, out=out, spec=spec(), encoding=encoding, quality=JPEG_QUALITY, workers=2,
+    out = os.path.join(work, encoding if pixels == "rgb" else pixels)
+    convert(ConvertConfig(src=src, out=out, spec=dataclasses.replace(spec(), pixels=pixels), encoding=encoding, quality=JPEG_QUALITY, workers=2,
                           shard_size_mb=32))
     return out
 
@@ -319,6 +323,7 @@ def main() -> int:
         t = time.perf_counter()
         raw = convert_samples(args.videos, work, "raw")
         jpeg = convert_samples(args.videos, work, "jpeg")
+        yuv = convert_samples(args.videos, work, "raw", pixels="yuv440")
         src = os.path.join(work, "src")
         clips = clip_table(raw)
         dmvr_clips = write_dmvr_clips(clips, work)
@@ -334,6 +339,14 @@ def main() -> int:
               f"{args.rounds} rounds of {args.seconds:g}s per pipeline. The generator decodes the records' clips "
               f"(mean |difference| <= {mismatch:.2f} grey levels on 6 clips).\n")
 
+        def megabytes(folder_or_file):
+            if os.path.isfile(folder_or_file):
+                return os.path.getsize(folder_or_file) / 1e6
+            return sum(os.path.getsize(f) for f in load_info(folder_or_file).files("all")) / 1e6
+
+        print(f"Bytes on disk: raw rgb {megabytes(raw):.0f} MB, raw yuv440 {megabytes(yuv):.0f} MB, jpeg "
+              f"{megabytes(jpeg):.0f} MB, DMVR-style pre-cut JPEG frames {megabytes(dmvr_clips):.0f} MB.\n")
+
         def ours(data, augment, training=True):
             # The shuffle buffer of the DMVR-style pipelines (256 records), for a like-for-like shuffle.
             return make_dataset(data, "all", batch_size=BATCH, training=training, augment=augment, seed=0,
@@ -341,6 +354,7 @@ def main() -> int:
 
         pipelines = {
             "make_dataset raw, flip+shuffle": ours(raw, "flip"),
+            "make_dataset raw yuv440, flip+shuffle": ours(yuv, "flip"),
             "DMVR-style, pre-cut 112x112 JPEG frames": dmvr_clips_dataset(dmvr_clips, s),
             "DMVR-style, whole-video JPEG frames": dmvr_videos_dataset(dmvr_videos, s),
             "make_dataset raw, no augmentation": ours(raw, None, training=False),
@@ -363,6 +377,8 @@ def main() -> int:
         print("\n| ratio | median over rounds | range | CPU ms per clip, inverse ratio | goal |\n"
               "|---|---:|---:|---:|---|")
         for a, b, goal in [("make_dataset raw, flip+shuffle", "DMVR-style, pre-cut 112x112 JPEG frames", ">= 4x"),
+                           ("make_dataset raw yuv440, flip+shuffle", "DMVR-style, pre-cut 112x112 JPEG frames",
+                            ">= 4x"),
                            ("make_dataset raw, flip+shuffle", "DMVR-style, whole-video JPEG frames", "(DMVR's layout)"),
                            ("make_dataset raw, no augmentation", "bare minimum parse_example+decode_raw", ">= 0.9x"),
                            ("make_dataset raw, flip+shuffle", "Python generator, PyAV per clip", ">= 15x"),

@@ -18,6 +18,7 @@ None of them runs on evaluation.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence, Tuple
 
 import tensorflow as tf
@@ -67,7 +68,8 @@ def random_crop(patch: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.8) -> tf
     (a scale and aspect jitter) at a random place. Cropping and nearest-neighbour
     resizing together pick rows and columns of the patch, so the op is two
     gathers on uint8 (rows, then columns): no float copy, and no copy of the
-    window before resizing.
+    window before resizing. On `yuv440` pixels a row of the packed patch is a
+    pair of rows, so the window's top and height move by two rows at a time.
     """
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"Invalid value for argument `min_scale`. Expected a value in (0, 1]. "
@@ -89,7 +91,8 @@ def random_crop(patch: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.8) -> tf
 
 
 def _affine_uint8(patch: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
-    """`round(clip(patch * scale + offset, 0, 255))` on uint8, for scalars `scale` > 0 and `offset`.
+    """`round(clip(patch * scale + offset, 0, 255))` on uint8, for a scalar `scale` > 0 and a scalar
+    `offset` or one offset per channel (a vector as long as the last axis).
 
     Written as a dequantize/quantize pair: dequantizing maps each value v to
     `min + v * (max - min) / 255`, which with `min = offset`, `max = offset + 255
@@ -97,8 +100,10 @@ def _affine_uint8(patch: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.T
     uint8. That is two passes over the patch, against seven for cast, multiply,
     add, round, clip and cast on a 4x larger float copy.
     """
-    values = tf.quantization.dequantize(tf.bitcast(patch, tf.quint8), offset, offset + 255.0 * scale,
-                                        mode="MIN_COMBINED")
+    offset = tf.convert_to_tensor(offset, tf.float32)
+    per_channel = {"axis": patch.shape.rank - 1} if offset.shape.rank == 1 else {}
+    values = tf.raw_ops.Dequantize(input=tf.bitcast(patch, tf.quint8), min_range=offset,
+                                   max_range=offset + 255.0 * scale, mode="MIN_COMBINED", **per_channel)
     # The raw op: `tf.quantization.quantize` logs a deprecation warning on every trace.
     rounded = tf.raw_ops.QuantizeV2(input=values, min_range=0.0, max_range=255.0, T=tf.quint8, mode="MIN_COMBINED",
                                     round_mode="HALF_AWAY_FROM_ZERO").output
@@ -106,13 +111,17 @@ def _affine_uint8(patch: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.T
 
 
 def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
-                 contrast: Tuple[float, float] = (0.75, 1.25)) -> tf.Tensor:
+                 contrast: Tuple[float, float] = (0.75, 1.25), pixels: str = "rgb") -> tf.Tensor:
     """Random brightness (`+-brightness x 255`) and contrast (factor in `contrast`) for the clip.
 
     Contrast scales every value around the clip's mean (over all frames, pixels
     and channels, one mean as torchvision takes one grey mean per image), so the
     colour balance is kept: `v -> (v - mean) * factor + mean + delta`, rounded
     and clipped to uint8.
+
+    On `yuv440` pixels (`tfrecords_tools.pixels`) the same change of the RGB
+    values is, exactly (clipping aside), luma `Y -> (Y - mean) * factor + mean + delta`
+    and chroma `C -> (C - 128) * factor + 128`, with the clip's mean luma as the mean.
     """
     low, high = contrast
     if not 0.0 < low <= high:
@@ -122,6 +131,11 @@ def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
     seeds = tf.random.experimental.stateless_split(seed, 2)
     delta = tf.random.stateless_uniform([], seeds[0], -brightness, brightness) * 255.0
     factor = tf.random.stateless_uniform([], seeds[1], low, high)
+    if pixels == "yuv440":
+        means = tf.reduce_mean(tf.cast(tf.reshape(patch, [-1, 4]), tf.float32), axis=0)
+        luma = (1.0 - factor) * (means[0] + means[1]) / 2 + delta
+        chroma = (1.0 - factor) * 128.0
+        return tf.ensure_shape(_affine_uint8(patch, factor, tf.stack([luma, luma, chroma, chroma])), patch.shape)
     # A reduction over the flat patch: reducing per channel would stride over the 3-wide last axis.
     mean = tf.reduce_mean(tf.cast(tf.reshape(patch, [-1]), tf.float32))
     return tf.ensure_shape(_affine_uint8(patch, factor, (1.0 - factor) * mean + delta), patch.shape)
@@ -146,14 +160,16 @@ def parse_augment(text: str | Sequence[str] | None) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def make_augment(names: Sequence[str]) -> Augment:
+def make_augment(names: Sequence[str], pixels: str = "rgb") -> Augment:
     """Chains the named ops into one `(uint8 patch, int64 [2] seed) -> uint8 patch` function.
 
     Geometry goes first, colour last; every op gets its own seed split from `seed`.
+    `pixels` is the patches' format (`PatchSpec.pixels`): flip and crop move whole
+    columns and rows of either layout, colour needs to know which values are luma.
     """
     names = parse_augment(names)
     order = [n for n in ("flip", "crop", "color") if n in names]
-    ops = [AUGMENTATIONS[n] for n in order]
+    ops = [functools.partial(random_color, pixels=pixels) if n == "color" else AUGMENTATIONS[n] for n in order]
 
     def augment(patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         if not ops:
@@ -171,7 +187,7 @@ def make_augment(names: Sequence[str]) -> Augment:
 BATCH_OPS = ("flip",)
 
 
-def make_batch_augment(names: Sequence[str]):
+def make_batch_augment(names: Sequence[str], pixels: str = "rgb"):
     """`(uint8 [B, T, H, W, C], per-patch seeds int64 [B, 2]) -> batch`: `make_augment(names)` applied
     to each patch with its own seed, so exactly the pixels of the record-by-record path. None when an
     op is not in `BATCH_OPS`.
@@ -185,7 +201,7 @@ def make_batch_augment(names: Sequence[str]):
     names = parse_augment(names)
     if not names or any(n not in BATCH_OPS for n in names):
         return None
-    one = make_augment(names)
+    one = make_augment(names, pixels)
 
     def augment(patches: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
         n = patches.shape[0]

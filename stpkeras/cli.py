@@ -109,6 +109,10 @@ class _ProgressLine:
               help="Resize so the shorter side is N pixels, keeping the aspect ratio.")
 @click.option("--pad", type=click.Choice(["drop", "edge", "zero"]), default="drop", show_default=True,
               help="What to do with a tail that does not fill a whole patch.")
+@click.option("--pixels", type=click.Choice(["rgb", "yuv440"]), default="rgb", show_default=True,
+              help="How patches are stored and fed to models: rgb (3 bytes a pixel), or yuv440 (luma + chroma of "
+                   "pairs of rows, 2 bytes a pixel, raw only; the model converts to RGB in its first layer: faster "
+                   "to stream, for classification and retrieval).")
 @click.option("--encoding", type=click.Choice(["raw", "jpeg", "png"]), default="raw", show_default=True,
               help="How pixels are stored: raw uint8 bytes, or one JPEG/PNG per frame.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
@@ -137,7 +141,7 @@ class _ProgressLine:
 @click.option("--beam-option", "beam_option", multiple=True, metavar="KEY=VALUE",
               help="A Beam pipeline option, repeatable, e.g. runner=DataflowRunner, project=P, region=R, "
                    "temp_location=gs://B/tmp (see the README).")
-def convert(src, out, patch, stride, fps, resize, short_side, pad, encoding, quality, compression, shard_size,
+def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encoding, quality, compression, shard_size,
             workers, decode_threads, labels, split_fraction, max_pixels, overwrite, strict, quiet, work_dir, runner,
             beam_option):
     """Convert videos (a folder of class folders, a flat folder or a CSV) into TFRecords of patches.
@@ -156,7 +160,7 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, encoding, qua
     try:
         spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
                          stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
-                         pad=pad, fps=fps, resize=resize, short_side=short_side)
+                         pad=pad, fps=fps, resize=resize, short_side=short_side, pixels=pixels)
         cfg = ConvertConfig(src=src, out=out, spec=spec, encoding=encoding, quality=quality,
                             compression=compression, shard_size_mb=shard_size, max_pixels=max_pixels,
                             labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
@@ -291,11 +295,13 @@ def preview(data, out_png, count, split, scale):
               help="Generated videos per class.")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="Training epochs (default: the demo's).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion workers.")
-def demo(out, per_class, epochs, workers):
+@click.option("--pixels", type=click.Choice(["rgb", "yuv440"]), default="rgb", show_default=True,
+              help="Pixel format of the records (see `stp convert --pixels`).")
+def demo(out, per_class, epochs, workers, pixels):
     """Run the whole job on built-in generated videos: make, convert, train, evaluate, export, predict."""
     from stpkeras.demo import run_demo
 
-    sys.exit(run_demo(out, per_class=per_class, epochs=epochs, workers=workers, echo=click.echo))
+    sys.exit(run_demo(out, per_class=per_class, epochs=epochs, workers=workers, pixels=pixels, echo=click.echo))
 
 
 

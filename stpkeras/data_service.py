@@ -95,7 +95,7 @@ def make_service_dataset(info: pipeline.DataInfo, split: pipeline.Splits, servic
     files = info.files(split)
     encoding, spec = info.encoding, info.spec
     ops = augment_lib.parse_augment(augment)
-    augment_fn = augment_lib.make_augment(ops)
+    augment_fn = augment_lib.make_augment(ops, spec.pixels)
 
     def to_element(serialized):
         features = pipeline.decode(pipeline.parse(serialized, encoding), encoding, spec)

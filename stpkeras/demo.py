@@ -68,7 +68,8 @@ def make_videos(folder: str, *, per_class: int = 12, frames: int = 32, height: i
     return folder
 
 
-def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, echo=print) -> int:
+def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, pixels: str = "rgb",
+             echo=print) -> int:
     """`stp demo`: every stage on the built-in videos, saying what each step produced and where.
 
     make videos -> convert (train/val by a hash of the path) -> train stcnn -> evaluate on val
@@ -93,7 +94,12 @@ def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, ec
          f"({time.perf_counter() - t:.1f}s)")
 
     t = time.perf_counter()
-    spec = PatchSpec(8, 32, 32, stride_frames=4)
+    spec = PatchSpec(8, 32, 32, stride_frames=4, pixels=pixels)
+    if os.path.exists(os.path.join(data, "dataset.json")):
+        from tfrecords_tools.manifest import read_manifest, spec_of
+        if spec_of(read_manifest(data)) != spec:
+            import shutil
+            shutil.rmtree(data)  # converted by an earlier demo with other settings (e.g. --pixels)
     manifest = convert(ConvertConfig(src=videos, out=data, spec=spec, split_fractions=(("val", 0.25),),
                                      workers=workers, command="stp demo"))
     splits = ", ".join(f"{k} {v['records']} patches from {v['videos']} videos" for k, v in manifest["splits"].items())

@@ -211,7 +211,7 @@ def make_views(encoding: str, spec, augment: Sequence[str] = ()) -> Callable[[tf
     from stpkeras import augment as augment_lib
     from tfrecords_tools import schema
 
-    augment_fn = augment_lib.make_augment(augment)
+    augment_fn = augment_lib.make_augment(augment, spec.pixels)
 
     def element(serialized: tf.Tensor, seed: tf.Tensor):
         features = schema.parse_patch(serialized, encoding)

@@ -239,9 +239,9 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     # One seed for the run; `random` (not tf) so an unseeded pipeline differs between runs.
     seed = random.SystemRandom().randrange(2 ** 31) if seed is None else int(seed)
     encoding, spec = info.encoding, info.spec
-    augment_fn = augment_lib.make_augment(ops)
+    augment_fn = augment_lib.make_augment(ops, spec.pixels)
     # Raw records whose augmentations all have a batch form go through the batched path.
-    batch_augment_fn = augment_lib.make_batch_augment(ops) if ops and encoding == "raw" else None
+    batch_augment_fn = augment_lib.make_batch_augment(ops, spec.pixels) if ops and encoding == "raw" else None
 
     # Ordered unless training asks for speed: evaluation reads in a fixed order.
     ordered = deterministic or not training

@@ -238,8 +238,9 @@ _RESET = "reset"
 
 def _batches(path: str, spec: PatchSpec, batch_size: int, max_pixels: Optional[int], stats: dict,
              stop: threading.Event) -> Iterator[Tuple[str, Optional[np.ndarray]]]:
-    """Yields `("reset", None)` when a read (re)starts and `("batch", uint8 [n, T, H, W, 3])` in between."""
+    """Yields `("reset", None)` when a read (re)starts and `("batch", uint8 [n, *spec.shape])` in between."""
     from tfrecords_tools.patches import Patch
+    from tfrecords_tools.pixels import to_record
     from tfrecords_tools.video import DEFAULT_MAX_PIXELS, video_patches
 
     pending: List[np.ndarray] = []
@@ -251,7 +252,7 @@ def _batches(path: str, spec: PatchSpec, batch_size: int, max_pixels: Optional[i
             pending.append(item.pixels)
             if len(pending) < batch_size:
                 continue
-            batch, pending = np.stack(pending), []
+            batch, pending = to_record(spec, np.stack(pending)), []
             stats["decode_s"] += time.perf_counter() - t
             yield "batch", batch
         else:
@@ -262,7 +263,7 @@ def _batches(path: str, spec: PatchSpec, batch_size: int, max_pixels: Optional[i
         t = time.perf_counter()
     if pending:
         stats["decode_s"] += time.perf_counter() - t
-        yield "batch", np.stack(pending)
+        yield "batch", to_record(spec, np.stack(pending))
 
 
 def _prefetch(items: Iterator, stop: threading.Event, depth: int = _PREFETCH_BATCHES) -> Iterator:

@@ -54,8 +54,12 @@ def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] 
 
     from tfrecords_tools import schema
 
+    from tfrecords_tools import manifest as mf
+    from tfrecords_tools.pixels import to_rgb
+
+    spec = mf.spec_of(mf.read_manifest(data))
     records = sample_patches(data, count, split)
-    strips = [patch_strip(r[schema.PATCH], scale=scale) for r in records]
+    strips = [patch_strip(to_rgb(spec, r[schema.PATCH]), scale=scale) for r in records]
     gap = 4
     height = sum(s.shape[0] for s in strips) + gap * (len(strips) - 1)
     width = max(s.shape[1] for s in strips)

@@ -86,7 +86,7 @@ def test_make_dataset_flips_a_batch_as_it_flips_record_by_record(folder, monkeyp
         return [(x.numpy(), y.numpy()) for x, y in ds]
 
     batched = batches()
-    monkeypatch.setattr(augment, "make_batch_augment", lambda names: None)
+    monkeypatch.setattr(augment, "make_batch_augment", lambda names, pixels="rgb": None)
     per_record = batches()
     assert len(batched) == len(per_record) == (50 // 8 if drop_remainder else -(-50 // 8))
     for (xa, ya), (xb, yb) in zip(batched, per_record):

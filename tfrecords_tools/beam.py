@@ -36,8 +36,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfrecords_tools import manifest as mf
-from tfrecords_tools.convert import (ConvertConfig, ConvertError, build_manifest, failure_reason, finish_result,
-                                     new_result, remove_outputs, video_records)
+from tfrecords_tools.convert import (ConvertConfig, ConvertError, build_manifest, check_pixels, failure_reason,
+                                     finish_result, new_result, remove_outputs, video_records)
 from tfrecords_tools.schema import UNLABELLED
 from tfrecords_tools.shards import RECORD_OVERHEAD, _copy_range, _Sink, list_shard_files, shard_name
 from tfrecords_tools.sources import Item, list_source
@@ -207,6 +207,7 @@ def convert_beam(cfg: ConvertConfig, beam_options: Sequence[str] = ()) -> dict:
     """
     check_path(cfg.out)
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
+    check_pixels(cfg, items)
     import tensorflow as tf
 
     if tf.io.gfile.exists(mf.manifest_path(cfg.out)) and not cfg.overwrite:

@@ -22,6 +22,7 @@ import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tfrecords_tools import manifest as mf
+from tfrecords_tools.pixels import to_record
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
 from tfrecords_tools.sources import Item, list_source
@@ -76,6 +77,9 @@ class ConvertConfig:
                              f"Received shard_size_mb={self.shard_size_mb}")
         if self.workers < 1:
             raise ValueError(f"Invalid value for argument `workers`. Expected >= 1. Received workers={self.workers}")
+        if self.spec.pixels != "rgb" and self.encoding != "raw":
+            raise ValueError(f"Invalid arguments: pixels={self.spec.pixels!r} is stored raw (JPEG and PNG hold RGB "
+                             f"frames). Received encoding={self.encoding!r}")
 
     def fingerprint(self) -> dict:
         """The settings that decide the bytes of the records; an existing OUT must match them."""
@@ -106,6 +110,17 @@ class ConvertConfig:
         if is_remote(self.work_dir):
             raise ConvertError(f"--work-dir {self.work_dir}: expected a local folder, received a {scheme(self.work_dir)}:// URL")
         return os.path.join(self.work_dir, "stp-work-" + hashlib.sha1(self.out.encode()).hexdigest()[:12])
+
+
+def check_pixels(cfg: ConvertConfig, items: Sequence[Item]) -> None:
+    """Targets aligned pixel for pixel (a clean `target` video, a `mask`, `intervals`) need rgb records."""
+    if cfg.spec.pixels == "rgb":
+        return
+    item = next((i for i in items if i.target or i.mask or i.intervals), None)
+    if item is not None:
+        column = "target" if item.target else "mask" if item.mask else "intervals"
+        raise ConvertError(f"{cfg.src}: {item.id} has a {column!r} column (enhancement/segmentation data), which "
+                           f"needs --pixels rgb. Received pixels={cfg.spec.pixels!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +157,7 @@ def video_records(item: Item, label_index: int, cfg: ConvertConfig,
             yield event
             continue
         yield encode_patch(
-            event.pixels, encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
+            to_record(cfg.spec, event.pixels), encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
             video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
             valid=event.valid, timestamp=event.timestamp,
             label=label_index, label_name=item.label, split=item.split,
@@ -308,6 +323,7 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     check_path(cfg.out)
     gfile = _gfile()
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
+    check_pixels(cfg, items)
     if any(item.intervals for item in items):
         items, frame_names = resolve_frame_labels(items, cfg.frame_labels)
         cfg = dataclasses.replace(cfg, frame_labels=frame_names)

@@ -12,6 +12,9 @@ import json
 import re
 from typing import Any, Optional, Tuple
 
+from tfrecords_tools import pixels as pixels_lib
+from tfrecords_tools.pixels import PIXEL_FORMATS
+
 PAD_MODES = ("drop", "edge", "zero")
 ENCODINGS = ("raw", "jpeg", "png")
 COMPRESSIONS = ("none", "gzip", "zlib")
@@ -50,6 +53,8 @@ class PatchSpec:
     by repeating the `edge` or with `zero`s (the valid extent is recorded in
     every record). `fps` resamples by frame timestamps before cutting;
     `resize` (H, W) or `short_side` resize every frame (never both).
+    `pixels` is how records store a patch and models take it: `rgb`, or
+    `yuv440` (2 bytes a pixel instead of 3; `tfrecords_tools.pixels`).
     """
 
     frames: int
@@ -63,6 +68,7 @@ class PatchSpec:
     fps: Optional[float] = None
     resize: Optional[Tuple[int, int]] = None
     short_side: Optional[int] = None
+    pixels: str = "rgb"
 
     def __post_init__(self):
         for name in ("frames", "height", "width"):
@@ -99,11 +105,22 @@ class PatchSpec:
         if self.short_side is not None:
             if not isinstance(self.short_side, int) or self.short_side < 1:
                 raise _invalid("short_side", "a strictly positive integer", self.short_side)
+        if self.pixels not in PIXEL_FORMATS:
+            raise _invalid("pixels", f"one of {PIXEL_FORMATS}", self.pixels)
+        if self.pixels == "yuv440" and self.height % 2:
+            raise _invalid("height", "an even patch height with pixels='yuv440' (chroma covers pairs of rows)",
+                           self.height)
 
     # Derived values are properties, never stored copies that could drift.
     @property
     def shape(self) -> Tuple[int, int, int, int]:
-        """The patch shape `[T, H, W, C]`."""
+        """The shape of a patch as records store it and models take it: `[T, H, W, 3]` for `rgb`,
+        `[T, H/2, W, 4]` for `yuv440` (see `tfrecords_tools.pixels`)."""
+        return pixels_lib.record_shape(self.pixels, self.frames, self.height, self.width)
+
+    @property
+    def rgb_shape(self) -> Tuple[int, int, int, int]:
+        """The shape of a patch as cut from a video, and of a model's first layer's output: `[T, H, W, 3]`."""
         return (self.frames, self.height, self.width, self.channels)
 
     @property
@@ -116,8 +133,9 @@ class PatchSpec:
 
     @property
     def num_values(self) -> int:
-        """Number of uint8 values in one patch."""
-        return self.frames * self.height * self.width * self.channels
+        """Number of uint8 values in one stored patch."""
+        t, h, w, c = self.shape
+        return t * h * w * c
 
     def frame_size(self, height: int, width: int) -> Tuple[int, int]:
         """The (H, W) a decoded frame of `height x width` has after resizing."""
@@ -137,6 +155,8 @@ class PatchSpec:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["pixels"] == "rgb":
+            del d["pixels"]  # the default: specs written before the field existed read back equal
         if d["resize"] is not None:
             d["resize"] = list(d["resize"])
         return d
@@ -175,4 +195,6 @@ class PatchSpec:
             text += f", resize {self.resize[0]}x{self.resize[1]}"
         if self.short_side:
             text += f", short side {self.short_side}"
+        if self.pixels != "rgb":
+            text += f", pixels {self.pixels}"
         return text

@@ -21,7 +21,7 @@ def build_c3d(spec, num_classes: int, *, widths=(32, 64, 128, 256), convs_per_st
         raise ValueError("Invalid value for argument `convs_per_stage`. Expected one count per width "
                          f"({len(widths)}). Received convs_per_stage={convs_per_stage!r}")
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
+    x = layers.normalize(spec, inputs)
     for stage, (width, convs) in enumerate(zip(widths, convs_per_stage)):
         for i in range(convs):
             x = keras.layers.Conv3D(width, 3, padding="same", use_bias=False, name=f"conv{stage}_{i}")(x)

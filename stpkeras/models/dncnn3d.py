@@ -40,8 +40,9 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
         raise ValueError(f"Invalid value for argument `depth`. Expected at least 2 layers. Received depth={depth}")
     filters = layers.positive_ints(filters, "filters")[0]
     kernel_size = layers.triple(kernel_size, "kernel_size")
+    layers.require_rgb(spec, "an enhancer")
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
+    x = layers.normalize(spec, inputs)
     for i in range(depth - 1):
         x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", name=f"conv{i + 1}")(x)
     # Zero-initialised: the untrained model returns its input, and training starts from there.

@@ -12,6 +12,8 @@ import keras
 from keras import ops
 
 PACKAGE = "stpkeras"
+PIXEL_FORMATS = ("rgb", "yuv440")
+YUV_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))  # as tfrecords_tools.pixels
 
 
 def to_unit(pixels):
@@ -27,24 +29,47 @@ def from_unit(x):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Normalize(keras.layers.Layer):
-    """`uint8 [B, T, H, W, C]` pixels -> floats in [-1, 1] in the layer's compute dtype.
+    """uint8 pixels -> RGB floats in [-1, 1] in the layer's compute dtype.
 
     The first layer of every model, so the input pipeline and the serving
-    signature stay uint8 and the conversion runs on the accelerator.
+    signature stay uint8 and the conversion runs on the accelerator. With
+    `pixels='rgb'` it takes `[B, T, H, W, 3]`; with `pixels='yuv440'` the packed
+    `[B, T, H/2, W, 4]` of `tfrecords_tools.pixels` (luma of two rows, then U
+    and V), which it turns into `[B, T, H, W, 3]` RGB first: rows of luma
+    interleaved, chroma repeated over both rows, then `YUV_TO_RGB`, clipped to
+    [0, 255] as RGB pixels are.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, pixels: str = "rgb", **kwargs):
         super().__init__(**kwargs)
+        if pixels not in PIXEL_FORMATS:
+            raise ValueError(f"Invalid value for argument `pixels`. Expected one of {PIXEL_FORMATS}. "
+                             f"Received pixels={pixels!r}")
+        self.pixels = pixels
         self.supports_masking = False
 
     def call(self, inputs):
-        return ops.cast(inputs, self.compute_dtype) / 127.5 - 1.0
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.pixels == "yuv440":
+            x = self._yuv440_to_rgb(x)
+        return x / 127.5 - 1.0
+
+    def _yuv440_to_rgb(self, x):
+        _, t, half, w, _ = x.shape
+        luma = ops.reshape(ops.transpose(x[..., :2], (0, 1, 2, 4, 3)), (-1, t, 2 * half, w))
+        chroma = ops.repeat(x[..., 2:] - 128.0, 2, axis=2)                  # [B, T, H, W, 2]
+        m = YUV_TO_RGB
+        rgb = [luma + m[i][1] * chroma[..., 0] + m[i][2] * chroma[..., 1] for i in range(3)]
+        return ops.clip(ops.stack(rgb, axis=-1), 0.0, 255.0)
 
     def compute_output_shape(self, input_shape):
+        if self.pixels == "yuv440":
+            b, t, half, w, _ = input_shape
+            return (b, t, None if half is None else 2 * half, w, 3)
         return input_shape
 
     def get_config(self):
-        return super().get_config()
+        return {**super().get_config(), "pixels": self.pixels}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -72,8 +97,21 @@ class PositionalEmbedding(keras.layers.Layer):
 
 
 def patch_input(spec) -> keras.KerasTensor:
-    """The model input for patches of `spec`: `uint8 [None, T, H, W, C]`, named 'patch'."""
+    """The model input for patches of `spec`: `uint8 [None, *spec.shape]` (`[T, H, W, 3]` for rgb), named 'patch'."""
     return keras.Input(shape=spec.shape, dtype="uint8", name="patch")
+
+
+def normalize(spec, inputs, name: str = "normalize"):
+    """Every model's first layer: `Normalize` for `spec.pixels` -> float RGB `[B, T, H, W, 3]` in [-1, 1]."""
+    return Normalize(pixels=spec.pixels, name=name)(inputs)
+
+
+def require_rgb(spec, what: str) -> None:
+    """Models whose output is aligned with the input's pixels (enhancement, segmentation) take rgb patches."""
+    if spec.pixels != "rgb":
+        raise ValueError(f"Invalid value for argument `spec`. Expected rgb patches for {what} (its output is "
+                         f"aligned pixel for pixel with the input's rows; convert with --pixels rgb). "
+                         f"Received pixels={spec.pixels!r}")
 
 
 def triple(value, name: str) -> Tuple[int, int, int]:

@@ -50,7 +50,7 @@ def residual_network(spec, num_classes: int, *, conv: Conv, widths: Sequence[int
         raise ValueError(f"Invalid value for argument `blocks`. Expected one block count per width ({len(widths)}). "
                          f"Received blocks={blocks!r}")
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
+    x = layers.normalize(spec, inputs)
     x = _bn_relu(conv(x, widths[0], layers.triple(stem_kernel, "stem_kernel"),
                       layers.triple(stem_strides, "stem_strides"), "stem_conv"), "stem")
     for stage, (width, count) in enumerate(zip(widths, blocks)):

@@ -21,7 +21,7 @@ def build_stcnn(spec, num_classes: int, *, filters: int = 32, kernel_size=(3, 5,
     kernel_size = layers.triple(kernel_size, "kernel_size")
     pool_size = layers.triple(pool_size, "pool_size")
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
+    x = layers.normalize(spec, inputs)
     x = keras.layers.Conv3D(filters, kernel_size, padding="same", name="conv")(x)
     x = keras.layers.ReLU(name="relu")(x)
     x = keras.layers.MaxPool3D(pool_size, padding="same", name="pool")(x)

@@ -38,8 +38,9 @@ def unet_trunk(spec, filters, convs, kernel_size):
     convs = layers.positive_ints(convs, "convs")[0]
     kernel_size = layers.triple(kernel_size, "kernel_size")
     check_levels(spec, filters)
+    layers.require_rgb(spec, "a U-Net (enhancement, segmentation)")
     inputs = layers.patch_input(spec)
-    return inputs, unet_body(layers.Normalize(name="normalize")(inputs), filters, convs, kernel_size)
+    return inputs, unet_body(layers.normalize(spec, inputs), filters, convs, kernel_size)
 
 
 def unet_body(x, filters, convs: int, kernel_size):

@@ -35,7 +35,7 @@ def build_vivit(spec, num_classes: int, *, tubelet=(2, 8, 8), dim: int = 128, de
         raise ValueError(f"Invalid value for argument `heads`. Expected a divisor of dim={dim}. Received heads={heads}")
     dropout = layers.check_rate(dropout)
     inputs = layers.patch_input(spec)
-    x = layers.Normalize(name="normalize")(inputs)
+    x = layers.normalize(spec, inputs)
     x = keras.layers.Conv3D(dim, tubelet, strides=tubelet, padding="valid", name="tubelets")(x)
     tokens = x.shape[1] * x.shape[2] * x.shape[3]
     x = keras.layers.Reshape((tokens, dim), name="tokens")(x)
