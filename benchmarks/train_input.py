@@ -16,7 +16,7 @@ and input together) shows the input's share of the work, which other jobs distur
 of its dataset; its first two steps are not timed.
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/train_input.py [--videos DIR] [--steps 6] [--rounds 5]
-     [--augment crop,color]
+     [--augment crop,color] [--pixels rgb|yuv440]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--augment", default=",".join(augment_lib.DEFAULT_AUGMENT),
                         help="make_dataset's augment (default: the default of `stp train`)")
     parser.add_argument("--model", default="stcnn")
+    parser.add_argument("--pixels", default="rgb", choices=["rgb", "yuv440"], help="records' pixel format")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default malloc arenas (default: one arena, as `stp train` runs)")
     args = parser.parse_args()
@@ -88,7 +89,7 @@ def main() -> int:
                         *map(shlex.quote, sys.argv[1:])])
     work = tempfile.mkdtemp(prefix="stp-bench-train-")
     try:
-        raw = pipeline_bench.convert_samples(args.videos, work, "raw")
+        raw = pipeline_bench.convert_samples(args.videos, work, "raw", pixels=args.pixels)
         info = load_info(raw)
         keras.utils.set_random_seed(0)
         model = build_model(args.model, info.spec, info.num_classes)
@@ -119,7 +120,7 @@ def main() -> int:
 
         print(f"`{command}`\n")
         print(f"{args.model} ({model.count_params()} parameters) on {info.num_records('all')} clips of "
-              f"{'x'.join(map(str, info.spec.shape))}, batch {BATCH}, augment {args.augment or 'none'}; "
+              f"{'x'.join(map(str, info.spec.rgb_shape))} ({info.spec.pixels}), batch {BATCH}, augment {args.augment or 'none'}; "
               f"{os.cpu_count()} CPU cores; TF {tf.__version__}, Keras {keras.__version__}; {args.rounds} rounds "
               f"of {args.steps} steps each way.\n")
         print("| fit fed by | steps/s (median) | range over rounds | CPU s per step (median) |\n|---|---:|---:|---:|")
