@@ -271,3 +271,36 @@ def test_yuv440_run_exports_a_saved_model_that_takes_packed_patches_and_records_
     local = predict.predict_video(predict.load(os.path.join(run_dir, "best.keras")), video)
     assert served.patches == local.patches > 0
     np.testing.assert_allclose(served.mean_logits, local.mean_logits, atol=1e-5)
+
+
+def test_yuv440_batched_flip_gives_each_record_or_its_mirror_and_both_occur(yuv_converted):
+    from stpkeras.pipeline import make_dataset
+    from tfrecords_tools import schema
+
+    stored = dict(_records(yuv_converted["yuv440"]))
+    seen = {"same": 0, "mirrored": 0}
+    ds = make_dataset(yuv_converted["yuv440"], "all", batch_size=8, training=True, augment="flip", seed=5,
+                      as_supervised=False)
+    for batch in ds:
+        for i in range(batch[schema.PATCH].shape[0]):
+            key = (batch[schema.VIDEO_ID][i].numpy().decode(), tuple(batch[schema.OFFSET][i].numpy().tolist()))
+            got, rec = batch[schema.PATCH][i].numpy(), stored[key][schema.PATCH]
+            if np.array_equal(got, rec):
+                seen["same"] += 1
+            else:
+                # The mirror of the packed patch is the packing of the mirrored RGB patch (see the flip test).
+                assert np.array_equal(got, rec[:, :, ::-1]), key
+                seen["mirrored"] += 1
+    assert seen["same"] > 3 and seen["mirrored"] > 3
+
+
+def test_normalize_yuv440_under_mixed_bfloat16_stays_close_to_float32():
+    import keras
+
+    from stpkeras.models import layers
+
+    x = pixels.pack_yuv440(_random((2, 2, 8, 6, 3), seed=9))
+    full = np.asarray(layers.Normalize(pixels="yuv440")(x))
+    half = layers.Normalize(pixels="yuv440", dtype=keras.DTypePolicy("mixed_bfloat16"))(x)
+    assert "bfloat16" in str(half.dtype)
+    assert np.abs(np.asarray(half, np.float32) - full).max() < 0.03   # bfloat16 keeps 8 bits
