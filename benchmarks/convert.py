@@ -406,6 +406,8 @@ def markdown(report: dict) -> str:
                   f"{e['ratio_2w']:.2f}x | | {e['cpu_fps']['irreducible']:.0f} / {e['cpu_fps']['workers=1']:.0f} "
                   f"({e['cpu_ratio_1w']:.2f}x) / {e['cpu_fps']['workers=2']:.0f} |"]
     lines += ["", *lines_after]
+    if "interpolation" not in report:  # --throughput-only
+        return "\n".join(lines)
     i = report["interpolation"]
     base = i["fps"]["AREA"]
     lines += ["", "Resize interpolation (irreducible work, frames/s):", "",
@@ -437,6 +439,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+class _Done(Exception):
+    """--throughput-only: the rest of the report is not measured."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", default=DEFAULT_VIDEOS, help="folder of sample videos (default: %(default)s)")
@@ -447,6 +453,7 @@ def main(argv=None) -> int:
     parser.add_argument("--also-patch", default="8x64x64", help="a second spec for throughput ('' for none)")
     parser.add_argument("--short-side", type=int, default=128, help="resize frames to this short side")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    parser.add_argument("--pixels", default="rgb", choices=["rgb", "yuv440"], help="the records' pixel format")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per throughput figure (best is kept)")
     parser.add_argument("--memory-video", default="bikes.mp4", help="video (in --videos) for the memory test")
     parser.add_argument("--longer", type=int, default=10, help="how many times longer the long video is")
@@ -455,6 +462,8 @@ def main(argv=None) -> int:
                                                              "a 60-frame clip for memory")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed after)")
     parser.add_argument("--json", action="store_true", help="also print the whole report as JSON")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the throughput table (e.g. to compare --pixels formats)")
     args = parser.parse_args(argv)
     if args.quick:
         args.copies, args.repeats, args.also_patch = 2, 1, ""
@@ -471,20 +480,22 @@ def main(argv=None) -> int:
     try:
         import tensorflow  # noqa: F401  (imported once here, outside every timed section)
 
-        spec = PatchSpec.from_strings(args.patch, short_side=args.short_side)
+        spec = PatchSpec.from_strings(args.patch, short_side=args.short_side, pixels=args.pixels)
         src = link_copies(videos, args.copies, os.path.join(work, "videos"))
         paths = [os.path.join(src, n) for n in sorted(os.listdir(src))]
-        report = {"spec": f"patch {args.patch}, short side {args.short_side}", "videos": len(paths),
+        report = {"spec": f"patch {args.patch}, short side {args.short_side}, pixels {args.pixels}", "videos": len(paths),
                   "cpus": os.cpu_count(), "repeats": args.repeats}
         print(f"throughput: {len(paths)} videos, {report['spec']} ...", file=sys.stderr, flush=True)
         report["throughput"] = throughput(src, paths, spec, work, args.repeats, threads=True)
         report["more_throughput"] = []
         if args.also_patch:
-            other = PatchSpec.from_strings(args.also_patch, short_side=args.short_side)
+            other = PatchSpec.from_strings(args.also_patch, short_side=args.short_side, pixels=args.pixels)
             print(f"throughput: patch {args.also_patch} ...", file=sys.stderr, flush=True)
             report["more_throughput"].append({"spec": f"patch {args.also_patch}",
                                               "throughput": throughput(src, paths, other, work, args.repeats)})
         report["startup"] = worker_startup(args.repeats)
+        if args.throughput_only:
+            raise _Done
         print("interpolation ...", file=sys.stderr, flush=True)
         report["interpolation"] = interpolation_costs(videos, spec, args.repeats)
         print("storage ...", file=sys.stderr, flush=True)
@@ -495,6 +506,8 @@ def main(argv=None) -> int:
         report["memory_longer"] = args.longer
         report["memory"] = peak_memory(os.path.join(args.videos, args.memory_video), spec, work, args.longer,
                                        args.memory_frames)
+    except _Done:
+        pass
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -506,10 +519,12 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=1, default=float))
     t = report["throughput"]
     print(f"\nshards identical with 1 and 2 workers: {t['same_shards_1w_2w']}; " + "; ".join(t["notes"]))
-    print("per-video irreducible frames/s by interpolation:")
-    for name, per in report["interpolation"]["per_video"].items():
-        print(f"  {name:14s} " + "  ".join(f"{k} {v:.0f}" for k, v in per.items()))
-    print(f"jpeg PSNR per video: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["storage"]["jpeg"]["psnr"].items()))
+    if "interpolation" in report:
+        print("per-video irreducible frames/s by interpolation:")
+        for name, per in report["interpolation"]["per_video"].items():
+            print(f"  {name:14s} " + "  ".join(f"{k} {v:.0f}" for k, v in per.items()))
+        print(f"jpeg PSNR per video: " + ", ".join(f"{k} {v:.1f} dB"
+                                                  for k, v in report["storage"]["jpeg"]["psnr"].items()))
     print(f"load average (1 min) before / after: {load_before[0]:.2f} / {report['load_average']['after'][0]:.2f} "
           f"on {os.cpu_count()} cores; the run took {report['seconds']:.0f} s")
     if max(load_before[0], report["load_average"]["after"][0]) > 0.5 * (os.cpu_count() or 1):

@@ -56,7 +56,7 @@ def pack_yuv440(rgb: np.ndarray) -> np.ndarray:
     """`uint8 [..., H, W, 3]` RGB (H even) -> `uint8 [..., H/2, W, 4]` (Y top, Y bottom, U, V).
 
     In 16-bit fixed point (`RGB_TO_YUV` x 65536, each row's integers summing to
-    65536 or 0), rounded half up: 1.3 ms for a 16x112x112 patch, against 4 ms for
+    65536 or 0), rounded half up: 1.1 ms for a 16x112x112 patch, against 3.6 ms for
     the same sums in float32 (conversion runs it on every patch).
     """
     rgb = np.asarray(rgb)
@@ -64,15 +64,17 @@ def pack_yuv440(rgb: np.ndarray) -> np.ndarray:
         raise ValueError(f"Expected uint8 RGB pixels [..., H, W, 3] with an even H. "
                          f"Received dtype={rgb.dtype}, shape={list(rgb.shape)}")
     *lead, height, width, _ = rgb.shape
-    pairs = rgb.astype(np.int32).reshape(*lead, height // 2, 2, width, 3)
-    r, g, b = pairs[..., 0], pairs[..., 1], pairs[..., 2]           # [..., H/2, 2, W]
+    pairs = rgb.reshape(*lead, height // 2, 2, width, 3)
+    r, g, b = (pairs[..., c].astype(np.int32) for c in range(3))        # [..., H/2, 2, W]
     luma = (19595 * r + 38470 * g + 7471 * b + (1 << 15)) >> 16
-    r, g, b = r.sum(-2), g.sum(-2), b.sum(-2)                        # two rows summed: [..., H/2, W]
+    r, g, b = (v[..., 0, :] + v[..., 1, :] for v in (r, g, b))           # the two rows summed
     out = np.empty((*lead, height // 2, width, 4), np.uint8)
     out[..., 0] = luma[..., 0, :]
     out[..., 1] = luma[..., 1, :]
-    out[..., 2] = np.clip(((-11058 * r - 21710 * g + 32768 * b + (1 << 16)) >> 17) + 128, 0, 255)
-    out[..., 3] = np.clip(((32768 * r - 27439 * g - 5329 * b + (1 << 16)) >> 17) + 128, 0, 255)
+    for channel, (cr, cg, cb) in ((2, (-11058, -21710, 32768)), (3, (32768, -27439, -5329))):
+        c = (cr * r + cg * g + cb * b + (1 << 16)) >> 17
+        c += 128
+        out[..., channel] = np.clip(c, 0, 255, out=c)
     return out
 
 
