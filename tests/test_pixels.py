@@ -304,3 +304,33 @@ def test_normalize_yuv440_under_mixed_bfloat16_stays_close_to_float32():
     half = layers.Normalize(pixels="yuv440", dtype=keras.DTypePolicy("mixed_bfloat16"))(x)
     assert "bfloat16" in str(half.dtype)
     assert np.abs(np.asarray(half, np.float32) - full).max() < 0.03   # bfloat16 keeps 8 bits
+
+
+@pytest.mark.parametrize("api", ["rest", "grpc"])
+def test_yuv440_predict_through_the_serving_stand_in_equals_local(tmp_path, api):
+    """`stp predict --server` packs the video's patches as the export's spec says and sends them to the stand-in
+    server on 127.0.0.1 (a test double of TF Serving): the same answer as the local SavedModel."""
+    from click.testing import CliRunner
+
+    from stpkeras import export as ex
+    from stpkeras.cli import main
+    from stpkeras.demo import make_videos
+    from stpkeras.models import build_model
+    from stpkeras.testing.models import write_run
+    from stpkeras.testing.standin_server import StandInServer
+
+    spec = PatchSpec(8, 32, 32, pixels="yuv440")
+    labels = ("down", "left", "right", "up")
+    run_dir = write_run(str(tmp_path / "run"), build_model("stcnn", spec, len(labels)), spec, labels)
+    result = ex.export_for_serving(run_dir, str(tmp_path / "saved_models"), "clf")
+    folder = make_videos(str(tmp_path / "videos"), per_class=1, frames=16, height=32, width=64, classes=("left",))
+    video = os.path.join(folder, "left", "left_000.mp4")
+    root = os.path.dirname(result.path)
+    with StandInServer(root, "clf") as server:
+        url = server.rest_url if api == "rest" else server.grpc_url
+        local = CliRunner().invoke(main, ["predict", root, video, "--json", "--top-k", "4"])
+        remote = CliRunner().invoke(main, ["predict", root, video, "--json", "--top-k", "4", "--server", url])
+    assert local.exit_code == 0 and remote.exit_code == 0, (local.output, remote.output)
+    a, b = json.loads(local.output), json.loads(remote.output)
+    assert a["patches"] == b["patches"] == 4 and a["label"] == b["label"]
+    np.testing.assert_allclose([s for _, s in a["top_k"]], [s for _, s in b["top_k"]], atol=1e-5)
