@@ -95,13 +95,9 @@ def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, pi
 
     t = time.perf_counter()
     spec = PatchSpec(8, 32, 32, stride_frames=4, pixels=pixels)
-    if os.path.exists(os.path.join(data, "dataset.json")):
-        from tfrecords_tools.manifest import read_manifest, spec_of
-        if spec_of(read_manifest(data)) != spec:
-            import shutil
-            shutil.rmtree(data)  # converted by an earlier demo with other settings (e.g. --pixels)
+    # overwrite: a demo run again (perhaps with other --pixels) converts afresh; it takes seconds.
     manifest = convert(ConvertConfig(src=videos, out=data, spec=spec, split_fractions=(("val", 0.25),),
-                                     workers=workers, command="stp demo"))
+                                     workers=workers, overwrite=True, command="stp demo"))
     splits = ", ".join(f"{k} {v['records']} patches from {v['videos']} videos" for k, v in manifest["splits"].items())
     echo(f"[2/6] convert: {data}/ ({spec.describe()}; {splits}; {time.perf_counter() - t:.1f}s)")
     if manifest["counts"]["failed"]:
