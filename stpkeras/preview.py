@@ -52,9 +52,8 @@ def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] 
     """Writes the preview PNG; returns one line of description per row."""
     from PIL import Image
 
-    from tfrecords_tools import schema
-
     from tfrecords_tools import manifest as mf
+    from tfrecords_tools import schema
     from tfrecords_tools.pixels import to_rgb
 
     spec = mf.spec_of(mf.read_manifest(data))

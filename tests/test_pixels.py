@@ -175,6 +175,21 @@ def test_yuv440_conversion_stores_two_thirds_of_the_bytes_and_the_same_patches(y
     assert 0.66 < size["yuv440"] / size["rgb"] < 0.70
 
 
+def test_preview_of_yuv440_records_shows_the_rgb_patches(yuv_converted, tmp_path):
+    from PIL import Image
+
+    from stpkeras.preview import write_preview
+
+    images = {}
+    for name, folder in yuv_converted.items():
+        rows = write_preview(folder, str(tmp_path / f"{name}.png"), count=4)
+        assert len(rows) == 4
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert images["rgb"].shape == images["yuv440"].shape
+    # The same patches; only the chroma of each pair of rows is shared (smooth generated textures).
+    assert np.abs(images["rgb"] - images["yuv440"]).mean() < 2.0
+
+
 def test_yuv440_refuses_jpeg_and_enhancement_or_segmentation_sources(tmp_path, classes_src, cli, clip64):
     result = cli("convert", classes_src, tmp_path / "a", "--patch", "4x32x32", "--pixels", "yuv440",
                  "--encoding", "jpeg")

@@ -13,7 +13,6 @@ import re
 from typing import Any, Optional, Tuple
 
 from tfrecords_tools import pixels as pixels_lib
-from tfrecords_tools.pixels import PIXEL_FORMATS
 
 PAD_MODES = ("drop", "edge", "zero")
 ENCODINGS = ("raw", "jpeg", "png")
@@ -105,8 +104,8 @@ class PatchSpec:
         if self.short_side is not None:
             if not isinstance(self.short_side, int) or self.short_side < 1:
                 raise _invalid("short_side", "a strictly positive integer", self.short_side)
-        if self.pixels not in PIXEL_FORMATS:
-            raise _invalid("pixels", f"one of {PIXEL_FORMATS}", self.pixels)
+        if self.pixels not in pixels_lib.PIXEL_FORMATS:
+            raise _invalid("pixels", f"one of {pixels_lib.PIXEL_FORMATS}", self.pixels)
         if self.pixels == "yuv440" and self.height % 2:
             raise _invalid("height", "an even patch height with pixels='yuv440' (chroma covers pairs of rows)",
                            self.height)
