@@ -439,10 +439,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-class _Done(Exception):
-    """--throughput-only: the rest of the report is not measured."""
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", default=DEFAULT_VIDEOS, help="folder of sample videos (default: %(default)s)")
@@ -483,8 +479,8 @@ def main(argv=None) -> int:
         spec = PatchSpec.from_strings(args.patch, short_side=args.short_side, pixels=args.pixels)
         src = link_copies(videos, args.copies, os.path.join(work, "videos"))
         paths = [os.path.join(src, n) for n in sorted(os.listdir(src))]
-        report = {"spec": f"patch {args.patch}, short side {args.short_side}, pixels {args.pixels}", "videos": len(paths),
-                  "cpus": os.cpu_count(), "repeats": args.repeats}
+        report = {"spec": f"patch {args.patch}, short side {args.short_side}, pixels {args.pixels}",
+                  "videos": len(paths), "cpus": os.cpu_count(), "repeats": args.repeats}
         print(f"throughput: {len(paths)} videos, {report['spec']} ...", file=sys.stderr, flush=True)
         report["throughput"] = throughput(src, paths, spec, work, args.repeats, threads=True)
         report["more_throughput"] = []
@@ -494,20 +490,17 @@ def main(argv=None) -> int:
             report["more_throughput"].append({"spec": f"patch {args.also_patch}",
                                               "throughput": throughput(src, paths, other, work, args.repeats)})
         report["startup"] = worker_startup(args.repeats)
-        if args.throughput_only:
-            raise _Done
-        print("interpolation ...", file=sys.stderr, flush=True)
-        report["interpolation"] = interpolation_costs(videos, spec, args.repeats)
-        print("storage ...", file=sys.stderr, flush=True)
-        once = link_copies(videos, 1, os.path.join(work, "videos-once"))
-        report["storage"] = storage(once, spec, work, args.quality, args.repeats)
-        print("memory ...", file=sys.stderr, flush=True)
-        report["memory_video"] = args.memory_video
-        report["memory_longer"] = args.longer
-        report["memory"] = peak_memory(os.path.join(args.videos, args.memory_video), spec, work, args.longer,
-                                       args.memory_frames)
-    except _Done:
-        pass
+        if not args.throughput_only:
+            print("interpolation ...", file=sys.stderr, flush=True)
+            report["interpolation"] = interpolation_costs(videos, spec, args.repeats)
+            print("storage ...", file=sys.stderr, flush=True)
+            once = link_copies(videos, 1, os.path.join(work, "videos-once"))
+            report["storage"] = storage(once, spec, work, args.quality, args.repeats)
+            print("memory ...", file=sys.stderr, flush=True)
+            report["memory_video"] = args.memory_video
+            report["memory_longer"] = args.longer
+            report["memory"] = peak_memory(os.path.join(args.videos, args.memory_video), spec, work, args.longer,
+                                           args.memory_frames)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -52,14 +52,12 @@ JPEG_QUALITY = 90
 DMVR_SHUFFLE = 256  # records in the shuffle buffer of the clip pipelines (ours and DMVR-style)
 
 
-def spec():
+def spec(pixels: str = "rgb"):
     from tfrecords_tools.spec import PatchSpec
-    return PatchSpec(16, 112, 112, stride_frames=8, short_side=224)
+    return PatchSpec(16, 112, 112, stride_frames=8, short_side=224, pixels=pixels)
 
 
 def convert_samples(videos: str, work: str, encoding: str, pixels: str = "rgb") -> str:
-    import dataclasses
-
     from tfrecords_tools.convert import ConvertConfig, convert
     src = os.path.join(work, "src")
     if not os.path.isdir(src):
@@ -67,7 +65,7 @@ def convert_samples(videos: str, work: str, encoding: str, pixels: str = "rgb") 
             os.makedirs(os.path.join(src, f"class{i}"), exist_ok=True)
             os.symlink(os.path.abspath(os.path.join(videos, name)), os.path.join(src, f"class{i}", name))
     out = os.path.join(work, encoding if pixels == "rgb" else pixels)
-    convert(ConvertConfig(src=src, out=out, spec=dataclasses.replace(spec(), pixels=pixels), encoding=encoding, quality=JPEG_QUALITY, workers=2,
+    convert(ConvertConfig(src=src, out=out, spec=spec(pixels), encoding=encoding, quality=JPEG_QUALITY, workers=2,
                           shard_size_mb=32))
     return out
 

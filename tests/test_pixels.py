@@ -135,16 +135,13 @@ def test_crop_on_packed_pixels_moves_whole_pairs_of_rows():
 
 
 @pytest.fixture(scope="module")
-def yuv_converted(tmp_path_factory, classes_src):
-    """`classes_src` converted twice with patch 4x32x32: rgb and yuv440 (same videos, same grid)."""
+def yuv_converted(tmp_path_factory, classes_src, converted):
+    """`classes_src` with patch 4x32x32: rgb (conftest's `converted`) and converted again as yuv440 (same grid)."""
     from tfrecords_tools.convert import ConvertConfig, convert
 
-    root = tmp_path_factory.mktemp("yuv")
-    out = {}
-    for name in ("rgb", "yuv440"):
-        out[name] = str(root / name)
-        convert(ConvertConfig(src=str(classes_src), out=out[name], spec=PatchSpec(4, 32, 32, pixels=name)))
-    return out
+    yuv = str(tmp_path_factory.mktemp("yuv") / "yuv440")
+    convert(ConvertConfig(src=str(classes_src), out=yuv, spec=PatchSpec(4, 32, 32, pixels="yuv440")))
+    return {"rgb": str(converted[0]), "yuv440": yuv}
 
 
 def _records(folder):
