@@ -1,9 +1,22 @@
 """stpkeras: videos -> spacetime patches in TFRecords -> tf.data -> Keras 3 Conv3D -> SavedModels.
 
-Importing this package is cheap: TensorFlow and Keras load only when a stage needs them.
+Importing this package is cheap: TensorFlow and Keras load only when a stage needs them. Once it is
+imported, `keras.saving.load_model` loads every model the package writes (see `stpkeras.saving`).
 """
 
+from wrapt import register_post_import_hook
+
 __version__ = "0.1.0"
+
+
+def _register_keras_objects(keras_module) -> None:
+    from stpkeras.saving import register
+
+    register(keras_module)
+
+
+# Runs now if Keras is already imported, else right after its first import (wrapt comes with TensorFlow).
+register_post_import_hook(_register_keras_objects, "keras")
 
 
 def load(path, **kwargs):

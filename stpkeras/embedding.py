@@ -67,7 +67,7 @@ def feature_model(model: keras.Model) -> keras.Model:
         if len(features.shape) != 2:
             raise FeatureError(f"model {model.name!r}: layer {FEATURES!r} outputs {features.shape}; expected "
                                "[batch, D] or a Flatten of a pooled map")
-    return keras.Model(model.inputs, features, name=f"{model.name}_features")
+    return keras.Model(model.input, features, name=f"{model.name}_features")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -195,8 +195,19 @@ class ContrastiveLoss(keras.losses.Loss):
         return {**super().get_config(), "temperature": self.temperature}
 
 
-def pair_accuracy_metric(y_true, y_pred):
+def _pair_accuracy_of_projections(y_true, y_pred):
     return pair_accuracy(y_pred)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PairAccuracy(keras.metrics.MeanMetricWrapper):
+    """Mean `pair_accuracy` of the projections; `y_true` (a placeholder the dataset yields) is ignored."""
+
+    def __init__(self, name: str = "pair_accuracy", dtype=None):
+        super().__init__(fn=_pair_accuracy_of_projections, name=name, dtype=dtype)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
 
 
 # --- the task's element ---------------------------------------------------------------------------

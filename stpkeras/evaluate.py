@@ -48,27 +48,31 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: 
     """Metrics of `logits [N, C]` (float) against `labels [N]` (int in [0, C)).
 
     `top_k` is clipped to `C - 1`. Precision of a class never predicted, and recall of a class absent from
-    `labels`, are 0 (and the macro mean includes them), as scikit-learn's
-    `zero_division=0` does.
+    `labels`, are 0 (and the macro mean includes them): scikit-learn's `zero_division=0`.
+    Top-k is counted here rather than with `sklearn.metrics.top_k_accuracy_score`, which ranks tied
+    scores by class index, so the figure would depend on the order of the labels.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = np.asarray(labels, np.int64)
     logits = np.asarray(logits, np.float64)
     num_classes = len(class_names)
     if logits.ndim != 2 or logits.shape != (len(labels), num_classes):
         raise ValueError(f"logits of shape {logits.shape} for {len(labels)} labels and {num_classes} classes")
     predicted = logits.argmax(axis=1)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+    classes = np.arange(num_classes)
+    if len(labels):
+        confusion = confusion_matrix(labels, predicted, labels=classes)
+        precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                   zero_division=0)
+    else:  # scikit-learn refuses empty inputs; an empty split scores 0 everywhere
+        confusion = np.zeros((num_classes, num_classes), np.int64)
+        precision = recall = f1 = np.zeros(num_classes)
     true_pos = np.diag(confusion).astype(np.float64)
-    predicted_count = confusion.sum(axis=0)
     actual_count = confusion.sum(axis=1)
-    precision = np.divide(true_pos, predicted_count, out=np.zeros(num_classes), where=predicted_count > 0)
-    recall = np.divide(true_pos, actual_count, out=np.zeros(num_classes), where=actual_count > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(num_classes), where=denom > 0)
     # Top-C accuracy is always 1, so k stops at C - 1 (and at 1 for two classes).
     k = max(1, min(top_k, num_classes - 1))
-    # Ties count against the true class: it is in the top k only if fewer than k score higher.
+    # The true class is in the top k when fewer than k classes score strictly higher.
     true_score = logits[np.arange(len(labels)), labels]
     in_top_k = (logits > true_score[:, None]).sum(axis=1) < k
     count = max(len(labels), 1)

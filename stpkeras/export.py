@@ -414,7 +414,7 @@ def _build_archive(source: ExportSource, labels_path: str):
     names = [SERVING_DEFAULT, SERVE_EXAMPLES]
     if any(layer.name == FEATURES_LAYER for layer in model.layers):
         # A second view of the same layers (shared weights) that also returns the pooled features.
-        features = keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features_model")
+        features = keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name="features_model")
 
         def embeddings(patches):
             return {EMBEDDINGS: tf.cast(features(patches, training=False), tf.float32)}

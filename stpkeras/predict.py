@@ -157,7 +157,7 @@ class KerasPredictor(Predictor):
         except ValueError:
             self._features = None
         else:
-            sub = keras.Model(self.model.inputs, features.output)
+            sub = keras.Model(self.model.input, features.output)
             self._features = tf.function(lambda x: sub(x, training=False), reduce_retracing=True)
 
     def _run(self, patches):

@@ -115,8 +115,8 @@ class Embed(Task):
         return ContrastiveLoss(self.temperature)
 
     def metrics(self, labels):
-        from stpkeras.embedding import pair_accuracy_metric
-        return [keras.metrics.MeanMetricWrapper(pair_accuracy_metric, name="pair_accuracy")]
+        from stpkeras.embedding import PairAccuracy
+        return [PairAccuracy()]
 
     def element_fn(self, info, augment, training):
         from stpkeras.embedding import make_views

@@ -143,3 +143,17 @@ def test_no_progress_bar_when_not_a_terminal(tmp_path, clip64, cli):
     assert result.stdout.strip() == f"converted 1/1 videos -> {tmp_path / 'out'}: train 24 patches in 1 shard(s)"
     quiet = cli("convert", src, tmp_path / "out2", "--patch", "4x32x32", "--quiet")
     assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_inspect_starts_without_tensorflow(converted):
+    """`stp inspect` reads only the manifest: a fresh process prints it and never imports TensorFlow or Keras."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stpkeras.cli import main\n"
+            "try:\n    main([\"inspect\", sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert not {'tensorflow', 'keras'} & set(sys.modules), sorted({'tensorflow', 'keras'} & set(sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(converted[0])], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "288 patches of uint8 [4, 32, 32, 3]" in proc.stdout
+    assert "cuda" not in proc.stderr.lower()  # TensorFlow's start-up lines

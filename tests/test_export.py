@@ -44,7 +44,7 @@ def keras_reference(model, x):
     import keras
 
     logits = np.asarray(model(x, training=False))
-    features = keras.Model(model.inputs, model.get_layer("features").output)
+    features = keras.Model(model.input, model.get_layer("features").output)
     return logits, np.asarray(features(x, training=False))
 
 

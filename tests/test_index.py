@@ -85,11 +85,11 @@ def test_pooled_features_of_stcnn_average_its_pooled_map_and_keep_its_outputs():
     x = np.random.default_rng(0).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
     features = feature_model(model)
     assert features.output_shape == (None, 6)
-    pooled_map = keras.Model(model.inputs, model.get_layer("pool").output)(x)
+    pooled_map = keras.Model(model.input, model.get_layer("pool").output)(x)
     np.testing.assert_allclose(features(x), np.mean(pooled_map, axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     assert model.output_shape == (None, 3)  # the classifier itself is unchanged
     c3d = build_model("c3d", spec, 3, widths=(4, 8), convs_per_stage=(1, 1))
-    np.testing.assert_allclose(feature_model(c3d)(x), keras.Model(c3d.inputs, c3d.get_layer("features").output)(x))
+    np.testing.assert_allclose(feature_model(c3d)(x), keras.Model(c3d.input, c3d.get_layer("features").output)(x))
 
 
 # --- end to end on the sample videos ---------------------------------------------------------------

@@ -53,15 +53,20 @@ def manifest_path(root: str) -> str:
 
 def read_manifest(root: str) -> dict:
     """Reads and validates `ROOT/dataset.json`; raises `ManifestError` naming the file."""
-    from tfrecords_tools.storage import check_path
+    from tfrecords_tools.storage import check_path, is_remote
 
     path = manifest_path(check_path(root))
-    gfile = _gfile()
-    if not gfile.exists(path):
+    # A local manifest is read without TensorFlow, so commands that only read it (`stp inspect`) start at once.
+    local = not is_remote(path)
+    if not (os.path.isfile(path) if local else _gfile().exists(path)):
         raise ManifestError(f"{path}: no manifest. Expected a folder written by `stp convert`.")
     try:
-        with gfile.GFile(path, "r") as f:
-            data = json.loads(f.read())
+        if local:
+            with open(path, encoding="utf-8") as f:
+                data = json.loads(f.read())
+        else:
+            with _gfile().GFile(path, "r") as f:
+                data = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
     validate(data, path)
