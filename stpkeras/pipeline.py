@@ -175,10 +175,6 @@ def read_buffer_size(root: str) -> Optional[int]:
     return 0 if "://" not in root or root.startswith("file://") else None
 
 
-def num_batches(num_records: int, batch_size: int, drop_remainder: bool) -> int:
-    return num_records // batch_size if drop_remainder else -(-num_records // batch_size)
-
-
 def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_size: int = 32,
                  training: bool = False, augment: Union[str, Sequence[str], None] = None,
                  shuffle_buffer: int = 1024, seed: Optional[int] = None, deterministic: bool = False,

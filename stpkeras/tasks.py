@@ -248,6 +248,3 @@ def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:
         task = dataclasses.replace(task, **options)
     return task
 
-
-def task_names() -> Tuple[str, ...]:
-    return tuple(TASKS)

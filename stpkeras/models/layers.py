@@ -39,11 +39,6 @@ def to_unit(pixels):
     return ops.cast(pixels, dtype) / 127.5 - 1.0
 
 
-def from_unit(x):
-    """Inverse of `to_unit`: float in [-1, 1] -> float pixels in [0, 255] (not rounded)."""
-    return (x + 1.0) * 127.5
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Normalize(keras.layers.Layer):
     """uint8 pixels -> RGB floats in [-1, 1] in the layer's compute dtype.
