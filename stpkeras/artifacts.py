@@ -1,0 +1,265 @@
+"""Artifact stage: the files of a trained model, and one door to every form of it (like `keras.saving.load_model`).
+
+A trained model comes in three forms, and `load(path)` takes any of them:
+
+- a **run folder**, written by `stp train`:
+
+      run.json      task, model, config, spec, labels, data path, manifest sha256, versions, metrics, status
+      best.keras    the model of the best epoch (by the task's monitor, on validation when there is one)
+      last.keras    the model after the last finished epoch
+      history.csv   one row per epoch (Keras CSVLogger)
+      logs/         TensorBoard
+      curves.png    loss and metrics per epoch
+      backup/       `keras.callbacks.BackupAndRestore` state while a run is unfinished
+
+- a **`.keras` file**, with its labels and spec from the `run.json` beside it (or passed in);
+- an **export**, written by `stp export`: `saved_models/NAME/VERSION/` (or `saved_models/NAME`, its newest
+  version), a SavedModel with `assets/labels.txt`, `assets/patch_spec.json` and
+  `assets.extra/stpkeras_export.json`.
+
+It returns one `Artifact`: the callable model (a `keras.Model`, or the loaded SavedModel), its task,
+labels, `PatchSpec` and signatures. Every command and stage loads through it; this module is the only
+one that knows these file names. The package's Keras objects are registered by `stpkeras.saving`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from tfrecords_tools.spec import PatchSpec
+
+# The run folder.
+RUN_JSON = "run.json"
+BEST, LAST = "best.keras", "last.keras"
+HISTORY, LOGS, CURVES, BACKUP = "history.csv", "logs", "curves.png", "backup"
+RUN_FILES = (RUN_JSON, HISTORY, BEST, LAST, BACKUP)   # any of these means a run was started there
+# The export folder.
+SAVED_MODEL = "saved_model.pb"
+LABELS_ASSET = "labels.txt"
+SPEC_ASSET = "patch_spec.json"
+INFO_FILE = os.path.join("assets.extra", "stpkeras_export.json")
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+TASKS_WITHOUT_LABELS = ("enhance", "embed")
+
+
+class ArtifactError(Exception):
+    """A path that is not a loadable model in any of the three forms; the message names it and says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A trained model and what it was trained for.
+
+    `model` is a `keras.Model` (form "keras": `uint8 [batch, *spec.shape]` in, the task's output out)
+    or the object `tf.saved_model.load` returns (form "saved_model": call its `signatures`).
+    """
+
+    path: str                    # the .keras file, or the SavedModel's version folder
+    form: str                    # "keras" or "saved_model"
+    task: str                    # classify, enhance, embed, segment
+    labels: Tuple[str, ...]      # the classes the model predicts; () for enhance and embed
+    spec: PatchSpec
+    model: object
+    run: Optional[dict] = None   # run.json (a run's model), or the export's stpkeras_export.json
+
+    @property
+    def run_dir(self) -> Optional[str]:
+        """The run folder the model belongs to (None for an export or a lone .keras file)."""
+        return os.path.dirname(self.path) if self.form == "keras" and self.run is not None else None
+
+    @property
+    def signatures(self) -> Tuple[str, ...]:
+        return tuple(self.model.signatures) if self.form == "saved_model" else ()
+
+
+# --- reading the files --------------------------------------------------------------------------
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot read JSON ({e})") from e
+
+
+def write_json(path: str, data: dict) -> None:
+    """Writes `data` under a temporary name beside `path`, then renames: a reader sees the old or the new file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_run(run_dir: str) -> dict:
+    """`RUN_DIR/run.json`, checked for the keys every reader needs."""
+    path = os.path.join(run_dir, RUN_JSON)
+    run = read_json(path)
+    missing = [k for k in ("spec", "labels") if k not in run]
+    if missing:
+        raise ArtifactError(f"{path}: lacks {missing}; expected a run folder written by `stp train`")
+    return run
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in (RUN_JSON, BEST, LAST))
+
+
+def run_model_path(run_dir: str) -> str:
+    """`best.keras`, else `last.keras` (a run killed before its first validation) of a run folder."""
+    for name in (BEST, LAST):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    raise ArtifactError(f"{run_dir}: no {BEST} or {LAST}; expected a run folder written by `stp train` "
+                        "(or a .keras file, or an export)")
+
+
+def read_history(run_dir: str) -> Dict[str, List[float]]:
+    """history.csv as columns; when a killed run wrote an epoch twice, its last row wins."""
+    path = os.path.join(run_dir, HISTORY)
+    if not os.path.exists(path):
+        return {}
+    rows: Dict[int, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch") not in (None, "", "epoch"):
+                rows[int(row["epoch"])] = row
+    keys = [k for k in (next(iter(rows.values())) if rows else {}) if k != "epoch"]
+    epochs = sorted(rows)
+    history: Dict[str, List[float]] = {"epoch": [float(e) for e in epochs]}
+    for key in keys:
+        # CSVLogger writes 'NA' for a key an epoch lacks (every val_ key when there is no validation).
+        values = [float(rows[e][key]) if rows[e].get(key) not in (None, "", "NA") else float("nan") for e in epochs]
+        if not all(v != v for v in values):
+            history[key] = values
+    return history
+
+
+def versions(model_root: str) -> List[int]:
+    """Integer version folders under `saved_models/NAME` (local, gs:// ...), ascending (what TF Serving would load)."""
+    from tfrecords_tools.storage import is_remote
+
+    if not is_remote(model_root):
+        if not os.path.isdir(model_root):
+            return []
+        return sorted(int(n) for n in os.listdir(model_root)
+                      if n.isdigit() and os.path.isdir(os.path.join(model_root, n)))
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(model_root):
+        return []
+    return sorted(int(n.rstrip("/")) for n in tf.io.gfile.listdir(model_root) if n.rstrip("/").isdigit())
+
+
+def resolve_saved_model(path: str) -> str:
+    """A SavedModel folder, or `saved_models/NAME` (its newest version) -> the version folder."""
+    if os.path.isfile(os.path.join(path, SAVED_MODEL)):
+        return path
+    found = versions(path)
+    if found:
+        return os.path.join(path, str(found[-1]))
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path}: no such run folder, .keras file or export")
+    raise ArtifactError(f"{path}: expected a run folder (run.json, best.keras), a .keras file or an export "
+                        f"(a SavedModel folder with {SAVED_MODEL}, or saved_models/NAME holding integer versions)")
+
+
+def read_assets(saved_model_dir: str) -> Tuple[Tuple[str, ...], PatchSpec]:
+    """Labels and `PatchSpec` stored in an export's assets."""
+    labels_path = os.path.join(saved_model_dir, "assets", LABELS_ASSET)
+    spec_path = os.path.join(saved_model_dir, "assets", SPEC_ASSET)
+    try:
+        with open(labels_path, encoding="utf-8") as f:
+            labels = tuple(line.rstrip("\n") for line in f)
+    except OSError as e:
+        raise ArtifactError(f"{saved_model_dir}: no label asset ({e}); expected an export written by `stp export`") \
+            from e
+    try:
+        spec = PatchSpec.from_dict(read_json(spec_path))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{spec_path}: bad PatchSpec ({e})") from e
+    return labels, spec
+
+
+def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
+    labels = tuple(str(v) for v in labels)
+    if not labels:
+        raise ArtifactError(f"{where}: the label list is empty; a classifier needs at least one class name")
+    bad = [v for v in labels if not v or "\n" in v or "\r" in v]
+    if bad:
+        raise ArtifactError(f"{where}: class names must be non-empty single lines. Received {bad!r}")
+    return labels
+
+
+# --- the one door ---------------------------------------------------------------------------------
+
+def load_keras_model(path: str, *, compile: bool = False):
+    """A `.keras` file -> `keras.Model` (for inference unless `compile`), every stpkeras object known."""
+    import keras  # importing it registers the package's Keras objects (stpkeras.saving)
+
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as e:  # Keras raises ValueError, OSError, zipfile errors, TypeError ...
+        raise ArtifactError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
+
+
+def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None,
+         compile: bool = False) -> Artifact:
+    """A run folder, a `.keras` file or an export (`saved_models/NAME[/VERSION]`) -> its `Artifact`.
+
+    Labels and spec come from the run's `run.json` (beside a `.keras` file too) or the export's assets;
+    `labels=` and `spec=` fill them in for a lone `.keras` file and win over stored ones. `compile=True`
+    also restores a `.keras` model's optimizer, loss and metrics (to go on training or evaluate it).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, SAVED_MODEL)) and is_run_dir(path):
+        return _load_keras(run_model_path(path), read_run(path), labels, spec, compile)
+    if path.endswith(".keras") or os.path.isfile(path):
+        if not os.path.isfile(path):
+            raise ArtifactError(f"{path}: no such file")
+        if not path.endswith(".keras"):
+            raise ArtifactError(f"{path}: expected a run folder, a .keras file or an export")
+        beside = os.path.dirname(os.path.abspath(path))
+        run = read_run(beside) if os.path.isfile(os.path.join(beside, RUN_JSON)) else None
+        return _load_keras(path, run, labels, spec, compile)
+    return _load_export(resolve_saved_model(path))
+
+
+def _load_keras(path: str, run: Optional[dict], labels, spec, compile: bool) -> Artifact:
+    task = (run or {}).get("task", "classify")
+    if spec is None and run is not None:
+        try:
+            spec = PatchSpec.from_dict(run["spec"])
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: run.json holds a bad spec: {e}") from e
+    if labels is None and run is not None:
+        labels = run["labels"]
+    if spec is None or (labels is None and task not in TASKS_WITHOUT_LABELS):
+        lacking = " and ".join(n for n, v in (("labels", labels), ("spec", spec)) if v is None)
+        raise ArtifactError(f"{path}: no run.json beside it, so its {lacking} are unknown. Pass them (`stp export "
+                            "--data DATASET_DIR` reads both from the dataset.json of the converted data), or load "
+                            "its run folder or export")
+    labels = tuple(labels or ())
+    if labels:
+        labels = check_labels(labels, path)
+    return Artifact(path, "keras", task, labels, spec, load_keras_model(path, compile=compile), run)
+
+
+def _load_export(version_dir: str) -> Artifact:
+    import tensorflow as tf
+
+    labels, spec = read_assets(version_dir)
+    info_path = os.path.join(version_dir, INFO_FILE)
+    info = read_json(info_path) if os.path.isfile(info_path) else None
+    try:
+        loaded = tf.saved_model.load(version_dir, tags=["serve"])
+    except Exception as e:  # TF raises OSError, DecodeError, NotFoundError, ValueError ... for a bad folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ArtifactError(f"{version_dir}: not a loadable SavedModel ({type(e).__name__}: {first}). "
+                            "Export it again with `stp export`") from e
+    return Artifact(version_dir, "saved_model", (info or {}).get("task", "classify"), labels, spec, loaded, info)
