@@ -131,23 +131,12 @@ def embed_video(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATC
     Decoding and cutting run in a second thread (the predictor's reader), under
     the model's own `PatchSpec`. Raises `NoPatches` for a video smaller than one patch.
     """
-    import threading
+    from stpkeras.inference import MeanHead, Timing, run_video
 
-    from stpkeras.predict import NoPatches, _RESET, _batches, _prefetch
-
-    total, count = None, 0
-    stop = threading.Event()
-    stats = {"decode_s": 0.0}
-    for kind, batch in _prefetch(_batches(path, embedder.spec, batch_size, max_pixels, stats, stop), stop):
-        if kind == _RESET:
-            total, count = None, 0
-            continue
-        e = _normalize(embedder.embed(batch)).astype(np.float64).sum(axis=0)
-        total = e if total is None else total + e
-        count += len(batch)
-    if count == 0:
-        raise NoPatches(f"{path}: no patches: the video is smaller than one patch ({embedder.spec.describe()})")
-    return (total / count).astype(np.float32), count
+    timing = Timing()
+    mean = run_video(path, embedder.spec, embedder.embed, MeanHead(_normalize), batch_size=batch_size,
+                     max_pixels=max_pixels, timing=timing)
+    return mean, timing.patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +154,7 @@ def embed_videos(embedder: Embedder, paths: Sequence[str], *, batch_size: int = 
                  max_pixels: Optional[int] = None, on_video: Optional[Callable[[str, Optional[str]], None]] = None
                  ) -> Embedded:
     """`embed_video` for each path; a video that fails is listed in `failed` with the reason, never dropped silently."""
-    from stpkeras.predict import NoPatches
+    from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
     ids, vectors, patches, failed = [], [], [], []
@@ -466,7 +455,7 @@ def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int 
                   batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None
                   ) -> Iterator[Tuple[str, Optional[List[Hit]], Optional[str]]]:
     """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason)."""
-    from stpkeras.predict import NoPatches
+    from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
     embedder = load_embedder(model)

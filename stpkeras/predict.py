@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
-import threading
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -28,19 +26,15 @@ import numpy as np
 from stpkeras.export import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES, RUN_FILE,
                              RUN_MODEL, SERVING_DEFAULT, ExportError, check_labels, load_keras_model, read_assets,
                              read_run, resolve_saved_model)
+from stpkeras.inference import MeanHead, NoPatches, Timing, run_video
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TOP_K = 5
-_PREFETCH_BATCHES = 2
 
 
 class PatchInputError(ValueError):
     """Patches whose dtype or shape the model does not take."""
-
-
-class NoPatches(ValueError):
-    """A video too small (or too short) for a single patch of the model's spec."""
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -233,108 +227,18 @@ class VideoPrediction:
                            "patches": self.patches})
 
 
-_RESET = "reset"
-
-
-def _batches(path: str, spec: PatchSpec, batch_size: int, max_pixels: Optional[int], stats: dict,
-             stop: threading.Event) -> Iterator[Tuple[str, Optional[np.ndarray]]]:
-    """Yields `("reset", None)` when a read (re)starts and `("batch", uint8 [n, *spec.shape])` in between."""
-    from tfrecords_tools.patches import Patch
-    from tfrecords_tools.pixels import to_record
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, video_patches
-
-    pending: List[np.ndarray] = []
-    t = time.perf_counter()
-    for item in video_patches(path, spec, max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
-        if stop.is_set():
-            return
-        if isinstance(item, Patch):
-            pending.append(item.pixels)
-            if len(pending) < batch_size:
-                continue
-            batch, pending = to_record(spec, np.stack(pending)), []
-            stats["decode_s"] += time.perf_counter() - t
-            yield "batch", batch
-        else:
-            # A new read plan: what came before it is void (see `video_patches`).
-            pending = []
-            stats["decode_s"] += time.perf_counter() - t
-            yield _RESET, None
-        t = time.perf_counter()
-    if pending:
-        stats["decode_s"] += time.perf_counter() - t
-        yield "batch", to_record(spec, np.stack(pending))
-
-
-def _prefetch(items: Iterator, stop: threading.Event, depth: int = _PREFETCH_BATCHES) -> Iterator:
-    """Runs `items` in a thread, at most `depth` items ahead; re-raises its exception here."""
-    q: "queue.Queue" = queue.Queue(maxsize=depth)
-    done = object()
-
-    def put(x):
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work():
-        try:
-            for x in items:
-                put(("item", x))
-                if stop.is_set():  # the consumer left: stop decoding
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            put(("error", e))
-        put(("done", done))
-
-    thread = threading.Thread(target=work, name="predict-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == "error":
-                raise x
-            if kind == "done":
-                return
-            yield x
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-
-
 def predict_video(predictor: Predictor, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
                   top_k: int = DEFAULT_TOP_K, max_pixels: Optional[int] = None) -> VideoPrediction:
     """Classifies one video file: mean logits over all its patches. Raises on failure."""
-    if batch_size < 1:
-        raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
-                         f"Received batch_size={batch_size!r}")
     start = time.perf_counter()
-    stats = {"decode_s": 0.0}
-    model_s = 0.0
-    total = np.zeros(len(predictor.labels), np.float64)
-    count = 0
-    stop = threading.Event()
-    for kind, batch in _prefetch(_batches(path, predictor.spec, batch_size, max_pixels, stats, stop), stop):
-        if kind == _RESET:
-            total[:] = 0
-            count = 0
-            continue
-        t = time.perf_counter()
-        logits = predictor(batch)[LOGITS]
-        model_s += time.perf_counter() - t
-        total += logits.astype(np.float64).sum(axis=0)
-        count += len(batch)
-    if count == 0:
-        raise NoPatches(f"{path}: no patches: the video is smaller than one patch "
-                          f"({predictor.spec.describe()})")
-    mean = (total / count).astype(np.float32)
+    timing = Timing()
+    mean = run_video(path, predictor.spec, lambda batch: predictor(batch)[LOGITS], MeanHead(),
+                     batch_size=batch_size, max_pixels=max_pixels, timing=timing)
     probs = _softmax(mean)
     order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
     return VideoPrediction(video=path, label=predictor.labels[order[0]], score=float(probs[order[0]]),
-                           top_k=[(predictor.labels[i], float(probs[i])) for i in order], patches=count,
-                           mean_logits=mean, decode_s=stats["decode_s"], model_s=model_s,
+                           top_k=[(predictor.labels[i], float(probs[i])) for i in order], patches=timing.patches,
+                           mean_logits=mean, decode_s=timing.decode_s, model_s=timing.model_s,
                            seconds=time.perf_counter() - start)
 
 

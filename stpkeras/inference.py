@@ -1,0 +1,184 @@
+"""Inference stage: the one streaming loop from a video to a model's answer.
+
+    decode -> cut (`tfrecords_tools.video.video_patches`, in a reader thread, a few batches ahead)
+           -> batch -> model -> head
+
+A *head* is what a task does with the model's outputs for one video (`Head`): average the logits
+(label a video), average the embeddings (retrieval), blend overlapping outputs back into frames
+(enhance, segment). The loop owns what every head would otherwise repeat: the reader thread and
+its prefetch bound, batching, the pixel format of the model's input, timing, and the re-plan
+protocol (a second `Plan` from `video_patches` voids everything since the previous one: the loop
+drops its pending patches and calls `head.start(plan)` again). Memory stays bounded: at most
+`prefetch` batches wait in the queue, and a head keeps only what its output needs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Generic, Iterator, List, Optional, TypeVar
+
+import numpy as np
+
+from tfrecords_tools.patches import Patch
+from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, video_patches
+
+PREFETCH_BATCHES = 2
+Result = TypeVar("Result")
+
+
+class NoPatches(ValueError):
+    """A video too small (or too short) for a single patch of the model's spec."""
+
+
+class Head(Generic[Result]):
+    """What one task does with a video's model outputs. The loop calls, in order:
+
+    `start(plan)` at every (re)start of the read, `add(patches, outputs)` for every batch (`patches`
+    are the cut `Patch`es, `outputs` the model's answer for them), and `finish()` once at the end,
+    which returns the result.
+    """
+
+    def start(self, plan: Plan) -> None:
+        pass
+
+    def add(self, patches: List[Patch], outputs) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Result:
+        raise NotImplementedError
+
+
+class Timing:
+    """Seconds spent decoding and cutting (reader thread) and in the model, for one video."""
+
+    def __init__(self):
+        self.decode_s = 0.0
+        self.model_s = 0.0
+        self.patches = 0
+
+
+def prefetch(items: Iterator, depth: int = PREFETCH_BATCHES) -> Iterator:
+    """Runs `items` in a thread, at most `depth` items ahead; re-raises its exception here.
+
+    Leaving the loop early (break, exception) stops the reader within 0.1 s.
+    """
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for x in items:
+                if not put(("item", x)):  # the consumer left: stop decoding
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e))
+            return
+        put(("done", None))
+
+    thread = threading.Thread(target=work, name="stp-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "error":
+                raise x
+            if kind == "done":
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def _batches(events: Iterator, spec: PatchSpec, batch_size: int, timing: Timing) -> Iterator:
+    """`video_patches` events -> `Plan`s and `(patches, uint8 [n, *spec.shape] in spec's pixel format)` batches.
+
+    Runs in the reader thread, so stacking and packing the pixels overlap with the model.
+    """
+    from tfrecords_tools.pixels import to_record
+
+    def batch(patches):
+        return patches, to_record(spec, np.stack([p.pixels for p in patches]))
+
+    pending: List[Patch] = []
+    t = time.perf_counter()
+    for event in events:
+        if isinstance(event, Plan):
+            pending = []  # a new read plan: what came before it is void
+            timing.decode_s += time.perf_counter() - t
+            yield event
+        else:
+            pending.append(event)
+            if len(pending) < batch_size:
+                continue
+            ready, pending = batch(pending), []
+            timing.decode_s += time.perf_counter() - t
+            yield ready
+        t = time.perf_counter()
+    if pending:
+        ready = batch(pending)
+        timing.decode_s += time.perf_counter() - t
+        yield ready
+
+
+def run_video(path: str, spec: PatchSpec, model: Callable[[np.ndarray], object], head: Head[Result], *,
+              batch_size: int, cut: Optional[PatchSpec] = None, max_pixels: Optional[int] = None,
+              timing: Optional[Timing] = None) -> Result:
+    """Streams the video `path` through `model` into `head`; returns `head.finish()`.
+
+    `spec` is the model's `PatchSpec`: batches go to `model` as its input, `uint8 [n, *spec.shape]` in
+    its pixel format. `cut` is the grid to cut (default `spec`; enhance and segment cut overlapping,
+    edge-padded patches of the same size). Raises `NoPatches` when not one patch fits.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
+                         f"Received batch_size={batch_size!r}")
+    cut = cut or spec
+    timing = timing if timing is not None else Timing()
+    events = video_patches(path, cut, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    for event in prefetch(_batches(events, spec, batch_size, timing)):
+        if isinstance(event, Plan):
+            timing.patches = 0
+            head.start(event)
+            continue
+        patches, pixels = event
+        t = time.perf_counter()
+        outputs = model(pixels)
+        timing.model_s += time.perf_counter() - t
+        timing.patches += len(patches)
+        head.add(patches, outputs)
+    if timing.patches == 0:
+        raise NoPatches(f"{path}: no patches: the video is smaller than one patch ({cut.describe()})")
+    return head.finish()
+
+
+class MeanHead(Head[np.ndarray]):
+    """The mean over a video's patches of `outputs float [n, D]` after `transform` (e.g. L2 normalisation)."""
+
+    def __init__(self, transform: Callable[[np.ndarray], np.ndarray] = lambda x: x):
+        self.transform = transform
+        self.total: Optional[np.ndarray] = None
+        self.count = 0
+
+    def start(self, plan: Plan) -> None:
+        self.total, self.count = None, 0
+
+    def add(self, patches, outputs) -> None:
+        s = self.transform(np.asarray(outputs)).astype(np.float64).sum(axis=0)
+        self.total = s if self.total is None else self.total + s
+        self.count += len(patches)
+
+    def finish(self) -> np.ndarray:
+        return (self.total / self.count).astype(np.float32)
