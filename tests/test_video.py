@@ -310,6 +310,52 @@ def test_a_display_matrix_turns_frames_the_way_a_player_shows_them(turned, lossl
     assert report == {"rotation": rotation, **({"mirrored": True} if mirrored else {})}
 
 
+@pytest.mark.parametrize("abcd", [(1, 0, 0, 1), (0, -1, 1, 0), (-1, 0, 0, -1), (0, 1, -1, 0),
+                                  (-1, 0, 0, 1), (0, 1, 1, 0), (1, 0, 0, -1), (0, -1, -1, 0)])
+def test_every_right_angle_matrix_turns_pixels_where_the_matrix_sends_them(abcd):
+    """FFmpeg's definition, pixel by pixel: coded (x, y) is shown at (a*x + c*y, b*x + d*y), shifted
+    to start at 0 (libavutil/display.h)."""
+    from tfrecords_tools.video import Orientation
+
+    a, b, c, d = abcd
+    coded = np.arange(3 * 5 * 2).reshape(3, 5, 2)
+    y, x = np.mgrid[0:3, 0:5]
+    sx, sy = a * x + c * y, b * x + d * y
+    shown = np.zeros((sy.max() - sy.min() + 1, sx.max() - sx.min() + 1, 2), coded.dtype)
+    shown[sy - sy.min(), sx - sx.min()] = coded
+    matrix = np.array([a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30], np.int32)
+    turn = Orientation.from_matrix(matrix)
+    np.testing.assert_array_equal(turn.apply(coded), shown)
+    assert turn.shown_size(3, 5) == shown.shape[:2]
+
+
+@pytest.mark.parametrize("degrees, hflip, vflip", [(90, False, False), (-90, False, False), (90, True, False),
+                                                   (0, False, True), (180, True, False)])
+def test_files_written_with_pyavs_display_rotation_read_back_as_pyav_documents(tmp_path, degrees, hflip, vflip):
+    """PyAV's `set_display_rotation(degrees, hflip, vflip)`: `degrees` counter-clockwise, then the mirrors."""
+    import av
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip(f"PyAV {av.__version__} cannot write a display matrix")
+    frames = pattern_frames(3, 16, 24, seed=5)
+    container = av.open(str(tmp_path / "r.mp4"), mode="w")
+    stream = container.add_stream("libx264rgb", rate=25)
+    stream.height, stream.width, stream.pix_fmt = 16, 24, "rgb24"
+    stream.options = {"qp": "0"}
+    stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+    for frame in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    want = np.rot90(frames, degrees // 90, axes=(1, 2))
+    want = want[:, :, ::-1] if hflip else want
+    want = want[:, ::-1] if vflip else want
+    plans, patches = read(str(tmp_path / "r.mp4"), PatchSpec(1, *want.shape[1:3]))
+    np.testing.assert_array_equal(frames_of(patches)[0], want)
+
+
 def test_short_side_and_patches_of_a_portrait_phone_clip_are_in_display_orientation(turned, lossless_odd):
     """Coded 45x71 (landscape), shown 71x45: the short side is the width, and the resize happens before
     the turn exactly as FFmpeg's scaler does it for the unturned clip."""

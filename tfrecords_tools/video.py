@@ -119,10 +119,16 @@ def orientation_of(frame, path: str) -> Orientation:
     for data in frame.side_data:
         if data.type.name == "DISPLAYMATRIX":
             try:
-                return Orientation.from_matrix(np.frombuffer(bytes(data), dtype=np.int32))
+                return _orientation(bytes(data))
             except ValueError as e:
                 raise VideoError(path, str(e)) from e
     return Orientation()
+
+
+@functools.lru_cache(maxsize=16)
+def _orientation(matrix: bytes) -> Orientation:
+    # Every frame of a stream carries the same matrix: read it once (native-endian int32, as FFmpeg keeps it).
+    return Orientation.from_matrix(np.frombuffer(matrix, dtype=np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
