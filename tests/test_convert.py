@@ -23,7 +23,8 @@ from tfrecords_tools import schema
 from tfrecords_tools.convert import WORK_DIR, ConvertConfig, ConvertError, convert
 from tfrecords_tools.shards import SHARD_RE
 from tfrecords_tools.spec import PatchSpec
-from videos import CLASSES, PER_CLASS, cut, decode_all, pattern_frames, write_audio_only, write_video
+from videos import (CLASSES, DISPLAY_TURNS, PER_CLASS, checkerboard, cut, decode_all, pattern_frames,
+                    set_display_matrix, write_audio_only, write_size_changing_ts, write_video)
 
 SPEC = PatchSpec(4, 32, 32)
 PATCHES_PER_CLIP = 6 * 2 * 2  # 24 frames of 64x64 in 4x32x32 patches
@@ -472,3 +473,44 @@ def test_wrong_timestamps_are_reread_by_index_without_duplicate_records(tmp_path
     assert [p[schema.OFFSET][0] for p in parsed] == [4 * k for k in range(67)]
     decoded, _ = decode_all(str(src / "m.avi"), size=(24, 32))
     np.testing.assert_array_equal(np.concatenate([p[schema.PATCH] for p in parsed]), decoded[:268])
+
+
+def test_turned_and_size_changing_videos_convert_as_shown_and_the_manifest_says_so(tmp_path, lossless_odd, cli):
+    """A portrait phone clip (coded 45x71, display matrix 90 degrees clockwise) gives the patches of its
+    frames turned upright; a `.ts` whose frames go from 48x64 to 48x32 keeps 48x64 without a stretch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(lossless_odd.path, src / "plain.mp4")
+    shutil.copy(lossless_odd.path, src / "phone.mp4")
+    set_display_matrix(str(src / "phone.mp4"), DISPLAY_TURNS["phone_portrait"][0])
+    write_size_changing_ts(str(src / "recording.ts"), [checkerboard(10, 48, 64, 8), checkerboard(10, 48, 32, 8)])
+    result = cli("convert", src, tmp_path / "out", "--patch", "1x16x16", "--pad", "edge", "--quiet")
+    assert result.exit_code == 0, result.output
+    m = mf.read_manifest(str(tmp_path / "out"))
+    videos = {v["id"]: v for v in m["videos"]}
+    assert [videos[k]["status"] for k in ("phone.mp4", "plain.mp4", "recording.ts")] == ["ok"] * 3
+    size_and_turn = {k: (v["height"], v["width"], v["rotation"]) for k, v in videos.items()}
+    assert size_and_turn == {"phone.mp4": (71, 45, 270), "plain.mp4": (45, 71, 0), "recording.ts": (48, 64, 0)}
+    assert "size_changes" not in videos["plain.mp4"] and "mirrored" not in videos["phone.mp4"]
+    assert videos["recording.ts"]["size_changes"] == 1
+    assert videos["recording.ts"]["size_change_list"] == [{"frame": 10, "from": [48, 64], "to": [48, 32],
+                                                           "fit": "cover"}]
+
+    def frames(video_id, shape):
+        out = np.zeros(shape, np.uint8)
+        for r in records_of(tmp_path / "out", m):
+            p = schema.parse_patch_numpy(r)
+            if p[schema.VIDEO_ID] == video_id:
+                t, y, x = p[schema.OFFSET]
+                vh, vw = list(p[schema.VALID])[1:]
+                out[t, y:y + vh, x:x + vw] = p[schema.PATCH][0, :vh, :vw]
+        return out
+
+    upright = DISPLAY_TURNS["phone_portrait"][1](lossless_odd.frames)  # 19 x 71 x 45
+    np.testing.assert_array_equal(frames("phone.mp4", upright.shape), upright)
+    np.testing.assert_array_equal(frames("plain.mp4", lossless_odd.frames.shape), lossless_odd.frames)
+    # The 48x32 board scaled x2 (squares of 16) and centre-cropped to rows 24..72: colour changes at rows
+    # 8, 24, 40 and columns 16, 32, 48. A stretch would change colour every 8 rows.
+    later = frames("recording.ts", (20, 48, 64, 3))[15, :, :, 0] > 128
+    assert list(np.flatnonzero(np.diff(later[:, 31].astype(int))) + 1) == [8, 24, 40]
+    assert list(np.flatnonzero(np.diff(later[23].astype(int))) + 1) == [16, 32, 48]

@@ -143,3 +143,21 @@ def test_keras_file_without_run_json_needs_labels(setup, tmp_path):
         stpkeras.load(str(lone))
     predictor = stpkeras.load(str(lone), labels=LABELS, spec=SPEC)
     assert predictor(np.zeros((1, *SPEC.shape), np.uint8))[ex.LOGITS].shape == (1, 4)
+
+
+def test_predict_sees_a_portrait_phone_clip_upright(setup, tmp_path):
+    """A clip coded landscape with a 90-degree display matrix is predicted as its upright copy is."""
+    from videos import DISPLAY_TURNS, decode_all, set_display_matrix, write_video
+
+    model, _, result, paths, _ = setup
+    coded, _ = decode_all(paths[0])  # 20 x 48 x 64
+    matrix, turn = DISPLAY_TURNS["phone_portrait"]
+    phone = set_display_matrix(write_video(str(tmp_path / "phone.mp4"), coded, lossless=True), matrix)
+    upright = write_video(str(tmp_path / "upright.mp4"), np.ascontiguousarray(turn(coded)), lossless=True)
+    sideways = write_video(str(tmp_path / "sideways.mp4"), coded, lossless=True)
+    predictor = stpkeras.load(result.path)
+    got = {name: pr.predict_video(predictor, path) for name, path in
+           (("phone", phone), ("upright", upright), ("sideways", sideways))}
+    np.testing.assert_allclose(got["phone"].mean_logits, got["upright"].mean_logits, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["phone"].mean_logits, expected_for(model, upright)[0], atol=1e-5, rtol=0)
+    assert np.abs(got["phone"].mean_logits - got["sideways"].mean_logits).max() > 1e-3

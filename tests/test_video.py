@@ -1,5 +1,6 @@
 """Decode stage: probing, timestamp resampling (also of a variable-frame-rate file), the index fallback
-for wrong timestamps, resizing, and patches that are bit-identical to frames PyAV decodes itself.
+for wrong timestamps, resizing, display matrices, frame size changes mid-stream, and patches that are
+bit-identical to frames PyAV decodes itself.
 """
 
 import fractions
@@ -11,7 +12,8 @@ import pytest
 from tfrecords_tools.patches import Patch
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import Plan, VideoError, probe, video_patches
-from videos import VFR_PTS_MS, cut, decode_all, pattern_frames, write_timed_video
+from videos import (DISPLAY_TURNS, VFR_PTS_MS, checkerboard, cut, decode_all, pattern_frames, set_display_matrix,
+                    write_size_changing_ts, write_timed_video, write_video)
 
 
 def read(path, spec, **kw):
@@ -274,3 +276,158 @@ def test_the_first_read_from_the_probes_container_gives_the_frames_of_a_fresh_op
     assert len(got) == len(want) == plan.frames > 0
     for (a, ta), (b, tb) in zip(got, want):
         assert ta == tb and np.array_equal(a, b)
+
+
+# --- display matrix (rotation, mirror) ------------------------------------------------------------
+
+
+@pytest.fixture()
+def turned(tmp_path, lossless_odd):
+    """`turned(name)` -> a copy of the lossless 45x71 clip whose display matrix is DISPLAY_TURNS[name]."""
+    import shutil
+
+    def make(name):
+        path = str(tmp_path / f"{name}.mp4")
+        shutil.copy(lossless_odd.path, path)
+        return set_display_matrix(path, DISPLAY_TURNS[name][0])
+
+    return make
+
+
+@pytest.mark.parametrize("name, rotation, mirrored", [("phone_portrait", 270, False), ("ccw_90", 90, False),
+                                                      ("upside_down", 180, False), ("mirrored", 0, True)])
+def test_a_display_matrix_turns_frames_the_way_a_player_shows_them(turned, lossless_odd, name, rotation, mirrored):
+    path = turned(name)
+    shown = DISPLAY_TURNS[name][1](lossless_odd.frames)
+    assert shown.shape[1:3] != (45, 71) or not np.array_equal(shown, lossless_odd.frames)
+    info = probe(path)
+    assert (info.height, info.width) == shown.shape[1:3]
+    assert (info.orientation.rotation, info.orientation.mirrored) == (rotation, mirrored)
+    report = {}
+    plans, patches = read(path, PatchSpec(1, *shown.shape[1:3]), report=report)
+    assert (plans[-1].height, plans[-1].width) == shown.shape[1:3]
+    np.testing.assert_array_equal(frames_of(patches)[0], shown)  # lossless: exactly the turned source
+    assert report == {"rotation": rotation, **({"mirrored": True} if mirrored else {})}
+
+
+@pytest.mark.parametrize("abcd", [(1, 0, 0, 1), (0, -1, 1, 0), (-1, 0, 0, -1), (0, 1, -1, 0),
+                                  (-1, 0, 0, 1), (0, 1, 1, 0), (1, 0, 0, -1), (0, -1, -1, 0)])
+def test_every_right_angle_matrix_turns_pixels_where_the_matrix_sends_them(abcd):
+    """FFmpeg's definition, pixel by pixel: coded (x, y) is shown at (a*x + c*y, b*x + d*y), shifted
+    to start at 0 (libavutil/display.h)."""
+    from tfrecords_tools.video import Orientation
+
+    a, b, c, d = abcd
+    coded = np.arange(3 * 5 * 2).reshape(3, 5, 2)
+    y, x = np.mgrid[0:3, 0:5]
+    sx, sy = a * x + c * y, b * x + d * y
+    shown = np.zeros((sy.max() - sy.min() + 1, sx.max() - sx.min() + 1, 2), coded.dtype)
+    shown[sy - sy.min(), sx - sx.min()] = coded
+    matrix = np.array([a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30], np.int32)
+    turn = Orientation.from_matrix(matrix)
+    np.testing.assert_array_equal(turn.apply(coded), shown)
+    assert turn.shown_size(3, 5) == shown.shape[:2]
+
+
+@pytest.mark.parametrize("degrees, hflip, vflip", [(90, False, False), (-90, False, False), (90, True, False),
+                                                   (0, False, True), (180, True, False)])
+def test_files_written_with_pyavs_display_rotation_read_back_as_pyav_documents(tmp_path, degrees, hflip, vflip):
+    """PyAV's `set_display_rotation(degrees, hflip, vflip)`: `degrees` counter-clockwise, then the mirrors."""
+    import av
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip(f"PyAV {av.__version__} cannot write a display matrix")
+    frames = pattern_frames(3, 16, 24, seed=5)
+    container = av.open(str(tmp_path / "r.mp4"), mode="w")
+    stream = container.add_stream("libx264rgb", rate=25)
+    stream.height, stream.width, stream.pix_fmt = 16, 24, "rgb24"
+    stream.options = {"qp": "0"}
+    stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+    for frame in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    want = np.rot90(frames, degrees // 90, axes=(1, 2))
+    want = want[:, :, ::-1] if hflip else want
+    want = want[:, ::-1] if vflip else want
+    plans, patches = read(str(tmp_path / "r.mp4"), PatchSpec(1, *want.shape[1:3]))
+    np.testing.assert_array_equal(frames_of(patches)[0], want)
+
+
+def test_short_side_and_patches_of_a_portrait_phone_clip_are_in_display_orientation(turned, lossless_odd):
+    """Coded 45x71 (landscape), shown 71x45: the short side is the width, and the resize happens before
+    the turn exactly as FFmpeg's scaler does it for the unturned clip."""
+    path = turned("phone_portrait")
+    plans, patches = read(path, PatchSpec(2, 16, 15, short_side=30))
+    assert (plans[-1].height, plans[-1].width) == (48, 30)
+    coded, _ = decode_all(lossless_odd.path, size=(30, 48))
+    want = DISPLAY_TURNS["phone_portrait"][1](coded)
+    got = np.zeros_like(want)
+    for p in patches:
+        t, y, x = p.offset
+        got[t:t + 2, y:y + 16, x:x + 15] = p.pixels
+    assert len(patches) == 9 * 3 * 2
+    np.testing.assert_array_equal(got[:18], want[:18])
+
+
+def test_a_display_matrix_that_is_not_a_right_angle_fails_the_video_with_the_reason(tmp_path, lossless_odd):
+    import shutil
+
+    path = str(tmp_path / "tilted.mp4")
+    shutil.copy(lossless_odd.path, path)
+    c = math.cos(math.radians(30))
+    set_display_matrix(path, (c, -0.5, 0.5, c))
+    for run in (lambda: probe(path), lambda: list(video_patches(path, PatchSpec(1, 8, 8)))):
+        with pytest.raises(VideoError, match=r"display matrix turns frames by 30\.0 degrees .*only multiples "
+                                             r"of 90 degrees") as e:
+            run()
+        assert e.value.path == path
+
+
+# --- frame size changes mid-stream ----------------------------------------------------------------
+
+
+def cells(frame):
+    """(rows, columns) of a checkerboard's squares in `frame`: the median run of equal pixels down the
+    middle column and along the middle row, without the runs cut by the frame's edges."""
+    def runs(line):
+        edges = np.flatnonzero(np.diff((line > 128).astype(np.int8))) + 1
+        return np.median(np.diff(edges))
+
+    bright = frame[..., 0].astype(np.int32)
+    return runs(bright[:, bright.shape[1] // 2 - 1]), runs(bright[bright.shape[0] // 2 - 1])
+
+
+@pytest.fixture(scope="module")
+def size_changing_ts(tmp_path_factory):
+    """10 frames of 48x64 then 10 of 48x32 (rows x columns), squares of 8 pixels in both: a broadcast
+    recording or a concatenation of two `.ts` files."""
+    path = str(tmp_path_factory.mktemp("ts") / "changes.ts")
+    return write_size_changing_ts(path, [checkerboard(10, 48, 64, 8), checkerboard(10, 48, 32, 8)])
+
+
+@pytest.mark.parametrize("kw, size, first, later, fit", [
+    # No resize: 48x64 is the output size. A 48x32 frame is scaled x2 to cover it (96x64) and
+    # centre-cropped to rows 24..72: squares stay square. A stretch would give 8x16.
+    (dict(), (48, 64), (8, 8), (16, 16), "cover"),
+    # Short side 24 from the first frames: 24x32. A 48x32 frame already covers it: cropped, not scaled.
+    (dict(short_side=24), (24, 32), (4, 4), (8, 8), "cover"),
+    # --resize HxW: every frame to HxW, whatever its aspect; the change is still recorded.
+    (dict(resize=(24, 48)), (24, 48), (4, 6), (4, 12), "resize"),
+])
+def test_a_frame_size_change_mid_stream_is_fitted_as_the_spec_says_and_reported(size_changing_ts, kw, size, first,
+                                                                                later, fit):
+    report = {}
+    plans, patches = read(size_changing_ts, PatchSpec(1, *size, **kw), report=report)
+    frames, _ = frames_of(patches)
+    assert frames.shape == (20,) + size + (3,)
+    assert [cells(f) for f in frames[:10]] == [first] * 10
+    assert [cells(f) for f in frames[10:]] == [later] * 10
+    assert report == {"rotation": 0, "size_changes": 1,
+                      "size_change_list": [{"frame": 10, "from": [48, 64], "to": [48, 32], "fit": fit}]}
+    if not kw:  # the covered frames are the 48x32 board scaled x2, rows 24..72: 14 grey levels off on
+        # average (edges blurred by scaling and H.264); rows 0..48 or a stretch are 127 and 165 off.
+        want = np.repeat(np.repeat(checkerboard(1, 48, 32, 8)[0], 2, axis=0), 2, axis=1)[24:72]
+        assert np.abs(frames[15].astype(int) - want).mean() < 32

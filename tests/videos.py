@@ -129,3 +129,69 @@ def cut(frames: np.ndarray, t: int, y: int, x: int, size: Tuple[int, int, int], 
         out[:vt, vh:, :] = out[:vt, vh - 1:vh, :]          # then the last row (corner included)
         out[vt:] = out[vt - 1:vt]                          # then the last frame
     return out
+
+
+# Display matrices as (a, b, c, d) of FFmpeg's layout (libavutil/display.h), in units of 1, and what a
+# player shows for each: a portrait phone clip (coded landscape, turned 90 degrees clockwise), the
+# other right angles, and a mirror.
+DISPLAY_TURNS = {
+    "phone_portrait": ((0, 1, -1, 0), lambda f: np.rot90(f, -1, axes=(-3, -2))),
+    "ccw_90": ((0, -1, 1, 0), lambda f: np.rot90(f, 1, axes=(-3, -2))),
+    "upside_down": ((-1, 0, 0, -1), lambda f: np.rot90(f, 2, axes=(-3, -2))),
+    "mirrored": ((-1, 0, 0, 1), lambda f: f[..., ::-1, :]),
+}
+
+
+def set_display_matrix(path: str, abcd: Tuple[float, float, float, float]) -> str:
+    """Writes a display matrix into the `tkhd` box of a one-track MP4, as a phone does for a portrait clip.
+
+    The box holds a, b, u, c, d, v, x, y, w as big-endian 32-bit numbers (16.16 fixed point, u, v, w
+    2.30); FFmpeg reads them as the stream's display matrix. Patched in the bytes so that any PyAV
+    version can make such a file.
+    """
+    import struct
+
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"tkhd")
+    assert at > 0 and data.find(b"tkhd", at + 4) < 0, f"{path}: expected one tkhd box"
+    offset = at + 4 + 4 + (32 if data[at + 4] == 1 else 20) + 8 + 8  # version/flags, times, reserved, layer..volume
+    identity = struct.pack(">9i", 1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)
+    assert bytes(data[offset:offset + 36]) == identity, f"{path}: tkhd matrix not found where expected"
+    a, b, c, d = (int(round(v * (1 << 16))) for v in abcd)
+    data[offset:offset + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path
+
+
+def write_size_changing_ts(path: str, segments: Sequence[np.ndarray], fps: int = 25) -> str:
+    """Concatenated MPEG-TS segments, each `uint8 [T, H, W, 3]` encoded on its own (lossy H.264), as a
+    broadcast recording or `cat a.ts b.ts` gives: the frame size changes where a segment starts."""
+    import io
+
+    data = b""
+    for frames in segments:
+        buffer = io.BytesIO()
+        container = av.open(buffer, mode="w", format="mpegts")
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.thread_count = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+        data += buffer.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def checkerboard(count: int, height: int, width: int, cell: int) -> np.ndarray:
+    """`uint8 [count, height, width, 3]` black and white squares of `cell` pixels: a stretch makes them oblong."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    board = (((yy // cell) + (xx // cell)) % 2 * 255).astype(np.uint8)
+    return np.repeat(np.repeat(board[None, :, :, None], 3, axis=3), count, axis=0)

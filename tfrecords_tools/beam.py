@@ -74,7 +74,7 @@ class ConvertVideo(beam.DoFn):
         plan: Optional[Plan] = None
         reads = 0
         try:
-            for event in video_records(item, self.label_index.get(item.label, UNLABELLED), self.cfg):
+            for event in video_records(item, self.label_index.get(item.label, UNLABELLED), self.cfg, stats=result):
                 if isinstance(event, Plan):
                     plan, reads, records = event, reads + 1, []
                     continue

@@ -137,7 +137,8 @@ def video_records(item: Item, label_index: int, cfg: ConvertConfig,
     Raises `VideoError` (or anything else a broken file provokes); the callers
     turn that into the video's result. A video with a `mask` or `intervals`
     gets those targets in its records (`tfrecords_tools.targets`); `stats`
-    receives `mask_max`, the largest class id of its masks. A video with a
+    receives `mask_max`, the largest class id of its masks, and the read's
+    orientation and size changes (`FrameStream.report`). A video with a
     `target` (its clean original) gets the target's aligned patch in each record
     (`tfrecords_tools.pairs`).
     """
@@ -145,7 +146,8 @@ def video_records(item: Item, label_index: int, cfg: ConvertConfig,
     targets: Optional[Targets] = None
     clean: Optional[Iterator] = None
     segmented = bool(item.mask or item.intervals)
-    for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads):
+    for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads,
+                               report=stats):
         if isinstance(event, Plan):
             plan = event
             if segmented:
@@ -496,7 +498,7 @@ def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[s
     for item in items:  # items are sorted by (split, id): the shard order
         r = results[item.key]
         entry = {k: r[k] for k in ("id", "split", "label", "status", "reason", "patches") if k in r}
-        for k in ("frames", "height", "width", "timing"):
+        for k in ("frames", "height", "width", "timing", "rotation", "mirrored", "size_changes", "size_change_list"):
             if k in r:
                 entry[k] = r[k]
         videos.append(entry)

@@ -12,7 +12,10 @@ Layout (every reader relies on it; `validate` enforces it):
                                        "records": n, "bytes": b, "sha256": "..."}]}},
       "videos": [{"id": "class_a/x.mp4", "split": "train", "label": "class_a",
                   "status": "ok|failed|skipped", "reason": "", "patches": n,
-                  "frames": n, "height": h, "width": w, "source": {...}}],
+                  "frames": n, "height": h, "width": w, "source": {...},
+                  "rotation": 0, "mirrored": true,       # display matrix applied; mirrored only when true
+                  "size_changes": n, "size_change_list": [{"frame": i, "from": [h, w], "to": [h, w],
+                                                            "fit": "resize|scale|cover"}]}],  # when any
       "counts": {"videos": V, "ok": n, "failed": n, "skipped": n, "patches": N},
       "command": "stp convert ...", "versions": {...}, "created": "...", "seconds": s
     }

@@ -7,6 +7,16 @@ that jump back and forth while the decoded order is right), and re-sorting or
 resampling by them scrambles the video. Such files fall back to
 `index / declared rate`, and `FrameStream.timing` says which was used.
 
+Frames come out the way a player shows them: a display matrix (the rotation
+a phone writes into a portrait clip, with or without a mirror) is applied to
+every frame, and sizes (`VideoInfo`, `Plan`, `--short-side`, `--max-pixels`)
+are in that display orientation. A matrix that is not a multiple of 90
+degrees fails the video. A stream whose frame size changes part-way (a
+concatenated or broadcast `.ts`) keeps the output size set by its first
+frames: a later frame is resized to `--resize HxW` like every frame, or
+otherwise scaled to cover the output size and centre-cropped, never
+stretched; `FrameStream.report()` lists the changes.
+
 Guards raise `VideoError`, which names the file and the reason.
 """
 
@@ -16,7 +26,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -27,6 +37,8 @@ from tfrecords_tools.spec import PatchSpec
 # is decoded: a decompression-bomb guard.
 DEFAULT_MAX_PIXELS = 7680 * 4320
 _EPS = 1e-6
+# Size changes a read lists one by one (a stream could change size every frame); the rest are counted.
+MAX_SIZE_CHANGES = 20
 # An output time that would show the last frame for less than this fraction of
 # a frame period is not a frame: it absorbs rounding in time bases such as 66667/1e6 s.
 _TAIL = 0.01
@@ -41,9 +53,91 @@ class VideoError(Exception):
         self.reason = reason
 
 
+# A display matrix's 2x2 part maps a coded pixel (x, y) to the shown one: x' = a*x + c*y,
+# y' = b*x + d*y (FFmpeg's libavutil/display.h; y points down). Each right-angle matrix,
+# written (a, b, c, d) in units of 1, is one of these (rotation counter-clockwise, mirrored
+# left-right before rotating). The same turns as `ffmpeg`'s autorotate and players.
+_RIGHT_ANGLES = {
+    (1, 0, 0, 1): (0, False), (0, -1, 1, 0): (90, False), (-1, 0, 0, -1): (180, False), (0, 1, -1, 0): (270, False),
+    (-1, 0, 0, 1): (0, True), (0, 1, 1, 0): (90, True), (1, 0, 0, -1): (180, True), (0, -1, -1, 0): (270, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Orientation:
+    """How a decoded frame is turned to be shown: mirrored left-right when `mirrored`, then rotated
+    `rotation` degrees counter-clockwise (0, 90, 180 or 270)."""
+
+    rotation: int = 0
+    mirrored: bool = False
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray) -> "Orientation":
+        """From FFmpeg's display matrix (`int32 [9]`, 16.16 fixed point); `ValueError` for another angle."""
+        a, b, _, c, d = (float(v) / 65536.0 for v in matrix[:5])
+        scale = max(abs(a), abs(b), abs(c), abs(d))
+        if scale == 0:  # a degenerate matrix (a broken header): players ignore it
+            return cls()
+        unit = tuple(int(round(v / scale)) for v in (a, b, c, d))
+        if unit in _RIGHT_ANGLES and all(abs(v / scale - u) < 0.01 for v, u in zip((a, b, c, d), unit)):
+            rotation, mirrored = _RIGHT_ANGLES[unit]
+            return cls(rotation, mirrored)
+        angle = -math.degrees(math.atan2(b, a))  # as av_display_rotation_get reports it
+        raise ValueError(f"its display matrix turns frames by {angle:.1f} degrees (matrix "
+                         f"{[int(v) for v in matrix]}); only multiples of 90 degrees, mirrored or not, are supported")
+
+    @property
+    def transposed(self) -> bool:
+        """True when rows become columns (90 or 270 degrees)."""
+        return self.rotation in (90, 270)
+
+    def shown_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The (H, W) a coded frame of `height x width` is shown at."""
+        return (width, height) if self.transposed else (height, width)
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        """Turns a coded `[H, W, C]` frame into the shown one (a contiguous copy unless nothing turns)."""
+        if self == Orientation():
+            return frame
+        if self.mirrored:
+            frame = frame[:, ::-1]
+        return np.ascontiguousarray(np.rot90(frame, self.rotation // 90))
+
+    def to_dict(self) -> dict:
+        """What the manifest records: `rotation`, and `mirrored` only when true."""
+        return {"rotation": self.rotation, **({"mirrored": True} if self.mirrored else {})}
+
+
+def orientation_of(frame, path: str) -> Orientation:
+    """The `Orientation` of a decoded PyAV frame, from its `DISPLAYMATRIX` side data.
+
+    FFmpeg's decoder attaches the stream's display matrix (an MP4/MOV `tkhd`
+    matrix, an H.264/HEVC display-orientation SEI) to every frame. PyAV's
+    `frame.rotation` keeps only the angle (a mirror reads as -180), so the
+    matrix is read whole.
+    """
+    for data in frame.side_data:
+        if data.type.name == "DISPLAYMATRIX":
+            try:
+                return _orientation(bytes(data))
+            except ValueError as e:
+                raise VideoError(path, str(e)) from e
+    return Orientation()
+
+
+@functools.lru_cache(maxsize=16)
+def _orientation(matrix: bytes) -> Orientation:
+    # Every frame of a stream carries the same matrix: read it once (native-endian int32, as FFmpeg keeps it).
+    return Orientation.from_matrix(np.frombuffer(matrix, dtype=np.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-    """What a demux-only pass (no decoding) tells about a video stream."""
+    """What a probe tells about a video stream: its packets (demuxed, not decoded) and its first frame.
+
+    `width` and `height` are as shown (after `orientation`): a portrait phone
+    clip coded 1920x1080 with a 90 degree display matrix is 1920 rows high.
+    """
 
     path: str
     codec: str
@@ -53,6 +147,7 @@ class VideoInfo:
     packets: int         # coded frames (packets holding data)
     start: float         # seconds of the earliest frame
     end: float           # seconds at which the last frame stops showing
+    orientation: Orientation = Orientation()  # how frames are turned to be shown (first frame's display matrix)
 
     @property
     def duration(self) -> float:
@@ -99,7 +194,8 @@ def _rate(stream) -> float:
 
 
 def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
-    """Reads a video's stream header and packets (no decoding): size, rate, coded frames, time span."""
+    """Reads a video's stream header and packets, and decodes its first frame for the display matrix:
+    size as shown, rate, coded frames, time span, orientation."""
     return _probe(path, max_pixels, keep_open=False)[0]
 
 
@@ -112,9 +208,10 @@ class _Rewound:
     opens the file afresh.
     """
 
-    def __init__(self, container, first: Tuple):
+    def __init__(self, container, first: Tuple, threads: int):
         self.container = container
         self.first = first
+        self.threads = threads  # its decoder is set up (and may be open) for this many threads
 
     def close(self):
         self.container.close()
@@ -124,13 +221,14 @@ def _packet_id(packet) -> Tuple:
     return packet.pts, packet.dts, packet.pos, packet.size
 
 
-def _probe(path: str, max_pixels: int, keep_open: bool) -> Tuple[VideoInfo, Optional[_Rewound]]:
+def _probe(path: str, max_pixels: int, keep_open: bool, threads: int = 1) -> Tuple[VideoInfo, Optional[_Rewound]]:
     import av
 
     container = _open(path)
     kept = None
     try:
-        stream = container.streams.video[0]
+        # Configured as the read will be: the first read decodes with this container's decoder.
+        stream = _configure_decoder(container, threads)
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(path, f"the video stream declares no frame size ({width}x{height})")
@@ -140,12 +238,17 @@ def _probe(path: str, max_pixels: int, keep_open: bool) -> Tuple[VideoInfo, Opti
         rate = _rate(stream)
         tb = float(stream.time_base) if stream.time_base else 1.0 / rate
         packets, start, end, first = 0, math.inf, -math.inf, None
+        # The display matrix reaches Python only on decoded frames (PyAV has no stream side data),
+        # so the first packets are decoded until a frame comes out; the seek below resets the decoder.
+        orientation: Optional[Orientation] = None
         try:
             for packet in container.demux(stream):
                 if first is None:
                     first = _packet_id(packet)
                 if packet.size == 0:
                     continue
+                if orientation is None:
+                    orientation = _first_orientation(path, stream, packet)
                 packets += 1
                 if packet.pts is not None:
                     t = packet.pts * tb
@@ -163,17 +266,43 @@ def _probe(path: str, max_pixels: int, keep_open: bool) -> Tuple[VideoInfo, Opti
         if declared and (end - start) < 0.9 * declared - 2.0 / rate:
             raise VideoError(path, f"truncated: its frames end at {end - start:.2f}s but the file declares "
                                    f"{declared:.2f}s ({packets} frames read)")
-        info = VideoInfo(path, stream.codec_context.name, width, height, rate, packets, start, end)
+        if orientation is None:  # no frame yet: the decoder holds it until told that the packets ended
+            orientation = _first_orientation(path, stream, None) or Orientation()
+        height, width = orientation.shown_size(height, width)
+        info = VideoInfo(path, stream.codec_context.name, width, height, rate, packets, start, end, orientation)
         if keep_open and first is not None and first[1] is not None:
             try:  # back to the first packet (its decode timestamp), as a fresh open would start
                 container.seek(first[1], stream=stream, backward=True)
-                kept = _Rewound(container, first)
+                kept = _Rewound(container, first, threads)
             except av.error.FFmpegError:
                 pass
         return info, kept
     finally:
         if kept is None:
             container.close()
+
+
+def _first_orientation(path: str, stream, packet) -> Optional[Orientation]:
+    """The orientation of the first frame that decoding `packet` (None: end of packets) gives; None when
+    none comes out yet. A decoding error gives the default: the read reports it where it happens."""
+    import av
+
+    try:
+        frames = stream.decode(packet)
+    except av.error.FFmpegError:
+        return Orientation()
+    return orientation_of(frames[0], path) if frames else None
+
+
+def _configure_decoder(container, threads: int):
+    """The container's video stream, its decoder set to `threads` (before it opens)."""
+    stream = container.streams.video[0]
+    if threads > 1:
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads
+    else:
+        stream.thread_count = 1
+    return stream
 
 
 def _declared_duration(container, stream) -> Optional[float]:
@@ -233,9 +362,13 @@ def _scaler_threads(threads: int) -> dict:
 class FrameStream:
     """Iterates `(uint8 [H, W, 3] RGB frame, seconds)` for a video under a plan.
 
-    Holds one decoded frame at a time (two when resampling). Raises `Replan`
-    when decoding shows that timestamps are unusable or that the frame count
-    differs from the plan, and `VideoError` when FFmpeg fails.
+    Holds one decoded frame at a time (two when resampling). Frames are turned
+    as each one's display matrix says. A frame shown at another size than the
+    probe's first frame is fitted to the plan's size (`--resize`: resized like
+    every frame; otherwise scaled to cover it and centre-cropped) and noted in
+    `size_changes`. Raises `Replan` when decoding shows that timestamps are
+    unusable or that the frame count differs from the plan, and `VideoError`
+    when FFmpeg fails or a display matrix is not a right angle.
     """
 
     def __init__(self, info: VideoInfo, spec: PatchSpec, plan: Plan, threads: int = 1,
@@ -248,8 +381,37 @@ class FrameStream:
         self.interpolation = interpolation
         self.decoded = 0
         self._scaler = None
+        self._shown = (info.height, info.width)  # the size the frames are shown at so far
+        self.size_changes: List[dict] = []  # the first MAX_SIZE_CHANGES of them
+        self.size_change_count = 0
 
-    def _to_rgb(self, frame) -> np.ndarray:
+    def _fit(self, shown: Tuple[int, int]) -> Tuple[str, int, int]:
+        """(how, H, W): a frame shown at `shown` is scaled to H x W, then centre-cropped to the plan's size."""
+        height, width = self.plan.height, self.plan.width
+        if self.spec.resize is not None:
+            return "resize", height, width
+        scale = max(height / shown[0], width / shown[1])
+        cover = (max(height, int(round(shown[0] * scale))), max(width, int(round(shown[1] * scale))))
+        return ("scale" if cover == (height, width) else "cover"), cover[0], cover[1]
+
+    def _note_size(self, shown: Tuple[int, int]) -> None:
+        if shown == self._shown:
+            return
+        if len(self.size_changes) < MAX_SIZE_CHANGES:
+            self.size_changes.append({"frame": self.decoded - 1, "from": list(self._shown), "to": list(shown),
+                                      "fit": self._fit(shown)[0]})
+        self.size_change_count += 1
+        self._shown = shown
+
+    def report(self) -> dict:
+        """What the manifest records about the read: the orientation and any frame size changes."""
+        out = self.info.orientation.to_dict()
+        if self.size_change_count:
+            out["size_changes"] = self.size_change_count
+            out["size_change_list"] = list(self.size_changes)
+        return out
+
+    def _to_rgb(self, frame, turn: Orientation) -> np.ndarray:
         # One scaler for the whole stream, as single-threaded as the decoder. `frame.to_ndarray(width=...)`
         # makes a scaler per frame, so swscale is set up again for every frame and (PyAV >= 17,
         # threads=0) starts a thread pool per frame: 1.4x to 4x slower on the sample videos, and
@@ -258,9 +420,21 @@ class FrameStream:
             from av.video.reformatter import VideoReformatter
 
             self._scaler = VideoReformatter()
-        size = {} if (frame.width, frame.height) == (self.plan.width, self.plan.height) else {
-            "width": self.plan.width, "height": self.plan.height, "interpolation": self.interpolation}
-        return self._scaler.reformat(frame, format="rgb24", **size, **_scaler_threads(self.threads)).to_ndarray()
+        shown = turn.shown_size(frame.height, frame.width)
+        if shown == (self.info.height, self.info.width):  # every frame of an ordinary video
+            crop, (height, width) = None, (self.plan.height, self.plan.width)
+        else:
+            _, height, width = self._fit(shown)
+            crop = (height - self.plan.height) // 2, (width - self.plan.width) // 2
+        coded = (width, height) if turn.transposed else (height, width)  # the scaler works before turning
+        size = {} if (frame.height, frame.width) == coded else {
+            "width": coded[1], "height": coded[0], "interpolation": self.interpolation}
+        rgb = turn.apply(self._scaler.reformat(frame, format="rgb24", **size,
+                                               **_scaler_threads(self.threads)).to_ndarray())
+        if crop is not None and rgb.shape[:2] != (self.plan.height, self.plan.width):
+            top, left = crop
+            rgb = np.ascontiguousarray(rgb[top:top + self.plan.height, left:left + self.plan.width])
+        return rgb
 
     def _open(self):
         """(container, its video packets from the first on): the probe's container when it rewound right."""
@@ -271,28 +445,20 @@ class FrameStream:
             import av
 
             try:
-                stream = self._configure(rewound.container)
-                packets = rewound.container.demux(stream)
-                first = next(packets, None)
-                if first is not None and _packet_id(first) == rewound.first:
-                    return rewound.container, itertools.chain([first], packets)
+                if rewound.threads == self.threads:
+                    packets = rewound.container.demux(rewound.container.streams.video[0])
+                    first = next(packets, None)
+                    if first is not None and _packet_id(first) == rewound.first:
+                        return rewound.container, itertools.chain([first], packets)
             except av.error.FFmpegError:
                 pass
             rewound.close()
         container = _open(self.info.path)
-        return container, container.demux(self._configure(container))
+        return container, container.demux(_configure_decoder(container, self.threads))
 
-    def _configure(self, container):
-        stream = container.streams.video[0]
-        if self.threads > 1:
-            stream.thread_type = "AUTO"
-            stream.thread_count = self.threads
-        else:
-            stream.thread_count = 1
-        return stream
-
-    def _decoded(self) -> Iterator[Tuple[object, float, float]]:
-        """Yields (frame, seconds, duration) in decoder order; checks timestamps on the way."""
+    def _decoded(self) -> Iterator[Tuple[object, Orientation, float, float]]:
+        """Yields (frame, orientation, seconds, duration) in decoder order; checks timestamps and notes
+        size changes on the way."""
         import av
 
         container, packets = self._open()
@@ -303,8 +469,10 @@ class FrameStream:
                 for frame in (f for packet in packets for f in packet.decode()):
                     i = self.decoded
                     self.decoded += 1
+                    turn = orientation_of(frame, self.info.path)
+                    self._note_size(turn.shown_size(frame.height, frame.width))
                     if self.plan.timing == "index":
-                        yield frame, i / rate, 1.0 / rate
+                        yield frame, turn, i / rate, 1.0 / rate
                         continue
                     t = frame.time
                     if t is None or t <= last + _EPS:
@@ -314,7 +482,7 @@ class FrameStream:
                     last = t
                     duration = (frame.duration * float(frame.time_base)
                                 if getattr(frame, "duration", None) and frame.time_base else 1.0 / rate)
-                    yield frame, t, duration
+                    yield frame, turn, t, duration
             except av.error.FFmpegError as e:
                 raise VideoError(self.info.path, f"FFmpeg failed decoding frame {self.decoded}: {e}") from e
         finally:
@@ -326,13 +494,13 @@ class FrameStream:
         emitted = 0
         if not fps:
             first = last = None
-            for frame, t, duration in self._decoded():
+            for frame, turn, t, duration in self._decoded():
                 if emitted >= plan.frames:
                     emitted += 1  # counted, not converted: the plan is wrong and will be redone
                     continue
                 first = t if first is None else first
                 last = t + duration
-                yield self._to_rgb(frame), t
+                yield self._to_rgb(frame, turn), t
                 emitted += 1
             if emitted != plan.frames:
                 raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded),
@@ -343,26 +511,26 @@ class FrameStream:
         # n * 66667 us, a little after n / 15 s, and an exact comparison would show frame n - 1 there.
         step = 1.0 / fps
         start = None
-        shown = None  # (frame, rgb or None)
+        shown = None  # (frame, orientation, rgb or None)
         end = None
-        for frame, t, duration in self._decoded():
+        for frame, turn, t, duration in self._decoded():
             if start is None:
                 start = t
             while shown is not None and start + emitted * step < t - _TAIL * step:
                 if emitted < plan.frames:
-                    if shown[1] is None:
-                        shown = (shown[0], self._to_rgb(shown[0]))
-                    yield shown[1], start + emitted * step
+                    if shown[2] is None:
+                        shown = (shown[0], shown[1], self._to_rgb(shown[0], shown[1]))
+                    yield shown[2], start + emitted * step
                 emitted += 1
-            shown = (frame, None)
+            shown = (frame, turn, None)
             end = t + duration
         if shown is None:
             raise VideoError(self.info.path, "the decoder returned no frames")
         while start + emitted * step < end - _TAIL * step:
             if emitted < plan.frames:
-                if shown[1] is None:
-                    shown = (shown[0], self._to_rgb(shown[0]))
-                yield shown[1], start + emitted * step
+                if shown[2] is None:
+                    shown = (shown[0], shown[1], self._to_rgb(shown[0], shown[1]))
+                yield shown[2], start + emitted * step
             emitted += 1
         if emitted != plan.frames:
             raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded, start=start, end=end),
@@ -370,16 +538,19 @@ class FrameStream:
 
 
 def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  threads: int = 1, interpolation: str = "AREA") -> Iterator[Union[Plan, Patch]]:
+                  threads: int = 1, interpolation: str = "AREA",
+                  report: Optional[dict] = None) -> Iterator[Union[Plan, Patch]]:
     """Streams the patches of one video: the single place where decoding meets cutting.
 
     Yields a `Plan` at the start of every read, then that read's `Patch`es in
     grid order (t, then y, then x). A second `Plan` means the first read was
     wrong (timestamps or frame count): the consumer drops what it received
     since the previous `Plan`. Converter, predictor and enhancer all use this,
-    so they cut the same patches from the same video.
+    so they cut the same patches from the same video. `report`, when given,
+    receives `FrameStream.report()` of the read that finished (orientation and
+    size changes: what the manifest records).
     """
-    info, rewound = _probe(path, max_pixels, keep_open=True)
+    info, rewound = _probe(path, max_pixels, keep_open=True, threads=threads)
     try:
         plan = make_plan(info, spec)
         for _ in range(3):
@@ -388,8 +559,11 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
             cutter = PatchCutter(spec, grid)
             try:
                 # The first read decodes from the probe's container; a second one opens the file again.
-                for frame, t in FrameStream(info, spec, plan, threads, interpolation, rewound=rewound):
+                frames = FrameStream(info, spec, plan, threads, interpolation, rewound=rewound)
+                for frame, t in frames:
                     yield from cutter.add(frame, t)
+                if report is not None:
+                    report.update(frames.report())
                 yield from cutter.finish()
                 return
             except Replan as r:
