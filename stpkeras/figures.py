@@ -11,6 +11,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tfrecords_tools import outputs
+
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
@@ -81,7 +83,8 @@ def draw_curves(history: Dict[str, List[float]], path: str) -> str:
         if f"val_{name}" in history:
             series[f"val_{name}"] = history[f"val_{name}"]
         _panel(draw, (i * 460 + 70, 40, i * 460 + 440, height - 40), f"{name} per epoch", series, epochs)
-    image.save(path)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        image.save(tmp)
     return path
 
 
@@ -109,5 +112,6 @@ def draw_confusion(matrix: np.ndarray, labels: Sequence[str], path: str, title: 
                       fill="white" if share[i, j] > 0.6 else "black", font=font)
     for j in range(n):
         draw.text((margin + j * cell + 2, top - 14), str(labels[j])[:cell // 7], fill="black", font=font)
-    image.save(path)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        image.save(tmp)
     return path
