@@ -4,8 +4,11 @@ and prints a short summary. TensorFlow loads inside the commands, so `stp --help
 Exit codes (documented in the README):
   0  everything succeeded
   1  the command ran but some inputs failed (e.g. videos that could not be converted; see the manifest)
-  2  bad usage or bad input to the command itself (click's convention)
+  2  bad usage or bad input to the command itself (click's convention), including an output path that
+     is one of the command's inputs (same path, symbolic or hard link): refused before any work
   3  verification found corrupt or inconsistent data
+  4  busy: another process is writing the folder (or reading it, for a command that writes it);
+     nothing was done, the other process is named. Run again when it has ended.
 """
 
 from __future__ import annotations
@@ -16,15 +19,29 @@ import sys
 import click
 
 from stpkeras import __version__
+from tfrecords_tools.outputs import OutputBusyError, OutputError
 from tfrecords_tools.spec import parse_pair, parse_triple
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
+EXIT_BUSY = 4
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Every command's refused output (`tfrecords_tools.outputs`) becomes one line and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OutputError as e:
+            error = click.ClickException(str(e))
+            error.exit_code = EXIT_BUSY if isinstance(e, OutputBusyError) else EXIT_USAGE
+            raise error from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="stp")
 def main():
     """stpkeras: videos -> spacetime patches (TFRecords) -> Keras Conv3D models -> TF Serving."""

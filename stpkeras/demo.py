@@ -15,6 +15,8 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
+from tfrecords_tools import outputs
+
 DIRECTIONS: Dict[str, Tuple[int, int]] = {"down": (1, 0), "left": (0, -1), "right": (0, 1), "up": (-1, 0)}
 
 
@@ -74,8 +76,14 @@ def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, pi
 
     make videos -> convert (train/val by a hash of the path) -> train stcnn -> evaluate on val
     -> export a SavedModel -> predict held-out videos with it. A few minutes on 2 CPU cores.
-    Returns the exit code: 0 when every step worked and the model beat chance.
+    Returns the exit code: 0 when every step worked and the model beat chance. OUT is held for
+    writing (`outputs.writing`): a second demo into the same OUT is refused.
     """
+    with outputs.writing(out):
+        return _run_demo(out, per_class=per_class, epochs=epochs, workers=workers, pixels=pixels, echo=echo)
+
+
+def _run_demo(out: str, *, per_class: int, epochs, workers: int, pixels: str, echo) -> int:
     import time
 
     from tfrecords_tools.convert import ConvertConfig, convert
@@ -88,7 +96,16 @@ def run_demo(out: str, *, per_class: int = 24, epochs=None, workers: int = 2, pi
 
     t = time.perf_counter()
     if not os.path.isdir(videos):
-        make_videos(videos, per_class=per_class)
+        # Made in a hidden folder and renamed: a killed demo leaves no half-made videos/ to reuse.
+        import shutil
+        import tempfile
+
+        staging = tempfile.mkdtemp(prefix=".videos-", dir=out)
+        try:
+            make_videos(staging, per_class=per_class)
+            os.rename(staging, videos)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     n = sum(1 for _, _, files in os.walk(videos) for f in files if f.endswith(".mp4"))
     echo(f"[1/6] videos: {n} H.264 videos of textures moving {', '.join(DIRECTIONS)} in {videos}/ "
          f"({time.perf_counter() - t:.1f}s)")

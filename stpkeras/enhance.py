@@ -18,6 +18,7 @@ so measurements are not blurred by the output codec.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from tfrecords_tools import outputs
 from tfrecords_tools.patches import PatchAssembler, overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
@@ -207,6 +209,8 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
     `overlap` (T, H, W) defaults to `default_overlap`. `side_by_side` writes a
     second video, input | output (| reference); `frame_png` a PNG of frame
     `frame_index` (default: the middle one) as input | output (| reference).
+    Every output is written under a temporary name and renamed when the whole video is done; an
+    output that is one of the inputs raises `outputs.OutputIsInputError` before any work.
     """
     from stpkeras.predict import _prefetch
     from tfrecords_tools.patches import Patch
@@ -215,6 +219,8 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
                          f"Received batch_size={batch_size!r}")
+    for written in (out, side_by_side, frame_png):
+        outputs.check_not_input(written, [path, reference])
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     overlap = tuple(overlap) if overlap is not None else default_overlap(enhancer.spec)
     spec = overlap_spec(enhancer.spec, overlap)
@@ -235,8 +241,8 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
         close()
         state.update(plan=plan, out_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
                      in_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
-                     writer=_open_writer(out, info.rate, crf, lossless, plan.height, plan.width),
-                     side=(_open_writer(side_by_side, info.rate, crf, lossless, plan.height,
+                     writer=_open_writer(staged[out], info.rate, crf, lossless, plan.height, plan.width),
+                     side=(_open_writer(staged[side_by_side], info.rate, crf, lossless, plan.height,
                                         plan.width * (3 if reference else 2)) if side_by_side else None),
                      ref=_reference_frames(reference, spec, max_pixels) if reference else None,
                      scores=[], pending_in={}, patches=0,
@@ -260,7 +266,7 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
             if state["side"] is not None:
                 state["side"].write(np.ascontiguousarray(np.concatenate(row, axis=1)))
             if frame_png and t == state["png_at"]:
-                _write_png(frame_png, row)
+                _write_png(staged[frame_png], row)
 
     def run_batch(batch):
         t = time.perf_counter()
@@ -274,23 +280,26 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
 
     stop = threading.Event()
     batch = []
-    try:
-        for event in _prefetch(video_patches(path, spec, max_pixels=max_pixels), stop):
-            if isinstance(event, Plan):
-                batch = []
-                start(event)
-                continue
-            batch.append(event)
-            if len(batch) == batch_size:
+    with contextlib.ExitStack() as stack:
+        # Renamed into place when the block ends without error, after the writers are closed.
+        staged = {p: stack.enter_context(outputs.atomic_file(p)) for p in (out, side_by_side, frame_png) if p}
+        try:
+            for event in _prefetch(video_patches(path, spec, max_pixels=max_pixels), stop):
+                if isinstance(event, Plan):
+                    batch = []
+                    start(event)
+                    continue
+                batch.append(event)
+                if len(batch) == batch_size:
+                    run_batch(batch)
+                    batch = []
+            if batch:
                 run_batch(batch)
-                batch = []
-        if batch:
-            run_batch(batch)
-        consume(list(state["in_frames"].finish()), list(state["out_frames"].finish()))
-        if state["ref"] is not None and next(state["ref"], None) is not None:
-            raise EnhanceError(f"{reference}: has more frames than {path} ({state['plan'].frames})")
-    finally:
-        close()
+            consume(list(state["in_frames"].finish()), list(state["out_frames"].finish()))
+            if state["ref"] is not None and next(state["ref"], None) is not None:
+                raise EnhanceError(f"{reference}: has more frames than {path} ({state['plan'].frames})")
+        finally:
+            close()
     plan = state["plan"]
     result.frames, result.height, result.width, result.patches = plan.frames, plan.height, plan.width, state["patches"]
     if state["scores"]:

@@ -15,6 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tfrecords_tools import outputs
+
 EVAL_JSON = "eval-{split}.json"
 CONFUSION_PNG = "confusion-{split}-{level}.png"
 
@@ -127,7 +129,16 @@ def predict(model, dataset) -> Dict[str, np.ndarray]:
 
 
 def evaluate(config: EvalConfig) -> dict:
-    """Evaluates `config.model` on a split of `config.data`; writes eval-SPLIT.json and confusion PNGs."""
+    """Evaluates `config.model` on a split of `config.data`; writes eval-SPLIT.json and confusion PNGs.
+
+    Holds `config.data` for reading (`outputs.reading`): a folder being written raises `OutputBusyError`.
+    Every file is written under a temporary name and renamed when complete.
+    """
+    with outputs.reading(config.data):
+        return _evaluate(config)
+
+
+def _evaluate(config: EvalConfig) -> dict:
     from stpkeras import pipeline
     from stpkeras.figures import draw_confusion
     from stpkeras.train import load_run
@@ -176,9 +187,7 @@ def evaluate(config: EvalConfig) -> dict:
         draw_confusion(np.array(result[level]["confusion"]), labels, path, title=f"{split}, {level} level")
         result[level]["confusion_png"] = path
     result["json"] = os.path.join(out_dir, EVAL_JSON.format(split=split))
-    with open(result["json"], "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    outputs.write_text(result["json"], json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -266,7 +275,5 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
                              else os.path.dirname(os.path.abspath(config.model)))
     os.makedirs(out_dir, exist_ok=True)
     result["json"] = os.path.join(out_dir, EVAL_JSON.format(split=split))
-    with open(result["json"], "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    outputs.write_text(result["json"], json.dumps(result, indent=1) + "\n")
     return result

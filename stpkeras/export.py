@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tfrecords_tools import outputs
 from tfrecords_tools import schema as record_schema
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.storage import check_path, is_remote, join
@@ -494,10 +495,11 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
     an `ExportSource`. `name` defaults to the run folder's (or file's) name;
     `version` to the next free integer. An existing version is never
     overwritten. Returns where it wrote and what.
-    """
-    import keras
-    import tensorflow as tf
 
+    The version is claimed when the model is complete, under an exclusive lock on `out_root/name`
+    (`outputs.writing`, waiting for it): exports to the same name at once get different versions,
+    and a version folder that exists (even empty) is never replaced.
+    """
     if isinstance(model_or_run, ExportSource):
         source = model_or_run
     else:
@@ -510,22 +512,18 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
     if remote:
         check_path(out_root)
     model_root = join(out_root, name)
-    if version is None:
-        version = next_version(model_root)
-    elif not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
         raise ExportError(f"Invalid value for argument `version`. Expected a strictly positive integer. "
                           f"Received version={version!r}")
-    final = join(model_root, str(version))
-    if version in versions(model_root):
-        raise ExportError(f"{final}: version {version} exists; TF Serving may be serving it. "
-                          f"Pick another version (the next free one is {next_version(model_root)})")
+    if version is not None:
+        _check_free(model_root, version)  # before the work; checked again when the version is claimed
     if not remote:
         os.makedirs(model_root, exist_ok=True)
     # A non-integer name: TF Serving's version scan skips it while it is being written. A remote export
     # is built in a local folder and uploaded to its version folder, saved_model.pb last: object stores
     # have no atomic folder rename (gs:// and s3:// rename object by object), and a model server
     # loads a version only once its saved_model.pb is there.
-    staging = tempfile.mkdtemp(prefix=f".export-{version}-", dir=None if remote else model_root)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=None if remote else model_root)
     try:
         target = os.path.join(staging, "model")
         with tempfile.TemporaryDirectory() as scratch:
@@ -538,22 +536,42 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
             f.write(json.dumps(source.spec.to_dict(), indent=1, sort_keys=True) + "\n")
         records = warmup_requests(name, source.spec, signatures, warmup_batch_sizes)
         write_warmup(target, records)
-        info = {
-            "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
-            "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
-            "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
-            f.write(json.dumps(info, indent=1) + "\n")
-        if remote:
-            upload_tree(target, final)
-        else:
-            os.rename(target, final)
+        with outputs.writing(model_root, wait=True):  # a no-op on gs:// and s3://
+            version = version if version is not None else next_version(model_root)
+            final = _check_free(model_root, version)
+            _write_info(target, name, version, signatures, source)
+            if remote:
+                upload_tree(target, final)
+            else:
+                os.rename(target, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(final, name, version, signatures, source.labels, source.spec, len(records))
+
+
+def _check_free(model_root: str, version: int) -> str:
+    """The path of `version` under `model_root`; raises `ExportError` when anything is there (even empty)."""
+    final = join(model_root, str(version))
+    taken = version in versions(model_root) if is_remote(model_root) else os.path.lexists(final)
+    if taken:
+        raise ExportError(f"{final}: version {version} exists; TF Serving may be serving it. "
+                          f"Pick another version (the next free one is {next_version(model_root)})")
+    return final
+
+
+def _write_info(target: str, name: str, version: int, signatures, source: ExportSource) -> None:
+    import keras
+    import tensorflow as tf
+
+    info = {
+        "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
+        "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
+        "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=1) + "\n")
 
 
 # --- TF Serving model config ------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from tfrecords_tools import outputs
+
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,7 +43,8 @@ def draw_curves(history: Dict[str, List[float]], path: str) -> str:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    figure.savefig(path)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        figure.savefig(tmp, format="png")
     return path
 
 
@@ -57,5 +60,6 @@ def draw_confusion(matrix: np.ndarray, labels: Sequence[str], path: str, title: 
     display = ConfusionMatrixDisplay(confusion_matrix=matrix, display_labels=[str(label) for label in labels])
     display.plot(ax=ax, cmap="Blues", values_format="d", colorbar=True, xticks_rotation=45 if n > 4 else "horizontal")
     ax.set_title(title)
-    figure.savefig(path)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        figure.savefig(tmp, format="png")
     return path

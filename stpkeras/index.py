@@ -22,6 +22,7 @@ index was built with `backend="faiss"`: an approximate HNSW graph (faiss
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -31,6 +32,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from tfrecords_tools import outputs
 from tfrecords_tools.spec import PatchSpec
 
 INDEX_JSON = "index.json"
@@ -364,11 +366,20 @@ class VideoIndex:
     # --- on disk ---
 
     def save(self, path: str) -> str:
+        """Writes the index into the folder `path`, index.json last: a folder with index.json is complete.
+
+        An earlier index there loses its index.json first, so a failed or killed save never leaves
+        a folder that looks complete with arrays of two different indexes.
+        """
         os.makedirs(path, exist_ok=True)
-        np.save(os.path.join(path, EMBEDDINGS_NPY), self.vectors)
-        np.save(os.path.join(path, CENTER_NPY), self.center)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, INDEX_JSON))
+        for name, array in ((EMBEDDINGS_NPY, self.vectors), (CENTER_NPY, self.center)):
+            with outputs.atomic_file(os.path.join(path, name)) as tmp:
+                np.save(tmp, array)
         if isinstance(self.searcher, FaissSearch):
-            self.searcher.write(os.path.join(path, FAISS_FILE))
+            with outputs.atomic_file(os.path.join(path, FAISS_FILE)) as tmp:
+                self.searcher.write(tmp)
         import keras
         import tensorflow as tf
 
@@ -377,11 +388,7 @@ class VideoIndex:
                 "ids": list(self.ids), "labels": list(self.labels),
                 "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        tmp = os.path.join(path, INDEX_JSON + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, os.path.join(path, INDEX_JSON))  # written last: a folder with index.json is complete
+        outputs.write_text(os.path.join(path, INDEX_JSON), json.dumps(info, indent=1) + "\n")
         self.info = info
         return path
 
@@ -430,7 +437,19 @@ def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[
                 max_pixels: Optional[int] = None,
                 on_video: Optional[Callable[[str, Optional[str]], None]] = None) -> VideoIndex:
     """`stp index`: embeds `inputs` (video files, folders of videos, or one converted folder) with `model`
-    and writes the index to `out`. Videos that fail are listed in index.json under `failed`."""
+    and writes the index to `out`. Videos that fail are listed in index.json under `failed`.
+
+    `out` is held for writing (`outputs.writing`) from the start; an `out` that is one of the inputs
+    (or the model) raises `outputs.OutputIsInputError`."""
+    outputs.check_not_input(out, [model, *inputs])
+    with outputs.writing(out):
+        return _build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size, center=center,
+                            max_pixels=max_pixels, on_video=on_video)
+
+
+def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str], backend: str,
+                 batch_size: int, center: bool, max_pixels: Optional[int],
+                 on_video: Optional[Callable[[str, Optional[str]], None]]) -> VideoIndex:
     if backend not in BACKENDS:
         raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
                          f"Received backend={backend!r}")

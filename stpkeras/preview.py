@@ -49,14 +49,21 @@ def patch_strip(pixels: np.ndarray, gap: int = 2, scale: int = 1) -> np.ndarray:
 
 
 def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] = None, scale: int = 2) -> List[str]:
-    """Writes the preview PNG; returns one line of description per row."""
+    """Writes the preview PNG (whole or not at all); returns one line of description per row.
+
+    An `out_png` that is the manifest or a shard of `data` raises `outputs.OutputIsInputError`.
+    """
     from PIL import Image
 
     from tfrecords_tools import manifest as mf
+    from tfrecords_tools import outputs
     from tfrecords_tools import schema
     from tfrecords_tools.pixels import to_rgb
 
-    spec = mf.spec_of(mf.read_manifest(data))
+    m = mf.read_manifest(data)
+    outputs.check_not_input(out_png, [mf.manifest_path(data)]
+                            + [f for split in m["splits"] for f in mf.shard_files(data, m, split)])
+    spec = mf.spec_of(m)
     records = sample_patches(data, count, split)
     strips = [patch_strip(to_rgb(spec, r[schema.PATCH]), scale=scale) for r in records]
     gap = 4
@@ -67,6 +74,7 @@ def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] 
     for s in strips:
         canvas[y:y + s.shape[0], :s.shape[1]] = s
         y += s.shape[0] + gap
-    Image.fromarray(canvas).save(out_png)
+    with outputs.atomic_file(out_png) as tmp:
+        Image.fromarray(canvas).save(tmp)
     return [f"{r[schema.VIDEO_ID]} t={r[schema.OFFSET][0]} y={r[schema.OFFSET][1]} x={r[schema.OFFSET][2]} "
             f"({r[schema.TIMESTAMP]:.2f}s) label={r.get(schema.LABEL_NAME) or '-'}" for r in records]

@@ -15,10 +15,13 @@ Ids below 0 (`IGNORE`) are unlabelled and left out of every metric.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from tfrecords_tools import outputs
 
 IGNORE = -1
 F1_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -319,6 +322,7 @@ def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
 
     if segmenter.kind == "mask" and not out:
         raise SegmentError("a mask model writes an overlay video: pass `out` (--out overlay.mp4)")
+    outputs.check_not_input(out, [path])
     spec = segmenter.spec
     overlap = tuple(overlap) if overlap is not None else tuple(s // 4 for s in spec.size)
     # Overlapping, edge-padded patches cover every pixel; the model's own resampling and resizing stay.
@@ -337,7 +341,7 @@ def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
         if segmenter.kind == "mask":
             state["pixels"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width)
             state["probs"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width, channels=k)
-            state["writer"] = VideoWriter(out, fps)
+            state["writer"] = VideoWriter(staged, fps)
         else:
             state["sums"] = np.zeros((plan.frames, k), np.float64)
             state["covered"] = np.zeros(plan.frames, np.int64)
@@ -364,35 +368,38 @@ def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
             state["writer"].write(overlay(frame, ids))
 
     stop = threading.Event()
-    try:
-        for event in _prefetch(video_patches(path, cut, max_pixels=max_pixels), stop):
-            if isinstance(event, Plan):
-                start(event)
-                continue
-            state["batch"].append(event)
-            if len(state["batch"]) == batch_size:
+    with contextlib.ExitStack() as stack:
+        # The overlay is written under a temporary name, renamed when complete, after the writer is closed.
+        staged = stack.enter_context(outputs.atomic_file(out)) if segmenter.kind == "mask" else None
+        try:
+            for event in _prefetch(video_patches(path, cut, max_pixels=max_pixels), stop):
+                if isinstance(event, Plan):
+                    start(event)
+                    continue
+                state["batch"].append(event)
+                if len(state["batch"]) == batch_size:
+                    run(state["batch"])
+                    state["batch"] = []
+            if state.get("batch"):
                 run(state["batch"])
-                state["batch"] = []
-        if state.get("batch"):
-            run(state["batch"])
-        if "plan" not in state or state["patches"] == 0:
-            raise SegmentError(f"{path}: no patches ({cut.describe()})")
-        plan = state["plan"]
-        if segmenter.kind == "mask":
-            write(list(state["pixels"].finish()), list(state["probs"].finish()))
-            total = max(1, int(state["counts"].sum()))
-            result.class_fraction = {name: float(c) / total for name, c in zip(segmenter.labels, state["counts"])}
-        else:
-            ids = state["sums"].argmax(axis=1)
-            ids[state["covered"] == 0] = IGNORE
-            period = (plan.end - plan.start) / max(1, plan.frames)
-            result.intervals = frames_to_intervals(ids, [j * period for j in range(plan.frames)],
-                                                   plan.frames * period, segmenter.labels)
-        result.frames, result.patches = plan.frames, state["patches"]
-    finally:
-        stop.set()
-        if state.get("writer") is not None:
-            state["writer"].close()
+            if "plan" not in state or state["patches"] == 0:
+                raise SegmentError(f"{path}: no patches ({cut.describe()})")
+            plan = state["plan"]
+            if segmenter.kind == "mask":
+                write(list(state["pixels"].finish()), list(state["probs"].finish()))
+                total = max(1, int(state["counts"].sum()))
+                result.class_fraction = {name: float(c) / total for name, c in zip(segmenter.labels, state["counts"])}
+            else:
+                ids = state["sums"].argmax(axis=1)
+                ids[state["covered"] == 0] = IGNORE
+                period = (plan.end - plan.start) / max(1, plan.frames)
+                result.intervals = frames_to_intervals(ids, [j * period for j in range(plan.frames)],
+                                                       plan.frames * period, segmenter.labels)
+            result.frames, result.patches = plan.frames, state["patches"]
+        finally:
+            stop.set()
+            if state.get("writer") is not None:
+                state["writer"].close()
     return result
 
 

@@ -16,6 +16,7 @@ from the last finished epoch, with its weights, optimizer state and step count.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -25,6 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from stpkeras import augment as augment_lib
+from tfrecords_tools import outputs
 
 STRATEGIES = ("auto", "mirrored", "one", "multiworker")
 SCHEDULES = ("cosine", "constant")
@@ -306,7 +308,21 @@ def learning_rate(config: TrainConfig, total_steps: int):
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict:
-    """Trains `config.model` on `config.data` into `config.out`; returns run.json's content."""
+    """Trains `config.model` on `config.data` into `config.out`; returns run.json's content.
+
+    Holds DATA for reading and RUN_DIR for writing (`tfrecords_tools.outputs`) for the whole run: a
+    conversion into DATA, or a second run into RUN_DIR, is refused (`OutputBusyError`), and so is this
+    run while DATA is being written. Under multiworker, workers share RUN_DIR: only DATA is held.
+    """
+    outputs.check_not_input(config.out, [config.data])
+    with contextlib.ExitStack() as held:
+        held.enter_context(outputs.reading(config.data))
+        if config.strategy != "multiworker":
+            held.enter_context(outputs.writing(config.out))
+        return _train(config, echo)
+
+
+def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
     configure_devices(config.devices)
     if config.strategy == "multiworker":
         # Keras 3's fit cannot run under MultiWorkerMirroredStrategy (see multiworker.py).

@@ -21,6 +21,7 @@ import tensorflow as tf
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import schema
 from tfrecords_tools.convert import WORK_DIR, ConvertConfig, ConvertError, convert
+from tfrecords_tools.outputs import LOCK_NAME
 from tfrecords_tools.shards import SHARD_RE
 from tfrecords_tools.spec import PatchSpec
 from videos import (CLASSES, DISPLAY_TURNS, PER_CLASS, checkerboard, cut, decode_all, pattern_frames,
@@ -125,7 +126,7 @@ def test_split_folders_above_class_folders(tmp_path, clip64, odd_clip):
     m = convert(ConvertConfig(src=str(src), out=str(tmp_path / "out"), spec=PatchSpec(4, 32, 32)))
     assert m["labels"] == ["x", "y"]
     assert {k: v["videos"] for k, v in m["splits"].items()} == {"train": 2, "val": 1}
-    assert sorted(os.listdir(tmp_path / "out")) == ["dataset.json", "train-00000-of-00001.tfrecord",
+    assert sorted(os.listdir(tmp_path / "out")) == [LOCK_NAME, "dataset.json", "train-00000-of-00001.tfrecord",
                                                      "val-00000-of-00001.tfrecord"]
 
 
@@ -358,7 +359,7 @@ def test_kill_and_resume_gives_the_records_of_a_clean_run(tmp_path, converted, c
     assert shard_digests(out) == shard_digests(root)
     assert stable(mf.read_manifest(str(out))) == stable(clean)
     assert leftovers(out) == []
-    assert sorted(os.listdir(out)) == ["dataset.json", "train-00000-of-00001.tfrecord"]
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "dataset.json", "train-00000-of-00001.tfrecord"]
 
 
 def test_completed_conversion_is_up_to_date(converted_copy, converted, classes_src, cli):

@@ -15,6 +15,7 @@ from stpkeras import export as ex
 from stpkeras.cli import main
 from tfrecords_tools import manifest as manifest_lib
 from tfrecords_tools import schema
+from tfrecords_tools.outputs import LOCK_NAME
 from tfrecords_tools.spec import PatchSpec
 
 SPEC = PatchSpec(frames=8, height=32, width=32, stride_frames=4)
@@ -60,7 +61,7 @@ def test_layout_assets_and_versions(exported):
     assert info["signatures"] == list(result.signatures) and info["run"]["model"] == "stcnn"
     # No temporary folder is left behind; the next export takes the next version.
     root = os.path.dirname(result.path)
-    assert os.listdir(root) == ["1"]
+    assert sorted(os.listdir(root)) == [LOCK_NAME, "1"]
     second = ex.export_for_serving(run_dir, os.path.dirname(root), "clf")
     assert second.version == 2 and ex.resolve_saved_model(root) == second.path
     with pytest.raises(ex.ExportError, match="version 2 exists"):

@@ -36,6 +36,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfrecords_tools import manifest as mf
+from tfrecords_tools import outputs
 from tfrecords_tools.convert import (ConvertConfig, ConvertError, build_manifest, check_pixels, failure_reason,
                                      finish_result, new_result, remove_outputs, video_records)
 from tfrecords_tools.schema import UNLABELLED
@@ -204,8 +205,15 @@ def convert_beam(cfg: ConvertConfig, beam_options: Sequence[str] = ()) -> dict:
     `beam_options` are Beam's own command-line flags (`--runner=DataflowRunner`,
     `--project=...`); without `--runner` Beam's DirectRunner runs in this process.
     SRC is listed here, by the launcher; the workers must reach the same video paths.
+    A local OUT is held for writing (`outputs.writing`) while the pipeline runs.
     """
     check_path(cfg.out)
+    outputs.check_not_input(cfg.out, [cfg.src])
+    with outputs.writing(cfg.out, command=cfg.command or None):
+        return _convert_beam(cfg, beam_options)
+
+
+def _convert_beam(cfg: ConvertConfig, beam_options: Sequence[str]) -> dict:
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
     check_pixels(cfg, items)
     import tensorflow as tf

@@ -22,6 +22,7 @@ import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tfrecords_tools import manifest as mf
+from tfrecords_tools import outputs
 from tfrecords_tools.pixels import to_record
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
@@ -320,9 +321,17 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     Bad videos never stop the job: each gets status `failed` (or `skipped`
     when no patch fits) with its reason in the manifest. With `strict`,
     the first failure raises `ConvertError` and no manifest is written.
+    OUT is held for writing (`outputs.writing`) from start to end: a second
+    conversion, or a reader (`stp train`, `stp verify`) of OUT, is refused.
     """
-    started = time.perf_counter()
     check_path(cfg.out)
+    outputs.check_not_input(cfg.out, [cfg.src])
+    with outputs.writing(cfg.out, command=cfg.command or None):
+        return _convert(cfg, on_progress)
+
+
+def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict], None]]) -> dict:
+    started = time.perf_counter()
     gfile = _gfile()
     items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
     check_pixels(cfg, items)
@@ -472,6 +481,9 @@ def _size(path: str) -> int:
 
 def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[str, dict],
               work: str) -> dict:
+    # The manifest goes first: a run killed while shards are replaced leaves no folder that looks complete.
+    if _gfile().exists(mf.manifest_path(cfg.out)):
+        _gfile().remove(mf.manifest_path(cfg.out))
     # Shards of an earlier run with another layout would be read as data: remove them first.
     for name in list_shard_files(cfg.out):
         _gfile().remove(mf.join(cfg.out, name))

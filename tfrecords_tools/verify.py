@@ -13,6 +13,7 @@ import dataclasses
 from typing import Callable, List, Optional
 
 from tfrecords_tools import manifest as mf
+from tfrecords_tools import outputs
 from tfrecords_tools import schema
 from tfrecords_tools.shards import sha256_file
 
@@ -29,7 +30,15 @@ class VerifyReport:
 
 
 def verify(root: str, on_shard: Optional[Callable[[str, int], None]] = None) -> VerifyReport:
-    """Checks the converted folder `root`; never raises for bad data, reports it."""
+    """Checks the converted folder `root`; never raises for bad data, reports it.
+
+    Holds `root` for reading (`outputs.reading`): a folder being written raises `OutputBusyError`.
+    """
+    with outputs.reading(root):
+        return _verify(root, on_shard)
+
+
+def _verify(root: str, on_shard: Optional[Callable[[str, int], None]]) -> VerifyReport:
     import tensorflow as tf
 
     report = VerifyReport()
