@@ -5,12 +5,16 @@ Exit codes (documented in the README):
   0  everything succeeded
   1  the command ran but some inputs failed (e.g. videos that could not be converted; see the manifest)
   2  bad usage or bad input to the command itself (click's convention)
-  3  verification found corrupt or inconsistent data
+  3  corrupt or inconsistent data (`stp verify`, or records that fail to read in any command)
+  4  the environment failed: no space left or no permission to write, a server that does not answer
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import sys
 
 import click
@@ -22,6 +26,54 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
+EXIT_UNAVAILABLE = 4
+
+
+class BadData(click.ClickException):
+    """Corrupt or inconsistent data (exit 3)."""
+
+    exit_code = EXIT_CORRUPT
+
+
+class Unavailable(click.ClickException):
+    """No space, no permission to write, no server: the command could not do its work here (exit 4)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@contextlib.contextmanager
+def _reading_records(data: str):
+    """Turns a failure of the input pipeline on DATA's records into one line naming the shard (exit 3).
+
+    TensorFlow's errors name no file ("corrupted record at 149544"), so the shards
+    are checked against the manifest (sizes, then sha256) to find the culprit.
+    An error that did not come from reading records is a bug: it keeps its traceback.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.FailedPreconditionError) as e:
+        if not isinstance(e, tf.errors.DataLossError) and "IteratorGetNext" not in (e.message or ""):
+            raise
+        raise BadData(_damage(data, e)) from e
+
+
+def _damage(data: str, error) -> str:
+    from tfrecords_tools.verify import find_damaged_shard
+
+    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping: "corrupted record at 149544".
+    reason = (error.message or str(error)).strip().splitlines()[0]
+    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason)).strip()
+    try:
+        shard = find_damaged_shard(data)
+    except Exception:  # noqa: BLE001  the first error is the one to report
+        shard = ""
+    if shard:
+        return (f"{shard}; reading it failed ({reason}). Run `stp verify {data}` to list every problem, "
+                "then convert again or restore the shard.")
+    return (f"{data}: a record failed to read ({reason}), though every shard matches the manifest's size and "
+            f"sha256. Run `stp verify {data}` to check every record.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -280,7 +332,8 @@ def preview(data, out_png, count, split, scale):
     from tfrecords_tools.manifest import ManifestError
 
     try:
-        rows = write_preview(data, out_png, count=count, split=split, scale=scale)
+        with _reading_records(data):
+            rows = write_preview(data, out_png, count=count, split=split, scale=scale)
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {out_png}: {len(rows)} patches")
@@ -546,7 +599,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
-        run = train(config, echo=click.echo)
+        with _reading_records(data):
+            run = train(config, echo=click.echo)
     except (ManifestError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     except RunError as e:
@@ -588,8 +642,9 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
     from tfrecords_tools.manifest import ManifestError
 
     try:
-        result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                     out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
+        with _reading_records(data):
+            result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
+                                         out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
     except (ManifestError, EvaluateError, RunError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if as_json:
