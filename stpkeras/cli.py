@@ -248,6 +248,8 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
     finally:
         bar.close()
     counts = manifest["counts"]
+    for warning in manifest.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     if not quiet:
         if manifest.get("up_to_date"):
             click.echo(f"{out}: already converted with these settings (use --overwrite to redo).")
@@ -292,6 +294,8 @@ def inspect(data, as_json):
             most = max(sp["label_counts"].values())
             for label, n in sp["label_counts"].items():
                 click.echo(f"    {label:>16} {n:>8,} {'#' * max(1, round(30 * n / most))}")
+    for warning in m.get("warnings", []):
+        click.echo(f"  warning: {warning}")
     bad = [v for v in m["videos"] if v["status"] != "ok"]
     if bad:
         click.echo(f"  problems ({len(bad)}):")
@@ -310,8 +314,8 @@ def verify(data):
 
     try:
         report = run_verify(data)
-    except ManifestError as e:
-        raise click.ClickException(str(e)) from e
+    except ManifestError as e:  # no manifest or a broken one: the folder is not valid data
+        raise BadData(str(e)) from e
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(f"{data}: {report.shards} shards, {report.records:,} records read, "

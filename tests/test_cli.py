@@ -205,3 +205,16 @@ def test_a_damaged_shard_is_one_line_naming_it_and_stp_verify(command, damage, c
     assert len(errors) == 1 and "Traceback" not in result.output
     assert errors[0].startswith(f"Error: {converted_copy / SHARD}: ")
     assert f"Run `stp verify {converted_copy}`" in errors[0]
+
+
+def test_convert_warns_about_labels_differing_only_by_case(tmp_path, clip64, cli):
+    for name in ("Left", "left"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        shutil.copy(clip64.path, tmp_path / "src" / name / "v.mp4")
+    result = cli("convert", tmp_path / "src", tmp_path / "out", "--patch", "4x32x32")
+    assert result.exit_code == 0
+    warning = ("warning: labels 'Left' and 'left' differ only by case: they are 2 classes "
+               "(pass --labels to fix the set)")
+    assert warning in result.stderr.splitlines()
+    assert mf.read_manifest(str(tmp_path / "out"))["labels"] == ["Left", "left"]
+    assert warning in cli("inspect", tmp_path / "out").stdout

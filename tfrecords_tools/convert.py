@@ -25,7 +25,7 @@ from tfrecords_tools import manifest as mf
 from tfrecords_tools.pixels import to_record
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
-from tfrecords_tools.sources import Item, list_source
+from tfrecords_tools.sources import Item, label_clashes, list_source
 from tfrecords_tools.pairs import target_patches
 from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
@@ -525,8 +525,9 @@ def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[s
         targets["frame_labels"] = list(cfg.frame_labels)
     if any(i.target for i in items):
         targets["paired"] = True  # records carry `schema.TARGET`: clean/degraded pairs for --task enhance
+    warnings = label_clashes(labels)
     return {
-        **targets,
+        **targets, **({"warnings": warnings} if warnings else {}),
         "format": mf.FORMAT, "schema_version": SCHEMA_VERSION, "spec": cfg.spec.to_dict(),
         "encoding": cfg.encoding, "quality": cfg.quality, "compression": cfg.compression,
         "labels": list(labels), "splits": out_splits, "videos": videos, "counts": counts,
