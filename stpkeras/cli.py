@@ -453,11 +453,12 @@ def serving_config_command(root, base_path):
 def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels):
     """Classify VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or .keras).
 
-    Exit code 1 when some videos could not be classified (they are listed with the reason).
+    Exit code 1 when some videos could not be classified (they are listed with the reason), 2 for a bad
+    model, URL or input, 4 when the server does not answer.
     """
     from stpkeras.export import ExportError
     from stpkeras.predict import RemotePredictor, format_table, load, predict_videos
-    from stpkeras.serving import ServingError, connect
+    from stpkeras.serving import BadRequest, ModelNotFound, ServingError, connect
 
     try:
         predictor = load(model)
@@ -474,8 +475,10 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
                 click.echo(result.to_json())
             elif result.error is not None:
                 click.echo(f"{result.video}: {result.error}", err=True)
-    except ServingError as e:
-        raise click.ClickException(str(e)) from e
+    except (ModelNotFound, BadRequest) as e:  # a wrong URL or input: the server answered
+        raise click.UsageError(str(e)) from e
+    except ServingError as e:  # down, timed out or failing: the same command may work later
+        raise Unavailable(str(e)) from e
     except (ExportError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if not as_json:
