@@ -200,7 +200,7 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
 
     OUT may be a local folder or a gs:// (s3:// with tensorflow-io) URL.
     """
-    from tfrecords_tools.convert import ConvertConfig, ConvertError
+    from tfrecords_tools.convert import NO_SPACE, NO_WRITE, ConvertConfig, ConvertError, WriteError
     from tfrecords_tools.convert import convert as run_convert
     from tfrecords_tools.sources import SourceError
     from tfrecords_tools.spec import PatchSpec
@@ -242,6 +242,14 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
     except StorageError as e:
         bar.close()
         raise click.BadParameter(str(e), param_hint="OUT") from e
+    except WriteError as e:
+        bar.close()
+        raise Unavailable(str(e)) from e
+    except OSError as e:  # creating OUT or the work folder
+        bar.close()
+        if e.errno not in NO_SPACE + NO_WRITE:
+            raise
+        raise Unavailable(f"{e.filename or out}: {e.strerror}") from e
     except (ConvertError, SourceError) as e:
         bar.close()
         raise click.ClickException(str(e)) from e
