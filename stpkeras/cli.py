@@ -6,14 +6,18 @@ Exit codes (documented in the README):
   1  the command ran but some inputs failed (e.g. videos that could not be converted; see the manifest)
   2  bad usage or bad input to the command itself (click's convention), including an output path that
      is one of the command's inputs (same path, symbolic or hard link): refused before any work
-  3  verification found corrupt or inconsistent data
-  4  busy: another process is writing the folder (or reading it, for a command that writes it);
-     nothing was done, the other process is named. Run again when it has ended.
+  3  corrupt or inconsistent data (`stp verify`, or records that fail to read in any command)
+  4  not now: another process is writing the folder (or reading it, for a command that writes it; it is
+     named), no space left or no permission to write, a server that does not answer. Nothing half-done
+     is left; the same command may succeed later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import sys
 
 import click
@@ -26,7 +30,54 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
-EXIT_BUSY = 4
+EXIT_UNAVAILABLE = 4
+
+
+class BadData(click.ClickException):
+    """Corrupt or inconsistent data (exit 3)."""
+
+    exit_code = EXIT_CORRUPT
+
+
+class Unavailable(click.ClickException):
+    """No space, no permission to write, no server: the command could not do its work here (exit 4)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@contextlib.contextmanager
+def _reading_records(data: str):
+    """Turns a failure of the input pipeline on DATA's records into one line naming the shard (exit 3).
+
+    TensorFlow's errors name no file ("corrupted record at 149544"), so the shards
+    are checked against the manifest (sizes, then sha256) to find the culprit.
+    An error that did not come from reading records is a bug: it keeps its traceback.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.FailedPreconditionError) as e:
+        if not isinstance(e, tf.errors.DataLossError) and "IteratorGetNext" not in (e.message or ""):
+            raise
+        raise BadData(_damage(data, e)) from e
+
+
+def _damage(data: str, error) -> str:
+    from tfrecords_tools.verify import find_damaged_shard
+
+    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping: "corrupted record at 149544".
+    reason = (error.message or str(error)).strip().splitlines()[0]
+    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason)).strip()
+    try:
+        shard = find_damaged_shard(data)
+    except Exception:  # noqa: BLE001  the first error is the one to report
+        shard = ""
+    if shard:
+        return (f"{shard}; reading it failed ({reason}). Run `stp verify {data}` to list every problem, "
+                "then convert again or restore the shard.")
+    return (f"{data}: a record failed to read ({reason}), though every shard matches the manifest's size and "
+            f"sha256. Run `stp verify {data}` to check every record.")
 
 
 class _Group(click.Group):
@@ -37,7 +88,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except OutputError as e:
             error = click.ClickException(str(e))
-            error.exit_code = EXIT_BUSY if isinstance(e, OutputBusyError) else EXIT_USAGE
+            error.exit_code = EXIT_UNAVAILABLE if isinstance(e, OutputBusyError) else EXIT_USAGE
             raise error from e
 
 
@@ -165,7 +216,7 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
 
     OUT may be a local folder or a gs:// (s3:// with tensorflow-io) URL.
     """
-    from tfrecords_tools.convert import ConvertConfig, ConvertError
+    from tfrecords_tools.convert import NO_SPACE, NO_WRITE, ConvertConfig, ConvertError, WriteError
     from tfrecords_tools.convert import convert as run_convert
     from tfrecords_tools.sources import SourceError
     from tfrecords_tools.spec import PatchSpec
@@ -207,12 +258,22 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
     except StorageError as e:
         bar.close()
         raise click.BadParameter(str(e), param_hint="OUT") from e
+    except WriteError as e:
+        bar.close()
+        raise Unavailable(str(e)) from e
+    except OSError as e:  # creating OUT or the work folder
+        bar.close()
+        if e.errno not in NO_SPACE + NO_WRITE:
+            raise
+        raise Unavailable(f"{e.filename or out}: {e.strerror}") from e
     except (ConvertError, SourceError) as e:
         bar.close()
         raise click.ClickException(str(e)) from e
     finally:
         bar.close()
     counts = manifest["counts"]
+    for warning in manifest.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     if not quiet:
         if manifest.get("up_to_date"):
             click.echo(f"{out}: already converted with these settings (use --overwrite to redo).")
@@ -257,6 +318,8 @@ def inspect(data, as_json):
             most = max(sp["label_counts"].values())
             for label, n in sp["label_counts"].items():
                 click.echo(f"    {label:>16} {n:>8,} {'#' * max(1, round(30 * n / most))}")
+    for warning in m.get("warnings", []):
+        click.echo(f"  warning: {warning}")
     bad = [v for v in m["videos"] if v["status"] != "ok"]
     if bad:
         click.echo(f"  problems ({len(bad)}):")
@@ -275,8 +338,8 @@ def verify(data):
 
     try:
         report = run_verify(data)
-    except ManifestError as e:
-        raise click.ClickException(str(e)) from e
+    except ManifestError as e:  # no manifest or a broken one: the folder is not valid data
+        raise BadData(str(e)) from e
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(f"{data}: {report.shards} shards, {report.records:,} records read, "
@@ -297,7 +360,8 @@ def preview(data, out_png, count, split, scale):
     from tfrecords_tools.manifest import ManifestError
 
     try:
-        rows = write_preview(data, out_png, count=count, split=split, scale=scale)
+        with _reading_records(data):
+            rows = write_preview(data, out_png, count=count, split=split, scale=scale)
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {out_png}: {len(rows)} patches")
@@ -413,11 +477,12 @@ def serving_config_command(root, base_path):
 def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels):
     """Classify VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or .keras).
 
-    Exit code 1 when some videos could not be classified (they are listed with the reason).
+    Exit code 1 when some videos could not be classified (they are listed with the reason), 2 for a bad
+    model, URL or input, 4 when the server does not answer.
     """
     from stpkeras.export import ExportError
     from stpkeras.predict import RemotePredictor, format_table, load, predict_videos
-    from stpkeras.serving import ServingError, connect
+    from stpkeras.serving import BadRequest, ModelNotFound, ServingError, connect
 
     try:
         predictor = load(model)
@@ -434,8 +499,10 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
                 click.echo(result.to_json())
             elif result.error is not None:
                 click.echo(f"{result.video}: {result.error}", err=True)
-    except ServingError as e:
-        raise click.ClickException(str(e)) from e
+    except (ModelNotFound, BadRequest) as e:  # a wrong URL or input: the server answered
+        raise click.UsageError(str(e)) from e
+    except ServingError as e:  # down, timed out or failing: the same command may work later
+        raise Unavailable(str(e)) from e
     except (ExportError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if not as_json:
@@ -563,7 +630,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     try:
-        run = train(config, echo=click.echo)
+        with _reading_records(data):
+            run = train(config, echo=click.echo)
     except (ManifestError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     except RunError as e:
@@ -605,8 +673,9 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
     from tfrecords_tools.manifest import ManifestError
 
     try:
-        result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                     out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
+        with _reading_records(data):
+            result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
+                                         out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
     except (ManifestError, EvaluateError, RunError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if as_json:

@@ -82,7 +82,7 @@ class KerasEnhancer(Enhancer):
             with open(run_json) as f:
                 run = json.load(f)
             if run.get("task") != "enhance":
-                raise EnhanceError(f"{path}: a run of task {run.get('task')!r}; expected an enhancement model "
+                raise EnhanceError(f"{path}: a run of task {run.get('task', 'classify')!r}; expected an enhancement model "
                                    "(stp train --task enhance)")
             spec = spec or PatchSpec.from_dict(run["spec"])
         if spec is None:

@@ -262,7 +262,7 @@ def load_segmenter(path: str) -> Segmenter:
     except RunError as e:
         raise SegmentError(str(e)) from e
     if run.get("task") != "segment":
-        raise SegmentError(f"{path}: the run's task is {run.get('task')!r}; expected a model trained with --task segment")
+        raise SegmentError(f"{path}: the run's task is {run.get('task', 'classify')!r}; expected a model trained with --task segment")
     rank = len(model.output_shape)
     kind = {5: "mask", 3: "frames"}.get(rank)
     if kind is None:

@@ -157,3 +157,78 @@ def test_inspect_starts_without_tensorflow(converted):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "288 patches of uint8 [4, 32, 32, 3]" in proc.stdout
     assert "cuda" not in proc.stderr.lower()  # TensorFlow's start-up lines
+
+
+# --- records that fail to read: one line naming the shard and `stp verify`, exit 3 ---------------
+
+SHARD = "train-00000-of-00001.tfrecord"
+
+
+def _record_starts(path):
+    import tensorflow as tf
+
+    starts, at = [], 0
+    for r in tf.data.TFRecordDataset(str(path)):
+        starts.append(at)
+        at += len(r.numpy()) + 16
+    return starts
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[_record_starts(path)[100] + 16 + 500] ^= 0x01  # in the pixels of record 100: its CRC fails
+    path.write_bytes(bytes(data))
+
+
+def _truncate_at_a_record(path):
+    with open(path, "r+b") as f:
+        f.truncate(_record_starts(path)[200])  # 200 whole records: TF reads them, the count is short
+
+
+def _truncate_inside_a_record(path):
+    with open(path, "r+b") as f:
+        f.truncate(_record_starts(path)[200] + 30)
+
+
+@pytest.fixture(scope="module")
+def trained_run(converted, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from stpkeras.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = CliRunner().invoke(main, ["train", str(converted[0]), "--out", str(out), "--epochs", "1",
+                                       "--val-split", "none", "--model-arg", "filters=4", "--verbose", "0",
+                                       "--batch-size", "32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate_at_a_record, _truncate_inside_a_record])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_damaged_shard_is_one_line_naming_it_and_stp_verify(command, damage, converted_copy, trained_run, cli,
+                                                              tmp_path):
+    damage(converted_copy / SHARD)
+    if command == "train":
+        result = cli("train", converted_copy, "--out", tmp_path / "run", "--epochs", "1", "--val-split", "none",
+                     "--model-arg", "filters=4", "--verbose", "0", "--batch-size", "32")
+    else:
+        result = cli("evaluate", trained_run, converted_copy, "--split", "train", "--out", tmp_path / "eval")
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert errors[0].startswith(f"Error: {converted_copy / SHARD}: ")
+    assert f"Run `stp verify {converted_copy}`" in errors[0]
+
+
+def test_convert_warns_about_labels_differing_only_by_case(tmp_path, clip64, cli):
+    for name in ("Left", "left"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        shutil.copy(clip64.path, tmp_path / "src" / name / "v.mp4")
+    result = cli("convert", tmp_path / "src", tmp_path / "out", "--patch", "4x32x32")
+    assert result.exit_code == 0
+    warning = ("warning: labels 'Left' and 'left' differ only by case: they are 2 classes "
+               "(pass --labels to fix the set)")
+    assert warning in result.stderr.splitlines()
+    assert mf.read_manifest(str(tmp_path / "out"))["labels"] == ["Left", "left"]
+    assert warning in cli("inspect", tmp_path / "out").stdout

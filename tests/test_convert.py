@@ -515,3 +515,101 @@ def test_turned_and_size_changing_videos_convert_as_shown_and_the_manifest_says_
     later = frames("recording.ts", (20, 48, 64, 3))[15, :, :, 0] > 128
     assert list(np.flatnonzero(np.diff(later[:, 31].astype(int))) + 1) == [8, 24, 40]
     assert list(np.flatnonzero(np.diff(later[23].astype(int))) + 1) == [16, 32, 48]
+
+
+# --- a full disk or a forbidden folder: one line saying where and how much, and a rerun is identical --------
+
+
+def _failing_writes(monkeypatch, errno_, after_bytes):
+    """Shard writes fail with `errno_` once `after_bytes` have been written (all shards together)."""
+    import errno as errnos
+    import io
+
+    from tfrecords_tools import shards
+
+    written = [0]
+
+    class Failing(io.FileIO):
+        def write(self, data):
+            written[0] += len(data)
+            if written[0] > after_bytes:
+                raise OSError(errno_, os.strerror(errno_))
+            return super().write(data)
+
+    assert errno_ in (errnos.ENOSPC, errnos.EACCES)
+    monkeypatch.setattr(shards, "_open_output", lambda path: Failing(path, "wb"))
+
+
+def _failing_chunks(monkeypatch, after_records):
+    """Chunk writes fail with ENOSPC after `after_records` records (all videos together)."""
+    import errno as errnos
+
+    from tfrecords_tools import shards
+
+    count = [0]
+    plain_write = shards._PlainWriter.write
+
+    def write(self, record):
+        count[0] += 1
+        if count[0] > after_records:
+            raise OSError(errnos.ENOSPC, os.strerror(errnos.ENOSPC))
+        plain_write(self, record)
+
+    monkeypatch.setattr(shards._PlainWriter, "write", write)
+
+
+def _assert_same_shards(out, reference):
+    m = mf.read_manifest(str(out))
+    assert m["splits"]["train"]["shards"] == reference["splits"]["train"]["shards"]
+    for entry in m["splits"]["train"]["shards"]:
+        assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert sorted(os.listdir(out)) == sorted([mf.MANIFEST_NAME] + [e["file"] for e in m["splits"]["train"]["shards"]])
+
+
+@pytest.mark.parametrize("phase", ["assembly", "chunks"])
+def test_a_full_disk_is_one_line_with_the_space_needed_and_a_rerun_is_identical(phase, converted, classes_src,
+                                                                                 tmp_path, monkeypatch, cli):
+    import errno as errnos
+
+    out = tmp_path / "out"
+    chunk_bytes = sum(e["bytes"] for e in converted[1]["splits"]["train"]["shards"])
+    with monkeypatch.context() as patch:
+        if phase == "assembly":
+            _failing_writes(patch, errnos.ENOSPC, after_bytes=1_000_000)
+        else:
+            _failing_chunks(patch, after_records=5 * PATCHES_PER_CLIP + 3)  # in the 6th of 12 videos
+        result = cli("convert", classes_src, out, "--patch", "4x32x32")
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    if phase == "assembly":
+        assert errors[0].startswith(f"Error: {out / '.train-00000-of-00001.tfrecord.tmp'}: No space left on device "
+                                    f"while assembling the shards: the shards need about {chunk_bytes / 1e6:,.1f} MB "
+                                    f"beside the {chunk_bytes / 1e6:,.1f} MB of chunks in {out / WORK_DIR}; ")
+    else:
+        assert errors[0].startswith(f"Error: {out / WORK_DIR}/")
+        assert ("No space left on device while writing the per-video chunks: 5 of 12 videos took "
+                f"{5 * chunk_bytes / 12 / 1e6:,.1f} MB of chunks; the whole conversion needs about "
+                f"{2 * chunk_bytes / 1e6:,.1f} MB (the chunks, then as much again for the shards); ") in errors[0]
+    assert "MB free there now. Free space and run the same command again" in errors[0]
+    # Nothing half-written is left to be read: no manifest, no shard, no temporary beside the work folder.
+    assert sorted(os.listdir(out)) == [WORK_DIR]
+    assert not [n for n in os.listdir(out / WORK_DIR) if n.endswith(".tmp")]
+    again = cli("convert", classes_src, out, "--patch", "4x32x32")
+    assert again.exit_code == 0, again.output
+    _assert_same_shards(out, converted[1])
+
+
+def test_a_forbidden_folder_is_one_line_naming_it(converted, classes_src, tmp_path, monkeypatch, cli):
+    import errno as errnos
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _failing_writes(patch, errnos.EACCES, after_bytes=0)
+        result = cli("convert", classes_src, out, "--patch", "4x32x32")
+    assert result.exit_code == 4, result.output
+    assert result.stderr.startswith(f"Error: {out / '.train-00000-of-00001.tfrecord.tmp'}: Permission denied "
+                                    "while assembling the shards. Make the folder writable")
+    assert len(result.stderr.splitlines()) == 1
+    assert cli("convert", classes_src, out, "--patch", "4x32x32").exit_code == 0
+    _assert_same_shards(out, converted[1])

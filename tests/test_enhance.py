@@ -289,3 +289,12 @@ def test_train_enhance_needs_degradations_or_pairs(noisy_run, cli, tmp_path):
     r = cli("train", noisy_run / "data", "--out", tmp_path / "d", "--task", "enhance", "--degrade", "noise:25",
             "--model", "stcnn")
     assert r.exit_code == 2 and "Task enhance needs one of" in r.output
+
+
+def test_a_run_without_a_task_is_named_as_the_classifier_it_is(tmp_path, lossless_odd, cli):
+    run = _identity_run(tmp_path / "run", PatchSpec(4, 16, 16))
+    with open(os.path.join(run, "run.json"), "w") as f:  # runs from before --task have no "task"
+        json.dump({"spec": PatchSpec(4, 16, 16).to_dict(), "labels": ["a", "b"]}, f)
+    r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "a run of task 'classify'; expected an enhancement model" in r.output
+    assert "None" not in r.output

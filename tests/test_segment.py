@@ -261,3 +261,24 @@ def test_segment_writes_the_masks_over_a_video(camouflage, spacetime_run, tmp_pa
     truth = mask.astype(bool)
     iou = (predicted & truth).sum() / (predicted | truth).sum()
     assert iou >= 0.4, iou
+
+
+def test_a_run_without_a_task_is_named_as_the_classifier_it_is(tmp_path):
+    import json
+
+    from stpkeras.models import build_model
+    from stpkeras.testing.models import write_run
+    from tfrecords_tools.spec import PatchSpec
+
+    spec = PatchSpec(4, 16, 16)
+    run = write_run(str(tmp_path / "run"), build_model("stcnn", spec, 2), spec, ("a", "b"))
+    path = os.path.join(run, "run.json")
+    with open(path) as f:
+        data = json.load(f)
+    del data["task"]  # runs from before --task have none
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(sg.SegmentError) as e:
+        sg.load_segmenter(run)
+    assert "the run's task is 'classify'; expected a model trained with --task segment" in str(e.value)
+    assert "None" not in str(e.value)

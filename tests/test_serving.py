@@ -200,10 +200,12 @@ def test_cli_predict_with_server_equals_local(exported, server, video, api):
     assert np.allclose([s for _, s in a["top_k"]], [s for _, s in b["top_k"]], atol=1e-5)
 
 
-def test_cli_predict_server_down_exits_1(exported, video):
+def test_cli_predict_server_down_exits_4_and_a_wrong_url_2(exported, server, video):
     url = f"grpc://127.0.0.1:{free_port()}/clf"
     r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", url, "--retries", "1",
                                   "--timeout", "2"])
-    assert r.exit_code == 1 and "cannot reach the server" in r.output
+    assert r.exit_code == 4 and "cannot reach the server" in r.output
+    r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", server.rest_url.replace("/clf", "/nope")])
+    assert r.exit_code == 2 and "Servable not found" in r.output
     r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", "ftp://x/clf"])
     assert r.exit_code == 2 and "Invalid server URL" in r.output

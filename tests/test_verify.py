@@ -115,4 +115,4 @@ def test_not_a_converted_folder(tmp_path, cli):
     with pytest.raises(mf.ManifestError, match="no manifest"):
         verify(str(tmp_path))
     result = cli("verify", tmp_path)
-    assert result.exit_code == 1 and "no manifest. Expected a folder written by `stp convert`" in result.stderr
+    assert result.exit_code == 3 and "no manifest. Expected a folder written by `stp convert`" in result.stderr

@@ -11,7 +11,9 @@ order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ from tfrecords_tools import outputs
 from tfrecords_tools.pixels import to_record
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
-from tfrecords_tools.sources import Item, list_source
+from tfrecords_tools.sources import Item, label_clashes, list_source
 from tfrecords_tools.pairs import target_patches
 from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
@@ -38,6 +40,24 @@ WORK_DIR = ".stp-work"
 
 class ConvertError(RuntimeError):
     """The conversion as a whole cannot go on (an OUT written with another spec, --strict failures)."""
+
+
+class WriteError(ConvertError):
+    """Writing chunks or shards failed for lack of space or permission: the machine's problem, not a video's.
+
+    The job stops; what was half-written is removed or never trusted (no
+    manifest), and the same command run again after freeing space resumes
+    with the videos already converted. `errno` is the OS's error number.
+    """
+
+    def __init__(self, message: str, errno_: int):
+        super().__init__(message)
+        self.errno = errno_
+
+
+# Errors of the disk, not of a video (disk full, quota, file size limit, read-only or forbidden folder).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,11 +249,24 @@ def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: 
         writer.commit()
         return result
     except Exception as e:  # noqa: BLE001  every failure becomes the video's result
+        if isinstance(e, OSError) and e.errno in NO_SPACE:  # the disk's failure, not the video's: stop the job
+            if writer is not None:
+                _discard(writer)
+            raise OSError(e.errno, e.strerror, e.filename or chunk_path) from e
         result.update(status="failed", reason=failure_reason(item, e), patches=0)
         result.pop("sizes", None)
     if writer is not None:
         writer.abort()
     return result
+
+
+def _discard(writer: ChunkWriter) -> None:
+    """Removes a chunk being written, even when closing it fails again (a full disk)."""
+    try:
+        writer.abort()
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(writer.tmp)
 
 
 def _worker_init():
@@ -387,14 +420,59 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
         if on_progress:
             on_progress(progress, result)
 
-    for result in _run(todo, cfg.workers):
-        record(result)
+    with _writing(cfg, work, results, len(items), "writing the per-video chunks", work):
+        for result in _run(todo, cfg.workers):
+            record(result)
 
-    manifest = _assemble(cfg, items, labels, results, work)
+    with _writing(cfg, work, results, len(items), "assembling the shards", cfg.out):
+        manifest = _assemble(cfg, items, labels, results, work)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     mf.write_manifest(cfg.out, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _writing(cfg: ConvertConfig, work: str, results: Dict[str, dict], videos: int, doing: str, folder: str):
+    """Turns a full disk or a forbidden folder met while `doing` into one `WriteError` saying where and how much.
+
+    Assembly copies the chunks into shards before the chunks are removed: at
+    its peak, a conversion holds about twice the dataset's size on disk.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE + NO_WRITE:
+            raise
+        where = e.filename or folder
+        again = "run the same command again: the videos already converted are kept."
+        if e.errno in NO_WRITE:
+            raise WriteError(f"{where}: {e.strerror} while {doing}. Make the folder writable (or choose another "
+                             f"OUT or --work-dir) and {again}", e.errno) from e
+        done = [r for r in results.values() if r.get("status") == "ok"]
+        chunks = sum(sum(r.get("sizes", ())) for r in done)
+        if doing.startswith("assembling"):
+            need = f"the shards need about {_mb(chunks)} beside the {_mb(chunks)} of chunks in {work}"
+        elif done:
+            need = (f"{len(done)} of {videos} videos took {_mb(chunks)} of chunks; the whole conversion needs "
+                    f"about {_mb(2 * chunks * videos / len(done))} (the chunks, then as much again for the shards)")
+        else:
+            need = "a conversion needs about twice the dataset's size (the chunks, then the shards)"
+        raise WriteError(f"{where}: {e.strerror} while {doing}: {need}{_free(folder)}. Free space and {again}",
+                         e.errno) from e
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _free(folder: str) -> str:
+    if is_remote(folder):
+        return ""
+    try:
+        return f"; {_mb(shutil.disk_usage(folder).free)} free there now"
+    except OSError:
+        return ""
 
 
 def _gfile():
@@ -539,8 +617,9 @@ def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[s
         targets["frame_labels"] = list(cfg.frame_labels)
     if any(i.target for i in items):
         targets["paired"] = True  # records carry `schema.TARGET`: clean/degraded pairs for --task enhance
+    warnings = label_clashes(labels)
     return {
-        **targets,
+        **targets, **({"warnings": warnings} if warnings else {}),
         "format": mf.FORMAT, "schema_version": SCHEMA_VERSION, "spec": cfg.spec.to_dict(),
         "encoding": cfg.encoding, "quality": cfg.quality, "compression": cfg.compression,
         "labels": list(labels), "splits": out_splits, "videos": videos, "counts": counts,

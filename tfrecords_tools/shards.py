@@ -250,14 +250,22 @@ def write_shards(out_dir: str, split: str, chunks: Sequence[Chunk], shard_bytes:
         tmp = join(out_dir, "." + name + ".tmp")
         records = 0
         buffer = bytearray(_COPY)
-        with _open_output(tmp) as f:
-            sink = _Sink(f, compression)
-            for ci, first, end in layout[i]:
-                start = offsets[ci][first]
-                with _open_chunk(chunks[ci].path) as src:
-                    _copy_range(src, start, offsets[ci][end] - start, sink, buffer)
-                records += end - first
-            sink.close()
+        try:
+            with _open_output(tmp) as f:
+                sink = _Sink(f, compression)
+                for ci, first, end in layout[i]:
+                    start = offsets[ci][first]
+                    with _open_chunk(chunks[ci].path) as src:
+                        _copy_range(src, start, offsets[ci][end] - start, sink, buffer)
+                    records += end - first
+                sink.close()
+        except OSError as e:
+            # A full disk: the half-written shard goes, so its space is free again and nothing reads it.
+            if "://" not in tmp and os.path.exists(tmp):
+                os.remove(tmp)
+            if e.errno is None or e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, tmp) from e  # a write() error names no file: this shard
         gfile.rename(tmp, final, overwrite=True)
         return {"file": name, "records": records, "bytes": sink.bytes, "sha256": sink.hash.hexdigest()}
 

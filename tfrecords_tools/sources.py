@@ -5,8 +5,8 @@ Three inputs are understood:
   `*_dataset_from_directory`), optionally below split folders
   (`train/`, `val/`, `test/`);
 - a flat folder of videos (unlabelled);
-- a CSV with columns `path,label[,split]` (or `path` alone), paths relative
-  to the CSV's folder. Optional segmentation columns: `mask` (a lossless mask
+- a CSV with columns `path,label[,split]` (or `path` alone; header in any
+  case), paths relative to the CSV's folder or absolute inside it. Optional segmentation columns: `mask` (a lossless mask
   video or a folder of PNG masks, one per frame: class ids in the first
   channel) and `intervals` (a CSV `start,end,label` in seconds: a class per frame).
 
@@ -121,7 +121,7 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
     root = os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]  # `Path,Label` is `path,label`
         if "path" not in fields:
             raise SourceError(f"{csv_path}: expected a header with a `path` column "
                               f"(path,label[,split]); received columns {fields}")
@@ -129,7 +129,7 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
         allowed = set(labels) if labels else None
         items: List[Item] = []
         for n, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             rel = row.get("path", "")
             label = row.get("label", "") if labelled else ""
             split = row.get("split", "") or DEFAULT_SPLIT
@@ -139,7 +139,7 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
                 continue
             path = os.path.normpath(os.path.join(root, rel))
             vid = _rel(path, root)
-            if os.path.isabs(rel) or vid.startswith("../") or vid == "..":
+            if vid.startswith("../") or vid == "..":  # an absolute path is fine when it lies in the folder
                 items.append(Item(rel, path, label, split,
                                   f"{where}: path {rel!r} escapes the CSV's folder {root}", n))
                 continue
@@ -154,11 +154,20 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
             for column in ("mask", "intervals", "target"):
                 if row.get(column):
                     extra = os.path.normpath(os.path.join(root, row[column]))
-                    if os.path.isabs(row[column]) or _rel(extra, root).startswith("../"):
+                    if _rel(extra, root).startswith("../"):
                         problem = f"{where}: {column} {row[column]!r} escapes the CSV's folder {root}"
                     extras[column] = extra
             items.append(Item(vid, path, label, split, problem, n, **extras))
     return items, labelled
+
+
+def label_clashes(names: Sequence[str]) -> List[str]:
+    """Warnings for class names that differ only by case (`Left`, `left`): they are distinct classes."""
+    groups = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    return [f"labels {' and '.join(repr(n) for n in group)} differ only by case: they are {len(group)} classes "
+            f"(pass --labels to fix the set)" for group in groups.values() if len(group) > 1]
 
 
 def read_intervals(path: str) -> List[Tuple[float, float, str]]:
@@ -213,9 +222,12 @@ def list_source(src: str, labels: Optional[Sequence[str]] = None,
     for item in items:
         k = (item.split, item.id)
         if k in seen and not item.error:
-            item = dataclasses.replace(item, error=f"{item.path}: listed twice in split {item.split!r}")
+            first = seen[k]
+            where = f"{src}:{item.line}: " if item.line else ""
+            also = f" (first on line {first.line})" if first.line else ""
+            item = dataclasses.replace(item, error=f"{where}{item.path}: listed twice in split {item.split!r}{also}")
             k = (item.split, f"{item.id}#dup{item.line}")
-        seen[k] = True
+        seen[k] = item
         unique.append(item)
     unique.sort(key=lambda i: (i.split, i.id, i.line))
     if labels:

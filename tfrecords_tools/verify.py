@@ -85,6 +85,32 @@ def _verify(root: str, on_shard: Optional[Callable[[str, int], None]]) -> Verify
     return report
 
 
+def find_damaged_shard(root: str) -> str:
+    """The first shard of `root` whose file is missing or differs from the manifest (size, then sha256).
+
+    A quick look for the culprit after the input pipeline failed: no record is
+    parsed, and it stops at the first bad shard. Returns the problem, naming the
+    shard's path (as `verify` words it), or '' when every shard matches.
+    """
+    import tensorflow as tf
+
+    data = mf.read_manifest(root)
+    entries = [entry for info in data["splits"].values() for entry in info["shards"]]
+    gfile = tf.io.gfile
+    for entry in entries:  # sizes first: a truncated shard is found without reading anything
+        path = mf.join(root, entry["file"])
+        if not gfile.exists(path):
+            return f"{path}: missing"
+        size = gfile.stat(path).length
+        if size != entry["bytes"]:
+            return f"{path}: {size} bytes, the manifest says {entry['bytes']}"
+    for entry in entries:
+        path = mf.join(root, entry["file"])
+        if sha256_file(path) != entry["sha256"]:
+            return f"{path}: its sha256 differs from the manifest's (the file changed after conversion)"
+    return ""
+
+
 def _check_record(record: bytes, spec, encoding: str, split: str, labels: list) -> str:
     try:
         f = schema.parse_patch_numpy(record, spec.shape)
