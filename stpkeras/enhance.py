@@ -22,14 +22,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import threading
 import time
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from stpkeras.inference import OverlapAddHead, Timing, run_video
 from tfrecords_tools import outputs
-from tfrecords_tools.patches import PatchAssembler, overlap_spec
+from tfrecords_tools.patches import overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
 PIXELS = "pixels"               # serving_default output: uint8 [batch, T, H, W, 3]
@@ -199,6 +199,60 @@ def _write_png(path: str, frames) -> None:
     Image.fromarray(np.concatenate(frames, axis=1)).save(path)
 
 
+class _Enhancement(OverlapAddHead[None]):
+    """enhance_video's head: writes each blended frame (and the side-by-side row, the PNG, the scores)."""
+
+    def __init__(self, cut: PatchSpec, overlap, video: str, staged: dict, *, out: str, fps: float, crf: int,
+                 lossless: bool, reference: Optional[str], side_by_side: Optional[str], frame_png: Optional[str],
+                 frame_index: Optional[int], max_pixels: int):
+        super().__init__(cut, overlap)
+        self.video, self.staged, self.fps, self.crf, self.lossless = video, staged, fps, crf, lossless
+        self.out, self.reference, self.side_by_side, self.frame_png = out, reference, side_by_side, frame_png
+        self.frame_index, self.max_pixels = frame_index, max_pixels
+        self.writer = self.side = self.ref = None
+        self.scores: list = []
+
+    def start(self, plan) -> None:
+        # (Re)start: a second plan means the first read was wrong, and everything restarts from frame 0.
+        super().start(plan)
+        self.close()
+        self.writer = _open_writer(self.staged[self.out], self.fps, self.crf, self.lossless, plan.height, plan.width)
+        if self.side_by_side:
+            self.side = _open_writer(self.staged[self.side_by_side], self.fps, self.crf, self.lossless, plan.height,
+                                     plan.width * (3 if self.reference else 2))
+        self.ref = _reference_frames(self.reference, self.cut, self.max_pixels) if self.reference else None
+        self.scores = []
+        self.png_at = plan.frames // 2 if self.frame_index is None else min(self.frame_index, plan.frames - 1)
+
+    def frame(self, t, frame_in, frame_out) -> None:
+        self.writer.write(frame_out)
+        row = [frame_in, frame_out]
+        if self.ref is not None:
+            ref = next(self.ref, None)
+            if ref is None:
+                raise EnhanceError(f"{self.reference}: ends after {t} frames; {self.video} has {self.plan.frames}")
+            if ref.shape != frame_in.shape:
+                raise EnhanceError(f"{self.reference}: frames are {ref.shape[1]}x{ref.shape[0]}, {self.video}'s are "
+                                   f"{frame_in.shape[1]}x{frame_in.shape[0]}; expected the same size")
+            self.scores.append((frame_psnr(frame_in, ref), frame_ssim(frame_in, ref),
+                                frame_psnr(frame_out, ref), frame_ssim(frame_out, ref)))
+            row.append(ref)
+        if self.side is not None:
+            self.side.write(np.ascontiguousarray(np.concatenate(row, axis=1)))
+        if self.frame_png and t == self.png_at:
+            _write_png(self.staged[self.frame_png], row)
+
+    def result(self) -> None:
+        if self.ref is not None and next(self.ref, None) is not None:
+            raise EnhanceError(f"{self.reference}: has more frames than {self.video} ({self.plan.frames})")
+
+    def close(self) -> None:
+        for writer in (self.writer, self.side):
+            if writer is not None:
+                writer.close()
+        self.writer = self.side = None
+
+
 def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[Tuple[int, int, int]] = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, crf: int = 18, lossless: bool = False,
                   reference: Optional[str] = None, side_by_side: Optional[str] = None,
@@ -212,98 +266,33 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
     Every output is written under a temporary name and renamed when the whole video is done; an
     output that is one of the inputs raises `outputs.OutputIsInputError` before any work.
     """
-    from stpkeras.predict import _prefetch
-    from tfrecords_tools.patches import Patch
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, probe, video_patches
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, probe
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
-                         f"Received batch_size={batch_size!r}")
     for written in (out, side_by_side, frame_png):
         outputs.check_not_input(written, [path, reference])
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     overlap = tuple(overlap) if overlap is not None else default_overlap(enhancer.spec)
-    spec = overlap_spec(enhancer.spec, overlap)
+    cut = overlap_spec(enhancer.spec, overlap)
     started = time.perf_counter()
     info = probe(path, max_pixels)
-    result = EnhanceResult(video=path, out=out, fps=info.rate, reference=reference, side_by_side=side_by_side,
-                           frame_png=frame_png)
-    state: dict = {}
-
-    def close():
-        for key in ("writer", "side"):
-            if state.get(key) is not None:
-                state[key].close()
-                state[key] = None
-
-    def start(plan: Plan):
-        # (Re)start: a second plan means the first read was wrong, and everything restarts from frame 0.
-        close()
-        state.update(plan=plan, out_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
-                     in_frames=PatchAssembler(spec, overlap, plan.frames, plan.height, plan.width),
-                     writer=_open_writer(staged[out], info.rate, crf, lossless, plan.height, plan.width),
-                     side=(_open_writer(staged[side_by_side], info.rate, crf, lossless, plan.height,
-                                        plan.width * (3 if reference else 2)) if side_by_side else None),
-                     ref=_reference_frames(reference, spec, max_pixels) if reference else None,
-                     scores=[], pending_in={}, patches=0,
-                     png_at=(plan.frames // 2 if frame_index is None else min(frame_index, plan.frames - 1)))
-
-    def consume(frames_in, frames_out):
-        for (t, inp), (t2, outp) in zip(frames_in, frames_out):
-            assert t == t2, (t, t2)  # both assemblers see the same patches
-            state["writer"].write(outp)
-            row = [inp, outp]
-            if state["ref"] is not None:
-                ref = next(state["ref"], None)
-                if ref is None:
-                    raise EnhanceError(f"{reference}: ends after {t} frames; {path} has {state['plan'].frames}")
-                if ref.shape != inp.shape:
-                    raise EnhanceError(f"{reference}: frames are {ref.shape[1]}x{ref.shape[0]}, {path}'s are "
-                                       f"{inp.shape[1]}x{inp.shape[0]}; expected the same size")
-                state["scores"].append((frame_psnr(inp, ref), frame_ssim(inp, ref),
-                                        frame_psnr(outp, ref), frame_ssim(outp, ref)))
-                row.append(ref)
-            if state["side"] is not None:
-                state["side"].write(np.ascontiguousarray(np.concatenate(row, axis=1)))
-            if frame_png and t == state["png_at"]:
-                _write_png(staged[frame_png], row)
-
-    def run_batch(batch):
-        t = time.perf_counter()
-        outputs = enhancer(np.stack([p.pixels for p in batch]))
-        result.model_s += time.perf_counter() - t
-        state["patches"] += len(batch)
-        for patch, output in zip(batch, outputs):
-            ins = list(state["in_frames"].add(patch.pixels, patch.offset, patch.valid))
-            outs = list(state["out_frames"].add(output, patch.offset, patch.valid))
-            consume(ins, outs)
-
-    stop = threading.Event()
-    batch = []
+    timing = Timing()
     with contextlib.ExitStack() as stack:
         # Renamed into place when the block ends without error, after the writers are closed.
         staged = {p: stack.enter_context(outputs.atomic_file(p)) for p in (out, side_by_side, frame_png) if p}
+        head = _Enhancement(cut, overlap, path, staged, out=out, fps=info.rate, crf=crf, lossless=lossless,
+                            reference=reference, side_by_side=side_by_side, frame_png=frame_png,
+                            frame_index=frame_index, max_pixels=max_pixels)
         try:
-            for event in _prefetch(video_patches(path, spec, max_pixels=max_pixels), stop):
-                if isinstance(event, Plan):
-                    batch = []
-                    start(event)
-                    continue
-                batch.append(event)
-                if len(batch) == batch_size:
-                    run_batch(batch)
-                    batch = []
-            if batch:
-                run_batch(batch)
-            consume(list(state["in_frames"].finish()), list(state["out_frames"].finish()))
-            if state["ref"] is not None and next(state["ref"], None) is not None:
-                raise EnhanceError(f"{reference}: has more frames than {path} ({state['plan'].frames})")
+            run_video(path, enhancer.spec, enhancer, head, batch_size=batch_size, cut=cut, max_pixels=max_pixels,
+                      timing=timing)
         finally:
-            close()
-    plan = state["plan"]
-    result.frames, result.height, result.width, result.patches = plan.frames, plan.height, plan.width, state["patches"]
-    if state["scores"]:
-        scores = np.mean(np.array(state["scores"]), axis=0)
+            head.close()
+    plan = head.plan
+    result = EnhanceResult(video=path, out=out, frames=plan.frames, height=plan.height, width=plan.width,
+                           fps=info.rate, patches=timing.patches, model_s=timing.model_s, reference=reference,
+                           side_by_side=side_by_side, frame_png=frame_png)
+    if head.scores:
+        scores = np.mean(np.array(head.scores), axis=0)
         result.input_psnr, result.input_ssim, result.output_psnr, result.output_ssim = (float(v) for v in scores)
     result.seconds = time.perf_counter() - started
     return result

@@ -182,3 +182,50 @@ class MeanHead(Head[np.ndarray]):
 
     def finish(self) -> np.ndarray:
         return (self.total / self.count).astype(np.float32)
+
+
+class OverlapAddHead(Head[Result]):
+    """For outputs aligned pixel for pixel with the input (enhancement, segmentation masks).
+
+    The outputs of overlapping patches are blended back into frames by weighted overlap-add
+    (`tfrecords_tools.patches.PatchAssembler`), and so are the input patches, so every finished
+    frame goes, in order, to `frame(t, input uint8 [H, W, 3], output uint8 [H, W, channels])`. Only
+    about a patch length of frames is held. Subclasses implement `frame` and `result`, may turn a
+    patch's output into what is blended (`patch_output`), and extend `start` (calling it here).
+    """
+
+    def __init__(self, cut: PatchSpec, overlap, channels: int = 3):
+        self.cut, self.overlap, self.channels = cut, tuple(overlap), channels
+        self.plan: Optional[Plan] = None
+
+    def start(self, plan: Plan) -> None:
+        from tfrecords_tools.patches import PatchAssembler
+
+        self.plan = plan
+        self._inputs = PatchAssembler(self.cut, self.overlap, plan.frames, plan.height, plan.width)
+        self._outputs = PatchAssembler(self.cut, self.overlap, plan.frames, plan.height, plan.width,
+                                       channels=self.channels)
+
+    def patch_output(self, output: np.ndarray) -> np.ndarray:
+        return output
+
+    def add(self, patches, outputs) -> None:
+        for patch, output in zip(patches, outputs):
+            frames_in = list(self._inputs.add(patch.pixels, patch.offset, patch.valid))
+            frames_out = list(self._outputs.add(self.patch_output(output), patch.offset, patch.valid))
+            self._hand_on(frames_in, frames_out)
+
+    def _hand_on(self, frames_in, frames_out) -> None:
+        for (t, frame_in), (t_out, frame_out) in zip(frames_in, frames_out):
+            assert t == t_out, (t, t_out)  # both assemblers see the same patches
+            self.frame(t, frame_in, frame_out)
+
+    def frame(self, t: int, frame_in: np.ndarray, frame_out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Result:
+        self._hand_on(list(self._inputs.finish()), list(self._outputs.finish()))
+        return self.result()
+
+    def result(self) -> Result:
+        raise NotImplementedError

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stpkeras.inference import Head, OverlapAddHead
 from tfrecords_tools import outputs
+from tfrecords_tools.video import VideoWriter
 
 IGNORE = -1
 F1_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -303,6 +305,64 @@ def overlay(frame: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+class _MaskOverlay(OverlapAddHead[Dict[str, float]]):
+    """Masks: per-class probabilities blended across overlapping patches; each frame's argmax tinted over it."""
+
+    def __init__(self, cut, overlap, labels: Sequence[str], staged: str, fps: float):
+        super().__init__(cut, overlap, channels=len(labels))
+        self.labels, self.staged, self.fps = tuple(labels), staged, fps
+        self.writer = None
+
+    def start(self, plan) -> None:
+        super().start(plan)
+        self.close()
+        self.writer = VideoWriter(self.staged, self.fps)
+        self.counts = np.zeros(len(self.labels), np.int64)
+
+    def patch_output(self, logits):
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return 255.0 * e / e.sum(axis=-1, keepdims=True)   # the assembler rounds to uint8: 1/255 steps
+
+    def frame(self, t, frame_in, frame_out) -> None:
+        ids = frame_out.argmax(axis=-1)
+        self.counts += np.bincount(ids.ravel(), minlength=len(self.labels))
+        self.writer.write(overlay(frame_in, ids))
+
+    def result(self) -> Dict[str, float]:
+        total = max(1, int(self.counts.sum()))
+        return {name: float(c) / total for name, c in zip(self.labels, self.counts)}
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class _FrameLabels(Head[List[Interval]]):
+    """Frames: a frame's class is the argmax of the mean logits of the patches holding it; runs of it are intervals."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = tuple(labels)
+
+    def start(self, plan) -> None:
+        self.plan = plan
+        self.sums = np.zeros((plan.frames, len(self.labels)), np.float64)
+        self.covered = np.zeros(plan.frames, np.int64)
+
+    def add(self, patches, logits) -> None:
+        for patch, lg in zip(patches, logits):
+            t0, vt = patch.offset[0], patch.valid[0]
+            self.sums[t0:t0 + vt] += lg[:vt]
+            self.covered[t0:t0 + vt] += 1
+
+    def finish(self) -> List[Interval]:
+        plan = self.plan
+        ids = self.sums.argmax(axis=1)
+        ids[self.covered == 0] = IGNORE
+        period = (plan.end - plan.start) / max(1, plan.frames)
+        return frames_to_intervals(ids, [j * period for j in range(plan.frames)], plan.frames * period, self.labels)
+
+
 def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
                   overlap: Optional[Tuple[int, int, int]] = None, batch_size: int = 16,
                   max_pixels: Optional[int] = None) -> VideoSegmentation:
@@ -314,11 +374,9 @@ def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
     frames: the logits of every patch covering a frame are averaged; the
     argmax per frame gives the intervals.
     """
-    import threading
-
-    from stpkeras.predict import _prefetch
-    from tfrecords_tools.patches import Patch, PatchAssembler, overlap_spec
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoWriter, probe, video_patches
+    from stpkeras.inference import NoPatches, Timing, run_video
+    from tfrecords_tools.patches import overlap_spec
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, probe
 
     if segmenter.kind == "mask" and not out:
         raise SegmentError("a mask model writes an overlay video: pass `out` (--out overlay.mp4)")
@@ -329,77 +387,26 @@ def segment_video(segmenter: Segmenter, path: str, out: Optional[str] = None, *,
     cut = dataclasses.replace(overlap_spec(spec, overlap), fps=spec.fps, resize=spec.resize,
                               short_side=spec.short_side)
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    fps = spec.fps or probe(path, max_pixels).rate
-    k = len(segmenter.labels)
     result = VideoSegmentation(path, segmenter.kind, out=out)
-    state: dict = {}
-
-    def start(plan):
-        if state.get("writer") is not None:
-            state["writer"].close()
-        state.update(plan=plan, batch=[], counts=np.zeros(k, np.int64), patches=0)
-        if segmenter.kind == "mask":
-            state["pixels"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width)
-            state["probs"] = PatchAssembler(cut, overlap, plan.frames, plan.height, plan.width, channels=k)
-            state["writer"] = VideoWriter(staged, fps)
-        else:
-            state["sums"] = np.zeros((plan.frames, k), np.float64)
-            state["covered"] = np.zeros(plan.frames, np.int64)
-
-    def run(batch):
-        logits = segmenter.logits(np.stack([p.pixels for p in batch]))
-        state["patches"] += len(batch)
-        for patch, lg in zip(batch, logits):
-            t0, vt = patch.offset[0], patch.valid[0]
-            if segmenter.kind == "frames":
-                state["sums"][t0:t0 + vt] += lg[:vt]
-                state["covered"][t0:t0 + vt] += 1
-                continue
-            e = np.exp(lg - lg.max(axis=-1, keepdims=True))
-            probs = 255.0 * e / e.sum(axis=-1, keepdims=True)   # the assembler rounds to uint8: 1/255 steps
-            frames = list(state["pixels"].add(patch.pixels, patch.offset, patch.valid))
-            maps = list(state["probs"].add(probs, patch.offset, patch.valid))
-            write(frames, maps)
-
-    def write(frames, maps):
-        for (_, frame), (_, prob) in zip(frames, maps):
-            ids = prob.argmax(axis=-1)
-            state["counts"] += np.bincount(ids.ravel(), minlength=k)
-            state["writer"].write(overlay(frame, ids))
-
-    stop = threading.Event()
+    timing = Timing()
     with contextlib.ExitStack() as stack:
-        # The overlay is written under a temporary name, renamed when complete, after the writer is closed.
-        staged = stack.enter_context(outputs.atomic_file(out)) if segmenter.kind == "mask" else None
+        if segmenter.kind == "mask":
+            # The overlay is written under a temporary name, renamed when complete, after the writer is closed.
+            staged = stack.enter_context(outputs.atomic_file(out))
+            head = _MaskOverlay(cut, overlap, segmenter.labels, staged, spec.fps or probe(path, max_pixels).rate)
+            stack.callback(head.close)
+        else:
+            head = _FrameLabels(segmenter.labels)
         try:
-            for event in _prefetch(video_patches(path, cut, max_pixels=max_pixels), stop):
-                if isinstance(event, Plan):
-                    start(event)
-                    continue
-                state["batch"].append(event)
-                if len(state["batch"]) == batch_size:
-                    run(state["batch"])
-                    state["batch"] = []
-            if state.get("batch"):
-                run(state["batch"])
-            if "plan" not in state or state["patches"] == 0:
-                raise SegmentError(f"{path}: no patches ({cut.describe()})")
-            plan = state["plan"]
-            if segmenter.kind == "mask":
-                write(list(state["pixels"].finish()), list(state["probs"].finish()))
-                total = max(1, int(state["counts"].sum()))
-                result.class_fraction = {name: float(c) / total for name, c in zip(segmenter.labels, state["counts"])}
-            else:
-                ids = state["sums"].argmax(axis=1)
-                ids[state["covered"] == 0] = IGNORE
-                period = (plan.end - plan.start) / max(1, plan.frames)
-                result.intervals = frames_to_intervals(ids, [j * period for j in range(plan.frames)],
-                                                       plan.frames * period, segmenter.labels)
-            result.frames, result.patches = plan.frames, state["patches"]
-        finally:
-            stop.set()
-            if state.get("writer") is not None:
-                state["writer"].close()
+            answer = run_video(path, spec, segmenter.logits, head, batch_size=batch_size, cut=cut,
+                               max_pixels=max_pixels, timing=timing)
+        except NoPatches as e:
+            raise SegmentError(f"{path}: no patches ({cut.describe()})") from e
+    if segmenter.kind == "mask":
+        result.class_fraction = answer
+    else:
+        result.intervals = answer
+    result.frames, result.patches = head.plan.frames, timing.patches
     return result
 
 
@@ -410,8 +417,6 @@ def evaluate_segmentation(segmenter: Segmenter, data: str, split: Optional[str] 
     Frames: a video's frame is labelled by the mean logits of the patches holding
     it; segments are formed per video over its whole timeline.
     """
-    import tensorflow as tf
-
     from stpkeras import pipeline
     from tfrecords_tools import schema
 

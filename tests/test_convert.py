@@ -563,7 +563,7 @@ def _assert_same_shards(out, reference):
     assert m["splits"]["train"]["shards"] == reference["splits"]["train"]["shards"]
     for entry in m["splits"]["train"]["shards"]:
         assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-    assert sorted(os.listdir(out)) == sorted([mf.MANIFEST_NAME] + [e["file"] for e in m["splits"]["train"]["shards"]])
+    assert sorted(os.listdir(out)) == sorted([LOCK_NAME, mf.MANIFEST_NAME] + [e["file"] for e in m["splits"]["train"]["shards"]])
 
 
 @pytest.mark.parametrize("phase", ["assembly", "chunks"])
@@ -593,7 +593,7 @@ def test_a_full_disk_is_one_line_with_the_space_needed_and_a_rerun_is_identical(
                 f"{2 * chunk_bytes / 1e6:,.1f} MB (the chunks, then as much again for the shards); ") in errors[0]
     assert "MB free there now. Free space and run the same command again" in errors[0]
     # Nothing half-written is left to be read: no manifest, no shard, no temporary beside the work folder.
-    assert sorted(os.listdir(out)) == [WORK_DIR]
+    assert sorted(os.listdir(out)) == [LOCK_NAME, WORK_DIR]
     assert not [n for n in os.listdir(out / WORK_DIR) if n.endswith(".tmp")]
     again = cli("convert", classes_src, out, "--patch", "4x32x32")
     assert again.exit_code == 0, again.output

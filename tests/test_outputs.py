@@ -213,10 +213,11 @@ def test_readers_and_a_writer_of_one_folder_refuse_each_other(converted_copy, cl
         assert r.exit_code == 4 and f"being read by PID {os.getpid()}" in r.output, r.output
         assert cli("verify", data).exit_code == 0  # readers share the folder
     assert sha256(data / "dataset.json") == before
-    from stpkeras.testing.models import build_tiny_classifier, write_run
+    from stpkeras.models import build_model
+    from stpkeras.testing.models import write_run
 
     spec = PatchSpec(4, 32, 32)
-    trained = write_run(str(tmp_path / "trained"), build_tiny_classifier(spec, 3, width=4), spec,
+    trained = write_run(str(tmp_path / "trained"), build_model("stcnn", spec, 3, filters=4), spec,
                         json.loads((data / "dataset.json").read_text())["labels"])
     with outputs.writing(str(data), command="stp convert (test)"):  # a conversion in progress
         for args in (("verify", data), ("train", data, "--out", tmp_path / "run", "--epochs", "1"),
@@ -234,11 +235,12 @@ def test_readers_and_a_writer_of_one_folder_refuse_each_other(converted_copy, cl
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from stpkeras.testing.models import build_tiny_classifier, write_run
+    from stpkeras.models import build_model
+    from stpkeras.testing.models import write_run
 
     spec = PatchSpec(4, 16, 16)
     run = tmp_path_factory.mktemp("export") / "run"
-    return write_run(str(run), build_tiny_classifier(spec, 3, width=4), spec, ["a", "b", "c"]), spec
+    return write_run(str(run), build_model("stcnn", spec, 3, filters=4), spec, ["a", "b", "c"]), spec
 
 
 def test_two_exports_at_once_get_two_versions_and_both_load(tiny_run, tmp_path):
