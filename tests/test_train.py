@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
