@@ -266,19 +266,18 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
             features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
         return supervised(features) if as_supervised else features
 
-    # A repeated stream is a function of the seed alone, the same from every iterator: its reshuffles take
+    # A repeated training stream is a function of the seed alone, the same from every iterator: its reshuffles take
     # their seeds from the pass number, not from the seed generators a dataset keeps across iterators
     # (`reshuffle_each_iteration`). `Model.fit` draws a batch from a first iterator to build the model, and
     # a resumed run's (`skip_batches`) reads further than an uninterrupted run's: with those generators, the
     # training iterator after it would start from other shuffles.
-    stateless = training and repeat
+    # Not across workers: sharding by file needs the file list as the stream's source.
+    stateless = training and repeat and num_workers(strategy) == 1
     ds = tf.data.Dataset.from_tensor_slices(files)
     if stateless:
-        # File order reshuffled every pass, pass p with its own seed; the passes follow each other as one
-        # stream of file names, so sharding by file under a strategy still finds the files.
-        file_names = ds
-        ds = tf.data.Dataset.counter().flat_map(
-            lambda p: file_names.shuffle(len(files), seed=(seed + 3) * 1_000_003 + p, reshuffle_each_iteration=False))
+        # File order reshuffled every pass, pass p by the stateless seed (seed, p); one stream of file names.
+        ds = tf.data.Dataset.counter().flat_map(lambda p: tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(tf.constant(files), tf.stack([tf.constant(seed, tf.int64), p]))))
     elif training:
         # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
