@@ -166,7 +166,6 @@ def test_a_killed_deterministic_run_resumes_to_the_weights_of_an_uninterrupted_o
     assert f"resuming at epoch {killed_at + 1}" in resumed.stdout
 
     whole, again, killed = (_weights(tmp_path / name / "last.keras") for name in ("whole", "again", "killed"))
-    print("max |whole - resumed|:", max(float(np.abs(a - b).max()) for a, b in zip(whole, killed)))
     # Two uninterrupted runs are bit-identical (op determinism), so the resumed run is held to the same.
     for a, b in zip(whole, again):
         np.testing.assert_array_equal(a, b)
