@@ -271,8 +271,9 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     # (`reshuffle_each_iteration`). `Model.fit` draws a batch from a first iterator to build the model, and
     # a resumed run's (`skip_batches`) reads further than an uninterrupted run's: with those generators, the
     # training iterator after it would start from other shuffles.
-    # Not across workers: sharding by file needs the file list as the stream's source.
-    stateless = training and repeat and num_workers(strategy) == 1
+    # Not across workers (sharding by file needs the file list as the stream's source), nor with `cache`
+    # (which would then hold the endless stream).
+    stateless = training and repeat and not cache and num_workers(strategy) == 1
     ds = tf.data.Dataset.from_tensor_slices(files)
     if stateless:
         # File order reshuffled every pass, pass p by the stateless seed (seed, p); one stream of file names.
