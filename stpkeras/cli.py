@@ -576,7 +576,8 @@ def _model_args(ctx, param, values):
 @click.option("--mixed-precision", is_flag=True, help="float16 compute on GPUs (bfloat16 on CPUs); logits stay float32.")
 @click.option("--jit", is_flag=True, help="Compile the train step with XLA.")
 @click.option("--seed", type=int, default=None, help="Seeds weights, data order and augmentation.")
-@click.option("--deterministic", is_flag=True, help="Same batches and same weights on every run (needs --seed).")
+@click.option("--deterministic", is_flag=True, help="Same batches and same weights on every run (needs --seed), also when "
+                   "a run was killed and resumed (except --strategy multiworker and --data-service).")
 @click.option("--class-weight", is_flag=True, help="Weight classes by inverse frequency in the training split.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last finished epoch.")

@@ -181,7 +181,8 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
                  repeat: bool = False, drop_remainder: Optional[bool] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, as_supervised: bool = True,
                  spec: Optional[PatchSpec] = None, cache: bool = False,
-                 element_fn: Optional[Callable[[tf.Tensor, tf.Tensor], object]] = None) -> tf.data.Dataset:
+                 element_fn: Optional[Callable[[tf.Tensor, tf.Tensor], object]] = None,
+                 skip_batches: int = 0) -> tf.data.Dataset:
     """Streams the patches of `split` from a converted folder.
 
     Args:
@@ -210,6 +211,9 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
         (e.g. two augmented views for `embed`, `(patch, mask)` for `segment`), pure TF. It
         replaces parse/decode/augment/`as_supervised`; `augment` must then be None (the
         task applies its own). Every element gets its seed, also when not training.
+      skip_batches: start the stream after its first `skip_batches` batches (a resumed run
+        goes on where the killed one stopped). Their records are read and shuffled, with their
+        seeds, but not parsed, decoded or augmented.
 
     Returns:
       A `tf.data.Dataset` whose `cardinality()` is exact (from the manifest).
@@ -220,6 +224,9 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
                          f"Received batch_size={batch_size!r}")
+    if not isinstance(skip_batches, int) or skip_batches < 0:
+        raise ValueError(f"Invalid value for argument `skip_batches`. Expected an integer >= 0. "
+                         f"Received skip_batches={skip_batches!r}")
     ops = augment_lib.parse_augment(augment) if training else ()
     if element_fn is not None and ops:
         raise ValueError("Invalid arguments: `augment` and `element_fn` are exclusive (the element applies "
@@ -255,8 +262,20 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
             features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
         return supervised(features) if as_supervised else features
 
+    # A repeated training stream is a function of the seed alone, the same from every iterator: its reshuffles take
+    # their seeds from the pass number, not from the seed generators a dataset keeps across iterators
+    # (`reshuffle_each_iteration`). `Model.fit` draws a batch from a first iterator to build the model, and
+    # a resumed run's (`skip_batches`) reads further than an uninterrupted run's: with those generators, the
+    # training iterator after it would start from other shuffles.
+    # Not across workers (sharding by file needs the file list as the stream's source), nor with `cache`
+    # (which would then hold the endless stream).
+    stateless = training and repeat and not cache and num_workers(strategy) == 1
     ds = tf.data.Dataset.from_tensor_slices(files)
-    if training:
+    if stateless:
+        # File order reshuffled every pass, pass p by the stateless seed (seed, p); one stream of file names.
+        ds = tf.data.Dataset.counter().flat_map(lambda p: tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(tf.constant(files), tf.stack([tf.constant(seed, tf.int64), p]))))
+    elif training:
         # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     # Interleave reads several shards at once: a sequential reader would wait on each file's
@@ -266,14 +285,15 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     ds = ds.interleave(
         lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=buffer_size),
         cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE, deterministic=ordered)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(records))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY if stateless else records))
     if cache:
         ds = ds.cache()
     if training:
         # Shuffle the serialized records, before decoding: the buffer then holds compressed
-        # bytes (jpeg/png) and decoding runs once per record that leaves it.
-        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    if repeat:
+        # bytes (jpeg/png) and decoding runs once per record that leaves it. On the repeated stream the
+        # buffer spans the end of one pass and the start of the next; every record still comes once a pass.
+        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=not stateless)
+    if repeat and not stateless:
         # After the shuffle, so an epoch boundary does not mix records from two epochs.
         ds = ds.repeat()
     # Raw records with nothing to do per record are parsed and decoded a batch at a time (below).
@@ -285,10 +305,12 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
         # augmentation is then deterministic even when the map returns elements out of order. In
         # evaluation the stream restarts each pass, so an element (e.g. a degraded patch for enhance,
         # validation views for embed) is the same every epoch.
-        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=training).batch(2)
+        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=training and not stateless).batch(2)
         if per_record:
             ds = tf.data.Dataset.zip(ds, seeds)
     if per_record:
+        # Skipped before the map: the skipped records are never parsed or decoded, and their seeds go with them.
+        ds = ds.skip(skip_batches * global_batch)
         # Each record is parsed, decoded and augmented on its own (the augmentations draw per
         # patch), then the patches are batched.
         ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=ordered)
@@ -304,11 +326,11 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
         if ops:
             # The seeds travel a batch at a time too: element i still gets the stream's i-th seed
             # (a last, smaller batch takes the first of its seeds), one zip per batch, not per record.
-            ds = tf.data.Dataset.zip(ds, seeds.batch(global_batch)).map(
+            ds = tf.data.Dataset.zip(ds, seeds.batch(global_batch)).skip(skip_batches).map(
                 lambda serialized, batch_seeds: to_element(serialized, batch_seeds[:tf.shape(serialized)[0]]),
                 num_parallel_calls=AUTOTUNE, deterministic=ordered)
         else:
-            ds = ds.map(to_element, num_parallel_calls=AUTOTUNE, deterministic=ordered)
+            ds = ds.skip(skip_batches).map(to_element, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     ds = ds.prefetch(AUTOTUNE)
 
     options = tf.data.Options()

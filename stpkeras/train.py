@@ -8,10 +8,13 @@ RUN_DIR layout (other stages rely on it):
     history.csv   one row per epoch (Keras CSVLogger)
     logs/         TensorBoard
     curves.png    loss and metrics per epoch
-    backup/       `keras.callbacks.BackupAndRestore` state while a run is unfinished
+    backup/       the state after the last finished epoch while a run is unfinished (`_backup_callback`)
 
 A run killed at any moment and started again with `resume=True` goes on
-from the last finished epoch, with its weights, optimizer state and step count.
+from the last finished epoch, with its weights, optimizer state and step count,
+its layers' random state (dropout) and, with a seed, the rest of its training
+data stream: a `deterministic` run killed and resumed ends with the weights of
+one that was not killed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -182,13 +186,85 @@ def read_history(run_dir: str) -> Dict[str, List[float]]:
     return history
 
 
-def _backup_epoch(backup_dir: str) -> int:
-    """The epoch BackupAndRestore will resume at (0 when there is no backup)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
+BACKUP_METADATA, BACKUP_WEIGHTS, BACKUP_RANDOM = "training_metadata.json", "latest.weights.h5", "random.npz"
+
+
+def _backup_metadata(backup_dir: str) -> dict:
+    """The backup's `{"epoch": finished epochs, "state": its folder}` ({} when there is no backup)."""
+    path = os.path.join(backup_dir, BACKUP_METADATA)
     if not os.path.exists(path):
-        return 0
+        return {}
     with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
+        return json.load(f)
+
+
+def _seed_states(model) -> list:
+    """The state variables of the model's Keras `SeedGenerator`s (dropout...), in the model's order.
+
+    `Model.save_weights` leaves them out; without them a resumed run would draw its first epoch's
+    dropout masks again.
+    """
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
+def _backup_callback(backup_dir: str):
+    """Saves the training state after every epoch into `backup_dir`, so that a killed run can go on.
+
+    Each epoch's state goes to its own folder `epoch-NNNNN/` (weights and optimizer state as a Keras
+    `.weights.h5`, the layers' seed generator states in `random.npz`), written under a temporary
+    name and renamed when complete; then `training_metadata.json` is replaced (atomically) to name
+    it, and only then the previous folder is deleted. A kill at any point leaves the metadata naming
+    a complete state. The rest of a run's random state needs no saving: the data stream and its
+    augmentation seeds are a function of the seed and the position (`_restore_backup`), and the
+    learning rate of the optimizer's step count. The folder is removed when training ends.
+    (`keras.callbacks.BackupAndRestore` writes the weights in place and the epoch after them, so a
+    kill in between left weights of one epoch labelled with the previous one.)
+    """
+    import keras
+    import numpy as np
+
+    class Backup(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            name = f"epoch-{epoch + 1:05d}"
+            final, partial = os.path.join(backup_dir, name), os.path.join(backup_dir, name + ".partial")
+            for stale in (final, partial):  # left by a run killed while writing this epoch
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(partial)
+            self.model.save_weights(os.path.join(partial, BACKUP_WEIGHTS))
+            np.savez(os.path.join(partial, BACKUP_RANDOM), *[v.numpy() for v in _seed_states(self.model)])
+            os.replace(partial, final)
+            _write_json(os.path.join(backup_dir, BACKUP_METADATA), {"epoch": epoch + 1, "state": name})
+            for entry in os.listdir(backup_dir):
+                if entry.startswith("epoch-") and entry != name:
+                    shutil.rmtree(os.path.join(backup_dir, entry), ignore_errors=True)
+
+        def on_train_end(self, logs=None):
+            shutil.rmtree(backup_dir, ignore_errors=True)
+
+    return Backup()
+
+
+def _restore_backup(backup_dir: str, model) -> int:
+    """Loads the state `_backup_callback` saved last into `model` (compiled, inside the strategy's scope);
+    returns the number of finished epochs. A backup of `keras.callbacks.BackupAndRestore` (weights only,
+    no `state` folder) loads too."""
+    import numpy as np
+
+    metadata = _backup_metadata(backup_dir)
+    state = os.path.join(backup_dir, metadata.get("state", ""))
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+    model.load_weights(os.path.join(state, BACKUP_WEIGHTS))
+    if os.path.exists(os.path.join(state, BACKUP_RANDOM)):
+        with np.load(os.path.join(state, BACKUP_RANDOM)) as saved:
+            values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        variables = _seed_states(model)
+        if len(values) != len(variables):
+            raise RunError(f"{state}: {len(values)} seed generator states saved, the model has {len(variables)}. "
+                           "Expected the model the backup was written by.")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+    return int(metadata.get("epoch", 0))
 
 
 def versions() -> Dict[str, str]:
@@ -375,6 +451,7 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
             lr = learning_rate(config, config.epochs * steps)
             model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=config.weight_decay),
                           loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
+            initial_epoch = _restore_backup(backup_dir, model) if resuming else 0
 
         common = dict(batch_size=config.batch_size, strategy=strategy, seed=config.seed,
                       deterministic=config.deterministic)
@@ -385,9 +462,15 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
         # A dataset that ends each epoch makes Keras build a new iterator every epoch, and on 2 cores
         # some of those iterators left the training ops on one core: epochs of the enhancement benchmark
         # took 45 s or 82 s at random (same CPU time), against 45 s every epoch with one iterator.
+        # A resumed run goes on with the batches the killed one had not reached: with a seed, the stream is
+        # the same on every run, so skipping the batches of the finished epochs continues it exactly.
+        # (Checkpointing the iterator instead is not open to us: `fit` makes its own, distributed, iterator,
+        # and `tf.distribute`'s iterators cannot be checkpointed.)
+        skip = initial_epoch * steps if config.seed is not None else 0
         train_ds = pipeline.make_dataset(info, train_splits, training=True, element_fn=train_element,
                                          augment=None if train_element is not None else config.augment,
-                                         shuffle_buffer=config.shuffle_buffer, repeat=True, **common)
+                                         shuffle_buffer=config.shuffle_buffer, repeat=True, skip_batches=skip,
+                                         **common)
         val_ds = (pipeline.make_dataset(info, val_split, training=False, element_fn=val_element, **common)
                   if val_split else None)
         if config.data_service:
@@ -405,7 +488,6 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
                 trace_file=os.path.join(config.trace_dir, "trainer.txt") if config.trace_dir else None)
 
         monitor = ("val_" if val_ds is not None else "") + task.monitor
-        initial_epoch = _backup_epoch(backup_dir) if resuming else 0
         best_so_far = _best_value(read_history(config.out), monitor, task.monitor_mode, initial_epoch)
         run = {"task": task.name, "model": config.model, "config": config.to_dict(),
                "spec": info.spec.to_dict(), "labels": list(labels), "data": config.data,
@@ -423,7 +505,7 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
              + (f"; resuming at epoch {initial_epoch + 1}" if resuming else ""))
 
         callbacks = [
-            # CSV first and BackupAndRestore last: when the backup says an epoch is done,
+            # CSV first and the backup last: when the backup says an epoch is done,
             # its row, checkpoints and curves are written too.
             keras.callbacks.CSVLogger(os.path.join(config.out, HISTORY), append=True),
             keras.callbacks.ModelCheckpoint(os.path.join(config.out, BEST), monitor=monitor,
@@ -432,7 +514,7 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
             keras.callbacks.ModelCheckpoint(os.path.join(config.out, LAST)),
             keras.callbacks.TensorBoard(os.path.join(config.out, LOGS)),
             _curves_callback(config.out),
-            keras.callbacks.BackupAndRestore(backup_dir),
+            _backup_callback(backup_dir),
         ]
         if config.data_service:
             from stpkeras.data_service import stall_warning_callback, trace_epoch_callback
@@ -445,7 +527,7 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> dict:
         # A tf.data service dataset ends its epochs itself (each record once per epoch).
         steps_per_epoch = None if config.data_service else steps
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-                  callbacks=callbacks, class_weight=class_weight, verbose=config.verbose, shuffle=False)
+                  initial_epoch=initial_epoch, callbacks=callbacks, class_weight=class_weight, verbose=config.verbose, shuffle=False)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
