@@ -411,7 +411,8 @@ def test_to_rgb_inverts_to_record_within_the_formats_error(name):
         assert back.shape == clip.shape and back.dtype == np.uint8
         assert np.abs(back.astype(int) - clip).max() <= bound
     spec = PatchSpec(4, 12, 10, pixels=name)
-    assert np.array_equal(pixels.to_rgb(spec, pixels.to_record(spec, same_pairs)), fmt.to_rgb(fmt.to_record(same_pairs)))
+    assert np.array_equal(pixels.to_rgb(spec, pixels.to_record(spec, same_pairs)),
+                          fmt.to_rgb(fmt.to_record(same_pairs)))
 
 
 @pytest.mark.parametrize("name", list(pixels.PIXEL_FORMATS))
