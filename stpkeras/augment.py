@@ -23,6 +23,9 @@ from typing import Callable, Sequence, Tuple
 
 import tensorflow as tf
 
+from stpkeras import pixel_formats
+from tfrecords_tools.pixels import PixelFormat
+
 Augment = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 # The default for `stp train`: a horizontal flip swaps left and right motion, so it is
@@ -111,7 +114,7 @@ def _affine_uint8(patch: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor) -> tf.T
 
 
 def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
-                 contrast: Tuple[float, float] = (0.75, 1.25), pixels: str = "rgb") -> tf.Tensor:
+                 contrast: Tuple[float, float] = (0.75, 1.25), pixels: str | PixelFormat = "rgb") -> tf.Tensor:
     """Random brightness (`+-brightness x 255`) and contrast (factor in `contrast`) for the clip.
 
     Contrast scales every value around the clip's mean (over all frames, pixels
@@ -121,24 +124,19 @@ def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
 
     On `yuv440` pixels (`tfrecords_tools.pixels`) the same change of the RGB
     values is, exactly (clipping aside), luma `Y -> (Y - mean) * factor + mean + delta`
-    and chroma `C -> (C - 128) * factor + 128`, with the clip's mean luma as the mean.
+    and chroma `C -> (C - 128) * factor + 128`, with the clip's mean luma as the mean
+    (the format's `color_offset` in `stpkeras.pixel_formats`).
     """
     low, high = contrast
     if not 0.0 < low <= high:
         raise ValueError(f"Invalid value for argument `contrast`. Expected 0 < low <= high. "
                          f"Received contrast={contrast}")
+    fmt = pixel_formats.get(pixels)   # picks the graph at trace time
     patch = tf.convert_to_tensor(patch)
     seeds = tf.random.experimental.stateless_split(seed, 2)
     delta = tf.random.stateless_uniform([], seeds[0], -brightness, brightness) * 255.0
     factor = tf.random.stateless_uniform([], seeds[1], low, high)
-    if pixels == "yuv440":
-        means = tf.reduce_mean(tf.cast(tf.reshape(patch, [-1, 4]), tf.float32), axis=0)
-        luma = (1.0 - factor) * (means[0] + means[1]) / 2 + delta
-        chroma = (1.0 - factor) * 128.0
-        return tf.ensure_shape(_affine_uint8(patch, factor, tf.stack([luma, luma, chroma, chroma])), patch.shape)
-    # A reduction over the flat patch: reducing per channel would stride over the 3-wide last axis.
-    mean = tf.reduce_mean(tf.cast(tf.reshape(patch, [-1]), tf.float32))
-    return tf.ensure_shape(_affine_uint8(patch, factor, (1.0 - factor) * mean + delta), patch.shape)
+    return tf.ensure_shape(_affine_uint8(patch, factor, fmt.color_offset(patch, factor, delta)), patch.shape)
 
 
 AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color}
@@ -160,7 +158,7 @@ def parse_augment(text: str | Sequence[str] | None) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def make_augment(names: Sequence[str], pixels: str = "rgb") -> Augment:
+def make_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb") -> Augment:
     """Chains the named ops into one `(uint8 patch, int64 [2] seed) -> uint8 patch` function.
 
     Geometry goes first, colour last; every op gets its own seed split from `seed`.
@@ -168,6 +166,7 @@ def make_augment(names: Sequence[str], pixels: str = "rgb") -> Augment:
     columns and rows of either layout, colour needs to know which values are luma.
     """
     names = parse_augment(names)
+    pixel_formats.get(pixels)  # an unknown format fails here, not when the pipeline is traced
     order = [n for n in ("flip", "crop", "color") if n in names]
     ops = [functools.partial(random_color, pixels=pixels) if n == "color" else AUGMENTATIONS[n] for n in order]
 
@@ -187,7 +186,7 @@ def make_augment(names: Sequence[str], pixels: str = "rgb") -> Augment:
 BATCH_OPS = ("flip",)
 
 
-def make_batch_augment(names: Sequence[str], pixels: str = "rgb"):
+def make_batch_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb"):
     """`(uint8 [B, T, H, W, C], per-patch seeds int64 [B, 2]) -> batch`: `make_augment(names)` applied
     to each patch with its own seed, so exactly the pixels of the record-by-record path. None when an
     op is not in `BATCH_OPS`.

@@ -24,6 +24,7 @@ import click
 
 from stpkeras import __version__
 from tfrecords_tools.outputs import OutputBusyError, OutputError
+from tfrecords_tools.pixels import DEFAULT as DEFAULT_PIXELS, PIXEL_FORMATS
 from tfrecords_tools.spec import parse_pair, parse_triple
 
 EXIT_OK = 0
@@ -177,7 +178,7 @@ class _ProgressLine:
               help="Resize so the shorter side is N pixels, keeping the aspect ratio.")
 @click.option("--pad", type=click.Choice(["drop", "edge", "zero"]), default="drop", show_default=True,
               help="What to do with a tail that does not fill a whole patch.")
-@click.option("--pixels", type=click.Choice(["rgb", "yuv440"]), default="rgb", show_default=True,
+@click.option("--pixels", type=click.Choice(list(PIXEL_FORMATS)), default=DEFAULT_PIXELS.name, show_default=True,
               help="How patches are stored and fed to models: rgb (3 bytes a pixel), or yuv440 (luma + chroma of "
                    "pairs of rows, 2 bytes a pixel, raw only; the model converts to RGB in its first layer: faster "
                    "to stream, for classification and retrieval).")
@@ -376,7 +377,7 @@ def preview(data, out_png, count, split, scale):
               help="Generated videos per class.")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="Training epochs (default: the demo's).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion workers.")
-@click.option("--pixels", type=click.Choice(["rgb", "yuv440"]), default="rgb", show_default=True,
+@click.option("--pixels", type=click.Choice(list(PIXEL_FORMATS)), default=DEFAULT_PIXELS.name, show_default=True,
               help="Pixel format of the records (see `stp convert --pixels`).")
 def demo(out, per_class, epochs, workers, pixels):
     """Run the whole job on built-in generated videos: make, convert, train, evaluate, export, predict."""

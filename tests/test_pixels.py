@@ -346,3 +346,180 @@ def test_yuv440_predict_through_the_serving_stand_in_equals_local(tmp_path, api)
     a, b = json.loads(local.output), json.loads(remote.output)
     assert a["patches"] == b["patches"] == 4 and a["label"] == b["label"]
     np.testing.assert_allclose([s for _, s in a["top_k"]], [s for _, s in b["top_k"]], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The PixelFormat object: the one owner of what a format means
+
+
+def test_registry_gives_one_frozen_object_per_format_and_refuses_unknown_names():
+    import dataclasses
+
+    from stpkeras import pixel_formats
+
+    assert list(pixels.PIXEL_FORMATS) == ["rgb", "yuv440"]
+    assert pixels.PIXEL_FORMATS == {"rgb": pixels.RGB, "yuv440": pixels.YUV440} and pixels.DEFAULT is pixels.RGB
+    for name, fmt in pixels.PIXEL_FORMATS.items():
+        assert fmt.name == name and pixels.get(name) is fmt and pixels.get(fmt) is fmt
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fmt.name = "other"
+        # Every format has its tensor side (the model's first layer, the colour augmentation).
+        assert pixel_formats.get(name).format is fmt and pixel_formats.get(fmt) is pixel_formats.get(name)
+    assert set(pixel_formats.TENSOR_FORMATS) == set(pixels.PIXEL_FORMATS)
+    for bad in ("yuv420", "RGB", None, 3):
+        with pytest.raises(ValueError) as e:
+            pixels.get(bad)
+        assert str(e.value) == ("Invalid value for argument `pixels`. Expected one of ('rgb', 'yuv440'). "
+                                f"Received pixels={bad!r}")
+    assert (pixels.RGB.pixel_aligned, pixels.YUV440.pixel_aligned) == (True, False)
+    assert (pixels.RGB.raw_only, pixels.YUV440.raw_only) == (False, True)
+
+
+def test_spec_keeps_the_name_in_json_and_gives_the_object():
+    by_object = PatchSpec(8, 16, 24, pixels=pixels.YUV440)
+    by_name = PatchSpec(8, 16, 24, pixels="yuv440")
+    assert by_object == by_name and by_object.pixels == "yuv440" and by_object.pixel_format is pixels.YUV440
+    assert by_object.to_json() == by_name.to_json() and json.loads(by_name.to_json())["pixels"] == "yuv440"
+    assert PatchSpec(8, 16, 24, pixels=pixels.RGB).to_json() == PatchSpec(8, 16, 24).to_json()
+    assert PatchSpec(8, 16, 24).pixel_format is pixels.RGB and "pixels" not in PatchSpec(8, 16, 24).describe()
+
+
+@pytest.mark.parametrize("name, shape", [("rgb", (8, 16, 24, 3)), ("yuv440", (8, 8, 24, 4))])
+def test_record_shape_is_the_shape_to_record_gives_and_the_models_input(name, shape):
+    from stpkeras.models import build_model
+
+    fmt = pixels.get(name)
+    assert fmt.record_shape(8, 16, 24) == shape and fmt.channels == shape[-1]
+    assert PatchSpec(8, 16, 24, pixels=name).shape == shape
+    record = fmt.to_record(_random((2, 8, 16, 24, 3), seed=10))
+    assert record.shape == (2, *shape) and record.dtype == np.uint8
+    assert tuple(build_model("stcnn", PatchSpec(8, 16, 24, pixels=name), 3).input_shape[1:]) == shape
+
+
+# The most a pixel moves through to_record then to_rgb, on clips whose pairs of rows share their colour
+# (yuv440 keeps one chroma for each pair) and on any clip (where the pair's averaged chroma is all there is).
+ROUND_TRIP_MAX_ERROR = {"rgb": (0, 0), "yuv440": (2, 255)}
+
+
+@pytest.mark.parametrize("name", list(pixels.PIXEL_FORMATS))
+def test_to_rgb_inverts_to_record_within_the_formats_error(name):
+    fmt = pixels.get(name)
+    same_pairs = np.repeat(_random((3, 4, 6, 10, 3), seed=11), 2, axis=2)     # [3, 4, 12, 10, 3]
+    anything = _random((3, 4, 12, 10, 3), seed=12)
+    for clip, bound in zip((same_pairs, anything), ROUND_TRIP_MAX_ERROR[name]):
+        back = fmt.to_rgb(fmt.to_record(clip))
+        assert back.shape == clip.shape and back.dtype == np.uint8
+        assert np.abs(back.astype(int) - clip).max() <= bound
+    spec = PatchSpec(4, 12, 10, pixels=name)
+    assert np.array_equal(pixels.to_rgb(spec, pixels.to_record(spec, same_pairs)),
+                          fmt.to_rgb(fmt.to_record(same_pairs)))
+
+
+@pytest.mark.parametrize("name", list(pixels.PIXEL_FORMATS))
+def test_normalize_gives_the_rgb_of_to_rgb_for_every_format(name):
+    from stpkeras.models import layers
+
+    fmt = pixels.get(name)
+    record = fmt.to_record(_random((2, 3, 8, 6, 3), seed=13))
+    layer = layers.Normalize(pixels=fmt)
+    out = np.asarray(layer(record))
+    assert layer.pixels == name and layer.get_config()["pixels"] == name
+    assert out.shape == (2, 3, 8, 6, 3) == layer.compute_output_shape(record.shape)
+    expected = fmt.to_rgb(record).astype(np.float32) / 127.5 - 1.0
+    assert np.abs(out - expected).max() <= (0 if fmt.pixel_aligned else 0.5) / 127.5 + 1e-5
+
+
+def test_refusals_keep_their_messages():
+    from stpkeras.models import layers
+    from tfrecords_tools.convert import ConvertConfig, check_pixels
+    from tfrecords_tools.sources import Item
+
+    with pytest.raises(ValueError) as e:
+        PatchSpec(8, 15, 24, pixels="yuv440")
+    assert str(e.value) == ("Invalid value for argument `height`. Expected an even patch height with "
+                            "pixels='yuv440' (chroma covers pairs of rows). Received height=15")
+    PatchSpec(8, 15, 24)  # rgb takes any height
+    with pytest.raises(ValueError) as e:
+        ConvertConfig(src="in", out="out", spec=PatchSpec(8, 16, 24, pixels="yuv440"), encoding="png")
+    assert str(e.value) == ("Invalid arguments: pixels='yuv440' is stored raw (JPEG and PNG hold RGB frames). "
+                            "Received encoding='png'")
+    for encoding in ("raw", "jpeg", "png"):
+        pixels.RGB.check_encoding(encoding)
+    pixels.YUV440.check_encoding("raw")
+    with pytest.raises(ValueError) as e:
+        layers.require_rgb(PatchSpec(4, 32, 32, pixels="yuv440"), "an enhancer")
+    assert str(e.value) == ("Invalid value for argument `spec`. Expected rgb patches for an enhancer (its output "
+                            "is aligned pixel for pixel with the input's rows; convert with --pixels rgb). "
+                            "Received pixels='yuv440'")
+    layers.require_rgb(PatchSpec(4, 32, 32), "an enhancer")
+    item = Item(id="a.mp4", path="a.mp4", label=None, target="b.mp4")
+    check_pixels(ConvertConfig(src="pairs.csv", out="out", spec=PatchSpec(4, 32, 32)), [item])
+    with pytest.raises(Exception) as e:
+        check_pixels(ConvertConfig(src="pairs.csv", out="out", spec=PatchSpec(4, 32, 32, pixels="yuv440")), [item])
+    assert str(e.value) == ("pairs.csv: a.mp4 has a 'target' column (enhancement/segmentation data), which needs "
+                            "--pixels rgb. Received pixels='yuv440'")
+    with pytest.raises(ValueError, match=r"Received pixels='bgr'"):
+        layers.Normalize(pixels="bgr")
+    from stpkeras import augment
+
+    with pytest.raises(ValueError, match=r"Received pixels='bgr'"):
+        augment.make_augment("color", "bgr")
+
+
+def test_cli_offers_the_registered_formats():
+    from stpkeras.cli import main
+
+    for command in ("convert", "demo"):
+        option = next(p for p in main.commands[command].params if p.name == "pixels")
+        assert list(option.type.choices) == list(pixels.PIXEL_FORMATS) and option.default == pixels.DEFAULT.name
+
+
+def _format_name_literals(source: str, filename: str = "<source>"):
+    """(line, code) of each comparison with a format's name, and of each hand-written collection of names
+    (a `click.Choice([...])`, a dict keyed by name) in `source`."""
+    import ast
+
+    names = set(pixels.PIXEL_FORMATS)
+
+    def is_name(node):
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+
+    def has_name(node):
+        return is_name(node) or (isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(map(is_name, node.elts)))
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Compare):
+            hit = any(map(has_name, [node.left, *node.comparators]))
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            hit = any(map(is_name, node.elts))
+        elif isinstance(node, ast.Dict):
+            hit = any(k is not None and is_name(k) for k in node.keys)
+        elif isinstance(node, ast.MatchValue):
+            hit = is_name(node.value)
+        else:
+            continue
+        if hit:
+            found.append((node.lineno, ast.get_source_segment(source, node)))
+    return found
+
+
+def test_the_format_check_catches_comparisons_and_hand_written_vocabularies():
+    source = ('if spec.pixels == "yuv440": pass\nok = pixels != "rgb"\nx = name in ("rgb", "yuv440")\n'
+              'c = click.Choice(["rgb", "yuv440"])\nd = {"rgb": 1}\ndefault = "rgb"\nmsg = "use --pixels rgb"\n')
+    assert sorted({line for line, _ in _format_name_literals(source)}) == [1, 2, 3, 4, 5]
+
+
+def test_no_module_but_pixels_compares_a_format_by_name():
+    """What a format means is asked of its `PixelFormat`; names are only data (defaults, messages, JSON)."""
+    from pathlib import Path
+
+    import stpkeras
+    import tfrecords_tools
+
+    owner = Path(pixels.__file__).resolve()
+    files = [p for package in (stpkeras, tfrecords_tools)
+             for p in sorted(Path(package.__file__).parent.rglob("*.py")) if p.resolve() != owner]
+    assert len(files) > 30
+    found = {f"{p.name}:{line}": code for p in files for line, code in _format_name_literals(p.read_text(), str(p))}
+    assert found == {}, "compare formats through tfrecords_tools.pixels.PixelFormat, not by name: " + repr(found)

@@ -98,9 +98,7 @@ class ConvertConfig:
                              f"Received shard_size_mb={self.shard_size_mb}")
         if self.workers < 1:
             raise ValueError(f"Invalid value for argument `workers`. Expected >= 1. Received workers={self.workers}")
-        if self.spec.pixels != "rgb" and self.encoding != "raw":
-            raise ValueError(f"Invalid arguments: pixels={self.spec.pixels!r} is stored raw (JPEG and PNG hold RGB "
-                             f"frames). Received encoding={self.encoding!r}")
+        self.spec.pixel_format.check_encoding(self.encoding)
 
     def fingerprint(self) -> dict:
         """The settings that decide the bytes of the records; an existing OUT must match them."""
@@ -134,8 +132,9 @@ class ConvertConfig:
 
 
 def check_pixels(cfg: ConvertConfig, items: Sequence[Item]) -> None:
-    """Targets aligned pixel for pixel (a clean `target` video, a `mask`, `intervals`) need rgb records."""
-    if cfg.spec.pixels == "rgb":
+    """Targets aligned pixel for pixel (a clean `target` video, a `mask`, `intervals`) need rgb records
+    (a pixel-aligned format)."""
+    if cfg.spec.pixel_format.pixel_aligned:
         return
     item = next((i for i in items if i.target or i.mask or i.intervals), None)
     if item is not None:

@@ -53,7 +53,9 @@ class PatchSpec:
     every record). `fps` resamples by frame timestamps before cutting;
     `resize` (H, W) or `short_side` resize every frame (never both).
     `pixels` is how records store a patch and models take it: `rgb`, or
-    `yuv440` (2 bytes a pixel instead of 3; `tfrecords_tools.pixels`).
+    `yuv440` (2 bytes a pixel instead of 3; `tfrecords_tools.pixels`). It is
+    the format's name (what the JSON holds; a `PixelFormat` passed in is stored
+    as its name); `pixel_format` is the object that says what it means.
     """
 
     frames: int
@@ -104,18 +106,21 @@ class PatchSpec:
         if self.short_side is not None:
             if not isinstance(self.short_side, int) or self.short_side < 1:
                 raise _invalid("short_side", "a strictly positive integer", self.short_side)
-        if self.pixels not in pixels_lib.PIXEL_FORMATS:
-            raise _invalid("pixels", f"one of {pixels_lib.PIXEL_FORMATS}", self.pixels)
-        if self.pixels == "yuv440" and self.height % 2:
-            raise _invalid("height", "an even patch height with pixels='yuv440' (chroma covers pairs of rows)",
-                           self.height)
+        fmt = pixels_lib.get(self.pixels)
+        object.__setattr__(self, "pixels", fmt.name)
+        fmt.check_spec(self)
 
     # Derived values are properties, never stored copies that could drift.
+    @property
+    def pixel_format(self) -> pixels_lib.PixelFormat:
+        """The `PixelFormat` named by `pixels`: its packing, its stored shape, what it refuses."""
+        return pixels_lib.get(self.pixels)
+
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         """The shape of a patch as records store it and models take it: `[T, H, W, 3]` for `rgb`,
         `[T, H/2, W, 4]` for `yuv440` (see `tfrecords_tools.pixels`)."""
-        return pixels_lib.record_shape(self.pixels, self.frames, self.height, self.width)
+        return self.pixel_format.record_shape(self.frames, self.height, self.width)
 
     @property
     def rgb_shape(self) -> Tuple[int, int, int, int]:
@@ -154,7 +159,7 @@ class PatchSpec:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["pixels"] == "rgb":
+        if self.pixel_format == pixels_lib.DEFAULT:
             del d["pixels"]  # the default: specs written before the field existed read back equal
         if d["resize"] is not None:
             d["resize"] = list(d["resize"])
@@ -194,6 +199,6 @@ class PatchSpec:
             text += f", resize {self.resize[0]}x{self.resize[1]}"
         if self.short_side:
             text += f", short side {self.short_side}"
-        if self.pixels != "rgb":
+        if self.pixel_format != pixels_lib.DEFAULT:
             text += f", pixels {self.pixels}"
         return text

@@ -11,26 +11,9 @@ from typing import Sequence, Tuple
 import keras
 from keras import ops
 
-from tfrecords_tools.pixels import PIXEL_FORMATS, YUV_TO_RGB
+from stpkeras import pixel_formats
 
 PACKAGE = "stpkeras"
-
-
-def _yuv440_affine():
-    """`[4, 6]` weights and `[6]` bias: packed (Y top, Y bottom, U, V) -> (R, G, B of the top row, of the
-    bottom row) in [-1, 1] (`to_unit` of `YUV_TO_RGB` applied to Y, U - 128, V - 128)."""
-    weights = [[0.0] * 6 for _ in range(4)]
-    bias = [-1.0] * 6
-    for row in range(2):
-        for c, (y, u, v) in enumerate(YUV_TO_RGB.tolist()):
-            out = 3 * row + c
-            weights[row][out] = y / 127.5
-            weights[2][out], weights[3][out] = u / 127.5, v / 127.5
-            bias[out] -= 128.0 * (u + v) / 127.5
-    return weights, bias
-
-
-_YUV440_WEIGHTS, _YUV440_BIAS = _yuv440_affine()
 
 
 def to_unit(pixels):
@@ -48,39 +31,21 @@ class Normalize(keras.layers.Layer):
     `pixels='rgb'` it takes `[B, T, H, W, 3]`; with `pixels='yuv440'` the packed
     `[B, T, H/2, W, 4]` of `tfrecords_tools.pixels` (luma of two rows, then U
     and V), which it turns into `[B, T, H, W, 3]` RGB: `YUV_TO_RGB` with each
-    pair's chroma for both its rows, clipped to the range of RGB pixels.
+    pair's chroma for both its rows, clipped to the range of RGB pixels
+    (`stpkeras.pixel_formats` holds each format's conversion).
     """
 
     def __init__(self, pixels: str = "rgb", **kwargs):
         super().__init__(**kwargs)
-        if pixels not in PIXEL_FORMATS:
-            raise ValueError(f"Invalid value for argument `pixels`. Expected one of {PIXEL_FORMATS}. "
-                             f"Received pixels={pixels!r}")
-        self.pixels = pixels
+        self._format = pixel_formats.get(pixels)   # ValueError naming the formats for an unknown one
+        self.pixels = self._format.format.name      # the name: what get_config and saved models hold
         self.supports_masking = False
 
     def call(self, inputs):
-        x = ops.cast(inputs, self.compute_dtype)
-        if self.pixels == "yuv440":
-            return self._yuv440_to_unit(x)
-        return x / 127.5 - 1.0
-
-    def _yuv440_to_unit(self, x):
-        # One matmul over the 4 packed values gives both rows' R, G, B in [-1, 1] (normalisation folded
-        # into the weights), then the rows are interleaved: a few passes over the clip. Measured on CPU
-        # for 32 clips of 16x112x112: 70 ms, against 195 ms converting plane by plane (and 22 ms for
-        # `x / 127.5 - 1` on RGB input).
-        _, t, half, w, _ = x.shape
-        rows = ops.matmul(ops.reshape(x, (-1, 4)), ops.cast(_YUV440_WEIGHTS, x.dtype))  # a 2-D matmul: 2x faster
-        rows = ops.reshape(rows + ops.cast(_YUV440_BIAS, x.dtype), (-1, t, half, w, 2, 3))
-        rows = ops.transpose(rows, (0, 1, 2, 4, 3, 5))
-        return ops.clip(ops.reshape(rows, (-1, t, 2 * half, w, 3)), -1.0, 1.0)
+        return self._format.to_unit(ops.cast(inputs, self.compute_dtype))
 
     def compute_output_shape(self, input_shape):
-        if self.pixels == "yuv440":
-            b, t, half, w, _ = input_shape
-            return (b, t, None if half is None else 2 * half, w, 3)
-        return input_shape
+        return self._format.unit_shape(input_shape)
 
     def get_config(self):
         return {**super().get_config(), "pixels": self.pixels}
@@ -122,7 +87,7 @@ def normalize(spec, inputs, name: str = "normalize"):
 
 def require_rgb(spec, what: str) -> None:
     """Models whose output is aligned with the input's pixels (enhancement, segmentation) take rgb patches."""
-    if spec.pixels != "rgb":
+    if not spec.pixel_format.pixel_aligned:
         raise ValueError(f"Invalid value for argument `spec`. Expected rgb patches for {what} (its output is "
                          f"aligned pixel for pixel with the input's rows; convert with --pixels rgb). "
                          f"Received pixels={spec.pixels!r}")
