@@ -110,6 +110,13 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in (RUN_JSON, BEST, LAST))
 
 
+def run_of(path: str) -> Optional[str]:
+    """The run folder `path` belongs to (a run folder, or the folder of a `.keras` file with a `run.json`
+    beside it), or None (an export, or a lone `.keras` file)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return folder if os.path.isfile(os.path.join(folder, RUN_JSON)) else None
+
+
 def run_model_path(run_dir: str) -> str:
     """`best.keras`, else `last.keras` (a run killed before its first validation) of a run folder."""
     for name in (BEST, LAST):
@@ -164,7 +171,7 @@ def resolve_saved_model(path: str) -> str:
     if found:
         return os.path.join(path, str(found[-1]))
     if not os.path.exists(path):
-        raise ArtifactError(f"{path}: no such run folder, .keras file or export")
+        raise ArtifactError(f"{path}: no such SavedModel folder, run folder or .keras file")
     raise ArtifactError(f"{path}: expected a run folder (run.json, best.keras), a .keras file or an export "
                         f"(a SavedModel folder with {SAVED_MODEL}, or saved_models/NAME holding integer versions)")
 
@@ -193,6 +200,8 @@ def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
     bad = [v for v in labels if not v or "\n" in v or "\r" in v]
     if bad:
         raise ArtifactError(f"{where}: class names must be non-empty single lines. Received {bad!r}")
+    if len(set(labels)) != len(labels):
+        raise ArtifactError(f"{where}: class names repeat: {sorted(v for v in set(labels) if labels.count(v) > 1)}")
     return labels
 
 
@@ -209,29 +218,29 @@ def load_keras_model(path: str, *, compile: bool = False):
 
 
 def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None,
-         compile: bool = False) -> Artifact:
+         task: Optional[str] = None, compile: bool = False) -> Artifact:
     """A run folder, a `.keras` file or an export (`saved_models/NAME[/VERSION]`) -> its `Artifact`.
 
-    Labels and spec come from the run's `run.json` (beside a `.keras` file too) or the export's assets;
-    `labels=` and `spec=` fill them in for a lone `.keras` file and win over stored ones. `compile=True`
-    also restores a `.keras` model's optimizer, loss and metrics (to go on training or evaluate it).
+    Labels, spec and task come from the run's `run.json` (beside a `.keras` file too) or the export's
+    assets; `labels=` and `spec=` fill them in for a lone `.keras` file and win over stored ones, and
+    `task=` names a lone file's task (default classify). `compile=True` also restores a `.keras`
+    model's optimizer, loss and metrics (to go on training or evaluate it).
     """
     path = os.fspath(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, SAVED_MODEL)) and is_run_dir(path):
-        return _load_keras(run_model_path(path), read_run(path), labels, spec, compile)
+        return _load_keras(run_model_path(path), read_run(path), labels, spec, task, compile)
     if path.endswith(".keras") or os.path.isfile(path):
         if not os.path.isfile(path):
             raise ArtifactError(f"{path}: no such file")
         if not path.endswith(".keras"):
             raise ArtifactError(f"{path}: expected a run folder, a .keras file or an export")
-        beside = os.path.dirname(os.path.abspath(path))
-        run = read_run(beside) if os.path.isfile(os.path.join(beside, RUN_JSON)) else None
-        return _load_keras(path, run, labels, spec, compile)
+        run_dir = run_of(path)
+        return _load_keras(path, read_run(run_dir) if run_dir else None, labels, spec, task, compile)
     return _load_export(resolve_saved_model(path))
 
 
-def _load_keras(path: str, run: Optional[dict], labels, spec, compile: bool) -> Artifact:
-    task = (run or {}).get("task", "classify")
+def _load_keras(path: str, run: Optional[dict], labels, spec, task: Optional[str], compile: bool) -> Artifact:
+    task = run.get("task", "classify") if run is not None else (task or "classify")
     if spec is None and run is not None:
         try:
             spec = PatchSpec.from_dict(run["spec"])
@@ -240,13 +249,11 @@ def _load_keras(path: str, run: Optional[dict], labels, spec, compile: bool) -> 
     if labels is None and run is not None:
         labels = run["labels"]
     if spec is None or (labels is None and task not in TASKS_WITHOUT_LABELS):
-        lacking = " and ".join(n for n, v in (("labels", labels), ("spec", spec)) if v is None)
+        lacking = " and ".join(n for n, v in (("labels", labels), ("PatchSpec", spec)) if v is None)
         raise ArtifactError(f"{path}: no run.json beside it, so its {lacking} are unknown. Pass them (`stp export "
                             "--data DATASET_DIR` reads both from the dataset.json of the converted data), or load "
                             "its run folder or export")
-    labels = tuple(labels or ())
-    if labels:
-        labels = check_labels(labels, path)
+    labels = () if task in TASKS_WITHOUT_LABELS else check_labels(labels, path)
     return Artifact(path, "keras", task, labels, spec, load_keras_model(path, compile=compile), run)
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import time
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from stpkeras import artifacts
+from stpkeras.artifacts import Artifact
 from stpkeras.inference import OverlapAddHead, Timing, run_video
 from tfrecords_tools import outputs
 from tfrecords_tools.patches import overlap_spec
@@ -67,31 +67,14 @@ class Enhancer:
 
 
 class KerasEnhancer(Enhancer):
-    def __init__(self, path: str, spec: Optional[PatchSpec] = None):
+    """A `.keras` enhancement model (a run's `best.keras`): float32 pixels out."""
+
+    def __init__(self, artifact: Artifact):
         import tensorflow as tf
 
-        from stpkeras.export import RUN_FILE, RUN_MODEL, load_keras_model
-
-        run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        model_path = path
-        if os.path.isdir(path):
-            model_path = next((os.path.join(path, n) for n in (RUN_MODEL, "last.keras")
-                               if os.path.isfile(os.path.join(path, n))), os.path.join(path, RUN_MODEL))
-        run_json = os.path.join(run_dir, RUN_FILE)
-        if os.path.isfile(run_json):
-            with open(run_json) as f:
-                run = json.load(f)
-            if run.get("task") != "enhance":
-                raise EnhanceError(f"{path}: a run of task {run.get('task', 'classify')!r}; expected an enhancement model "
-                                   "(stp train --task enhance)")
-            spec = spec or PatchSpec.from_dict(run["spec"])
-        if spec is None:
-            raise EnhanceError(f"{path}: no run.json beside the model, so its PatchSpec is unknown")
-        self.source = model_path
-        self.spec = spec
-        self.model = load_keras_model(model_path)
+        self.source, self.spec, self.model = artifact.path, artifact.spec, artifact.model
         if PIXELS not in [layer.name for layer in self.model.layers]:
-            raise EnhanceError(f"{model_path}: no layer {PIXELS!r}; expected an enhancement model (unet3d, dncnn3d)")
+            raise EnhanceError(f"{self.source}: no layer {PIXELS!r}; expected an enhancement model (unet3d, dncnn3d)")
         self._call = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32), reduce_retracing=True)
 
     def _run(self, patches):
@@ -101,17 +84,12 @@ class KerasEnhancer(Enhancer):
 class SavedModelEnhancer(Enhancer):
     """An export of an enhancement run (`stp export`): its `serving_default` returns `pixels_float`."""
 
-    def __init__(self, path: str):
-        import tensorflow as tf
+    def __init__(self, artifact: Artifact):
+        from stpkeras.export import SERVING_DEFAULT
 
-        from stpkeras.export import SERVING_DEFAULT, SPEC_ASSET, resolve_saved_model
-
-        self.source = resolve_saved_model(path)
-        with open(os.path.join(self.source, "assets", SPEC_ASSET)) as f:
-            self.spec = PatchSpec.from_dict(json.load(f))
-        loaded = tf.saved_model.load(self.source)
-        self._loaded = loaded
-        self._serve = loaded.signatures[SERVING_DEFAULT]
+        self.source, self.spec = artifact.path, artifact.spec
+        self._loaded = artifact.model  # the signature's function holds on to it
+        self._serve = artifact.model.signatures[SERVING_DEFAULT]
         if PIXELS_FLOAT not in self._serve.structured_outputs:
             raise EnhanceError(f"{self.source}: its {SERVING_DEFAULT} has no {PIXELS_FLOAT!r} output; expected "
                                "an export of an enhancement run")
@@ -121,12 +99,13 @@ class SavedModelEnhancer(Enhancer):
         return self._serve(**{PATCHES: patches})[PIXELS_FLOAT].numpy()
 
 
-def load_enhancer(path: str) -> Enhancer:
-    """A run folder (best.keras), a `.keras` file in its run folder, or a SavedModel export (`saved_models/NAME`)."""
-    path = os.fspath(path)
-    if path.endswith(".keras") or os.path.isfile(os.path.join(path, "run.json")):
-        return KerasEnhancer(path)
-    return SavedModelEnhancer(path)
+def load_enhancer(path: str, spec: Optional[PatchSpec] = None) -> Enhancer:
+    """A run folder (best.keras), a `.keras` file in its run folder, or an export (`saved_models/NAME[/VERSION]`)."""
+    artifact = artifacts.load(path, spec=spec, task="enhance")
+    if artifact.form == "keras" and artifact.run is not None and artifact.task != "enhance":
+        raise EnhanceError(f"{path}: a run of task {artifact.task!r}; expected an enhancement model "
+                           "(stp train --task enhance)")
+    return KerasEnhancer(artifact) if artifact.form == "keras" else SavedModelEnhancer(artifact)
 
 
 # --- measuring --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stpkeras import artifacts
 from tfrecords_tools import outputs
 
 EVAL_JSON = "eval-{split}.json"
@@ -141,12 +142,12 @@ def evaluate(config: EvalConfig) -> dict:
 def _evaluate(config: EvalConfig) -> dict:
     from stpkeras import pipeline
     from stpkeras.figures import draw_confusion
-    from stpkeras.train import load_run
-    from tfrecords_tools.spec import PatchSpec
-
-    model, run = load_run(config.model)
-    spec = PatchSpec.from_dict(run["spec"]) if run.get("spec") else None
     info = pipeline.load_info(config.data)
+    # A .keras file away from its run folder is taken to be of the data's classes and patches.
+    lone = {} if artifacts.run_of(config.model) else {"labels": info.labels, "spec": info.spec}
+    artifact = artifacts.load(config.model, compile=True, **lone)
+    model, run = artifact.model, artifact.run or {}
+    spec = artifact.spec if artifact.run is not None else None
     if run.get("task") == "enhance":
         return evaluate_enhance(config, model, run, info)
     model_shape = tuple(model.input_shape[1:])

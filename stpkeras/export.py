@@ -48,6 +48,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from stpkeras import artifacts
+from stpkeras.artifacts import (INFO_FILE, LABELS_ASSET, SPEC_ASSET, WARMUP_FILE, Artifact, ArtifactError,
+                                versions)
 from tfrecords_tools import outputs
 from tfrecords_tools import schema as record_schema
 from tfrecords_tools.spec import PatchSpec
@@ -67,32 +70,14 @@ CLASS_NAMES = "class_names"
 FEATURES_LAYER = "features"
 LOGITS_LAYER = "logits"
 
-LABELS_ASSET = "labels.txt"
-SPEC_ASSET = "patch_spec.json"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-INFO_FILE = os.path.join("assets.extra", "stpkeras_export.json")
-RUN_FILE = "run.json"
-RUN_MODEL = "best.keras"
-
 # TF Serving takes model names from folder names and URLs; keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WARMUP_BATCH_SIZES = (1, 8)
 
 
-class ExportError(Exception):
-    """An export that cannot be written or read back; the message names the path."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSource:
-    """What an export is made from: a Keras model, its labels and its patch spec."""
-
-    model: object            # keras.Model: uint8 [None, T, H, W, 3] -> logits [None, K]
-    labels: Tuple[str, ...]
-    spec: PatchSpec
-    path: str                # the .keras file
-    run: Optional[dict]      # run.json, when there is one
-    task: str = "classify"   # "enhance": pixels in, pixels out (no labels)
+# Reading or writing a model artifact fails with one error type: an export's own refusals (a taken
+# version, a bad name) and the loader's (`stpkeras.artifacts`) alike.
+ExportError = ArtifactError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,109 +94,25 @@ class ExportResult:
 # --- reading the input ------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: cannot read JSON ({e})") from e
-
-
-def load_keras_model(path: str):
-    """Loads a `.keras` file for inference (no optimizer), with the package's custom layers registered."""
-    import keras
-
-    try:  # the model registry registers custom layers with Keras on import
-        import stpkeras.models  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "stpkeras.models":
-            raise
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as e:  # Keras raises ValueError, OSError, zipfile errors, TypeError ...
-        raise ExportError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
-
-
-def read_run(run_dir: str) -> dict:
-    """Reads `RUN_DIR/run.json` (written by `stp train`) and checks the keys export needs."""
-    path = os.path.join(run_dir, RUN_FILE)
-    run = _read_json(path)
-    missing = [k for k in ("spec", "labels") if k not in run]
-    if missing:
-        raise ExportError(f"{path}: lacks {missing}; expected a run folder written by `stp train`")
-    return run
-
-
 def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
-                   spec: Optional[PatchSpec] = None) -> ExportSource:
-    """Finds the model, labels and spec behind `model_or_run`.
-
-    - A run folder: `best.keras` (else `last.keras`) with labels and spec from its `run.json`.
-    - A `.keras` file: labels and spec from a `run.json` beside it (a model in its run folder);
-      otherwise they must be passed (`labels=`, `spec=`; the CLI's `--data DATASET` reads both
-      from a converted folder's `dataset.json`). Passed values win over stored ones.
-    """
-    run = None
-    if os.path.isdir(model_or_run):
-        run_dir = model_or_run
-        candidates = [os.path.join(run_dir, n) for n in (RUN_MODEL, "last.keras")]
-        path = next((p for p in candidates if os.path.isfile(p)), None)
-        if path is None:
-            raise ExportError(f"{run_dir}: no best.keras or last.keras; expected a run folder written by `stp train` "
-                              "or a .keras file")
-        run = read_run(run_dir)
-    elif os.path.isfile(model_or_run):
-        path = model_or_run
-        if not path.endswith(".keras"):
-            raise ExportError(f"{path}: expected a run folder or a .keras file")
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
-        if os.path.isfile(beside):
-            run = read_run(os.path.dirname(beside))
-    else:
-        raise ExportError(f"{model_or_run}: no such run folder or .keras file")
-
-    if run is not None and run.get("task") == "enhance":
-        return _enhance_source(path, run, spec)
-    if run is not None and run.get("task", "classify") != "classify":
-        raise ExportError(f"{path}: the run's task is {run.get('task')!r}; export writes classifiers (task classify)")
-    if labels is None and run is not None:
-        labels = run["labels"]
-    if spec is None and run is not None:
-        try:
-            spec = PatchSpec.from_dict(run["spec"])
-        except (TypeError, ValueError) as e:
-            raise ExportError(f"{path}: run.json holds a bad spec: {e}") from e
-    if labels is None or spec is None:
-        lacking = " and ".join(n for n, v in (("labels", labels), ("spec", spec)) if v is None)
-        raise ExportError(f"{path}: no run.json beside it, so its {lacking} are unknown. Pass them "
-                          "(`stp export --data DATASET_DIR` reads both from the dataset.json of the converted data)")
-    model = load_keras_model(path)
-    labels = check_labels(labels, path)
-    check_model(model, spec, len(labels), path)
-    return ExportSource(model, labels, spec, path, run)
-
-
-def _enhance_source(path: str, run: dict, spec: Optional[PatchSpec]) -> ExportSource:
-    """An enhancement run: the model maps uint8 patches to float32 pixels of the same shape (layer 'pixels')."""
-    spec = spec or PatchSpec.from_dict(run["spec"])
-    model = load_keras_model(path)
-    shapes = [tuple(t.shape) for t in model.inputs + model.outputs]
-    if len(shapes) != 2 or shapes[0][1:] != spec.shape or shapes[1][1:] != spec.shape:
-        raise ExportError(f"{path}: expected an enhancement model uint8 [None, {', '.join(map(str, spec.shape))}] -> "
-                          f"pixels of the same shape; it maps {shapes}")
-    return ExportSource(model, (), spec, path, run, task="enhance")
-
-
-def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
-    labels = tuple(str(v) for v in labels)
-    if not labels:
-        raise ExportError(f"{where}: the label list is empty; a classifier needs at least one class name")
-    bad = [v for v in labels if not v or "\n" in v or "\r" in v]
-    if bad:
-        raise ExportError(f"{where}: class names must be non-empty single lines. Received {bad!r}")
-    if len(set(labels)) != len(labels):
-        raise ExportError(f"{where}: class names repeat: {sorted(v for v in set(labels) if labels.count(v) > 1)}")
-    return labels
+                   spec: Optional[PatchSpec] = None) -> Artifact:
+    """The model behind `model_or_run` (a run folder or a `.keras` file; see `stpkeras.artifacts.load`),
+    checked for what an export needs: a classifier with its labels, or an enhancement model."""
+    source = artifacts.load(model_or_run, labels=labels, spec=spec)
+    if source.form != "keras":
+        raise ExportError(f"{source.path}: already an export; expected a run folder or a .keras file")
+    if source.task == "enhance":
+        shapes = [tuple(t.shape) for t in source.model.inputs + source.model.outputs]
+        if len(shapes) != 2 or shapes[0][1:] != source.spec.shape or shapes[1][1:] != source.spec.shape:
+            raise ExportError(f"{source.path}: expected an enhancement model uint8 "
+                              f"[None, {', '.join(map(str, source.spec.shape))}] -> pixels of the same shape; "
+                              f"it maps {shapes}")
+        return source
+    if source.task != "classify":
+        raise ExportError(f"{source.path}: the run's task is {source.task!r}; export writes classifiers "
+                          "(task classify) and enhancement models (task enhance)")
+    check_model(source.model, source.spec, len(source.labels), source.path)
+    return source
 
 
 def check_model(model, spec: PatchSpec, num_classes: int, where: str) -> None:
@@ -245,20 +146,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def versions(model_root: str) -> List[int]:
-    """Integer version folders under `saved_models/NAME` (local, gs:// ...), ascending (what TF Serving would load)."""
-    if not is_remote(model_root):
-        if not os.path.isdir(model_root):
-            return []
-        return sorted(int(n) for n in os.listdir(model_root)
-                      if n.isdigit() and os.path.isdir(os.path.join(model_root, n)))
-    import tensorflow as tf
-
-    if not tf.io.gfile.isdir(model_root):
-        return []
-    return sorted(int(n.rstrip("/")) for n in tf.io.gfile.listdir(model_root) if n.rstrip("/").isdigit())
-
-
 def upload_tree(local: str, remote: str) -> None:
     """Copies the folder `local` to `remote` (gs://, s3:// ...) with gfile, `saved_model.pb` last."""
     import tensorflow as tf
@@ -276,35 +163,6 @@ def upload_tree(local: str, remote: str) -> None:
 def next_version(model_root: str) -> int:
     found = versions(model_root)
     return found[-1] + 1 if found else 1
-
-
-def resolve_saved_model(path: str) -> str:
-    """A SavedModel folder, or `saved_models/NAME` (its newest version) -> the version folder."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    found = versions(path)
-    if found:
-        return os.path.join(path, str(found[-1]))
-    if not os.path.exists(path):
-        raise ExportError(f"{path}: no such SavedModel folder")
-    raise ExportError(f"{path}: neither a SavedModel (no saved_model.pb) nor a model folder holding "
-                      "integer version folders")
-
-
-def read_assets(saved_model_dir: str) -> Tuple[Tuple[str, ...], PatchSpec]:
-    """Labels and `PatchSpec` stored in an export's assets."""
-    labels_path = os.path.join(saved_model_dir, "assets", LABELS_ASSET)
-    spec_path = os.path.join(saved_model_dir, "assets", SPEC_ASSET)
-    try:
-        with open(labels_path, encoding="utf-8") as f:
-            labels = tuple(line.rstrip("\n") for line in f)
-    except OSError as e:
-        raise ExportError(f"{saved_model_dir}: no label asset ({e}); expected an export written by `stp export`") from e
-    try:
-        spec = PatchSpec.from_dict(_read_json(spec_path))
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{spec_path}: bad PatchSpec ({e})") from e
-    return labels, spec
 
 
 # --- the graph --------------------------------------------------------------------------------
@@ -361,7 +219,7 @@ def _label_table(labels_path: str):
     return tf.lookup.StaticHashTable(init, default_value="")
 
 
-def _build_enhance_archive(source: ExportSource):
+def _build_enhance_archive(source: Artifact):
     """`serving_default` / `serve_examples` of an enhancement model: degraded uint8 patches -> enhanced pixels."""
     import keras
     import tensorflow as tf
@@ -384,7 +242,7 @@ def _build_enhance_archive(source: ExportSource):
     return archive, (SERVING_DEFAULT, SERVE_EXAMPLES)
 
 
-def _build_archive(source: ExportSource, labels_path: str):
+def _build_archive(source: Artifact, labels_path: str):
     import keras
     import tensorflow as tf
 
@@ -492,7 +350,7 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
     """Writes `out_root/name/version/`: the SavedModel, its assets and its warmup requests.
 
     `model_or_run` is a run folder, a `.keras` file (see `resolve_source`) or
-    an `ExportSource`. `name` defaults to the run folder's (or file's) name;
+    an `Artifact`. `name` defaults to the run folder's (or file's) name;
     `version` to the next free integer. An existing version is never
     overwritten. Returns where it wrote and what.
 
@@ -500,7 +358,7 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
     (`outputs.writing`, waiting for it): exports to the same name at once get different versions,
     and a version folder that exists (even empty) is never replaced.
     """
-    if isinstance(model_or_run, ExportSource):
+    if isinstance(model_or_run, Artifact):
         source = model_or_run
     else:
         source = resolve_source(os.fspath(model_or_run), labels, spec)
@@ -559,7 +417,7 @@ def _check_free(model_root: str, version: int) -> str:
     return final
 
 
-def _write_info(target: str, name: str, version: int, signatures, source: ExportSource) -> None:
+def _write_info(target: str, name: str, version: int, signatures, source: Artifact) -> None:
     import keras
     import tensorflow as tf
 

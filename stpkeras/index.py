@@ -74,51 +74,37 @@ def load_embedder(path: str) -> Embedder:
     """
     import tensorflow as tf
 
-    from stpkeras.export import ExportError, RUN_FILE, RUN_MODEL, load_keras_model
+    from stpkeras import artifacts
+    from stpkeras.embedding import FeatureError, feature_model
 
     path = os.fspath(path)
-    if path.endswith(".keras") or os.path.isfile(os.path.join(path, RUN_MODEL)) or \
-            os.path.isfile(os.path.join(path, "last.keras")):
-        from stpkeras.embedding import FeatureError, feature_model
-
-        if os.path.isdir(path):
-            model_path = next(os.path.join(path, n) for n in (RUN_MODEL, "last.keras")
-                              if os.path.isfile(os.path.join(path, n)))
-        else:
-            model_path = path
-        if not os.path.isfile(model_path):
-            raise RetrievalError(f"{path}: no such file")
-        try:
-            model = load_keras_model(model_path)
-        except ExportError as e:
-            raise RetrievalError(str(e)) from e
-        run_json = os.path.join(os.path.dirname(os.path.abspath(model_path)), RUN_FILE)
-        if os.path.isfile(run_json):
-            with open(run_json, encoding="utf-8") as f:
-                spec = PatchSpec.from_dict(json.load(f)["spec"])
-        else:
-            spec = None
-        try:
-            features = feature_model(model)
-        except FeatureError as e:
-            raise RetrievalError(f"{model_path}: {e}") from e
-        t, h, w, c = features.input_shape[1:]
-        if spec is None:
-            spec = PatchSpec(frames=t, height=h, width=w)
-        elif tuple(spec.shape) != (t, h, w, c):
-            raise RetrievalError(f"{model_path}: the model takes {[t, h, w, c]}, its run.json spec {list(spec.shape)}")
-        call = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
-        return Embedder(spec, model_path, lambda patches: np.asarray(call(patches), np.float32))
-    from stpkeras.predict import SavedModelPredictor
-
     try:
-        predictor = SavedModelPredictor(path)
-    except ExportError as e:
+        if path.endswith(".keras") and os.path.isfile(path) and artifacts.run_of(path) is None:
+            model = artifacts.load_keras_model(path)
+            t, h, w, _ = model.input_shape[1:]
+            artifact = artifacts.Artifact(path, "keras", "embed", (), PatchSpec(frames=t, height=h, width=w), model)
+        else:
+            artifact = artifacts.load(path, task="embed")
+    except artifacts.ArtifactError as e:
         raise RetrievalError(str(e)) from e
-    if not predictor.has_embeddings:
-        raise RetrievalError(f"{predictor.source}: the export has no `embeddings` signature (its model has no "
-                          "layer named features)")
-    return Embedder(predictor.spec, predictor.source, predictor.embed)
+    if artifact.form == "saved_model":
+        from stpkeras.predict import SavedModelPredictor
+
+        predictor = SavedModelPredictor(artifact)
+        if not predictor.has_embeddings:
+            raise RetrievalError(f"{predictor.source}: the export has no `embeddings` signature (its model has no "
+                                 "layer named features)")
+        return Embedder(predictor.spec, predictor.source, predictor.embed)
+    try:
+        features = feature_model(artifact.model)
+    except FeatureError as e:
+        raise RetrievalError(f"{artifact.path}: {e}") from e
+    t, h, w, c = features.input_shape[1:]
+    if tuple(artifact.spec.shape) != (t, h, w, c):
+        raise RetrievalError(f"{artifact.path}: the model takes {[t, h, w, c]}, its run.json spec "
+                             f"{list(artifact.spec.shape)}")
+    call = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+    return Embedder(artifact.spec, artifact.path, lambda patches: np.asarray(call(patches), np.float32))
 
 
 def _normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from stpkeras.export import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES, RUN_FILE,
-                             RUN_MODEL, SERVING_DEFAULT, ExportError, check_labels, load_keras_model, read_assets,
-                             read_run, resolve_saved_model)
+from stpkeras import artifacts
+from stpkeras.artifacts import Artifact
+from stpkeras.export import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES, SERVING_DEFAULT,
+                             ExportError)
 from stpkeras.inference import MeanHead, NoPatches, Timing, run_video
 from tfrecords_tools.spec import PatchSpec
 
@@ -91,22 +91,14 @@ class Predictor:
 
 
 class SavedModelPredictor(Predictor):
-    """An export of `stp export`, loaded with `tf.saved_model.load` (the TF 2 loader)."""
+    """An export of `stp export` (loaded with `tf.saved_model.load`, the TF 2 loader): its signatures."""
 
-    def __init__(self, path: str):
-        import tensorflow as tf
-
-        self.source = resolve_saved_model(path)
-        self.labels, self.spec = read_assets(self.source)
-        try:
-            self._loaded = tf.saved_model.load(self.source, tags=["serve"])
-        except Exception as e:  # TF raises OSError, DecodeError, NotFoundError, ValueError ... for a bad folder
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ExportError(f"{self.source}: not a loadable SavedModel ({type(e).__name__}: {first}). "
-                              "Export it again with `stp export`") from e
-        signatures = self._loaded.signatures
+    def __init__(self, artifact: Artifact):
+        self.source, self.labels, self.spec = artifact.path, artifact.labels, artifact.spec
+        signatures = artifact.model.signatures
         if SERVING_DEFAULT not in signatures:
             raise ExportError(f"{self.source}: no {SERVING_DEFAULT!r} signature (it has {sorted(signatures)})")
+        self._loaded = artifact.model  # the signatures' functions hold on to it
         self._serve = signatures[SERVING_DEFAULT]
         self._embed = signatures.get(EMBEDDINGS)
 
@@ -126,25 +118,14 @@ class SavedModelPredictor(Predictor):
 
 
 class KerasPredictor(Predictor):
-    """A `.keras` model, with labels and spec from the `run.json` of its run folder (or passed in)."""
+    """A `.keras` classifier (a run's, or a lone file with labels and spec passed in)."""
 
-    def __init__(self, path: str, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None):
+    def __init__(self, artifact: Artifact):
         import keras
         import tensorflow as tf
 
-        run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        model_path = os.path.join(path, RUN_MODEL) if os.path.isdir(path) else path
-        if (labels is None or spec is None) and os.path.isfile(os.path.join(run_dir, RUN_FILE)):
-            run = read_run(run_dir)
-            labels = run["labels"] if labels is None else labels
-            spec = PatchSpec.from_dict(run["spec"]) if spec is None else spec
-        if labels is None or spec is None:
-            raise ExportError(f"{path}: no run.json beside the model, so its labels and PatchSpec are unknown; "
-                              "pass them, or export it and load the export")
-        self.source = model_path
-        self.labels = check_labels(labels, model_path)
-        self.spec = spec
-        self.model = load_keras_model(model_path)
+        self.source, self.labels, self.spec = artifact.path, artifact.labels, artifact.spec
+        self.model = artifact.model
         self._call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         try:
             features = self.model.get_layer("features")
@@ -192,13 +173,16 @@ class RemotePredictor(Predictor):
 
 
 def load(path: str, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None) -> Predictor:
-    """A predictor for a SavedModel folder, `saved_models/NAME` (its newest version), a `.keras` file or a run folder."""
-    path = os.fspath(path)
-    if path.endswith(".keras") or os.path.isfile(os.path.join(path, RUN_MODEL)):
-        if not os.path.exists(path):
-            raise ExportError(f"{path}: no such file")
-        return KerasPredictor(path, labels, spec)
-    return SavedModelPredictor(path)
+    """A predictor for a classifier: an export (`saved_models/NAME[/VERSION]`), a run folder or a `.keras` file.
+
+    Loads through `stpkeras.artifacts.load`; `labels` and `spec` are for a `.keras` file without its run folder.
+    """
+    artifact = artifacts.load(path, labels=labels, spec=spec)
+    if artifact.task != "classify":
+        raise ExportError(f"{artifact.path}: a model of task {artifact.task!r}; expected a classifier (task "
+                          "classify). Enhancement, embedding and segmentation models run with `stp enhance`, "
+                          "`stp index` and `stp segment`")
+    return KerasPredictor(artifact) if artifact.form == "keras" else SavedModelPredictor(artifact)
 
 
 # --- videos -----------------------------------------------------------------------------------

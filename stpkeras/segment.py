@@ -256,20 +256,19 @@ class Segmenter:
 
 def load_segmenter(path: str) -> Segmenter:
     """A run folder of `stp train --task segment` (or a `.keras` file in one) -> its `Segmenter`."""
-    from stpkeras.train import RunError, load_run
-    from tfrecords_tools.spec import PatchSpec
+    from stpkeras import artifacts
 
     try:
-        model, run = load_run(path)
-    except RunError as e:
+        artifact = artifacts.load(path, task="segment")
+    except artifacts.ArtifactError as e:
         raise SegmentError(str(e)) from e
-    if run.get("task") != "segment":
-        raise SegmentError(f"{path}: the run's task is {run.get('task', 'classify')!r}; expected a model trained with --task segment")
-    rank = len(model.output_shape)
-    kind = {5: "mask", 3: "frames"}.get(rank)
+    if artifact.task != "segment" or artifact.form != "keras":
+        raise SegmentError(f"{path}: the run's task is {artifact.task!r}; expected a model trained with --task segment")
+    model = artifact.model
+    kind = {5: "mask", 3: "frames"}.get(len(model.output_shape))
     if kind is None:
         raise SegmentError(f"{path}: output {model.output_shape}; expected [B, T, H, W, K] or [B, T, K] logits")
-    return Segmenter(model, PatchSpec.from_dict(run["spec"]), tuple(run["labels"]), kind, path)
+    return Segmenter(model, artifact.spec, artifact.labels, kind, artifact.path)
 
 
 @dataclasses.dataclass

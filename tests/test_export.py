@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from stpkeras import artifacts
 from stpkeras import export as ex
 from stpkeras.cli import main
 from tfrecords_tools import manifest as manifest_lib
@@ -36,7 +37,7 @@ def exported(tmp_path_factory):
     run_dir = str(root / "run")
     run = train(TrainConfig.tiny(str(root / "data"), run_dir, epochs=1), echo=lambda *a: None)
     assert tuple(run["labels"]) == LABELS
-    model = ex.load_keras_model(os.path.join(run_dir, "best.keras"))
+    model = artifacts.load_keras_model(os.path.join(run_dir, "best.keras"))
     result = ex.export_for_serving(run_dir, str(root / "saved_models"), "clf")
     return model, run_dir, result
 
@@ -55,7 +56,7 @@ def test_layout_assets_and_versions(exported):
     assert result.signatures == (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES, ex.EMBEDDINGS)
     with open(os.path.join(result.path, "assets", ex.LABELS_ASSET)) as f:
         assert f.read() == "down\nleft\nright\nup\n"
-    assert ex.read_assets(result.path) == (LABELS, SPEC)
+    assert artifacts.read_assets(result.path) == (LABELS, SPEC)
     with open(os.path.join(result.path, ex.INFO_FILE)) as f:
         info = json.load(f)
     assert info["signatures"] == list(result.signatures) and info["run"]["model"] == "stcnn"
@@ -63,7 +64,7 @@ def test_layout_assets_and_versions(exported):
     root = os.path.dirname(result.path)
     assert sorted(os.listdir(root)) == [LOCK_NAME, "1"]
     second = ex.export_for_serving(run_dir, os.path.dirname(root), "clf")
-    assert second.version == 2 and ex.resolve_saved_model(root) == second.path
+    assert second.version == 2 and artifacts.resolve_saved_model(root) == second.path
     with pytest.raises(ex.ExportError, match="version 2 exists"):
         ex.export_for_serving(run_dir, os.path.dirname(root), "clf", version=2)
     with pytest.raises(ex.ExportError, match="Invalid model name"):
@@ -227,7 +228,7 @@ def test_export_cli_and_keras_file_sources(exported, tmp_path):
     lone = tmp_path / "lone.keras"
     shutil.copy(os.path.join(run_dir, "best.keras"), lone)
     r = CliRunner().invoke(main, ["export", str(lone), "--name", "lone", "--out", str(out)])
-    assert r.exit_code == 2 and "labels and spec are unknown" in r.output and "--data" in r.output
+    assert r.exit_code == 2 and "labels and PatchSpec are unknown" in r.output and "--data" in r.output
     data = tmp_path / "data"
     data.mkdir()
     manifest_lib.write_manifest(str(data), {
@@ -235,7 +236,7 @@ def test_export_cli_and_keras_file_sources(exported, tmp_path):
         "encoding": "raw", "compression": "none", "labels": list(LABELS), "splits": {}})
     r = CliRunner().invoke(main, ["export", str(lone), "--name", "lone", "--out", str(out), "--data", str(data)])
     assert r.exit_code == 0, r.output
-    assert ex.read_assets(str(out / "lone" / "1")) == (LABELS, SPEC)
+    assert artifacts.read_assets(str(out / "lone" / "1")) == (LABELS, SPEC)
     # Labels that do not match the model's outputs are refused before anything is written.
     r = CliRunner().invoke(main, ["export", run_dir, "--name", "x", "--out", str(out), "--labels", "a,b,c"])
     assert r.exit_code == 2 and "outputs 4 logits but there are 3 labels" in r.output

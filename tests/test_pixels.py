@@ -248,6 +248,7 @@ def test_yuv440_run_exports_a_saved_model_that_takes_packed_patches_and_records_
 
     from test_export import FRESH_PROCESS, keras_reference
 
+    from stpkeras import artifacts
     from stpkeras import export as ex
     from stpkeras import predict
     from stpkeras.demo import make_videos
@@ -260,9 +261,9 @@ def test_yuv440_run_exports_a_saved_model_that_takes_packed_patches_and_records_
     run_dir = str(tmp_path / "run")
     run = train(TrainConfig.tiny(str(tmp_path / "data"), run_dir, epochs=1), echo=lambda *a: None)
     assert run["spec"]["pixels"] == "yuv440"
-    model = ex.load_keras_model(os.path.join(run_dir, "best.keras"))
+    model = artifacts.load_keras_model(os.path.join(run_dir, "best.keras"))
     result = ex.export_for_serving(run_dir, str(tmp_path / "saved_models"), "clf")
-    assert ex.read_assets(result.path)[1] == spec
+    assert artifacts.read_assets(result.path)[1] == spec
 
     x = pixels.pack_yuv440(np.random.default_rng(3).integers(0, 256, size=(3, 8, 32, 32, 3), dtype=np.uint8))
     inputs = {f"{ex.SERVING_DEFAULT}/3": x,
