@@ -28,12 +28,11 @@ import numpy as np
 from stpkeras import artifacts
 from stpkeras.artifacts import Artifact
 from stpkeras.inference import OverlapAddHead, Timing, run_video
+from stpkeras.signatures import PATCHES, PIXELS, PIXELS_FLOAT, SERVING_DEFAULT
 from tfrecords_tools import outputs
 from tfrecords_tools.patches import overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
-PIXELS = "pixels"               # serving_default output: uint8 [batch, T, H, W, 3]
-PIXELS_FLOAT = "pixels_float"   # serving_default output: float32 [batch, T, H, W, 3], 0-255 units, unclipped
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -85,8 +84,6 @@ class SavedModelEnhancer(Enhancer):
     """An export of an enhancement run (`stp export`): its `serving_default` returns `pixels_float`."""
 
     def __init__(self, artifact: Artifact):
-        from stpkeras.export import SERVING_DEFAULT
-
         self.source, self.spec = artifact.path, artifact.spec
         self._loaded = artifact.model  # the signature's function holds on to it
         self._serve = artifact.model.signatures[SERVING_DEFAULT]
@@ -95,7 +92,6 @@ class SavedModelEnhancer(Enhancer):
                                "an export of an enhancement run")
 
     def _run(self, patches):
-        from stpkeras.export import PATCHES
         return self._serve(**{PATCHES: patches})[PIXELS_FLOAT].numpy()
 
 

@@ -1,6 +1,8 @@
-"""Evaluate stage: a trained classifier on one split, at patch level and at video level.
+"""Evaluate stage: a trained model on one split of a converted folder.
 
-Video level averages the logits of all patches of a video (`video/id`) and
+A classifier is measured at patch level and at video level; an enhancement model by PSNR/SSIM of
+its output against the clean patches, beside the degraded input and classical baselines
+(`evaluate_enhance`). Video level averages the logits of all patches of a video (`video/id`) and
 takes the video's label. Both levels report accuracy, precision, recall and
 F1 per class and macro-averaged, top-k accuracy and the confusion matrix
 (rows: true class, columns: predicted), as JSON and as PNGs.

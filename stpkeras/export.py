@@ -1,4 +1,4 @@
-"""Export stage: a trained classifier -> `saved_models/NAME/VERSION/`, the SavedModel layout TF Serving watches.
+"""Export stage: a trained classifier or enhancer -> `saved_models/NAME/VERSION/`, the SavedModel layout TF Serving watches.
 
 One export holds three signatures, written with `keras.export.ExportArchive`
 and explicit input signatures (batch dimension `None`):
@@ -56,19 +56,9 @@ from tfrecords_tools import schema as record_schema
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.storage import check_path, is_remote, join
 
-# Signature names and their tensor keys: clients, the stand-in server and the
-# tests import these, never retype them.
-SERVING_DEFAULT = "serving_default"
-SERVE_EXAMPLES = "serve_examples"
-EMBEDDINGS = "embeddings"
-PATCHES = "patches"
-EXAMPLES = "examples"
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
-CLASS_IDS = "class_ids"
-CLASS_NAMES = "class_names"
-FEATURES_LAYER = "features"
-LOGITS_LAYER = "logits"
+from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, EXAMPLES, FEATURES_LAYER, LOGITS,  # noqa: F401
+                                 LOGITS_LAYER, PATCHES, PIXELS, PIXELS_FLOAT, PROBABILITIES, SERVE_EXAMPLES,
+                                 SERVING_DEFAULT)
 
 # TF Serving takes model names from folder names and URLs; keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -224,7 +214,6 @@ def _build_enhance_archive(source: Artifact):
     import keras
     import tensorflow as tf
 
-    from stpkeras.enhance import PIXELS, PIXELS_FLOAT
 
     model, spec = source.model, source.spec
 

@@ -410,11 +410,11 @@ def is_converted(path: str) -> bool:
 
 def list_videos(paths: Iterable[str]) -> List[str]:
     """Video files and folders of videos (walked, sorted) -> video files."""
-    from tfrecords_tools.sources import _walk_videos
+    from tfrecords_tools.sources import walk_videos
 
     out = []
     for p in paths:
-        out.extend(_walk_videos(p) if os.path.isdir(p) else [p])
+        out.extend(walk_videos(p) if os.path.isdir(p) else [p])
     return out
 
 

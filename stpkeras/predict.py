@@ -23,10 +23,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from stpkeras import artifacts
-from stpkeras.artifacts import Artifact
-from stpkeras.export import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES, SERVING_DEFAULT,
-                             ExportError)
+from stpkeras.artifacts import Artifact, ArtifactError
 from stpkeras.inference import MeanHead, NoPatches, Timing, run_video
+from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES,
+                                 SERVING_DEFAULT)
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_BATCH_SIZE = 32
@@ -81,7 +81,7 @@ class Predictor:
 
     def embed(self, patches) -> np.ndarray:
         """`uint8 [batch, T, H, W, 3]` -> float32 [batch, D], the model's `features` layer."""
-        raise ExportError(f"{self.source}: the model has no `{EMBEDDINGS}` signature (no layer named features)")
+        raise ArtifactError(f"{self.source}: the model has no `{EMBEDDINGS}` signature (no layer named features)")
 
     def _outputs(self, logits: np.ndarray) -> Dict[str, np.ndarray]:
         logits = np.asarray(logits, np.float32)
@@ -97,7 +97,7 @@ class SavedModelPredictor(Predictor):
         self.source, self.labels, self.spec = artifact.path, artifact.labels, artifact.spec
         signatures = artifact.model.signatures
         if SERVING_DEFAULT not in signatures:
-            raise ExportError(f"{self.source}: no {SERVING_DEFAULT!r} signature (it has {sorted(signatures)})")
+            raise ArtifactError(f"{self.source}: no {SERVING_DEFAULT!r} signature (it has {sorted(signatures)})")
         self._loaded = artifact.model  # the signatures' functions hold on to it
         self._serve = signatures[SERVING_DEFAULT]
         self._embed = signatures.get(EMBEDDINGS)
@@ -161,10 +161,10 @@ class RemotePredictor(Predictor):
         out = self.client.predict({PATCHES: patches}, SERVING_DEFAULT)
         missing = {LOGITS, CLASS_IDS, CLASS_NAMES, PROBABILITIES} - set(out)
         if missing:
-            raise ExportError(f"{self.source}: the server's answer lacks {sorted(missing)}; is it serving an export "
+            raise ArtifactError(f"{self.source}: the server's answer lacks {sorted(missing)}; is it serving an export "
                               "of `stp export`?")
         if out[LOGITS].shape[-1] != len(self.labels):
-            raise ExportError(f"{self.source}: the served model has {out[LOGITS].shape[-1]} classes, the local "
+            raise ArtifactError(f"{self.source}: the served model has {out[LOGITS].shape[-1]} classes, the local "
                               f"export {len(self.labels)}; MODEL and --server must be the same model")
         return out
 
@@ -179,7 +179,7 @@ def load(path: str, *, labels: Optional[Sequence[str]] = None, spec: Optional[Pa
     """
     artifact = artifacts.load(path, labels=labels, spec=spec)
     if artifact.task != "classify":
-        raise ExportError(f"{artifact.path}: a model of task {artifact.task!r}; expected a classifier (task "
+        raise ArtifactError(f"{artifact.path}: a model of task {artifact.task!r}; expected a classifier (task "
                           "classify). Enhancement, embedding and segmentation models run with `stp enhance`, "
                           "`stp index` and `stp segment`")
     return KerasPredictor(artifact) if artifact.form == "keras" else SavedModelPredictor(artifact)

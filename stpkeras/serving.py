@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from stpkeras.export import PATCHES, SERVING_DEFAULT
+from stpkeras.signatures import PATCHES, SERVING_DEFAULT
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 3

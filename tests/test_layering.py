@@ -119,3 +119,88 @@ def test_a_conversion_worker_writes_raw_records_without_tensorflow(tmp_path, cli
     records = [schema.parse_patch_numpy(r.numpy()) for r in tf.data.TFRecordDataset(str(chunk))]
     assert len(records) == 24
     assert [tuple(r[schema.OFFSET]) for r in records[:3]] == [(0, 0, 0), (0, 0, 32), (0, 32, 0)]
+
+
+# --- imports go one way: no cycles among stpkeras modules, no borrowing of private names -----------
+
+ROOT = PACKAGE.parent
+PACKAGES = ("stpkeras", "tfrecords_tools")
+
+
+def _modules():
+    """{module name: parsed source} for every module of both packages."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+def _imports(name, tree, modules):
+    """(imported module, imported names) for every import of our packages in `tree`, in functions too."""
+    package = name if name in PACKAGES or any(m.startswith(name + ".") for m in modules) else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PACKAGES:
+                    yield alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] not in PACKAGES:
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                # `from stpkeras import artifacts` imports the submodule; `from x import name` the module x.
+                yield (sub, ()) if sub in modules else (base, (alias.name,))
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    borrowed = []
+    for name, tree in modules.items():
+        for target, names in _imports(name, tree, modules):
+            borrowed += [f"{name}: from {target} import {n}" for n in names
+                         if n.startswith("_") and not n.startswith("__")]
+        # `module._name` on a module of ours that was imported whole (`from stpkeras import train as t`).
+        aliases = {}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                aliases.update({a.asname or a.name: a.name for a in n.names})
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                aliases.update({a.asname or a.name: f"{n.module}.{a.name}" for a in n.names})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_")
+                    and not node.attr.startswith("__") and aliases.get(node.value.id) in modules):
+                borrowed.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+    assert not borrowed, borrowed
+
+
+def test_no_import_cycles_among_stpkeras_modules():
+    """Function-level imports count: a cycle through a lazy import is still two modules that need each other."""
+    modules = _modules()
+    graph = {name: {t for t, _ in _imports(name, tree, modules) if t.startswith("stpkeras") and t != name}
+             for name, tree in modules.items() if name.startswith("stpkeras")}
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start and len(path) > 1:
+                    cycles.append(" -> ".join(path + [start]))
+                elif nxt not in seen and nxt in graph:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    # A package's __init__ importing its own submodules (which import each other through it) is how a
+    # package works, not a cycle.
+    def within_a_package(cycle):
+        names = cycle.split(" -> ")
+        return any(all(m == p or m.startswith(p + ".") for m in names) for p in names if p in packages)
+
+    packages = {n for n in modules if any(m.startswith(n + ".") for m in modules)}
+    cycles = [c for c in cycles if not within_a_package(c)]
+    assert not sorted(set(cycles)), sorted(set(cycles))[:10]

@@ -40,7 +40,7 @@ from tfrecords_tools import outputs
 from tfrecords_tools.convert import (ConvertConfig, ConvertError, build_manifest, check_pixels, failure_reason,
                                      finish_result, new_result, remove_outputs, video_records)
 from tfrecords_tools.schema import UNLABELLED
-from tfrecords_tools.shards import RECORD_OVERHEAD, _copy_range, _Sink, list_shard_files, shard_name
+from tfrecords_tools.shards import RECORD_OVERHEAD, copy_range, RecordSink, list_shard_files, shard_name
 from tfrecords_tools.sources import Item, list_source
 from tfrecords_tools.storage import check_path
 from tfrecords_tools.video import Plan
@@ -151,8 +151,8 @@ class WriteShard(beam.DoFn):
             # Unique per attempt: a retried or speculative bundle never writes into another's file.
             tmp = mf.join(self.out, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
             with tf.io.gfile.GFile(tmp, "wb") as f, open(framed, "rb") as src:
-                sink = _Sink(f, self.compression)
-                _copy_range(src, 0, os.path.getsize(framed), sink)
+                sink = RecordSink(f, self.compression)
+                copy_range(src, 0, os.path.getsize(framed), sink)
                 sink.close()
         tf.io.gfile.rename(tmp, mf.join(self.out, name), overwrite=True)
         yield split, i, {"file": name, "records": len(records), "bytes": sink.bytes,

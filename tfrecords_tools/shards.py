@@ -165,7 +165,7 @@ def plan_shards(chunks: Sequence[Chunk], shard_bytes: int) -> List[List[Tuple[in
     return [s for s in shards if s] or []
 
 
-class _Sink:
+class RecordSink:
     """A file that compresses (as TFRecord's GZIP/ZLIB do) and hashes what is written."""
 
     def __init__(self, f, compression: str):
@@ -194,7 +194,7 @@ class _Sink:
             self._out(self.z.flush())
 
 
-def _copy_range(src, start: int, length: int, sink: _Sink, buffer: Optional[bytearray] = None) -> None:
+def copy_range(src, start: int, length: int, sink: RecordSink, buffer: Optional[bytearray] = None) -> None:
     """Copies `length` bytes from `start` of `src` into `sink`, through one reused buffer.
 
     Reading into the same buffer, not into a new 1 MB `bytes` per read, matters: in a process whose
@@ -252,11 +252,11 @@ def write_shards(out_dir: str, split: str, chunks: Sequence[Chunk], shard_bytes:
         buffer = bytearray(_COPY)
         try:
             with _open_output(tmp) as f:
-                sink = _Sink(f, compression)
+                sink = RecordSink(f, compression)
                 for ci, first, end in layout[i]:
                     start = offsets[ci][first]
                     with _open_chunk(chunks[ci].path) as src:
-                        _copy_range(src, start, offsets[ci][end] - start, sink, buffer)
+                        copy_range(src, start, offsets[ci][end] - start, sink, buffer)
                     records += end - first
                 sink.close()
         except OSError as e:

@@ -61,7 +61,7 @@ def _is_video(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_videos(root: str) -> List[str]:
+def walk_videos(root: str) -> List[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -97,10 +97,10 @@ def list_folder(root: str) -> Tuple[List[Item], bool]:
             split_root = os.path.join(root, split)
             for cls in sorted(d for d in os.listdir(split_root)
                               if os.path.isdir(os.path.join(split_root, d)) and not d.startswith(".")):
-                for path in _walk_videos(os.path.join(split_root, cls)):
+                for path in walk_videos(os.path.join(split_root, cls)):
                     items.append(Item(_rel(path, root), path, cls, "val" if split == "validation" else split))
         return items, True
-    class_videos = {cls: _walk_videos(os.path.join(root, cls)) for cls in subdirs}
+    class_videos = {cls: walk_videos(os.path.join(root, cls)) for cls in subdirs}
     if any(class_videos.values()):
         # Class folders. A video lying beside them has no class: report it rather than
         # silently treating the whole source as unlabelled.
@@ -111,7 +111,7 @@ def list_folder(root: str) -> Tuple[List[Item], bool]:
             items.append(Item(name, path, "", error=f"{path}: a video beside the class folders "
                                                     f"({', '.join(subdirs)}) has no class; move it into one"))
         return items, True
-    for path in _walk_videos(root):
+    for path in walk_videos(root):
         items.append(Item(_rel(path, root), path))
     return items, False
 

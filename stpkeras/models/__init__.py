@@ -1,7 +1,8 @@
 """Model stage: the registry of model families, each a factory `(spec, num_classes, **options) -> keras.Model`.
 
-Every model takes `uint8 [B, T, H, W, 3]` patches (input 'patch') and
-normalises them in its first layer (`layers.Normalize`). Classifiers have a
+Every model takes uint8 patches in the spec's pixel format (input 'patch': `[B, T, H, W, 3]` for
+`rgb`, `[B, T, H/2, W, 4]` for `yuv440`) and turns them into RGB in [-1, 1] in its first layer
+(`layers.Normalize`). Classifiers have a
 pooled feature layer named 'features' and an output layer named 'logits'
 (float32, no softmax). Enhancers (`ENHANCE_MODELS`, for `--task enhance`) take
 the output channels in place of `num_classes` and end in the layer 'pixels':

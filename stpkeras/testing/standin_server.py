@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from stpkeras.artifacts import resolve_saved_model, versions
-from stpkeras.export import SERVING_DEFAULT
+from stpkeras.signatures import SERVING_DEFAULT
 
 HOST = "127.0.0.1"
 _REST_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata|:predict)?$")

@@ -1,0 +1,30 @@
+"""Serving-interface stage: the names of an export's signatures and of their tensors, in one place.
+
+The exporter writes them, the local predictors, the TF Serving clients and the serving stand-in read
+them, and the tests import them: nobody retypes a signature or tensor name.
+
+| signature | input | outputs |
+|---|---|---|
+| `serving_default` (classifier) | `patches` uint8 `[batch, *spec.shape]` | `logits`, `probabilities`, `class_ids`, `class_names` |
+| `serve_examples` | `examples` string `[batch]`, serialized patch records | the same as `serving_default` |
+| `embeddings` | `patches` | `embeddings` float32 `[batch, D]` (the layer named `features`) |
+| `serving_default` (enhancer) | `patches` | `pixels` uint8, `pixels_float` float32, both `[batch, *spec.shape]` |
+"""
+
+SERVING_DEFAULT = "serving_default"
+SERVE_EXAMPLES = "serve_examples"
+EMBEDDINGS = "embeddings"
+
+# Tensor keys.
+PATCHES = "patches"
+EXAMPLES = "examples"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+CLASS_IDS = "class_ids"
+CLASS_NAMES = "class_names"
+PIXELS = "pixels"               # enhancer: uint8 [batch, T, H, W, 3]
+PIXELS_FLOAT = "pixels_float"   # enhancer: float32 [batch, T, H, W, 3], 0-255 units, unclipped
+
+# The layers of a model that export reads.
+FEATURES_LAYER = "features"
+LOGITS_LAYER = "logits"
