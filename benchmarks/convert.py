@@ -516,7 +516,7 @@ def main(argv=None) -> int:
         print("per-video irreducible frames/s by interpolation:")
         for name, per in report["interpolation"]["per_video"].items():
             print(f"  {name:14s} " + "  ".join(f"{k} {v:.0f}" for k, v in per.items()))
-        print(f"jpeg PSNR per video: " + ", ".join(f"{k} {v:.1f} dB"
+        print("jpeg PSNR per video: " + ", ".join(f"{k} {v:.1f} dB"
                                                   for k, v in report["storage"]["jpeg"]["psnr"].items()))
     print(f"load average (1 min) before / after: {load_before[0]:.2f} / {report['load_average']['after'][0]:.2f} "
           f"on {os.cpu_count()} cores; the run took {report['seconds']:.0f} s")

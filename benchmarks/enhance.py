@@ -159,7 +159,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from stpkeras.enhance import enhance_video, load_enhancer
     from stpkeras.evaluate import EvalConfig, evaluate
     from stpkeras.models import DEFAULT_ENHANCE_MODEL
     from stpkeras.train import TrainConfig, train

@@ -132,8 +132,7 @@ def _run_demo(out: str, *, per_class: int, epochs, workers: int, pixels: str, ec
     if os.path.exists(os.path.join(run_dir, "run.json")):
         import shutil
         shutil.rmtree(run_dir)
-    run = train(config, echo=lambda s: None)
-    m = run["metrics"]
+    train(config, echo=lambda s: None)
     echo(f"[3/6] train: {run_dir}/ (stcnn, {config.epochs} epochs; best.keras, last.keras, history.csv, "
          f"curves.png, logs/; {time.perf_counter() - t:.1f}s)")
 

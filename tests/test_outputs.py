@@ -20,7 +20,7 @@ import pytest
 
 from tfrecords_tools import outputs
 from tfrecords_tools.spec import PatchSpec
-from videos import pattern_frames, write_video
+from videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from tfrecords_tools.patches import Patch
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import Plan, VideoError, probe, video_patches
 from videos import (DISPLAY_TURNS, VFR_PTS_MS, checkerboard, cut, decode_all, pattern_frames, set_display_matrix,
-                    write_size_changing_ts, write_timed_video, write_video)
+                    write_size_changing_ts, write_timed_video)
 
 
 def read(path, spec, **kw):

@@ -29,9 +29,12 @@ A record holds one patch:
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # names in annotations only
+    import tensorflow as tf
 
 # TensorFlow loads on first use: writing raw records needs only numpy, so conversion workers start
 # without it (importing TensorFlow costs each spawned worker about 2 s of CPU).

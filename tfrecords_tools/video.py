@@ -493,13 +493,10 @@ class FrameStream:
         fps = self.spec.fps
         emitted = 0
         if not fps:
-            first = last = None
             for frame, turn, t, duration in self._decoded():
                 if emitted >= plan.frames:
                     emitted += 1  # counted, not converted: the plan is wrong and will be redone
                     continue
-                first = t if first is None else first
-                last = t + duration
                 yield self._to_rgb(frame, turn), t
                 emitted += 1
             if emitted != plan.frames:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import keras
 
-from stpkeras.models import layers
 from stpkeras.models.resnet3d import residual_network, stages
 
 
