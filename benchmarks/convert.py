@@ -395,7 +395,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| `--workers 1`, decode + scale with 2 threads (`decode_threads=2`) | {t['fps'][k]:.0f} | "
                      f"{t['fps'][k] / t['fps']['workers=1']:.2f}x 1 worker | | {t['cpu_fps'][k]:.0f} |")
     lines_after = [f"Fixed costs that 2 workers do not divide: a spawned worker needs {report['startup']:.1f} s "
-                   "(wall) to import what it needs (no TensorFlow for raw records) before its first video (this process converts meanwhile), and "
+                   "(wall) to import what it needs (no TensorFlow for raw records) before its first video "
+                   "(this process converts meanwhile), and "
                    f"after the last video this process assembles the shards ({t['tail_seconds']['workers=2']:.2f} s: "
                    "copy + sha256, manifest). Until the last video is done, 2 workers run "
                    f"{t['ratio_2w_videos']:.2f}x as fast as 1."]

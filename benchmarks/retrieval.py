@@ -112,7 +112,8 @@ def measure(name, vectors, queries, truth):
     batch = (time.perf_counter() - t) / len(queries)
     recall = np.mean([len(set(f) & set(g)) / K for f, g in zip(np.asarray(found), truth)])
     return {"build_s": build, "p50_ms": 1e3 * np.median(times), "p99_ms": 1e3 * np.percentile(times, 99),
-            "batch_ms": 1e3 * batch, "recall@10": recall, "top1": float(np.mean(np.asarray(found)[:, 0] == truth[:, 0]))}
+            "batch_ms": 1e3 * batch, "recall@10": recall,
+            "top1": float(np.mean(np.asarray(found)[:, 0] == truth[:, 0]))}
 
 
 def main(argv=None):

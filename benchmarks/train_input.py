@@ -120,7 +120,8 @@ def main() -> int:
 
         print(f"`{command}`\n")
         print(f"{args.model} ({model.count_params()} parameters) on {info.num_records('all')} clips of "
-              f"{'x'.join(map(str, info.spec.rgb_shape))} ({info.spec.pixels}), batch {BATCH}, augment {args.augment or 'none'}; "
+              f"{'x'.join(map(str, info.spec.rgb_shape))} ({info.spec.pixels}), batch {BATCH}, "
+              f"augment {args.augment or 'none'}; "
               f"{os.cpu_count()} CPU cores; TF {tf.__version__}, Keras {keras.__version__}; {args.rounds} rounds "
               f"of {args.steps} steps each way.\n")
         print("| fit fed by | steps/s (median) | range over rounds | CPU s per step (median) |\n|---|---:|---:|---:|")

@@ -20,8 +20,8 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 
 # Parameter grids: gaussian3d's spatial sigma in pixels; nlmeans' filter strength h.
-GRIDS: Dict[str, Sequence[float]] = {"gaussian3d": (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 2.8), "median3": (3,), "median5": (5,),
-                                     "nlmeans": (6.0, 9.0, 12.0, 15.0, 20.0)}
+GRIDS: Dict[str, Sequence[float]] = {"gaussian3d": (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 2.8), "median3": (3,),
+                                     "median5": (5,), "nlmeans": (6.0, 9.0, 12.0, 15.0, 20.0)}
 
 
 def gaussian3d(patches: np.ndarray, sigma: float) -> np.ndarray:

@@ -57,7 +57,7 @@ def feature_model(model: keras.Model) -> keras.Model:
         layer = model.get_layer(FEATURES)
     except ValueError as e:
         raise FeatureError(f"model {model.name!r} has no layer named {FEATURES!r} to embed with "
-                           f"(layers: {[l.name for l in model.layers][-6:]} ...)") from e
+                           f"(layers: {[layer.name for layer in model.layers][-6:]} ...)") from e
     if isinstance(layer, keras.layers.Flatten):
         pooled_map = layer.input
         axes = tuple(range(1, len(pooled_map.shape) - 1))
@@ -212,7 +212,8 @@ class PairAccuracy(keras.metrics.MeanMetricWrapper):
 
 # --- the task's element ---------------------------------------------------------------------------
 
-def make_views(encoding: str, spec, augment: Sequence[str] = ()) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
+def make_views(encoding: str, spec,
+               augment: Sequence[str] = ()) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
     """The embed task's element: `(serialized record, seed int64 [2]) -> (uint8 [2, T, H, W, C], int32 0)`.
 
     The two views are the record's patch augmented twice with independent seeds

@@ -57,7 +57,8 @@ class Enhancer:
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         patches = np.asarray(patches)
         if patches.dtype != np.uint8 or patches.ndim != 5 or patches.shape[1:] != self.spec.shape:
-            raise EnhanceError(f"{self.source}: expected uint8 patches [batch, {', '.join(map(str, self.spec.shape))}]; "
+            shape = ", ".join(map(str, self.spec.shape))
+            raise EnhanceError(f"{self.source}: expected uint8 patches [batch, {shape}]; "
                                f"received {patches.dtype} {list(patches.shape)}")
         return self._run(patches)
 

@@ -94,7 +94,8 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: 
     }
 
 
-def video_level(video_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def video_level(video_ids: np.ndarray, labels: np.ndarray,
+                logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-patch arrays -> (ids [V], labels [V], mean logits [V, C]), videos in first-seen order."""
     ids, first, inverse = np.unique(video_ids, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -160,12 +161,14 @@ def _evaluate(config: EvalConfig) -> dict:
     if tuple(info.labels) != labels:
         raise EvaluateError(f"{config.data}: classes {list(info.labels)} differ from the model's {list(labels)}")
     if model.output_shape[-1] != len(labels):
-        raise EvaluateError(f"{config.model}: {model.output_shape[-1]} outputs for {len(labels)} classes {list(labels)}")
+        raise EvaluateError(f"{config.model}: {model.output_shape[-1]} outputs for {len(labels)} classes "
+                            f"{list(labels)}")
     split = config.split
     if split is None:
         split = next((s for s in ("test", "val") if s in info.splits), None)
         if split is None:
-            raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split (available: {list(info.splits)})")
+            raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split "
+                                f"(available: {list(info.splits)})")
     info.resolve(split)
 
     dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,

@@ -1,13 +1,14 @@
-"""Export stage: a trained classifier or enhancer -> `saved_models/NAME/VERSION/`, the SavedModel layout TF Serving watches.
+"""Export stage: a trained classifier or enhancer -> `saved_models/NAME/VERSION/`, the layout TF Serving watches.
 
 One export holds three signatures, written with `keras.export.ExportArchive`
 and explicit input signatures (batch dimension `None`):
 
-| signature | input | outputs |
-|---|---|---|
-| `serving_default` | `patches`: `uint8 [batch, T, H, W, 3]` raw pixels | `logits` float32 [batch, K], `probabilities` float32 [batch, K], `class_ids` int64 [batch], `class_names` string [batch] |
-| `serve_examples` | `examples`: string [batch], serialized `tf.train.Example`s in the patch record schema (`tfrecords_tools.schema`), any encoding | the same four |
-| `embeddings` | `patches` as above | `embeddings` float32 [batch, D], the model's layer named `features` (only when the model has one) |
+- `serving_default`: `patches`, `uint8 [batch, T, H, W, 3]` raw pixels -> `logits` float32 [batch, K],
+  `probabilities` float32 [batch, K], `class_ids` int64 [batch], `class_names` string [batch];
+- `serve_examples`: `examples`, string [batch], serialized `tf.train.Example`s in the patch record
+  schema (`tfrecords_tools.schema`), any encoding -> the same four;
+- `embeddings`: `patches` as above -> `embeddings` float32 [batch, D], the model's layer named
+  `features` (only when the model has one).
 
 Normalisation (uint8 -> float) is the model's own first layer, so a client
 sends raw pixels and the server computes exactly what training computed.

@@ -3,12 +3,11 @@
 The exporter writes them, the local predictors, the TF Serving clients and the serving stand-in read
 them, and the tests import them: nobody retypes a signature or tensor name.
 
-| signature | input | outputs |
-|---|---|---|
-| `serving_default` (classifier) | `patches` uint8 `[batch, *spec.shape]` | `logits`, `probabilities`, `class_ids`, `class_names` |
-| `serve_examples` | `examples` string `[batch]`, serialized patch records | the same as `serving_default` |
-| `embeddings` | `patches` | `embeddings` float32 `[batch, D]` (the layer named `features`) |
-| `serving_default` (enhancer) | `patches` | `pixels` uint8, `pixels_float` float32, both `[batch, *spec.shape]` |
+- `serving_default` (classifier): `patches` uint8 `[batch, *spec.shape]` -> `logits`, `probabilities`,
+  `class_ids`, `class_names`;
+- `serve_examples`: `examples` string `[batch]`, serialized patch records -> the same;
+- `embeddings`: `patches` -> `embeddings` float32 `[batch, D]` (the layer named `features`);
+- `serving_default` (enhancer): `patches` -> `pixels` uint8, `pixels_float` float32, both `[batch, *spec.shape]`.
 """
 
 SERVING_DEFAULT = "serving_default"

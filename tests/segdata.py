@@ -46,7 +46,8 @@ def _crop(frame: np.ndarray, size: int, rng) -> np.ndarray:
 
 def camouflage_video(background: np.ndarray, frames: int, rng, radius: Tuple[float, float] = (7.0, 10.0),
                      speed: Tuple[float, float] = (1.5, 3.0), feather: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """A disk cut out of a still `background` (float [S, S, 3]) gliding over it: `(uint8 [T, S, S, 3], uint8 [T, S, S])`.
+    """A disk cut out of a still `background` (float [S, S, 3]) gliding over it:
+    `(uint8 [T, S, S, 3], uint8 [T, S, S])`.
 
     The disk carries the background's pixels from where it started (integer
     shifts, so no resampling blur), so it is textured exactly like the

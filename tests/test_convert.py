@@ -446,7 +446,8 @@ def test_shard_size_splits_into_named_shards(tmp_path, converted, classes_src, c
     assert sum(s["bytes"] for s in shards) == total
     # Splitting only cuts the same record stream at record boundaries.
     assert records_of(out, m) == records_of(root, plain)
-    assert b"".join((out / s["file"]).read_bytes() for s in shards) == (root / "train-00000-of-00001.tfrecord").read_bytes()
+    whole = (root / "train-00000-of-00001.tfrecord").read_bytes()
+    assert b"".join((out / s["file"]).read_bytes() for s in shards) == whole
 
 
 def test_manifest_records_the_run(converted):
@@ -563,7 +564,8 @@ def _assert_same_shards(out, reference):
     assert m["splits"]["train"]["shards"] == reference["splits"]["train"]["shards"]
     for entry in m["splits"]["train"]["shards"]:
         assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-    assert sorted(os.listdir(out)) == sorted([LOCK_NAME, mf.MANIFEST_NAME] + [e["file"] for e in m["splits"]["train"]["shards"]])
+    files = [e["file"] for e in m["splits"]["train"]["shards"]]
+    assert sorted(os.listdir(out)) == sorted([LOCK_NAME, mf.MANIFEST_NAME] + files)
 
 
 @pytest.mark.parametrize("phase", ["assembly", "chunks"])

@@ -94,7 +94,8 @@ def train_until_mid_epoch(tmp_path, address):
     trace, run = tmp_path / "trace", tmp_path / "run"
     proc = train(str(tmp_path / "big"), run, address, trace, epochs=2)
     deadline = time.time() + 240
-    while time.time() < deadline and (not (trace / "trainer.txt").exists() or len(records(trace / "trainer.txt")) < 200):
+    seen = trace / "trainer.txt"
+    while time.time() < deadline and (not seen.exists() or len(records(seen)) < 200):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     return proc, trace, run, expected, deadline

@@ -120,7 +120,8 @@ def test_fresh_process_loaders_equal_keras(exported, tmp_path):
     np.savez(tmp_path / "in.npz", **inputs)
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS)
-    proc = subprocess.run([sys.executable, str(script), result.path, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+    proc = subprocess.run([sys.executable, str(script), result.path, str(tmp_path / "in.npz"),
+                           str(tmp_path / "out.npz")],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(np.load(tmp_path / "out.npz", allow_pickle=True))
@@ -195,7 +196,8 @@ def test_wrong_dtype_or_shape_is_a_clear_error(exported):
     # A record whose patch shape differs from the spec names the problem.
     other = np.zeros((8, 16, 16, 3), np.uint8)
     examples = tf.saved_model.load(result.path).signatures[ex.SERVE_EXAMPLES]
-    with pytest.raises(tf.errors.InvalidArgumentError, match="patch/shape differs from the PatchSpec shape of this export"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="patch/shape differs from the PatchSpec shape of this export"):
         examples(examples=tf.constant([ex.example_bytes(other)]))
 
 
@@ -223,7 +225,8 @@ def test_export_cli_and_keras_file_sources(exported, tmp_path):
     out = tmp_path / "sm"
     r = CliRunner().invoke(main, ["export", run_dir, "--name", "cli", "--out", str(out), "--version", "3"])
     assert r.exit_code == 0, r.output
-    assert f"-> {out / 'cli' / '3'}" in r.output and "signatures: serving_default, serve_examples, embeddings" in r.output
+    assert f"-> {out / 'cli' / '3'}" in r.output
+    assert "signatures: serving_default, serve_examples, embeddings" in r.output
     # A .keras file away from its run folder needs labels and spec: --data gives both.
     lone = tmp_path / "lone.keras"
     shutil.copy(os.path.join(run_dir, "best.keras"), lone)

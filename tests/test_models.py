@@ -66,15 +66,15 @@ def test_every_option_is_wired_through():
     assert stcnn.get_layer("pool").pool_size == (2, 8, 8)
     assert tuple(stcnn.get_layer("features").output.shape) == (None, 2 * 2 * 2 * 6)
     c3d = build_model("c3d", SPEC, 4, widths=(4, 8, 12), convs_per_stage=(1, 2, 1), dropout=0.5)
-    assert [l.filters for l in c3d.layers if isinstance(l, keras.layers.Conv3D)] == [4, 8, 8, 12]
+    assert [c.filters for c in c3d.layers if isinstance(c, keras.layers.Conv3D)] == [4, 8, 8, 12]
     assert c3d.get_layer("head_dropout").rate == 0.5
     res = build_model("resnet3d", SPEC, 4, depth=18, widths=(4, 8))
-    assert sum(l.name.endswith("_conv1") for l in res.layers) == 4  # 2 + 2 blocks
+    assert sum(layer.name.endswith("_conv1") for layer in res.layers) == 4  # 2 + 2 blocks
     full = build_model("r2plus1d", SPEC, 4, depth=10, width="full")
     assert full.get_layer("features").output.shape[-1] == 512
     vivit = build_model("vivit", SPEC, 4, tubelet=(2, 4, 4), dim=8, depth=2, heads=2, mlp_dim=12)
     assert tuple(vivit.get_layer("tokens").output.shape) == (None, 2 * 4 * 4, 8)
-    assert sum(isinstance(l, keras.layers.MultiHeadAttention) for l in vivit.layers) == 2
+    assert sum(isinstance(layer, keras.layers.MultiHeadAttention) for layer in vivit.layers) == 2
     assert vivit.get_layer("encoder0_mlp1").units == 12
     assert set(model_options("stcnn")) == {"filters", "kernel_size", "pool_size", "dropout"}
 

@@ -245,7 +245,7 @@ def test_evaluation_yields_every_record_once_with_its_label_and_video(folder):
     for f in ds:
         for pixels, label, vid in zip(f[schema.PATCH].numpy(), f[schema.LABEL].numpy(), f[schema.VIDEO_ID].numpy()):
             seen.append((_digest(pixels), int(label), vid.decode()))
-    assert sorted(seen) == sorted((_digest(p), l, v) for p, l, v in items["train"])
+    assert sorted(seen) == sorted((_digest(p), label, v) for p, label, v in items["train"])
     assert len(list(ds)) == 7
 
 
@@ -263,7 +263,6 @@ def test_training_batches_are_static_shuffled_and_deterministic_with_a_seed(fold
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, rebuilt))
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, second_epoch))  # reshuffled each epoch
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
-    labels = {_digest(p): l for p, l, _ in items["train"]}
     order = [int(y) for _, ys in first for y in ys]
     assert order != sorted(order) or len(set(order)) == 1
 
@@ -280,7 +279,7 @@ def test_deterministic_without_augmentation_gives_the_same_batches(folder):
 
 def test_training_without_augmentation_keeps_pixels_and_labels_together(folder):
     root, items = folder
-    labels = {_digest(p): l for p, l, _ in items["train"]}
+    labels = {_digest(p): label for p, label, _ in items["train"]}
     ds = pipeline.make_dataset(root, "train", batch_size=10, training=True, seed=1)
     pairs = [(_digest(x), int(y)) for xs, ys in ds for x, y in zip(xs.numpy(), ys.numpy())]
     assert len(pairs) == 50 and len({d for d, _ in pairs}) == 50
@@ -316,7 +315,8 @@ def test_global_batch_and_shard_policy_under_a_strategy(folder):
 def test_gzip_and_jpeg_folders(tmp_path):
     items = random_items(12, (2, 8, 8, 3), seed=3)
     write_converted(str(tmp_path / "gz"), {"train": items}, LABELS, compression="gzip", shards=2)
-    got = [_digest(x) for xs, _ in pipeline.make_dataset(str(tmp_path / "gz"), "train", batch_size=5) for x in xs.numpy()]
+    got = [_digest(x) for xs, _ in pipeline.make_dataset(str(tmp_path / "gz"), "train", batch_size=5)
+           for x in xs.numpy()]
     assert sorted(got) == sorted(_digest(p) for p, _, _ in items)
     flat = [(np.full((2, 8, 8, 3), 40 * i, np.uint8), i % 3, f"v{i}") for i in range(6)]
     write_converted(str(tmp_path / "jpg"), {"train": flat}, LABELS, encoding="jpeg", shards=1)

@@ -103,8 +103,8 @@ def test_frame_labels_from_intervals(tmp_path, sample):
 
     csv_path = write_scene_changes(str(tmp_path / "src"), [sample("bikes.mp4"), sample("tree.avi")], videos=2,
                                    fps=10.0, seed=1)
-    manifest = convert(ConvertConfig(src=csv_path, out=str(tmp_path / "data"), spec=PatchSpec(8, 32, 32, stride_frames=8,
-                                                                                            pad="zero")))
+    spec = PatchSpec(8, 32, 32, stride_frames=8, pad="zero")
+    manifest = convert(ConvertConfig(src=csv_path, out=str(tmp_path / "data"), spec=spec))
     assert manifest["frame_labels"] == ["bikes", "tree"]
     assert "frame_labels" in manifest["fingerprint"]
     records = [r for split in manifest["splits"] for r in _records(str(tmp_path / "data"), manifest, split)]

@@ -205,7 +205,8 @@ def test_cli_predict_server_down_exits_4_and_a_wrong_url_2(exported, server, vid
     r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", url, "--retries", "1",
                                   "--timeout", "2"])
     assert r.exit_code == 4 and "cannot reach the server" in r.output
-    r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", server.rest_url.replace("/clf", "/nope")])
+    wrong = server.rest_url.replace("/clf", "/nope")
+    r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", wrong])
     assert r.exit_code == 2 and "Servable not found" in r.output
     r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", "ftp://x/clf"])
     assert r.exit_code == 2 and "Invalid server URL" in r.output

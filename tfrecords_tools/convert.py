@@ -127,7 +127,8 @@ class ConvertConfig:
                                    "per-video chunks; only the finished shards and dataset.json go to OUT.")
             return os.path.join(self.out, WORK_DIR)
         if is_remote(self.work_dir):
-            raise ConvertError(f"--work-dir {self.work_dir}: expected a local folder, received a {scheme(self.work_dir)}:// URL")
+            raise ConvertError(f"--work-dir {self.work_dir}: expected a local folder, received a "
+                               f"{scheme(self.work_dir)}:// URL")
         return os.path.join(self.work_dir, "stp-work-" + hashlib.sha1(self.out.encode()).hexdigest()[:12])
 
 
@@ -329,7 +330,8 @@ def _check_existing(cfg: ConvertConfig, work: str) -> Optional[dict]:
         if existing is not None:
             theirs = existing.get("fingerprint")
             if theirs != cfg.fingerprint():
-                raise ConvertError(f"{cfg.out} holds a conversion with other settings ({_diff(theirs, cfg.fingerprint())}). "
+                raise ConvertError(f"{cfg.out} holds a conversion with other settings "
+                                   f"({_diff(theirs, cfg.fingerprint())}). "
                                    "Use another OUT or --overwrite to replace it.")
     if os.path.exists(fingerprint_path):
         with open(fingerprint_path) as f:

@@ -21,9 +21,9 @@ A record holds one patch:
 | `label/name` | bytes | class name, empty when unlabelled |
 | `split` | bytes | split name |
 | `schema/version` | int64 | `SCHEMA_VERSION` |
-| `target/data` | as `patch/data` (optional) | the clean pixels aligned with `patch/data`, same shape and encoding (paired data for enhancement: `stp convert` of a `path,target` CSV) |
+| `target/data` | as `patch/data` (optional) | clean pixels aligned with `patch/data` (pairs: a `target` CSV column) |
 | `mask/data` | bytes x1 (optional) | class ids `uint8 [T, H, W]`, raw, cut on the patch's grid (a `mask` CSV column) |
-| `label/frames` | int64 [T] (optional) | class index of each frame, -1 outside every interval (an `intervals` CSV column) |
+| `label/frames` | int64 [T] (optional) | class of each frame, -1 outside every interval (an `intervals` column) |
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def encode_frames(pixels: np.ndarray, encoding: str, quality: int = 90) -> list:
                 for frame in pixels]
     if encoding == "png":
         return [tf.io.encode_png(frame).numpy() for frame in pixels]
-    raise ValueError(f"Invalid value for argument `encoding`. Expected raw, jpeg or png. Received encoding={encoding!r}")
+    raise ValueError("Invalid value for argument `encoding`. Expected raw, jpeg or png. "
+                     f"Received encoding={encoding!r}")
 
 
 def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90, video_id: str,
@@ -281,7 +282,8 @@ def decode_pixels(data: tf.Tensor, encoding: str, shape: Sequence[int]) -> tf.Te
         decode = tf.io.decode_jpeg if encoding == "jpeg" else tf.io.decode_png
         pixels = tf.map_fn(lambda s: decode(s, channels=c), data, fn_output_signature=tf.uint8)
         return tf.ensure_shape(pixels, [t, h, w, c])
-    raise ValueError(f"Invalid value for argument `encoding`. Expected raw, jpeg or png. Received encoding={encoding!r}")
+    raise ValueError("Invalid value for argument `encoding`. Expected raw, jpeg or png. "
+                     f"Received encoding={encoding!r}")
 
 
 def parse_patch_numpy(serialized: bytes, shape: Optional[Sequence[int]] = None) -> Dict[str, object]:

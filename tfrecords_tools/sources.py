@@ -6,8 +6,8 @@ Three inputs are understood:
   (`train/`, `val/`, `test/`);
 - a flat folder of videos (unlabelled);
 - a CSV with columns `path,label[,split]` (or `path` alone; header in any
-  case), paths relative to the CSV's folder or absolute inside it. Optional segmentation columns: `mask` (a lossless mask
-  video or a folder of PNG masks, one per frame: class ids in the first
+  case), paths relative to the CSV's folder or absolute inside it. Optional segmentation columns:
+  `mask` (a lossless mask video or a folder of PNG masks, one per frame: class ids in the first
   channel) and `intervals` (a CSV `start,end,label` in seconds: a class per frame).
 
 Problems with one entry (an empty or unknown label, a path that escapes the

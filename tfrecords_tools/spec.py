@@ -192,7 +192,8 @@ class PatchSpec:
                    stride_width=st[2], **kwargs)
 
     def describe(self) -> str:
-        text = f"patch {self.frames}x{self.height}x{self.width}, stride {'x'.join(map(str, self.stride))}, pad {self.pad}"
+        stride = "x".join(map(str, self.stride))
+        text = f"patch {self.frames}x{self.height}x{self.width}, stride {stride}, pad {self.pad}"
         if self.fps:
             text += f", {self.fps:g} fps"
         if self.resize:

@@ -51,7 +51,8 @@ def model_options(name: str) -> Dict[str, object]:
 
 def _factory(name: str) -> Callable:
     if name not in MODELS:
-        raise ValueError(f"Invalid value for argument `model`. Expected one of {sorted(MODELS)}. Received model={name!r}")
+        raise ValueError(f"Invalid value for argument `model`. Expected one of {sorted(MODELS)}. "
+                         f"Received model={name!r}")
     return MODELS[name]
 
 

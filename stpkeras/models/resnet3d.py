@@ -66,7 +66,8 @@ def residual_network(spec, num_classes: int, *, conv: Conv, widths: Sequence[int
 def stages(depth: int, width: str, widths=None):
     """(widths, blocks per stage) for a ResNet-`depth` of `width` 'small'/'full', or explicit `widths`."""
     if depth not in DEPTHS:
-        raise ValueError(f"Invalid value for argument `depth`. Expected one of {sorted(DEPTHS)}. Received depth={depth!r}")
+        raise ValueError(f"Invalid value for argument `depth`. Expected one of {sorted(DEPTHS)}. "
+                         f"Received depth={depth!r}")
     if widths is None:
         if width not in WIDTHS:
             raise ValueError(f"Invalid value for argument `width`. Expected one of {sorted(WIDTHS)}. "
