@@ -270,32 +270,52 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     # Not across workers (sharding by file needs the file list as the stream's source), nor with `cache`
     # (which would then hold the endless stream).
     stateless = training and repeat and not cache and num_workers(strategy) == 1
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if stateless:
-        # File order reshuffled every pass, pass p by the stateless seed (seed, p); one stream of file names.
-        ds = tf.data.Dataset.counter().flat_map(lambda p: tf.data.Dataset.from_tensor_slices(
-            tf.random.experimental.stateless_shuffle(tf.constant(files), tf.stack([tf.constant(seed, tf.int64), p]))))
-    elif training:
-        # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    # Interleave reads several shards at once: a sequential reader would wait on each file's
-    # latency (gs://) and hand the shuffle buffer records from one shard at a time. Reading is
-    # the largest cost of raw records (a copy and a CRC per record), so it runs on several threads.
     buffer_size = read_buffer_size(info.root)
-    ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=buffer_size),
-        cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE, deterministic=ordered)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY if stateless else records))
-    if cache:
-        ds = ds.cache()
-    if training:
-        # Shuffle the serialized records, before decoding: the buffer then holds compressed
-        # bytes (jpeg/png) and decoding runs once per record that leaves it. On the repeated stream the
-        # buffer spans the end of one pass and the start of the next; every record still comes once a pass.
-        ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=not stateless)
-    if repeat and not stateless:
-        # After the shuffle, so an epoch boundary does not mix records from two epochs.
-        ds = ds.repeat()
+
+    def read(names: tf.data.Dataset) -> tf.data.Dataset:
+        # Interleave reads several shards at once: a sequential reader would wait on each file's
+        # latency (gs://) and hand the shuffle buffer records from one shard at a time. Reading is
+        # the largest cost of raw records (a copy and a CRC per record), so it runs on several threads.
+        return names.interleave(
+            lambda f: tf.data.TFRecordDataset(f, compression_type=info.compression, buffer_size=buffer_size),
+            cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE, deterministic=ordered)
+
+    if stateless:
+        def one_pass(p):
+            # Pass p reads the files in the order of the stateless seed (seed, p) and is shuffled on its own,
+            # so an epoch is exactly one pass over the records, none of them spilling into the next. Its
+            # records are shuffled a buffer's worth at a time, each block by a stateless seed from
+            # (seed + 1, p, block): `Dataset.shuffle` takes no seed that depends on the pass. A pass that
+            # fits the buffer is shuffled whole; a larger one, like the shuffle buffer, mixes records
+            # within about a buffer's distance, across the 8 shards read at once.
+            order = tf.random.experimental.stateless_shuffle(tf.constant(files),
+                                                             tf.stack([tf.constant(seed, tf.int64), p]))
+            one = read(tf.data.Dataset.from_tensor_slices(order))
+            # Every pass is checked against the manifest's count: a shard cut short fails the pass that reads it.
+            one = one.apply(tf.data.experimental.assert_cardinality(records))
+            pass_seed = tf.stack([tf.constant(seed + 1, tf.int64), p])
+            blocks = one.batch(shuffle_buffer).enumerate().prefetch(1)  # the next block reads meanwhile
+            fold_in = tf.random.experimental.stateless_fold_in
+            return blocks.flat_map(lambda b, block: tf.data.Dataset.from_tensor_slices(
+                tf.random.experimental.stateless_shuffle(block, fold_in(pass_seed, b))))
+
+        ds = tf.data.Dataset.counter().flat_map(one_pass)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if training:
+            # Reshuffled every epoch; seeded, so the sequence of epochs is the same on every run.
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        ds = read(ds).apply(tf.data.experimental.assert_cardinality(records))
+        if cache:
+            ds = ds.cache()
+        if training:
+            # Shuffle the serialized records, before decoding: the buffer then holds compressed
+            # bytes (jpeg/png) and decoding runs once per record that leaves it.
+            ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+        if repeat:
+            # After the shuffle, so an epoch boundary does not mix records from two epochs.
+            ds = ds.repeat()
     # Raw records with nothing to do per record are parsed and decoded a batch at a time (below).
     # JPEG and PNG decode one frame per op anyway; record by record, the parallel map spreads that
     # work evenly over the cores (measured: a batch per call is slower for them).

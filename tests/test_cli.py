@@ -12,6 +12,7 @@ from PIL import Image
 from stpkeras import __version__
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import schema
+from test_verify import SHARD, record_starts
 from videos import CLASSES, PER_CLASS
 
 
@@ -152,7 +153,7 @@ def test_inspect_starts_without_tensorflow(converted):
 
     code = ("import sys\nfrom stpkeras.cli import main\n"
             "try:\n    main([\"inspect\", sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "assert not {'tensorflow', 'keras'} & set(sys.modules), sorted({'tensorflow', 'keras'} & set(sys.modules))\n")
+            "loaded = {'tensorflow', 'keras'} & set(sys.modules)\nassert not loaded, sorted(loaded)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(converted[0])], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "288 patches of uint8 [4, 32, 32, 3]" in proc.stdout
@@ -161,33 +162,20 @@ def test_inspect_starts_without_tensorflow(converted):
 
 # --- records that fail to read: one line naming the shard and `stp verify`, exit 3 ---------------
 
-SHARD = "train-00000-of-00001.tfrecord"
-
-
-def _record_starts(path):
-    import tensorflow as tf
-
-    starts, at = [], 0
-    for r in tf.data.TFRecordDataset(str(path)):
-        starts.append(at)
-        at += len(r.numpy()) + 16
-    return starts
-
-
 def _flip_a_byte(path):
     data = bytearray(path.read_bytes())
-    data[_record_starts(path)[100] + 16 + 500] ^= 0x01  # in the pixels of record 100: its CRC fails
+    data[record_starts(path)[100] + 16 + 500] ^= 0x01  # in the pixels of record 100: its CRC fails
     path.write_bytes(bytes(data))
 
 
 def _truncate_at_a_record(path):
     with open(path, "r+b") as f:
-        f.truncate(_record_starts(path)[200])  # 200 whole records: TF reads them, the count is short
+        f.truncate(record_starts(path)[200])  # 200 whole records: TF reads them, the count is short
 
 
 def _truncate_inside_a_record(path):
     with open(path, "r+b") as f:
-        f.truncate(_record_starts(path)[200] + 30)
+        f.truncate(record_starts(path)[200] + 30)
 
 
 @pytest.fixture(scope="module")

@@ -286,6 +286,24 @@ def test_training_without_augmentation_keeps_pixels_and_labels_together(folder):
     assert all(labels[d] == y for d, y in pairs)
 
 
+@pytest.mark.parametrize("shuffle_buffer", [16, 1024])
+def test_each_epoch_of_the_repeated_training_stream_is_one_whole_pass(folder, shuffle_buffer):
+    """An epoch (records // batch steps) holds every record once, in a new order each epoch, whether the
+    buffer holds the split or not; the stream is a function of the seed, the same from a second iterator."""
+    root, items = folder
+
+    def epochs(count):
+        ds = pipeline.make_dataset(root, "train", batch_size=10, training=True, repeat=True, seed=5,
+                                   deterministic=True, shuffle_buffer=shuffle_buffer)
+        batches = iter(ds)
+        return [[_digest(x) for _ in range(5) for x in next(batches)[0].numpy()] for _ in range(count)]
+
+    first = epochs(3)
+    assert all(sorted(epoch) == sorted(_digest(p) for p, _, _ in items["train"]) for epoch in first)
+    assert first[0] != first[1] != first[2]
+    assert epochs(2) == first[:2]
+
+
 def test_repeat_and_several_splits(folder):
     root, _ = folder
     ds = pipeline.make_dataset(root, ["train", "val"], batch_size=9, as_supervised=False)
