@@ -29,6 +29,7 @@ from stpkeras import artifacts
 from stpkeras.artifacts import Artifact
 from stpkeras.inference import OverlapAddHead, Timing, run_video
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.patches import overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
@@ -37,7 +38,7 @@ PIXELS_FLOAT = "pixels_float"   # serving_default output: float32 [batch, T, H, 
 DEFAULT_BATCH_SIZE = 8
 
 
-class EnhanceError(ValueError):
+class EnhanceError(BadInput, ValueError):
     """A model or video that cannot be enhanced as asked (not an enhancer, mismatched reference ...)."""
 
 
