@@ -30,6 +30,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.spec import PatchSpec
 
 # The run folder.
@@ -47,7 +48,7 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 TASKS_WITHOUT_LABELS = ("enhance", "embed")
 
 
-class ArtifactError(Exception):
+class ArtifactError(BadInput):
     """A path that is not a loadable model in any of the three forms; the message names it and says why."""
 
 

@@ -1,12 +1,18 @@
 """CLI stage: the `stp` click group. Each command parses, builds a config, calls one library function
 and prints a short summary. TensorFlow loads inside the commands, so `stp --help` is instant.
 
-Exit codes (documented in the README):
+Errors are caught once, at the group's edge (`_Group.invoke`): a library error (`StpError`) or an
+argument value the library refused (`ValueError`) becomes one `Error: ...` line on stderr and the exit
+code of its kind; click's own usage errors are click's. Exit codes (`tfrecords_tools.errors`, the
+README's table):
   0  everything succeeded
-  1  the command ran but some inputs failed (e.g. videos that could not be converted; see the manifest)
-  2  bad usage or bad input to the command itself (click's convention), including an output path that
-     is one of the command's inputs (same path, symbolic or hard link): refused before any work
-  3  corrupt or inconsistent data (`stp verify`, or records that fail to read in any command)
+  1  the command ran but some inputs failed (e.g. videos that could not be converted; see the manifest),
+     or --strict stopped at the first of them
+  2  bad usage or bad input to the command itself (click's convention): a model that is not one, a
+     split DATA lacks, a run folder that exists without --resume, an output path that is one of the
+     command's inputs (same path, symbolic or hard link): refused before any work
+  3  corrupt or inconsistent data: a folder without a manifest or with a broken one, `stp verify`'s
+     findings, records that fail to read in any command
   4  not now: another process is writing the folder (or reading it, for a command that writes it; it is
      named), no space left or no permission to write, a server that does not answer. Nothing half-done
      is left; the same command may succeed later.
@@ -14,82 +20,32 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import re
 import sys
 
 import click
 
 from stpkeras import __version__
-from tfrecords_tools.outputs import OutputBusyError, OutputError
+from tfrecords_tools.errors import EXIT_DATA, EXIT_OK, EXIT_PARTIAL, exit_code_of
 from tfrecords_tools.pixels import DEFAULT as DEFAULT_PIXELS, PIXEL_FORMATS
 from tfrecords_tools.spec import parse_pair, parse_triple
 
-EXIT_OK = 0
-EXIT_PARTIAL = 1
-EXIT_USAGE = 2
-EXIT_CORRUPT = 3
-EXIT_UNAVAILABLE = 4
-
-
-class BadData(click.ClickException):
-    """Corrupt or inconsistent data (exit 3)."""
-
-    exit_code = EXIT_CORRUPT
-
-
-class Unavailable(click.ClickException):
-    """No space, no permission to write, no server: the command could not do its work here (exit 4)."""
-
-    exit_code = EXIT_UNAVAILABLE
-
-
-@contextlib.contextmanager
-def _reading_records(data: str):
-    """Turns a failure of the input pipeline on DATA's records into one line naming the shard (exit 3).
-
-    TensorFlow's errors name no file ("corrupted record at 149544"), so the shards
-    are checked against the manifest (sizes, then sha256) to find the culprit.
-    An error that did not come from reading records is a bug: it keeps its traceback.
-    """
-    import tensorflow as tf
-
-    try:
-        yield
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.FailedPreconditionError) as e:
-        if not isinstance(e, tf.errors.DataLossError) and "IteratorGetNext" not in (e.message or ""):
-            raise
-        raise BadData(_damage(data, e)) from e
-
-
-def _damage(data: str, error) -> str:
-    from tfrecords_tools.verify import find_damaged_shard
-
-    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping: "corrupted record at 149544".
-    reason = (error.message or str(error)).strip().splitlines()[0]
-    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason)).strip()
-    try:
-        shard = find_damaged_shard(data)
-    except Exception:  # noqa: BLE001  the first error is the one to report
-        shard = ""
-    if shard:
-        return (f"{shard}; reading it failed ({reason}). Run `stp verify {data}` to list every problem, "
-                "then convert again or restore the shard.")
-    return (f"{data}: a record failed to read ({reason}), though every shard matches the manifest's size and "
-            f"sha256. Run `stp verify {data}` to check every record.")
-
 
 class _Group(click.Group):
-    """Every command's refused output (`tfrecords_tools.outputs`) becomes one line and its exit code."""
+    """The one place errors are caught: a library error becomes one `Error: ...` line and its exit code.
+
+    Anything `tfrecords_tools.errors.exit_code_of` does not know is a bug: it keeps its traceback.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except OutputError as e:
+        except Exception as e:  # noqa: BLE001  re-raised unless it is one of ours
+            code = exit_code_of(e)
+            if code is None:
+                raise
             error = click.ClickException(str(e))
-            error.exit_code = EXIT_UNAVAILABLE if isinstance(e, OutputBusyError) else EXIT_USAGE
+            error.exit_code = code
             raise error from e
 
 
@@ -217,61 +173,38 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
 
     OUT may be a local folder or a gs:// (s3:// with tensorflow-io) URL.
     """
-    from tfrecords_tools.convert import NO_SPACE, NO_WRITE, ConvertConfig, ConvertError, WriteError
+    from tfrecords_tools.convert import ConvertConfig
     from tfrecords_tools.convert import convert as run_convert
-    from tfrecords_tools.sources import SourceError
     from tfrecords_tools.spec import PatchSpec
-    from tfrecords_tools.storage import StorageError
 
     if beam_option and runner != "beam":
         raise click.BadParameter("needs --runner beam", param_hint="--beam-option")
 
-    try:
-        spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
-                         stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
-                         pad=pad, fps=fps, resize=resize, short_side=short_side, pixels=pixels)
-        cfg = ConvertConfig(src=src, out=out, spec=spec, encoding=encoding, quality=quality,
-                            compression=compression, shard_size_mb=shard_size, max_pixels=max_pixels,
-                            labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
-                            split_fractions=split_fraction, workers=workers, decode_threads=decode_threads,
-                            overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]),
-                            work_dir=work_dir)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    bar = _ProgressLine(enabled=not quiet and sys.stderr.isatty() and runner == "local")
-    try:
-        if runner == "beam":
-            try:
-                from tfrecords_tools.beam import beam_options, convert_beam
-            except ImportError as e:
-                raise click.UsageError(f"--runner beam needs Apache Beam: pip install 'stpkeras[beam]' ({e})") from e
-            try:
-                options = beam_options(beam_option)
-            except ValueError as e:
-                raise click.BadParameter(str(e), param_hint="--beam-option") from e
-            manifest = convert_beam(cfg, options)
-            if not quiet:
-                for v in manifest["videos"]:
-                    if v["status"] != "ok":
-                        click.echo(f"warning: {v['status']}: {v['reason']}", err=True)
-        else:
+    spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
+                     stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
+                     pad=pad, fps=fps, resize=resize, short_side=short_side, pixels=pixels)
+    cfg = ConvertConfig(src=src, out=out, spec=spec, encoding=encoding, quality=quality,
+                        compression=compression, shard_size_mb=shard_size, max_pixels=max_pixels,
+                        labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
+                        split_fractions=split_fraction, workers=workers, decode_threads=decode_threads,
+                        overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]),
+                        work_dir=work_dir)
+    if runner == "beam":
+        try:
+            from tfrecords_tools.beam import beam_options, convert_beam
+        except ImportError as e:
+            raise click.UsageError(f"--runner beam needs Apache Beam: pip install 'stpkeras[beam]' ({e})") from e
+        manifest = convert_beam(cfg, beam_options(beam_option))
+        if not quiet:
+            for v in manifest["videos"]:
+                if v["status"] != "ok":
+                    click.echo(f"warning: {v['status']}: {v['reason']}", err=True)
+    else:
+        bar = _ProgressLine(enabled=not quiet and sys.stderr.isatty())
+        try:
             manifest = run_convert(cfg, on_progress=bar)
-    except StorageError as e:
-        bar.close()
-        raise click.BadParameter(str(e), param_hint="OUT") from e
-    except WriteError as e:
-        bar.close()
-        raise Unavailable(str(e)) from e
-    except OSError as e:  # creating OUT or the work folder
-        bar.close()
-        if e.errno not in NO_SPACE + NO_WRITE:
-            raise
-        raise Unavailable(f"{e.filename or out}: {e.strerror}") from e
-    except (ConvertError, SourceError) as e:
-        bar.close()
-        raise click.ClickException(str(e)) from e
-    finally:
-        bar.close()
+        finally:
+            bar.close()
     counts = manifest["counts"]
     for warning in manifest.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
@@ -293,13 +226,10 @@ def inspect(data, as_json):
     """Describe a converted folder: spec, splits, labels, sizes, failures."""
     import json as _json
 
-    from tfrecords_tools.manifest import ManifestError, read_manifest
+    from tfrecords_tools.manifest import read_manifest
     from tfrecords_tools.spec import PatchSpec
 
-    try:
-        m = read_manifest(data)
-    except ManifestError as e:
-        raise click.ClickException(str(e)) from e
+    m = read_manifest(data)
     if as_json:
         click.echo(_json.dumps(m, indent=1))
         return
@@ -334,18 +264,14 @@ def inspect(data, as_json):
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 def verify(data):
     """Read every record of every shard; check CRCs, sha256, counts and shapes (exit 3 on any problem)."""
-    from tfrecords_tools.manifest import ManifestError
     from tfrecords_tools.verify import verify as run_verify
 
-    try:
-        report = run_verify(data)
-    except ManifestError as e:  # no manifest or a broken one: the folder is not valid data
-        raise BadData(str(e)) from e
+    report = run_verify(data)
     for problem in report.problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(f"{data}: {report.shards} shards, {report.records:,} records read, "
                f"{len(report.problems)} problem(s)")
-    sys.exit(EXIT_OK if report.ok else EXIT_CORRUPT)
+    sys.exit(EXIT_OK if report.ok else EXIT_DATA)
 
 
 @main.command()
@@ -358,13 +284,8 @@ def verify(data):
 def preview(data, out_png, count, split, scale):
     """Write a PNG of sample patches (one row per patch, its frames side by side)."""
     from stpkeras.preview import write_preview
-    from tfrecords_tools.manifest import ManifestError
 
-    try:
-        with _reading_records(data):
-            rows = write_preview(data, out_png, count=count, split=split, scale=scale)
-    except (ManifestError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    rows = write_preview(data, out_png, count=count, split=split, scale=scale)
     click.echo(f"wrote {out_png}: {len(rows)} patches")
     for r in rows:
         click.echo(f"  {r}")
@@ -414,22 +335,16 @@ def _labels_option(ctx, param, value):
               help="Class names (a file, one a line, or a comma list); overrides the run's.")
 def export_command(model, name, out_root, version, data, labels):
     """Export a trained classifier for TF Serving: OUT/NAME/VERSION with signatures, assets and warmup."""
-    from stpkeras.export import ExportError, export_for_serving
+    from stpkeras.export import export_for_serving
 
     spec = None
     if data is not None:
-        from tfrecords_tools.manifest import ManifestError, read_manifest, spec_of
+        from tfrecords_tools.manifest import read_manifest, spec_of
 
-        try:
-            manifest = read_manifest(data)
-        except ManifestError as e:
-            raise click.BadParameter(str(e), param_hint="--data") from e
+        manifest = read_manifest(data)
         spec = spec_of(manifest)
         labels = labels if labels is not None else tuple(manifest["labels"]) or None
-    try:
-        result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec)
-    except ExportError as e:
-        raise click.UsageError(str(e)) from e
+    result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec)
     click.echo(f"exported {model} -> {result.path}")
     click.echo(f"  signatures: {', '.join(result.signatures)}")
     click.echo(f"  {len(result.labels)} classes: {', '.join(result.labels)}")
@@ -448,12 +363,9 @@ def export_command(model, name, out_root, version, data, labels):
               help="Write PATH/NAME as base paths instead of ROOT's absolute path (e.g. /models in a container).")
 def serving_config_command(root, base_path):
     """Print a TF Serving model config (model_config_list) for every model under ROOT."""
-    from stpkeras.export import ExportError, serving_config
+    from stpkeras.export import serving_config
 
-    try:
-        click.echo(serving_config(root, base_path), nl=False)
-    except ExportError as e:
-        raise click.UsageError(str(e)) from e
+    click.echo(serving_config(root, base_path), nl=False)
 
 
 @main.command("predict")
@@ -481,31 +393,20 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
     Exit code 1 when some videos could not be classified (they are listed with the reason), 2 for a bad
     model, URL or input, 4 when the server does not answer.
     """
-    from stpkeras.export import ExportError
     from stpkeras.predict import RemotePredictor, format_table, load, predict_videos
-    from stpkeras.serving import BadRequest, ModelNotFound, ServingError, connect
+    from stpkeras.serving import connect
 
-    try:
-        predictor = load(model)
-        if server is not None:
-            client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
-            predictor = RemotePredictor(client, predictor.labels, predictor.spec)
-    except (ExportError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    predictor = load(model)
+    if server is not None:
+        client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
+        predictor = RemotePredictor(client, predictor.labels, predictor.spec)
     results = []
-    try:
-        for result in predict_videos(predictor, videos, batch_size=batch_size, top_k=top_k, max_pixels=max_pixels):
-            results.append(result)
-            if as_json:
-                click.echo(result.to_json())
-            elif result.error is not None:
-                click.echo(f"{result.video}: {result.error}", err=True)
-    except (ModelNotFound, BadRequest) as e:  # a wrong URL or input: the server answered
-        raise click.UsageError(str(e)) from e
-    except ServingError as e:  # down, timed out or failing: the same command may work later
-        raise Unavailable(str(e)) from e
-    except (ExportError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    for result in predict_videos(predictor, videos, batch_size=batch_size, top_k=top_k, max_pixels=max_pixels):
+        results.append(result)
+        if as_json:
+            click.echo(result.to_json())
+        elif result.error is not None:
+            click.echo(f"{result.video}: {result.error}", err=True)
     if not as_json:
         click.echo(format_table(results, top_k))
     sys.exit(EXIT_PARTIAL if any(r.error is not None for r in results) else EXIT_OK)
@@ -609,8 +510,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     A killed run started again with --resume goes on from its last finished epoch.
     """
     from stpkeras.models import DEFAULT_ENHANCE_MODEL, DEFAULT_MODEL
-    from stpkeras.train import RunError, TrainConfig, train
-    from tfrecords_tools.manifest import ManifestError
+    from stpkeras.train import TrainConfig, train
+    from tfrecords_tools.verify import reading_records
 
     if deterministic and seed is None:
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
@@ -631,13 +532,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
                              trace_dir=trace_dir)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    try:
-        with _reading_records(data):
-            run = train(config, echo=click.echo)
-    except (ManifestError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
-    except RunError as e:
-        raise click.ClickException(str(e)) from e
+    with reading_records(data):  # a damaged shard: one line naming it (exit 3)
+        run = train(config, echo=click.echo)
     metrics = run["metrics"]
     best = metrics.get("best", {})
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
@@ -670,16 +566,10 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
     """
     import json
 
-    from stpkeras.evaluate import EvalConfig, EvaluateError, evaluate
-    from stpkeras.train import RunError
-    from tfrecords_tools.manifest import ManifestError
+    from stpkeras.evaluate import EvalConfig, evaluate
 
-    try:
-        with _reading_records(data):
-            result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                         out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
-    except (ManifestError, EvaluateError, RunError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
+                                 out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -733,18 +623,14 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center):
     embedding is the mean of its patches' L2-normalised pooled features. Exit code 1 when some
     videos could not be embedded (listed with the reason and in index.json).
     """
-    from stpkeras.index import RetrievalError, build_index
-    from tfrecords_tools.manifest import ManifestError
+    from stpkeras.index import build_index
 
     def report(video, error):
         if error is not None:
             click.echo(f"warning: {error}", err=True)
 
-    try:
-        index = build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size,
-                            center=not no_center, on_video=report)
-    except (RetrievalError, ManifestError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    index = build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size,
+                        center=not no_center, on_video=report)
     failed = index.info.get("failed", [])
     click.echo(f"indexed {len(index.ids)} videos ({sum(index.info.get('patches', [])):,} patches, {index.dim}-d, "
                f"{index.backend}) in {index.info['seconds']:.1f}s -> {out}"
@@ -770,35 +656,30 @@ def search_command(index_dir, queries, k, model, split, as_json):
     """
     import json
 
-    from stpkeras.index import (RetrievalError, VideoIndex, embed_records, evaluate_retrieval, is_converted,
-                                load_embedder, search_videos)
-    from tfrecords_tools.manifest import ManifestError
+    from stpkeras.index import VideoIndex, embed_records, evaluate_retrieval, is_converted, load_embedder, search_videos
 
-    try:
-        index = VideoIndex.load(index_dir)
-        model = model or index.model
-        if len(queries) == 1 and is_converted(queries[0]):
-            result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
-            click.echo(json.dumps(result) if as_json else
-                       f"{result['queries']} queries against {result['gallery']} videos: "
-                       + ", ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("recall")))
-            return
-        failed = 0
-        for query, hits, error in search_videos(index, model, queries, k):
-            if error is not None:
-                failed += 1
-                click.echo(json.dumps({"query": query, "error": error}) if as_json else f"{query}: {error}",
-                           err=not as_json)
-                continue
-            if as_json:
-                for hit in hits:
-                    click.echo(json.dumps({"query": query, **json.loads(hit.to_json())}))
-            else:
-                click.echo(query)
-                for hit in hits:
-                    click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}" + (f"  [{hit.label}]" if hit.label else ""))
-    except (RetrievalError, ManifestError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    index = VideoIndex.load(index_dir)
+    model = model or index.model
+    if len(queries) == 1 and is_converted(queries[0]):
+        result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
+        click.echo(json.dumps(result) if as_json else
+                   f"{result['queries']} queries against {result['gallery']} videos: "
+                   + ", ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("recall")))
+        return
+    failed = 0
+    for query, hits, error in search_videos(index, model, queries, k):
+        if error is not None:
+            failed += 1
+            click.echo(json.dumps({"query": query, "error": error}) if as_json else f"{query}: {error}",
+                       err=not as_json)
+            continue
+        if as_json:
+            for hit in hits:
+                click.echo(json.dumps({"query": query, **json.loads(hit.to_json())}))
+        else:
+            click.echo(query)
+            for hit in hits:
+                click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}" + (f"  [{hit.label}]" if hit.label else ""))
     sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
@@ -837,22 +718,12 @@ def enhance_command(model, video, out, reference, overlap, lossless, crf, side_b
     """
     import json
 
-    from stpkeras.enhance import EnhanceError, enhance_video, load_enhancer
-    from stpkeras.export import ExportError
-    from tfrecords_tools.video import VideoError
+    from stpkeras.enhance import enhance_video, load_enhancer
 
-    try:
-        enhancer = load_enhancer(model)
-    except (EnhanceError, ExportError, OSError) as e:
-        raise click.UsageError(str(e)) from e
-    try:
-        result = enhance_video(enhancer, video, out, overlap=overlap, batch_size=batch_size, crf=crf,
-                               lossless=lossless, reference=reference, side_by_side=side_by_side,
-                               frame_png=frame_png, frame_index=frame_index, max_pixels=max_pixels)
-    except VideoError as e:
-        raise click.ClickException(str(e)) from e
-    except ValueError as e:  # EnhanceError, a bad --overlap
-        raise click.UsageError(str(e)) from e
+    enhancer = load_enhancer(model)
+    result = enhance_video(enhancer, video, out, overlap=overlap, batch_size=batch_size, crf=crf,
+                           lossless=lossless, reference=reference, side_by_side=side_by_side,
+                           frame_png=frame_png, frame_index=frame_index, max_pixels=max_pixels)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -891,8 +762,19 @@ def dispatcher_command(port, work_dir, worker_timeout):
     server.join()
 
 
+def _dispatcher_option(ctx, param, value):
+    """`--dispatcher`: grpc://HOST:PORT or HOST:PORT, checked before anything starts."""
+    from stpkeras.supervise import service_address
+    try:
+        service_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    return value
+
+
 @data_service_group.command("worker")
-@click.option("--dispatcher", required=True, metavar="HOST:PORT", help="The dispatcher to register with.")
+@click.option("--dispatcher", required=True, metavar="HOST:PORT", callback=_dispatcher_option,
+              help="The dispatcher to register with.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port to listen on (0: any).")
 @click.option("--host", default=None, metavar="HOST",
               help="The name the trainer reaches this machine by (default: this machine's host name).")
@@ -907,10 +789,6 @@ def worker_command(dispatcher, port, host, restart):
     if restart:
         from stpkeras import supervise
 
-        try:
-            supervise.service_address(dispatcher)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--dispatcher") from e
         port = port or supervise.free_port()
         click.echo(f"worker {host}:{port}: serving from a child process, started again if it dies", err=True)
         code = supervise.supervise(supervise.worker_command(dispatcher, port, host), f"worker {host}:{port}",
@@ -921,10 +799,7 @@ def worker_command(dispatcher, port, host, restart):
 
     from stpkeras.data_service import start_worker
 
-    try:
-        server = start_worker(dispatcher, port, host)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--dispatcher") from e
+    server = start_worker(dispatcher, port, host)
     click.echo(f"worker registered with {dispatcher}", err=True)
     server.join()
 
@@ -990,41 +865,36 @@ def segment_command(model, inputs, out, split, overlap, batch_size, as_json):
     """
     import json
 
-    from stpkeras.segment import SegmentError, evaluate_segmentation, load_segmenter, segment_video
     from stpkeras.index import is_converted
-    from tfrecords_tools.manifest import ManifestError
-    from tfrecords_tools.video import VideoError
+    from stpkeras.segment import evaluate_segmentation, load_segmenter, segment_video
 
-    try:
-        segmenter = load_segmenter(model)
-        if len(inputs) == 1 and is_converted(inputs[0]):
-            result = evaluate_segmentation(segmenter, inputs[0], split, batch_size)
-            if as_json:
-                click.echo(json.dumps(result))
-            elif result["kind"] == "mask":
-                click.echo(f"{result['split']}: mean IoU {result['mean_iou']:.4f}, pixel accuracy "
-                           f"{result['pixel_accuracy']:.4f}; IoU per class: "
-                           + ", ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in result["iou"].items()))
-            else:
-                click.echo(f"{result['split']}: {result['videos']} videos, frame accuracy {result['frame_accuracy']:.4f}, "
-                           + ", ".join(f"F1@{t} {result['f1@' + t]:.4f}" for t in ("0.1", "0.25", "0.5")))
-            return
-        if segmenter.kind == "mask" and (out is None or len(inputs) != 1):
-            raise click.BadParameter("a per-voxel model writes one overlay video: give one VIDEO and --out",
-                                     param_hint="--out")
-        for video in inputs:
-            result = segment_video(segmenter, video, out, overlap=overlap, batch_size=batch_size)
-            if as_json:
-                click.echo(json.dumps(result.to_dict()))
-            elif result.kind == "mask":
-                click.echo(f"{video}: {result.frames} frames -> {out}; "
-                           + ", ".join(f"class {k} {v:.1%}" for k, v in result.class_fraction.items()))
-            else:
-                click.echo(f"{video}: {result.frames} frames")
-                for interval in result.intervals:
-                    click.echo(f"  {interval.start:8.3f}  {interval.end:8.3f}  {interval.label}")
-    except (SegmentError, ManifestError, VideoError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
+    segmenter = load_segmenter(model)
+    if len(inputs) == 1 and is_converted(inputs[0]):
+        result = evaluate_segmentation(segmenter, inputs[0], split, batch_size)
+        if as_json:
+            click.echo(json.dumps(result))
+        elif result["kind"] == "mask":
+            click.echo(f"{result['split']}: mean IoU {result['mean_iou']:.4f}, pixel accuracy "
+                       f"{result['pixel_accuracy']:.4f}; IoU per class: "
+                       + ", ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in result["iou"].items()))
+        else:
+            click.echo(f"{result['split']}: {result['videos']} videos, frame accuracy {result['frame_accuracy']:.4f}, "
+                       + ", ".join(f"F1@{t} {result['f1@' + t]:.4f}" for t in ("0.1", "0.25", "0.5")))
+        return
+    if segmenter.kind == "mask" and (out is None or len(inputs) != 1):
+        raise click.BadParameter("a per-voxel model writes one overlay video: give one VIDEO and --out",
+                                 param_hint="--out")
+    for video in inputs:
+        result = segment_video(segmenter, video, out, overlap=overlap, batch_size=batch_size)
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+        elif result.kind == "mask":
+            click.echo(f"{video}: {result.frames} frames -> {out}; "
+                       + ", ".join(f"class {k} {v:.1%}" for k, v in result.class_fraction.items()))
+        else:
+            click.echo(f"{video}: {result.frames} frames")
+            for interval in result.intervals:
+                click.echo(f"  {interval.start:8.3f}  {interval.end:8.3f}  {interval.label}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,7 @@ import tensorflow as tf
 from keras import ops
 
 from stpkeras.models.layers import PACKAGE
+from tfrecords_tools.errors import BadInput
 
 FEATURES = "features"
 ENCODER = "encoder"
@@ -35,7 +36,7 @@ VIEWS = 2
 DEFAULT_TEMPERATURE = 0.1
 
 
-class FeatureError(ValueError):
+class FeatureError(BadInput, ValueError):
     """A model without a pooled representation to embed with."""
 
 

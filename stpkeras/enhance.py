@@ -30,13 +30,14 @@ from stpkeras.artifacts import Artifact
 from stpkeras.inference import OverlapAddHead, Timing, run_video
 from stpkeras.signatures import PATCHES, PIXELS, PIXELS_FLOAT, SERVING_DEFAULT
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.patches import overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_BATCH_SIZE = 8
 
 
-class EnhanceError(ValueError):
+class EnhanceError(BadInput, ValueError):
     """A model or video that cannot be enhanced as asked (not an enhancer, mismatched reference ...)."""
 
 

@@ -19,12 +19,14 @@ import numpy as np
 
 from stpkeras import artifacts
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
+from tfrecords_tools.verify import reading_records
 
 EVAL_JSON = "eval-{split}.json"
 CONFUSION_PNG = "confusion-{split}-{level}.png"
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(BadInput, RuntimeError):
     """Model and data that cannot be evaluated together (other classes, other patch shape, no labels)."""
 
 
@@ -136,9 +138,10 @@ def evaluate(config: EvalConfig) -> dict:
     """Evaluates `config.model` on a split of `config.data`; writes eval-SPLIT.json and confusion PNGs.
 
     Holds `config.data` for reading (`outputs.reading`): a folder being written raises `OutputBusyError`.
+    A record that fails to read raises `verify.DamagedRecords`, naming the shard.
     Every file is written under a temporary name and renamed when complete.
     """
-    with outputs.reading(config.data):
+    with outputs.reading(config.data), reading_records(config.data):
         return _evaluate(config)
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.spec import PatchSpec
 
 INDEX_JSON = "index.json"
@@ -49,7 +50,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(BadInput, RuntimeError):
     """A model, index folder or query that cannot be used; the message names the path."""
 
 

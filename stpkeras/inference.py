@@ -21,6 +21,7 @@ from typing import Callable, Generic, Iterator, List, Optional, TypeVar
 
 import numpy as np
 
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.patches import Patch
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, video_patches
@@ -29,7 +30,7 @@ PREFETCH_BATCHES = 2
 Result = TypeVar("Result")
 
 
-class NoPatches(ValueError):
+class NoPatches(BadInput, ValueError):
     """A video too small (or too short) for a single patch of the model's spec."""
 
 

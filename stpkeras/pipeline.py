@@ -65,7 +65,7 @@ class DataInfo:
         names = (split,) if isinstance(split, str) else tuple(split)
         missing = [n for n in names if n not in self.manifest["splits"]]
         if missing or not names:
-            raise manifest_lib.ManifestError(
+            raise manifest_lib.UnknownSplit(
                 f"{manifest_lib.manifest_path(self.root)}: no split {', '.join(map(repr, missing or names))}. "
                 f"Available: {sorted(self.splits)}")
         return names

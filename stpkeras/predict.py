@@ -27,13 +27,14 @@ from stpkeras.artifacts import Artifact, ArtifactError
 from stpkeras.inference import MeanHead, NoPatches, Timing, run_video
 from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, LOGITS, PATCHES, PROBABILITIES,
                                  SERVING_DEFAULT)
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TOP_K = 5
 
 
-class PatchInputError(ValueError):
+class PatchInputError(BadInput, ValueError):
     """Patches whose dtype or shape the model does not take."""
 
 

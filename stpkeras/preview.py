@@ -21,7 +21,7 @@ def sample_patches(data: str, count: int = 8, split: Optional[str] = None):
     m = mf.read_manifest(data)
     split = split or next(iter(m["splits"]), None)
     if split is None or m["splits"].get(split, {}).get("records", 0) == 0:
-        raise ValueError(f"{data}: split {split!r} holds no patches. Available: "
+        raise mf.UnknownSplit(f"{data}: split {split!r} holds no patches. Available: "
                          f"{ {k: v['records'] for k, v in m['splits'].items()} }")
     total = m["splits"][split]["records"]
     wanted = set(np.linspace(0, total - 1, num=min(count, total)).round().astype(int).tolist())
@@ -51,7 +51,8 @@ def patch_strip(pixels: np.ndarray, gap: int = 2, scale: int = 1) -> np.ndarray:
 def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] = None, scale: int = 2) -> List[str]:
     """Writes the preview PNG (whole or not at all); returns one line of description per row.
 
-    An `out_png` that is the manifest or a shard of `data` raises `outputs.OutputIsInputError`.
+    An `out_png` that is the manifest or a shard of `data` raises `outputs.OutputIsInputError`; a record
+    that fails to read, `verify.DamagedRecords`.
     """
     from PIL import Image
 
@@ -59,12 +60,14 @@ def write_preview(data: str, out_png: str, count: int = 8, split: Optional[str] 
     from tfrecords_tools import outputs
     from tfrecords_tools import schema
     from tfrecords_tools.pixels import to_rgb
+    from tfrecords_tools.verify import reading_records
 
     m = mf.read_manifest(data)
     outputs.check_not_input(out_png, [mf.manifest_path(data)]
                             + [f for split in m["splits"] for f in mf.shard_files(data, m, split)])
     spec = mf.spec_of(m)
-    records = sample_patches(data, count, split)
+    with reading_records(data):  # a damaged shard: one line naming it (exit 3)
+        records = sample_patches(data, count, split)
     strips = [patch_strip(to_rgb(spec, r[schema.PATCH]), scale=scale) for r in records]
     gap = 4
     height = sum(s.shape[0] for s in strips) + gap * (len(strips) - 1)

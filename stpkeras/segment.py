@@ -23,6 +23,7 @@ import numpy as np
 
 from stpkeras.inference import Head, OverlapAddHead
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.video import VideoWriter
 
 IGNORE = -1
@@ -231,7 +232,7 @@ PALETTE = np.array([[255, 40, 40], [40, 220, 40], [60, 90, 255], [255, 220, 0], 
                     [255, 140, 0], [150, 60, 255]], np.float32)
 
 
-class SegmentError(ValueError):
+class SegmentError(BadInput, ValueError):
     """A model or input that cannot be segmented as asked; the message names the path."""
 
 

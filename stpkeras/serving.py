@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from stpkeras.signatures import PATCHES, SERVING_DEFAULT
+from tfrecords_tools.errors import BadInput, NotNow
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 3
@@ -38,7 +39,7 @@ MAX_BACKOFF_S = 8.0
 DEFAULT_MAX_REQUEST_MB = 4.0
 
 
-class ServingError(Exception):
+class ServingError(NotNow):
     """A request that failed; `str()` names the server and the reason."""
 
 
@@ -50,15 +51,15 @@ class ServingTimeout(ServingError):
     """The server did not answer within the timeout, after every retry."""
 
 
-class ModelNotFound(ServingError):
+class ModelNotFound(BadInput, ServingError):
     """The server runs but does not serve this model (or version)."""
 
 
-class BadRequest(ServingError):
+class BadRequest(BadInput, ServingError):
     """The server refused the input: wrong signature, dtype or shape."""
 
 
-class RequestTooLarge(ServingError):
+class RequestTooLarge(BadInput, ServingError):
     """A single item is larger than the request size limit, so no split can help."""
 
 

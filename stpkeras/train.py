@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from stpkeras import augment as augment_lib
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput
 
 STRATEGIES = ("auto", "mirrored", "one", "multiworker")
 SCHEDULES = ("cosine", "constant")
@@ -38,7 +39,7 @@ RUN_JSON = "run.json"
 BEST, LAST, HISTORY, LOGS, CURVES, BACKUP = "best.keras", "last.keras", "history.csv", "logs", "curves.png", "backup"
 
 
-class RunError(RuntimeError):
+class RunError(BadInput, RuntimeError):
     """A run folder that cannot be used as asked (exists without --resume, missing files, ...)."""
 
 

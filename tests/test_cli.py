@@ -97,7 +97,7 @@ def test_inspect_lists_failures(tmp_path, clip64, cli):
 
 def test_inspect_refuses_a_folder_without_manifest(tmp_path, cli):
     result = cli("inspect", tmp_path)
-    assert result.exit_code == 1 and "no manifest" in result.stderr
+    assert result.exit_code == 3 and "no manifest" in result.stderr  # bad data (README: exit codes)
 
 
 def test_preview_png_shows_the_sampled_patches(converted, cli, tmp_path):
@@ -131,7 +131,7 @@ def _records(root, m):
 
 def test_preview_of_an_unknown_split(converted, cli, tmp_path):
     result = cli("preview", converted[0], "--out", tmp_path / "x.png", "--split", "test")
-    assert result.exit_code == 1 and "split 'test' holds no patches" in result.stderr
+    assert result.exit_code == 2 and "split 'test' holds no patches" in result.stderr  # bad usage
     assert not (tmp_path / "x.png").exists()
 
 

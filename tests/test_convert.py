@@ -303,10 +303,10 @@ def test_bad_file_in_a_class_folder(tmp_path, clip64, cli):
 def test_source_errors_are_usage_errors(tmp_path, cli):
     (tmp_path / "empty").mkdir()
     result = cli("convert", tmp_path / "empty", tmp_path / "out")
-    assert result.exit_code == 1 and "no videos found" in result.stderr
+    assert result.exit_code == 2 and "no videos found" in result.stderr
     (tmp_path / "bad.csv").write_text("file,label\nx.mp4,a\n")
     result = cli("convert", tmp_path / "bad.csv", tmp_path / "out2")
-    assert result.exit_code == 1 and "expected a header with a `path` column" in result.stderr
+    assert result.exit_code == 2 and "expected a header with a `path` column" in result.stderr
     result = cli("convert", tmp_path / "bad.csv", tmp_path / "out3", "--patch", "8x64")
     assert result.exit_code == 2 and "Expected three integers written TxHxW" in result.stderr
 
@@ -350,7 +350,7 @@ def test_kill_and_resume_gives_the_records_of_a_clean_run(tmp_path, converted, c
     (out / ".train-00000-of-00001.tfrecord.tmp").write_bytes(b"half a shard")
     # Another spec must not be mixed into the unfinished work.
     refused = cli("convert", classes_src, out, "--patch", "4x16x16", "--quiet")
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2
     assert "holds an unfinished conversion with other settings" in refused.stderr
     assert len(_results(work)) == done_before
 
@@ -376,10 +376,10 @@ def test_completed_conversion_is_up_to_date(converted_copy, converted, classes_s
 def test_refuses_another_spec_unless_overwrite(converted_copy, classes_src, cli):
     before = shard_digests(converted_copy)
     result = cli("convert", classes_src, converted_copy, "--patch", "4x32x32", "--encoding", "png")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "holds a conversion with other settings (encoding: 'raw' there, 'png' asked)" in result.stderr
     result = cli("convert", classes_src, converted_copy, "--patch", "2x64x64")
-    assert result.exit_code == 1 and "spec:" in result.stderr and "--overwrite" in result.stderr
+    assert result.exit_code == 2 and "spec:" in result.stderr and "--overwrite" in result.stderr
     assert shard_digests(converted_copy) == before
     assert mf.read_manifest(str(converted_copy))["spec"] == SPEC.to_dict()
     assert leftovers(converted_copy) == []

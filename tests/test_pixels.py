@@ -198,7 +198,7 @@ def test_yuv440_refuses_jpeg_and_enhancement_or_segmentation_sources(tmp_path, c
         shutil.copy(clip64.path, tmp_path / name)
     csv.write_text("path,target\na.mp4,b.mp4\n")
     result = cli("convert", csv, tmp_path / "b", "--patch", "4x32x32", "--pixels", "yuv440")
-    assert result.exit_code == 1 and "'target' column" in result.output and "--pixels rgb" in result.output, \
+    assert result.exit_code == 2 and "'target' column" in result.output and "--pixels rgb" in result.output, \
         result.output
     from stpkeras.models.dncnn3d import build_dncnn3d
     from stpkeras.models.unet3d import build_unet3d

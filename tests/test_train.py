@@ -132,7 +132,7 @@ def test_a_killed_run_resumes_from_its_last_finished_epoch(small_data, tmp_path)
     assert not json.load(open(out / "run.json"))["status"] == "done"
 
     refused = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 1 and "Pass --resume" in refused.stderr
+    assert refused.returncode == 2 and "Pass --resume" in refused.stderr  # bad input to the command
 
     resumed = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -211,7 +211,7 @@ def test_train_command_checks_its_options(small_data, tmp_path):
     result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--deterministic"])
     assert result.exit_code == 2 and "--deterministic needs --seed" in result.output
     result = runner.invoke(main, ["train", small_data, "--out", str(tmp_path / "r"), "--val-split", "test"])
-    assert result.exit_code == 1 and "no split 'test' for validation" in result.output
+    assert result.exit_code == 2 and "no split 'test' for validation" in result.output
 
 
 def test_learning_rate_warms_up_linearly_then_decays_or_holds():

@@ -37,8 +37,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
-from tfrecords_tools.convert import (ConvertConfig, ConvertError, build_manifest, check_pixels, failure_reason,
-                                     finish_result, new_result, remove_outputs, video_records)
+from tfrecords_tools.convert import (ConvertConfig, ConvertError, StrictFailure, build_manifest, check_pixels,
+                                     disk_errors, failure_reason, finish_result, new_result, remove_outputs,
+                                     video_records)
 from tfrecords_tools.schema import UNLABELLED
 from tfrecords_tools.shards import RECORD_OVERHEAD, copy_range, RecordSink, list_shard_files, shard_name
 from tfrecords_tools.sources import Item, list_source
@@ -166,7 +167,7 @@ def write_manifest(_, results: List[dict], entries: List[tuple], cfg: ConvertCon
     if cfg.strict:
         failed = [r for r in results if r["status"] != "ok"]
         if failed:
-            raise ConvertError(f"--strict: {failed[0]['reason']}")
+            raise StrictFailure(f"--strict: {failed[0]['reason']}")
     shards: Dict[str, List[tuple]] = {}
     for split, i, entry in entries:
         shards.setdefault(split, []).append((i, entry))
@@ -209,7 +210,7 @@ def convert_beam(cfg: ConvertConfig, beam_options: Sequence[str] = ()) -> dict:
     """
     check_path(cfg.out)
     outputs.check_not_input(cfg.out, [cfg.src])
-    with outputs.writing(cfg.out, command=cfg.command or None):
+    with disk_errors(cfg.out), outputs.writing(cfg.out, command=cfg.command or None):
         return _convert_beam(cfg, beam_options)
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
+from tfrecords_tools.errors import BadInput, NotNow, Stopped
 from tfrecords_tools.pixels import to_record
 from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
@@ -38,11 +39,16 @@ from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoError, video_pa
 WORK_DIR = ".stp-work"
 
 
-class ConvertError(RuntimeError):
-    """The conversion as a whole cannot go on (an OUT written with another spec, --strict failures)."""
+class ConvertError(BadInput, RuntimeError):
+    """The conversion as a whole cannot go on as asked (exit 2): an OUT written with another spec, a remote
+    OUT without a local --work-dir, data the pixel format refuses."""
 
 
-class WriteError(ConvertError):
+class StrictFailure(Stopped, ConvertError):
+    """--strict: the first video that failed stops the job, with no manifest (exit 1, as a failed video)."""
+
+
+class WriteError(NotNow, ConvertError):
     """Writing chunks or shards failed for lack of space or permission: the machine's problem, not a video's.
 
     The job stops; what was half-written is removed or never trusted (no
@@ -360,8 +366,19 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
     """
     check_path(cfg.out)
     outputs.check_not_input(cfg.out, [cfg.src])
-    with outputs.writing(cfg.out, command=cfg.command or None):
+    with disk_errors(cfg.out), outputs.writing(cfg.out, command=cfg.command or None):
         return _convert(cfg, on_progress)
+
+
+@contextlib.contextmanager
+def disk_errors(out: str):
+    """A full disk or a forbidden folder met outside `_writing` (creating OUT, its lock, the work folder): `WriteError`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE + NO_WRITE:
+            raise
+        raise WriteError(f"{e.filename or out}: {e.strerror}", e.errno) from e
 
 
 def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict], None]]) -> dict:
@@ -417,7 +434,7 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
         if result["status"] != "ok":
             progress.failed += 1
             if cfg.strict:
-                raise ConvertError(f"--strict: {result['reason']}")
+                raise StrictFailure(f"--strict: {result['reason']}")
         if on_progress:
             on_progress(progress, result)
 

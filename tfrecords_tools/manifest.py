@@ -28,14 +28,19 @@ import os
 import posixpath
 from typing import Dict, List
 
+from tfrecords_tools.errors import BadData, BadInput
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
 
 MANIFEST_NAME = "dataset.json"
 FORMAT = "stpkeras.patches"
 
 
-class ManifestError(ValueError):
-    """A `dataset.json` that is missing, unreadable or inconsistent."""
+class ManifestError(BadData, ValueError):
+    """A `dataset.json` that is missing, unreadable or inconsistent: the folder is not valid data (exit 3)."""
+
+
+class UnknownSplit(BadInput, ManifestError):
+    """A split the manifest does not have: the data is fine, the command asked for the wrong split (exit 2)."""
 
 
 def _gfile():
@@ -132,7 +137,7 @@ def split_names(data: dict) -> List[str]:
 def shard_files(root: str, data: dict, split: str) -> List[str]:
     """Full paths of the shards of `split`, in order."""
     if split not in data["splits"]:
-        raise ManifestError(f"{manifest_path(root)}: no split {split!r}. Available: {sorted(data['splits'])}")
+        raise UnknownSplit(f"{manifest_path(root)}: no split {split!r}. Available: {sorted(data['splits'])}")
     return [join(root, s["file"]) for s in data["splits"][split]["shards"]]
 
 

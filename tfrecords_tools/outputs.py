@@ -25,10 +25,12 @@ import sys
 import time
 from typing import Iterable, Iterator, List, Optional, Tuple
 
+from tfrecords_tools.errors import BadInput, NotNow
+
 LOCK_NAME = ".stp-lock"
 
 
-class OutputError(RuntimeError):
+class OutputError(BadInput, RuntimeError):
     """An output path that may not be written now (the base of the two refusals below)."""
 
 
@@ -41,7 +43,7 @@ class OutputIsInputError(OutputError):
                          f"{input_path} (writing it would destroy the input). Choose another output path.")
 
 
-class OutputBusyError(OutputError):
+class OutputBusyError(NotNow, OutputError):
     """Another process holds the folder: a writer (for anyone), or readers (for a writer)."""
 
     def __init__(self, folder: str, wanted: str, holders: List[Tuple[int, str, str]]):

@@ -23,13 +23,15 @@ import hashlib
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from tfrecords_tools.errors import BadInput
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
                     ".ogv", ".3gp", ".ts", ".y4m", ".gif")
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
 DEFAULT_SPLIT = "train"
 
 
-class SourceError(ValueError):
+class SourceError(BadInput, ValueError):
     """The source as a whole cannot be read (missing, empty, malformed CSV header)."""
 
 

@@ -15,6 +15,8 @@ import functools
 import posixpath
 from typing import Optional
 
+from tfrecords_tools.errors import BadInput
+
 # Schemes TensorFlow's own wheel serves (gs:// through its built-in GCS file system).
 BUILTIN_SCHEMES = ("gs", "file", "ram")
 # Schemes that tensorflow-io's file-system plugin registers when `tensorflow_io` is imported.
@@ -27,7 +29,7 @@ PLUGIN_TF_RANGE = ">=2.16,<2.18"
 _PLUGIN_IN_USE = []
 
 
-class StorageError(ValueError):
+class StorageError(BadInput, ValueError):
     """A path whose file system is not available in this process (the message says why)."""
 
 

@@ -9,12 +9,15 @@ record index.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, List, Optional
+import re
+from typing import Callable, Iterator, List, Optional
 
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
 from tfrecords_tools import schema
+from tfrecords_tools.errors import BadData
 from tfrecords_tools.shards import sha256_file
 
 
@@ -109,6 +112,44 @@ def find_damaged_shard(root: str) -> str:
         if sha256_file(path) != entry["sha256"]:
             return f"{path}: its sha256 differs from the manifest's (the file changed after conversion)"
     return ""
+
+
+class DamagedRecords(BadData):
+    """Records of a converted folder that failed to read in an input pipeline; the message names the shard."""
+
+
+@contextlib.contextmanager
+def reading_records(root: str) -> Iterator[None]:
+    """Turns a failure of an input pipeline on `root`'s records into a `DamagedRecords` naming the shard (exit 3).
+
+    TensorFlow's errors name no file ("corrupted record at 149544"), so the
+    shards are checked against the manifest (sizes, then sha256) to find the
+    culprit. An error that did not come from reading records is a bug: it keeps
+    its traceback.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.FailedPreconditionError) as e:
+        if not isinstance(e, tf.errors.DataLossError) and "IteratorGetNext" not in (e.message or ""):
+            raise
+        raise DamagedRecords(_damage(root, e)) from e
+
+
+def _damage(root: str, error) -> str:
+    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping: "corrupted record at 149544".
+    reason = (error.message or str(error)).strip().splitlines()[0]
+    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason)).strip()
+    try:
+        shard = find_damaged_shard(root)
+    except Exception:  # noqa: BLE001  the first error is the one to report
+        shard = ""
+    if shard:
+        return (f"{shard}; reading it failed ({reason}). Run `stp verify {root}` to list every problem, "
+                "then convert again or restore the shard.")
+    return (f"{root}: a record failed to read ({reason}), though every shard matches the manifest's size and "
+            f"sha256. Run `stp verify {root}` to check every record.")
 
 
 def _check_record(record: bytes, spec, encoding: str, split: str, labels: list) -> str:

@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.patches import Grid, Patch, PatchCutter
 from tfrecords_tools.spec import PatchSpec
 
@@ -44,7 +45,7 @@ MAX_SIZE_CHANGES = 20
 _TAIL = 0.01
 
 
-class VideoError(Exception):
+class VideoError(BadInput):
     """A video that cannot be converted. `str()` names the file and the reason."""
 
     def __init__(self, path: str, reason: str):

@@ -35,12 +35,13 @@ import numpy as np
 
 from stpkeras.artifacts import resolve_saved_model, versions
 from stpkeras.signatures import SERVING_DEFAULT
+from tfrecords_tools.errors import BadInput
 
 HOST = "127.0.0.1"
 _REST_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata|:predict)?$")
 
 
-class StandInError(Exception):
+class StandInError(BadInput):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status  # "NOT_FOUND" or "INVALID_ARGUMENT"
