@@ -160,7 +160,6 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from stpkeras.evaluate import EvalConfig, evaluate
-    from stpkeras.models import DEFAULT_ENHANCE_MODEL
     from stpkeras.train import TrainConfig, train
     from tfrecords_tools.convert import ConvertConfig, convert
     from tfrecords_tools.spec import PatchSpec
@@ -196,11 +195,11 @@ def main(argv=None) -> int:
         f"{m_test['counts']['patches']} test patches ({', '.join(TEST)}) in {time.perf_counter() - t0:.0f}s")
 
     run_dir = os.path.join(out, "run-denoise")
-    model = args.model or DEFAULT_ENHANCE_MODEL
-    config = TrainConfig(data=train_data, out=run_dir, model=model, task="enhance",
+    config = TrainConfig(data=train_data, out=run_dir, model=args.model, task="enhance",
                          task_options=(("degrade", (f"noise:{SIGMA}",)),), epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
                          mixed_precision=True, seed=0, verbose=2, resume=os.path.exists(run_dir))
+    model = config.model  # the task's default (dncnn3d) unless --model
     done = os.path.join(run_dir, "run.json")
     previous = json.load(open(done)) if os.path.exists(done) else {}
     if previous.get("status") == "done" and previous.get("config", {}).get("epochs") == args.epochs \

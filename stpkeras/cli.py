@@ -509,7 +509,6 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
 
     A killed run started again with --resume goes on from its last finished epoch.
     """
-    from stpkeras.models import DEFAULT_ENHANCE_MODEL, DEFAULT_MODEL
     from stpkeras.train import TrainConfig, train
     from tfrecords_tools.verify import reading_records
 
@@ -518,10 +517,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     try:
         if (degrade or pixel_loss) and task != "enhance":
             raise click.BadParameter("--degrade and --loss are options of --task enhance", param_hint="--task")
-        task_options = (("degrade", degrade), ("pixel_loss", pixel_loss or "l1")) if task == "enhance" else ()
-        model_name = model_name or {"enhance": DEFAULT_ENHANCE_MODEL, "segment": "unet3d"}.get(task, DEFAULT_MODEL)
-        if augment is None:
-            augment = "flip" if task == "enhance" else "crop,color"
+        # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
+        task_options = tuple((k, v) for k, v in (("degrade", degrade), ("pixel_loss", pixel_loss)) if v)
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
                              task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
@@ -538,7 +535,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     best = metrics.get("best", {})
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
                + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim"))
-               + f"; best.keras, last.keras, history.csv, curves.png, logs/")
+               + "; best.keras, last.keras, history.csv, curves.png, logs/")
 
 
 @main.command("evaluate")

@@ -1,16 +1,20 @@
-"""Task stage: what a task adds to a model family: its head, targets, loss, metrics and monitor.
+"""Task stage: what a task adds to a model family: its head, targets, loss, metrics and monitor, and its defaults.
 
 `classify`, `embed` (self-supervised contrastive), `segment` (per voxel or
 per frame) and `enhance` (degraded pixels -> clean pixels) share one interface
-in the `TASKS` registry, so `train.py` never branches on the task's name.
+in the `TASKS` registry, so the training set-up (`stpkeras.setup`) never branches on the task's name. Each
+task names its default model family and augmentation: `TrainConfig(task="enhance")` means what `stp train
+--task enhance` means.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import keras
+
+from stpkeras.augment import DEFAULT_AUGMENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,15 @@ class Task:
     monitor_mode: str = "min"
     # Whether the task needs labelled records (the pipeline then yields `(patch, label)`).
     needs_labels: bool = False
+    # What a run of the task uses unless told otherwise (`TrainConfig.model` / `augment` None).
+    default_model: str = "stcnn"
+    default_augment: Tuple[str, ...] = DEFAULT_AUGMENT
+    # Fields `for_data` sets from the manifest: not options a user passes.
+    FROM_DATA: ClassVar[Tuple[str, ...]] = ()
+
+    def options(self) -> Dict[str, object]:
+        """The task's own settings (e.g. enhance's `degrade`, `pixel_loss`), as `get_task` takes them."""
+        return {name: getattr(self, name) for name in option_names(self)}
 
     def build_model(self, model: str, spec, labels: Sequence[str], options: Dict[str, object]) -> keras.Model:
         raise NotImplementedError
@@ -138,15 +151,17 @@ class Segment(Task):
     monitor: str = "mean_iou"
     monitor_mode: str = "max"
     needs_labels: bool = True
+    default_model: str = "unet3d"
     kind: str = ""   # "mask" or "frames", set by for_data
     dice: float = 1.0
+    FROM_DATA: ClassVar[Tuple[str, ...]] = ("kind",)
 
     def for_data(self, info) -> "Segment":
-        from stpkeras.segment import data_kind
+        from stpkeras.segmentation_data import data_kind
         return dataclasses.replace(self, kind=data_kind(info))
 
     def class_names(self, info):
-        from stpkeras.segment import class_names
+        from stpkeras.segmentation_data import class_names
         return class_names(info, self.kind or None)
 
     def build_model(self, model, spec, labels, options):
@@ -165,7 +180,7 @@ class Segment(Task):
         return metrics + [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
     def element_fn(self, info, augment, training):
-        from stpkeras.segment import make_element
+        from stpkeras.segmentation_data import make_element
         return make_element(info, self.kind, augment if training else ())
 
 
@@ -187,9 +202,14 @@ class Enhance(Task):
     monitor: str = "psnr"
     monitor_mode: str = "max"
     needs_labels: bool = False
+    default_model: str = "dncnn3d"
+    # Flip only: crop's nearest-neighbour resize would put blocks in the clean target. (The other tasks
+    # leave flip out: a horizontal flip swaps left and right motion, which a classifier may need to tell.)
+    default_augment: Tuple[str, ...] = ("flip",)
     degrade: Tuple[str, ...] = ()
     pixel_loss: str = "l1"
     paired: bool = False   # set by for_data from the manifest
+    FROM_DATA: ClassVar[Tuple[str, ...]] = ("paired",)
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade
@@ -241,10 +261,16 @@ def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:
         raise ValueError(f"Invalid value for argument `task`. Expected one of {sorted(TASKS)}. Received task={name!r}")
     task = TASKS[name]
     if options:
-        fields = {f.name for f in dataclasses.fields(task)} - {f.name for f in dataclasses.fields(Task)}
-        unknown = sorted(set(options) - fields)
+        fields = option_names(task)
+        unknown = sorted(set(options) - set(fields))
         if unknown:
             raise ValueError(f"Invalid options {unknown} for task {name!r}. Expected some of {sorted(fields)}.")
         task = dataclasses.replace(task, **options)
     return task
+
+
+def option_names(task: Task) -> Tuple[str, ...]:
+    """The fields a task adds to `Task`, less those it sets from the data: what `get_task` accepts."""
+    base = {f.name for f in dataclasses.fields(Task)}
+    return tuple(f.name for f in dataclasses.fields(task) if f.name not in base and f.name not in task.FROM_DATA)
 

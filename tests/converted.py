@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,8 +22,12 @@ Item = Tuple[np.ndarray, int, str]
 
 
 def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequence[str], *,
-                    encoding: str = "raw", shards: int = 2, compression: str = "none") -> dict:
-    """Writes `splits` as `{split}-{i:05d}-of-{n:05d}.tfrecord` shards and the manifest; returns it."""
+                    encoding: str = "raw", shards: int = 2, compression: str = "none",
+                    masks: Optional[Dict[str, Sequence[np.ndarray]]] = None, mask_classes: int = 0) -> dict:
+    """Writes `splits` as `{split}-{i:05d}-of-{n:05d}.tfrecord` shards and the manifest; returns it.
+
+    `masks`, when given, holds a `uint8 [T, H, W]` mask of class ids (< `mask_classes`) per item of each split.
+    """
     os.makedirs(root, exist_ok=True)
     first = next(iter(splits.values()))[0][0]
     t, h, w, _ = first.shape
@@ -33,6 +37,8 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
             "encoding": encoding, "quality": 90, "compression": compression, "labels": list(labels),
             "splits": {}, "videos": [], "counts": {}, "command": "tests/converted.py", "versions": {},
             "created": "", "seconds": 0.0}
+    if masks is not None:
+        data["mask_classes"] = mask_classes
     videos: Dict[str, dict] = {}
     for split, items in splits.items():
         per_shard: List[List[bytes]] = [[] for _ in range(shards)]
@@ -42,7 +48,7 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
             record = schema.encode_patch(
                 pixels, encoding=encoding, video_id=video_id, video_size=pixels.shape[:3],
                 index=(i, 0, 0), offset=(i * t, 0, 0), valid=pixels.shape[:3], timestamp=float(i),
-                label=label, label_name=name, split=split)
+                label=label, label_name=name, split=split, mask=masks[split][i] if masks is not None else None)
             # Patches of one video go to one shard, as the converter writes them.
             per_shard[int(hashlib.md5(video_id.encode()).hexdigest(), 16) % shards].append(record)
             counts[name] = counts.get(name, 0) + 1

@@ -29,26 +29,32 @@ def free_ports(n):
     return ports
 
 
+def train_on_workers(data, run, args, workers=2, timeout=240):
+    """`stp train DATA --out RUN --strategy multiworker ARGS` on `workers` processes on 127.0.0.1 (TF_CONFIG);
+    asserts each exits 0; returns their outputs."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
+    procs = []
+    for i in range(workers):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stpkeras.cli", "train", str(data), "--out", str(run), "--strategy", "multiworker",
+             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
 def test_two_workers_train_the_same_weights_on_disjoint_halves_of_the_data(tmp_path):
     data = str(tmp_path / "data")
     # One shard: fewer files than workers, so tf.distribute shards by record (every 2nd record per worker).
     write_converted(data, {"train": random_items(TRAIN, (4, 8, 8, 3), seed=0),
                            "val": random_items(32, (4, 8, 8, 3), seed=1)}, ("a", "b", "c"), shards=1)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     run, trace = tmp_path / "run", tmp_path / "trace"
-    procs = []
-    for i in range(2):
-        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stpkeras.cli", "train", data, "--out", str(run), "--strategy", "multiworker",
-             "--epochs", "2", "--batch-size", "8", "--seed", "0", "--augment", "none", "--model-arg", "filters=8",
-             "--trace-records", str(trace), "--verbose", "2"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        outs.append(out)
-        assert p.returncode == 0, out[-3000:]
+    outs = train_on_workers(data, run, ["--epochs", "2", "--batch-size", "8", "--seed", "0", "--augment", "none",
+                                        "--model-arg", "filters=8", "--trace-records", str(trace), "--verbose", "2"])
 
     digests = [re.search(r"weights sha256 ([0-9a-f]{64})", out).group(1) for out in outs]
     assert digests[0] == digests[1]

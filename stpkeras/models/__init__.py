@@ -32,10 +32,8 @@ MODELS: Dict[str, Callable] = {
     "unet3d": build_unet3d,
     "dncnn3d": build_dncnn3d,
 }
-DEFAULT_MODEL = "stcnn"
 # Families that output pixels (input + residual), not logits: the models of `--task enhance`.
 ENHANCE_MODELS = ("unet3d", "dncnn3d")
-DEFAULT_ENHANCE_MODEL = "dncnn3d"
 
 
 def model_names() -> Tuple[str, ...]:

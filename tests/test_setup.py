@@ -1,0 +1,149 @@
+"""Tests of stpkeras.setup: every task through both training loops, Keras `fit` in this process and the custom
+loop on two workers on 127.0.0.1 (`stp train --strategy multiworker`), from one set-up; the task's defaults
+without the CLI; options a loop cannot honour refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from converted import write_converted
+from stpkeras.setup import TrainConfig
+from test_multiworker import train_on_workers
+
+SHAPE = (4, 16, 16, 3)   # 16 x 16: SSIM's window is 11 pixels wide
+NOISE = 25.0   # enhance's degradation, noise:25 (Gaussian sigma, 0-255 units)
+
+
+def _items(n, rng):
+    """Patches a small model learns from in a few steps: a flat patch whose brightness tells its class
+    (3 classes, 70 apart), with a brighter part right of a random column (the mask, class 1)."""
+    items, masks = [], []
+    for i in range(n):
+        label = (i % 6) % 3
+        column = int(rng.integers(4, 13))
+        patch = np.full(SHAPE, 30 + 70 * label + rng.integers(-10, 11), np.int32)
+        mask = np.zeros(SHAPE[:3], np.uint8)
+        mask[:, :, column:] = 1
+        patch[:, :, column:] += 50
+        items.append((patch.astype(np.uint8), label, f"v{i % 6}.mp4"))
+        masks.append(mask)
+    return items, masks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tasks") / "data")
+    rng = np.random.default_rng(0)
+    (train, train_masks), (val, val_masks) = _items(64, rng), _items(16, rng)
+    # One shard: fewer files than workers, so the custom loop's workers split the records.
+    write_converted(root, {"train": train, "val": val}, ("a", "b", "c"), shards=1,
+                    masks={"train": train_masks, "val": val_masks}, mask_classes=2)
+    return root, _noisy_psnr(np.stack([p for p, _, _ in val]))
+
+
+def _noisy_psnr(clean):
+    """The mean PSNR of `clean` patches with enhance's noise, against them: what the identity scores (about
+    20.4 dB: 20.17 for sigma 25, a little more where the noise clips at 0 and 255)."""
+    clean = clean.astype(np.float64)
+    noisy = np.clip(np.round(clean + np.random.default_rng(1).normal(0, NOISE, clean.shape)), 0, 255)
+    mse = ((noisy - clean) ** 2).reshape(len(clean), -1).mean(axis=1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / mse)))
+
+
+# Declarative: per task, its options, model options, the defaults it resolves to, and what one short
+# epoch must reach on validation, given the noisy input's PSNR (a trivial model's value in the comment).
+CASES = {
+    "classify": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
+                     model="stcnn", augment=["crop", "color"], recorded={},
+                     check=lambda m, noisy: m["val_accuracy"] > 0.5),           # chance 1/3
+    "enhance": dict(task_options={"degrade": ["noise:25"]}, model_options={"filters": 8, "depth": 3}, lr=1e-2,
+                    model="dncnn3d", augment=["flip"], recorded={"degrade": ["noise:25"], "pixel_loss": "l1"},
+                    check=lambda m, noisy: m["val_psnr"] > noisy + 0.2),      # the identity: the noisy input
+    "embed": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
+                  model="stcnn", augment=["crop", "color"], recorded={"temperature": 0.1},
+                  check=lambda m, noisy: m["val_pair_accuracy"] > 2 / 7),   # chance 1/7 (a batch of 4 pairs)
+    "segment": dict(task_options={}, model_options={"filters": [4, 8]}, lr=1e-2,
+                    model="unet3d", augment=["crop", "color"], recorded={"dice": 1.0},
+                    check=lambda m, noisy: m["val_mean_iou"] > 0.4),          # all background: about 0.25
+}
+COMMON = dict(epochs=1, batch_size=4, seed=0, verbose=0, shuffle_buffer=64)
+
+
+def _cli_args(case):
+    args = ["--task", case["task"], "--lr", str(case["lr"])]
+    for key, value in case["model_options"].items():
+        args += ["--model-arg", f"{key}={json.dumps(value)}"]
+    for value in case["task_options"].get("degrade", []):
+        args += ["--degrade", value]
+    return args + ["--epochs", str(COMMON["epochs"]), "--batch-size", str(COMMON["batch_size"]), "--seed", "0",
+                   "--verbose", "0", "--shuffle-buffer", str(COMMON["shuffle_buffer"])]
+
+
+def _check(run, case, noisy_psnr):
+    assert run["status"] == "done" and run["task"] == case["task"] and run["metrics"]["epochs"] == 1
+    final = run["metrics"]["final"]
+    assert all(math.isfinite(v) for v in final.values()), final
+    assert case["check"](final, noisy_psnr), (case["task"], run["strategy"]["loop"], final)
+    # The task's defaults, resolved and recorded, with the task's options.
+    assert run["model"] == run["config"]["model"] == case["model"]
+    assert run["config"]["augment"] == case["augment"] and run["config"]["task_options"] == case["recorded"]
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_path):
+    from stpkeras.train import train
+
+    data, noisy_psnr = data
+    case = dict(CASES[task], task=task)
+    train(TrainConfig(data=data, out=str(tmp_path / "fit"), task=task, lr=case["lr"],
+                      task_options=tuple((k, tuple(v)) for k, v in case["task_options"].items()),
+                      model_options=tuple((k, tuple(v) if isinstance(v, list) else v)
+                                          for k, v in case["model_options"].items()), **COMMON),
+          echo=lambda s: None)
+    train_on_workers(data, tmp_path / "custom", _cli_args(case))
+    fit_run, custom_run = (json.load(open(tmp_path / loop / "run.json")) for loop in ("fit", "custom"))
+
+    assert fit_run["strategy"]["loop"] == "keras fit" and custom_run["strategy"]["workers"] == 2
+    for run in (fit_run, custom_run):
+        _check(run, case, noisy_psnr)
+    # One set-up: the loops' run.json agree on everything but where they ran.
+    differ = ("out", "strategy")
+    assert {k: v for k, v in fit_run["config"].items() if k not in differ} == \
+           {k: v for k, v in custom_run["config"].items() if k not in differ}
+    for key in ("task", "model", "labels", "spec", "splits", "manifest_sha256", "params"):
+        assert fit_run[key] == custom_run[key], key
+
+
+@pytest.mark.parametrize("task, model, augment", [("classify", "stcnn", ("crop", "color")),
+                                                  ("enhance", "dncnn3d", ("flip",)),
+                                                  ("embed", "stcnn", ("crop", "color")),
+                                                  ("segment", "unet3d", ("crop", "color"))])
+def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
+    config = TrainConfig(data="data", out="run", task=task)
+    assert (config.model, config.augment) == (model, augment)
+    # What is given wins; options are completed with the task's defaults.
+    config = TrainConfig(data="data", out="run", task="enhance", model="unet3d", augment="none",
+                         task_options=(("degrade", ("noise:25",)),))
+    assert (config.model, config.augment) == ("unet3d", ())
+    assert config.to_dict()["task_options"] == {"degrade": ["noise:25"], "pixel_loss": "l1"}
+
+
+def test_options_a_loop_cannot_honour_are_refused_with_the_reason(data, tmp_path, cli):
+    data = data[0]
+    with pytest.raises(ValueError, match=r"data_service.*strategy='multiworker'"):
+        TrainConfig(data=data, out=str(tmp_path / "a"), strategy="multiworker", data_service="grpc://localhost:1")
+    with pytest.raises(ValueError, match="trace_dir"):
+        TrainConfig(data=data, out=str(tmp_path / "a"), trace_dir=str(tmp_path / "trace"))
+    with pytest.raises(ValueError, match=r"Invalid options \['degrade'\] for task 'embed'"):
+        TrainConfig(data=data, out=str(tmp_path / "a"), task="embed", task_options=(("degrade", ("noise:25",)),))
+    r = cli("train", data, "--out", str(tmp_path / "b"), "--strategy", "multiworker",
+            "--data-service", "grpc://localhost:1")
+    assert r.exit_code == 2 and "data_service" in r.output and "multiworker" in r.output
+    # Class weights exist for classes only; refused before the run folder is written.
+    r = cli("train", data, "--out", str(tmp_path / "c"), "--task", "segment", "--class-weight")
+    assert r.exit_code == 1 and "--class-weight: task 'segment'" in r.output
+    assert not (tmp_path / "c" / "run.json").exists()
