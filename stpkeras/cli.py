@@ -111,7 +111,8 @@ class _ProgressLine:
         width = 24
         filled = int(width * progress.done / max(1, progress.total))
         line = (f"\r[{'#' * filled}{'.' * (width - filled)}] videos {progress.done}/{progress.total}"
-                f" ({progress.failed} failed) | patches {progress.patches:,} | {progress.frames / elapsed:,.0f} frames/s")
+                f" ({progress.failed} failed) | patches {progress.patches:,}"
+                f" | {progress.frames / elapsed:,.0f} frames/s")
         click.echo(line, nl=False, err=True)
         self.shown = True
 
@@ -150,9 +151,11 @@ class _ProgressLine:
 @click.option("--decode-threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="FFmpeg threads per worker.")
 @click.option("--labels", default=None, metavar="A,B,...",
-              help="The class names, in index order; a label not in the list is an error (default: all labels found, sorted).")
+              help="The class names, in index order; a label not in the list is an error "
+                   "(default: all labels found, sorted).")
 @click.option("--split-fraction", "split_fraction", multiple=True, callback=_fractions, metavar="SPLIT=F",
-              help="Move a share of the train videos to another split, by a hash of their path (repeatable), e.g. val=0.2.")
+              help="Move a share of the train videos to another split, by a hash of their path (repeatable), "
+                   "e.g. val=0.2.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
               help="Refuse videos whose declared frame has more pixels (decompression-bomb guard).")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
@@ -257,7 +260,8 @@ def inspect(data, as_json):
         for v in bad:
             click.echo(f"    {v['status']}: {v['reason']}")
     click.echo(f"  made by: {m.get('command', '?')} on {m.get('created', '?')} "
-               f"(stpkeras {m.get('versions', {}).get('stpkeras', '?')}, TF {m.get('versions', {}).get('tensorflow', '?')})")
+               f"(stpkeras {m.get('versions', {}).get('stpkeras', '?')}, "
+               f"TF {m.get('versions', {}).get('tensorflow', '?')})")
 
 
 @main.command()
@@ -323,7 +327,8 @@ def _labels_option(ctx, param, value):
 
 @main.command("export")
 @click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
-@click.option("--name", required=True, metavar="NAME", help="Model name: the folder under --out and TF Serving's model name.")
+@click.option("--name", required=True, metavar="NAME",
+              help="Model name: the folder under --out and TF Serving's model name.")
 @click.option("--out", "out_root", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="Root of the SavedModels (TF Serving's model base paths live under it).")
 @click.option("--version", "version", type=click.IntRange(min=1), default=None, metavar="N",
@@ -475,11 +480,13 @@ def _model_args(ctx, param, values):
                                       "else one device. multiworker reads TF_CONFIG.")
 @click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
               help="Use the first N GPUs, or N logical CPU devices when there is no GPU (to test mirroring).")
-@click.option("--mixed-precision", is_flag=True, help="float16 compute on GPUs (bfloat16 on CPUs); logits stay float32.")
+@click.option("--mixed-precision", is_flag=True,
+              help="float16 compute on GPUs (bfloat16 on CPUs); logits stay float32.")
 @click.option("--jit", is_flag=True, help="Compile the train step with XLA.")
 @click.option("--seed", type=int, default=None, help="Seeds weights, data order and augmentation.")
-@click.option("--deterministic", is_flag=True, help="Same batches and same weights on every run (needs --seed), also when "
-                   "a run was killed and resumed (except --strategy multiworker and --data-service).")
+@click.option("--deterministic", is_flag=True,
+              help="Same batches and same weights on every run (needs --seed), also when a run was killed and "
+                   "resumed (except --strategy multiworker and --data-service).")
 @click.option("--class-weight", is_flag=True, help="Weight classes by inverse frequency in the training split.")
 @click.option("--shuffle-buffer", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last finished epoch.")
@@ -492,7 +499,8 @@ def _model_args(ctx, param, values):
               help="Write the video id and grid index of every training record this process receives to DIR "
                    "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
 @click.option("--task", type=click.Choice(["classify", "embed", "segment", "enhance"]), default="classify",
-              show_default=True, help="classify: a label per patch; enhance: restore degraded patches (unet3d, dncnn3d); "
+              show_default=True, help="classify: a label per patch; "
+                                      "enhance: restore degraded patches (unet3d, dncnn3d); "
                                       "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
                                       "segment: a class per voxel (data with masks) or per frame (data with "
                                       "intervals), unet3d.")
@@ -534,7 +542,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     metrics = run["metrics"]
     best = metrics.get("best", {})
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
-               + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim"))
+               + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
+                           if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim"))
                + "; best.keras, last.keras, history.csv, curves.png, logs/")
 
 
@@ -676,7 +685,8 @@ def search_command(index_dir, queries, k, model, split, as_json):
         else:
             click.echo(query)
             for hit in hits:
-                click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}" + (f"  [{hit.label}]" if hit.label else ""))
+                label = f"  [{hit.label}]" if hit.label else ""
+                click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}{label}")
     sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
 
 
@@ -744,7 +754,8 @@ def data_service_group():
 
 
 @data_service_group.command("dispatcher")
-@click.option("--port", type=click.IntRange(0, 65535), default=5050, show_default=True, help="Port to listen on (0: any).")
+@click.option("--port", type=click.IntRange(0, 65535), default=5050, show_default=True,
+              help="Port to listen on (0: any).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Journal folder: a restarted dispatcher recovers its jobs from it (fault-tolerant mode).")
 @click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",

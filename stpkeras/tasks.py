@@ -189,7 +189,8 @@ PIXEL_LOSSES = ("l1", "l2")
 
 @dataclasses.dataclass(frozen=True)
 class Enhance(Task):
-    """Restoration: a degraded `uint8 [B, T, H, W, 3]` patch -> float32 pixels `[B, T, H, W, 3]` against the clean patch.
+    """Restoration: a degraded `uint8 [B, T, H, W, 3]` patch -> float32 pixels `[B, T, H, W, 3]`, against the
+    clean patch.
 
     The clean patch is the record's patch, degraded on the fly by `degrade`
     (`stpkeras.degrade`, e.g. `('noise:25',)`), or, for paired data (`stp

@@ -41,7 +41,7 @@ CLASSES = _exception_classes()
 
 def test_the_walk_finds_the_packages_exceptions():
     for name in ("tfrecords_tools.manifest.ManifestError", "tfrecords_tools.outputs.OutputBusyError",
-                 "tfrecords_tools.convert.WriteError", "stpkeras.serving.ModelNotFound", "stpkeras.train.RunError",
+                 "tfrecords_tools.convert.WriteError", "stpkeras.serving.ModelNotFound", "stpkeras.run_folder.RunError",
                  "stpkeras.artifacts.ArtifactError", "tfrecords_tools.video.Replan"):
         assert name in CLASSES, sorted(CLASSES)
 

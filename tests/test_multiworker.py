@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 
 from converted import random_items, write_converted
 

@@ -372,7 +372,8 @@ def convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict],
 
 @contextlib.contextmanager
 def disk_errors(out: str):
-    """A full disk or a forbidden folder met outside `_writing` (creating OUT, its lock, the work folder): `WriteError`."""
+    """A full disk or a forbidden folder met outside `_writing` (creating OUT, its lock, the work folder):
+    `WriteError`."""
     try:
         yield
     except OSError as e:

@@ -138,7 +138,8 @@ def reading_records(root: str) -> Iterator[None]:
 
 
 def _damage(root: str, error) -> str:
-    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping: "corrupted record at 149544".
+    # TensorFlow's first line, without its "{{function_node ...}}" and "[Op:...]" wrapping:
+    # "corrupted record at 149544".
     reason = (error.message or str(error)).strip().splitlines()[0]
     reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason)).strip()
     try:
