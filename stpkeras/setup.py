@@ -351,8 +351,9 @@ def prepare_run(config: TrainConfig) -> Run:
     multiworker = config.strategy == "multiworker"
 
     info = pipeline.load_info(config.data)
+    # A task the data cannot serve (enhance without degradations or pairs) is a usage error (ValueError).
+    task = get_task(config.task, dict(config.task_options)).for_data(info)
     try:
-        task = get_task(config.task, dict(config.task_options)).for_data(info)
         # The task's classes: the data's labels for classify, mask or frame classes for segment, none for embed.
         labels = tuple(task.class_names(info))
     except ValueError as e:
