@@ -351,8 +351,9 @@ def prepare_run(config: TrainConfig) -> Run:
     multiworker = config.strategy == "multiworker"
 
     info = pipeline.load_info(config.data)
+    # A task the data cannot serve (enhance without degradations or pairs) is a usage error (ValueError).
+    task = get_task(config.task, dict(config.task_options)).for_data(info)
     try:
-        task = get_task(config.task, dict(config.task_options)).for_data(info)
         # The task's classes: the data's labels for classify, mask or frame classes for segment, none for embed.
         labels = tuple(task.class_names(info))
     except ValueError as e:
@@ -361,9 +362,7 @@ def prepare_run(config: TrainConfig) -> Run:
         raise RunError(f"{config.data}: task {task.name!r} needs labelled data with >= 2 classes; "
                        f"the manifest lists {list(labels)}")
     train_splits, val_split = choose_splits(info, config)
-    train_element = task.element_fn(info, config.augment, training=True)
-    val_element = task.element_fn(info, config.augment, training=False)
-    if config.data_service and train_element is not None:
+    if config.data_service and task.element_fn(info, config.augment, training=True) is not None:
         raise RunError(f"--data-service: task {task.name!r} brings its own element; only (patch, label) "
                        "tasks are served so far")
     class_weight = None
@@ -396,6 +395,24 @@ def prepare_run(config: TrainConfig) -> Run:
         # Same ops, same order, same bits: tf.data and the kernels both run deterministically.
         tf.config.experimental.enable_op_determinism()
 
+    with strategy.scope():
+        model = compile_model(config, task, info.spec, labels, total_steps=config.epochs * steps)
+        initial_epoch = run_folder.restore_backup(backup_dir, model) if resuming else 0
+    train_ds, val_ds, val_steps, trace_epoch = _datasets(config, info, task, strategy, train_splits, val_split,
+                                                         seed, skip_batches=initial_epoch * steps)
+
+    return Run(config=config, info=info, task=task, labels=labels, train_splits=train_splits, val_split=val_split,
+               strategy=strategy, worker=worker, seed=seed, steps=steps, val_steps=val_steps, train_ds=train_ds,
+               val_ds=val_ds, model=model, initial_epoch=initial_epoch, class_weight=class_weight,
+               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started)
+
+
+def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
+    """The task's model for `config.model`, compiled: AdamW on `learning_rate`'s schedule, the task's loss and
+    metrics, XLA when `config.jit`, mixed precision when `config.mixed_precision`. Call it in the strategy's scope."""
+    import keras
+    import tensorflow as tf
+
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         # float16 with loss scaling on GPUs (compile() wraps the optimizer); bfloat16 where there is none.
@@ -403,15 +420,25 @@ def prepare_run(config: TrainConfig) -> Run:
         gpu = bool(tf.config.list_logical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     try:
-        with strategy.scope():
-            model = task.build_model(config.model, info.spec, labels, dict(config.model_options))
-            model.compile(optimizer=keras.optimizers.AdamW(learning_rate(config, config.epochs * steps),
-                                                           weight_decay=config.weight_decay),
-                          loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
-            initial_epoch = run_folder.restore_backup(backup_dir, model) if resuming else 0
+        model = task.build_model(config.model, spec, labels, dict(config.model_options))
+        model.compile(optimizer=keras.optimizers.AdamW(learning_rate(config, total_steps),
+                                                       weight_decay=config.weight_decay),
+                      loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+    return model
 
+
+def _datasets(config: TrainConfig, info, task, strategy, train_splits, val_split, seed, skip_batches: int):
+    """(training dataset, validation dataset or None, validation steps or None, trace epoch variable or None)."""
+    import tensorflow as tf
+
+    from stpkeras import pipeline
+
+    multiworker = config.strategy == "multiworker"
+    train_element = task.element_fn(info, config.augment, training=True)
+    val_element = task.element_fn(info, config.augment, training=False)
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
     workers = pipeline.num_workers(strategy)
     policy = pipeline.shard_policy(len(info.files(train_splits)), workers)
     by_record = policy != tf.data.experimental.AutoShardPolicy.FILE
@@ -429,7 +456,7 @@ def prepare_run(config: TrainConfig) -> Run:
     # on every run, so skipping the batches of the finished epochs continues it exactly. (Checkpointing the
     # iterator instead is not open to us: `fit` makes its own, distributed, iterator, and `tf.distribute`'s
     # iterators cannot be checkpointed.) Not across workers: sharding applies after the skip there.
-    skip = initial_epoch * steps if config.seed is not None and not multiworker else 0
+    skip = skip_batches if config.seed is not None and not multiworker else 0
     # The custom loop traces the records it trains on (`trace_dir`): without a task element they then come as
     # dicts with their video id and grid index; the step uses only patch and label.
     as_supervised = train_element is not None or not (multiworker and config.trace_dir)
@@ -460,7 +487,4 @@ def prepare_run(config: TrainConfig) -> Run:
                                          shuffle_buffer=config.shuffle_buffer, repeat=True, skip_batches=skip,
                                          as_supervised=as_supervised, **common)
 
-    return Run(config=config, info=info, task=task, labels=labels, train_splits=train_splits, val_split=val_split,
-               strategy=strategy, worker=worker, seed=seed, steps=steps, val_steps=val_steps, train_ds=train_ds,
-               val_ds=val_ds, model=model, initial_epoch=initial_epoch, class_weight=class_weight,
-               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started)
+    return train_ds, val_ds, val_steps, trace_epoch

@@ -57,7 +57,9 @@ def _noisy_psnr(clean):
 # Declarative: per task, its options, model options, the defaults it resolves to, and what one short
 # epoch must reach on validation, given the noisy input's PSNR (a trivial model's value in the comment).
 CASES = {
+    # classify also runs the options the custom loop once ignored in silence.
     "classify": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
+                     flags={"class_weight": True, "mixed_precision": True, "jit": True},
                      model="stcnn", augment=["crop", "color"], recorded={},
                      check=lambda m, noisy: m["val_accuracy"] > 0.5),           # chance 1/3
     "enhance": dict(task_options={"degrade": ["noise:25"]}, model_options={"filters": 8, "depth": 3}, lr=1e-2,
@@ -79,6 +81,7 @@ def _cli_args(case):
         args += ["--model-arg", f"{key}={json.dumps(value)}"]
     for value in case["task_options"].get("degrade", []):
         args += ["--degrade", value]
+    args += ["--" + flag.replace("_", "-") for flag in case.get("flags", {})]
     return args + ["--epochs", str(COMMON["epochs"]), "--batch-size", str(COMMON["batch_size"]), "--seed", "0",
                    "--verbose", "0", "--shuffle-buffer", str(COMMON["shuffle_buffer"])]
 
@@ -102,7 +105,8 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
     train(TrainConfig(data=data, out=str(tmp_path / "fit"), task=task, lr=case["lr"],
                       task_options=tuple((k, tuple(v)) for k, v in case["task_options"].items()),
                       model_options=tuple((k, tuple(v) if isinstance(v, list) else v)
-                                          for k, v in case["model_options"].items()), **COMMON),
+                                          for k, v in case["model_options"].items()),
+                      **case.get("flags", {}), **COMMON),
           echo=lambda s: None)
     train_on_workers(data, tmp_path / "custom", _cli_args(case))
     fit_run, custom_run = (json.load(open(tmp_path / loop / "run.json")) for loop in ("fit", "custom"))
