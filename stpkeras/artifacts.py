@@ -177,13 +177,15 @@ def resolve_saved_model(path: str) -> str:
                         f"(a SavedModel folder with {SAVED_MODEL}, or saved_models/NAME holding integer versions)")
 
 
-def read_assets(saved_model_dir: str) -> Tuple[Tuple[str, ...], PatchSpec]:
-    """Labels and `PatchSpec` stored in an export's assets."""
+def read_assets(saved_model_dir: str, *, labels: bool = True) -> Tuple[Tuple[str, ...], PatchSpec]:
+    """Labels and `PatchSpec` stored in an export's assets (`labels=False`: a model without classes, no labels)."""
     labels_path = os.path.join(saved_model_dir, "assets", LABELS_ASSET)
     spec_path = os.path.join(saved_model_dir, "assets", SPEC_ASSET)
+    names: Tuple[str, ...] = ()
     try:
-        with open(labels_path, encoding="utf-8") as f:
-            labels = tuple(line.rstrip("\n") for line in f)
+        if labels:
+            with open(labels_path, encoding="utf-8") as f:
+                names = tuple(line.rstrip("\n") for line in f)
     except OSError as e:
         raise ArtifactError(f"{saved_model_dir}: no label asset ({e}); expected an export written by `stp export`") \
             from e
@@ -191,7 +193,7 @@ def read_assets(saved_model_dir: str) -> Tuple[Tuple[str, ...], PatchSpec]:
         spec = PatchSpec.from_dict(read_json(spec_path))
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{spec_path}: bad PatchSpec ({e})") from e
-    return labels, spec
+    return names, spec
 
 
 def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
@@ -261,13 +263,14 @@ def _load_keras(path: str, run: Optional[dict], labels, spec, task: Optional[str
 def _load_export(version_dir: str) -> Artifact:
     import tensorflow as tf
 
-    labels, spec = read_assets(version_dir)
     info_path = os.path.join(version_dir, INFO_FILE)
     info = read_json(info_path) if os.path.isfile(info_path) else None
+    task = (info or {}).get("task", "classify")
+    labels, spec = read_assets(version_dir, labels=task not in TASKS_WITHOUT_LABELS)
     try:
         loaded = tf.saved_model.load(version_dir, tags=["serve"])
     except Exception as e:  # TF raises OSError, DecodeError, NotFoundError, ValueError ... for a bad folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ArtifactError(f"{version_dir}: not a loadable SavedModel ({type(e).__name__}: {first}). "
                             "Export it again with `stp export`") from e
-    return Artifact(version_dir, "saved_model", (info or {}).get("task", "classify"), labels, spec, loaded, info)
+    return Artifact(version_dir, "saved_model", task, labels, spec, loaded, info)

@@ -149,5 +149,5 @@ def test_options_a_loop_cannot_honour_are_refused_with_the_reason(data, tmp_path
     assert r.exit_code == 2 and "data_service" in r.output and "multiworker" in r.output
     # Class weights exist for classes only; refused before the run folder is written.
     r = cli("train", data, "--out", str(tmp_path / "c"), "--task", "segment", "--class-weight")
-    assert r.exit_code == 1 and "--class-weight: task 'segment'" in r.output
+    assert r.exit_code == 2 and "--class-weight: task 'segment'" in r.output  # bad usage (README: exit codes)
     assert not (tmp_path / "c" / "run.json").exists()
