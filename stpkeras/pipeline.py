@@ -262,14 +262,17 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
             features[schema.PATCH] = augment_fn(features[schema.PATCH], element_seed)
         return supervised(features) if as_supervised else features
 
-    # A repeated training stream is a function of the seed alone, the same from every iterator: its reshuffles take
-    # their seeds from the pass number, not from the seed generators a dataset keeps across iterators
-    # (`reshuffle_each_iteration`). `Model.fit` draws a batch from a first iterator to build the model, and
-    # a resumed run's (`skip_batches`) reads further than an uninterrupted run's: with those generators, the
-    # training iterator after it would start from other shuffles.
-    # Not across workers (sharding by file needs the file list as the stream's source), nor with `cache`
-    # (which would then hold the endless stream).
-    stateless = training and repeat and not cache and num_workers(strategy) == 1
+    # A deterministic repeated training stream is a function of the seed alone, the same from every
+    # iterator: its reshuffles take their seeds from the pass number, not from the seed generators a
+    # dataset keeps across iterators (`reshuffle_each_iteration`). `Model.fit` draws a batch from a
+    # first iterator to build the model, and a resumed run's (`skip_batches`) reads further than an
+    # uninterrupted run's: with those generators, the training iterator after it would start from other
+    # shuffles. Only for a deterministic run, whose promise (the same weights after a kill and a resume)
+    # needs it: its epochs are a pass give or take the shuffle buffer, where an ordinary run reshuffles
+    # each pass on its own, which learned measurably better on small data (a frame-segmentation test:
+    # 0.81 against >= 0.9 frame accuracy). Not across workers (sharding by file needs the file list as
+    # the stream's source), nor with `cache` (which would then hold the endless stream).
+    stateless = training and repeat and deterministic and not cache and num_workers(strategy) == 1
     buffer_size = read_buffer_size(info.root)
 
     def read(names: tf.data.Dataset) -> tf.data.Dataset:
