@@ -23,7 +23,6 @@ one that was not killed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from typing import Callable
@@ -34,31 +33,6 @@ from stpkeras.run_folder import RunError, versions  # noqa: F401  (public here: 
 from stpkeras.setup import (SCHEDULES, STRATEGIES, Run, TrainConfig, configure_devices,  # noqa: F401
                             learning_rate, make_strategy, prepare_run)
 from tfrecords_tools import outputs
-
-
-def load_run(path: str):
-    """A run folder (its best.keras, else last.keras) or a `.keras` file -> (keras.Model, run.json or {})."""
-    import keras
-
-    # A fresh process (`stp evaluate RUN`) must know every class a run's .keras file names: the custom
-    # layers and the segmentation loss (models), enhancement's metrics (quality), the contrastive
-    # model's layers and loss (embedding).
-    import stpkeras.embedding  # noqa: F401
-    import stpkeras.models  # noqa: F401
-    import stpkeras.quality  # noqa: F401
-
-    if os.path.isdir(path):
-        run_json = os.path.join(path, RUN_JSON)
-        info = json.load(open(run_json)) if os.path.exists(run_json) else {}
-        for name in (BEST, LAST):
-            if os.path.exists(os.path.join(path, name)):
-                return keras.models.load_model(os.path.join(path, name)), info
-        raise RunError(f"{path}: no {BEST} or {LAST}. Expected a run folder written by `stp train`.")
-    if not path.endswith(".keras") or not os.path.exists(path):
-        raise RunError(f"{path}: expected a run folder or a .keras file")
-    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_JSON)
-    info = json.load(open(sibling)) if os.path.exists(sibling) else {}
-    return keras.models.load_model(path), info
 
 
 # --- training -------------------------------------------------------------------------------------

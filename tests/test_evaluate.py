@@ -53,7 +53,8 @@ def test_video_level_averages_the_logits_of_each_video():
 
 def test_evaluate_command_json_matches_the_model(tmp_path):
     from stpkeras.pipeline import make_dataset
-    from stpkeras.train import TrainConfig, load_run, train
+    from stpkeras import artifacts
+    from stpkeras.train import TrainConfig, train
     from tfrecords_tools import schema
 
     data = str(tmp_path / "data")
@@ -68,7 +69,7 @@ def test_evaluate_command_json_matches_the_model(tmp_path):
         assert {"accuracy", "precision", "recall", "f1", "per_class", "confusion"} <= set(report[level])
     assert report["split"] == "test" and report["patch"]["count"] == 30 and report["video"]["count"] == 5
 
-    model, _ = load_run(run_dir)
+    model = artifacts.load(run_dir).model
     expected_patch, videos = [], {}
     for f in make_dataset(data, "test", batch_size=30, as_supervised=False):
         logits = np.asarray(model(f[schema.PATCH]))

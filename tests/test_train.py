@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from converted import random_items, write_converted
 from stpkeras.cli import main
-from stpkeras.train import RunError, TrainConfig, load_run, read_history, train
+from stpkeras import artifacts
+from stpkeras.train import RunError, TrainConfig, read_history, train
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 STP = [sys.executable, "-m", "stpkeras.cli", "train"]
@@ -70,7 +71,7 @@ def test_stcnn_learns_motion_and_a_model_without_temporal_kernel_cannot(motion_d
 
 
 def _weights(path):
-    return load_run(str(path))[0].get_weights()
+    return artifacts.load(str(path)).model.get_weights()
 
 
 def test_mirrored_over_two_devices_trains_the_same_weights_as_one_device(small_data, tmp_path):
@@ -191,8 +192,9 @@ def test_run_folder_contract(small_data, tmp_path):
     assert os.listdir(os.path.join(out, "logs"))
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    model, info = load_run(out)
-    same, _ = load_run(os.path.join(out, "best.keras"))
+    loaded = artifacts.load(out)
+    model, info = loaded.model, loaded.run
+    same = artifacts.load(os.path.join(out, "best.keras")).model
     x = np.random.default_rng(0).integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(same(x)))
     assert info["labels"] == ["a", "b", "c"] and model.input.dtype == "uint8"
