@@ -756,3 +756,7 @@ def test_multi_label_and_value_columns(tmp_path, clip2s, clip64):
     assert schema.INTERVAL not in by_id["w.mp4"] and by_id["w.mp4"][schema.VALUES] == [3.0, 4.0]
     counts = m["splits"]["train"]["label_counts"]
     assert counts == {"jump": 36 + 96, "run": 36, "sit": 36 + 96}  # w.mp4: 6 windows of 4 x 4 patches
+    from tfrecords_tools.verify import verify
+
+    report = verify(str(tmp_path / "out"))
+    assert report.ok and report.problems == []

@@ -21,6 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tfrecords_tools.errors import BadInput
 from tfrecords_tools.patches import Grid, Patch, PatchCutter
 from tfrecords_tools.spec import PatchSpec
 
@@ -45,8 +46,9 @@ class Sampling:
                              f"Received max_patches={self.max_patches}")
 
 
-class SegmentError(ValueError):
-    """A segment this video cannot give (past its end, shorter than a patch): that item's failure."""
+class SegmentError(BadInput, ValueError):
+    """A segment this video cannot give (past its end, shorter than a patch): that item's failure (the
+    converter reports it for the row; the other items of the video go on)."""
 
 
 @dataclasses.dataclass(frozen=True)
