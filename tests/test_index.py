@@ -157,9 +157,6 @@ def embed_run(tmp_path_factory, sample):
     return str(root / "run"), src
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "Known regression: the 3-epoch embed model ranks bigbuckbunny first for the trimmed bikes query "
-    "(1 of 8 queries); the cause is not found yet."))
 def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_run, tmp_path, cli):
     run_dir, src = embed_run
     index_dir = tmp_path / "index"
