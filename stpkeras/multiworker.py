@@ -41,7 +41,7 @@ import time
 from typing import Callable, Dict, List
 
 from stpkeras import run_folder
-from stpkeras.artifacts import BEST, CURVES, HISTORY, LAST, read_history
+from stpkeras.artifacts import BEST, HISTORY, LAST, read_history
 from stpkeras.setup import Run
 from tfrecords_tools import schema
 
@@ -119,6 +119,7 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
     echo(run.describe())
 
     history: Dict[str, List[float]] = {"epoch": []}  # this session's epochs, for a worker without history.csv
+    curves = run_folder.Curves(config.out)
     for epoch in range(run.initial_epoch, config.epochs):
         for m in [loss_mean, val_loss_mean] + train_metrics + val_metrics:
             m.reset_state()
@@ -150,13 +151,14 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
                 best = logs[run.monitor]
                 model.save(os.path.join(config.out, BEST))
             model.save(os.path.join(config.out, LAST))
-            from stpkeras.figures import draw_curves
-            draw_curves(read_history(config.out), os.path.join(config.out, CURVES))
+            curves.update()
         run_folder.save_backup(run.backup_dir, model, epoch + 1)  # every worker, each into its own folder
         if config.verbose:
             echo(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
     if trace is not None:
         trace.close()
+    if worker.chief:
+        curves.update(final=True)
 
     digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in model.weights)).hexdigest()
     record["weights_sha256"] = digest

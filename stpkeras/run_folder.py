@@ -34,6 +34,42 @@ class RunError(BadInput, RuntimeError):
     """A run folder that cannot be used as asked (exists without --resume, missing files, ...)."""
 
 
+# --- curves.png -----------------------------------------------------------------------------------
+
+class Curves:
+    """Redraws `curves.png` from history.csv as epochs finish, at a bounded cost.
+
+    Drawing with matplotlib takes 1-2 s on a busy 2-core CPU, about as long as an epoch of a small
+    run. A redraw waits until `ratio` times the last draw's cost (and at least `min_interval` s)
+    has passed since it, so drawing stays under about 1/ratio of the wall time; the end of
+    training always draws (`update(final=True)`). A killed run keeps the figure of a recent epoch,
+    and history.csv has every epoch.
+    """
+
+    def __init__(self, run_dir: str, min_interval: float = 10.0, ratio: float = 10.0):
+        self.run_dir, self.min_interval, self.ratio = run_dir, min_interval, ratio
+        self._last, self._cost = None, 0.0
+
+    def update(self, final: bool = False) -> bool:
+        """Draws if due (or `final`); returns whether it drew."""
+        import time
+
+        from stpkeras.artifacts import CURVES, read_history
+        from stpkeras.figures import draw_curves
+
+        now = time.monotonic()
+        if not final and self._last is not None and now - self._last < max(self.min_interval,
+                                                                             self.ratio * self._cost):
+            return False
+        history = read_history(self.run_dir)
+        if not history.get("epoch"):
+            return False
+        draw_curves(history, os.path.join(self.run_dir, CURVES))
+        self._last = time.monotonic()
+        self._cost = self._last - now
+        return True
+
+
 # --- history and summary --------------------------------------------------------------------------
 
 def append_history(path: str, epoch: int, logs: Dict[str, float]) -> None:

@@ -98,18 +98,21 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
 
 
 def _curves_callback(run_dir: str):
-    """Redraws curves.png from history.csv after every epoch, so a killed run still has it."""
+    """Redraws curves.png as epochs finish (`run_folder.Curves`: bounded cost) and at the end of training."""
     import keras
 
-    from stpkeras.figures import draw_curves
+    class CurvesCallback(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.curves = run_folder.Curves(run_dir)
 
-    class Curves(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            history = read_history(run_dir)
-            if history.get("epoch"):
-                draw_curves(history, os.path.join(run_dir, CURVES))
+            self.curves.update()
 
-    return Curves()
+        def on_train_end(self, logs=None):
+            self.curves.update(final=True)
+
+    return CurvesCallback()
 
 
 def _backup_callback(backup_dir: str):

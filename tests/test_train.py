@@ -234,3 +234,18 @@ def test_learning_rate_warms_up_linearly_then_decays_or_holds():
     assert values([0], warmup=0.0, schedule="constant") == [0.01]
     with pytest.raises(ValueError, match="Expected a fraction of the steps in"):
         TrainConfig(data="d", out="o", warmup=1.0)
+
+
+def test_curves_are_redrawn_at_a_bounded_cost_and_always_at_the_end(tmp_path):
+    from stpkeras import run_folder
+
+    curves = run_folder.Curves(str(tmp_path), min_interval=3600.0)
+    assert not curves.update()  # no epoch yet: nothing to draw
+    run_folder.append_history(str(tmp_path / "history.csv"), 0, {"loss": 1.0})
+    assert curves.update() and (tmp_path / "curves.png").stat().st_size > 0
+    run_folder.append_history(str(tmp_path / "history.csv"), 1, {"loss": 0.5})
+    before = (tmp_path / "curves.png").read_bytes()
+    assert not curves.update()  # drawn a moment ago: not due
+    assert (tmp_path / "curves.png").read_bytes() == before
+    assert curves.update(final=True)  # the end of training always draws: both epochs now
+    assert (tmp_path / "curves.png").read_bytes() != before
