@@ -760,3 +760,37 @@ def test_multi_label_and_value_columns(tmp_path, clip2s, clip64):
 
     report = verify(str(tmp_path / "out"))
     assert report.ok and report.problems == []
+
+
+def test_segments_convert_the_same_with_two_workers_and_after_a_kill(tmp_path, clip2s):
+    """Segments of several files: `--workers 2` and a killed-then-resumed run give the shards of one worker."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = ["path,label,start,end"]
+    for i in range(6):
+        shutil.copy(clip2s.path, src / f"v{i}.mp4")
+        rows += [f"v{i}.mp4,a,0,1.2", f"v{i}.mp4,b,0.8,", f"v{i}.mp4,a,1.9,2.5"]  # the last: past the end
+    (src / "list.csv").write_text("\n".join(rows) + "\n")
+    one = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "one"), spec=SEG_SPEC))
+    assert one["counts"]["ok"] == 12 and one["counts"]["failed"] == 6
+    two = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "two"), spec=SEG_SPEC, workers=2))
+    assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
+    assert stable(two) == stable(one)
+
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "stpkeras.cli", "convert", str(src / "list.csv"), str(out), "--patch", "4x16x16",
+            "--quiet"]
+    proc = subprocess.Popen(args, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not _results(out / WORK_DIR) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the conversion ended by itself first: {err.decode()[-2000:]}"
+    assert not (out / "dataset.json").exists()
+    resumed = convert(ConvertConfig(src=str(src / "list.csv"), out=str(out), spec=SEG_SPEC))
+    assert shard_digests(out) == shard_digests(tmp_path / "one")
+    assert stable(resumed) == stable(one)

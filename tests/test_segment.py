@@ -148,8 +148,11 @@ def test_action_segmentation_learns_scene_changes_and_prints_intervals(tmp_path,
                                                            sample("tree.avi")], videos=24, fps=10.0, seed=0)
     assert cli("convert", csv_path, tmp_path / "data", "--patch", "8x32x32", "--stride", "4x32x32",
                "-q").exit_code == 0
+    # 12 epochs of 7 batches. Measured with --deterministic: 8 epochs (56 steps) end between 0.82 and 0.9
+    # frame accuracy depending on the data order (the validation accuracy still swings 0.89-0.96 from one
+    # epoch to the next at epoch 5-8); by epoch 9-14 of a longer run it holds at 0.98-0.99.
     result = cli("train", tmp_path / "data", "--out", tmp_path / "run", "--task", "segment", "--model-arg",
-                 "filters=[8,16]", "--model-arg", "convs=1", "--epochs", "8", "--batch-size", "16", "--lr", "5e-3",
+                 "filters=[8,16]", "--model-arg", "convs=1", "--epochs", "12", "--batch-size", "16", "--lr", "5e-3",
                  "--seed", "0", "--deterministic", "--verbose", "0")
     assert result.exit_code == 0, result.output
     result = cli("segment", tmp_path / "run", tmp_path / "data", "--split", "val", "--json")
