@@ -158,3 +158,55 @@ class ResidualPixels(keras.layers.Layer):
 def enhance_output(pixels, residual):
     """The enhancement models' output layer, named 'pixels' (see `ResidualPixels`)."""
     return ResidualPixels(name="pixels")([pixels, residual])
+
+
+# --- pooling and reshaping layers (the embed task's views, segmentation's per-frame features) ----------
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalMean(keras.layers.Layer):
+    """Mean over `axes` (e.g. (1, 2, 3): time, height, width of `[B, T, H, W, C]`), in float32."""
+
+    def __init__(self, axes: Sequence[int], **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.axes = tuple(int(a) for a in axes)
+
+    def call(self, x):
+        return ops.mean(ops.cast(x, "float32"), axis=self.axes)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(d for i, d in enumerate(input_shape) if i not in self.axes)
+
+    def get_config(self):
+        return {**super().get_config(), "axes": list(self.axes)}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MergeViews(keras.layers.Layer):
+    """`[B, V, ...]` -> `[B * V, ...]`: every view goes through the encoder as its own patch."""
+
+    def call(self, x):
+        return ops.reshape(x, (-1, *x.shape[2:]))
+
+    def compute_output_shape(self, input_shape):
+        batch = None if input_shape[0] is None else input_shape[0] * input_shape[1]
+        return (batch, *input_shape[2:])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SplitViews(keras.layers.Layer):
+    """`[B * V, D]` -> `[B, V, D]`, the inverse of `MergeViews`."""
+
+    def __init__(self, views: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.views = int(views)
+
+    def call(self, x):
+        return ops.reshape(x, (-1, self.views, x.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        batch = None if input_shape[0] is None else input_shape[0] // self.views
+        return (batch, self.views, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "views": self.views}

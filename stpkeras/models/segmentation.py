@@ -37,7 +37,7 @@ def build_unet3d_segmenter(spec, num_classes: int, *, kind: str = "mask", filter
     if kind == "mask":
         logits = keras.layers.Conv3D(num_classes, 1, dtype="float32", name="logits")(x)
     else:
-        from stpkeras.embedding import GlobalMean
+        from stpkeras.models.layers import GlobalMean
         per_frame = GlobalMean((2, 3), name="frame_features")(x)
         logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(per_frame)
     return keras.Model(inputs, logits, name=name)
