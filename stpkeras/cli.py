@@ -515,8 +515,9 @@ def _model_args(ctx, param, values):
 @click.option("--trace-records", "trace_dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
               help="Write the video id and grid index of every training record this process receives to DIR "
                    "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
-@click.option("--task", type=click.Choice(["classify", "embed", "segment", "enhance"]), default="classify",
-              show_default=True, help="classify: a label per patch; "
+@click.option("--task", type=click.Choice(["classify", "embed", "segment", "enhance", "pretrain"]),
+              default="classify", show_default=True, help="classify: a label per patch; "
+                                      "pretrain: masked autoencoding (vivit), labels ignored, for --init-from; "
                                       "enhance: restore degraded patches (unet3d, dncnn3d); "
                                       "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
                                       "segment: a class per voxel (data with masks) or per frame (data with "
@@ -527,9 +528,20 @@ def _model_args(ctx, param, values):
                    "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
 @click.option("--loss", "pixel_loss", type=click.Choice(["l1", "l2"]), default=None,
               help="enhance: the pixel loss (default l1).")
+@click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
+@click.option("--init-from", type=click.Path(exists=True), default=None, metavar="RUN|MODEL.keras",
+              help="Start the backbone from an earlier run (any task; e.g. --task pretrain or embed): layers "
+                   "matching by name and shape are taken, the head is new. run.json records which.")
+@click.option("--freeze-backbone", is_flag=True, help="With --init-from: train the new head only (linear probe).")
+@click.option("--backbone-lr-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="F", help="With --init-from: the backbone's learning rate is --lr x F.")
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
+              help="With --init-from, vivit: each transformer block below the head learns at F x the one above.")
 def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, pixel_loss):
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, pixel_loss,
+                  mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -543,7 +555,10 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
         if (degrade or pixel_loss) and task != "enhance":
             raise click.BadParameter("--degrade and --loss are options of --task enhance", param_hint="--task")
         # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
-        task_options = tuple((k, v) for k, v in (("degrade", degrade), ("pixel_loss", pixel_loss)) if v)
+        if mask_ratio is not None and task != "pretrain":
+            raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
+        task_options = tuple((k, v) for k, v in (("degrade", degrade), ("pixel_loss", pixel_loss),
+                                                 ("mask_ratio", mask_ratio)) if v)
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
                              task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
@@ -551,7 +566,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
                              deterministic=deterministic, resume=resume, class_weight=class_weight,
                              shuffle_buffer=shuffle_buffer, verbose=verbose, data_service=data_service,
-                             trace_dir=trace_dir)
+                             trace_dir=trace_dir, init_from=init_from, freeze_backbone=freeze_backbone,
+                             backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     with reading_records(data):  # a damaged shard: one line naming it (exit 3)

@@ -63,3 +63,26 @@ def draw_confusion(matrix: np.ndarray, labels: Sequence[str], path: str, title: 
     with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
         figure.savefig(tmp, format="png")
     return path
+
+
+def draw_reconstructions(original: np.ndarray, masked: np.ndarray, rebuilt: np.ndarray, path: str,
+                         title: str = "") -> str:
+    """A row per patch: its middle frame as it is, as the encoder saw it (hidden tubelets grey) and as the
+    decoder rebuilt it. Inputs are float RGB in [0, 1], `[K, T, H, W, 3]`."""
+    rows = len(original)
+    figure = _figure(7.5, 2.4 * rows + 0.4)
+    middle = original.shape[1] // 2
+    for r in range(rows):
+        columns = ((original, "input"), (masked, "masked input"), (rebuilt, "reconstruction"))
+        for c, (images, name) in enumerate(columns):
+            ax = figure.add_subplot(rows, 3, 3 * r + c + 1)
+            ax.imshow(images[r, middle], vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name)
+    if title:
+        figure.suptitle(title)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        figure.savefig(tmp, format="png")
+    return path

@@ -152,6 +152,8 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
                 model.save(os.path.join(config.out, BEST))
             model.save(os.path.join(config.out, LAST))
             curves.update()
+            if run.reporter is not None:
+                run.reporter.update(model, epoch + 1)
         run_folder.save_backup(run.backup_dir, model, epoch + 1)  # every worker, each into its own folder
         if config.verbose:
             echo(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
@@ -159,6 +161,8 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
         trace.close()
     if worker.chief:
         curves.update(final=True)
+        if run.reporter is not None:
+            run.reporter.update(model, config.epochs, final=True)
 
     digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in model.weights)).hexdigest()
     record["weights_sha256"] = digest

@@ -28,6 +28,11 @@ DEFINED_IN = {
     "ContrastiveLoss": "stpkeras.embedding",
     "PairAccuracy": "stpkeras.embedding",
     "PSNR": "stpkeras.quality",
+    "Tubelets": "stpkeras.models.vivit",
+    "TubeMask": "stpkeras.models.vivit",
+    "FillMasked": "stpkeras.models.vivit",
+    "MaskedPixelLoss": "stpkeras.models.vivit",
+    "ScaledAdamW": "stpkeras.finetune",
     "SSIM": "stpkeras.quality",
 }
 

@@ -63,6 +63,11 @@ class TrainConfig:
     # Beyond one machine (multiworker.py, data_service.py).
     data_service: Optional[str] = None  # grpc://HOST:PORT of a tf.data service dispatcher
     trace_dir: Optional[str] = None     # write the video id + grid index of every training record seen here
+    # Fine-tuning (stpkeras.finetune): the backbone from an earlier run, frozen or at a lower learning rate.
+    init_from: Optional[str] = None     # a run folder or .keras file
+    freeze_backbone: bool = False
+    backbone_lr_scale: float = 1.0
+    layer_decay: Optional[float] = None  # ViTs: the learning rate x this per block below the head
 
     def __post_init__(self):
         from stpkeras.tasks import get_task
@@ -94,6 +99,16 @@ class TrainConfig:
         if self.trace_dir and not (self.data_service or self.strategy == "multiworker"):
             bad("trace_dir", "None unless strategy='multiworker' or a data_service is set (only those loops "
                              "trace the records they receive)")
+        if not self.backbone_lr_scale > 0:
+            bad("backbone_lr_scale", "a strictly positive factor")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            bad("layer_decay", "a factor in (0, 1]")
+        tuned = [n for n, v in (("freeze_backbone", self.freeze_backbone), ("backbone_lr_scale",
+                 self.backbone_lr_scale != 1.0), ("layer_decay", self.layer_decay is not None)) if v]
+        if tuned and not self.init_from:
+            bad(tuned[0], "its default without init_from (there is no backbone to treat apart)")
+        if self.freeze_backbone and len(tuned) > 1:
+            bad(tuned[1], "its default with freeze_backbone (a frozen backbone has no learning rate)")
         task = get_task(self.task, dict(self.task_options))  # an unknown task or option fails here
         object.__setattr__(self, "model", task.default_model if self.model is None else self.model)
         object.__setattr__(self, "augment", task.default_augment if self.augment is None
@@ -265,6 +280,8 @@ class Run:
     backup_dir: str
     trace_epoch: object           # tf.Variable of the epoch a tf.data service's trace is at, or None
     started: float                # time.time() at the start of prepare_run
+    transfer: object = None       # finetune.Transfer: what --init-from took, or None
+    reporter: object = None       # the task's figure (Task.reporter), drawn by the chief, or None
 
     @property
     def replicas(self) -> int:
@@ -297,6 +314,7 @@ class Run:
                              "global_batch": self.global_batch, "workers": pipeline.num_workers(self.strategy),
                              "devices": list(self.strategy.extended.worker_devices), "loop": loop},
                 "seed": self.seed, "steps_per_epoch": self.steps, "params": int(self.model.count_params()),
+                "init_from": self.transfer.to_dict() if self.transfer is not None else None,
                 "status": "running", "metrics": {}}
 
     def describe(self) -> str:
@@ -308,7 +326,8 @@ class Run:
                 f"{self.info.num_records(self.train_splits)} training patches ({', '.join(self.train_splits)}), "
                 f"{self.steps} steps/epoch"
                 + (f"; validation on {self.val_split!r}" if self.val_split else "; no validation split")
-                + (f"; resuming at epoch {self.initial_epoch + 1}" if self.initial_epoch else ""))
+                + (f"; resuming at epoch {self.initial_epoch + 1}" if self.initial_epoch else "")
+                + (f"\n{self.transfer.describe()}" if self.transfer is not None else ""))
 
 
 def _check_run_dir(config: TrainConfig, worker: Worker, backup_dir: str) -> bool:
@@ -396,20 +415,26 @@ def prepare_run(config: TrainConfig) -> Run:
         tf.config.experimental.enable_op_determinism()
 
     with strategy.scope():
-        model = compile_model(config, task, info.spec, labels, total_steps=config.epochs * steps)
+        model, transfer = compile_model(config, task, info.spec, labels, total_steps=config.epochs * steps)
         initial_epoch = run_folder.restore_backup(backup_dir, model) if resuming else 0
     train_ds, val_ds, val_steps, trace_epoch = _datasets(config, info, task, strategy, train_splits, val_split,
                                                          seed, skip_batches=initial_epoch * steps)
 
+    # The task's figure shows the validation split (else the training one) to the chief, which writes the folder.
+    reporter = task.reporter(info, val_split or train_splits, config.out) if worker.chief else None
     return Run(config=config, info=info, task=task, labels=labels, train_splits=train_splits, val_split=val_split,
                strategy=strategy, worker=worker, seed=seed, steps=steps, val_steps=val_steps, train_ds=train_ds,
                val_ds=val_ds, model=model, initial_epoch=initial_epoch, class_weight=class_weight,
-               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started)
+               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started, transfer=transfer, reporter=reporter)
 
 
 def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
-    """The task's model for `config.model`, compiled: AdamW on `learning_rate`'s schedule, the task's loss and
-    metrics, XLA when `config.jit`, mixed precision when `config.mixed_precision`. Call it in the strategy's scope."""
+    """(The task's model for `config.model`, compiled; the `finetune.Transfer` of `config.init_from` or None).
+
+    AdamW on `learning_rate`'s schedule (per-layer factors on the backbone's steps with `backbone_lr_scale`
+    or `layer_decay`), the task's loss and metrics, XLA when `config.jit`, mixed precision when
+    `config.mixed_precision`. With `init_from`, the backbone's weights are the earlier run's (`stpkeras.finetune`),
+    frozen with `freeze_backbone`. Call it in the strategy's scope."""
     import keras
     import tensorflow as tf
 
@@ -421,12 +446,27 @@ def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
         keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     try:
         model = task.build_model(config.model, spec, labels, dict(config.model_options))
-        model.compile(optimizer=keras.optimizers.AdamW(learning_rate(config, total_steps),
-                                                       weight_decay=config.weight_decay),
-                      loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
+        transfer, scales = None, {}
+        if config.init_from:
+            from stpkeras import finetune
+            transfer = finetune.transfer(model, finetune.load_source(config.init_from), config.init_from,
+                                         task.HEAD)
+            if config.freeze_backbone:
+                finetune.freeze(model, transfer.taken)
+                transfer = dataclasses.replace(transfer, frozen=True)
+            layer_scales = finetune.lr_scales(transfer.taken, config.backbone_lr_scale, config.layer_decay)
+            transfer = dataclasses.replace(transfer, lr_scales=tuple(layer_scales.items()))
+            scales = finetune.variable_scales(model, layer_scales)
+        schedule = learning_rate(config, total_steps)
+        if scales:
+            from stpkeras.finetune import ScaledAdamW
+            optimizer = ScaledAdamW(schedule, weight_decay=config.weight_decay, lr_scales=scales)
+        else:
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+        model.compile(optimizer=optimizer, loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-    return model
+    return model, transfer
 
 
 def _datasets(config: TrainConfig, info, task, strategy, train_splits, val_split, seed, skip_batches: int):

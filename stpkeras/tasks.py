@@ -32,6 +32,8 @@ class Task:
     default_augment: Tuple[str, ...] = DEFAULT_AUGMENT
     # Fields `for_data` sets from the manifest: not options a user passes.
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
+    # The layers that belong to the task and its labels: always new under `--init-from` (stpkeras.finetune).
+    HEAD: ClassVar[Tuple[str, ...]] = ("logits",)
 
     def options(self) -> Dict[str, object]:
         """The task's own settings (e.g. enhance's `degrade`, `pixel_loss`), as `get_task` takes them."""
@@ -60,6 +62,11 @@ class Task:
     def element_fn(self, info, augment: Sequence[str], training: bool):
         """The task's own `(serialized record, seed) -> element` for `make_dataset`, or None for
         `(patch, label)` with the pipeline's augmentation."""
+        return None
+
+    def reporter(self, info, split, run_dir: str):
+        """An object whose `update(model, epoch, final=False)` draws the task's own figure into the run folder
+        as epochs finish (bounded cost), or None. Both loops call it after the curves."""
         return None
 
 
@@ -113,6 +120,7 @@ class Embed(Task):
     monitor_mode: str = "min"
     needs_labels: bool = False
     temperature: float = 0.1
+    HEAD: ClassVar[Tuple[str, ...]] = ("projection_hidden", "projection")
 
     def class_names(self, info):
         return ()
@@ -211,6 +219,7 @@ class Enhance(Task):
     pixel_loss: str = "l1"
     paired: bool = False   # set by for_data from the manifest
     FROM_DATA: ClassVar[Tuple[str, ...]] = ("paired",)
+    HEAD: ClassVar[Tuple[str, ...]] = ("residual",)
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade
@@ -253,7 +262,61 @@ class Enhance(Task):
                           augment=augment if training else ())
 
 
-TASKS: Dict[str, Task] = {"classify": Classify(), "embed": Embed(), "segment": Segment(), "enhance": Enhance()}
+@dataclasses.dataclass(frozen=True)
+class Pretrain(Task):
+    """Masked autoencoding (VideoMAE), no labels: the ViT encoder sees `1 - mask_ratio` of each patch's
+    tubelet tubes and a light decoder (`decoder_dim`, `decoder_depth`) rebuilds the hidden ones; the loss is
+    the squared error of their per-tubelet normalised pixels (`stpkeras.models.vivit.build_vivit_mae`).
+    Model options are the `vivit` encoder's: `--init-from` the run fills a `vivit` with the same options."""
+
+    name: str = "pretrain"
+    monitor: str = "loss"
+    monitor_mode: str = "min"
+    needs_labels: bool = False
+    default_model: str = "vivit"
+    # Crops and flips make new patches to rebuild; a flip's swapped motion does no harm to reconstruction.
+    default_augment: Tuple[str, ...] = ("flip", "crop")
+    mask_ratio: float = 0.9
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    # Another pretraining run's decoder is taken too: going on pretraining keeps it.
+    HEAD: ClassVar[Tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        if not 0.0 < float(self.mask_ratio) < 1.0:
+            raise ValueError("Invalid value for argument `mask_ratio`. Expected a fraction in (0, 1). "
+                             f"Received mask_ratio={self.mask_ratio!r}")
+
+    def class_names(self, info):
+        return ()
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.models.vivit import build_vivit_mae
+        if model != "vivit":
+            raise ValueError("Invalid value for argument `model`. Task pretrain (masked autoencoding of tubelet "
+                             f"tokens) needs model 'vivit'. Received model={model!r}; "
+                             "other backbones pretrain with --task embed")
+        return build_vivit_mae(spec, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
+                               decoder_depth=self.decoder_depth, **dict(options))
+
+    def loss(self):
+        from stpkeras.models.vivit import MaskedPixelLoss
+        return MaskedPixelLoss()
+
+    def metrics(self, labels):
+        return []
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.pretrain import make_element
+        return make_element(info.encoding, info.spec, augment if training else ())
+
+    def reporter(self, info, split, run_dir):
+        from stpkeras.pretrain import reporter
+        return reporter(info, split, run_dir)
+
+
+TASKS: Dict[str, Task] = {"classify": Classify(), "embed": Embed(), "segment": Segment(), "enhance": Enhance(),
+                          "pretrain": Pretrain()}
 
 
 def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:

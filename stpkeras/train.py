@@ -74,7 +74,7 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
                                         initial_value_threshold=run.best_so_far()),
         keras.callbacks.ModelCheckpoint(os.path.join(config.out, LAST)),
         keras.callbacks.TensorBoard(os.path.join(config.out, LOGS)),
-        _curves_callback(config.out),
+        _curves_callback(config.out, run.reporter),
         _backup_callback(run.backup_dir),
     ]
     if config.data_service:
@@ -97,20 +97,26 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
     return record
 
 
-def _curves_callback(run_dir: str):
-    """Redraws curves.png as epochs finish (`run_folder.Curves`: bounded cost) and at the end of training."""
+def _curves_callback(run_dir: str, reporter=None):
+    """Redraws curves.png, and the task's own figure (`Task.reporter`) when it has one, as epochs finish
+    (`run_folder.Curves`: bounded cost) and at the end of training."""
     import keras
 
     class CurvesCallback(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.curves = run_folder.Curves(run_dir)
+            self.curves, self.epochs = run_folder.Curves(run_dir), 0
 
         def on_epoch_end(self, epoch, logs=None):
             self.curves.update()
+            self.epochs = epoch + 1
+            if reporter is not None:
+                reporter.update(self.model, self.epochs)
 
         def on_train_end(self, logs=None):
             self.curves.update(final=True)
+            if reporter is not None:
+                reporter.update(self.model, self.epochs, final=True)
 
     return CurvesCallback()
 

@@ -68,6 +68,12 @@ CASES = {
     "embed": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
                   model="stcnn", augment=["crop", "color"], recorded={"temperature": 0.1},
                   check=lambda m, noisy: m["val_pair_accuracy"] > 2 / 7),   # chance 1/7 (a batch of 4 pairs)
+    # The zero prediction scores about 1 on tubelets that are not flat and 0 on flat ones (their target is 0).
+    "pretrain": dict(task_options={}, model_options={"tubelet": [2, 4, 4], "dim": 16, "depth": 1, "heads": 2,
+                                                     "mlp_dim": 32}, lr=1e-2,
+                     model="vivit", augment=["flip", "crop"],
+                     recorded={"decoder_depth": 1, "decoder_dim": 64, "mask_ratio": 0.9},
+                     check=lambda m, noisy: m["val_loss"] < 0.5),
     "segment": dict(task_options={}, model_options={"filters": [4, 8]}, lr=1e-2,
                     model="unet3d", augment=["crop", "color"], recorded={"dice": 1.0},
                     check=lambda m, noisy: m["val_mean_iou"] > 0.4),          # all background: about 0.25
@@ -125,6 +131,7 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
 @pytest.mark.parametrize("task, model, augment", [("classify", "stcnn", ("crop", "color")),
                                                   ("enhance", "dncnn3d", ("flip",)),
                                                   ("embed", "stcnn", ("crop", "color")),
+                                                  ("pretrain", "vivit", ("flip", "crop")),
                                                   ("segment", "unet3d", ("crop", "color"))])
 def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
     config = TrainConfig(data="data", out="run", task=task)
