@@ -22,6 +22,8 @@ DEFINED_IN = {
     "PositionalEmbedding": "stpkeras.models.layers",
     "ResidualPixels": "stpkeras.models.layers",
     "SegmentationLoss": "stpkeras.models.segmentation",
+    "Destandardize": "stpkeras.models.regression",
+    "RegressionLoss": "stpkeras.models.regression",
     "GlobalMean": "stpkeras.embedding",
     "MergeViews": "stpkeras.embedding",
     "SplitViews": "stpkeras.embedding",
