@@ -251,13 +251,13 @@ def _build_archive(source: Artifact, labels_path: str):
     patch_sig = [tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)]
     example_sig = [tf.TensorSpec([None], tf.string, name=EXAMPLES)]
 
-    names = tf.constant(list(source.labels), tf.string)
+    output_names = tf.constant(list(source.labels), tf.string)
 
     def outputs(out):
         out = tf.cast(out, tf.float32)  # mixed-precision models compute in float16
         if source.task == "regress":
             # Each value with its name: [batch, K] like the values, so a split batch joins back row by row.
-            return {VALUES: out, VALUE_NAMES: tf.tile(names[None], [tf.shape(out)[0], 1])}
+            return {VALUES: out, VALUE_NAMES: tf.tile(output_names[None], [tf.shape(out)[0], 1])}
         if source.multi_label:
             return {LOGITS: out, PROBABILITIES: tf.sigmoid(out)}
         ids = tf.argmax(out, axis=-1, output_type=tf.int64)
