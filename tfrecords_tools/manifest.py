@@ -33,11 +33,6 @@ from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
 
 MANIFEST_NAME = "dataset.json"
 FORMAT = "stpkeras.patches"
-# Optional keys: what the records' targets are. Absent: "single" when there are labels, else "none";
-# no values.
-LABEL_MODE = "label_mode"      # "single" | "multi" | "none"
-LABEL_MODES = ("single", "multi", "none")
-VALUE_NAMES = "value_names"    # names of `value/data`'s K entries
 
 
 class ManifestError(BadData, ValueError):
@@ -133,20 +128,6 @@ def validate(data: dict, where: str = MANIFEST_NAME) -> None:
 
 def spec_of(data: dict) -> PatchSpec:
     return PatchSpec.from_dict(data["spec"])
-
-
-def label_mode(data: dict) -> str:
-    """"single", "multi" or "none": the manifest's `label_mode`, or, in data written before it existed,
-    "single" when there are labels and "none" when there are not."""
-    mode = data.get(LABEL_MODE) or ("single" if data.get("labels") else "none")
-    if mode not in LABEL_MODES:
-        raise ManifestError(f"{LABEL_MODE} {mode!r}: expected one of {list(LABEL_MODES)}")
-    return mode
-
-
-def value_names(data: dict) -> List[str]:
-    """The names of the records' `value/data` entries; [] when the records carry no values."""
-    return [str(v) for v in data.get(VALUE_NAMES) or []]
 
 
 def split_names(data: dict) -> List[str]:

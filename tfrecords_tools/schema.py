@@ -24,9 +24,6 @@ A record holds one patch:
 | `target/data` | as `patch/data` (optional) | clean pixels aligned with `patch/data` (pairs: a `target` CSV column) |
 | `mask/data` | bytes x1 (optional) | class ids `uint8 [T, H, W]`, raw, cut on the patch's grid (a `mask` CSV column) |
 | `label/frames` | int64 [T] (optional) | class of each frame, -1 outside every interval (an `intervals` column) |
-| `label/multi_hot` | int64 [C] (optional) | multi-label sources: 1 for each class of the item (`label/index` is -1) |
-| `value/data` | float [K] (optional) | numeric targets, named by the manifest's `value_names` |
-| `segment/interval` | float [2] (optional) | start, end seconds of a segment item (`video/id` is `REL#t=START,END`) |
 """
 
 from __future__ import annotations
@@ -61,10 +58,6 @@ TARGET = "target/data"  # optional: only records of paired data (path,target CSV
 # Optional segmentation targets: records of videos without them are written exactly as before.
 MASK = "mask/data"           # raw uint8 [T, H, W] class ids (always raw: a lossy codec would change the ids)
 FRAME_LABELS = "label/frames"  # int64 [T]
-# Optional targets of multi-label and regression sources, and the interval of a segment item.
-MULTI_HOT = "label/multi_hot"      # int64 [C], C = len(manifest labels)
-VALUES = "value/data"              # float32 [K], K = len(manifest value_names)
-SEGMENT_INTERVAL = "segment/interval"  # float32 [2]: start, end seconds
 
 UNLABELLED = -1
 
