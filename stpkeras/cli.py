@@ -158,6 +158,19 @@ class _ProgressLine:
                    "e.g. val=0.2.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
               help="Refuse videos whose declared frame has more pixels (decompression-bomb guard).")
+@click.option("--clips-per-video", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Per video (per segment when the source has segments): N evenly spaced clips of the patch "
+                   "length instead of the whole temporal grid.")
+@click.option("--max-patches-per-video", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Per video (or segment): keep at most N patches, evenly spread.")
+@click.option("--values", default=None, metavar="COL,...",
+              help="CSV columns of numbers to store per item (value/data; default: the `value` column, if any).")
+@click.option("--annotations", default=None, metavar="FORMAT:PATH",
+              help="SRC is a folder of videos described by a standard dataset's annotation files: "
+                   "kinetics:CSV_OR_FOLDER, ucf101:ucfTrainTestlist, hmdb51:SPLITS_FOLDER, ssv2:LABELS_FOLDER, "
+                   "charades:FOLDER (see docs/conversion.md).")
+@click.option("--fold", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="The split fold of --annotations ucf101 or hmdb51.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -170,9 +183,10 @@ class _ProgressLine:
               help="A Beam pipeline option, repeatable, e.g. runner=DataflowRunner, project=P, region=R, "
                    "temp_location=gs://B/tmp (see the README).")
 def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encoding, quality, compression, shard_size,
-            workers, decode_threads, labels, split_fraction, max_pixels, overwrite, strict, quiet, work_dir, runner,
-            beam_option):
-    """Convert videos (a folder of class folders, a flat folder or a CSV) into TFRecords of patches.
+            workers, decode_threads, labels, split_fraction, max_pixels, clips_per_video, max_patches_per_video, values,
+            annotations, fold, overwrite, strict, quiet, work_dir, runner, beam_option):
+    """Convert videos (a folder of class folders, a flat folder, a CSV, or a folder of videos with
+    --annotations) into TFRecords of patches.
 
     OUT may be a local folder or a gs:// (s3:// with tensorflow-io) URL.
     """
@@ -191,7 +205,10 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
                         labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else (),
                         split_fractions=split_fraction, workers=workers, decode_threads=decode_threads,
                         overwrite=overwrite, strict=strict, command=" ".join(["stp"] + sys.argv[1:]),
-                        work_dir=work_dir)
+                        work_dir=work_dir, clips_per_video=clips_per_video or 0,
+                        max_patches_per_video=max_patches_per_video or 0,
+                        values=tuple(x.strip() for x in values.split(",") if x.strip()) if values else (),
+                        annotations=annotations or "", fold=fold)
     if runner == "beam":
         try:
             from tfrecords_tools.beam import beam_options, convert_beam

@@ -71,6 +71,13 @@ def lossless_odd(video_dir) -> Video:
 
 
 @pytest.fixture(scope="session")
+def clip2s(video_dir) -> Video:
+    """32 rows x 48 columns, 50 frames (2 s at 25 fps), lossless RGB H.264: for segments of one video."""
+    frames = pattern_frames(50, 32, 48, seed=6)
+    return Video(write_video(str(video_dir / "clip2s_lossless.mp4"), frames, lossless=True), frames, lossless=True)
+
+
+@pytest.fixture(scope="session")
 def vfr_video(video_dir) -> Video:
     """Lossless variable-frame-rate file: frame i starts at VFR_PTS_MS[i] ms (see `VFR_PTS_MS`)."""
     frames = pattern_frames(len(VFR_PTS_MS), 32, 48, seed=4)

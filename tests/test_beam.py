@@ -68,3 +68,30 @@ def test_strict_beam_run_writes_no_manifest(source, tmp_path):
         convert_beam(ConvertConfig(src=str(source), out=str(tmp_path / "out"), spec=SPEC, strict=True))
     assert not (tmp_path / "out" / "dataset.json").exists()
     assert issubclass(ConvertError, RuntimeError)
+
+
+def test_beam_segments_multi_label_and_values_match_the_local_converter(tmp_path, clip2s, clip64):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip2s.path, src / "v.mp4")
+    shutil.copy(clip64.path, src / "w.mp4")
+    (src / "list.csv").write_text(
+        "path,label,start,end,value,split\n"
+        "v.mp4,run;jump,0,1,1.5,train\n"
+        "v.mp4,sit,0.5,,0.25,train\n"        # open end: its id gets the video's end
+        "v.mp4,run,1.9,3,2,train\n"          # past the end: fails, the rest of v.mp4 converts
+        "v.mp4,jump,0.2,1.2,3,val\n"
+        "w.mp4,sit,,,4,train\n")
+    common = dict(src=str(src / "list.csv"), spec=PatchSpec(4, 16, 16), shard_size_mb=0.05,
+                  clips_per_video=4, max_patches_per_video=10)
+    local = convert(ConvertConfig(out=str(tmp_path / "local"), **common))
+    remote = convert_beam(ConvertConfig(out=str(tmp_path / "beam"), **common), beam_options(["direct_num_workers=1"]))
+    assert local["label_mode"] == "multi" and local["value_names"] == ["value"]
+    assert [(v["id"], v["status"]) for v in local["videos"]] == [
+        ("v.mp4#t=0,1", "ok"), ("v.mp4#t=0.5,2", "ok"), ("v.mp4#t=1.9,3", "failed"), ("w.mp4", "ok"),
+        ("v.mp4#t=0.2,1.2", "ok")]
+    assert len(local["splits"]["train"]["shards"]) > 1
+    assert shard_digests(tmp_path / "beam") == shard_digests(tmp_path / "local")
+    drop = ("runner", "versions")
+    assert ({k: v for k, v in stable(remote).items() if k not in drop}
+            == {k: v for k, v in stable(local).items() if k not in drop})

@@ -615,3 +615,148 @@ def test_a_forbidden_folder_is_one_line_naming_it(converted, classes_src, tmp_pa
     assert len(result.stderr.splitlines()) == 1
     assert cli("convert", classes_src, out, "--patch", "4x32x32").exit_code == 0
     _assert_same_shards(out, converted[1])
+
+
+# --- segments, sampling, multi-label and values --------------------------------------------------
+
+SEG_SPEC = PatchSpec(4, 16, 16)  # on clip2s (50 frames of 32x48): 2 x 3 patches a window
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts what the decoder does: probes (file opens) and frames decoded, per file."""
+    from tfrecords_tools import video
+
+    counts = {"probes": {}, "decoded": {}}
+    probe, init = video._probe, video.FrameStream.__iter__
+
+    def counting_probe(path, *a, **k):
+        counts["probes"][path] = counts["probes"].get(path, 0) + 1
+        return probe(path, *a, **k)
+
+    def counting_iter(self):
+        try:
+            yield from init(self)
+        finally:
+            counts["decoded"][self.info.path] = counts["decoded"].get(self.info.path, 0) + self.decoded
+
+    monkeypatch.setattr(video, "_probe", counting_probe)
+    monkeypatch.setattr(video.FrameStream, "__iter__", counting_iter)
+    return counts
+
+
+def test_segments_of_one_video_are_items_cut_from_one_decode(tmp_path, clip2s, reads):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip2s.path, src / "v.mp4")
+    (src / "list.csv").write_text(
+        "path,label,start,end\n"
+        "v.mp4,a,0.4,1.2\n"      # frames 10..29: 5 windows
+        "v.mp4,b,0.5,1.5\n"      # overlaps the first: frames 13..37, 6 windows
+        "v.mp4,a,1.6,\n"         # to the end: frames 40..49, 2 windows
+        "v.mp4,b,,0.32\n"        # from the beginning: frames 0..7, 2 windows
+        "v.mp4,b,1.9,2.5\n"      # past the end
+        "v.mp4,a,1.0,1.05\n"     # 2 frames: shorter than a patch
+        "v.mp4,a,1,0.5\n"        # reversed
+        "v.mp4,b,0.4,1.2\n")     # the same segment again
+    m = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "out"), spec=SEG_SPEC))
+    # One probe and one pass over the 50 frames for all eight rows.
+    assert reads["probes"] == {str(src / "v.mp4"): 1} and reads["decoded"] == {str(src / "v.mp4"): 50}
+    by_id = {v["id"]: v for v in m["videos"] if v["status"] == "ok"}
+    got = {i: (v["status"], v["label"], v["patches"], v.get("segment"), v.get("frames")) for i, v in by_id.items()}
+    assert got == {
+        "v.mp4#t=0.4,1.2": ("ok", "a", 5 * 6, [0.4, 1.2], 20),
+        "v.mp4#t=0.5,1.5": ("ok", "b", 6 * 6, [0.5, 1.5], 25),
+        "v.mp4#t=1.6,2": ("ok", "a", 2 * 6, [1.6, 2.0], 10),
+        "v.mp4#t=0,0.32": ("ok", "b", 2 * 6, [0.0, 0.32], 8)}
+    assert by_id["v.mp4#t=1.6,2"]["listed"] == "v.mp4#t=1.6,"
+    failed = sorted(v["reason"] for v in m["videos"] if v["status"] == "failed")
+    csv_path = src / "list.csv"
+    assert failed == sorted([
+        f"{csv_path}:6: {src / 'v.mp4'}: segment 1.9-2.5s ends past the video's end at 2.000s",
+        f"{csv_path}:7: {src / 'v.mp4'}: segment 1-1.05s holds 2 frames, shorter than a patch of 4 frames",
+        f"{csv_path}:8: a reversed interval: start=1s, end=0.5s; expected start < end",
+        f"{csv_path}:9: {src / 'v.mp4'}#t=0.4,1.2: listed twice in split 'train' (first on line 2)"])
+    assert m["counts"] == {"videos": 8, "ok": 4, "failed": 4, "skipped": 0, "patches": 30 + 36 + 12 + 12}
+    assert m["splits"]["train"]["label_counts"] == {"a": 42, "b": 48}
+    records = [schema.parse_patch_numpy(r) for r in records_of(tmp_path / "out", m)]
+    segs = {}
+    for r in records:
+        segs.setdefault(r[schema.VIDEO_ID], []).append(r)
+    first, start = segs["v.mp4#t=0.5,1.5"][0], 13
+    assert first[schema.INTERVAL] == pytest.approx([0.5, 1.5]) and first[schema.VIDEO_SIZE] == [25, 32, 48]
+    assert first[schema.OFFSET] == [0, 0, 0] and first[schema.LABEL_NAME] == "b" and first[schema.LABEL] == 1
+    assert first[schema.TIMESTAMP] == pytest.approx(start / 25, abs=1e-4)
+    # Lossless: each patch holds exactly the video's frames of its segment.
+    for vid, first_frame in (("v.mp4#t=0.5,1.5", 13), ("v.mp4#t=1.6,2", 40), ("v.mp4#t=0,0.32", 0)):
+        for r in segs[vid]:
+            t, y, x = r[schema.OFFSET]
+            k = first_frame + t
+            np.testing.assert_array_equal(r[schema.PATCH], clip2s.frames[k:k + 4, y:y + 16, x:x + 16])
+
+
+def test_a_segment_early_in_a_video_stops_decoding_after_it(tmp_path, clip2s, reads):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip2s.path, src / "v.mp4")
+    (src / "list.csv").write_text("path,start,end\nv.mp4,0,0.5\nv.mp4,0.1,0.3\n")
+    m = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "out"), spec=SEG_SPEC))
+    assert [(v["id"], v["patches"]) for v in m["videos"]] == [("v.mp4#t=0,0.5", 3 * 6), ("v.mp4#t=0.1,0.3", 6)]
+    assert m["label_mode"] == "none" and reads["decoded"][str(src / "v.mp4")] < 20
+
+
+def test_clips_per_video_and_max_patches_sample_evenly(tmp_path, clip2s):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip2s.path, src / "v.mp4")
+    (src / "list.csv").write_text("path,start,end\nv.mp4,,\nv.mp4,0.4,1.2\n")
+    m = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "out"), spec=SEG_SPEC,
+                              clips_per_video=3, max_patches_per_video=5))
+    whole, seg = m["videos"]
+    assert whole["sampled"] == {"clips": 3, "clip_starts": [0, 23, 46], "max_patches": 5, "of": 18}
+    assert seg["sampled"] == {"clips": 3, "clip_starts": [0, 8, 16], "max_patches": 5, "of": 18}
+    assert whole["patches"] == seg["patches"] == 5
+    records = [schema.parse_patch_numpy(r) for r in records_of(tmp_path / "out", m)]
+    # Patches 1, 5, 9, 12, 16 of the 3 clips x 6: (clip, y, x) = (0,0,1) (0,1,2) (1,1,0) (2,0,0) (2,1,1).
+    offsets = [r[schema.OFFSET] for r in records if r[schema.VIDEO_ID] == "v.mp4"]
+    assert offsets == [[0, 0, 16], [0, 16, 32], [23, 16, 0], [46, 0, 0], [46, 16, 16]]
+    for r in records:
+        if r[schema.VIDEO_ID] == "v.mp4":
+            t, y, x = r[schema.OFFSET]
+            np.testing.assert_array_equal(r[schema.PATCH], clip2s.frames[t:t + 4, y:y + 16, x:x + 16])
+    assert m["fingerprint"]["clips_per_video"] == 3 and m["fingerprint"]["max_patches_per_video"] == 5
+
+
+def test_multi_label_and_value_columns(tmp_path, clip2s, clip64):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(clip2s.path, src / "v.mp4")
+    shutil.copy(clip64.path, src / "w.mp4")
+    (src / "list.csv").write_text(
+        "path,label,start,end,speed,size\n"
+        "v.mp4,run;jump,0,1,1.5,2\n"
+        "v.mp4,sit,1,2,0.25,-1\n"
+        "w.mp4,jump; sit ;jump,,,3,4\n"
+        "v.mp4,run,0.2,0.9,fast,1\n")
+    m = convert(ConvertConfig(src=str(src / "list.csv"), out=str(tmp_path / "out"), spec=SEG_SPEC,
+                              values=("speed", "size")))
+    assert m["labels"] == ["jump", "run", "sit"] and m["label_mode"] == "multi"
+    assert m["value_names"] == ["speed", "size"]
+    assert [(v["id"], v["label"], v["status"]) for v in m["videos"]] == [
+        ("v.mp4#t=0,1", "jump;run", "ok"), ("v.mp4#t=0.2,0.9", "run", "failed"), ("v.mp4#t=1,2", "sit", "ok"),
+        ("w.mp4", "jump;sit", "ok")]
+    assert m["videos"][1]["reason"] == f"{src / 'list.csv'}:5: value column 'speed' is 'fast'; expected a finite number"
+    records = [schema.parse_patch_numpy(r) for r in records_of(tmp_path / "out", m)]
+    by_id = {r[schema.VIDEO_ID]: r for r in records}
+    assert by_id["v.mp4#t=0,1"][schema.MULTI_HOT] == [1, 1, 0] and by_id["v.mp4#t=0,1"][schema.LABEL] == -1
+    assert by_id["v.mp4#t=0,1"][schema.VALUES] == [1.5, 2.0]
+    assert by_id["v.mp4#t=1,2"][schema.MULTI_HOT] == [0, 0, 1]
+    assert by_id["v.mp4#t=1,2"][schema.VALUES] == [0.25, -1.0]
+    assert by_id["w.mp4"][schema.MULTI_HOT] == [1, 0, 1] and by_id["w.mp4"][schema.LABEL_NAME] == "jump;sit"
+    assert schema.INTERVAL not in by_id["w.mp4"] and by_id["w.mp4"][schema.VALUES] == [3.0, 4.0]
+    counts = m["splits"]["train"]["label_counts"]
+    assert counts == {"jump": 36 + 96, "run": 36, "sit": 36 + 96}  # w.mp4: 6 windows of 4 x 4 patches
+    from tfrecords_tools.verify import verify
+
+    report = verify(str(tmp_path / "out"))
+    assert report.ok and report.problems == []

@@ -91,9 +91,10 @@ def test_cli_help_imports_neither_tensorflow_nor_keras():
 WORKER_WITHOUT_TENSORFLOW = textwrap.dedent("""
     import json, sys
     from tfrecords_tools import convert, sources, spec
-    item = sources.list_source(sys.argv[1])[0][0]
+    source = sources.read_source(sys.argv[1])
+    item = source.items[0]
     cfg = convert.ConvertConfig(src=sys.argv[1], out=sys.argv[2], spec=spec.PatchSpec(4, 32, 32))
-    result = convert.convert_video(item, 0, cfg, sys.argv[3])
+    result = convert.convert_video(item, convert.item_fields(item, source), cfg, sys.argv[3])
     print(json.dumps({"status": result["status"], "patches": result["patches"],
                       "tensorflow": sorted(k for k in sys.modules if k.split(".")[0] == "tensorflow")}))
 """)

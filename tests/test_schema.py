@@ -151,3 +151,43 @@ def test_encode_refuses_wrong_arrays():
                             index=(0, 0, 0), offset=(0, 0, 0), valid=(1, 2, 2), timestamp=0.0)
     with pytest.raises(ValueError, match="Received encoding='webp'"):
         schema.encode_frames(np.zeros((1, 2, 2, 3), np.uint8), "webp")
+
+
+def test_multi_label_values_and_segment_round_trip(pixels):
+    record = _encode(pixels, "raw", label=schema.UNLABELLED, label_name="run;jump",
+                     video_id=schema.segment_id("cls/a b.mp4", 1.5, 4.0),
+                     multi_hot=[0, 1, 0, 1], values=[0.25, -3.0], interval=(1.5, 4.0))
+    example = tf.train.Example.FromString(record)
+    assert list(example.features.feature[schema.MULTI_HOT].int64_list.value) == [0, 1, 0, 1]
+    f = schema.parse_patch(tf.constant(record), "raw", num_classes=4, num_values=2, segment=True)
+    assert f[schema.MULTI_HOT].numpy().tolist() == [0, 1, 0, 1]
+    assert f[schema.VALUES].numpy().tolist() == [0.25, -3.0]
+    assert f[schema.INTERVAL].numpy().tolist() == [1.5, 4.0]
+    assert f[schema.VIDEO_ID].numpy() == b"cls/a b.mp4#t=1.5,4"
+    assert f[schema.LABEL].numpy() == -1 and f[schema.LABEL_NAME].numpy() == b"run;jump"
+    n = schema.parse_patch_numpy(record)
+    assert n[schema.MULTI_HOT] == [0, 1, 0, 1] and n[schema.VALUES] == [0.25, -3.0]
+    assert n[schema.INTERVAL] == [1.5, 4.0]
+    # One value stays a list (K = 1), and a record of a whole video parses with interval (-1, -1).
+    plain = _encode(pixels, "raw", values=[7.0])
+    assert schema.parse_patch_numpy(plain)[schema.VALUES] == [7.0]
+    f = schema.parse_patch(tf.constant(plain), "raw", num_values=1, segment=True)
+    assert f[schema.INTERVAL].numpy().tolist() == [-1.0, -1.0] and f[schema.VALUES].numpy().tolist() == [7.0]
+
+
+def test_optional_keys_are_absent_unless_given(pixels):
+    keys = set(tf.train.Example.FromString(_encode(pixels, "raw")).features.feature)
+    assert not keys & {schema.MULTI_HOT, schema.VALUES, schema.INTERVAL}
+
+
+@pytest.mark.parametrize("start,end,expected", [(1.5, 4.0, "a.mp4#t=1.5,4"), (0, 10.25, "a.mp4#t=0,10.25"),
+                                                (0.0004, 2.1234, "a.mp4#t=0,2.123"), (12.5, 13.1, "a.mp4#t=12.5,13.1")])
+def test_segment_id(start, end, expected):
+    assert schema.segment_id("a.mp4", start, end) == expected
+
+
+def test_encode_refuses_bad_multi_hot_and_interval(pixels):
+    with pytest.raises(ValueError, match=r"Expected a multi-hot vector of 0s and 1s.*Received \[0, 2\]"):
+        _encode(pixels, "raw", multi_hot=[0, 2])
+    with pytest.raises(ValueError, match=r"Expected a segment interval.*Received \[4.0, 1.0\]"):
+        _encode(pixels, "raw", interval=(4.0, 1.0))

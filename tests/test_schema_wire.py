@@ -95,3 +95,13 @@ def test_chunk_writer_frames_records_as_tensorflow_does(tmp_path, writer, monkey
     assert len(got) == sum(chunk.sizes) and chunk.sizes == [len(r) + 16 for r in records]
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "chunk.tfrecord"))] == records
     assert not (tmp_path / "chunk.tfrecord.tmp").exists()
+
+
+def test_optional_item_keys_match_protobuf():
+    pixels = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    record = schema.encode_patch(
+        pixels, video_id="a.mp4#t=1.5,4", video_size=(2, 3, 4), index=(0, 0, 0), offset=(0, 0, 0),
+        valid=(2, 3, 4), timestamp=1.5, label=-1, label_name="a;c", split="train",
+        multi_hot=[1, 0, 1], values=[0.5, 2.0], interval=(1.5, 4.0))
+    example = tf.train.Example.FromString(record)
+    assert example.SerializeToString(deterministic=True) == record

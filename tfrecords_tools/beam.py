@@ -3,7 +3,8 @@
 The pipeline, read top to bottom:
 
     items (listed by the launcher) -> Reshuffle (fan the videos out to workers)
-      -> ConvertVideo: `convert.video_records` per video -> results (main) + records (tagged)
+      -> ConvertVideo: `convert.group_records` per video file (all its segments from one decode)
+         -> results, one per item (main) + records (tagged)
     results -> per-split byte offset of every video (one int per video, a side input)
     records + offsets -> shard of each record -> GroupByKey (split, shard) -> WriteShard
     results + shard entries -> dataset.json (written last, by one worker)
@@ -38,11 +39,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
 from tfrecords_tools.convert import (ConvertConfig, ConvertError, StrictFailure, build_manifest, check_pixels,
-                                     disk_errors, failure_reason, finish_result, new_result, remove_outputs,
-                                     video_records)
-from tfrecords_tools.schema import UNLABELLED
+                                     disk_errors, failure_reason, finish_result, group_items, group_records,
+                                     item_fields, new_result, remove_outputs)
 from tfrecords_tools.shards import RECORD_OVERHEAD, copy_range, RecordSink, list_shard_files, shard_name
-from tfrecords_tools.sources import Item, list_source
+from tfrecords_tools.sources import Item, Source, read_source
 from tfrecords_tools.storage import check_path
 from tfrecords_tools.video import Plan
 
@@ -52,49 +52,57 @@ RecordKey = Tuple[str, int, int]
 
 
 class ConvertVideo(beam.DoFn):
-    """One video -> its result (main output) and its records (output `RECORDS`).
+    """One video file -> the result of each of its items (main output) and their records (output `RECORDS`).
 
-    The records of one video are held until the video is read to the end: a
-    re-read (a second `Plan`) drops what the first read gave, which a stream
-    already handed downstream could not undo.
+    The items of one file (its segments) are cut from one decode. The records
+    are held until the video is read to the end: a re-read (a second `Plan`)
+    drops what the first read gave, which a stream already handed downstream
+    could not undo.
     """
 
-    def __init__(self, cfg: ConvertConfig, label_index: Dict[str, int]):
+    def __init__(self, cfg: ConvertConfig):
         self.cfg = cfg
-        self.label_index = label_index
 
-    def process(self, element: Tuple[int, Item]):
-        order, item = element
-        result = new_result(item)
-        result["order"] = order
-        if item.error:
-            result["reason"] = item.error
-            yield result
-            return
-        start = time.perf_counter()
-        records: List[bytes] = []
+    def process(self, element: List[Tuple[int, Item, dict]]):
+        orders = [order for order, _, _ in element]
+        items = [item for _, item, _ in element]
+        fields = [f for _, _, f in element]
+        results = [dict(new_result(item, f), order=order) for order, item, f in element]
+        live = [i for i, item in enumerate(items) if not item.error]
+        for i, item in enumerate(items):
+            if item.error:
+                results[i]["reason"] = item.error
+        records: Dict[int, List[bytes]] = {i: [] for i in live}
         plan: Optional[Plan] = None
         reads = 0
-        try:
-            for event in video_records(item, self.label_index.get(item.label, UNLABELLED), self.cfg, stats=result):
-                if isinstance(event, Plan):
-                    plan, reads, records = event, reads + 1, []
-                    continue
-                records.append(event)
-        except Exception as e:  # noqa: BLE001  a bad video is a result, never a failed bundle
-            result["reason"] = failure_reason(item, e)
-            yield result
-            return
-        sizes = [len(r) + RECORD_OVERHEAD for r in records]
-        finish_result(result, item, self.cfg, plan, reads, sizes, time.perf_counter() - start)
-        before = 0
-        for i, (record, size) in enumerate(zip(records, sizes)):
-            yield beam.pvalue.TaggedOutput(RECORDS, ((item.split, order, i), (before, record)))
-            before += size
-        # Only the total travels on: the layout needs one number per video, not one per record.
-        result["bytes"] = before
-        del result["sizes"]
-        yield result
+        start = time.perf_counter()
+        if live:
+            try:
+                for event in group_records([items[i] for i in live], [fields[i] for i in live], self.cfg,
+                                           [results[i] for i in live]):
+                    if isinstance(event, Plan):
+                        plan, reads, records = event, reads + 1, {i: [] for i in live}
+                        continue
+                    records[live[event[0]]].append(event[1])
+            except Exception as e:  # noqa: BLE001  a bad video is a result, never a failed bundle
+                for i in live:
+                    results[i]["reason"] = failure_reason(items[i], e)
+                yield from results
+                return
+        seconds = time.perf_counter() - start
+        for i in live:
+            sizes = [len(r) + RECORD_OVERHEAD for r in records[i]]
+            finish_result(results[i], items[i], self.cfg, plan, reads, sizes, seconds)
+            if results[i]["status"] != "ok":
+                continue
+            before = 0
+            for n, (record, size) in enumerate(zip(records[i], sizes)):
+                yield beam.pvalue.TaggedOutput(RECORDS, ((items[i].split, orders[i], n), (before, record)))
+                before += size
+            # Only the total travels on: the layout needs one number per video, not one per record.
+            results[i]["bytes"] = before
+            del results[i]["sizes"]
+        yield from results
 
 
 def plan_layout(results: Iterable[dict], shard_bytes: int) -> dict:
@@ -160,8 +168,7 @@ class WriteShard(beam.DoFn):
                          "sha256": sink.hash.hexdigest()}
 
 
-def write_manifest(_, results: List[dict], entries: List[tuple], cfg: ConvertConfig, items: List[Item],
-                   labels: List[str]) -> dict:
+def write_manifest(_, results: List[dict], entries: List[tuple], cfg: ConvertConfig, source: Source) -> dict:
     """Runs once, after every shard: checks --strict, then writes dataset.json (last, as locally)."""
     by_key = {r["key"]: r for r in results}
     if cfg.strict:
@@ -171,21 +178,23 @@ def write_manifest(_, results: List[dict], entries: List[tuple], cfg: ConvertCon
     shards: Dict[str, List[tuple]] = {}
     for split, i, entry in entries:
         shards.setdefault(split, []).append((i, entry))
-    manifest = build_manifest(cfg, items, labels, by_key,
+    manifest = build_manifest(cfg, source, by_key,
                               lambda split, ok: [e for _, e in sorted(shards.get(split, []), key=lambda t: t[0])])
     manifest["runner"] = "beam"
     mf.write_manifest(cfg.out, manifest)
     return manifest
 
 
-def build_pipeline(p: beam.Pipeline, cfg: ConvertConfig, items: List[Item], labels: List[str]) -> beam.PCollection:
+def build_pipeline(p: beam.Pipeline, cfg: ConvertConfig, source: Source) -> beam.PCollection:
     """Adds the conversion to `p`; returns the PCollection holding the one manifest."""
-    label_index = {name: i for i, name in enumerate(labels)}
+    items = list(source.items)
+    # One element per video file: (order in the (split, id) listing, item, its record fields) of its items.
+    files = [[(i, items[i], item_fields(items[i], source)) for i in group] for group in group_items(items)]
     converted = (p
-                 | "Videos" >> beam.Create(list(enumerate(items)))
+                 | "Videos" >> beam.Create(files)
                  # Create is one bundle: without the reshuffle one worker would convert every video.
                  | "FanOut" >> beam.Reshuffle()
-                 | "ConvertVideo" >> beam.ParDo(ConvertVideo(cfg, label_index)).with_outputs(RECORDS, main="results"))
+                 | "ConvertVideo" >> beam.ParDo(ConvertVideo(cfg)).with_outputs(RECORDS, main="results"))
     results = converted.results
     layout = (results
               | "AllResults" >> beam.combiners.ToList()
@@ -197,7 +206,7 @@ def build_pipeline(p: beam.Pipeline, cfg: ConvertConfig, items: List[Item], labe
     return (p
             | "Once" >> beam.Create([None])
             | "WriteManifest" >> beam.Map(write_manifest, beam.pvalue.AsList(results), beam.pvalue.AsList(entries),
-                                          cfg, items, labels))
+                                          cfg, source))
 
 
 def convert_beam(cfg: ConvertConfig, beam_options: Sequence[str] = ()) -> dict:
@@ -215,8 +224,8 @@ def convert_beam(cfg: ConvertConfig, beam_options: Sequence[str] = ()) -> dict:
 
 
 def _convert_beam(cfg: ConvertConfig, beam_options: Sequence[str]) -> dict:
-    items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
-    check_pixels(cfg, items)
+    source = read_source(cfg.src, cfg.labels or None, cfg.split_fractions, cfg.values, cfg.annotations, cfg.fold)
+    check_pixels(cfg, list(source.items))
     import tensorflow as tf
 
     if tf.io.gfile.exists(mf.manifest_path(cfg.out)) and not cfg.overwrite:
@@ -233,7 +242,7 @@ def _convert_beam(cfg: ConvertConfig, beam_options: Sequence[str]) -> dict:
     started = time.perf_counter()
     options = PipelineOptions(list(beam_options))
     with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, items, labels)
+        build_pipeline(p, cfg, source)
     manifest = mf.read_manifest(cfg.out)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     # Temporary shard names of failed attempts (the runner retried them under other names).

@@ -27,9 +27,10 @@ from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
 from tfrecords_tools.errors import BadInput, NotNow, Stopped
 from tfrecords_tools.pixels import to_record
-from tfrecords_tools.schema import SCHEMA_VERSION, UNLABELLED, encode_patch
+from tfrecords_tools.sampling import ItemsCutter, Sampling, SegmentError, select
+from tfrecords_tools.schema import MULTI_LABEL_SEPARATOR, SCHEMA_VERSION, UNLABELLED, encode_patch, segment_id
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
-from tfrecords_tools.sources import Item, label_clashes, list_source
+from tfrecords_tools.sources import Item, Source, label_clashes, read_source
 from tfrecords_tools.pairs import target_patches
 from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
@@ -82,6 +83,15 @@ class ConvertConfig:
     split_fractions: Tuple[Tuple[str, float], ...] = ()
     # Classes of the `intervals` labels (per-frame targets), in index order; () = all found, sorted.
     frame_labels: Tuple[str, ...] = ()
+    # Per item (a video, or a segment of one): N evenly spaced clips instead of the whole temporal grid
+    # (0: all), then at most this many patches, evenly spread (0: no cap).
+    clips_per_video: int = 0
+    max_patches_per_video: int = 0
+    # Which numeric CSV columns to store under `value/data` (): the `value` column, if any.
+    values: Tuple[str, ...] = ()
+    # Standard annotation files `FORMAT:PATH` describing the videos in `src` (`annotations`), and the fold.
+    annotations: str = ""
+    fold: int = 1
     # How the work runs; never changes the records.
     work_dir: Optional[str] = None  # local folder for per-video chunks; None: OUT/.stp-work (OUT must be local)
     workers: int = 1
@@ -105,6 +115,14 @@ class ConvertConfig:
         if self.workers < 1:
             raise ValueError(f"Invalid value for argument `workers`. Expected >= 1. Received workers={self.workers}")
         self.spec.pixel_format.check_encoding(self.encoding)
+        for name in ("clips_per_video", "max_patches_per_video"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Invalid value for argument `{name}`. Expected >= 0 (0: no sampling). "
+                                 f"Received {name}={getattr(self, name)}")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.clips_per_video, self.max_patches_per_video)
 
     def fingerprint(self) -> dict:
         """The settings that decide the bytes of the records; an existing OUT must match them."""
@@ -113,7 +131,9 @@ class ConvertConfig:
                 "compression": self.compression, "schema_version": SCHEMA_VERSION,
                 "max_pixels": self.max_pixels,
                 # Only data with frame labels has the key: other conversions keep their fingerprint.
-                **({"frame_labels": list(self.frame_labels)} if self.frame_labels else {})}
+                **({"frame_labels": list(self.frame_labels)} if self.frame_labels else {}),
+                **({"clips_per_video": self.clips_per_video} if self.clips_per_video else {}),
+                **({"max_patches_per_video": self.max_patches_per_video} if self.max_patches_per_video else {})}
 
     @property
     def shard_bytes(self) -> int:
@@ -154,9 +174,27 @@ def check_pixels(cfg: ConvertConfig, items: Sequence[Item]) -> None:
 # One video (runs in a worker process)
 
 
-def video_records(item: Item, label_index: int, cfg: ConvertConfig,
+def item_fields(item: Item, source: Source) -> dict:
+    """The `encode_patch` keyword arguments an item's records carry for its classes and values.
+
+    A multi-label item gets `label=UNLABELLED`, a multi-hot vector over the source's classes and
+    `label_name` its names joined by `;` in class order; values only when the source has them.
+    """
+    index = {name: i for i, name in enumerate(source.labels)}
+    values = {"values": list(item.values)} if source.value_names and item.values else {}
+    if source.label_mode == "multi":
+        hot = [0] * len(source.labels)
+        for name in item.labels:
+            if name in index:
+                hot[index[name]] = 1
+        names = MULTI_LABEL_SEPARATOR.join(n for n, h in zip(source.labels, hot) if h)
+        return {"label": UNLABELLED, "label_name": names, "multi_hot": hot, **values}
+    return {"label": index.get(item.label, UNLABELLED), "label_name": item.label, **values}
+
+
+def video_records(item: Item, fields: dict, cfg: ConvertConfig,
                   stats: Optional[dict] = None) -> Iterator[Union[Plan, bytes]]:
-    """Streams the serialized records of one video: the per-video code shared by every runner.
+    """Streams the serialized records of one whole video with aligned targets (mask, intervals, target).
 
     Same contract as `video.video_patches`: a `Plan` at the start of every
     read, then that read's records (`tf.train.Example` bytes) in grid order; a
@@ -188,10 +226,89 @@ def video_records(item: Item, label_index: int, cfg: ConvertConfig,
         yield encode_patch(
             to_record(cfg.spec, event.pixels), encoding=cfg.encoding, quality=cfg.quality, video_id=item.id,
             video_size=(plan.frames, plan.height, plan.width), index=event.index, offset=event.offset,
-            valid=event.valid, timestamp=event.timestamp,
-            label=label_index, label_name=item.label, split=item.split,
+            valid=event.valid, timestamp=event.timestamp, split=item.split, **fields,
             **(targets.extras(event) if targets is not None else {}),
             **({"target": _aligned(next(clean, None), event, item)} if clean is not None else {}))
+
+
+def has_targets(item: Item) -> bool:
+    """A video with aligned targets (mask, intervals, clean target) is read on its own."""
+    return bool(item.mask or item.intervals or item.target)
+
+
+def group_items(items: Sequence[Item]) -> List[List[int]]:
+    """Indices of `items` by the video they read: one group per file (its segments, its rows in several
+    splits), in order of first appearance; items with aligned targets or errors alone."""
+    groups: Dict[str, List[int]] = {}
+    out: List[List[int]] = []
+    for i, item in enumerate(items):
+        if item.error or has_targets(item):
+            out.append([i])
+            continue
+        if item.path not in groups:
+            groups[item.path] = []
+            out.append(groups[item.path])
+        groups[item.path].append(i)
+    return out
+
+
+def group_records(items: Sequence[Item], fields: Sequence[dict], cfg: ConvertConfig,
+                  stats: Sequence[dict]) -> Iterator[Union[Plan, Tuple[int, bytes]]]:
+    """Streams the records of several items of one video (its segments, or the whole video), decoded once.
+
+    Yields a `Plan` at the start of every read (records since the previous
+    one are dropped), then `(i, record)` for item `items[i]`, each item's
+    records in its grid order. On each read, `stats[i]` receives the item's
+    `id`, its `segment` and `frames`, what was `sampled`, the read's
+    orientation, and `segment_error` when the video cannot give that item
+    (past its end, shorter than a patch): that item has no records, the others go on.
+    """
+    if len(items) == 1 and has_targets(items[0]):
+        for event in video_records(items[0], fields[0], cfg, stats[0]):
+            yield event if isinstance(event, Plan) else (0, event)
+        return
+    selections: dict = {}
+
+    def cutter(plan: Plan) -> ItemsCutter:
+        selections.clear()
+        chosen = []
+        for i, item in enumerate(items):
+            for key in ("segment_error", "segment", "sampled"):
+                stats[i].pop(key, None)
+            try:
+                selection = select(cfg.spec, plan.frames, plan.height, plan.width, plan.end - plan.start,
+                                   item.start, item.end, cfg.sampling)
+            except SegmentError as e:
+                stats[i]["segment_error"] = f"{item.origin}: {item.path}: {e}" if item.origin else f"{item.path}: {e}"
+                continue
+            video_id = item.id
+            if selection.interval is not None:
+                video_id = segment_id(item.video, *selection.interval)
+                stats[i]["segment"] = [round(v, 6) for v in selection.interval]
+            if selection.sampled:
+                stats[i]["sampled"] = selection.sampled
+            stats[i].update(id=video_id, frames=selection.frames)
+            selections[i] = (selection, video_id)
+            chosen.append((i, selection))
+        return ItemsCutter(cfg.spec, chosen, plan.frames)
+
+    report: dict = {}
+    plan: Optional[Plan] = None
+    for event in video_patches(items[0].path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads,
+                               report=report, cutter=cutter):
+        if isinstance(event, Plan):
+            plan = event
+            yield event
+            continue
+        i, patch = event
+        selection, video_id = selections[i]
+        yield i, encode_patch(
+            to_record(cfg.spec, patch.pixels), encoding=cfg.encoding, quality=cfg.quality, video_id=video_id,
+            video_size=(selection.frames, plan.height, plan.width), index=patch.index, offset=patch.offset,
+            valid=patch.valid, timestamp=patch.timestamp, split=items[i].split, **fields[i],
+            **({"interval": selection.interval} if selection.interval is not None else {}))
+    for s in stats:
+        s.update(report)
 
 
 def _aligned(target, patch, item: Item):
@@ -200,20 +317,26 @@ def _aligned(target, patch, item: Item):
     return target.pixels
 
 
-def new_result(item: Item) -> dict:
+def new_result(item: Item, fields: Optional[dict] = None) -> dict:
     """A video's result before any work: `failed` until proven otherwise."""
-    return {"id": item.id, "split": item.split, "label": item.label, "status": "failed", "reason": "",
+    label = fields["label_name"] if fields and "multi_hot" in fields else item.label
+    return {"id": item.id, "split": item.split, "label": label, "status": "failed", "reason": "",
             "patches": 0, "key": item.key}
 
 
 def finish_result(result: dict, item: Item, cfg: ConvertConfig, plan: Plan, reads: int, sizes: Sequence[int],
                   seconds: float) -> dict:
-    """Fills in `result` for a video that was read to the end: `ok`, or `skipped` when no patch fits."""
-    result.update(frames=plan.frames, height=plan.height, width=plan.width, timing=plan.timing,
+    """Fills in `result` for a video (or segment) that was read: `ok`, `skipped` when no patch fits, or
+    `failed` when the video cannot give the segment."""
+    if "segment_error" in result:
+        result.update(status="failed", reason=result.pop("segment_error"), patches=0)
+        return result
+    frames = result.get("frames", plan.frames)
+    result.update(frames=frames, height=plan.height, width=plan.width, timing=plan.timing,
                   seconds=round(seconds, 4), reads=reads)
     if not sizes:
         result["status"] = "skipped"
-        result["reason"] = (f"{item.path}: no patch fits: {plan.frames} frames of {plan.height}x{plan.width} "
+        result["reason"] = (f"{item.path}: no patch fits: {frames} frames of {plan.height}x{plan.width} "
                             f"after resampling/resizing, patch {cfg.spec.frames}x{cfg.spec.height}x"
                             f"{cfg.spec.width} with pad={cfg.spec.pad}")
         return result
@@ -228,42 +351,61 @@ def failure_reason(item: Item, error: Exception) -> str:
     return f"{item.path}: unexpected {type(error).__name__}: {error}"
 
 
-def convert_video(item: Item, label_index: int, cfg: ConvertConfig, chunk_path: str) -> dict:
-    """Cuts one video into records in `chunk_path`; returns its result (never raises for bad input)."""
-    result = new_result(item)
-    if item.error:
-        result["reason"] = item.error
-        return result
+def convert_group(items: Sequence[Item], fields: Sequence[dict], cfg: ConvertConfig,
+                  chunk_paths: Sequence[str]) -> List[dict]:
+    """Cuts the items of one video into records, each in its chunk; returns their results (never raises
+    for bad input). The video is decoded once, whatever the number of items."""
+    results = [new_result(item, f) for item, f in zip(items, fields)]
+    live = []
+    for i, item in enumerate(items):
+        if item.error:
+            results[i]["reason"] = item.error
+        else:
+            live.append(i)
+    if not live:
+        return results
     start = time.perf_counter()
-    writer = None
+    writers: Dict[int, ChunkWriter] = {}
     try:
-        writer = ChunkWriter(chunk_path)
+        for i in live:
+            writers[i] = ChunkWriter(chunk_paths[i])
         plan: Optional[Plan] = None
         reads = 0
-        for event in video_records(item, label_index, cfg, stats=result):
+        for event in group_records([items[i] for i in live], [fields[i] for i in live], cfg,
+                                   [results[i] for i in live]):
             if isinstance(event, Plan):
                 plan = event
                 reads += 1
                 if reads > 1:
-                    writer.reset()
+                    for w in writers.values():
+                        w.reset()
                 continue
-            writer.write(event)
-        finish_result(result, item, cfg, plan, reads, writer.sizes, time.perf_counter() - start)
-        if result["status"] == "skipped":
-            writer.abort()
-            return result
-        writer.commit()
-        return result
+            j, record = event
+            writers[live[j]].write(record)
+        seconds = time.perf_counter() - start
+        for i in live:
+            finish_result(results[i], items[i], cfg, plan, reads, writers[i].sizes, seconds)
+            if results[i]["status"] == "ok":
+                writers.pop(i).commit()
+        for w in writers.values():
+            w.abort()
+        return results
     except Exception as e:  # noqa: BLE001  every failure becomes the video's result
         if isinstance(e, OSError) and e.errno in NO_SPACE:  # the disk's failure, not the video's: stop the job
-            if writer is not None:
-                _discard(writer)
-            raise OSError(e.errno, e.strerror, e.filename or chunk_path) from e
-        result.update(status="failed", reason=failure_reason(item, e), patches=0)
-        result.pop("sizes", None)
-    if writer is not None:
-        writer.abort()
-    return result
+            for w in writers.values():
+                _discard(w)
+            raise OSError(e.errno, e.strerror, e.filename or chunk_paths[live[0]]) from e
+        for i in live:
+            results[i].update(status="failed", reason=failure_reason(items[i], e), patches=0)
+            results[i].pop("sizes", None)
+    for w in writers.values():
+        w.abort()
+    return results
+
+
+def convert_video(item: Item, fields: dict, cfg: ConvertConfig, chunk_path: str) -> dict:
+    """Cuts one video into records in `chunk_path`; returns its result (never raises for bad input)."""
+    return convert_group([item], [fields], cfg, [chunk_path])[0]
 
 
 def _discard(writer: ChunkWriter) -> None:
@@ -279,11 +421,12 @@ def _worker_init():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _worker_task(args):
-    item, label_index, cfg, chunk_path, result_path = args
-    result = convert_video(item, label_index, cfg, chunk_path)
-    _write_json_atomic(result_path, result)
-    return result
+def _worker_task(args) -> List[dict]:
+    items, fields, cfg, chunk_paths, result_paths = args
+    results = convert_group(items, fields, cfg, chunk_paths)
+    for result, path in zip(results, result_paths):
+        _write_json_atomic(path, result)
+    return results
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
@@ -385,11 +528,13 @@ def disk_errors(out: str):
 def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict], None]]) -> dict:
     started = time.perf_counter()
     gfile = _gfile()
-    items, labels = list_source(cfg.src, cfg.labels or None, cfg.split_fractions)
+    source = read_source(cfg.src, cfg.labels or None, cfg.split_fractions, cfg.values, cfg.annotations, cfg.fold)
+    items = list(source.items)
     check_pixels(cfg, items)
     if any(item.intervals for item in items):
         items, frame_names = resolve_frame_labels(items, cfg.frame_labels)
         cfg = dataclasses.replace(cfg, frame_labels=frame_names)
+        source = dataclasses.replace(source, items=tuple(items))
     work = cfg.work_path()
     if cfg.overwrite:
         remove_outputs(cfg.out)
@@ -408,9 +553,8 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
         if name.endswith(".tmp"):
             os.remove(os.path.join(work, name))
 
-    label_index = {name: i for i, name in enumerate(labels)}
-    results: Dict[str, dict] = {}  # by Item.key: one CSV can list a video twice
-    todo = []
+    results: Dict[str, dict] = {}  # by Item.key: one CSV can list a video twice, or many segments of it
+    left = []
     for item in items:
         result_path = os.path.join(work, item.key + ".json")
         chunk_path = os.path.join(work, item.key + ".tfrecord")
@@ -421,7 +565,14 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
             if (done.get("status") == "ok" and os.path.exists(chunk_path)) or done.get("status") == "skipped":
                 results[item.key] = done
                 continue
-        todo.append((item, label_index.get(item.label, UNLABELLED), cfg, chunk_path, result_path))
+        left.append(item)
+    # One task per video file: its items (segments) are cut from one decode.
+    todo = []
+    for group in group_items(left):
+        chosen = [left[i] for i in group]
+        todo.append((chosen, [item_fields(i, source) for i in chosen], cfg,
+                     [os.path.join(work, i.key + ".tfrecord") for i in chosen],
+                     [os.path.join(work, i.key + ".json") for i in chosen]))
 
     progress = Progress(total=len(items), done=len(results))
     for r in results.values():
@@ -440,11 +591,12 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
             on_progress(progress, result)
 
     with _writing(cfg, work, results, len(items), "writing the per-video chunks", work):
-        for result in _run(todo, cfg.workers):
-            record(result)
+        for group in _run(todo, cfg.workers):
+            for result in group:
+                record(result)
 
     with _writing(cfg, work, results, len(items), "assembling the shards", cfg.out):
-        manifest = _assemble(cfg, items, labels, results, work)
+        manifest = _assemble(cfg, source, results, work)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     mf.write_manifest(cfg.out, manifest)
     shutil.rmtree(work, ignore_errors=True)
@@ -509,8 +661,14 @@ def remove_outputs(out: str) -> None:
 
 
 def _same_items(manifest: dict, items: Sequence[Item]) -> bool:
-    listed = {(v["split"], v["id"], v.get("label", "")) for v in manifest.get("videos", [])}
-    return listed == {(i.split, i.id, i.label) for i in items} and manifest["counts"]["failed"] == 0
+    # A segment open at its end is listed as `PATH#t=START,` and recorded with the end the video gave.
+    listed = {(v["split"], v.get("listed", v["id"])) for v in manifest.get("videos", [])}
+    def names(label: str) -> tuple:  # a multi-label item's names, whatever their order
+        return tuple(sorted(label.split(MULTI_LABEL_SEPARATOR)))
+
+    labels = sorted(names(v.get("label", "")) for v in manifest.get("videos", []))
+    return (listed == {(i.split, i.id) for i in items} and labels == sorted(names(i.label) for i in items)
+            and manifest["counts"]["failed"] == 0)
 
 
 def _ready() -> bool:
@@ -518,8 +676,9 @@ def _ready() -> bool:
     return True
 
 
-def _run(todo: Sequence[tuple], workers: int) -> Iterable[dict]:
-    """Runs the tasks in `workers` processes, this one included; yields results as they finish."""
+def _run(todo: Sequence[tuple], workers: int) -> Iterable[List[dict]]:
+    """Runs the tasks (one per video file) in `workers` processes, this one included; yields each task's
+    results as it finishes."""
     if workers <= 1 or len(todo) <= 1:
         for task in todo:
             yield _worker_task(task)
@@ -533,7 +692,7 @@ def _run(todo: Sequence[tuple], workers: int) -> Iterable[dict]:
     # before any video and this process sat idle. A child gets a video only after answering
     # `_ready`, so no video waits in the queue of a child that is still starting.
     # Longest first keeps every process busy to the end; the output order does not depend on it.
-    order = collections.deque(sorted(todo, key=lambda t: -_size(t[0].path)))
+    order = collections.deque(sorted(todo, key=lambda t: -_size(t[0][0].path)))
     finished: "queue.SimpleQueue" = queue.SimpleQueue()
     children = min(workers, len(todo)) - 1
     # spawn, not fork: TensorFlow and FFmpeg hold threads and locks that fork would copy mid-use.
@@ -576,8 +735,7 @@ def _size(path: str) -> int:
         return 0
 
 
-def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results: Dict[str, dict],
-              work: str) -> dict:
+def _assemble(cfg: ConvertConfig, source: Source, results: Dict[str, dict], work: str) -> dict:
     # The manifest goes first: a run killed while shards are replaced leaves no folder that looks complete.
     if _gfile().exists(mf.manifest_path(cfg.out)):
         _gfile().remove(mf.manifest_path(cfg.out))
@@ -592,30 +750,39 @@ def _assemble(cfg: ConvertConfig, items: List[Item], labels: List[str], results:
                             # keep the cores busy even when the shards do not divide evenly among them.
                             threads=max(4, cfg.workers))
 
-    return build_manifest(cfg, items, labels, results, write)
+    return build_manifest(cfg, source, results, write)
 
 
-def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[str], results: Dict[str, dict],
+def build_manifest(cfg: ConvertConfig, source: Source, results: Dict[str, dict],
                    shards_of: Callable[[str, List[Item]], List[dict]]) -> dict:
     """The manifest of a conversion from its per-video results (by `Item.key`).
 
     `shards_of(split, ok_items)` writes (local runner) or looks up (Beam) the
     shard entries of a split whose converted videos are `ok_items`, in shard order.
     """
+    items, labels = source.items, source.labels
     splits: Dict[str, dict] = {}
     videos = []
     for item in items:  # items are sorted by (split, id): the shard order
         r = results[item.key]
         entry = {k: r[k] for k in ("id", "split", "label", "status", "reason", "patches") if k in r}
-        for k in ("frames", "height", "width", "timing", "rotation", "mirrored", "size_changes", "size_change_list"):
+        if entry["id"] != item.id:
+            entry["listed"] = item.id
+        if item.is_segment:
+            entry["segment"] = r.get("segment", [item.start or 0.0, item.end])
+        for k in ("frames", "height", "width", "timing", "sampled", "rotation", "mirrored", "size_changes",
+                  "size_change_list"):
             if k in r:
                 entry[k] = r[k]
+        if item.values:
+            entry["values"] = list(item.values)
         videos.append(entry)
         split = splits.setdefault(item.split, {"ok": [], "label_counts": {}})
         if r["status"] == "ok":
             split["ok"].append(item)
-            if item.label:
-                split["label_counts"][item.label] = split["label_counts"].get(item.label, 0) + r["patches"]
+            # A multi-label item counts its patches for each of its classes.
+            for name in (item.labels if source.label_mode == "multi" else (item.label,) if item.label else ()):
+                split["label_counts"][name] = split["label_counts"].get(name, 0) + r["patches"]
     out_splits = {}
     for name in sorted(splits):
         s = splits[name]
@@ -641,7 +808,9 @@ def build_manifest(cfg: ConvertConfig, items: Sequence[Item], labels: Sequence[s
         **targets, **({"warnings": warnings} if warnings else {}),
         "format": mf.FORMAT, "schema_version": SCHEMA_VERSION, "spec": cfg.spec.to_dict(),
         "encoding": cfg.encoding, "quality": cfg.quality, "compression": cfg.compression,
-        "labels": list(labels), "splits": out_splits, "videos": videos, "counts": counts,
+        "labels": list(labels), "label_mode": source.label_mode if labels else "none",
+        "value_names": list(source.value_names),
+        "splits": out_splits, "videos": videos, "counts": counts,
         "fingerprint": cfg.fingerprint(), "source": os.path.abspath(cfg.src),
         "command": cfg.command or " ".join(sys.argv), "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,11 +7,15 @@ Layout (every reader relies on it; `validate` enforces it):
       "spec": {PatchSpec as a dict}, "encoding": "raw|jpeg|png", "quality": 90,
       "compression": "none|gzip|zlib",
       "labels": ["class_a", "class_b"],          # label index = position; [] when unlabelled
+      "label_mode": "single|multi|none",         # multi: records carry `label/multi_hot` [len(labels)]
+      "value_names": ["speed"],                  # records carry `value/data` [len(value_names)]; [] when none
       "splits": {"train": {"records": N, "videos": V, "label_counts": {"class_a": n},
                            "shards": [{"file": "train-00000-of-00002.tfrecord",
                                        "records": n, "bytes": b, "sha256": "..."}]}},
       "videos": [{"id": "class_a/x.mp4", "split": "train", "label": "class_a",
                   "status": "ok|failed|skipped", "reason": "", "patches": n,
+                  "segment": [start, end],              # seconds of the source video, for segments
+                  "sampled": {"clips": n, "max_patches": n, "of": n},  # when patches were sampled
                   "frames": n, "height": h, "width": w, "source": {...},
                   "rotation": 0, "mirrored": true,       # display matrix applied; mirrored only when true
                   "size_changes": n, "size_change_list": [{"frame": i, "from": [h, w], "to": [h, w],
@@ -114,6 +118,10 @@ def validate(data: dict, where: str = MANIFEST_NAME) -> None:
         fail(f"compression {data.get('compression')!r}, expected one of {COMPRESSIONS}")
     if not isinstance(data.get("labels"), list):
         fail("labels must be a list of class names")
+    if data.get("label_mode", "single") not in LABEL_MODES:
+        fail(f"label_mode {data.get('label_mode')!r}, expected one of {LABEL_MODES}")
+    if not isinstance(data.get("value_names", []), list):
+        fail("value_names must be a list of names")
     splits = data.get("splits")
     if not isinstance(splits, dict):
         fail("splits must be an object")
@@ -124,6 +132,19 @@ def validate(data: dict, where: str = MANIFEST_NAME) -> None:
         total = sum(s.get("records", 0) for s in shards)
         if total != split.get("records"):
             fail(f"split {name!r} says {split.get('records')} records but its shards hold {total}")
+
+
+LABEL_MODES = ("single", "multi", "none")
+
+
+def label_mode(data: dict) -> str:
+    """`single`, `multi` or `none` (manifests written before the key: single when it has labels)."""
+    return data.get("label_mode") or ("single" if data.get("labels") else "none")
+
+
+def value_names(data: dict) -> List[str]:
+    """The names of the values in `value/data`, in order; [] when the records carry none."""
+    return list(data.get("value_names") or [])
 
 
 def spec_of(data: dict) -> PatchSpec:

@@ -24,6 +24,13 @@ A record holds one patch:
 | `target/data` | as `patch/data` (optional) | clean pixels aligned with `patch/data` (pairs: a `target` CSV column) |
 | `mask/data` | bytes x1 (optional) | class ids `uint8 [T, H, W]`, raw, cut on the patch's grid (a `mask` CSV column) |
 | `label/frames` | int64 [T] (optional) | class of each frame, -1 outside every interval (an `intervals` column) |
+| `label/multi_hot` | int64 [C] (optional) | 1 for each of the item's classes (multi-label sources) |
+| `value/data` | float [K] (optional) | the item's regression values, in the manifest's `value_names` order |
+| `segment/interval` | float [2] (optional) | start, end in seconds of the source video (segments) |
+
+The optional keys are written only when the source has them: records of other sources keep their bytes.
+A multi-label record has `label/index` -1 and `label/name` its class names joined by `;`. A segment's
+`video/id` is `PATH#t=START,END` (W3C Media Fragments; `segment_id`).
 """
 
 from __future__ import annotations
@@ -58,8 +65,24 @@ TARGET = "target/data"  # optional: only records of paired data (path,target CSV
 # Optional segmentation targets: records of videos without them are written exactly as before.
 MASK = "mask/data"           # raw uint8 [T, H, W] class ids (always raw: a lossy codec would change the ids)
 FRAME_LABELS = "label/frames"  # int64 [T]
+# Optional item targets and provenance: written only when the source has them.
+MULTI_HOT = "label/multi_hot"    # int64 [C]: multi-label sources (label/index is then UNLABELLED)
+VALUES = "value/data"            # float [K]: regression values, named by the manifest's `value_names`
+INTERVAL = "segment/interval"    # float [2]: (start, end) seconds of the source video, for segments
 
 UNLABELLED = -1
+MULTI_LABEL_SEPARATOR = ";"  # `label/name` of a multi-label record: its class names joined by this
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds as written in a segment's id: 3 decimals, trailing zeros and dot stripped (`1.5`, `4`, `0`)."""
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def segment_id(video_id: str, start: float, end: float) -> str:
+    """The `VIDEO_ID` of a segment: `PATH#t=START,END` (W3C Media Fragments temporal syntax, seconds)."""
+    return f"{video_id}#t={format_seconds(start)},{format_seconds(end)}"
 
 
 # `encode_patch` writes the protobuf wire format of `tf.train.Example` (example.proto, feature.proto)
@@ -166,11 +189,14 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
                  video_size: Sequence[int], index: Sequence[int], offset: Sequence[int],
                  valid: Sequence[int], timestamp: float, label: int = UNLABELLED,
                  label_name: str = "", split: str = "train", target: Optional[np.ndarray] = None,
-                 mask: Optional[np.ndarray] = None, frame_labels: Optional[Sequence[int]] = None) -> bytes:
+                 mask: Optional[np.ndarray] = None, frame_labels: Optional[Sequence[int]] = None,
+                 multi_hot: Optional[Sequence[int]] = None, values: Optional[Sequence[float]] = None,
+                 interval: Optional[Sequence[float]] = None) -> bytes:
     """Serializes one `uint8 [T, H, W, C]` patch and its metadata to a `tf.train.Example`.
 
     `target`, when given, is the clean patch aligned with `pixels` (same shape), stored under `TARGET`
-    with the same encoding.
+    with the same encoding. `multi_hot` (int 0/1 [C]), `values` (float [K]) and `interval` (float [2]:
+    start, end seconds) are stored under `MULTI_HOT`, `VALUES` and `INTERVAL` when given.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 4:
         raise ValueError(f"Expected a uint8 [T, H, W, C] patch. Received dtype={pixels.dtype}, shape={pixels.shape}")
@@ -204,6 +230,17 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
             raise ValueError(f"Expected one frame label per frame ({pixels.shape[0]}). "
                              f"Received {len(frame_labels)}")
         feature[FRAME_LABELS] = _ints(frame_labels)
+    if multi_hot is not None:
+        if not len(multi_hot) or any(int(v) not in (0, 1) for v in multi_hot):
+            raise ValueError(f"Expected a multi-hot vector of 0s and 1s, one per class. Received {list(multi_hot)}")
+        feature[MULTI_HOT] = _ints(multi_hot)
+    if values is not None:
+        feature[VALUES] = _floats(values)
+    if interval is not None:
+        if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+            raise ValueError(f"Expected a segment interval (start, end) with 0 <= start < end seconds. "
+                             f"Received {list(interval)}")
+        feature[INTERVAL] = _floats(interval)
     # Keys sorted, as protobuf's deterministic=True: its default orders map entries by a hash seeded per
     # process, so the same patch would give different bytes in each worker and run, and shard sha256s
     # would depend on --workers.
@@ -211,8 +248,13 @@ def encode_patch(pixels: np.ndarray, *, encoding: str = "raw", quality: int = 90
 
 
 def feature_spec(encoding: str, target: bool = False, mask: bool = False,
-                 frame_labels: bool = False) -> Dict[str, tf.io.FixedLenFeature]:
-    """The parsing spec for `tf.io.parse_example` of records written with `encoding` (`target`: with `TARGET`)."""
+                 frame_labels: bool = False, num_classes: int = 0, num_values: int = 0,
+                 segment: bool = False) -> Dict[str, tf.io.FixedLenFeature]:
+    """The parsing spec for `tf.io.parse_example` of records written with `encoding` (`target`: with `TARGET`).
+
+    `num_classes` > 0 parses `MULTI_HOT` (int64 [num_classes]: multi-label records), `num_values` > 0
+    `VALUES` (float32 [num_values]), `segment` `INTERVAL` (float32 [2], (-1, -1) in records of whole videos).
+    """
     import tensorflow as tf
 
     data = (tf.io.FixedLenFeature([], tf.string) if encoding == "raw"
@@ -238,11 +280,19 @@ def feature_spec(encoding: str, target: bool = False, mask: bool = False,
         spec[MASK] = tf.io.FixedLenFeature([], tf.string)
     if frame_labels:
         spec[FRAME_LABELS] = tf.io.VarLenFeature(tf.int64)
+    if num_classes:
+        spec[MULTI_HOT] = tf.io.FixedLenFeature([num_classes], tf.int64)
+    if num_values:
+        spec[VALUES] = tf.io.FixedLenFeature([num_values], tf.float32)
+    if segment:
+        # A dataset may mix segments and whole videos (a CSV with and without start/end).
+        spec[INTERVAL] = tf.io.FixedLenFeature([2], tf.float32, default_value=[-1.0, -1.0])
     return spec
 
 
 def parse_patch(serialized: tf.Tensor, encoding: str, target: bool = False, mask: bool = False,
-                frame_labels: bool = False) -> Dict[str, tf.Tensor]:
+                frame_labels: bool = False, num_classes: int = 0, num_values: int = 0,
+                segment: bool = False) -> Dict[str, tf.Tensor]:
     """Parses one serialized record (a scalar string tensor) into its features.
 
     Pure TF: usable eagerly and inside `Dataset.map`. `PATCH` (and `TARGET`,
@@ -250,7 +300,8 @@ def parse_patch(serialized: tf.Tensor, encoding: str, target: bool = False, mask
     """
     import tensorflow as tf
 
-    features = tf.io.parse_single_example(serialized, feature_spec(encoding, target, mask, frame_labels))
+    features = tf.io.parse_single_example(
+        serialized, feature_spec(encoding, target, mask, frame_labels, num_classes, num_values, segment))
     if frame_labels:
         features[FRAME_LABELS] = tf.sparse.to_dense(features[FRAME_LABELS])
     if encoding != "raw":
@@ -306,7 +357,7 @@ def parse_patch_numpy(serialized: bytes, shape: Optional[Sequence[int]] = None) 
     pixels = _decode_numpy(list(f[PATCH].bytes_list.value), encoding, declared, "patch")
     out = {k: (list(v.int64_list.value) or list(v.float_list.value) or list(v.bytes_list.value))
            for k, v in f.items()}
-    out = {k: (v[0] if len(v) == 1 and k not in (SHAPE, INDEX, OFFSET, VALID, VIDEO_SIZE) else v)
+    out = {k: (v[0] if len(v) == 1 and k not in (SHAPE, INDEX, OFFSET, VALID, VIDEO_SIZE, MULTI_HOT, VALUES) else v)
            for k, v in out.items()}
     for k in (ENCODING, VIDEO_ID, LABEL_NAME, SPLIT):
         if isinstance(out.get(k), bytes):

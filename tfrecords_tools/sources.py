@@ -8,7 +8,14 @@ Three inputs are understood:
 - a CSV with columns `path,label[,split]` (or `path` alone; header in any
   case), paths relative to the CSV's folder or absolute inside it. Optional segmentation columns:
   `mask` (a lossless mask video or a folder of PNG masks, one per frame: class ids in the first
-  channel) and `intervals` (a CSV `start,end,label` in seconds: a class per frame).
+  channel) and `intervals` (a CSV `start,end,label` in seconds: a class per frame). Optional item
+  columns: `start`, `end` (seconds; the row is that segment of its video, either may be empty:
+  from the beginning / to the end; any number of rows per video), a `label` holding several
+  `;`-separated names (a multi-label source), and `value` (or the columns named by `values`:
+  numbers stored per item).
+
+Standard dataset annotation files (Kinetics, UCF101, ...) are read by `annotations`, which gives
+the same `Item`s.
 
 Problems with one entry (an empty or unknown label, a path that escapes the
 CSV's folder) do not stop the listing: they come back as `Item`s with an
@@ -21,6 +28,7 @@ import csv
 import dataclasses
 import hashlib
 import os
+import math
 from typing import List, Optional, Sequence, Tuple
 
 from tfrecords_tools.errors import BadInput
@@ -48,6 +56,21 @@ class Item:
     mask: str = ""          # absolute path of its mask video or PNG folder ('' none)
     intervals: str = ""     # absolute path of its `start,end,label` CSV ('' none)
     target: str = ""        # absolute path of its clean original (a `target` column: paired data), '' none
+    # A segment of the video (seconds; None: from the beginning / to the end). Both None: the whole video.
+    start: Optional[float] = None
+    end: Optional[float] = None
+    labels: Tuple[str, ...] = ()     # the class names of an item of a multi-label source (`label` joins them)
+    values: Tuple[float, ...] = ()   # the item's numbers, in the order of the source's `value_names`
+    origin: str = ""                 # where it was listed (`list.csv:4`), for messages; '' for folders
+
+    @property
+    def is_segment(self) -> bool:
+        return self.start is not None or self.end is not None
+
+    @property
+    def video(self) -> str:
+        """The id of the video file (an item's `id` without its `#t=` segment)."""
+        return self.id.partition("#t=")[0]
 
     @property
     def key(self) -> str:
@@ -118,8 +141,13 @@ def list_folder(root: str) -> Tuple[List[Item], bool]:
     return items, False
 
 
-def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[List[Item], bool]:
-    """Items of a CSV with a header `path[,label][,split]`; returns (items, labelled)."""
+def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None,
+             values: Sequence[str] = ()) -> Tuple[List[Item], bool]:
+    """Items of a CSV with a header `path[,label][,split][,start,end][,value]`; returns (items, labelled).
+
+    `values` names the numeric columns to keep (default: `value` when the CSV has one); a multi-label
+    CSV (a `label` with `;`) gives every item its `labels`.
+    """
     root = os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -128,39 +156,126 @@ def list_csv(csv_path: str, labels: Optional[Sequence[str]] = None) -> Tuple[Lis
             raise SourceError(f"{csv_path}: expected a header with a `path` column "
                               f"(path,label[,split]); received columns {fields}")
         labelled = "label" in fields
+        value_names = [v.strip().lower() for v in values] or (["value"] if "value" in fields else [])
+        absent = [v for v in value_names if v not in fields]
+        if absent:
+            raise SourceError(f"{csv_path}: expected value columns {absent} (--values); received columns {fields}")
         allowed = set(labels) if labels else None
         items: List[Item] = []
-        for n, row in enumerate(reader, start=2):
-            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+        multi = labelled and any(";" in row.get("label", "") for row in rows)
+        for n, row in enumerate(rows, start=2):
             rel = row.get("path", "")
             label = row.get("label", "") if labelled else ""
+            names = split_labels(label) if multi else ()
+            if multi:
+                label = ";".join(names)
             split = row.get("split", "") or DEFAULT_SPLIT
             where = f"{csv_path}:{n}"
+            start, problem = parse_seconds(row.get("start", ""), "start")
+            end, end_problem = parse_seconds(row.get("end", ""), "end")
+            problem = problem or end_problem or check_interval(start, end)
+            numbers, value_problem = parse_values(row, value_names)
+            problem = problem or value_problem
+            extra = {"start": start, "end": end, "labels": names, "values": numbers, "origin": where}
             if not rel:
-                items.append(Item(f"<line {n}>", "", label, split, f"{where}: empty path", n))
+                items.append(Item(f"<line {n}>", "", label, split, f"{where}: empty path", n, **extra))
                 continue
             path = os.path.normpath(os.path.join(root, rel))
             vid = _rel(path, root)
             if vid.startswith("../") or vid == "..":  # an absolute path is fine when it lies in the folder
                 items.append(Item(rel, path, label, split,
-                                  f"{where}: path {rel!r} escapes the CSV's folder {root}", n))
+                                  f"{where}: path {rel!r} escapes the CSV's folder {root}", n, **extra))
+                continue
+            vid = listed_id(vid, start, end)
+            if problem:
+                items.append(Item(vid, path, label, split, f"{where}: {problem}", n, **extra))
                 continue
             if labelled and not label:
-                items.append(Item(vid, path, label, split, f"{where}: empty label", n))
+                items.append(Item(vid, path, label, split, f"{where}: empty label", n, **extra))
                 continue
-            if allowed is not None and labelled and label not in allowed:
+            unknown = [x for x in (names or (label,)) if x not in allowed] if allowed is not None and labelled else []
+            if unknown:
                 items.append(Item(vid, path, label, split,
-                                  f"{where}: unknown label {label!r}; expected one of {sorted(allowed)}", n))
+                                  f"{where}: unknown label {unknown[0]!r}; expected one of {sorted(allowed)}", n,
+                                  **extra))
                 continue
-            extras, problem = {}, ""
+            extras = dict(extra)
             for column in ("mask", "intervals", "target"):
                 if row.get(column):
                     extra = os.path.normpath(os.path.join(root, row[column]))
                     if _rel(extra, root).startswith("../"):
                         problem = f"{where}: {column} {row[column]!r} escapes the CSV's folder {root}"
                     extras[column] = extra
+            if (start is not None or end is not None) and any(extras.get(c) for c in ("mask", "intervals", "target")):
+                problem = problem or (f"{where}: a segment (start/end) of a video with mask, intervals or target "
+                                      "columns is not supported; list the whole video")
             items.append(Item(vid, path, label, split, problem, n, **extras))
     return items, labelled
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a source lists: its items sorted by (split, id), the class names (index order), whether an
+    item holds one class (`single`), several (`multi`) or none (`none`), and the names of its values."""
+
+    items: Tuple[Item, ...]
+    labels: Tuple[str, ...]
+    label_mode: str = "single"
+    value_names: Tuple[str, ...] = ()
+
+
+def listed_id(video: str, start: Optional[float], end: Optional[float]) -> str:
+    """An item's id: the video's, with `#t=START,END` for a segment (END empty until the video is read)."""
+    if start is None and end is None:
+        return video
+    from tfrecords_tools.schema import format_seconds
+
+    return f"{video}#t={format_seconds(start or 0.0)},{'' if end is None else format_seconds(end)}"
+
+
+def parse_seconds(text: str, column: str) -> Tuple[Optional[float], str]:
+    """A `start`/`end` cell -> (seconds or None when empty, problem)."""
+    if not text:
+        return None, ""
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"{column} must be seconds; received {text!r}"
+    if not math.isfinite(value) or value < 0:
+        return None, f"{column} must be seconds >= 0; received {text!r}"
+    return value, ""
+
+
+def check_interval(start: Optional[float], end: Optional[float]) -> str:
+    """The problem with a segment's bounds ('' none): an empty or reversed interval."""
+    if start is not None and end is not None and end <= start:
+        kind = "an empty" if end == start else "a reversed"
+        return f"{kind} interval: start={start:g}s, end={end:g}s; expected start < end"
+    return ""
+
+
+def split_labels(text: str) -> Tuple[str, ...]:
+    """`a;b; c` -> ('a', 'b', 'c'): a multi-label cell, blanks and repeats dropped, order kept."""
+    from tfrecords_tools.schema import MULTI_LABEL_SEPARATOR
+
+    return tuple(dict.fromkeys(n.strip() for n in text.split(MULTI_LABEL_SEPARATOR) if n.strip()))
+
+
+def parse_values(row: dict, names: Sequence[str]) -> Tuple[Tuple[float, ...], str]:
+    """The numbers of `names` in a row -> (values, problem)."""
+    values = []
+    for name in names:
+        text = row.get(name, "")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            what = "is empty" if not text else f"is {text!r}"
+            return (), f"value column {name!r} {what}; expected a finite number"
+        values.append(value)
+    return tuple(values), ""
 
 
 def label_clashes(names: Sequence[str]) -> List[str]:
@@ -201,6 +316,29 @@ def list_source(src: str, labels: Optional[Sequence[str]] = None,
     `fractions`, e.g. [('val', 0.2)], moves that share of the videos of the
     default split into other splits, deterministically by id.
     """
+    source = read_source(src, labels, fractions)
+    return list(source.items), list(source.labels)
+
+
+def read_source(src: str, labels: Optional[Sequence[str]] = None, fractions: Sequence[Tuple[str, float]] = (),
+                values: Sequence[str] = (), annotations: str = "", fold: int = 1) -> Source:
+    """The `Source` of `src`: a folder, a CSV, or (with `annotations` `FORMAT:PATH`) a folder of videos
+    described by a standard dataset's annotation files (`tfrecords_tools.annotations`).
+
+    `values` names a CSV's numeric columns to store (default: its `value` column, if any).
+    """
+    if annotations:
+        from tfrecords_tools.annotations import read_annotations
+
+        listed = read_annotations(annotations, src, fold)
+        items, labelled, value_names = list(listed.items), bool(listed.labels), ()
+        if labels:
+            allowed = set(labels)
+            items = [dataclasses.replace(i, error=f"{i.id}: unknown label {bad[0]!r}; expected one of "
+                                                  f"{sorted(allowed)}")
+                     if not i.error and (bad := [x for x in (i.labels or (i.label,)) if x not in allowed]) else i
+                     for i in items]
+        return _finish(src, items, labels or listed.labels, labelled, fractions, listed.label_mode == "multi", ())
     if not os.path.exists(src):
         raise SourceError(f"{src}: not found. Expected a folder of videos or a CSV file.")
     if os.path.isdir(src):
@@ -211,9 +349,20 @@ def list_source(src: str, labels: Optional[Sequence[str]] = None,
                                                   f"{sorted(allowed)}") if i.label not in allowed else i
                      for i in items]
     elif src.lower().endswith(".csv"):
-        items, labelled = list_csv(src, labels)
+        items, labelled = list_csv(src, labels, values)
     else:
         raise SourceError(f"{src}: expected a folder of videos or a .csv file, received a file of another kind")
+    if values and not src.lower().endswith(".csv"):
+        raise SourceError(f"{src}: --values needs a CSV source with those columns; received a folder")
+    value_names = tuple(v.strip().lower() for v in values)
+    if not value_names and src.lower().endswith(".csv") and any(i.values for i in items):
+        value_names = ("value",)
+    return _finish(src, items, labels, labelled, fractions, any(i.labels for i in items), value_names)
+
+
+def _finish(src: str, items: List[Item], labels: Optional[Sequence[str]], labelled: bool,
+            fractions: Sequence[Tuple[str, float]], multi: bool, value_names: Tuple[str, ...]) -> Source:
+    """Splits by fraction, reports repeats, sorts, and names the classes."""
     if not items:
         raise SourceError(f"{src}: no videos found (looked for {', '.join(VIDEO_EXTENSIONS)})")
     if fractions:
@@ -227,15 +376,19 @@ def list_source(src: str, labels: Optional[Sequence[str]] = None,
             first = seen[k]
             where = f"{src}:{item.line}: " if item.line else ""
             also = f" (first on line {first.line})" if first.line else ""
-            item = dataclasses.replace(item, error=f"{where}{item.path}: listed twice in split {item.split!r}{also}")
+            what = item.path + item.id[len(item.video):]  # a segment: its `#t=` too
+            item = dataclasses.replace(item, error=f"{where}{what}: listed twice in split {item.split!r}{also}")
             k = (item.split, f"{item.id}#dup{item.line}")
         seen[k] = item
         unique.append(item)
     unique.sort(key=lambda i: (i.split, i.id, i.line))
     if labels:
         names = list(labels)
+    elif multi:
+        names = sorted({n for i in unique if not i.error for n in i.labels})
     elif labelled:
         names = sorted({i.label for i in unique if i.label and not i.error})
     else:
         names = []
-    return unique, names
+    mode = "multi" if multi else "single" if labelled or labels else "none"
+    return Source(tuple(unique), tuple(names), mode, value_names)

@@ -76,7 +76,8 @@ def _verify(root: str, on_shard: Optional[Callable[[str, int], None]]) -> Verify
                     report.problems.append(f"{name}: record {count}: unreadable (corrupt or truncated): "
                                            f"{e.message.splitlines()[0] if hasattr(e, 'message') else e}")
                     break
-                problem = _check_record(record.numpy(), spec, encoding, split, labels)
+                problem = _check_record(record.numpy(), spec, encoding, split, labels, mf.label_mode(data),
+                                        len(mf.value_names(data)))
                 if problem:
                     report.problems.append(f"{name}: record {count}: {problem}")
                 count += 1
@@ -153,7 +154,8 @@ def _damage(root: str, error) -> str:
             f"sha256. Run `stp verify {root}` to check every record.")
 
 
-def _check_record(record: bytes, spec, encoding: str, split: str, labels: list) -> str:
+def _check_record(record: bytes, spec, encoding: str, split: str, labels: list, label_mode: str = "single",
+                  values: int = 0) -> str:
     try:
         f = schema.parse_patch_numpy(record, spec.shape)
     except Exception as e:  # any parse/decode failure is a finding, not a crash
@@ -162,7 +164,17 @@ def _check_record(record: bytes, spec, encoding: str, split: str, labels: list) 
         return f"encoding {f[schema.ENCODING]!r}, the manifest says {encoding!r}"
     if f.get(schema.SPLIT, split) != split:
         return f"split {f[schema.SPLIT]!r} in a shard of split {split!r}"
+    if values and len(f.get(schema.VALUES, [])) != values:
+        return f"{len(f.get(schema.VALUES, []))} values, the manifest names {values}"
     label = f.get(schema.LABEL, schema.UNLABELLED)
+    if label_mode == "multi":
+        hot = f.get(schema.MULTI_HOT, [])
+        if len(hot) != len(labels):
+            return f"a multi-hot vector of {len(hot)} classes, the label map has {len(labels)}"
+        names = schema.MULTI_LABEL_SEPARATOR.join(n for n, h in zip(labels, hot) if h)
+        if f.get(schema.LABEL_NAME) != names:
+            return f"labels named {f.get(schema.LABEL_NAME)!r}, its multi-hot vector says {names!r}"
+        return ""
     if labels:
         if not 0 <= label < len(labels):
             return f"label index {label} outside the label map of {len(labels)} classes"

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -537,7 +537,8 @@ class FrameStream:
 
 def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                   threads: int = 1, interpolation: str = "AREA",
-                  report: Optional[dict] = None) -> Iterator[Union[Plan, Patch]]:
+                  report: Optional[dict] = None, cutter: Optional[Callable[[Plan], object]] = None
+                  ) -> Iterator[Union[Plan, Patch, object]]:
     """Streams the patches of one video: the single place where decoding meets cutting.
 
     Yields a `Plan` at the start of every read, then that read's `Patch`es in
@@ -547,22 +548,33 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
     so they cut the same patches from the same video. `report`, when given,
     receives `FrameStream.report()` of the read that finished (orientation and
     size changes: what the manifest records).
+
+    `cutter(plan)`, when given, makes the object that cuts a read's frames instead of one `PatchCutter`
+    over the whole grid: anything with `add(frame, t)` and `finish()` yielding what this generator
+    yields (`sampling.ItemsCutter`: the patches of several segments, cut from one decode). When it has
+    a true `done` before the video ends, the rest of the video is not decoded.
     """
     info, rewound = _probe(path, max_pixels, keep_open=True, threads=threads)
     try:
         plan = make_plan(info, spec)
         for _ in range(3):
             yield plan
-            grid = Grid.for_video(spec, plan.frames, plan.height, plan.width)
-            cutter = PatchCutter(spec, grid)
+            if cutter is None:
+                cut = PatchCutter(spec, Grid.for_video(spec, plan.frames, plan.height, plan.width))
+            else:
+                cut = cutter(plan)
             try:
                 # The first read decodes from the probe's container; a second one opens the file again.
                 frames = FrameStream(info, spec, plan, threads, interpolation, rewound=rewound)
-                for frame, t in frames:
-                    yield from cutter.add(frame, t)
+                stream = iter(frames)
+                for frame, t in stream:
+                    yield from cut.add(frame, t)
+                    if getattr(cut, "done", False):
+                        stream.close()  # every item has its frames: the rest is not decoded
+                        break
                 if report is not None:
                     report.update(frames.report())
-                yield from cutter.finish()
+                yield from cut.finish()
                 return
             except Replan as r:
                 plan = r.plan
