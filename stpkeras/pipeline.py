@@ -67,12 +67,9 @@ class DataInfo:
     def target_spec(self) -> Dict[str, tf.io.FixedLenFeature]:
         """The parsing spec of the optional targets this data's records carry (sizes from the manifest):
         `label/multi_hot` int64 [C] for multi-label data, `value/data` float32 [K] for data with values."""
-        spec = {}
-        if self.label_mode == "multi":
-            spec[schema.MULTI_HOT] = tf.io.FixedLenFeature([len(self.labels)], tf.int64)
-        if self.value_names:
-            spec[schema.VALUES] = tf.io.FixedLenFeature([len(self.value_names)], tf.float32)
-        return spec
+        spec = schema.feature_spec(self.encoding, num_classes=len(self.labels) if self.label_mode == "multi" else 0,
+                                   num_values=len(self.value_names))
+        return {key: spec[key] for key in (schema.MULTI_HOT, schema.VALUES) if key in spec}
 
     @property
     def splits(self) -> Tuple[str, ...]:

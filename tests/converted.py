@@ -45,9 +45,9 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
     if masks is not None:
         data["mask_classes"] = mask_classes
     if multi_hot is not None:
-        data[manifest.LABEL_MODE] = "multi"
+        data["label_mode"] = "multi"
     if values is not None:
-        data[manifest.VALUE_NAMES] = list(value_names)
+        data["value_names"] = list(value_names)
     videos: Dict[str, dict] = {}
     for split, items in splits.items():
         per_shard: List[List[bytes]] = [[] for _ in range(shards)]
@@ -59,9 +59,9 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
             record = schema.encode_patch(
                 pixels, encoding=encoding, video_id=video_id, video_size=pixels.shape[:3],
                 index=(i, 0, 0), offset=(i * t, 0, 0), valid=pixels.shape[:3], timestamp=float(i),
-                label=label, label_name=name, split=split, mask=masks[split][i] if masks is not None else None)
-            record = _with_targets(record, multi_hot[split][i] if multi_hot is not None else None,
-                                   values[split][i] if values is not None else None)
+                label=label, label_name=name, split=split, mask=masks[split][i] if masks is not None else None,
+                multi_hot=[int(v) for v in multi_hot[split][i]] if multi_hot is not None else None,
+                values=values[split][i] if values is not None else None)
             # Patches of one video go to one shard, as the converter writes them.
             per_shard[int(hashlib.md5(video_id.encode()).hexdigest(), 16) % shards].append(record)
             counts[name] = counts.get(name, 0) + 1
@@ -86,18 +86,6 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
     data["counts"] = {"videos": len(videos), "ok": len(videos), "failed": 0, "skipped": 0, "patches": total}
     manifest.write_manifest(root, data)
     return data
-
-
-def _with_targets(record: bytes, multi_hot, values) -> bytes:
-    """The record with `label/multi_hot` and `value/data` added (when given)."""
-    if multi_hot is None and values is None:
-        return record
-    example = tf.train.Example.FromString(record)
-    if multi_hot is not None:
-        example.features.feature[schema.MULTI_HOT].int64_list.value[:] = [int(v) for v in multi_hot]
-    if values is not None:
-        example.features.feature[schema.VALUES].float_list.value[:] = [float(v) for v in values]
-    return example.SerializeToString(deterministic=True)
 
 
 def random_items(n: int, shape=(4, 8, 8, 3), num_classes: int = 3, videos: int = 6, seed: int = 0) -> List[Item]:
