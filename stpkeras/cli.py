@@ -495,8 +495,9 @@ def _model_args(ctx, param, values):
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
               help="Training augmentations: any of flip,crop,color, or 'none' (default crop,color; flip for "
-                   "--task enhance). No flip by default otherwise: a horizontal flip swaps left and right "
-                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target.")
+                   "--task enhance and regress). No flip by default otherwise: a horizontal flip swaps left and right "
+                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target; "
+                   "regression avoids crop and color, which change what values measured in the pixels.")
 @click.option("--train-split", default=None, metavar="SPLIT",
               help="Split to train on (default: 'train', or every split but validation when there is none).")
 @click.option("--val-split", default=None, metavar="SPLIT",
