@@ -23,7 +23,8 @@ def load(path, **kwargs):
     """A callable predictor for an export (`saved_models/NAME[/VERSION]`), a `.keras` file or a run folder.
 
     See `stpkeras.predict.load`; calling the predictor with `uint8 [batch, T, H, W, 3]`
-    patches returns `logits`, `probabilities`, `class_ids` and `class_names`.
+    patches returns `logits`, `probabilities`, `class_ids` and `class_names` (a multi-label
+    classifier: `logits` and sigmoid `probabilities`; a regressor: `values` and `value_names`).
     """
     from stpkeras.predict import load as _load
 

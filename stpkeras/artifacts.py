@@ -62,8 +62,8 @@ class Artifact:
 
     path: str                    # the .keras file, or the SavedModel's version folder
     form: str                    # "keras" or "saved_model"
-    task: str                    # classify, enhance, embed, segment
-    labels: Tuple[str, ...]      # the classes the model predicts; () for enhance and embed
+    task: str                    # classify, regress, enhance, embed, segment
+    labels: Tuple[str, ...]      # the classes the model predicts (regress: its values' names); () for enhance, embed
     spec: PatchSpec
     model: object
     run: Optional[dict] = None   # run.json (a run's model), or the export's stpkeras_export.json
@@ -72,6 +72,17 @@ class Artifact:
     def run_dir(self) -> Optional[str]:
         """The run folder the model belongs to (None for an export or a lone .keras file)."""
         return os.path.dirname(self.path) if self.form == "keras" and self.run is not None else None
+
+    @property
+    def task_options(self) -> dict:
+        """The task's options and what it took from the data (run.json's or the export's `task_options`,
+        e.g. `multi_label`); {} for a lone `.keras` file and runs from before they were recorded."""
+        return dict((self.run or {}).get("task_options") or {})
+
+    @property
+    def multi_label(self) -> bool:
+        """A classifier with sigmoid outputs, one probability per class (`stp train --multi-label`)."""
+        return self.task == "classify" and bool(self.task_options.get("multi_label"))
 
     @property
     def signatures(self) -> Tuple[str, ...]:

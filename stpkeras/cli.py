@@ -409,26 +409,35 @@ def serving_config_command(root, base_path):
               help="Split batches so that no request to the server is larger.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
               help="Refuse videos whose frames are larger (decompression-bomb guard).")
-def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels):
-    """Classify VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or .keras).
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Multi-label models: a class is named when its probability is at least this.")
+@click.option("--timeline", is_flag=True,
+              help="Also a label (or values) per temporal window of patches, with its start and end seconds.")
+def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels,
+                    threshold, timeline):
+    """Classify or score VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or
+    a run folder or .keras file): a classifier's label, a multi-label classifier's labels, a regressor's values.
 
     Exit code 1 when some videos could not be classified (they are listed with the reason), 2 for a bad
     model, URL or input, 4 when the server does not answer.
     """
-    from stpkeras.predict import RemotePredictor, format_table, load, predict_videos
+    from stpkeras.predict import RemotePredictor, format_table, format_timeline, load, predict_videos
     from stpkeras.serving import connect
 
     predictor = load(model)
     if server is not None:
         client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
-        predictor = RemotePredictor(client, predictor.labels, predictor.spec)
+        predictor = RemotePredictor.like(client, predictor)
     results = []
-    for result in predict_videos(predictor, videos, batch_size=batch_size, top_k=top_k, max_pixels=max_pixels):
+    for result in predict_videos(predictor, videos, batch_size=batch_size, top_k=top_k, max_pixels=max_pixels,
+                                 threshold=threshold, timeline=timeline):
         results.append(result)
         if as_json:
             click.echo(result.to_json())
         elif result.error is not None:
             click.echo(f"{result.video}: {result.error}", err=True)
+        elif timeline:
+            click.echo(format_timeline(result))
     if not as_json:
         click.echo(format_table(results, top_k))
     sys.exit(EXIT_PARTIAL if any(r.error is not None for r in results) else EXIT_OK)
@@ -486,8 +495,9 @@ def _model_args(ctx, param, values):
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
               help="Training augmentations: any of flip,crop,color, or 'none' (default crop,color; flip for "
-                   "--task enhance). No flip by default otherwise: a horizontal flip swaps left and right "
-                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target.")
+                   "--task enhance and regress). No flip by default otherwise: a horizontal flip swaps left and right "
+                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target; "
+                   "regression avoids crop and color, which change what values measured in the pixels.")
 @click.option("--train-split", default=None, metavar="SPLIT",
               help="Split to train on (default: 'train', or every split but validation when there is none).")
 @click.option("--val-split", default=None, metavar="SPLIT",
@@ -515,19 +525,24 @@ def _model_args(ctx, param, values):
 @click.option("--trace-records", "trace_dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
               help="Write the video id and grid index of every training record this process receives to DIR "
                    "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
-@click.option("--task", type=click.Choice(["classify", "embed", "segment", "enhance", "pretrain"]),
-              default="classify", show_default=True, help="classify: a label per patch; "
-                                      "pretrain: masked autoencoding (vivit), labels ignored, for --init-from; "
-                                      "enhance: restore degraded patches (unet3d, dncnn3d); "
-                                      "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
-                                      "segment: a class per voxel (data with masks) or per frame (data with "
-                                      "intervals), unet3d.")
+@click.option("--task", type=click.Choice(["classify", "regress", "embed", "segment", "enhance", "pretrain"]),
+              default="classify", show_default=True,
+              help="classify: a label per patch (multi-label data: any number, see --multi-label); "
+                   "regress: the records' values (value/data), K numbers per patch; "
+                   "pretrain: masked autoencoding (vivit), labels ignored, for --init-from; "
+                   "enhance: restore degraded patches (unet3d, dncnn3d); "
+                   "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
+                   "segment: a class per voxel (data with masks) or per frame (data with intervals), unet3d.")
 @click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
               help="enhance: a degradation applied on the fly, repeatable: noise:25 (Gaussian sigma, 0-255), "
                    "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
                    "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
-@click.option("--loss", "pixel_loss", type=click.Choice(["l1", "l2"]), default=None,
-              help="enhance: the pixel loss (default l1).")
+@click.option("--loss", "loss", type=click.Choice(["l1", "l2", "mse", "huber"]), default=None,
+              help="enhance: the pixel loss, l1 (default) or l2; regress: mse (default) or huber (delta: one "
+                   "standard deviation of the training values).")
+@click.option("--multi-label", is_flag=True, default=None,
+              help="classify: sigmoid outputs and binary cross-entropy. Automatic for multi-label data (its "
+                   "dataset.json says label_mode 'multi'); on single-label data, one-hot targets.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
 @click.option("--init-from", type=click.Path(exists=True), default=None, metavar="RUN|MODEL.keras",
@@ -540,8 +555,8 @@ def _model_args(ctx, param, values):
               help="With --init-from, vivit: each transformer block below the head learns at F x the one above.")
 def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, pixel_loss,
-                  mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
+                  multi_label, mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -552,13 +567,19 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     if deterministic and seed is None:
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
     try:
-        if (degrade or pixel_loss) and task != "enhance":
-            raise click.BadParameter("--degrade and --loss are options of --task enhance", param_hint="--task")
+        if degrade and task != "enhance":
+            raise click.BadParameter("--degrade is an option of --task enhance", param_hint="--task")
+        losses = {"enhance": ("pixel_loss", ("l1", "l2")), "regress": ("value_loss", ("mse", "huber"))}
+        if loss and loss not in losses.get(task, ("", ()))[1]:
+            raise click.BadParameter(f"--loss {loss}: expected l1 or l2 with --task enhance, mse or huber with "
+                                     f"--task regress (received --task {task})", param_hint="--loss")
+        if multi_label and task != "classify":
+            raise click.BadParameter("--multi-label is an option of --task classify", param_hint="--task")
         # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
         if mask_ratio is not None and task != "pretrain":
             raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
-        task_options = tuple((k, v) for k, v in (("degrade", degrade), ("pixel_loss", pixel_loss),
-                                                 ("mask_ratio", mask_ratio)) if v)
+        task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
+                                                  ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
                              task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
@@ -576,7 +597,8 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
     best = metrics.get("best", {})
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
                + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
-                           if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim"))
+                           if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim",
+                                    "val_pr_auc", "val_mae"))
                + "; best.keras, last.keras, history.csv, curves.png, logs/")
 
 
@@ -597,7 +619,10 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Enhancement runs: seed of the degradations (the same seed, the same inputs).")
 @click.option("--no-baselines", is_flag=True, help="Enhancement runs: skip the classical baselines.")
-def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines):
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Multi-label runs: the probability at which a class counts as predicted "
+                                      "(precision, recall, F1).")
+def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines, threshold):
     """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video.
 
     An enhancement run (--task enhance) reports PSNR/SSIM of the degraded input, of classical
@@ -608,9 +633,41 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
     from stpkeras.evaluate import EvalConfig, evaluate
 
     result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                 out=out, degrade=degrade, seed=seed, baselines=not no_baselines))
+                                 out=out, degrade=degrade, seed=seed, baselines=not no_baselines, threshold=threshold))
     if as_json:
         click.echo(json.dumps(result))
+        return
+    if result.get("task") == "regress":
+        def num(v):
+            return "n/a" if v is None else f"{v:.4f}"
+        for level in ("patch", "video"):
+            m = result[level]
+            click.echo(f"{level:>5}: {m['count']} | MAE {num(m['mae'])} | RMSE {num(m['rmse'])} | "
+                       f"SROCC {num(m['srocc'])} | PLCC {num(m['plcc'])}")
+        width = max(len(name) for name in result["labels"])
+        click.echo(f"{'value':<{width}}  MAE       RMSE      SROCC     PLCC      (video level)")
+        for name, v in result["video"]["per_value"].items():
+            click.echo(f"{name:<{width}}  " + "  ".join(f"{num(v[k]):<8}" for k in ("mae", "rmse", "srocc", "plcc")))
+        if result["video"]["undefined_correlations"]:
+            click.echo(f"no correlation (constant, or fewer than 2 videos): "
+                       f"{', '.join(result['video']['undefined_correlations'])}")
+        click.echo(f"wrote {result['json']}")
+        return
+    if result.get("multi_label"):
+        for level in ("patch", "video"):
+            m = result[level]
+            click.echo(f"{level:>5}: {m['count']} | mAP {'n/a' if m['map'] is None else format(m['map'], '.4f')} | "
+                       f"F1@{m['threshold']:g} {m['f1']:.4f} (micro {m['micro_f1']:.4f}) | "
+                       f"exact match {m['exact_match']:.4f}")
+            if m["excluded_from_map"]:
+                click.echo(f"       not in the mAP (no positive {level}): {', '.join(m['excluded_from_map'])}")
+        width = max(len(name) for name in result["labels"])
+        click.echo(f"{'class':<{width}}  AP      precision  recall  F1      (video level)")
+        for name, c in result["video"]["per_class"].items():
+            ap = "n/a   " if c["ap"] is None else f"{c['ap']:.4f}"
+            click.echo(f"{name:<{width}}  {ap}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  "
+                       f"n={c['support']}")
+        click.echo(f"wrote {result['json']}")
         return
     if result.get("task") == "enhance":
         click.echo(f"{result['split']}: {result['patches']} patches, "

@@ -6,6 +6,12 @@ its output against the clean patches, beside the degraded input and classical ba
 takes the video's label. Both levels report accuracy, precision, recall and
 F1 per class and macro-averaged, top-k accuracy and the confusion matrix
 (rows: true class, columns: predicted), as JSON and as PNGs.
+
+A multi-label classifier reports mAP (mean over classes of scikit-learn's average precision), each class's
+AP, and precision, recall and F1 at a probability threshold (`multilabel_metrics`); a regressor MAE, RMSE,
+Spearman's (SROCC) and Pearson's (PLCC) correlation per value (`regression_metrics`). Both at patch level
+and at video level, where a video (or a segment: its `video/id` is `REL#t=START,END`) is the mean of its
+patches' probabilities or values.
 """
 
 from __future__ import annotations
@@ -42,12 +48,16 @@ class EvalConfig:
     degrade: Tuple[str, ...] = ()
     seed: int = 0
     baselines: bool = True
+    threshold: float = 0.5          # multi-label runs: the probability above which a class counts as predicted
 
     def __post_init__(self):
         for name in ("batch_size", "top_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Invalid value for argument `{name}`. Expected a strictly positive integer. "
                                  f"Received {name}={getattr(self, name)!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"Invalid value for argument `threshold`. Expected a probability in (0, 1). "
+                             f"Received threshold={self.threshold!r}")
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: Sequence[str],
@@ -96,9 +106,90 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, class_names: 
     }
 
 
+def multilabel_metrics(targets: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
+                       threshold: float = 0.5) -> dict:
+    """Metrics of `probabilities [N, C]` (float in [0, 1]) against multi-hot `targets [N, C]` (0 or 1).
+
+    `map` is the mean of the classes' average precision (`sklearn.metrics.average_precision_score`) over
+    the classes with at least one positive; a class without one has no AP (None) and is listed in
+    `excluded_from_map`. Precision, recall and F1 count a class as predicted when its probability is >=
+    `threshold` (scikit-learn, `zero_division=0`); `exact_match` is the share of items whose predicted set is
+    exactly their set of classes.
+    """
+    from sklearn.metrics import accuracy_score, average_precision_score, precision_recall_fscore_support
+
+    targets = np.asarray(targets, np.int64)
+    probabilities = np.asarray(probabilities, np.float64)
+    if probabilities.shape != targets.shape or targets.ndim != 2 or targets.shape[1] != len(class_names):
+        raise ValueError(f"probabilities {probabilities.shape} and targets {targets.shape} for "
+                         f"{len(class_names)} classes")
+    predicted = (probabilities >= threshold).astype(np.int64)
+    positives = targets.sum(axis=0)
+    ap = [float(average_precision_score(targets[:, c], probabilities[:, c])) if positives[c] else None
+          for c in range(len(class_names))]
+    scored = [v for v in ap if v is not None]
+    if len(targets):
+        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, average=None, zero_division=0)
+        micro = precision_recall_fscore_support(targets, predicted, average="micro", zero_division=0)[2]
+    else:
+        precision = recall = f1 = np.zeros(len(class_names))
+        micro = 0.0
+    return {
+        "count": int(len(targets)),
+        "map": float(np.mean(scored)) if scored else None,
+        "excluded_from_map": [name for name, v in zip(class_names, ap) if v is None],
+        "threshold": float(threshold),
+        "precision": float(np.mean(precision)), "recall": float(np.mean(recall)), "f1": float(np.mean(f1)),
+        "micro_f1": float(micro),
+        "exact_match": float(accuracy_score(targets, predicted)) if len(targets) else 0.0,
+        "per_class": {name: {"ap": ap[c], "precision": float(precision[c]), "recall": float(recall[c]),
+                             "f1": float(f1[c]), "support": int(positives[c])}
+                      for c, name in enumerate(class_names)},
+    }
+
+
+def regression_metrics(values: np.ndarray, predicted: np.ndarray, value_names: Sequence[str]) -> dict:
+    """Metrics of `predicted [N, K]` against true `values [N, K]` (float), per value and their mean over values.
+
+    MAE and RMSE (scikit-learn), SROCC (`scipy.stats.spearmanr`: ties take their mean rank) and PLCC
+    (`scipy.stats.pearsonr`). A correlation is None where it is undefined: fewer than 2 items, or a
+    constant column (true or predicted), which `undefined` names.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    values = np.asarray(values, np.float64)
+    predicted = np.asarray(predicted, np.float64)
+    if values.shape != predicted.shape or values.ndim != 2 or values.shape[1] != len(value_names):
+        raise ValueError(f"predictions {predicted.shape} and values {values.shape} for {len(value_names)} values")
+    per_value, undefined = {}, []
+    for k, name in enumerate(value_names):
+        y, p = values[:, k], predicted[:, k]
+        m = {"mae": None, "rmse": None, "srocc": None, "plcc": None}
+        if len(y):
+            m["mae"] = float(mean_absolute_error(y, p))
+            m["rmse"] = float(np.sqrt(mean_squared_error(y, p)))
+        if len(y) >= 2 and np.ptp(y) > 0 and np.ptp(p) > 0:
+            m["srocc"] = float(spearmanr(y, p).statistic)
+            m["plcc"] = float(pearsonr(y, p).statistic)
+        else:
+            undefined.append(name)
+        per_value[name] = m
+
+    def mean(key):
+        got = [m[key] for m in per_value.values() if m[key] is not None]
+        return float(np.mean(got)) if got else None
+
+    return {"count": int(len(values)), **{key: mean(key) for key in ("mae", "rmse", "srocc", "plcc")},
+            "per_value": per_value, "undefined_correlations": undefined}
+
+
 def video_level(video_ids: np.ndarray, labels: np.ndarray,
                 logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-patch arrays -> (ids [V], labels [V], mean logits [V, C]), videos in first-seen order."""
+    """Per-patch arrays -> (ids [V], labels [V], mean logits [V, C]), videos in first-seen order.
+
+    `labels` may also be rows (`[N, C]` multi-hot targets, `[N, K]` values), each the same for all patches
+    of a video; `logits` any per-patch outputs to average (probabilities, values)."""
     ids, first, inverse = np.unique(video_ids, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     sums = np.zeros((len(ids), logits.shape[1]), np.float64)
@@ -112,20 +203,24 @@ def video_level(video_ids: np.ndarray, labels: np.ndarray,
     return ids[order], video_labels[order], (sums / counts[:, None])[order]
 
 
-def predict(model, dataset) -> Dict[str, np.ndarray]:
-    """Runs `model` over a feature-dict dataset; returns logits, labels and video ids, in order."""
+def predict(model, dataset, target: Optional[str] = None, sigmoid: bool = False) -> Dict[str, np.ndarray]:
+    """Runs `model` over a feature-dict dataset; returns its outputs ("logits", or their sigmoid), the
+    records' labels (or their `target` feature, e.g. `schema.VALUES`) and video ids, in order."""
     import tensorflow as tf
 
     from tfrecords_tools import schema
 
+    target = target or schema.LABEL
+
     @tf.function(reduce_retracing=True)
     def forward(patch):
-        return model(patch, training=False)
+        out = model(patch, training=False)
+        return tf.sigmoid(tf.cast(out, tf.float32)) if sigmoid else out
 
     logits, labels, ids = [], [], []
     for features in dataset:
         logits.append(forward(features[schema.PATCH]).numpy())
-        labels.append(features[schema.LABEL].numpy())
+        labels.append(features[target].numpy())
         ids.append(features[schema.VIDEO_ID].numpy())
     if not logits:
         return {"logits": np.zeros((0, model.output_shape[-1])), "labels": np.zeros(0, np.int64),
@@ -156,6 +251,8 @@ def _evaluate(config: EvalConfig) -> dict:
     spec = artifact.spec if artifact.run is not None else None
     if run.get("task") == "enhance":
         return evaluate_enhance(config, model, run, info)
+    if artifact.task == "regress" or artifact.multi_label:
+        return evaluate_targets(config, artifact, info)
     model_shape = tuple(model.input_shape[1:])
     if model_shape != tuple(info.spec.shape):
         raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
@@ -196,6 +293,64 @@ def _evaluate(config: EvalConfig) -> dict:
         draw_confusion(np.array(result[level]["confusion"]), labels, path, title=f"{split}, {level} level")
         result[level]["confusion_png"] = path
     result["json"] = os.path.join(out_dir, EVAL_JSON.format(split=split))
+    outputs.write_text(result["json"], json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _split_to_evaluate(config: EvalConfig, info) -> str:
+    split = config.split or next((s for s in ("test", "val") if s in info.splits), None)
+    if split is None:
+        raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split (available: {list(info.splits)})")
+    info.resolve(split)
+    return split
+
+
+def _out_dir(config: EvalConfig) -> str:
+    out_dir = config.out or (config.model if os.path.isdir(config.model)
+                             else os.path.dirname(os.path.abspath(config.model)))
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
+# --- multi-label classification and regression ------------------------------------------------
+
+def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
+    """A multi-label classifier (`multilabel_metrics` at `config.threshold`) or a regressor
+    (`regression_metrics`) on a split, per patch and per video (the mean of its patches' probabilities
+    or values); writes eval-SPLIT.json and returns the same dict."""
+    from stpkeras import pipeline
+    from tfrecords_tools import schema
+
+    model, names = artifact.model, tuple(artifact.labels)
+    regress = artifact.task == "regress"
+    key, expected, what = ((schema.VALUES, info.value_names, "values") if regress
+                           else (schema.MULTI_HOT, info.labels, "classes"))
+    if tuple(model.input_shape[1:]) != tuple(info.spec.shape):
+        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
+                            f"{tuple(model.input_shape[1:])} (T, H, W, C)")
+    if tuple(expected) != names:
+        raise EvaluateError(f"{config.data}: {what} {list(expected)} differ from the model's {list(names)}")
+    if key not in info.target_spec():
+        raise EvaluateError(f"{config.data}: the records carry no {key!r} to measure the model against "
+                            f"(label_mode {info.label_mode!r}, value_names {list(info.value_names)})")
+    split = _split_to_evaluate(config, info)
+    dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,
+                                    as_supervised=False, spec=artifact.spec)
+    # The multi-label metrics take probabilities: the sigmoid of the logits.
+    out = predict(model, dataset, target=key, sigmoid=not regress)
+    if not len(out["labels"]):
+        raise EvaluateError(f"{config.data}: split {split!r} is empty")
+    _, video_targets, video_outputs = video_level(out["video_ids"], out["labels"], out["logits"])
+    if regress:
+        def measure(targets, outputs):
+            return regression_metrics(targets, outputs, names)
+    else:
+        def measure(targets, outputs):
+            return multilabel_metrics(targets, outputs, names, config.threshold)
+    result = {"task": artifact.task, "multi_label": not regress, "model": config.model, "data": config.data,
+              "split": split, "labels": list(names),
+              "patch": measure(out["labels"], out["logits"]), "video": measure(video_targets, video_outputs)}
+    result["json"] = os.path.join(_out_dir(config), EVAL_JSON.format(split=split))
     outputs.write_text(result["json"], json.dumps(result, indent=1) + "\n")
     return result
 

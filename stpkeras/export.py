@@ -13,6 +13,11 @@ and explicit input signatures (batch dimension `None`):
 Normalisation (uint8 -> float) is the model's own first layer, so a client
 sends raw pixels and the server computes exactly what training computed.
 
+A multi-label classifier's `serving_default` and `serve_examples` return `logits` and `probabilities`
+(sigmoid: one independent probability per class), float32 [batch, C]; a regressor's (`--task regress`)
+return `values` float32 [batch, K] in the data's units and `value_names` string [batch, K]
+(`assets/labels.txt` holds the value names, one a line).
+
 An enhancement run (`--task enhance`) exports `serving_default` and
 `serve_examples` with other outputs: `pixels` uint8 [batch, T, H, W, 3] (the
 enhanced patches, clipped and rounded) and `pixels_float` float32 (0-255
@@ -59,7 +64,7 @@ from tfrecords_tools.storage import check_path, is_remote, join
 
 from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, EXAMPLES, FEATURES_LAYER, LOGITS,  # noqa: F401
                                  LOGITS_LAYER, PATCHES, PIXELS, PIXELS_FLOAT, PROBABILITIES, SERVE_EXAMPLES,
-                                 SERVING_DEFAULT)
+                                 SERVING_DEFAULT, VALUE_NAMES, VALUES, VALUES_LAYER)
 
 # TF Serving takes model names from folder names and URLs; keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -99,15 +104,17 @@ def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
                               f"[None, {', '.join(map(str, source.spec.shape))}] -> pixels of the same shape; "
                               f"it maps {shapes}")
         return source
-    if source.task != "classify":
+    if source.task not in ("classify", "regress"):
         raise ExportError(f"{source.path}: the run's task is {source.task!r}; export writes classifiers "
-                          "(task classify) and enhancement models (task enhance)")
-    check_model(source.model, source.spec, len(source.labels), source.path)
+                          "(task classify), regressors (task regress) and enhancement models (task enhance)")
+    check_model(source.model, source.spec, len(source.labels), source.path,
+                VALUES_LAYER if source.task == "regress" else LOGITS_LAYER)
     return source
 
 
-def check_model(model, spec: PatchSpec, num_classes: int, where: str) -> None:
-    """Checks the model contract: uint8 [None, T, H, W, 3] in, a layer `logits` with K units out."""
+def check_model(model, spec: PatchSpec, num_classes: int, where: str, output_layer: str = LOGITS_LAYER) -> None:
+    """Checks the model contract: uint8 [None, T, H, W, 3] in, a layer `logits` (a regressor's: `values`)
+    with K units out."""
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) != 1:
         raise ExportError(f"{where}: expected a model with one input, it has {len(inputs)}")
@@ -117,14 +124,15 @@ def check_model(model, spec: PatchSpec, num_classes: int, where: str) -> None:
         raise ExportError(f"{where}: the model takes {dtype} {list(shape)}, expected uint8 "
                           f"[None, {', '.join(map(str, spec.shape))}] (the PatchSpec's patch shape)")
     try:
-        logits = model.get_layer(LOGITS_LAYER)
+        logits = model.get_layer(output_layer)
     except ValueError as e:
-        raise ExportError(f"{where}: the model has no layer named {LOGITS_LAYER!r} (its output layer)") from e
+        raise ExportError(f"{where}: the model has no layer named {output_layer!r} (its output layer)") from e
     out = tuple(model.outputs[0].shape) if len(model.outputs) == 1 else None
     if out is None or model.outputs[0] is not logits.output:
-        raise ExportError(f"{where}: expected one output, the layer {LOGITS_LAYER!r}")
+        raise ExportError(f"{where}: expected one output, the layer {output_layer!r}")
     if out[-1] != num_classes:
-        raise ExportError(f"{where}: the model outputs {out[-1]} logits but there are {num_classes} labels")
+        raise ExportError(f"{where}: the model outputs {out[-1]} {output_layer} but there are {num_classes} "
+                          + ("value names" if output_layer == VALUES_LAYER else "labels"))
 
 
 # --- versions and layout ----------------------------------------------------------------------
@@ -243,11 +251,17 @@ def _build_archive(source: Artifact, labels_path: str):
     patch_sig = [tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)]
     example_sig = [tf.TensorSpec([None], tf.string, name=EXAMPLES)]
 
-    def outputs(logits):
-        logits = tf.cast(logits, tf.float32)  # mixed-precision models compute in float16
-        ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        return {LOGITS: logits, PROBABILITIES: tf.nn.softmax(logits), CLASS_IDS: ids,
-                CLASS_NAMES: table.lookup(ids)}
+    output_names = tf.constant(list(source.labels), tf.string)
+
+    def outputs(out):
+        out = tf.cast(out, tf.float32)  # mixed-precision models compute in float16
+        if source.task == "regress":
+            # Each value with its name: [batch, K] like the values, so a split batch joins back row by row.
+            return {VALUES: out, VALUE_NAMES: tf.tile(output_names[None], [tf.shape(out)[0], 1])}
+        if source.multi_label:
+            return {LOGITS: out, PROBABILITIES: tf.sigmoid(out)}
+        ids = tf.argmax(out, axis=-1, output_type=tf.int64)
+        return {LOGITS: out, PROBABILITIES: tf.nn.softmax(out), CLASS_IDS: ids, CLASS_NAMES: table.lookup(ids)}
 
     def serve(patches):
         return outputs(model(patches, training=False))
@@ -414,6 +428,7 @@ def _write_info(target: str, name: str, version: int, signatures, source: Artifa
     info = {
         "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
         "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
+        "task_options": source.task_options,
         "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

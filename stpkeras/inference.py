@@ -3,9 +3,10 @@
     decode -> cut (`tfrecords_tools.video.video_patches`, in a reader thread, a few batches ahead)
            -> batch -> model -> head
 
-A *head* is what a task does with the model's outputs for one video (`Head`): average the logits
-(label a video), average the embeddings (retrieval), blend overlapping outputs back into frames
-(enhance, segment). The loop owns what every head would otherwise repeat: the reader thread and
+A *head* is what a task does with the model's outputs for one video (`Head`): average the logits,
+probabilities or values (label a video, score it), average them per temporal window (a timeline), average
+the embeddings (retrieval), blend overlapping outputs back into frames (enhance, segment). The loop
+owns what every head would otherwise repeat: the reader thread and
 its prefetch bound, batching, the pixel format of the model's input, timing, and the re-plan
 protocol (a second `Plan` from `video_patches` voids everything since the previous one: the loop
 drops its pending patches and calls `head.start(plan)` again). Memory stays bounded: at most
@@ -17,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Generic, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, Generic, Iterator, List, NamedTuple, Optional, TypeVar
 
 import numpy as np
 
@@ -230,3 +231,40 @@ class OverlapAddHead(Head[Result]):
 
     def result(self) -> Result:
         raise NotImplementedError
+
+
+class Window(NamedTuple):
+    """The patches of one temporal window (one grid row in time): its times and mean output."""
+
+    index: int          # the window's temporal grid index
+    start: float        # seconds of its first frame
+    end: float          # seconds after its last real frame
+    patches: int
+    mean: np.ndarray    # float32 [D]: the mean of its patches' outputs
+
+
+class WindowHead(Head[List[Window]]):
+    """Per temporal window (the patches that share a first frame), the mean of `outputs float [n, D]`:
+    a timeline of the video, in order. A window's end is its first frame's time plus its real frames'
+    duration (1 / the spec's fps, or the video's mean frame duration when the spec keeps its rate)."""
+
+    def __init__(self, spec: PatchSpec):
+        self.spec = spec
+        self.windows: Dict[int, list] = {}
+        self.frame_s = 0.0
+
+    def start(self, plan: Plan) -> None:
+        self.windows = {}
+        self.frame_s = 1.0 / self.spec.fps if self.spec.fps else (plan.end - plan.start) / max(plan.frames, 1)
+
+    def add(self, patches, outputs) -> None:
+        for patch, row in zip(patches, np.asarray(outputs, np.float64)):
+            entry = self.windows.setdefault(patch.index[0], [patch.timestamp, 0, 0.0, 0])
+            entry[1] = max(entry[1], patch.valid[0])
+            entry[2] = entry[2] + row
+            entry[3] += 1
+
+    def finish(self) -> List[Window]:
+        return [Window(t, float(start), float(start + frames * self.frame_s), count,
+                       (total / count).astype(np.float32))
+                for t, (start, frames, total, count) in sorted(self.windows.items())]

@@ -55,6 +55,23 @@ class DataInfo:
         return len(self.labels)
 
     @property
+    def label_mode(self) -> str:
+        """"single", "multi" (records carry `label/multi_hot`) or "none"."""
+        return manifest_lib.label_mode(self.manifest)
+
+    @property
+    def value_names(self) -> Tuple[str, ...]:
+        """The names of the records' `value/data` entries; () when they carry none."""
+        return tuple(manifest_lib.value_names(self.manifest))
+
+    def target_spec(self) -> Dict[str, tf.io.FixedLenFeature]:
+        """The parsing spec of the optional targets this data's records carry (sizes from the manifest):
+        `label/multi_hot` int64 [C] for multi-label data, `value/data` float32 [K] for data with values."""
+        spec = schema.feature_spec(self.encoding, num_classes=len(self.labels) if self.label_mode == "multi" else 0,
+                                   num_values=len(self.value_names))
+        return {key: spec[key] for key in (schema.MULTI_HOT, schema.VALUES) if key in spec}
+
+    @property
     def splits(self) -> Tuple[str, ...]:
         return tuple(manifest_lib.split_names(self.manifest))
 
@@ -101,15 +118,17 @@ def load_info(root: str, spec: Optional[PatchSpec] = None) -> DataInfo:
 
 # --- the chain's functions, pure TF ---------------------------------------------------------------
 
-def parse(serialized: tf.Tensor, encoding: str, keys: Sequence[str] = FEATURE_KEYS) -> Dict[str, tf.Tensor]:
-    """Serialized records -> the features in `keys`, pixels still encoded.
+def parse(serialized: tf.Tensor, encoding: str, keys: Sequence[str] = FEATURE_KEYS,
+          targets: Optional[Dict[str, tf.io.FixedLenFeature]] = None) -> Dict[str, tf.Tensor]:
+    """Serialized records -> the features in `keys` (and the optional `targets`, `DataInfo.target_spec`),
+    pixels still encoded.
 
     `serialized` is one record (a scalar string) or a batch of them (`[B]`);
     every feature then has that leading `[B]`. Features not in `keys` are
     skipped by the parser, not parsed and dropped.
     """
     spec = schema.feature_spec(encoding)
-    features = tf.io.parse_example(serialized, {key: spec[key] for key in keys})
+    features = tf.io.parse_example(serialized, {**{key: spec[key] for key in keys}, **(targets or {})})
     if encoding != "raw" and schema.PATCH in features:
         features[schema.PATCH] = tf.sparse.to_dense(features[schema.PATCH])  # one string per frame
     return features
@@ -136,6 +155,47 @@ def decode(features: Dict[str, tf.Tensor], encoding: str, spec: PatchSpec) -> Di
     if schema.LABEL in features:
         features[schema.LABEL] = tf.cast(features[schema.LABEL], tf.int32)
     return features
+
+
+def target_element(info: DataInfo, key: str, augment: Sequence[str] = ()):
+    """`(serialized record, seed) -> (uint8 patch, float32 target)` for the target `key` of the records, with
+    `augment` applied to the pixels: `schema.MULTI_HOT` (`[C]` of 0 and 1), `schema.VALUES` (`[K]`), or
+    `schema.LABEL` as a one-hot `[C]`. What multi-label classification and regression train on."""
+    specs = info.target_spec()
+    if key != schema.LABEL and key not in specs:
+        raise ValueError(f"{info.root}: the records carry no {key!r} (the manifest's label_mode is "
+                         f"{info.label_mode!r}, value_names {list(info.value_names)})")
+    ops = augment_lib.parse_augment(augment)
+    augment_fn = augment_lib.make_augment(ops, info.spec.pixels)
+    encoding, spec, classes = info.encoding, info.spec, len(info.labels)
+    if key == schema.LABEL:
+        keys, targets = (schema.PATCH, schema.LABEL), None
+    else:
+        keys, targets = (schema.PATCH,), {key: specs[key]}
+
+    def element(serialized, seed):
+        features = decode(parse(serialized, encoding, keys, targets), encoding, spec)
+        patch = augment_fn(features[schema.PATCH], seed) if ops else features[schema.PATCH]
+        if key == schema.LABEL:
+            return patch, tf.one_hot(features[key], classes, dtype=tf.float32)
+        return patch, tf.cast(features[key], tf.float32)
+
+    return element
+
+
+def value_stats(info: DataInfo, splits: Splits) -> Tuple[List[float], List[float]]:
+    """(mean [K], standard deviation [K]) of the records' `value/data` over `splits` (one pass that parses
+    nothing else). A constant value gets a deviation of 1, so dividing by it is safe."""
+    import numpy as np
+
+    spec = {schema.VALUES: info.target_spec()[schema.VALUES]}
+    ds = tf.data.TFRecordDataset(info.files(splits), compression_type=info.compression)
+    ds = ds.batch(1024).map(lambda s: tf.io.parse_example(s, spec)[schema.VALUES])
+    values = np.concatenate([b.numpy() for b in ds]).astype(np.float64) if info.num_records(splits) else None
+    if values is None or not len(values):
+        raise ValueError(f"{info.root}: no records in {splits!r} to take the values' mean and deviation from")
+    std = values.std(axis=0)
+    return [float(v) for v in values.mean(axis=0)], [float(v) if v > 0 else 1.0 for v in std]
 
 
 def supervised(features: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -203,7 +263,8 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
       drop_remainder: defaults to `training`.
       strategy: a `tf.distribute.Strategy` to batch and shard for.
       as_supervised: yield `(uint8 [B, T, H, W, 3], int32 [B])`; else a dict
-        with `FEATURE_KEYS` (label, video id, grid index ... travel with each patch).
+        with `FEATURE_KEYS` (label, video id, grid index ... travel with each patch) and the optional
+        targets of `DataInfo.target_spec` (multi-hot labels, values).
       spec: the `PatchSpec` a model expects; the data must have its shape.
       cache: keep the serialized records in memory after the first pass (parsing and
         decoding still run every epoch).
@@ -249,13 +310,15 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     # Ordered unless training asks for speed: evaluation reads in a fixed order.
     ordered = deterministic or not training
     # Only what the element needs is parsed: a supervised element uses the pixels and the label.
+    # A feature dict also carries the records' optional targets (multi-hot labels, values).
     keys = (schema.PATCH, schema.LABEL) if as_supervised else FEATURE_KEYS
+    targets = None if as_supervised else info.target_spec()
 
     def to_element(serialized, element_seed=None):
         """A serialized record, or a batch of them, -> what the dataset yields."""
         if element_fn is not None:
             return element_fn(serialized, element_seed)
-        features = decode(parse(serialized, encoding, keys), encoding, spec)
+        features = decode(parse(serialized, encoding, keys, targets), encoding, spec)
         if batch_augment_fn is not None:
             features[schema.PATCH] = batch_augment_fn(features[schema.PATCH], element_seed)
         elif ops:

@@ -25,6 +25,8 @@ DEFINED_IN = {
     "GlobalMean": "stpkeras.models.layers",
     "MergeViews": "stpkeras.models.layers",
     "SplitViews": "stpkeras.models.layers",
+    "Destandardize": "stpkeras.models.regression",
+    "RegressionLoss": "stpkeras.models.regression",
     "ContrastiveLoss": "stpkeras.embedding",
     "PairAccuracy": "stpkeras.embedding",
     "PSNR": "stpkeras.quality",

@@ -264,7 +264,7 @@ class Run:
     config: TrainConfig
     info: object                  # pipeline.DataInfo
     task: object                  # tasks.Task, specialised for the data (`for_data`), with its options
-    labels: Tuple[str, ...]       # the classes the model predicts (run.json's `labels`)
+    labels: Tuple[str, ...]       # the classes the model predicts, or regress's values (run.json's `labels`)
     train_splits: Tuple[str, ...]
     val_split: Optional[str]
     strategy: object
@@ -306,7 +306,8 @@ class Run:
         from stpkeras import pipeline
 
         config, info = self.config, self.info
-        return {"task": self.task.name, "model": config.model, "config": config.to_dict(),
+        return {"task": self.task.name, "task_options": self.task.recorded(), "model": config.model,
+                "config": config.to_dict(),
                 "spec": info.spec.to_dict(), "labels": list(self.labels), "data": config.data,
                 "manifest_sha256": info.sha256(), "versions": run_folder.versions(),
                 "splits": {"train": list(self.train_splits), "val": self.val_split},

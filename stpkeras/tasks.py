@@ -1,7 +1,7 @@
 """Task stage: what a task adds to a model family: its head, targets, loss, metrics and monitor, and its defaults.
 
-`classify`, `embed` (self-supervised contrastive), `segment` (per voxel or
-per frame) and `enhance` (degraded pixels -> clean pixels) share one interface
+`classify` (single- or multi-label), `regress` (K values per patch), `embed` (self-supervised contrastive),
+`segment` (per voxel or per frame) and `enhance` (degraded pixels -> clean pixels) share one interface
 in the `TASKS` registry, so the training set-up (`stpkeras.setup`) never branches on the task's name. Each
 task names its default model family and augmentation: `TrainConfig(task="enhance")` means what `stp train
 --task enhance` means.
@@ -39,6 +39,13 @@ class Task:
         """The task's own settings (e.g. enhance's `degrade`, `pixel_loss`), as `get_task` takes them."""
         return {name: getattr(self, name) for name in option_names(self)}
 
+    def recorded(self) -> Dict[str, object]:
+        """The options and what `for_data` set from the data, as JSON (run.json's and the export's
+        `task_options`): what a model's readers need to know (e.g. multi-label, the values' scale)."""
+        names = option_names(self) + tuple(self.FROM_DATA)
+        return {n: list(getattr(self, n)) if isinstance(getattr(self, n), tuple) else getattr(self, n)
+                for n in names}
+
     def build_model(self, model: str, spec, labels: Sequence[str], options: Dict[str, object]) -> keras.Model:
         raise NotImplementedError
 
@@ -72,21 +79,39 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Classify(Task):
-    """One label per patch: `logits [B, num_classes]` against `int32 [B]` labels (cross-entropy)."""
+    """One label per patch: `logits [B, num_classes]` against `int32 [B]` labels (softmax cross-entropy).
+
+    Multi-label (`multi_label`): any number of classes per patch, `logits [B, C]` against `float32 [B, C]`
+    multi-hot targets (sigmoid, binary cross-entropy), monitored by the PR-AUC over classes. None (the
+    default) takes the mode from the data: multi-label when the manifest's `label_mode` is "multi". True on
+    single-label data trains sigmoid outputs on one-hot targets; False on multi-label data is refused.
+    """
 
     name: str = "classify"
     monitor: str = "accuracy"
     monitor_mode: str = "max"
     needs_labels: bool = True
+    multi_label: Optional[bool] = None
+
+    def for_data(self, info) -> "Classify":
+        multi = info.label_mode == "multi"
+        if self.multi_label is False and multi:
+            raise ValueError(f"{info.root}: the records are multi-label (label_mode 'multi': no single label "
+                             "per patch); train them with multi-label outputs (leave out multi_label=False)")
+        if self.multi_label or multi:
+            return dataclasses.replace(self, multi_label=True, monitor="pr_auc")
+        return dataclasses.replace(self, multi_label=False)
 
     def build_model(self, model, spec, labels, options):
         from stpkeras.models import ENHANCE_MODELS, build_model
         if model in ENHANCE_MODELS:
             raise ValueError(f"Invalid value for argument `model`. {model!r} outputs pixels (task enhance); "
-                             "task classify needs a classifier")
+                             f"task {self.name} needs a classifier")
         return build_model(model, spec, len(labels), **dict(options))
 
     def loss(self):
+        if self.multi_label:
+            return keras.losses.BinaryCrossentropy(from_logits=True)
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def top_k(self, num_classes: int) -> int:
@@ -94,6 +119,11 @@ class Classify(Task):
         return max(1, min(5, num_classes - 1))
 
     def metrics(self, labels):
+        if self.multi_label:
+            # Threshold 0 on the logits: a probability of 0.5.
+            return [keras.metrics.AUC(curve="PR", multi_label=True, num_labels=len(labels), from_logits=True,
+                                      name="pr_auc"),
+                    keras.metrics.BinaryAccuracy(threshold=0.0, name="binary_accuracy")]
         k = self.top_k(len(labels))
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         if k > 1:
@@ -102,11 +132,81 @@ class Classify(Task):
 
     def class_weight(self, counts, labels):
         """'Balanced' weights n / (classes x n_c), so every class counts as much in the loss."""
+        if self.multi_label:
+            raise ValueError("class weights weigh one class per patch; multi-label outputs have none")
         total = sum(counts.get(name, 0) for name in labels)
         missing = [name for name in labels if not counts.get(name)]
         if missing:
             raise ValueError(f"class weights need every class in the training split; {missing} have no patches")
         return {i: total / (len(labels) * counts[name]) for i, name in enumerate(labels)}
+
+    def element_fn(self, info, augment, training):
+        if not self.multi_label:
+            return None  # (patch, label) with the pipeline's augmentation
+        from stpkeras.pipeline import target_element
+        from tfrecords_tools import schema
+        # Multi-hot targets of multi-label data; one-hot ones from the label of single-label data.
+        key = schema.MULTI_HOT if info.label_mode == "multi" else schema.LABEL
+        return target_element(info, key, augment if training else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Regress(Task):
+    """K numeric values per patch (the records' `value/data`, named by the manifest's `value_names`).
+
+    Any classifier family with K outputs, ending in a layer that de-standardises them
+    (`stpkeras.models.regression`): the model answers in the data's units. The loss (`value_loss`: mse
+    or huber) is taken on values standardised by the training records' mean and deviation, which
+    `for_data` reads from the records ("train" when the data has it, else every split).
+    """
+
+    name: str = "regress"
+    monitor: str = "loss"
+    monitor_mode: str = "min"
+    # Flip only: values may measure the pixels themselves (a quality score, a brightness), which crop's
+    # resize (sharpness) and colour jitter would change under an unchanged target.
+    default_augment: Tuple[str, ...] = ("flip",)
+    value_loss: str = "mse"
+    value_mean: Tuple[float, ...] = ()
+    value_std: Tuple[float, ...] = ()
+    FROM_DATA: ClassVar[Tuple[str, ...]] = ("value_mean", "value_std")
+
+    def __post_init__(self):
+        from stpkeras.models.regression import REGRESSION_LOSSES
+        if self.value_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"Invalid value for argument `value_loss`. Expected one of {REGRESSION_LOSSES}. "
+                             f"Received value_loss={self.value_loss!r}")
+
+    def for_data(self, info) -> "Regress":
+        from stpkeras.pipeline import value_stats
+        if not info.value_names:
+            raise ValueError(f"{info.root}: task regress needs records with values (`value/data`, named by the "
+                             "manifest's value_names): convert a CSV with numeric value columns")
+        mean, std = value_stats(info, "train" if "train" in info.splits else None)
+        return dataclasses.replace(self, value_mean=tuple(mean), value_std=tuple(std))
+
+    def class_names(self, info):
+        return info.value_names
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.models import ENHANCE_MODELS
+        from stpkeras.models.regression import build_regressor
+        if model in ENHANCE_MODELS:
+            raise ValueError(f"Invalid value for argument `model`. {model!r} outputs pixels (task enhance); "
+                             "task regress needs a classifier family (its K outputs become the values)")
+        return build_regressor(model, spec, self.value_mean, self.value_std, **dict(options))
+
+    def loss(self):
+        from stpkeras.models.regression import RegressionLoss
+        return RegressionLoss(self.value_loss, self.value_std)
+
+    def metrics(self, labels):
+        return [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.pipeline import target_element
+        from tfrecords_tools import schema
+        return target_element(info, schema.VALUES, augment if training else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +415,8 @@ class Pretrain(Task):
         return reporter(info, split, run_dir)
 
 
-TASKS: Dict[str, Task] = {"classify": Classify(), "embed": Embed(), "segment": Segment(), "enhance": Enhance(),
-                          "pretrain": Pretrain()}
+TASKS: Dict[str, Task] = {"classify": Classify(), "regress": Regress(), "embed": Embed(), "segment": Segment(),
+                          "enhance": Enhance(), "pretrain": Pretrain()}
 
 
 def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:

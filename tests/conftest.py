@@ -128,3 +128,11 @@ def cli():
 
 def pytest_configure(config):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def target_runs(tmp_path_factory):
+    """(data, multi-label run, regression run): tiny runs on multi-hot and value records (`targets.py`)."""
+    from targets import train_target_runs
+
+    return train_target_runs(str(tmp_path_factory.mktemp("targets")))

@@ -23,10 +23,15 @@ Item = Tuple[np.ndarray, int, str]
 
 def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequence[str], *,
                     encoding: str = "raw", shards: int = 2, compression: str = "none",
-                    masks: Optional[Dict[str, Sequence[np.ndarray]]] = None, mask_classes: int = 0) -> dict:
+                    masks: Optional[Dict[str, Sequence[np.ndarray]]] = None, mask_classes: int = 0,
+                    multi_hot: Optional[Dict[str, Sequence[Sequence[int]]]] = None,
+                    values: Optional[Dict[str, Sequence[Sequence[float]]]] = None,
+                    value_names: Sequence[str] = ()) -> dict:
     """Writes `splits` as `{split}-{i:05d}-of-{n:05d}.tfrecord` shards and the manifest; returns it.
 
-    `masks`, when given, holds a `uint8 [T, H, W]` mask of class ids (< `mask_classes`) per item of each split.
+    `masks`, when given, holds a `uint8 [T, H, W]` mask of class ids (< `mask_classes`) per item of each split;
+    `multi_hot` a `[C]` row of 0/1 per item (multi-label data: label -1, `label_mode` "multi"), `values` a
+    `[K]` row per item, named `value_names`.
     """
     os.makedirs(root, exist_ok=True)
     first = next(iter(splits.values()))[0][0]
@@ -39,16 +44,24 @@ def write_converted(root: str, splits: Dict[str, Sequence[Item]], labels: Sequen
             "created": "", "seconds": 0.0}
     if masks is not None:
         data["mask_classes"] = mask_classes
+    if multi_hot is not None:
+        data["label_mode"] = "multi"
+    if values is not None:
+        data["value_names"] = list(value_names)
     videos: Dict[str, dict] = {}
     for split, items in splits.items():
         per_shard: List[List[bytes]] = [[] for _ in range(shards)]
         counts: Dict[str, int] = {}
         for i, (pixels, label, video_id) in enumerate(items):
             name = labels[label] if label >= 0 else ""
+            if multi_hot is not None:
+                name = ";".join(n for n, on in zip(labels, multi_hot[split][i]) if on)
             record = schema.encode_patch(
                 pixels, encoding=encoding, video_id=video_id, video_size=pixels.shape[:3],
                 index=(i, 0, 0), offset=(i * t, 0, 0), valid=pixels.shape[:3], timestamp=float(i),
-                label=label, label_name=name, split=split, mask=masks[split][i] if masks is not None else None)
+                label=label, label_name=name, split=split, mask=masks[split][i] if masks is not None else None,
+                multi_hot=[int(v) for v in multi_hot[split][i]] if multi_hot is not None else None,
+                values=values[split][i] if values is not None else None)
             # Patches of one video go to one shard, as the converter writes them.
             per_shard[int(hashlib.md5(video_id.encode()).hexdigest(), 16) % shards].append(record)
             counts[name] = counts.get(name, 0) + 1

@@ -286,3 +286,40 @@ def test_export_to_a_url_uploads_the_version_with_saved_model_pb_last(exported, 
     here = tf.saved_model.load(local.path).signatures["serving_default"](patches=tf.constant(x))
     np.testing.assert_allclose(remote["probabilities"].numpy(), here["probabilities"].numpy(), atol=1e-6)
     assert ex.export_for_serving(run_dir, "ram://exports", "clf").version == 2
+
+
+def test_multi_label_and_regression_exports_load_in_a_fresh_process(target_runs, tmp_path):
+    """A multi-label export answers sigmoid probabilities per class, a regression export its values in the
+    data's units with their names; both loaders in a new process agree with the Keras models within 1e-5."""
+    from targets import CLASSES, SHAPE, VALUE_NAMES
+
+    _, multi, regress = target_runs
+    x = np.random.default_rng(3).integers(0, 256, size=(3, *SHAPE), dtype=np.uint8)
+    for run_dir, name in ((multi, "multi"), (regress, "regress")):
+        result = ex.export_for_serving(run_dir, str(tmp_path / "sm"), name)
+        assert result.signatures == (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES, ex.EMBEDDINGS)
+        assert artifacts.read_assets(result.path)[0] == (CLASSES if name == "multi" else VALUE_NAMES)
+        loaded = artifacts.load(result.path)
+        assert loaded.task == ("classify" if name == "multi" else "regress")
+        assert loaded.multi_label == (name == "multi")
+        np.savez(tmp_path / "in.npz", **{f"{ex.SERVING_DEFAULT}/3": x, f"{ex.SERVE_EXAMPLES}/3": np.array(
+            [ex.example_bytes(p) for p in x], dtype=object)})
+        script = tmp_path / "load.py"
+        script.write_text(FRESH_PROCESS)
+        proc = subprocess.run([sys.executable, str(script), result.path, str(tmp_path / "in.npz"),
+                               str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = dict(np.load(tmp_path / "out.npz", allow_pickle=True))
+        reference = np.asarray(artifacts.load(run_dir).model(x, training=False), np.float64)
+        for loader in ("v1", "v2"):
+            for sig in (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES):
+                key = f"{loader}/{sig}/3"
+                if name == "multi":
+                    assert {k.split("/")[-1] for k in out if k.startswith(key)} == {ex.LOGITS, ex.PROBABILITIES}
+                    np.testing.assert_allclose(out[f"{key}/{ex.PROBABILITIES}"], 1 / (1 + np.exp(-reference)),
+                                               atol=1e-5)
+                else:
+                    assert {k.split("/")[-1] for k in out if k.startswith(key)} == {ex.VALUES, ex.VALUE_NAMES}
+                    np.testing.assert_allclose(out[f"{key}/{ex.VALUES}"], reference, rtol=1e-5, atol=1e-4)
+                    assert [[v.decode() for v in row] for row in out[f"{key}/{ex.VALUE_NAMES}"]] == \
+                        [list(VALUE_NAMES)] * 3

@@ -87,8 +87,8 @@ def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():
 
 
 def test_bad_arguments_say_what_was_expected():
-    with pytest.raises(ValueError, match="Expected an integer >= 2. Received num_classes=1"):
-        build_model("stcnn", SPEC, 1)
+    with pytest.raises(ValueError, match="Expected an integer >= 1. Received num_classes=0"):
+        build_model("stcnn", SPEC, 0)
     with pytest.raises(ValueError, match="Invalid options \\['widht'\\] for model 'c3d'"):
         build_model("c3d", SPEC, 3, widht=4)
     with pytest.raises(ValueError, match="Expected one of \\['c3d'"):
@@ -108,3 +108,25 @@ def test_mixed_precision_keeps_float32_logits():
         assert np.asarray(model(_pixels(1))).dtype == np.float32
     finally:
         keras.mixed_precision.set_global_policy(policy)
+
+
+def test_a_regressor_answers_in_the_units_of_its_data(tmp_path):
+    """One value (K=1): the `values` layer maps the family's output z to z x std + mean; the loss is taken
+    in standard deviations; saved and loaded, the same outputs."""
+    from stpkeras.models.regression import RegressionLoss, build_regressor
+
+    model = build_regressor("stcnn", SPEC, [40.0], [5.0], filters=4)
+    assert model.output_shape == (None, 1) and model.layers[-1].name == "values"
+    head = model.get_layer("logits")
+    head.set_weights([np.zeros_like(w) for w in head.get_weights()])
+    np.testing.assert_allclose(np.asarray(model(_pixels(3))), 40.0)       # z = 0: the mean
+    head.set_weights([head.get_weights()[0], np.ones(1, np.float32)])
+    np.testing.assert_allclose(np.asarray(model(_pixels(3))), 45.0)       # z = 1: one deviation above
+    path = str(tmp_path / "r.keras")
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(_pixels(3))), 45.0)
+    # An error of 10 units is 2 deviations: squared 4; Huber (delta 1) 2 - 0.5.
+    assert float(RegressionLoss("mse", [5.0])(np.array([[50.0]]), np.array([[40.0]]))) == pytest.approx(4.0)
+    assert float(RegressionLoss("huber", [5.0])(np.array([[50.0]]), np.array([[40.0]]))) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="Expected one of \\('mse', 'huber'\\)"):
+        RegressionLoss("l1")

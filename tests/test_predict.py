@@ -161,3 +161,58 @@ def test_predict_sees_a_portrait_phone_clip_upright(setup, tmp_path):
     np.testing.assert_allclose(got["phone"].mean_logits, got["upright"].mean_logits, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got["phone"].mean_logits, expected_for(model, upright)[0], atol=1e-5, rtol=0)
     assert np.abs(got["phone"].mean_logits - got["sideways"].mean_logits).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def stepped_video(tmp_path_factory):
+    """12 frames of 32x32 at 25 fps, lossless: frames 0-3 at level 0 (30), 4-7 at 1 (100), 8-11 at 2 (170)."""
+    from videos import write_video
+
+    frames = np.concatenate([np.full((4, 32, 32, 3), 30 + 70 * level, np.uint8) for level in range(3)])
+    return write_video(str(tmp_path_factory.mktemp("stepped") / "stepped.mp4"), frames, lossless=True)
+
+
+def _reference_windows(run_dir, path):
+    """Per temporal window, the Keras model's outputs over its patches, cut by the converter's code."""
+    from tfrecords_tools.patches import Patch
+    from tfrecords_tools.video import video_patches
+
+    artifact = stpkeras.artifacts.load(run_dir)
+    patches = [p for p in video_patches(path, artifact.spec) if isinstance(p, Patch)]
+    out = np.asarray(artifact.model(np.stack([p.pixels for p in patches]), training=False), np.float64)
+    windows = sorted({p.index[0] for p in patches})
+    return [out[[i for i, p in enumerate(patches) if p.index[0] == t]] for t in windows], out
+
+
+def test_timeline_of_multi_label_and_regression_models(target_runs, stepped_video, cli):
+    """`stp predict --timeline --json`: per window of 4 frames (0.16 s) the mean probabilities or values of its
+    4 patches, with its times; the video's answer is the mean over all 12 patches."""
+    from targets import CLASSES, VALUE_NAMES
+
+    _, multi, regress = target_runs
+    r = cli("predict", regress, stepped_video, "--timeline", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    windows, everything = _reference_windows(regress, stepped_video)
+    assert got["patches"] == 12 and len(got["timeline"]) == 3
+    times = [t for w in got["timeline"] for t in (w["start"], w["end"])]
+    assert times == pytest.approx([0, 0.16, 0.16, 0.32, 0.32, 0.48])
+    for w, rows in zip(got["timeline"], windows):
+        assert list(w["values"]) == list(VALUE_NAMES)
+        np.testing.assert_allclose(list(w["values"].values()), rows.mean(axis=0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(list(got["values"].values()), everything.mean(axis=0), rtol=1e-4, atol=1e-3)
+    brightness = [w["values"]["brightness"] for w in got["timeline"]]
+    assert brightness[0] < brightness[1] < brightness[2]   # the steps, in the data's units
+
+    r = cli("predict", multi, stepped_video, "--timeline", "--json", "--threshold", "0.5")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    windows, everything = _reference_windows(multi, stepped_video)
+    for w, rows in zip(got["timeline"], windows):
+        probs = (1 / (1 + np.exp(-rows))).mean(axis=0)
+        assert dict(w["top_k"]) == pytest.approx(dict(zip(CLASSES, probs)), abs=1e-5)
+        assert w["labels"] == [CLASSES[i] for i in np.argsort(-probs, kind="stable") if probs[i] >= 0.5]
+    assert got["timeline"][0]["labels"] == ["dark"] and "bright" in got["timeline"][2]["labels"]
+    # The plain table prints the windows with their times.
+    r = cli("predict", multi, stepped_video, "--timeline")
+    assert r.exit_code == 0 and "0.16s -     0.32s" in r.output

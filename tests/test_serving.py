@@ -210,3 +210,39 @@ def test_cli_predict_server_down_exits_4_and_a_wrong_url_2(exported, server, vid
     assert r.exit_code == 2 and "Servable not found" in r.output
     r = CliRunner().invoke(main, ["predict", exported.path, video, "--server", "ftp://x/clf"])
     assert r.exit_code == 2 and "Invalid server URL" in r.output
+
+
+@pytest.mark.parametrize("api", ["rest", "grpc"])
+def test_multi_label_and_regression_exports_through_the_stand_in(target_runs, tmp_path_factory, api):
+    """Probabilities per class, and values with their names, come back over REST and gRPC as the local export
+    gives them; `stp predict --server` says what `stp predict` says."""
+    from targets import CLASSES, SHAPE, VALUE_NAMES
+    from videos import write_video
+
+    _, multi, regress = target_runs
+    root = tmp_path_factory.mktemp(f"targets-{api}")
+    video = write_video(str(root / "v.mp4"), np.full((8, 32, 32, 3), 100, np.uint8), lossless=True)
+    x = np.random.default_rng(5).integers(0, 256, size=(3, *SHAPE), dtype=np.uint8)
+    for run_dir, name in ((multi, "multi"), (regress, "regress")):
+        result = ex.export_for_serving(run_dir, str(root / "sm"), name)
+        local = stpkeras.load(result.path)
+        want = local(x)
+        with StandInServer(os.path.dirname(result.path), name) as s:
+            with serving.connect(urls(s)[api], **FAST) as client:
+                got = client.predict({ex.PATCHES: x})
+            if name == "multi":
+                assert set(got) == {ex.LOGITS, ex.PROBABILITIES} and got[ex.PROBABILITIES].shape == (3, len(CLASSES))
+                np.testing.assert_allclose(got[ex.PROBABILITIES], want[ex.PROBABILITIES], atol=1e-5)
+            else:
+                assert set(got) == {ex.VALUES, ex.VALUE_NAMES}
+                np.testing.assert_allclose(got[ex.VALUES], want[ex.VALUES], rtol=1e-5, atol=1e-4)
+                assert got[ex.VALUE_NAMES].tolist() == [list(VALUE_NAMES)] * 3
+            here = CliRunner().invoke(main, ["predict", result.path, video, "--json"])
+            there = CliRunner().invoke(main, ["predict", result.path, video, "--json", "--server", urls(s)[api]])
+        assert here.exit_code == 0 and there.exit_code == 0, here.output + there.output
+        a, b = json.loads(here.output), json.loads(there.output)
+        if name == "multi":
+            assert a["labels"] == b["labels"] and dict(a["top_k"]) == pytest.approx(dict(b["top_k"]), abs=1e-5)
+        else:
+            assert list(a["values"]) == list(VALUE_NAMES)
+            assert a["values"] == pytest.approx(b["values"], rel=1e-5)

@@ -42,7 +42,19 @@ def data(tmp_path_factory):
     # One shard: fewer files than workers, so the custom loop's workers split the records.
     write_converted(root, {"train": train, "val": val}, ("a", "b", "c"), shards=1,
                     masks={"train": train_masks, "val": val_masks}, mask_classes=2)
-    return root, _noisy_psnr(np.stack([p for p, _, _ in val]))
+    # Multi-label and regression targets of the same patches: classes "dark" (class a), "lit" (b or c),
+    # "bright" (c); values: the brightness level (0, 1, 2) and the patch's mean pixel value.
+    targets = str(tmp_path_factory.mktemp("targets") / "data")
+    rng = np.random.default_rng(0)
+    (train, train_masks), (val, val_masks) = _items(64, rng), _items(16, rng)
+    split_items = {"train": train, "val": val}
+    write_converted(targets, {n: [(p, -1, v) for p, _, v in items] for n, items in split_items.items()},
+                    ("dark", "lit", "bright"), shards=1,
+                    multi_hot={n: [[label == 0, label >= 1, label == 2] for _, label, _ in items]
+                               for n, items in split_items.items()},
+                    values={n: [[label, float(p.mean())] for p, label, _ in items] for n, items in split_items.items()},
+                    value_names=("level", "brightness"))
+    return root, _noisy_psnr(np.stack([p for p, _, _ in val])), targets
 
 
 def _noisy_psnr(clean):
@@ -60,8 +72,20 @@ CASES = {
     # classify also runs the options the custom loop once ignored in silence.
     "classify": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
                      flags={"class_weight": True, "mixed_precision": True, "jit": True},
-                     model="stcnn", augment=["crop", "color"], recorded={},
+                     model="stcnn", augment=["crop", "color"], recorded={"multi_label": None},
                      check=lambda m, noisy: m["val_accuracy"] > 0.5),           # chance 1/3
+    # Multi-label by the data's label_mode; the PR-AUC over 3 classes of 1/3, 2/3, 1/3 positives: a
+    # constant scores their shares, 0.44 on average.
+    "classify-multi": dict(task="classify", data="targets", task_options={}, model_options={"filters": 8}, lr=1e-2,
+                           flags={"mixed_precision": True, "jit": True}, model="stcnn", augment=["crop", "color"],
+                           recorded={"multi_label": None}, labels=["dark", "lit", "bright"],
+                           options={"multi_label": True},
+                           check=lambda m, noisy: m["val_pr_auc"] > 0.7),
+    # Huber loss in standard deviations: predicting the mean scores about 0.48 (levels at -1.22, 0, 1.22).
+    "regress": dict(data="targets", task_options={"value_loss": "huber"}, model_options={"filters": 8}, lr=1e-2,
+                    flags={"mixed_precision": True, "jit": True}, model="stcnn", augment=["flip"],
+                    recorded={"value_loss": "huber"}, labels=["level", "brightness"],
+                    check=lambda m, noisy: m["val_loss"] < 0.2),
     "enhance": dict(task_options={"degrade": ["noise:25"]}, model_options={"filters": 8, "depth": 3}, lr=1e-2,
                     model="dncnn3d", augment=["flip"], recorded={"degrade": ["noise:25"], "pixel_loss": "l1"},
                     check=lambda m, noisy: m["val_psnr"] > noisy + 0.2),      # the identity: the noisy input
@@ -87,6 +111,8 @@ def _cli_args(case):
         args += ["--model-arg", f"{key}={json.dumps(value)}"]
     for value in case["task_options"].get("degrade", []):
         args += ["--degrade", value]
+    if "value_loss" in case["task_options"]:
+        args += ["--loss", case["task_options"]["value_loss"]]
     args += ["--" + flag.replace("_", "-") for flag in case.get("flags", {})]
     return args + ["--epochs", str(COMMON["epochs"]), "--batch-size", str(COMMON["batch_size"]), "--seed", "0",
                    "--verbose", "0", "--shuffle-buffer", str(COMMON["shuffle_buffer"])]
@@ -100,16 +126,23 @@ def _check(run, case, noisy_psnr):
     # The task's defaults, resolved and recorded, with the task's options.
     assert run["model"] == run["config"]["model"] == case["model"]
     assert run["config"]["augment"] == case["augment"] and run["config"]["task_options"] == case["recorded"]
+    # What the data set: multi-label outputs, the values' names and scale.
+    assert {k: run["task_options"][k] for k in case.get("options", {})} == case.get("options", {})
+    if "labels" in case:
+        assert run["labels"] == case["labels"]
 
 
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_path):
     from stpkeras.train import train
 
-    data, noisy_psnr = data
-    case = dict(CASES[task], task=task)
+    plain, noisy_psnr, targets = data
+    case = dict(CASES[task])
+    task = case.setdefault("task", task)
+    data = targets if case.get("data") == "targets" else plain
     train(TrainConfig(data=data, out=str(tmp_path / "fit"), task=task, lr=case["lr"],
-                      task_options=tuple((k, tuple(v)) for k, v in case["task_options"].items()),
+                      task_options=tuple((k, tuple(v) if isinstance(v, list) else v)
+                                         for k, v in case["task_options"].items()),
                       model_options=tuple((k, tuple(v) if isinstance(v, list) else v)
                                           for k, v in case["model_options"].items()),
                       **case.get("flags", {}), **COMMON),
@@ -129,6 +162,7 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
 
 
 @pytest.mark.parametrize("task, model, augment", [("classify", "stcnn", ("crop", "color")),
+                                                  ("regress", "stcnn", ("flip",)),
                                                   ("enhance", "dncnn3d", ("flip",)),
                                                   ("embed", "stcnn", ("crop", "color")),
                                                   ("pretrain", "vivit", ("flip", "crop")),
@@ -144,7 +178,7 @@ def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
 
 
 def test_options_a_loop_cannot_honour_are_refused_with_the_reason(data, tmp_path, cli):
-    data = data[0]
+    data, targets = data[0], data[2]
     with pytest.raises(ValueError, match=r"data_service.*strategy='multiworker'"):
         TrainConfig(data=data, out=str(tmp_path / "a"), strategy="multiworker", data_service="grpc://localhost:1")
     with pytest.raises(ValueError, match="trace_dir"):
@@ -158,3 +192,13 @@ def test_options_a_loop_cannot_honour_are_refused_with_the_reason(data, tmp_path
     r = cli("train", data, "--out", str(tmp_path / "c"), "--task", "segment", "--class-weight")
     assert r.exit_code == 2 and "--class-weight: task 'segment'" in r.output  # bad usage (README: exit codes)
     assert not (tmp_path / "c" / "run.json").exists()
+    # Multi-label data has no class per patch to weight; values need data with values; options of other tasks.
+    r = cli("train", targets, "--out", str(tmp_path / "d"), "--class-weight")
+    assert r.exit_code == 2 and "multi-label outputs have none" in r.output
+    r = cli("train", data, "--out", str(tmp_path / "e"), "--task", "regress")
+    assert r.exit_code == 2 and "task regress needs records with values" in r.output
+    r = cli("train", data, "--out", str(tmp_path / "f"), "--task", "regress", "--loss", "l1")
+    assert r.exit_code == 2 and "mse or huber with --task regress" in r.output
+    r = cli("train", data, "--out", str(tmp_path / "g"), "--task", "regress", "--multi-label")
+    assert r.exit_code == 2 and "--multi-label is an option of --task classify" in r.output
+    assert not any((tmp_path / n / "run.json").exists() for n in "defg")

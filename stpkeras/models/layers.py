@@ -110,9 +110,11 @@ def positive_ints(values: Sequence[int], name: str) -> Tuple[int, ...]:
     return values
 
 
-def check_classes(num_classes) -> int:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError("Invalid value for argument `num_classes`. Expected an integer >= 2. "
+def check_classes(num_classes, minimum: int = 1) -> int:
+    """The number of outputs of a head: one is allowed (a single value of `--task regress`); the tasks check
+    their own minimum (classify and segment: two classes)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < minimum:
+        raise ValueError(f"Invalid value for argument `num_classes`. Expected an integer >= {minimum}. "
                          f"Received num_classes={num_classes!r}")
     return num_classes
 

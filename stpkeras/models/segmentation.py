@@ -30,7 +30,7 @@ SEGMENT_MODELS = ("unet3d",)
 def build_unet3d_segmenter(spec, num_classes: int, *, kind: str = "mask", filters=(16, 32, 64), convs: int = 2,
                            kernel_size=3, name: str = "unet3d_segment") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> float32 logits `[B, T, H, W, K]` (mask) or `[B, T, K]` (frames), layer 'logits'."""
-    num_classes = layers.check_classes(num_classes)
+    num_classes = layers.check_classes(num_classes, minimum=2)
     if kind not in KINDS:
         raise ValueError(f"Invalid value for argument `kind`. Expected one of {KINDS}. Received kind={kind!r}")
     inputs, x = unet_trunk(spec, filters, convs, kernel_size)
