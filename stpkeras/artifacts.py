@@ -45,7 +45,7 @@ SPEC_ASSET = "patch_spec.json"
 INFO_FILE = os.path.join("assets.extra", "stpkeras_export.json")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
-TASKS_WITHOUT_LABELS = ("enhance", "embed", "pretrain")
+TASKS_WITHOUT_LABELS = ("enhance", "embed", "pretrain", "stabilize")
 
 
 class ArtifactError(BadInput):

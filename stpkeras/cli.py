@@ -525,14 +525,16 @@ def _model_args(ctx, param, values):
 @click.option("--trace-records", "trace_dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
               help="Write the video id and grid index of every training record this process receives to DIR "
                    "(multiworker: TYPE-INDEX.jsonl per worker; --data-service: trainer.txt), to check data splitting.")
-@click.option("--task", type=click.Choice(["classify", "regress", "embed", "segment", "enhance", "pretrain"]),
+@click.option("--task", type=click.Choice(["classify", "regress", "embed", "segment", "enhance", "pretrain",
+                                           "stabilize"]),
               default="classify", show_default=True,
               help="classify: a label per patch (multi-label data: any number, see --multi-label); "
                    "regress: the records' values (value/data), K numbers per patch; "
                    "pretrain: masked autoencoding (vivit), labels ignored, for --init-from; "
                    "enhance: restore degraded patches (unet3d, dncnn3d); "
                    "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
-                   "segment: a class per voxel (data with masks) or per frame (data with intervals), unet3d.")
+                   "segment: a class per voxel (data with masks) or per frame (data with intervals), unet3d; "
+                   "stabilize: camera motion between frames from patches shaken on the fly, for `stp stabilize`.")
 @click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
               help="enhance: a degradation applied on the fly, repeatable: noise:25 (Gaussian sigma, 0-255), "
                    "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
@@ -833,6 +835,52 @@ def enhance_command(model, video, out, reference, overlap, lossless, crf, side_b
     for path in (side_by_side, frame_png):
         if path:
             click.echo(f"wrote {path}")
+
+
+# --- stabilize (a shaky video through a motion model) -----------------------------------------
+
+
+@main.command("stabilize")
+@click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
+@click.argument("video", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), metavar="OUT.mp4",
+              help="The stabilized video (H.264 at the source's frame rate, its audio copied).")
+@click.option("--smoothing", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="SECONDS", help="Sigma of the Gaussian that smooths the camera path (larger: steadier, "
+                                      "more cropping).")
+@click.option("--crop", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: zoom in just enough (at most 1.5x) that no border shows; none: black borders.")
+@click.option("--side-by-side", default=None, type=click.Path(dir_okay=False), metavar="FILE.mp4",
+              help="Also write input | output side by side.")
+@click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower: better).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per model call.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object, with cropping ratio, distortion and stability score "
+                   "of input and output.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
+              help="Refuse videos whose frames are larger (decompression-bomb guard).")
+def stabilize_command(model, video, out, smoothing, crop, side_by_side, crf, batch_size, as_json, max_pixels):
+    """Stabilize VIDEO with MODEL (a run folder of --task stabilize, or a .keras file in one).
+
+    The model estimates the motion between neighbouring frames over overlapping windows; the camera
+    path is smoothed and every frame warped onto the smooth path.
+    """
+    import json
+
+    from stpkeras.stabilize import load_motion_model, stabilize_video
+
+    result = stabilize_video(load_motion_model(model), video, out, smoothing=smoothing, crop=crop,
+                             side_by_side=side_by_side, crf=crf, batch_size=batch_size, max_pixels=max_pixels)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(f"{out}: {result.frames} frames of {result.width}x{result.height} at {result.fps:g} fps, zoom "
+               f"{result.zoom:.3f}{', audio copied' if result.audio else ''}, {result.seconds:.1f}s; stability "
+               f"{result.input['stability']:.3f} -> {result.output['stability']:.3f}, cropping "
+               f"{result.output['cropping']:.3f}, distortion {result.output['distortion']:.3f}")
+    if side_by_side:
+        click.echo(f"wrote {side_by_side}")
 
 
 # --- data-service (tf.data service servers for `stp train --data-service`) ---------------------

@@ -160,7 +160,7 @@ def _reference_frames(path: str, spec: PatchSpec, max_pixels: int) -> Iterator[n
                            "re-encode it") from e
 
 
-def _open_writer(path: str, fps: float, crf: int, lossless: bool, height: int, width: int):
+def open_writer(path: str, fps: float, crf: int, lossless: bool, height: int, width: int):
     from tfrecords_tools.video import VideoWriter
 
     writer = VideoWriter(path, fps, crf=crf, lossless=lossless)
@@ -193,9 +193,9 @@ class _Enhancement(OverlapAddHead[None]):
         # (Re)start: a second plan means the first read was wrong, and everything restarts from frame 0.
         super().start(plan)
         self.close()
-        self.writer = _open_writer(self.staged[self.out], self.fps, self.crf, self.lossless, plan.height, plan.width)
+        self.writer = open_writer(self.staged[self.out], self.fps, self.crf, self.lossless, plan.height, plan.width)
         if self.side_by_side:
-            self.side = _open_writer(self.staged[self.side_by_side], self.fps, self.crf, self.lossless, plan.height,
+            self.side = open_writer(self.staged[self.side_by_side], self.fps, self.crf, self.lossless, plan.height,
                                      plan.width * (3 if self.reference else 2))
         self.ref = _reference_frames(self.reference, self.cut, self.max_pixels) if self.reference else None
         self.scores = []

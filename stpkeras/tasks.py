@@ -415,8 +415,61 @@ class Pretrain(Task):
         return reporter(info, split, run_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stabilize(Task):
+    """Camera motion: a shaken `uint8 [B, T, H, W, 3]` patch -> `float32 [B, (T-1) * 4]`, the motion between each
+    pair of neighbouring frames (`stpkeras.shake`: dx, dy, rotation and log-scale, in pixels at the patch's
+    edge), against the motion of the shake drawn on the fly. Any converted folder of stable footage; labels
+    are ignored. Squared-error loss; the metric is the mean absolute error in those pixels."""
+
+    name: str = "stabilize"
+    monitor: str = "motion_error"
+    monitor_mode: str = "min"
+    needs_labels: bool = False
+    # Colour only: the shake is the geometric augmentation (augmentations apply before it; see shake.py).
+    default_augment: Tuple[str, ...] = ("color",)
+    shift: float = 0.5          # largest translation, as a share of the margin shake.ZOOM leaves
+    degrees: float = 1.5        # largest rotation
+    zoom_percent: float = 2.0   # largest zoom
+
+    def __post_init__(self):
+        self.limits()  # checked here: a bad limit fails when the task is made
+
+    def limits(self):
+        from stpkeras.shake import ShakeLimits
+        return ShakeLimits(self.shift, self.degrees, self.zoom_percent)
+
+    def for_data(self, info) -> "Stabilize":
+        if info.spec.pixels != "rgb" or info.spec.frames < 2:
+            raise ValueError(f"{info.root}: task stabilize needs rgb patches of >= 2 frames; the data has "
+                             f"{info.spec.pixels} patches of {info.spec.frames} frame(s)")
+        return self
+
+    def class_names(self, info):
+        return ()
+
+    def build_model(self, model, spec, labels, options):
+        from stpkeras.models import ENHANCE_MODELS, build_model
+        from stpkeras.shake import MOTION
+        if model in ENHANCE_MODELS:
+            raise ValueError(f"Invalid value for argument `model`. {model!r} outputs pixels (task enhance); "
+                             "task stabilize needs a backbone with a vector output (e.g. stcnn, c3d, r2plus1d)")
+        return build_model(model, spec, (spec.frames - 1) * MOTION, **dict(options))
+
+    def loss(self):
+        return keras.losses.MeanSquaredError()
+
+    def metrics(self, labels):
+        return [keras.metrics.MeanAbsoluteError(name="motion_error")]
+
+    def element_fn(self, info, augment, training):
+        from stpkeras.shake import make_shaky
+        # Validation is shaken too (seeded: the same shake every epoch), not augmented.
+        return make_shaky(info.encoding, info.spec, self.limits(), augment if training else ())
+
+
 TASKS: Dict[str, Task] = {"classify": Classify(), "regress": Regress(), "embed": Embed(), "segment": Segment(),
-                          "enhance": Enhance(), "pretrain": Pretrain()}
+                          "enhance": Enhance(), "pretrain": Pretrain(), "stabilize": Stabilize()}
 
 
 def get_task(name: str, options: Optional[Dict[str, object]] = None) -> Task:

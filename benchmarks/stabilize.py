@@ -1,0 +1,125 @@
+"""Benchmark: de-shaking a real clip shaken by a known path: `stp stabilize` against FFmpeg's vid.stab and deshake.
+
+    python benchmarks/stabilize.py --quick [--run RUN_DIR]
+
+The clip (Big Buck Bunny, the animation: footage a model trained on bikes.mp4 has not seen) is scaled to
+320x180 and shaken with `stpkeras.shake` (seeded: translation, rotation, tremor frequencies) at full frame
+size. Every method's output is then measured the same way, by phase correlation (`stabilize.phase_shift`,
+no model) between consecutive frames' central halves:
+
+- residual jitter (px): RMS over frames of (the output's frame-to-frame shift - the clean clip's);
+- stability: Liu et al.'s score of the path summed from those shifts (translation only);
+- cropping ratio and distortion: from the warps, for the stp rows only (FFmpeg does not report its warps);
+- frames/s: wall clock of the whole method (both passes for vid.stab).
+
+Rows: the shaken input; `stp stabilize` with the true motion as its "model" (the path machinery alone:
+the best a motion estimate can do); `stp stabilize` with the model of `--run`, when given; vid.stab with
+defaults (shakiness 5, smoothing 10) and tuned (shakiness 8, accuracy 15, smoothing 25, optzoom 1); deshake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from stpkeras import shake  # noqa: E402
+from stpkeras.stabilize import (CameraMotion, camera_path, load_motion_model, phase_shift, render,  # noqa: E402
+                                stability_score, stabilize_video)
+from videos import decode_all, write_video  # noqa: E402
+
+VIDEO = "/work/shared/data/videos/bigbuckbunny.mp4"
+
+
+def shifts(frames: np.ndarray) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    centre = frames[:, h // 4:h - h // 4, w // 4:w - w // 4]
+    return np.array([phase_shift(a, b) for a, b in zip(centre[:-1], centre[1:])])
+
+
+def measure(path: str, clean_shifts: np.ndarray, seconds: float, frames: int, extra=None) -> dict:
+    out, _ = decode_all(path)
+    s = shifts(out)
+    n = min(len(s), len(clean_shifts))
+    row = {"jitter_px": float(np.sqrt(np.mean((s[:n] - clean_shifts[:n]) ** 2))),
+           "stability": stability_score(np.concatenate([camera_path(np.pad(s, ((0, 0), (0, 2))))[:, :2],
+                                                        np.zeros((len(s) + 1, 1))], 1))["stability_translation"],
+           "cropping": None, "distortion": None, "fps": frames / seconds if seconds else None}
+    row.update(extra or {})
+    return row
+
+
+def ffmpeg(args, cwd):
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", *args], check=True, cwd=cwd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 frames instead of the whole 132")
+    parser.add_argument("--run", default=None, help="a stp train --task stabilize run folder")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="stab-bench-")
+    try:
+        clean, _ = decode_all(VIDEO, size=(180, 320))
+        clean = clean[:60] if args.quick else clean
+        n = len(clean)
+        path = shake.random_path(tf.constant([args.seed, 5], tf.int64), n, 180, 320,
+                                 shake.ShakeLimits(shift=1.0, degrees=1.0, zoom_percent=0.0))
+        shaken = shake.shake_patch(tf.constant(clean), path).numpy()
+        rel = shake.relative_motion(path, 320).numpy()
+        truth = np.concatenate([rel[:, :2], rel[:, 2:] / shake.motion_units(320)], 1).astype(np.float32)
+        # The clean clip at the same zoom as the shaken one (shake.ZOOM), so its own motion compares.
+        still_path = tf.zeros_like(path)
+        clean_zoomed = shake.shake_patch(tf.constant(clean), still_path).numpy()
+        clean_shifts = shifts(clean_zoomed)
+        src = write_video(os.path.join(tmp, "shaky.mp4"), shaken)
+        rows = {"shaken input": measure(src, clean_shifts, 0, n, {"cropping": 1.0, "distortion": 1.0})}
+
+        t = time.perf_counter()
+        r = render(src, os.path.join(tmp, "true.mp4"), CameraMotion(truth, 25.0, 180, 320), smoothing=1.0)
+        rows["stp, true motion"] = measure(r.out, clean_shifts, time.perf_counter() - t, n,
+                                           {"cropping": r.output["cropping"], "distortion": r.output["distortion"]})
+        if args.run:
+            t = time.perf_counter()
+            r = stabilize_video(load_motion_model(args.run), src, os.path.join(tmp, "model.mp4"), smoothing=1.0)
+            rows["stp, model"] = measure(r.out, clean_shifts, time.perf_counter() - t, n,
+                                         {"cropping": r.output["cropping"], "distortion": r.output["distortion"]})
+        for name, detect, transform in [
+                ("vid.stab defaults", "vidstabdetect", "vidstabtransform"),
+                ("vid.stab tuned", "vidstabdetect=shakiness=8:accuracy=15",
+                 "vidstabtransform=smoothing=25:optzoom=1")]:
+            t = time.perf_counter()
+            detect += (":" if "=" in detect else "=") + "result=t.trf"
+            transform += (":" if "=" in transform else "=") + "input=t.trf"
+            ffmpeg(["-i", "shaky.mp4", "-vf", detect, "-f", "null", "-"], tmp)
+            ffmpeg(["-i", "shaky.mp4", "-vf", transform, "-c:v", "libx264", "-crf", "18",
+                    f"{name[:4]}{len(name)}.mp4"], tmp)
+            rows[name] = measure(os.path.join(tmp, f"{name[:4]}{len(name)}.mp4"), clean_shifts,
+                                 time.perf_counter() - t, n)
+        t = time.perf_counter()
+        ffmpeg(["-i", "shaky.mp4", "-vf", "deshake", "-c:v", "libx264", "-crf", "18", "deshake.mp4"], tmp)
+        rows["deshake"] = measure(os.path.join(tmp, "deshake.mp4"), clean_shifts, time.perf_counter() - t, n)
+        print(json.dumps({"frames": n, "size": "320x180", "rows": rows}, indent=1))
+        print(f"{'method':22s} {'jitter px':>9s} {'stability':>9s} {'cropping':>8s} {'distortion':>10s} {'fps':>7s}")
+        for name, row in rows.items():
+            def fmt(v, f):
+                return format(v, f) if v is not None else "-"
+            print(f"{name:22s} {fmt(row['jitter_px'], '9.3f')} {fmt(row['stability'], '9.3f')} "
+                  f"{fmt(row['cropping'], '8.3f')} {fmt(row['distortion'], '10.3f')} {fmt(row['fps'], '7.1f')}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
