@@ -570,7 +570,7 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
     try:
         if degrade and task != "enhance":
-            raise click.BadParameter("--degrade is an option of --task enhance", param_hint="--task")
+            raise click.BadParameter("--degrade and --loss l1|l2 are options of --task enhance", param_hint="--task")
         losses = {"enhance": ("pixel_loss", ("l1", "l2")), "regress": ("value_loss", ("mse", "huber"))}
         if loss and loss not in losses.get(task, ("", ()))[1]:
             raise click.BadParameter(f"--loss {loss}: expected l1 or l2 with --task enhance, mse or huber with "

@@ -440,7 +440,8 @@ class Stabilize(Task):
         return ShakeLimits(self.shift, self.degrees, self.zoom_percent)
 
     def for_data(self, info) -> "Stabilize":
-        if info.spec.pixels != "rgb" or info.spec.frames < 2:
+        # The shake warps whole frames of RGB pixels: a packed format's rows are not the frame's rows.
+        if not info.spec.pixel_format.pixel_aligned or info.spec.frames < 2:
             raise ValueError(f"{info.root}: task stabilize needs rgb patches of >= 2 frames; the data has "
                              f"{info.spec.pixels} patches of {info.spec.frames} frame(s)")
         return self
