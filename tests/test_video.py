@@ -431,3 +431,29 @@ def test_a_frame_size_change_mid_stream_is_fitted_as_the_spec_says_and_reported(
         # average (edges blurred by scaling and H.264); rows 0..48 or a stretch are 127 and 165 off.
         want = np.repeat(np.repeat(checkerboard(1, 48, 32, 8)[0], 2, axis=0), 2, axis=1)[24:72]
         assert np.abs(frames[15].astype(int) - want).mean() < 32
+
+
+@pytest.mark.parametrize("turned_video", [False, True])
+def test_decoded_frames_are_freed_as_they_go_not_left_to_the_cycle_collector(clip64, turned, lossless_odd,
+                                                                            turned_video):
+    """Reading a frame's side data (its display matrix) on every frame once tied each frame into a reference
+    cycle: with the cyclic collector off, every decoded frame stayed alive (peak RSS 690 MB -> 1.58 GB
+    over 64 videos). Frames must go when the stream is done with them."""
+    import gc
+
+    import av
+
+    from tfrecords_tools import video as video_lib
+
+    path = turned("phone_portrait") if turned_video else clip64.path
+    spec = PatchSpec(2, 16, 16)
+    info = probe(path)
+    gc.collect()
+    gc.disable()
+    try:
+        frames = sum(1 for _ in video_lib.FrameStream(info, spec, video_lib.make_plan(info, spec)))
+        alive = sum(isinstance(o, av.VideoFrame) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert frames >= 8
+    assert alive <= 2, f"{alive} of {frames} decoded frames still alive"

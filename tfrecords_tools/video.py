@@ -126,6 +126,28 @@ def orientation_of(frame, path: str) -> Orientation:
     return Orientation()
 
 
+class OrientationReader:
+    """`orientation_of` for the frames of one stream, reading the side data only when it may have changed.
+
+    Reading `frame.side_data` ties the frame and its side-data container in a reference cycle, so the
+    frame's pixel buffers wait for Python's cyclic garbage collector: read on every frame, that held
+    hundreds of decoded frames at a time (peak RSS 690 MB -> 1.58 GB converting 64 videos in one
+    process). The angle FFmpeg derives from the matrix (`frame.rotation`) costs no such cycle, so the
+    whole matrix is read on the first frame and again only when that angle changes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._angle: Optional[float] = None
+        self._turn = Orientation()
+
+    def __call__(self, frame) -> Orientation:
+        angle = frame.rotation
+        if angle != self._angle:
+            self._angle, self._turn = angle, orientation_of(frame, self.path)
+        return self._turn
+
+
 @functools.lru_cache(maxsize=16)
 def _orientation(matrix: bytes) -> Orientation:
     # Every frame of a stream carries the same matrix: read it once (native-endian int32, as FFmpeg keeps it).
@@ -463,6 +485,7 @@ class FrameStream:
         import av
 
         container, packets = self._open()
+        orientation = OrientationReader(self.info.path)
         try:
             rate = self.info.rate
             last = -math.inf
@@ -470,7 +493,7 @@ class FrameStream:
                 for frame in (f for packet in packets for f in packet.decode()):
                     i = self.decoded
                     self.decoded += 1
-                    turn = orientation_of(frame, self.info.path)
+                    turn = orientation(frame)
                     self._note_size(turn.shown_size(frame.height, frame.width))
                     if self.plan.timing == "index":
                         yield frame, turn, i / rate, 1.0 / rate
