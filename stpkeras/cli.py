@@ -482,6 +482,9 @@ def _model_args(ctx, param, values):
               help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
+@click.option("--causal", is_flag=True,
+              help="A causal model (stcnn, r2plus1d, resnet3d): its answer at a frame sees no later frame, so "
+                   "`stp export --streaming` can serve it frame by frame (same as --model-arg causal=true).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Patches per replica; the global batch is this x replicas.")
@@ -555,7 +558,8 @@ def _model_args(ctx, param, values):
               metavar="F", help="With --init-from: the backbone's learning rate is --lr x F.")
 @click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
               help="With --init-from, vivit: each transformer block below the head learns at F x the one above.")
-def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, warmup, weight_decay, augment,
+def train_command(data, out, model_name, model_args, causal, epochs, batch_size, lr, schedule, warmup, weight_decay,
+                  augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
                   multi_label, mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
@@ -580,6 +584,14 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
         # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
         if mask_ratio is not None and task != "pretrain":
             raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
+        if causal:
+            from stpkeras.models import model_options
+            from stpkeras.tasks import get_task
+            family = model_name or get_task(task).default_model
+            if "causal" not in model_options(family):
+                raise click.BadParameter(f"--causal: model {family!r} has no causal form (expected stcnn, r2plus1d "
+                                         "or resnet3d)", param_hint="--causal")
+            model_args = tuple(dict(model_args, causal=True).items())
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
                                                   ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,

@@ -136,3 +136,18 @@ def target_runs(tmp_path_factory):
     from targets import train_target_runs
 
     return train_target_runs(str(tmp_path_factory.mktemp("targets")))
+
+
+@pytest.fixture(scope="session")
+def causal_run(tmp_path_factory, converted):
+    """A tiny causal stcnn trained by `stp train --causal` on `converted` (4x32x32 patches): its run folder."""
+    from click.testing import CliRunner
+
+    from stpkeras.cli import main
+
+    run = tmp_path_factory.mktemp("causal") / "run"
+    result = CliRunner().invoke(main, ["train", str(converted[0]), "--out", str(run), "--causal", "--model-arg",
+                                       "filters=4", "--epochs", "1", "--batch-size", "8", "--augment", "none",
+                                       "--seed", "0", "--verbose", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run

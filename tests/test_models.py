@@ -76,7 +76,7 @@ def test_every_option_is_wired_through():
     assert tuple(vivit.get_layer("tokens").output.shape) == (None, 2 * 4 * 4, 8)
     assert sum(isinstance(layer, keras.layers.MultiHeadAttention) for layer in vivit.layers) == 2
     assert vivit.get_layer("encoder0_mlp1").units == 12
-    assert set(model_options("stcnn")) == {"filters", "kernel_size", "pool_size", "dropout"}
+    assert set(model_options("stcnn")) == {"filters", "kernel_size", "pool_size", "dropout", "causal"}
 
 
 def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():
@@ -130,3 +130,72 @@ def test_a_regressor_answers_in_the_units_of_its_data(tmp_path):
     assert float(RegressionLoss("huber", [5.0])(np.array([[50.0]]), np.array([[40.0]]))) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="Expected one of \\('mse', 'huber'\\)"):
         RegressionLoss("l1")
+
+
+CAUSAL = ["stcnn", "r2plus1d", "resnet3d"]
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_a_causal_model_answers_at_frame_t_without_later_frames(name, tmp_path):
+    from stpkeras.models import causal
+
+    spec = PatchSpec(6, 16, 16)
+    model = build_model(name, spec, 3, **SMALL[name], causal=True)
+    assert causal.is_causal(model) and not causal.is_causal(build_model(name, spec, 3, **SMALL[name]))
+    # Nothing shortens time: each frame has its answer (the running mean before the last-frame read-out).
+    per_frame = keras.Model(model.input, model.get_layer("causal_mean").output)
+    x = np.random.default_rng(0).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    for t in (1, 3, 5):
+        later = x.copy()
+        later[:, t:] = 255 - later[:, t:]
+        a, b = np.asarray(per_frame(x, training=False)), np.asarray(per_frame(later, training=False))
+        np.testing.assert_array_equal(a[:, :t], b[:, :t])           # frames < t: bit for bit the same
+        assert np.abs(a[:, t:] - b[:, t:]).min(axis=-1).max() > 0   # frames >= t see the change
+    # The clip's answer is the last frame's (the mean over all T frames), and it survives a .keras round trip.
+    path = str(tmp_path / "causal.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(reloaded(x, training=False)), np.asarray(model(x, training=False)),
+                               atol=1e-6)
+    assert causal.is_causal(reloaded)
+
+
+@pytest.mark.parametrize("name", ["stcnn", "r2plus1d"])
+def test_a_causal_model_streams_in_chunks_of_any_size_to_the_whole_clip_answer(name):
+    from stpkeras.models import causal
+
+    spec = PatchSpec(6, 16, 16)
+    model = build_model(name, spec, 3, **SMALL[name], causal=True)
+    step = causal.stream_model(model)
+    x = np.random.default_rng(1).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    whole = np.asarray(keras.Model(model.input, model.get_layer("causal_mean").output)(x, training=False))
+    head = model.get_layer("logits")
+    for chunks in ((1,) * 6, (2, 2, 2), (4, 2), (6,)):
+        state = {k: np.zeros((2, *shape), np.float32) for k, (shape, _) in causal.state_spec(model).items()}
+        outs, start = [], 0
+        for n in chunks:
+            with causal.streaming(state) as new:
+                outs.append(np.asarray(step(x[:, start:start + n], training=False)))
+            assert set(new) == set(state)
+            state, start = {k: np.asarray(v) for k, v in new.items()}, start + n
+        np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(head(whole)), atol=1e-4)
+
+
+def test_a_causal_layer_refuses_a_temporal_stride():
+    from stpkeras.models.causal import CausalConv3D
+
+    with pytest.raises(ValueError, match="Expected a temporal stride and dilation of 1"):
+        CausalConv3D(4, 3, strides=(2, 1, 1))
+
+
+def test_stp_train_causal_records_the_option_and_trains_a_causal_model(causal_run, cli, converted, tmp_path):
+    import json
+
+    from stpkeras import artifacts
+    from stpkeras.models import causal
+
+    run = json.loads((causal_run / "run.json").read_text())
+    assert run["config"]["model_options"]["causal"] is True
+    assert causal.is_causal(artifacts.load(str(causal_run)).model)
+    refused = cli("train", converted[0], "--out", tmp_path / "r", "--causal", "--model", "c3d")
+    assert refused.exit_code == 2 and "model 'c3d' has no causal form" in refused.output
