@@ -355,7 +355,10 @@ def _labels_option(ctx, param, value):
                    "outside its run folder).")
 @click.option("--labels", default=None, metavar="FILE|A,B,...", callback=_labels_option,
               help="Class names (a file, one a line, or a comma list); overrides the run's.")
-def export_command(model, name, out_root, version, data, labels):
+@click.option("--streaming", is_flag=True,
+              help="Also export `stream` (new frames + state -> an answer per frame + new state) and `init_state`, "
+                   "for `stp watch`; needs a causal classifier (`stp train --causal`).")
+def export_command(model, name, out_root, version, data, labels, streaming):
     """Export a trained classifier for TF Serving: OUT/NAME/VERSION with signatures, assets and warmup."""
     from stpkeras.export import export_for_serving
 
@@ -366,7 +369,7 @@ def export_command(model, name, out_root, version, data, labels):
         manifest = read_manifest(data)
         spec = spec_of(manifest)
         labels = labels if labels is not None else tuple(manifest["labels"]) or None
-    result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec)
+    result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec, streaming=streaming)
     click.echo(f"exported {model} -> {result.path}")
     click.echo(f"  signatures: {', '.join(result.signatures)}")
     click.echo(f"  {len(result.labels)} classes: {', '.join(result.labels)}")

@@ -10,6 +10,16 @@ and explicit input signatures (batch dimension `None`):
 - `embeddings`: `patches` as above -> `embeddings` float32 [batch, D], the model's layer named
   `features` (only when the model has one).
 
+With `streaming=True` (`stp export --streaming`, a causal classifier: `stp train --causal`) two more:
+
+- `stream`: `frames` uint8 [batch, n, H, W, C] (n >= 1 new frames per stream) and the stream state
+  `state_*` float32 -> `logits`, `probabilities` [batch, n, K], `class_ids`, `class_names` [batch, n] (the
+  answer at each new frame: the model's clip answer over the last T frames, where T is the spec's
+  frames) and the new `state_*`. The state is each causal convolution's last k-1 input frames and the
+  head's last T-1 frame features with a frame count (`stpkeras.models.causal`): a server keeps
+  nothing between calls, the client carries it.
+- `init_state`: `streams` int32 [batch] (one entry per stream) -> the zero state of `batch` streams.
+
 Normalisation (uint8 -> float) is the model's own first layer, so a client
 sends raw pixels and the server computes exactly what training computed.
 
@@ -62,9 +72,10 @@ from tfrecords_tools import schema as record_schema
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.storage import check_path, is_remote, join
 
-from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, EXAMPLES, FEATURES_LAYER, LOGITS,  # noqa: F401
-                                 LOGITS_LAYER, PATCHES, PIXELS, PIXELS_FLOAT, PROBABILITIES, SERVE_EXAMPLES,
-                                 SERVING_DEFAULT, VALUE_NAMES, VALUES, VALUES_LAYER)
+from stpkeras.signatures import (CLASS_IDS, CLASS_NAMES, EMBEDDINGS, EXAMPLES, FEATURES_LAYER, FRAMES,  # noqa: F401
+                                 INIT_STATE, LOGITS, LOGITS_LAYER, PATCHES, PIXELS, PIXELS_FLOAT, PROBABILITIES,
+                                 SERVE_EXAMPLES, SERVING_DEFAULT, STREAM, STREAM_SIGNATURES, STREAMS, VALUE_NAMES,
+                                 VALUES, VALUES_LAYER)
 
 # TF Serving takes model names from folder names and URLs; keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -240,7 +251,45 @@ def _build_enhance_archive(source: Artifact):
     return archive, (SERVING_DEFAULT, SERVE_EXAMPLES)
 
 
-def _build_archive(source: Artifact, labels_path: str):
+def check_streaming(source: Artifact) -> None:
+    """A streaming export needs a causal single-label classifier (`stp train --causal`)."""
+    from stpkeras.models import causal
+
+    if source.task != "classify" or source.multi_label:
+        raise ExportError(f"{source.path}: --streaming exports single-label classifiers (task classify); "
+                          f"the run's task is {source.task!r}" + (" (multi-label)" if source.multi_label else ""))
+    if not causal.is_causal(source.model):
+        raise ExportError(f"{source.path}: --streaming needs a causal model (its answer at a frame must not see "
+                          "later frames); train one with `stp train --causal` (stcnn, r2plus1d, resnet3d)")
+
+
+def _add_stream_endpoints(archive, model, spec: PatchSpec, outputs) -> Tuple[str, ...]:
+    """`stream` and `init_state` (see the module's docstring) on the same layers and weights as `model`."""
+    import tensorflow as tf
+
+    from stpkeras.models import causal
+
+    state = causal.state_spec(model)
+    names = sorted(state)
+    step = causal.stream_model(model)
+    frames_sig = tf.TensorSpec([None, None, *spec.shape[1:]], tf.uint8, name=FRAMES)
+    state_sigs = [tf.TensorSpec([None, *state[k][0]], tf.float32, name=k) for k in names]
+
+    def stream(frames, *states):
+        with causal.streaming(dict(zip(names, states))) as new:
+            answers = outputs(step(frames, training=False))
+        return {**answers, **{k: tf.cast(new[k], tf.float32) for k in names}}
+
+    def init_state(streams):
+        batch = tf.shape(streams)[:1]
+        return {k: tf.zeros(tf.concat([batch, tf.constant(state[k][0], tf.int32)], 0), tf.float32) for k in names}
+
+    archive.add_endpoint(STREAM, stream, input_signature=[frames_sig, *state_sigs])
+    archive.add_endpoint(INIT_STATE, init_state, input_signature=[tf.TensorSpec([None], tf.int32, name=STREAMS)])
+    return STREAM_SIGNATURES
+
+
+def _build_archive(source: Artifact, labels_path: str, streaming: bool = False):
     import keras
     import tensorflow as tf
 
@@ -284,6 +333,8 @@ def _build_archive(source: Artifact, labels_path: str):
 
         archive.add_endpoint(EMBEDDINGS, embeddings, input_signature=patch_sig)
         names.append(EMBEDDINGS)
+    if streaming:
+        names += _add_stream_endpoints(archive, model, spec, outputs)
     return archive, tuple(names)
 
 
@@ -350,13 +401,15 @@ def write_warmup(saved_model_dir: str, records: Sequence[bytes]) -> str:
 def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optional[str] = None,
                        version: Optional[int] = None, *, labels: Optional[Sequence[str]] = None,
                        spec: Optional[PatchSpec] = None,
-                       warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> ExportResult:
+                       warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+                       streaming: bool = False) -> ExportResult:
     """Writes `out_root/name/version/`: the SavedModel, its assets and its warmup requests.
 
     `model_or_run` is a run folder, a `.keras` file (see `resolve_source`) or
     an `Artifact`. `name` defaults to the run folder's (or file's) name;
     `version` to the next free integer. An existing version is never
-    overwritten. Returns where it wrote and what.
+    overwritten. Returns where it wrote and what. `streaming=True` adds `stream` and `init_state` (a
+    causal classifier only; `check_streaming`).
 
     The version is claimed when the model is complete, under an exclusive lock on `out_root/name`
     (`outputs.writing`, waiting for it): exports to the same name at once get different versions,
@@ -366,6 +419,8 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
         source = model_or_run
     else:
         source = resolve_source(os.fspath(model_or_run), labels, spec)
+    if streaming:
+        check_streaming(source)
     if name is None:
         base = source.path if source.run is None else os.path.dirname(os.path.abspath(source.path))
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(base))[0]) or "model"
@@ -392,11 +447,13 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
             labels_path = os.path.join(scratch, LABELS_ASSET)
             with open(labels_path, "w", encoding="utf-8") as f:
                 f.write("".join(label + "\n" for label in source.labels))
-            archive, signatures = _build_archive(source, labels_path)
+            archive, signatures = _build_archive(source, labels_path, streaming)
             archive.write_out(target, verbose=False)  # copies labels.txt into target/assets
         with open(os.path.join(target, "assets", SPEC_ASSET), "w", encoding="utf-8") as f:
             f.write(json.dumps(source.spec.to_dict(), indent=1, sort_keys=True) + "\n")
-        records = warmup_requests(name, source.spec, signatures, warmup_batch_sizes)
+        # Warmup replays patch requests; the stream signatures are warmed by their first stream.
+        records = warmup_requests(name, source.spec, [s for s in signatures if s not in STREAM_SIGNATURES],
+                                  warmup_batch_sizes)
         write_warmup(target, records)
         with outputs.writing(model_root, wait=True):  # a no-op on gs:// and s3://
             version = version if version is not None else next_version(model_root)
@@ -429,12 +486,20 @@ def _write_info(target: str, name: str, version: int, signatures, source: Artifa
         "name": name, "version": version, "signatures": list(signatures), "labels": list(source.labels),
         "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
         "task_options": source.task_options,
+        "streaming": _stream_info(source) if STREAM in signatures else None,
         "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with open(os.path.join(target, INFO_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(info, indent=1) + "\n")
+
+
+def _stream_info(source: Artifact) -> dict:
+    from stpkeras.models import causal
+
+    return {"window": source.spec.frames,
+            "state": {k: list(shape) for k, (shape, _) in sorted(causal.state_spec(source.model).items())}}
 
 
 # --- TF Serving model config ------------------------------------------------------------------

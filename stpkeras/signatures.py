@@ -12,11 +12,19 @@ them, and the tests import them: nobody retypes a signature or tensor name.
   float32 `[batch, C]`;
 - `serving_default` (regressor): `patches` -> `values` float32 `[batch, K]` in the data's units,
   `value_names` string `[batch, K]`.
+- `stream` (a causal classifier exported with `--streaming`): `frames` uint8 `[batch, n, H, W, C]` (n >= 1 new
+  frames of each stream) and its state tensors `state_*` float32 -> `logits`, `probabilities` `[batch, n, K]`,
+  `class_ids`, `class_names` `[batch, n]` (the answer at each new frame) and the new `state_*` (same keys);
+- `init_state`: `streams` int32 `[batch]` (one entry per stream, values unused) -> the zero `state_*` of
+  `batch` streams.
 """
 
 SERVING_DEFAULT = "serving_default"
 SERVE_EXAMPLES = "serve_examples"
 EMBEDDINGS = "embeddings"
+STREAM = "stream"
+INIT_STATE = "init_state"
+STREAM_SIGNATURES = (STREAM, INIT_STATE)
 
 # Tensor keys.
 PATCHES = "patches"
@@ -29,6 +37,9 @@ PIXELS = "pixels"               # enhancer: uint8 [batch, T, H, W, 3]
 PIXELS_FLOAT = "pixels_float"   # enhancer: float32 [batch, T, H, W, 3], 0-255 units, unclipped
 VALUES = "values"               # regressor: float32 [batch, K]
 VALUE_NAMES = "value_names"     # regressor: string [batch, K], the name of each value
+FRAMES = "frames"               # stream: uint8 [batch, n, H, W, C], the new frames of each stream
+STREAMS = "streams"             # init_state: int32 [batch], one entry per stream
+STATE_PREFIX = "state_"         # stream state tensors: state_<layer> (stpkeras.models.causal)
 
 # The layers of a model that export reads.
 FEATURES_LAYER = "features"

@@ -323,3 +323,80 @@ def test_multi_label_and_regression_exports_load_in_a_fresh_process(target_runs,
                     np.testing.assert_allclose(out[f"{key}/{ex.VALUES}"], reference, rtol=1e-5, atol=1e-4)
                     assert [[v.decode() for v in row] for row in out[f"{key}/{ex.VALUE_NAMES}"]] == \
                         [list(VALUE_NAMES)] * 3
+
+
+STREAM_CHECK = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    # A fresh process: only the SavedModel, loaded the way TF Serving loads it (its signatures).
+    report = {}
+    for path in sys.argv[2:]:
+        sigs = tf.saved_model.load(path).signatures
+        clip = np.load(sys.argv[1])["clip"]                       # uint8 [2, 10, H, W, 3]
+        frames = sigs["serving_default"].structured_input_signature[1]["patches"].shape[1]
+        whole = sigs["serving_default"](patches=tf.constant(clip[:, :frames]))["logits"].numpy()
+        answers = {}
+        for chunks in ((1,) * 10, (2,) * 5, (3, 3, 3, 1), (4, 6), (10,)):
+            state = sigs["init_state"](streams=tf.constant([0, 0], tf.int32))
+            logits, names, start = [], [], 0
+            for n in chunks:
+                out = sigs["stream"](frames=tf.constant(clip[:, start:start + n]), **state)
+                state = {k: v for k, v in out.items() if k.startswith("state_")}
+                assert out["logits"].shape[:2] == (2, n) and out["class_names"].shape == (2, n)
+                logits.append(out["logits"].numpy())
+                names.append(out["class_names"].numpy())
+                start += n
+            answers[str(chunks)] = (np.concatenate(logits, 1), np.concatenate(names, 1))
+        ref = answers[str((1,) * 10)][0]
+        report[path] = {
+            "state_keys": sorted(state),
+            "chunks_vs_frames": max(float(np.abs(a - ref).max()) for a, _ in answers.values()),
+            "stream_vs_whole": float(np.abs(ref[:, frames - 1] - whole).max()),
+            "later_frames_change": float(np.abs(ref[:, frames:] - ref[:, frames - 1:frames]).max()),
+            "names_agree": all((n == answers[str((10,))][1]).all() for _, n in answers.values()),
+        }
+    print(json.dumps(report))
+""")
+
+
+def test_streaming_export_feeds_frames_or_chunks_to_the_whole_clip_answer(causal_run, converted, tmp_path):
+    """`stp export --streaming` of a causal run (stcnn, `stp train --causal`) and of a causal r2plus1d: in a fresh
+    process, a 10-frame clip fed frame by frame and in chunks of 2, 3, 4+6 and 10 gives the same answer at every
+    frame (1e-4), and at frame T-1 the whole-clip signature's answer over frames 0..T-1."""
+    from stpkeras.models import build_model
+
+    out = tmp_path / "saved_models"
+    result = CliRunner().invoke(main, ["export", str(causal_run), "--name", "live", "--out", str(out),
+                                       "--streaming"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "stream, init_state" in result.output
+    info = json.loads((out / "live" / "1" / artifacts.INFO_FILE).read_text())
+    assert info["streaming"]["window"] == 4 and set(info["streaming"]["state"]) == {
+        "state_conv", "state_causal_mean", "state_causal_mean_count"}
+    spec = PatchSpec(4, 32, 32)
+    r21d = build_model("r2plus1d", spec, 3, depth=10, widths=(4, 8), causal=True)
+    r21d.save(tmp_path / "r21d.keras")
+    r21d_export = ex.export_for_serving(str(tmp_path / "r21d.keras"), str(out), "r21d", labels=["a", "b", "c"],
+                                        spec=spec, streaming=True)
+    clip = np.random.default_rng(3).integers(0, 256, (2, 10, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "clip.npz", clip=clip)
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_CHECK)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "clip.npz"), str(out / "live" / "1"),
+                           r21d_export.path], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path, r in report.items():
+        assert r["chunks_vs_frames"] < 1e-4 and r["stream_vs_whole"] < 1e-4, (path, r)
+        assert r["later_frames_change"] > 1e-3 and r["names_agree"], (path, r)   # it does answer each frame
+    assert len(report[r21d_export.path]["state_keys"]) == 7   # 5 temporal convolutions, the mean and its count
+
+
+def test_streaming_export_refuses_a_model_that_looks_ahead(exported, tmp_path):
+    _, run_dir, _ = exported
+    result = CliRunner().invoke(main, ["export", run_dir, "--name", "x", "--out", str(tmp_path), "--streaming"])
+    assert result.exit_code == 2
+    assert "--streaming needs a causal model" in result.output and "stp train --causal" in result.output
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

@@ -25,8 +25,7 @@ import keras
 from keras import ops
 
 from stpkeras.models.layers import PACKAGE
-
-STATE_PREFIX = "state_"
+from stpkeras.signatures import STATE_PREFIX
 COUNT_SUFFIX = "_count"
 
 _active = threading.local()   # the stream step being traced on this thread (see `streaming`)
