@@ -447,6 +447,53 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
 
 
 
+@main.command("watch")
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("source")
+@click.option("--server", default=None, metavar="URL", envvar="STP_SERVER",
+              help="Run the stream on TF Serving (http://HOST:8501/v1/models/NAME or grpc://HOST:8500/NAME); this "
+                   "client carries the state. MODEL still gives the labels and PatchSpec.")
+@click.option("--realtime", is_flag=True, help="Read a file at its own pace (default: as fast as possible).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="End (exit 4) when SOURCE gives no frame for this long.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per answer and line, then a summary line.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Print every N-th frame's answer (every frame still goes through the model).")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, metavar="K")
+@click.option("--format", "input_format", default=None, metavar="FORMAT",
+              help="FFmpeg input format, e.g. v4l2 (camera, the default for /dev/video*), mpegts, avfoundation.")
+@click.option("--max-request-mb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="With --server: split the streams of a step so that no request is larger.")
+def watch_command(model, source, server, realtime, timeout, as_json, every, top_k, input_format, max_request_mb):
+    """Label SOURCE while it plays with a causal MODEL (an export of `stp export --streaming`, or a causal run
+    folder or .keras file). SOURCE: a video file, - (stdin, e.g. `ffmpeg ... -f mpegts -`), an rtsp:// or
+    http:// URL, or a camera device (/dev/video0).
+
+    Prints each frame's label and score (the last T frames' answer), the latency from the frame's arrival to
+    its answer and the frames/s kept up with, then a summary. Exit code 0 at the end of the stream, 130 on
+    Ctrl-C (after the summary), 4 when SOURCE goes silent for --timeout seconds, 2 for a bad model or source.
+    """
+    import json
+
+    from stpkeras.watch import WatchConfig, open_streamer, watch
+
+    client = None
+    if server is not None:
+        from stpkeras.serving import connect
+
+        client = connect(server, timeout_s=max(timeout, 1.0), max_request_mb=max_request_mb)
+    streamer = open_streamer(model, client)
+    config = WatchConfig(source, realtime=realtime, timeout_s=timeout, every=every, input_format=input_format,
+                         top_k=top_k)
+
+    def emit(answer):
+        click.echo(json.dumps(answer.to_dict()) if as_json else answer.line())
+
+    summary = watch(streamer, config, emit)
+    click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
+    sys.exit(summary.exit_code)
+
+
 # --- train / evaluate (TFRecords -> run folder -> metrics) --------------------------------------
 
 def _degrade_option(ctx, param, values):

@@ -459,6 +459,11 @@ class FrameStream:
             rgb = np.ascontiguousarray(rgb[top:top + self.plan.height, left:left + self.plan.width])
         return rgb
 
+    def convert(self, frame, turn: Orientation = Orientation()) -> np.ndarray:
+        """One decoded PyAV frame -> `uint8 [H, W, 3]` RGB at the plan's size, turned and fitted like every
+        frame of `__iter__`: for readers that decode a source themselves (a live stream has no probe)."""
+        return self._to_rgb(frame, turn)
+
     def _open(self):
         """(container, its video packets from the first on): the probe's container when it rewound right."""
         import itertools
