@@ -45,6 +45,9 @@ from tfrecords_tools.video import (FrameStream, OrientationReader, VideoError, V
 EXIT_INTERRUPTED = 130          # the shell's code for a process ended by SIGINT
 EXIT_CODES = {"end": EXIT_OK, "interrupted": EXIT_INTERRUPTED, "silent": EXIT_NOT_NOW}
 LATENCY_SAMPLES = 10_000        # the last this many frames' latencies make the percentiles
+# A live source is probed briefly: FFmpeg's defaults (5 MB, 5 s of stream) hold the first answer back
+# until that much has arrived, and a pipe or URL cannot be rewound anyway.
+LIVE_PROBE = {"probesize": "32768", "analyzeduration": "500000"}
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -241,10 +244,11 @@ def _open(source: str, input_format: Optional[str], timeout_s: Optional[float]):
 
     import av
 
-    options = {}
+    live = source == "-" or source.startswith(URL_SCHEMES)
+    options = dict(LIVE_PROBE) if live else {}
     if source.startswith(URL_SCHEMES) and timeout_s is not None:
         # FFmpeg's socket timeouts (microseconds): a network source that goes silent ends its read too.
-        options = {"rw_timeout": str(int(timeout_s * 1e6)), "timeout": str(int(timeout_s * 1e6))}
+        options.update(rw_timeout=str(int(timeout_s * 1e6)), timeout=str(int(timeout_s * 1e6)))
     target = "pipe:0" if source == "-" else source
     if source != "-" and not source.startswith(URL_SCHEMES) and not os.path.exists(source):
         raise VideoError(source, "no such file or device")
