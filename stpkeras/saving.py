@@ -36,6 +36,10 @@ DEFINED_IN = {
     "MaskedPixelLoss": "stpkeras.models.vivit",
     "ScaledAdamW": "stpkeras.finetune",
     "SSIM": "stpkeras.quality",
+    "CausalConv3D": "stpkeras.models.causal",
+    "CausalMean": "stpkeras.models.causal",
+    "LastFrame": "stpkeras.models.causal",
+    "FrameFeatures": "stpkeras.models.causal",
 }
 
 
