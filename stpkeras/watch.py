@@ -380,14 +380,18 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
     state = None
     streams = 0
     ended, message = "end", ""
+    pending = None   # the end (or an error) met while gathering a chunk: handled after that chunk
     reader.start()
     try:
         while True:
-            try:
-                item = reader.frames.get(timeout=config.timeout_s)
-            except queue.Empty:
-                ended, message = "silent", f"no frame for {config.timeout_s:g}s (--timeout)"
-                break
+            if pending is not None:
+                item = pending
+            else:
+                try:
+                    item = reader.frames.get(timeout=config.timeout_s)
+                except queue.Empty:
+                    ended, message = "silent", f"no frame for {config.timeout_s:g}s (--timeout)"
+                    break
             if item is _END:
                 break
             if isinstance(item, BaseException):
@@ -399,7 +403,7 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
                 except queue.Empty:
                     break
                 if more is _END or isinstance(more, BaseException):
-                    reader.frames.queue.appendleft(more)   # handled on the next turn
+                    pending = more
                     break
                 chunk.append(more)
             started = clock()
