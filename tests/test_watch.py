@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from stpkeras.cli import main
-from tests.videos import pattern_frames, write_video
+from videos import pattern_frames, write_video
 
 FRAMES = 12
 
