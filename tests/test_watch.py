@@ -74,13 +74,17 @@ def _lines(text):
     return [r for r in rows if "summary" not in r], [r["summary"] for r in rows if "summary" in r]
 
 
-def test_watch_a_file_answers_every_frame_like_the_whole_clip_model(live):
+def test_watch_a_file_answers_every_frame_like_the_whole_clip_model(live, causal_run):
     export, mp4, _, labels, whole, stream = live
     result = CliRunner().invoke(main, ["watch", export, mp4, "--json", "--top-k", "3"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     answers, summary = _lines(result.output)
     _check(answers, labels, whole, stream)
     assert summary[0]["ended"] == "end" and summary[0]["frames"] == FRAMES and summary[0]["streams"] == 4
+    # The causal run folder itself (its Keras layers stepped in this process) answers the same.
+    result = CliRunner().invoke(main, ["watch", str(causal_run), mp4, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    _check(_lines(result.output)[0], labels, whole, stream)
     # --every thins what is printed, not what the model sees; --realtime paces the file at its 10 fps.
     started = time.monotonic()
     result = CliRunner().invoke(main, ["watch", export, mp4, "--json", "--every", "4", "--realtime"])
@@ -109,12 +113,14 @@ def test_watch_an_http_stream_and_through_a_serving_stand_in(live, tmp_path):
         assert summary.ended == "end" and summary.exit_code == 0
         _check(answers, labels, whole, stream)
         with StandInServer(os.path.dirname(export), "live") as server:
-            remote = open_streamer(export, connect(server.rest_url))
-            answers = []
-            summary = watch(remote, WatchConfig(url, timeout_s=20), lambda a: answers.append(a.to_dict()))
+            for server_url in (server.rest_url, server.grpc_url):
+                remote = open_streamer(export, connect(server_url))
+                answers = []
+                summary = watch(remote, WatchConfig(url, timeout_s=20), lambda a: answers.append(a.to_dict()))
+                assert summary.ended == "end"
+                _check(answers, labels, whole, stream)
             assert {r[1] for r in server.requests} == {"init_state", "stream"}
-        assert summary.ended == "end"
-        _check(answers, labels, whole, stream)
+            assert {r[0] for r in server.requests} == {"rest", "grpc"}
     finally:
         httpd.shutdown()
 
