@@ -161,14 +161,14 @@ def test_a_causal_model_answers_at_frame_t_without_later_frames(name, tmp_path):
     assert causal.is_causal(reloaded)
 
 
-@pytest.mark.parametrize("name", ["stcnn", "r2plus1d"])
-def test_a_causal_model_streams_in_chunks_of_any_size_to_the_whole_clip_answer(name):
+@pytest.mark.parametrize("name,pixels", [("stcnn", "rgb"), ("r2plus1d", "rgb"), ("stcnn", "yuv440")])
+def test_a_causal_model_streams_in_chunks_of_any_size_to_the_whole_clip_answer(name, pixels):
     from stpkeras.models import causal
 
-    spec = PatchSpec(6, 16, 16)
+    spec = PatchSpec(6, 16, 16, pixels=pixels)
     model = build_model(name, spec, 3, **SMALL[name], causal=True)
     step = causal.stream_model(model)
-    x = np.random.default_rng(1).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    x = np.random.default_rng(1).integers(0, 256, (2, *spec.shape), dtype=np.uint8)   # packed for yuv440
     whole = np.asarray(keras.Model(model.input, model.get_layer("causal_mean").output)(x, training=False))
     head = model.get_layer("logits")
     for chunks in ((1,) * 6, (2, 2, 2), (4, 2), (6,)):
