@@ -342,8 +342,12 @@ def _build_archive(source: Artifact, labels_path: str, streaming: bool = False):
 
 
 def warmup_requests(name: str, spec: PatchSpec, signatures: Sequence[str],
-                    batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> List[bytes]:
+                    batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+                    stream_state: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[bytes]:
     """Serialized `PredictionLog`s replayed by TF Serving's SavedModel warmup, one per signature and batch size.
+
+    `stream_state` ({state key: shape without the batch}) is needed for a `stream` signature: its request
+    is one frame per stream from the zero state.
 
     The pixels are a fixed pseudo-random pattern (warmup only needs the
     shapes; zeros would let a clever kernel take a shortcut it will not take later).
@@ -357,14 +361,18 @@ def warmup_requests(name: str, spec: PatchSpec, signatures: Sequence[str],
         for batch in batch_sizes:
             pixels = rng.integers(0, 256, size=(batch, *spec.shape), dtype=np.uint8)
             if signature == SERVE_EXAMPLES:
-                key = EXAMPLES
-                value = np.array([_example_of(p) for p in pixels], dtype=object)
+                inputs = {EXAMPLES: np.array([_example_of(p) for p in pixels], dtype=object)}
+            elif signature == INIT_STATE:
+                inputs = {STREAMS: np.zeros([batch], np.int32)}
+            elif signature == STREAM:   # one new frame of each stream, from the zero state
+                inputs = {FRAMES: pixels[:, :1], **{k: np.zeros((batch, *shape), np.float32)
+                                                    for k, shape in (stream_state or {}).items()}}
             else:
-                key = PATCHES
-                value = pixels
+                inputs = {PATCHES: pixels}
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            for key, value in inputs.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             logs.append(log.SerializeToString())
     return logs
@@ -451,9 +459,8 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
             archive.write_out(target, verbose=False)  # copies labels.txt into target/assets
         with open(os.path.join(target, "assets", SPEC_ASSET), "w", encoding="utf-8") as f:
             f.write(json.dumps(source.spec.to_dict(), indent=1, sort_keys=True) + "\n")
-        # Warmup replays patch requests; the stream signatures are warmed by their first stream.
-        records = warmup_requests(name, source.spec, [s for s in signatures if s not in STREAM_SIGNATURES],
-                                  warmup_batch_sizes)
+        state = _stream_info(source)["state"] if STREAM in signatures else None
+        records = warmup_requests(name, source.spec, signatures, warmup_batch_sizes, state)
         write_warmup(target, records)
         with outputs.writing(model_root, wait=True):  # a no-op on gs:// and s3://
             version = version if version is not None else next_version(model_root)

@@ -392,6 +392,18 @@ def test_streaming_export_feeds_frames_or_chunks_to_the_whole_clip_answer(causal
         assert r["chunks_vs_frames"] < 1e-4 and r["stream_vs_whole"] < 1e-4, (path, r)
         assert r["later_frames_change"] > 1e-3 and r["names_agree"], (path, r)   # it does answer each frame
     assert len(report[r21d_export.path]["state_keys"]) == 7   # 5 temporal convolutions, the mean and its count
+    # TF Serving's warmup replays a request of every signature, the stream's from the zero state.
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    loaded = tf.saved_model.load(r21d_export.path)
+    seen = set()
+    for record in tf.data.TFRecordDataset(os.path.join(r21d_export.path, ex.WARMUP_FILE)).as_numpy_iterator():
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        outputs = loaded.signatures[request.model_spec.signature_name](**inputs)
+        seen.add((request.model_spec.signature_name, int(next(iter(outputs.values())).shape[0])))
+    assert seen == {(s, b) for s in r21d_export.signatures for b in ex.WARMUP_BATCH_SIZES}
 
 
 def test_streaming_export_refuses_a_model_that_looks_ahead(exported, tmp_path):
