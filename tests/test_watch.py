@@ -196,7 +196,12 @@ def test_a_silent_source_ends_after_timeout_with_4(live, long_ts):
     assert "Traceback" not in err
 
 
-def test_a_missing_source_is_one_line(live):
-    export, *_ = live
+def test_a_missing_source_or_a_model_that_cannot_stream_is_one_line(live, causal_run, tmp_path):
+    export, mp4, *_ = live
     result = CliRunner().invoke(main, ["watch", export, "/no/such/video.mp4"])
     assert result.exit_code == 2 and "/no/such/video.mp4: no such file or device" in result.output
+    plain = CliRunner().invoke(main, ["export", str(causal_run), "--name", "plain", "--out", str(tmp_path)])
+    assert plain.exit_code == 0, plain.output
+    result = CliRunner().invoke(main, ["watch", str(tmp_path / "plain"), mp4])
+    assert result.exit_code == 2 and "no stream or init_state signature" in result.output
+    assert "--streaming" in result.output and "Traceback" not in result.output
