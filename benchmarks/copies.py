@@ -188,11 +188,12 @@ def stp(*args) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def train(sources, work: str, name: str, augment: str, epochs: int, seed: int) -> tuple:
-    data = os.path.join(work, f"data-{name}")
+def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, seed: int, model_args=()) -> tuple:
+    """Converts the whole videos `sources` (once per fold) and trains an embedding on them: (run, seconds)."""
+    data = os.path.join(work, f"data-{fold}")
     run = os.path.join(work, f"run-{name}")
     if not os.path.isdir(data):
-        folder = os.path.join(work, f"sources-{name}")
+        folder = os.path.join(work, f"sources-{fold}")
         os.makedirs(folder, exist_ok=True)
         for s in sources:
             if not os.path.lexists(os.path.join(folder, os.path.basename(s))):
@@ -201,21 +202,23 @@ def train(sources, work: str, name: str, augment: str, epochs: int, seed: int) -
     started = time.perf_counter()
     if not os.path.isfile(os.path.join(run, "best.keras")):
         stp("train", data, "--out", run, "--task", "embed", "--epochs", str(epochs), "--seed", str(seed),
-            "--val-split", "none", "--verbose", "0", *(["--augment", augment] if augment else []))
+            "--val-split", "none", "--verbose", "0", *(["--augment", augment] if augment else []), *model_args)
     return run, time.perf_counter() - started
 
 
 def score(ranks: dict, data: dict, queries) -> dict:
     found = {kind: [0, 0] for kind in ("copy", "copy+speed")}
-    rr = []
+    rr, misses = [], []
     for q in queries:
         segment, _, kind = data["queries"][q]
         rank = ranks[q].index(segment) + 1
         found[kind][0] += rank == 1
         found[kind][1] += 1
         rr.append(1.0 / rank)
+        if rank > 1:
+            misses.append(f"{os.path.basename(q)} at {rank} (1st {ranks[q][0]})")
     total = sum(v[0] for v in found.values())
-    return {"rank1": total, "of": len(queries), "mrr": float(np.mean(rr)),
+    return {"rank1": total, "of": len(queries), "mrr": float(np.mean(rr)), "misses": misses,
             **{kind: f"{v[0]}/{v[1]}" for kind, v in found.items()}}
 
 
@@ -227,6 +230,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-old-views", action="store_true", help="Do not train with the views crop,color.")
+    parser.add_argument("--model", default=None, help="`stp train --model` for the embedding (default: the task's).")
+    parser.add_argument("--model-arg", action="append", default=[], help="`stp train --model-arg`, repeatable.")
+    parser.add_argument("--skip-thumbnails", action="store_true")
     args = parser.parse_args(argv)
 
     t = time.perf_counter()
@@ -240,12 +246,16 @@ def main(argv=None):
         results[name] = score(ranks, data, queries)
         r = results[name]
         print(f"{name:<34} rank-1 {r['rank1']:>2}/{r['of']}  (copy {r['copy']}, copy+speed {r['copy+speed']})  "
-              f"MRR {r['mrr']:.3f}", flush=True)
+              f"MRR {r['mrr']:.3f}" + (f"; missed: {', '.join(r['misses'])}" if r["misses"] else ""), flush=True)
 
-    report("thumbnail 8x8, mean, L2", thumbnail_l2(data))
-    thumb = thumbnail_embedder()
-    for aggregate in ("mean", "windows"):
-        report(f"thumbnail 8x8, index {aggregate}", ranked(thumb, data, aggregate, everything))
+    if not args.skip_thumbnails:
+        report("thumbnail 8x8, mean, L2", thumbnail_l2(data))
+        thumb = thumbnail_embedder()
+        for aggregate in ("mean", "windows"):
+            report(f"thumbnail 8x8, index {aggregate}", ranked(thumb, data, aggregate, everything))
+    model_args = ((["--model", args.model] if args.model else [])
+                  + [x for a in args.model_arg for x in ("--model-arg", a)])
+    tag = "-".join([args.model or "default", *args.model_arg]).replace("=", "").replace(",", "_")
 
     from stpkeras.index import load_embedder
 
@@ -255,17 +265,18 @@ def main(argv=None):
         seconds = []
         for fold, held in FOLDS.items():
             trained_on = [s for f, paths in data["sources"].items() if f != fold for s in paths]
-            run, s = train(trained_on, args.work, f"{fold}-{augment or 'copy'}", augment, args.epochs, args.seed)
+            run, s = train(trained_on, args.work, fold, f"{fold}-{augment or 'copy'}-{tag}-e{args.epochs}", augment,
+                           args.epochs, args.seed, model_args)
             seconds.append(s)
             queries = [q for q in everything if data["queries"][q][1] == fold]
             embedder = load_embedder(run)
             for aggregate in ranks:
                 ranks[aggregate].update(ranked(embedder, data, aggregate, queries))
-        print(f"embed ({label}): trained {args.epochs} epochs per fold in "
+        print(f"embed ({label}, {tag}): trained {args.epochs} epochs per fold in "
               f"{', '.join(f'{s:.0f}s' for s in seconds)} (wall, shared 2-core machine)", flush=True)
         for aggregate, r in ranks.items():
             report(f"embed ({label}), index {aggregate}", r)
-    with open(os.path.join(args.work, "results.json"), "w") as f:
+    with open(os.path.join(args.work, f"results-{tag}-e{args.epochs}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -750,7 +750,7 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center, agg
               help="Embed queries with this model (default: the one the index was built with).")
 @click.option("--split", default=None, metavar="SPLIT",
               help="When QUERY is a labelled converted folder: its split to use as queries; prints recall@1/@5 "
-                   "(same class = relevant) instead of results.")
+                   "and mAP (same class = relevant) instead of results.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per result and line: query, video, score, rank.")
 def search_command(index_dir, queries, k, model, split, as_json):
@@ -768,7 +768,8 @@ def search_command(index_dir, queries, k, model, split, as_json):
         result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
         click.echo(json.dumps(result) if as_json else
                    f"{result['queries']} queries against {result['gallery']} videos: "
-                   + ", ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("recall")))
+                   + ", ".join(f"{key} {value:.4f}" for key, value in result.items()
+                               if key.startswith("recall") or key == "map"))
         return
     failed = 0
     for query, hits, error in search_videos(index, model, queries, k):

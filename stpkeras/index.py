@@ -649,16 +649,37 @@ def recall_at_k(query_labels: Sequence[str], retrieved_labels: Sequence[Sequence
     return out
 
 
+def mean_average_precision(query_labels: Sequence[str], ranked_labels: Sequence[Sequence[str]]) -> float:
+    """mAP with 'same class = relevant': per query, the average precision of its whole ranking of the
+    gallery (`ranked_labels[q]`, best first; `sklearn.metrics.average_precision_score`), averaged over
+    the queries that have a relevant item (a query with none has no AP)."""
+    from sklearn.metrics import average_precision_score
+
+    if len(query_labels) != len(ranked_labels):
+        raise ValueError(f"{len(query_labels)} query labels for {len(ranked_labels)} result lists")
+    aps = []
+    for label, ranked in zip(query_labels, ranked_labels):
+        relevant = np.array([r == label for r in ranked])
+        if relevant.any():
+            aps.append(average_precision_score(relevant, -np.arange(len(ranked), dtype=np.float64)))
+    return float(np.mean(aps)) if aps else 0.0
+
+
 def evaluate_retrieval(index: VideoIndex, queries: Embedded, ks: Sequence[int] = (1, 5)) -> dict:
-    """Recall@k of labelled `queries` (e.g. a held-out split) against a labelled index."""
+    """Recall@k and mAP (over the whole gallery) of labelled `queries` (e.g. a held-out split) against
+    a labelled index."""
     if not index.labels or not any(index.labels):
         raise RetrievalError("the index holds no labels (index a labelled converted folder to measure recall)")
     keep = [i for i, label in enumerate(queries.labels) if label]
     if not keep:
         raise RetrievalError("the queries hold no labels")
-    hits = (index.search_windows([queries.windows[i] for i in keep], max(ks)) if queries.windows
-            else index.search(queries.vectors[keep], max(ks)))
-    result = recall_at_k([queries.labels[i] for i in keep], [[h.label for h in row] for row in hits], ks)
+    everything = len(index.ids)
+    hits = (index.search_windows([queries.windows[i] for i in keep], everything) if queries.windows
+            else index.search(queries.vectors[keep], everything))
+    labels = [queries.labels[i] for i in keep]
+    ranked = [[h.label for h in row] for row in hits]
+    result = recall_at_k(labels, ranked, ks)
+    result["map"] = mean_average_precision(labels, ranked)
     result["queries"] = len(keep)
     result["gallery"] = len(index.ids)
     return result

@@ -21,6 +21,13 @@ def test_recall_at_k_hand_computed():
     assert got == {"recall@1": 0.25, "recall@3": 0.5, "recall@5": 0.75}
     with pytest.raises(ValueError, match="2 query labels for 1 result lists"):
         ix.recall_at_k(["a", "b"], [["a"]])
+    # mAP over whole rankings: q0 "a" relevant at rank 1 -> AP 1; q1 "b" at rank 3 -> 1/3;
+    # q2 "a": none -> no AP; q3 "c" at rank 5 -> 1/5.
+    ranked = [["a", "b", "c", "b", "b"], ["a", "c", "b", "a", "a"], ["b", "b", "c", "c", "b"],
+              ["a", "a", "b", "b", "c"]]
+    assert ix.mean_average_precision(queries, ranked) == pytest.approx((1 + 1 / 3 + 1 / 5) / 3)
+    # Two relevant items at ranks 1 and 4: (1/1 + 2/4) / 2.
+    assert ix.mean_average_precision(["a"], [["a", "b", "c", "a"]]) == pytest.approx(0.75)
 
 
 def test_exact_tf_and_faiss_search_agree_with_numpy():
@@ -65,8 +72,10 @@ def test_index_centres_saves_loads_and_searches(tmp_path, backend):
     # Centred, the other videos no longer all score near 1.
     assert hits[1].score < 0.9
     queries = ix.Embedded(ids=("q0", "q1"), vectors=raw[[0, 4]] + 0.01, labels=("a", "b"))
-    assert ix.evaluate_retrieval(loaded, queries, ks=(1, 2)) == {
+    got = ix.evaluate_retrieval(loaded, queries, ks=(1, 2))
+    assert {k: v for k, v in got.items() if k != "map"} == {
         "recall@1": 0.5, "recall@2": 0.5, "queries": 2, "gallery": 6}
+    assert 0.0 < got["map"] <= 1.0
 
 
 def test_load_refuses_what_is_not_an_index(tmp_path):
