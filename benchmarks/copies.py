@@ -28,7 +28,7 @@ Frame-level features of an ImageNet model are not measured: no weights are avail
 *.h5/*.pth/*.onnx weights on the machine); pass `--image-model` to add them where Keras can load
 its application weights.
 
-Run: python benchmarks/copies.py [--videos ../shared/data/videos] [--work /tmp/copies] [--epochs 30]
+Run: python benchmarks/copies.py [--videos ../shared/data/videos] [--work /tmp/copies] [--epochs 6] [--skip-old-views]
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 FOLDS = {"camera": ("bikes.mp4", "tree.avi"), "animation": ("bigbuckbunny.mp4", "Megamind_bugy.avi")}
-PATCH = "8x64x64"
-RESIZE = "64x64"
+PATCH = "8x32x32"     # frames squeezed to 32x32: a copy's layout, not its detail (and cheap on 2 cores)
 THUMB = 8
 
 
@@ -152,15 +151,15 @@ def thumbnail_l2(data: dict) -> dict:
 
 def thumbnail_embedder():
     from stpkeras.index import Embedder
-    from tfrecords_tools.spec import PatchSpec, parse_pair, parse_triple
+    from tfrecords_tools.spec import PatchSpec, parse_triple
 
     t, h, w = parse_triple(PATCH)
-    spec = PatchSpec(t, h, w, resize=parse_pair(RESIZE))
+    spec = PatchSpec(t, h, w, resize=(h, w))
 
     def embed(patches):
         p = np.asarray(patches, np.float32).mean(axis=1)  # [n, H, W, 3]: the window's mean frame
-        n = len(p)
-        return p.reshape(n, THUMB, h // THUMB, THUMB, w // THUMB, 3).mean(axis=(2, 4)).reshape(n, -1)
+        n, ph, pw, _ = p.shape
+        return p.reshape(n, THUMB, ph // THUMB, THUMB, pw // THUMB, 3).mean(axis=(2, 4)).reshape(n, -1)
 
     return Embedder(spec, "thumbnail", embed)
 
@@ -198,7 +197,8 @@ def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, s
         for s in sources:
             if not os.path.lexists(os.path.join(folder, os.path.basename(s))):
                 os.symlink(os.path.abspath(s), os.path.join(folder, os.path.basename(s)))
-        stp("convert", folder, data, "--patch", PATCH, "--stride", "2x64x64", "--resize", RESIZE)
+        t, h, w = PATCH.split("x")
+        stp("convert", folder, data, "--patch", PATCH, "--stride", f"2x{h}x{w}", "--resize", f"{h}x{w}")
     started = time.perf_counter()
     if not os.path.isfile(os.path.join(run, "best.keras")):
         stp("train", data, "--out", run, "--task", "embed", "--epochs", str(epochs), "--seed", str(seed),
@@ -227,7 +227,7 @@ def main(argv=None):
     parser.add_argument("--videos", default=os.path.join(ROOT, "..", "shared", "data", "videos"))
     parser.add_argument("--work", default="/tmp/stp-copies")
     parser.add_argument("--segments", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-old-views", action="store_true", help="Do not train with the views crop,color.")
     parser.add_argument("--model", default=None, help="`stp train --model` for the embedding (default: the task's).")

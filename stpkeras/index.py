@@ -628,7 +628,8 @@ def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int 
         except (VideoError, NoPatches) as e:
             yield path, None, str(e)
             continue
-        yield path, index.search_windows([video.windows], k)[0], None
+        yield path, (index.search_windows([video.windows], k) if index.aggregate == "windows"
+                     else index.search(video.mean[None], k))[0], None
 
 
 # --- retrieval metrics ----------------------------------------------------------------------------
