@@ -188,6 +188,17 @@ def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_
     for query, source in zip(queries, sources):
         assert os.path.abspath(top[query]["video"]) == os.path.abspath(source), (query, top[query], second[query])
         assert top[query]["score"] > second[query]["score"]
+    assert info["aggregate"] == "windows"
+    # One vector a video (--aggregate mean): no windows kept; the trimmed copies still find their source.
+    result = cli("index", run_dir, *[src / n for n in SAMPLES], "--out", tmp_path / "mean", "--aggregate", "mean")
+    assert result.exit_code == 0, result.output
+    written = sorted(f for f in os.listdir(tmp_path / "mean") if not f.startswith("."))   # not the write lock
+    assert written == ["center.npy", "embeddings.npy", "index.json"]
+    trimmed = [q for q in queries if q.endswith("_trimmed.mp4")]
+    result = cli("search", tmp_path / "mean", *trimmed, "-k", "1", "--json")
+    assert result.exit_code == 0, result.output
+    found = {r["query"]: os.path.abspath(r["video"]) for r in map(json.loads, result.output.splitlines())}
+    assert found == {q: os.path.abspath(s) for q, s in zip(queries, sources) if q in trimmed}
 
 
 # --- windows: a query scored by its windows' best matches ------------------------------------------
