@@ -236,10 +236,16 @@ def random_reencode(patch: tf.Tensor, seed: tf.Tensor, quality: Tuple[int, int] 
         raise ValueError(f"Invalid value for argument `quality`. Expected 1 <= low <= high <= 100. "
                          f"Received quality={quality}")
     patch = tf.convert_to_tensor(patch)
+    channels = patch.shape[-1]
+    if channels is None or channels % 3:
+        raise ValueError(f"Invalid value for argument `patch`. Expected RGB channels (a multiple of 3). "
+                         f"Received shape {patch.shape}")
     q = tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
-    frames = tf.map_fn(lambda frame: tf.image.adjust_jpeg_quality(frame, q), patch,
-                       fn_output_signature=tf.TensorSpec(patch.shape[1:], tf.uint8))
-    return tf.ensure_shape(frames, patch.shape)
+    # Stacked clips (the enhance task's input and target along channels) share the draw: each is encoded alike.
+    groups = tf.split(patch, channels // 3, axis=-1)
+    frames = [tf.map_fn(lambda frame: tf.image.adjust_jpeg_quality(frame, q), g,
+                        fn_output_signature=tf.TensorSpec(g.shape[1:], tf.uint8)) for g in groups]
+    return tf.ensure_shape(tf.concat(frames, axis=-1) if len(frames) > 1 else frames[0], patch.shape)
 
 
 AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color, "shift": random_shift,
