@@ -14,6 +14,16 @@ chain of float passes over 16x112x112 clips costs more than reading them
 
 Ops are named so the CLI can chain them (`--augment flip,crop,color`).
 None of them runs on evaluation.
+
+The *copy views* model what a video goes through when it is copied, so that
+`--task embed` learns features that stay put under it (`COPY_AUGMENT`, its
+default): a shift of the clip's start (`shift`, a trim that does not fall on
+the grid), a playback speed change (`speed`, frames skipped or repeated), a
+border crop (`crop`), black bars (`letterbox`), a downscale and upscale
+(`rescale`), brightness and contrast (`color`) and a lossy re-encode
+(`reencode`: JPEG at a random quality per clip, the blocking, ringing and
+chroma loss of a low-rate H.264 encode of each frame). Letterbox, rescale and
+re-encode work on RGB patches only.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from stpkeras import pixel_formats
@@ -139,7 +150,112 @@ def random_color(patch: tf.Tensor, seed: tf.Tensor, brightness: float = 0.15,
     return tf.ensure_shape(_affine_uint8(patch, factor, fmt.color_offset(patch, factor, delta)), patch.shape)
 
 
-AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color}
+def random_shift(patch: tf.Tensor, seed: tf.Tensor, max_shift: float = 0.5) -> tf.Tensor:
+    """Starts the clip up to `max_shift x T` frames earlier or later: a trim off the patch grid.
+
+    Frames that would come from outside the patch repeat its first or last frame
+    (one gather of whole frames).
+    """
+    if not 0.0 <= max_shift < 1.0:
+        raise ValueError(f"Invalid value for argument `max_shift`. Expected a value in [0, 1). "
+                         f"Received max_shift={max_shift}")
+    patch = tf.convert_to_tensor(patch)
+    frames = tf.shape(patch)[0]
+    most = tf.cast(tf.math.floor(max_shift * tf.cast(frames, tf.float32)), tf.int32)
+    shift = tf.random.stateless_uniform([], seed, -most, most + 1, dtype=tf.int32)
+    index = tf.clip_by_value(tf.range(frames) + shift, 0, frames - 1)
+    return tf.ensure_shape(tf.gather(patch, index, axis=0), patch.shape)
+
+
+def random_speed(patch: tf.Tensor, seed: tf.Tensor, rates: Tuple[float, float] = (0.5, 2.0)) -> tf.Tensor:
+    """Plays the clip at a rate drawn log-uniformly from `rates` around its middle frame.
+
+    A rate r > 1 skips frames (frame i shows source frame `c + (i - c) x r`, c the
+    middle), r < 1 repeats them; frames past either end repeat the end frame.
+    """
+    low, high = rates
+    if not 0.0 < low <= high:
+        raise ValueError(f"Invalid value for argument `rates`. Expected 0 < low <= high. Received rates={rates}")
+    patch = tf.convert_to_tensor(patch)
+    frames = tf.shape(patch)[0]
+    rate = tf.exp(tf.random.stateless_uniform([], seed, float(np.log(low)), float(np.log(high))))
+    middle = tf.cast(frames - 1, tf.float32) / 2.0
+    source = tf.round(middle + (tf.cast(tf.range(frames), tf.float32) - middle) * rate)
+    index = tf.clip_by_value(tf.cast(source, tf.int32), 0, frames - 1)
+    return tf.ensure_shape(tf.gather(patch, index, axis=0), patch.shape)
+
+
+def _require_rgb(op: str, pixels) -> None:
+    if pixel_formats.get(pixels).format.name != "rgb":
+        raise ValueError(f"Invalid value for argument `pixels`. The {op!r} augmentation expects 'rgb' patches. "
+                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+
+
+def random_letterbox(patch: tf.Tensor, seed: tf.Tensor, max_bar: float = 0.15) -> tf.Tensor:
+    """Shrinks the picture and adds black bars: top and bottom each `[0, max_bar] x H`, left and right
+    each `[0, max_bar] x W` (drawn separately), the picture resized into what is left (nearest neighbour)."""
+    if not 0.0 <= max_bar < 0.5:
+        raise ValueError(f"Invalid value for argument `max_bar`. Expected a value in [0, 0.5). "
+                         f"Received max_bar={max_bar}")
+    patch = tf.convert_to_tensor(patch)
+    shape = tf.shape(patch)
+    height, width = shape[1], shape[2]
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+
+    def bar(size, s):
+        most = tf.cast(tf.math.floor(max_bar * tf.cast(size, tf.float32)), tf.int32)
+        return tf.random.stateless_uniform([], s, 0, most + 1, dtype=tf.int32)
+
+    bar_h, bar_w = bar(height, seeds[0]), bar(width, seeds[1])
+    inner_h, inner_w = height - 2 * bar_h, width - 2 * bar_w
+    rows = tf.gather(patch, _nearest(inner_h, 0, height), axis=1)
+    inner = tf.gather(rows, _nearest(inner_w, 0, width), axis=2)
+    boxed = tf.pad(inner, [[0, 0], [bar_h, height - inner_h - bar_h], [bar_w, width - inner_w - bar_w], [0, 0]])
+    return tf.ensure_shape(boxed, patch.shape)
+
+
+def random_rescale(patch: tf.Tensor, seed: tf.Tensor, scale: Tuple[float, float] = (0.25, 0.75)) -> tf.Tensor:
+    """Downscales every frame by a factor in `scale` (area averaging) and back up to `[H, W]` (bilinear):
+    the detail a smaller copy loses."""
+    low, high = scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"Invalid value for argument `scale`. Expected 0 < low <= high <= 1. Received scale={scale}")
+    patch = tf.convert_to_tensor(patch)
+    shape = tf.shape(patch)
+    factor = tf.random.stateless_uniform([], seed, low, high)
+    small = tf.maximum(1, tf.cast(tf.round(factor * tf.cast(shape[1:3], tf.float32)), tf.int32))
+    down = tf.image.resize(patch, small, method="area")
+    up = tf.image.resize(down, shape[1:3], method="bilinear")
+    return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(up), 0.0, 255.0), tf.uint8), patch.shape)
+
+
+def random_reencode(patch: tf.Tensor, seed: tf.Tensor, quality: Tuple[int, int] = (10, 60)) -> tf.Tensor:
+    """Encodes and decodes every frame as a JPEG at one quality in `quality` (drawn per clip, inclusive)."""
+    low, high = quality
+    if not 1 <= low <= high <= 100:
+        raise ValueError(f"Invalid value for argument `quality`. Expected 1 <= low <= high <= 100. "
+                         f"Received quality={quality}")
+    patch = tf.convert_to_tensor(patch)
+    channels = patch.shape[-1]
+    if channels is None or channels % 3:
+        raise ValueError(f"Invalid value for argument `patch`. Expected RGB channels (a multiple of 3). "
+                         f"Received shape {patch.shape}")
+    q = tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
+    # Stacked clips (the enhance task's input and target along channels) share the draw: each is encoded alike.
+    groups = tf.split(patch, channels // 3, axis=-1)
+    frames = [tf.map_fn(lambda frame: tf.image.adjust_jpeg_quality(frame, q), g,
+                        fn_output_signature=tf.TensorSpec(g.shape[1:], tf.uint8)) for g in groups]
+    return tf.ensure_shape(tf.concat(frames, axis=-1) if len(frames) > 1 else frames[0], patch.shape)
+
+
+AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color, "shift": random_shift,
+                 "speed": random_speed, "letterbox": random_letterbox, "rescale": random_rescale,
+                 "reencode": random_reencode}
+# The order ops run in whatever order they are named: time, then geometry, colour, and the codec last.
+ORDER = ("shift", "speed", "flip", "crop", "letterbox", "rescale", "color", "reencode")
+RGB_ONLY = ("letterbox", "rescale", "reencode")
+# `--task embed`'s default: what a copy of a video goes through (module docstring).
+COPY_AUGMENT: Tuple[str, ...] = ("shift", "speed", "crop", "letterbox", "rescale", "color", "reencode")
 
 
 def parse_augment(text: str | Sequence[str] | None) -> Tuple[str, ...]:
@@ -161,13 +277,17 @@ def parse_augment(text: str | Sequence[str] | None) -> Tuple[str, ...]:
 def make_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb") -> Augment:
     """Chains the named ops into one `(uint8 patch, int64 [2] seed) -> uint8 patch` function.
 
-    Geometry goes first, colour last; every op gets its own seed split from `seed`.
+    Time goes first, then geometry, colour, and re-encoding last (`ORDER`); every op gets its own
+    seed split from `seed`.
     `pixels` is the patches' format (`PatchSpec.pixels`): flip and crop move whole
     columns and rows of either layout, colour needs to know which values are luma.
     """
     names = parse_augment(names)
     pixel_formats.get(pixels)  # an unknown format fails here, not when the pipeline is traced
-    order = [n for n in ("flip", "crop", "color") if n in names]
+    for name in RGB_ONLY:
+        if name in names:
+            _require_rgb(name, pixels)
+    order = [n for n in ORDER if n in names]
     ops = [functools.partial(random_color, pixels=pixels) if n == "color" else AUGMENTATIONS[n] for n in order]
 
     def augment(patch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

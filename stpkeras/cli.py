@@ -547,9 +547,11 @@ def _model_args(ctx, param, values):
                                        "to --lr (0: none).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
-              help="Training augmentations: any of flip,crop,color, or 'none' (default crop,color; flip for "
-                   "--task enhance and regress). No flip by default otherwise: a horizontal flip swaps left and right "
-                   "motion. Enhancement avoids crop: its nearest-neighbour resize puts blocks in the clean target; "
+              help="Training augmentations: any of flip,crop,color,shift,speed,letterbox,rescale,reencode, or 'none' "
+                   "(default crop,color; flip for --task enhance and regress; the copy views "
+                   "shift,speed,crop,letterbox,rescale,color,reencode for --task embed). No flip by default "
+                   "otherwise: a horizontal flip swaps left and right motion. Enhancement avoids crop: its "
+                   "nearest-neighbour resize puts blocks in the clean target; "
                    "regression avoids crop and color, which change what values measured in the pixels.")
 @click.option("--train-split", default=None, metavar="SPLIT",
               help="Split to train on (default: 'train', or every split but validation when there is none).")
@@ -766,7 +768,7 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
 @click.argument("model", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="VIDEOS_OR_DATA...")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="INDEX",
-              help="Index folder to write (index.json, embeddings.npy, center.npy).")
+              help="Index folder to write (index.json, embeddings.npy, center.npy, windows.npy, window_offsets.npy).")
 @click.option("--split", default=None, metavar="SPLIT",
               help="With a converted folder: the split to index (default: every split).")
 @click.option("--backend", type=click.Choice(["exact", "faiss"]), default="exact", show_default=True,
@@ -776,11 +778,15 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
               help="Patches per model call.")
 @click.option("--no-center", "no_center", is_flag=True,
               help="Do not subtract the mean embedding of the indexed videos before normalising.")
-def index_command(model, inputs, out, split, backend, batch_size, no_center):
+@click.option("--aggregate", type=click.Choice(["windows", "mean"]), default="windows", show_default=True,
+              help="windows: keep one embedding per temporal window and score a query by its windows' best "
+                   "matches (finds trimmed and shifted copies); mean: one embedding a video (semantic retrieval).")
+def index_command(model, inputs, out, split, backend, batch_size, no_center, aggregate):
     """Embed videos (files, folders of videos, or one converted folder) with MODEL and write an index.
 
-    MODEL: a run folder, a .keras file or an export (saved_models/NAME[/VERSION]). A video's
-    embedding is the mean of its patches' L2-normalised pooled features. Exit code 1 when some
+    MODEL: a run folder, a .keras file or an export (saved_models/NAME[/VERSION]). A window's
+    embedding is the mean of its patches' L2-normalised pooled features (a window: the patches that
+    share a first frame), a video's the mean of all its patches. Exit code 1 when some
     videos could not be embedded (listed with the reason and in index.json).
     """
     from stpkeras.index import build_index
@@ -790,7 +796,7 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center):
             click.echo(f"warning: {error}", err=True)
 
     index = build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size,
-                        center=not no_center, on_video=report)
+                        center=not no_center, aggregate=aggregate, on_video=report)
     failed = index.info.get("failed", [])
     click.echo(f"indexed {len(index.ids)} videos ({sum(index.info.get('patches', [])):,} patches, {index.dim}-d, "
                f"{index.backend}) in {index.info['seconds']:.1f}s -> {out}"
@@ -806,7 +812,7 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center):
               help="Embed queries with this model (default: the one the index was built with).")
 @click.option("--split", default=None, metavar="SPLIT",
               help="When QUERY is a labelled converted folder: its split to use as queries; prints recall@1/@5 "
-                   "(same class = relevant) instead of results.")
+                   "and mAP (same class = relevant) instead of results.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per result and line: query, video, score, rank.")
 def search_command(index_dir, queries, k, model, split, as_json):
@@ -824,7 +830,8 @@ def search_command(index_dir, queries, k, model, split, as_json):
         result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
         click.echo(json.dumps(result) if as_json else
                    f"{result['queries']} queries against {result['gallery']} videos: "
-                   + ", ".join(f"{key} {value:.4f}" for key, value in result.items() if key.startswith("recall")))
+                   + ", ".join(f"{key} {value:.4f}" for key, value in result.items()
+                               if key.startswith("recall") or key == "map"))
         return
     failed = 0
     for query, hits, error in search_videos(index, model, queries, k):

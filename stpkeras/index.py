@@ -1,23 +1,41 @@
-"""Retrieval stage: videos -> one embedding each -> an index folder -> the nearest videos of a query.
+"""Retrieval stage: videos -> embeddings per temporal window -> an index folder -> the nearest videos of a query.
 
-A video's embedding is the mean of its patches' L2-normalised pooled features
-(`stpkeras.embedding.feature_model`, or an export's `embeddings` signature),
-centred on the mean of the indexed videos and L2-normalised again, so the
-score of two videos is a cosine in [-1, 1]. Centring removes what every video
-shares (the features of a model not trained for retrieval are all positive
-after a ReLU, and their raw cosines all sit near 1), so the scores spread out.
+A *window* is the patches of a video that share a first frame (one row of the
+patch grid in time); its embedding is the mean of their L2-normalised pooled
+features (`stpkeras.embedding.feature_model`, or an export's `embeddings`
+signature). A video's embedding is the mean over all its patches. Every vector
+is centred on the mean of the indexed videos and L2-normalised again, so
+scores are cosines in [-1, 1]. Centring removes what every video shares (the
+features of a model not trained for retrieval are all positive after a ReLU,
+and their raw cosines all sit near 1), so the scores spread out.
+
+Two ways to score a query against a video (`AGGREGATES`, chosen at `stp index`):
+
+- `windows` (the default): for each window of the query the best-matching
+  window of the video, averaged over the query's windows (a Chamfer
+  similarity, as in ViSiL, Kordopatis-Zilos et al. 2019, without the learned
+  part). A trimmed or shifted copy still finds every one of its windows in its
+  source, where the mean of all windows moves with what was cut off; another
+  part of the same scene does not.
+- `mean`: the cosine of the two videos' embeddings (one vector a video); what
+  semantic retrieval (same class = relevant) wants, and what indexes written
+  before windows existed hold.
 
 INDEX layout:
 
-    index.json       model, PatchSpec, dimension, backend, the ids (and labels) of the videos
-    embeddings.npy   float32 [N, D], L2-normalised, row i = ids[i]
-    center.npy       float32 [D], subtracted from every embedding before normalising
-    faiss.index      only for backend `faiss` (pip install stpkeras[ann])
+    index.json          model, PatchSpec, dimension, backend, aggregate, the ids (and labels) of the videos
+    embeddings.npy      float32 [N, D], L2-normalised, row i = ids[i]
+    center.npy          float32 [D], subtracted from every embedding before normalising
+    windows.npy         aggregate `windows` only: float32 [M, D], centred and L2-normalised, video by video
+    window_offsets.npy  aggregate `windows` only: int64 [N + 1], video i's windows are rows offsets[i]:offsets[i+1]
+    faiss.index         only for backend `faiss` (pip install stpkeras[ann]), over the video embeddings
 
 Search is exact in TensorFlow (one matrix product and `tf.math.top_k`) unless the
 index was built with `backend="faiss"`: an approximate HNSW graph (faiss
 `IndexHNSWFlat`, inner product) with the same interface, picked by
-`benchmarks/retrieval.py`.
+`benchmarks/retrieval.py`. With windows, the faiss graph of video embeddings
+shortlists `max(SHORTLIST, 10 k)` videos, which are then scored window by window.
+Copy detection on real footage: `benchmarks/copies.py`.
 """
 
 from __future__ import annotations
@@ -40,8 +58,14 @@ INDEX_JSON = "index.json"
 EMBEDDINGS_NPY = "embeddings.npy"
 CENTER_NPY = "center.npy"
 FAISS_FILE = "faiss.index"
+WINDOWS_NPY = "windows.npy"
+OFFSETS_NPY = "window_offsets.npy"
 FORMAT = "stpkeras.index"
 BACKENDS = ("exact", "faiss")
+AGGREGATES = ("windows", "mean")
+DEFAULT_AGGREGATE = "windows"
+SHORTLIST = 100
+WINDOW_BLOCK = 1 << 18   # index windows scored per matrix product (bounds memory at block x query windows)
 DEFAULT_BATCH_SIZE = 32
 # HNSW settings: 32 links per node; a wider beam at build and at search than faiss' defaults
 # (40 / 16) keeps recall@10 >= 0.99 at 1M vectors in benchmarks/retrieval.py.
@@ -113,30 +137,56 @@ def _normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def embed_video(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                max_pixels: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """One video file -> (mean of its patches' L2-normalised features `float32 [D]`, patch count).
+@dataclasses.dataclass(frozen=True)
+class VideoEmbedding:
+    """One video: per temporal window, the mean of its patches' L2-normalised features, in time order."""
+
+    windows: np.ndarray     # float32 [m, D]
+    counts: np.ndarray      # int64 [m]: patches per window
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean over all the video's patches, `float32 [D]`."""
+        return (self.counts @ self.windows.astype(np.float64) / self.counts.sum()).astype(np.float32)
+
+    @property
+    def patches(self) -> int:
+        return int(self.counts.sum())
+
+
+def embed_video_windows(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                        max_pixels: Optional[int] = None) -> VideoEmbedding:
+    """One video file -> its `VideoEmbedding` (windows and patch counts).
 
     Decoding and cutting run in a second thread (the predictor's reader), under
     the model's own `PatchSpec`. Raises `NoPatches` for a video smaller than one patch.
     """
-    from stpkeras.inference import MeanHead, Timing, run_video
+    from stpkeras.inference import WindowHead, run_video
 
-    timing = Timing()
-    mean = run_video(path, embedder.spec, embedder.embed, MeanHead(_normalize), batch_size=batch_size,
-                     max_pixels=max_pixels, timing=timing)
-    return mean, timing.patches
+    windows = run_video(path, embedder.spec, lambda x: _normalize(embedder.embed(x)), WindowHead(embedder.spec),
+                        batch_size=batch_size, max_pixels=max_pixels)
+    return VideoEmbedding(np.stack([w.mean for w in windows]).astype(np.float32),
+                          np.array([w.patches for w in windows], np.int64))
+
+
+def embed_video(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                max_pixels: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """One video file -> (mean of its patches' L2-normalised features `float32 [D]`, patch count)."""
+    video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+    return video.mean, video.patches
 
 
 @dataclasses.dataclass(frozen=True)
 class Embedded:
-    """Videos and their embeddings (before centring): `vectors float32 [N, D]`, one row per id."""
+    """Videos and their embeddings (before centring): `vectors float32 [N, D]`, one row per id, and
+    each video's window embeddings `float32 [m_i, D]` (empty tuple: not known)."""
 
     ids: Tuple[str, ...]
     vectors: np.ndarray
     labels: Tuple[str, ...] = ()     # class names, '' unlabelled (empty tuple: none known)
     patches: Tuple[int, ...] = ()
     failed: Tuple[Tuple[str, str], ...] = ()   # (video, reason)
+    windows: Tuple[np.ndarray, ...] = ()
 
 
 def embed_videos(embedder: Embedder, paths: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -146,23 +196,23 @@ def embed_videos(embedder: Embedder, paths: Sequence[str], *, batch_size: int = 
     from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
-    ids, vectors, patches, failed = [], [], [], []
+    ids, videos, failed = [], [], []
     for path in paths:
         try:
-            v, n = embed_video(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+            video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
         except (VideoError, NoPatches) as e:
             failed.append((path, str(e)))
             if on_video:
                 on_video(path, str(e))
             continue
         ids.append(path)
-        vectors.append(v)
-        patches.append(n)
+        videos.append(video)
         if on_video:
             on_video(path, None)
-    dim = vectors[0].shape[0] if vectors else 0
-    return Embedded(tuple(ids), np.stack(vectors) if vectors else np.zeros((0, dim), np.float32),
-                    patches=tuple(patches), failed=tuple(failed))
+    dim = videos[0].windows.shape[1] if videos else 0
+    return Embedded(tuple(ids), np.stack([v.mean for v in videos]) if videos else np.zeros((0, dim), np.float32),
+                    patches=tuple(v.patches for v in videos), failed=tuple(failed),
+                    windows=tuple(v.windows for v in videos))
 
 
 def embed_records(embedder: Embedder, data: str, split: Optional[str] = None, *,
@@ -176,22 +226,26 @@ def embed_records(embedder: Embedder, data: str, split: Optional[str] = None, *,
 
     info = pipeline.load_info(data, embedder.spec)
     dataset = pipeline.make_dataset(info, split, batch_size=batch_size, training=False, as_supervised=False)
-    sums: Dict[str, np.ndarray] = {}
-    counts: Dict[str, int] = {}
+    # Per video, per temporal grid index: [sum of normalised features, patch count].
+    sums: Dict[str, Dict[int, list]] = {}
     labels: Dict[str, int] = {}
     for features in dataset:
         e = _normalize(embedder.embed(features[schema.PATCH].numpy())).astype(np.float64)
-        for vid, label, row in zip(features[schema.VIDEO_ID].numpy(), features[schema.LABEL].numpy(), e):
+        for vid, label, grid, row in zip(features[schema.VIDEO_ID].numpy(), features[schema.LABEL].numpy(),
+                                         features[schema.INDEX].numpy(), e):
             vid = vid.decode("utf-8")
-            sums[vid] = sums[vid] + row if vid in sums else row.copy()
-            counts[vid] = counts.get(vid, 0) + 1
+            entry = sums.setdefault(vid, {}).setdefault(int(grid[0]), [0.0, 0])
+            entry[0] = entry[0] + row
+            entry[1] += 1
             labels[vid] = int(label)
     ids = tuple(sums)
     names = info.labels
-    return Embedded(ids, np.stack([sums[i] / counts[i] for i in ids]).astype(np.float32) if ids else
-                    np.zeros((0, 0), np.float32),
+    videos = [VideoEmbedding(np.stack([total / n for total, n in (sums[i][t] for t in sorted(sums[i]))]
+                                      ).astype(np.float32),
+                             np.array([sums[i][t][1] for t in sorted(sums[i])], np.int64)) for i in ids]
+    return Embedded(ids, np.stack([v.mean for v in videos]) if ids else np.zeros((0, 0), np.float32),
                     labels=tuple(names[labels[i]] if labels[i] >= 0 else "" for i in ids),
-                    patches=tuple(counts[i] for i in ids))
+                    patches=tuple(v.patches for v in videos), windows=tuple(v.windows for v in videos))
 
 
 # --- search backends ------------------------------------------------------------------------------
@@ -293,20 +347,48 @@ class Hit:
         return json.dumps(out)
 
 
+def chamfer_scores(query: np.ndarray, windows: np.ndarray, offsets: np.ndarray,
+                   block: int = WINDOW_BLOCK) -> np.ndarray:
+    """Query windows `[m, D]` against videos' windows `[M, D]` (video i: rows `offsets[i]:offsets[i+1]`,
+    each video at least one) -> `float32 [N]`: per video, the mean over the query's windows of the
+    best cosine with one of the video's windows (vectors already normalised)."""
+    query = np.asarray(query, np.float32)
+    offsets = np.asarray(offsets, np.int64)
+    out = np.empty(len(offsets) - 1, np.float32)
+    first = 0
+    while first < len(offsets) - 1:
+        # Whole videos per block, at least one.
+        last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + block, side="right")) - 1)
+        last = min(last, len(offsets) - 1)
+        lo, hi = offsets[first], offsets[last]
+        similarity = query @ windows[lo:hi].T                               # [m, block windows]
+        best = np.maximum.reduceat(similarity, offsets[first:last] - lo, axis=1)  # [m, videos]
+        out[first:last] = best.mean(axis=0)
+        first = last
+    return out
+
+
 class VideoIndex:
-    """Indexed videos: ids, L2-normalised centred embeddings and a search backend.
+    """Indexed videos: ids, L2-normalised centred embeddings (and windows) and a search backend.
 
     `search(vectors [Q, D], k)` takes raw video embeddings (as `embed_video`
     returns them), centres and normalises them as the indexed ones were, and
-    returns for each query its `k` best `Hit`s, best first.
+    returns for each query its `k` best `Hit`s, best first, by the cosine of the
+    video embeddings. `search_windows([windows [m_q, D], ...], k)` scores by the
+    index's `aggregate` (module docstring): window by window when it holds windows.
     """
 
     def __init__(self, ids: Sequence[str], vectors: np.ndarray, center: np.ndarray, *, labels: Sequence[str] = (),
                  model: str = "", spec: Optional[PatchSpec] = None, backend: str = "exact", searcher=None,
-                 info: Optional[dict] = None):
+                 info: Optional[dict] = None, windows: Optional[np.ndarray] = None,
+                 offsets: Optional[np.ndarray] = None):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
                              f"Received backend={backend!r}")
+        if (windows is None) != (offsets is None):
+            raise ValueError("Invalid arguments `windows` and `offsets`. Expected both or neither. "
+                             f"Received windows={None if windows is None else np.shape(windows)}, "
+                             f"offsets={None if offsets is None else np.shape(offsets)}")
         self.ids = tuple(ids)
         self.vectors = np.asarray(vectors, np.float32)
         self.center = np.asarray(center, np.float32)
@@ -315,19 +397,46 @@ class VideoIndex:
         self.spec = spec
         self.backend = backend
         self.info = dict(info or {})
+        self.windows = None if windows is None else np.asarray(windows, np.float32)
+        self.offsets = None if offsets is None else np.asarray(offsets, np.int64)
+        if self.offsets is not None and (len(self.offsets) != len(self.ids) + 1 or self.offsets[0] != 0
+                                         or self.offsets[-1] != len(self.windows)
+                                         or np.any(np.diff(self.offsets) < 1)):
+            raise ValueError(f"Invalid value for argument `offsets`. Expected {len(self.ids) + 1} increasing "
+                             f"offsets from 0 to {len(self.windows)}, at least one window per video. "
+                             f"Received offsets of shape {self.offsets.shape}")
         if searcher is None:
             searcher = ExactSearch(self.vectors) if backend == "exact" else FaissSearch.build(self.vectors)
         self.searcher = searcher
 
+    @property
+    def aggregate(self) -> str:
+        return "mean" if self.windows is None else "windows"
+
     @classmethod
     def build(cls, embedded: Embedded, *, model: str = "", spec: Optional[PatchSpec] = None,
-              backend: str = "exact", center: bool = True) -> "VideoIndex":
+              backend: str = "exact", center: bool = True, aggregate: Optional[str] = None) -> "VideoIndex":
+        """`aggregate` None: `windows` when `embedded` holds windows, else `mean`."""
+        if aggregate is None:
+            aggregate = "windows" if embedded.windows else "mean"
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"Invalid value for argument `aggregate`. Expected one of {AGGREGATES}. "
+                             f"Received aggregate={aggregate!r}")
         if len(embedded.ids) == 0:
             raise RetrievalError("no videos to index: every input failed or none was given")
         raw = np.asarray(embedded.vectors, np.float32)
         mean = raw.mean(axis=0) if center and len(raw) > 1 else np.zeros(raw.shape[1], np.float32)
         vectors = _normalize(raw - mean)
-        return cls(embedded.ids, vectors, mean, labels=embedded.labels, model=model, spec=spec, backend=backend)
+        windows = offsets = None
+        if aggregate == "windows":
+            if len(embedded.windows) != len(embedded.ids):
+                raise ValueError("Invalid value for argument `embedded`. Expected window embeddings for every "
+                                 f"video with aggregate='windows'. Received {len(embedded.windows)} for "
+                                 f"{len(embedded.ids)} videos")
+            windows = _normalize(np.concatenate(embedded.windows) - mean)
+            offsets = np.concatenate([[0], np.cumsum([len(w) for w in embedded.windows])])
+        return cls(embedded.ids, vectors, mean, labels=embedded.labels, model=model, spec=spec, backend=backend,
+                   windows=windows, offsets=offsets)
 
     @property
     def dim(self) -> int:
@@ -344,10 +453,36 @@ class VideoIndex:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid value for argument `k`. Expected a strictly positive integer. Received k={k!r}")
         scores, indices = self.searcher.search(self.prepare(raw), k)
+        return [self._hits(row_scores, row_indices) for row_scores, row_indices in zip(scores, indices)]
+
+    def _hits(self, scores, indices) -> List[Hit]:
+        return [Hit(self.ids[j], float(s), r + 1, self.labels[j] if self.labels else "")
+                for r, (s, j) in enumerate(zip(scores, indices)) if j >= 0]
+
+    def search_windows(self, queries: Sequence[np.ndarray], k: int = 5) -> List[List[Hit]]:
+        """Raw window embeddings of each query video (`[m_q, D]`, as `embed_video_windows` gives them)
+        -> its `k` best `Hit`s by the index's aggregate. With `mean` (an index without windows) a query
+        counts as the mean of its windows."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Invalid value for argument `k`. Expected a strictly positive integer. Received k={k!r}")
+        if self.windows is None:
+            return self.search(np.stack([np.asarray(q, np.float32).mean(axis=0) for q in queries]), k)
+        k = min(k, len(self.ids))
         out = []
-        for row_scores, row_indices in zip(scores, indices):
-            out.append([Hit(self.ids[j], float(s), r + 1, self.labels[j] if self.labels else "")
-                        for r, (s, j) in enumerate(zip(row_scores, row_indices)) if j >= 0])
+        for query in queries:
+            prepared = self.prepare(query)
+            if isinstance(self.searcher, FaissSearch):
+                _, candidates = self.searcher.search(self.prepare(np.asarray(query, np.float32).mean(axis=0)),
+                                                     max(SHORTLIST, 10 * k))
+                candidates = np.array([j for j in candidates[0] if j >= 0], np.int64)
+                starts, ends = self.offsets[candidates], self.offsets[candidates + 1]
+                rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+                scores = chamfer_scores(prepared, self.windows[rows], np.concatenate([[0], np.cumsum(ends - starts)]))
+            else:
+                candidates = np.arange(len(self.ids))
+                scores = chamfer_scores(prepared, self.windows, self.offsets)
+            order = np.argsort(-scores, kind="stable")[:k]
+            out.append(self._hits(scores[order], candidates[order]))
         return out
 
     # --- on disk ---
@@ -361,7 +496,10 @@ class VideoIndex:
         os.makedirs(path, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(path, INDEX_JSON))
-        for name, array in ((EMBEDDINGS_NPY, self.vectors), (CENTER_NPY, self.center)):
+        arrays = [(EMBEDDINGS_NPY, self.vectors), (CENTER_NPY, self.center)]
+        if self.windows is not None:
+            arrays += [(WINDOWS_NPY, self.windows), (OFFSETS_NPY, self.offsets)]
+        for name, array in arrays:
             with outputs.atomic_file(os.path.join(path, name)) as tmp:
                 np.save(tmp, array)
         if isinstance(self.searcher, FaissSearch):
@@ -371,6 +509,7 @@ class VideoIndex:
         import tensorflow as tf
 
         info = {**self.info, "format": FORMAT, "count": len(self.ids), "dim": self.dim, "backend": self.backend,
+                "aggregate": self.aggregate,
                 "model": self.model, "spec": self.spec.to_dict() if self.spec else None,
                 "ids": list(self.ids), "labels": list(self.labels),
                 "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
@@ -394,12 +533,27 @@ class VideoIndex:
         if vectors.shape != (info["count"], info["dim"]):
             raise RetrievalError(f"{path}: {EMBEDDINGS_NPY} holds {vectors.shape}, index.json says "
                               f"{(info['count'], info['dim'])}")
+        # Indexes written before windows existed have no `aggregate`: they score by the mean, as they did.
+        aggregate = info.get("aggregate", "mean")
+        windows = offsets = None
+        if aggregate == "windows":
+            try:
+                windows = np.load(os.path.join(path, WINDOWS_NPY))
+                offsets = np.load(os.path.join(path, OFFSETS_NPY))
+            except OSError as e:
+                raise RetrievalError(f"{path}: index.json says aggregate 'windows' but the windows cannot be "
+                                     f"read ({e}); rebuild it with `stp index`") from e
+            if windows.ndim != 2 or windows.shape[1] != info["dim"] or offsets.shape != (info["count"] + 1,):
+                raise RetrievalError(f"{path}: {WINDOWS_NPY} holds {windows.shape} and {OFFSETS_NPY} "
+                                     f"{offsets.shape}; expected [M, {info['dim']}] and [{info['count'] + 1}]")
+        elif aggregate != "mean":
+            raise RetrievalError(f"{meta}: aggregate {aggregate!r}, expected one of {AGGREGATES}")
         searcher = None
         if info["backend"] == "faiss":
             searcher = FaissSearch.read(os.path.join(path, FAISS_FILE), info["count"])
         spec = PatchSpec.from_dict(info["spec"]) if info.get("spec") else None
         return cls(info["ids"], vectors, center, labels=info.get("labels", ()), model=info.get("model", ""),
-                   spec=spec, backend=info["backend"], searcher=searcher, info=info)
+                   spec=spec, backend=info["backend"], searcher=searcher, info=info, windows=windows, offsets=offsets)
 
 
 # --- what the commands call -----------------------------------------------------------------------
@@ -421,7 +575,7 @@ def list_videos(paths: Iterable[str]) -> List[str]:
 
 def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str] = None,
                 backend: str = "exact", batch_size: int = DEFAULT_BATCH_SIZE, center: bool = True,
-                max_pixels: Optional[int] = None,
+                max_pixels: Optional[int] = None, aggregate: str = DEFAULT_AGGREGATE,
                 on_video: Optional[Callable[[str, Optional[str]], None]] = None) -> VideoIndex:
     """`stp index`: embeds `inputs` (video files, folders of videos, or one converted folder) with `model`
     and writes the index to `out`. Videos that fail are listed in index.json under `failed`.
@@ -431,15 +585,18 @@ def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[
     outputs.check_not_input(out, [model, *inputs])
     with outputs.writing(out):
         return _build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size, center=center,
-                            max_pixels=max_pixels, on_video=on_video)
+                            max_pixels=max_pixels, aggregate=aggregate, on_video=on_video)
 
 
 def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str], backend: str,
-                 batch_size: int, center: bool, max_pixels: Optional[int],
+                 batch_size: int, center: bool, max_pixels: Optional[int], aggregate: str,
                  on_video: Optional[Callable[[str, Optional[str]], None]]) -> VideoIndex:
     if backend not in BACKENDS:
         raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
                          f"Received backend={backend!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"Invalid value for argument `aggregate`. Expected one of {AGGREGATES}. "
+                         f"Received aggregate={aggregate!r}")
     started = time.perf_counter()
     embedder = load_embedder(model)
     if len(inputs) == 1 and is_converted(inputs[0]):
@@ -450,7 +607,7 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
                                 on_video=on_video)
         source = {"videos": [os.path.abspath(p) for p in inputs]}
     index = VideoIndex.build(embedded, model=os.path.abspath(model), spec=embedder.spec, backend=backend,
-                             center=center)
+                             center=center, aggregate=aggregate)
     index.info.update(source=source, failed=[{"video": v, "reason": r} for v, r in embedded.failed],
                       patches=list(embedded.patches), seconds=round(time.perf_counter() - started, 3))
     index.save(out)
@@ -467,11 +624,12 @@ def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int 
     embedder = load_embedder(model)
     for path in queries:
         try:
-            raw, _ = embed_video(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+            video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
         except (VideoError, NoPatches) as e:
             yield path, None, str(e)
             continue
-        yield path, index.search(raw[None], k)[0], None
+        yield path, (index.search_windows([video.windows], k) if index.aggregate == "windows"
+                     else index.search(video.mean[None], k))[0], None
 
 
 # --- retrieval metrics ----------------------------------------------------------------------------
@@ -492,15 +650,37 @@ def recall_at_k(query_labels: Sequence[str], retrieved_labels: Sequence[Sequence
     return out
 
 
+def mean_average_precision(query_labels: Sequence[str], ranked_labels: Sequence[Sequence[str]]) -> float:
+    """mAP with 'same class = relevant': per query, the average precision of its whole ranking of the
+    gallery (`ranked_labels[q]`, best first; `sklearn.metrics.average_precision_score`), averaged over
+    the queries that have a relevant item (a query with none has no AP)."""
+    from sklearn.metrics import average_precision_score
+
+    if len(query_labels) != len(ranked_labels):
+        raise ValueError(f"{len(query_labels)} query labels for {len(ranked_labels)} result lists")
+    aps = []
+    for label, ranked in zip(query_labels, ranked_labels):
+        relevant = np.array([r == label for r in ranked])
+        if relevant.any():
+            aps.append(average_precision_score(relevant, -np.arange(len(ranked), dtype=np.float64)))
+    return float(np.mean(aps)) if aps else 0.0
+
+
 def evaluate_retrieval(index: VideoIndex, queries: Embedded, ks: Sequence[int] = (1, 5)) -> dict:
-    """Recall@k of labelled `queries` (e.g. a held-out split) against a labelled index."""
+    """Recall@k and mAP (over the whole gallery) of labelled `queries` (e.g. a held-out split) against
+    a labelled index."""
     if not index.labels or not any(index.labels):
         raise RetrievalError("the index holds no labels (index a labelled converted folder to measure recall)")
     keep = [i for i, label in enumerate(queries.labels) if label]
     if not keep:
         raise RetrievalError("the queries hold no labels")
-    hits = index.search(queries.vectors[keep], max(ks))
-    result = recall_at_k([queries.labels[i] for i in keep], [[h.label for h in row] for row in hits], ks)
+    everything = len(index.ids)
+    hits = (index.search_windows([queries.windows[i] for i in keep], everything) if queries.windows
+            else index.search(queries.vectors[keep], everything))
+    labels = [queries.labels[i] for i in keep]
+    ranked = [[h.label for h in row] for row in hits]
+    result = recall_at_k(labels, ranked, ks)
+    result["map"] = mean_average_precision(labels, ranked)
     result["queries"] = len(keep)
     result["gallery"] = len(index.ids)
     return result

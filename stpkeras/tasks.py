@@ -14,7 +14,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
-from stpkeras.augment import DEFAULT_AUGMENT
+from stpkeras.augment import COPY_AUGMENT, DEFAULT_AUGMENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +213,12 @@ class Regress(Task):
 class Embed(Task):
     """Self-supervised contrastive learning, no labels: two augmented views of each patch are positives
     (`stpkeras.embedding`). The model maps views `uint8 [B, 2, T, H, W, C]` to projections `[B, 2, P]`;
-    retrieval uses its encoder's pooled `features`. Model options go to the backbone."""
+    retrieval uses its encoder's pooled `features`. Model options go to the backbone. The views are
+    copies by default (`augment.COPY_AUGMENT`: shifts, speed changes, crops, letterbox, rescaling,
+    colour, re-encoding), so what the features keep is what survives copying."""
 
     name: str = "embed"
+    default_augment: Tuple[str, ...] = COPY_AUGMENT
     monitor: str = "loss"
     monitor_mode: str = "min"
     needs_labels: bool = False

@@ -80,3 +80,97 @@ def test_contrastive_model_round_trips_and_exposes_its_encoder(tmp_path):
     features = em.feature_model(loaded)
     assert features.output_shape == (None, 4)
     np.testing.assert_allclose(features(views[:, 0]), em.feature_model(model)(views[:, 0]), atol=1e-6)
+
+
+# --- the copy views ---------------------------------------------------------------------------------
+
+def _clip(t=8, h=32, w=32, seed=0):
+    """A clip whose frame i is a smooth picture plus 8 x i, so every frame is told apart by its mean."""
+    rng = np.random.default_rng(seed)
+    base = np.kron(rng.integers(40, 180, (h // 8, w // 8, 3)), np.ones((8, 8, 1)))
+    return np.stack([base + 8 * i for i in range(t)]).astype(np.uint8)
+
+
+def _frame_sources(out, clip):
+    """For each output frame, the input frame it is (every output frame must be one)."""
+    found = [[j for j in range(len(clip)) if np.array_equal(frame, clip[j])] for frame in np.asarray(out)]
+    assert all(len(f) == 1 for f in found), found
+    return [f[0] for f in found]
+
+
+def test_shift_and_speed_pick_whole_frames_as_they_say():
+    from stpkeras import augment as aug
+
+    clip = _clip()
+    shifts = set()
+    for s in range(20):
+        index = _frame_sources(aug.random_shift(clip, tf.constant([s, 1], tf.int64), max_shift=0.5), clip)
+        shift = index[0] if index[0] > 0 else index[7] - 7   # the end that is not clipped tells the shift
+        assert abs(shift) <= 4
+        assert index == np.clip(np.arange(8) + shift, 0, 7).tolist()
+        shifts.add(shift)
+    assert min(shifts) < 0 < max(shifts)   # earlier and later starts both drawn
+    # Speed: frame i shows frame round(3.5 + (i - 3.5) x rate), clipped; rate 2 skips every other frame...
+    fast = _frame_sources(aug.random_speed(clip, tf.constant([0, 0], tf.int64), rates=(2.0, 2.0)), clip)
+    assert fast == np.clip(np.round(3.5 + (np.arange(8) - 3.5) * 2.0), 0, 7).astype(int).tolist()
+    assert fast == [0, 0, 0, 2, 4, 6, 7, 7]
+    # ...rate 0.5 repeats them, around the middle.
+    slow = _frame_sources(aug.random_speed(clip, tf.constant([0, 0], tf.int64), rates=(0.5, 0.5)), clip)
+    assert slow == [2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_letterbox_rescale_and_reencode_do_what_they_say():
+    from PIL import Image
+
+    from stpkeras import augment as aug
+
+    clip = _clip()
+    seed = tf.constant([5, 6], tf.int64)
+    boxed = np.asarray(aug.random_letterbox(clip, seed, max_bar=0.25))
+    # Black bars: rows (columns) that are zero across every frame, as many at each end.
+    rows = np.flatnonzero(boxed.any(axis=(0, 2, 3)))
+    cols = np.flatnonzero(boxed.any(axis=(0, 1, 3)))
+    top, left = rows[0], cols[0]
+    assert 0 < top <= 8 or 0 < left <= 8
+    assert rows[-1] == 31 - top and cols[-1] == 31 - left
+    # Inside the bars, the whole picture shrunk (nearest neighbour): its corners are the clip's corners.
+    inner = boxed[:, top:32 - top, left:32 - left]
+    np.testing.assert_array_equal(inner[:, 0, 0], clip[:, 0, 0])
+    np.testing.assert_array_equal(inner[:, -1, -1], clip[:, -1, -1])
+    np.testing.assert_array_equal(aug.random_letterbox(clip, seed, max_bar=0.0), clip)
+    # Rescale at exactly 1/4: a one-pixel checkerboard averages out to grey; smooth 8x8 blocks survive.
+    checker = np.broadcast_to((np.indices((32, 32)).sum(axis=0) % 2 * 200)[None, :, :, None], (8, 32, 32, 3))
+    grey = np.asarray(aug.random_rescale(checker.astype(np.uint8), seed, scale=(0.25, 0.25)), np.float32)
+    assert np.abs(grey - 100).max() <= 1
+    smooth = np.asarray(aug.random_rescale(clip, seed, scale=(0.25, 0.25)), np.float32)
+    assert np.abs(smooth - clip).mean() < np.abs(grey - checker).mean() / 5   # measured: 12.9 against 100
+    # Re-encode at quality q: each frame is what a JPEG encoder at q gives (PIL's libjpeg), within rounding.
+    noisy = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = np.asarray(aug.random_reencode(noisy, seed, quality=(20, 20)))
+    for frame, got in zip(noisy, out):
+        import io
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=20)
+        by_pil = np.asarray(Image.open(buffer), np.float32)
+        assert np.abs(got - by_pil).mean() < 2.0
+        assert np.abs(got.astype(np.float32) - frame).mean() > 20   # quality 20 loses most of the noise
+
+
+def test_copy_views_are_seeded_rgb_only_and_the_embed_default():
+    from stpkeras import augment as aug
+    from stpkeras.tasks import TASKS
+
+    assert TASKS["embed"].default_augment == aug.COPY_AUGMENT
+    assert set(aug.COPY_AUGMENT) <= set(aug.AUGMENTATIONS) and "flip" not in aug.COPY_AUGMENT
+    clip = _clip(seed=1)
+    views = aug.make_augment(aug.COPY_AUGMENT)
+    a = views(clip, tf.constant([1, 2], tf.int64))
+    np.testing.assert_array_equal(a, views(clip, tf.constant([1, 2], tf.int64)))
+    np.testing.assert_array_equal(a, tf.function(views)(tf.constant(clip), tf.constant([1, 2], tf.int64)))
+    assert not np.array_equal(a, views(clip, tf.constant([1, 3], tf.int64)))
+    assert aug.make_augment(("speed", "shift")).names == ("shift", "speed")
+    for name in aug.RGB_ONLY:
+        with pytest.raises(ValueError, match=f"The '{name}' augmentation expects 'rgb' patches. "
+                                             "Received pixels='yuv440'"):
+            aug.make_augment((name,), "yuv440")
+    aug.make_augment(("shift", "speed", "crop", "color"), "yuv440")   # these move or scale whole values
