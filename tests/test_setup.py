@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from converted import write_converted
+from stpkeras.augment import COPY_AUGMENT
 from stpkeras.setup import TrainConfig
 from test_multiworker import train_on_workers
 
@@ -90,7 +91,7 @@ CASES = {
                     model="dncnn3d", augment=["flip"], recorded={"degrade": ["noise:25"], "pixel_loss": "l1"},
                     check=lambda m, noisy: m["val_psnr"] > noisy + 0.2),      # the identity: the noisy input
     "embed": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
-                  model="stcnn", augment=["crop", "color"], recorded={"temperature": 0.1},
+                  model="stcnn", augment=list(COPY_AUGMENT), recorded={"temperature": 0.1},
                   check=lambda m, noisy: m["val_pair_accuracy"] > 2 / 7),   # chance 1/7 (a batch of 4 pairs)
     # The zero prediction scores about 1 on tubelets that are not flat and 0 on flat ones (their target is 0).
     "pretrain": dict(task_options={}, model_options={"tubelet": [2, 4, 4], "dim": 16, "depth": 1, "heads": 2,
@@ -164,7 +165,7 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
 @pytest.mark.parametrize("task, model, augment", [("classify", "stcnn", ("crop", "color")),
                                                   ("regress", "stcnn", ("flip",)),
                                                   ("enhance", "dncnn3d", ("flip",)),
-                                                  ("embed", "stcnn", ("crop", "color")),
+                                                  ("embed", "stcnn", COPY_AUGMENT),
                                                   ("pretrain", "vivit", ("flip", "crop")),
                                                   ("segment", "unet3d", ("crop", "color"))])
 def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
