@@ -21,6 +21,7 @@ from tfrecords_tools.outputs import OutputIsInputError
 from videos import decode_all, write_video
 
 VIDEOS = "/work/shared/data/videos"
+EPOCHS = 12
 
 
 def _real_frames(name: str, count: int, height: int, width: int) -> np.ndarray:
@@ -107,38 +108,44 @@ def test_true_motion_removes_a_known_shake_on_odd_sizes(tmp_path):
     assert result.output["stability"] > result.input["stability"]
 
 
+FRAMES, SIZE = 4, 24   # the tiny motion model's patches: 4 frames (3 pairs) of 24x24
+
+
 @pytest.fixture(scope="module")
 def motion_run(tmp_path_factory):
-    """A tiny stabilize run on camera footage (bikes.mp4 frames, 8x32x32 patches), ~20 s on 2 cores."""
+    """A tiny motionnet trained on camera footage (bikes.mp4 frames, 4x24x24 patches, shift up to the whole
+    margin): a few hundred steps, ~20 s on 2 cores."""
     from stpkeras.train import TrainConfig, train
 
-    frames = _real_frames("bikes.mp4", 250, 32, 75)
-    items = [(frames[t:t + 8, :, x:x + 32], 0, f"v{t}") for t in range(0, 240, 4) for x in (0, 21, 43)]
+    frames = _real_frames("bikes.mp4", 250, SIZE, 56)
+    items = [(frames[t:t + FRAMES, :, x:x + SIZE], 0, f"v{t}") for t in range(0, 246, 2) for x in (0, 16, 32)]
     root = tmp_path_factory.mktemp("stab")
     write_converted(str(root / "data"), {"train": items[:-24], "val": items[-24:]}, ["scene"])
-    config = TrainConfig.tiny(str(root / "data"), str(root / "run"), task="stabilize", epochs=6, batch_size=16,
-                              lr=3e-3, model_options=(("filters", 8), ("pool_size", [1, 2, 2])))
+    config = TrainConfig.tiny(str(root / "data"), str(root / "run"), task="stabilize", model="motionnet",
+                              epochs=EPOCHS, batch_size=16, lr=2e-3, task_options=(("shift", 1.0),),
+                              model_options=(("widths", [8, 16, 32]), ("dense", 64), ("radius", 2)))
     record = train(config, echo=lambda s: None)
     return str(root / "run"), record
 
 
-@pytest.mark.xfail(reason="stcnn (one Conv3D and a linear read-out) trained for 6 epochs of 132 patches does not yet "
-                          "learn the motion: correlation -0.08 with the true dx, measured", strict=False)
 def test_a_tiny_trained_model_follows_the_true_motion(motion_run):
+    """Trained on camera footage, the model measures the shake of footage of another kind (the animation)."""
     run, record = motion_run
     assert record["task"] == "stabilize" and record["status"] == "done"
     model = load_motion_model(run)
-    # Unseen footage (the animation), shaken on the fly exactly as in training.
-    stable = _real_frames("bigbuckbunny.mp4", 8, 32, 57)[:, :, 12:44]
+    assert model.spec.frames == FRAMES
+    stable = _real_frames("bigbuckbunny.mp4", FRAMES, SIZE, 43)[:, :, 10:10 + SIZE]
     xs, ys = [], []
-    for seed in range(24):
-        path = shake.random_path(tf.constant([seed, 99], tf.int64), 8, 32, 32)
+    limits = shake.ShakeLimits(shift=1.0)
+    for seed in range(32):
+        path = shake.random_path(tf.constant([seed, 99], tf.int64), FRAMES, SIZE, SIZE, limits)
         xs.append(shake.shake_patch(tf.constant(stable), path).numpy())
-        ys.append(shake.relative_motion(path, 32).numpy())
+        ys.append(shake.relative_motion(path, SIZE).numpy())
     pred, truth = model(np.stack(xs)), np.stack(ys)
-    for k in (0, 1):  # dx, dy
+    for k in (0, 1):  # dx, dy: follows the truth and errs far less than no estimate at all (zero motion)
         r = np.corrcoef(pred[..., k].ravel(), truth[..., k].ravel())[0, 1]
-        assert r > 0.5, (k, r)
+        error, still = np.abs(pred[..., k] - truth[..., k]).mean(), np.abs(truth[..., k]).mean()
+        assert r > 0.7 and error < 0.6 * still, (k, r, error, still)
 
 
 def test_a_still_video_stays_still_and_outputs_never_overwrite_the_input(motion_run, tmp_path):
@@ -164,10 +171,10 @@ def test_a_video_shorter_than_a_window_is_one_error_line(motion_run, tmp_path):
     from stpkeras.cli import main
 
     run, _ = motion_run
-    video = write_video(str(tmp_path / "short.mp4"), np.repeat(_real_frames("bikes.mp4", 1, 48, 64), 5, axis=0))
+    video = write_video(str(tmp_path / "short.mp4"), np.repeat(_real_frames("bikes.mp4", 1, 48, 64), 3, axis=0))
     result = CliRunner().invoke(main, ["stabilize", run, video, "--out", str(tmp_path / "o.mp4")])
     assert result.exit_code == 2, result.output
-    assert "5 frame(s)" in result.output and "at least 8" in result.output
+    assert "3 frame(s)" in result.output and f"at least {FRAMES}" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o.mp4")
     with pytest.raises(StabilizeError):
