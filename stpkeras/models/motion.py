@@ -4,8 +4,9 @@ A classifier backbone pools its feature map away before the head, and with it *w
 cannot tell how far the picture moved between two frames (a tiny stcnn trained on the shake reached a
 correlation of -0.08 with the true dx). `motionnet` keeps the spatial layout up to the head:
 
-    uint8 [B, T, H, W, 3] -> Normalize -> FramePairs: [B, T-1, H, W, 9] (frame t, frame t+1, their
-    difference) -> Conv3D (1, 5, 5) -> Conv3D (1, 3, 3) stride (1, 2, 2) per width -> per pair flatten
+    uint8 [B, T, H, W, 3] -> Normalize -> FrameContrast -> FramePairs: [B, T-1, H, W, 9] (frame t,
+    frame t+1, their difference), next to a cost volume (`Correlation`) -> Conv3D (1, 5, 5) ->
+    Conv3D (1, 3, 3) stride (1, 2, 2) per width -> per pair flatten
     ('features' [B, T-1, h*w*C]: the layout is still in it) -> Dense -> Dense(k) per pair -> logits
     [B, (T-1) * k]
 
@@ -33,6 +34,29 @@ class FramePairs(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         b, t, h, w, c = input_shape
         return (b, None if t is None else t - 1, h, w, 3 * c)
+
+
+@keras.saving.register_keras_serializable(package=layers.PACKAGE)
+class FrameContrast(keras.layers.Layer):
+    """`[B, T, H, W, C]` -> each frame less its mean, over its deviation (+ `epsilon`): the same motion
+    shows as the same input in a flat cartoon and in textured camera footage. Without it a regressor
+    trained on one kind of footage scales its estimates by the other's contrast (on the animation it
+    under-estimated the motion by about a third, at a correlation of 0.92)."""
+
+    def __init__(self, epsilon: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def call(self, x):
+        mean = ops.mean(x, axis=(2, 3, 4), keepdims=True)
+        std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(2, 3, 4), keepdims=True))
+        return (x - mean) / (std + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package=layers.PACKAGE)
@@ -77,7 +101,7 @@ def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int =
         raise ValueError(f"Invalid value for argument `radius`. Expected an integer >= 0 (0: no correlation). "
                          f"Received radius={radius!r}")
     inputs = layers.patch_input(spec)
-    pixels = layers.normalize(spec, inputs)
+    pixels = FrameContrast(name="contrast")(layers.normalize(spec, inputs))
     x = FramePairs(name="pairs")(pixels)
     if radius:
         frame_features = keras.layers.Conv3D(widths[0], (1, 3, 3), padding="same", name="match_features")(pixels)
