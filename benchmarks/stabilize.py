@@ -133,12 +133,12 @@ def main() -> None:
         if args.strip:
             from stpkeras.figures import draw_frame_strip
 
-            picked = np.linspace(10, n - 11, 5).astype(int)
+            picked = np.linspace(10, n - 11, 4).astype(int)
             out_frames, _ = decode_all(os.path.join(tmp, "model.mp4" if args.run else "true.mp4"))
-            label = "stp stabilize (model)" if args.run else "stp stabilize (true motion)"
+            label = "stp stabilize\n(model)" if args.run else "stp stabilize\n(true motion)"
             vidstab, _ = decode_all(os.path.join(tmp, "vid.17.mp4"))
-            draw_frame_strip([("shaken input", shaken[picked]), (label, out_frames[picked]),
-                              ("vid.stab defaults", vidstab[picked])], args.strip, frame_numbers=list(picked),
+            draw_frame_strip([("shaken\ninput", shaken[picked]), (label, out_frames[picked]),
+                              ("vid.stab\ndefaults", vidstab[picked])], args.strip, frame_numbers=list(picked),
                              title="Big Buck Bunny shaken by a known path (320x180)")
         print(json.dumps({"frames": n, "size": "320x180", "rows": rows, **report}, indent=1))
         print(f"{'method':22s} {'jitter px':>9s} {'stability':>9s} {'cropping':>8s} {'distortion':>10s} {'fps':>7s}")

@@ -94,7 +94,7 @@ def draw_frame_strip(rows: Sequence[tuple], path: str, title: str = "", frame_nu
     of lines at fixed places shows how the picture moves against the frame."""
     count = len(rows[0][1])
     height, width = rows[0][1].shape[1:3]
-    figure = _figure(1.9 * count + 0.6, 1.9 * height / width * len(rows) + 0.5)
+    figure = _figure(1.6 * count + 0.6, 1.6 * height / width * len(rows) + 0.5)
     for r, (name, frames) in enumerate(rows):
         for c in range(count):
             ax = figure.add_subplot(len(rows), count, r * count + c + 1)
@@ -112,5 +112,5 @@ def draw_frame_strip(rows: Sequence[tuple], path: str, title: str = "", frame_nu
     if title:
         figure.suptitle(title, fontsize=9)
     with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format="png", dpi=80)  # small enough to keep in docs/
     return path
