@@ -108,6 +108,31 @@ def test_true_motion_removes_a_known_shake_on_odd_sizes(tmp_path):
     assert result.output["stability"] > result.input["stability"]
 
 
+def test_the_cost_volume_peaks_at_the_displacement_and_motionnet_round_trips(tmp_path):
+    """`Correlation`: frame t+1 = frame t moved by (dx, dy) = (2, -1) matches best at that displacement;
+    motionnet outputs 4 values per pair, reloads from .keras unchanged, and refuses a count that is not per pair."""
+    import keras
+
+    from stpkeras.models import build_model
+    from stpkeras.models.motion import Correlation
+    from tfrecords_tools.spec import PatchSpec
+
+    frame = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
+    pair = np.stack([frame, np.roll(frame, (-1, 2), axis=(0, 1))])[None]
+    costs = np.asarray(Correlation(3)(pair))[0, 0, 4:12, 4:12].mean(axis=(0, 1))
+    assert costs.shape == (49,) and np.argmax(costs) == (-1 + 3) * 7 + (2 + 3)
+    spec = PatchSpec(4, 16, 16)
+    model = build_model("motionnet", spec, 12, widths=(4, 8), dense=8, radius=1)
+    x = np.random.default_rng(1).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    y = np.asarray(model(x))
+    model.save(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(np.asarray(keras.models.load_model(str(tmp_path / "m.keras"))(x)), y, rtol=1e-5,
+                               atol=1e-6)
+    assert y.shape == (2, 12)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        build_model("motionnet", spec, 10)
+
+
 FRAMES, SIZE = 4, 16   # the tiny motion model's patches: 4 frames (3 pairs) of 16x16
 
 
