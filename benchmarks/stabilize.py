@@ -21,8 +21,8 @@ optzoom 1); deshake.
 A run trained on camera footage only (not the animation), as in docs/stabilization.md:
 
     stp convert CAMERA_VIDEOS/ data-cam --patch 4x32x32 --stride 2x8x8 --short-side 32
-    stp train data-cam --out runs/stab --task stabilize --task-arg shift=1.0 --epochs 30
-    python benchmarks/stabilize.py --quick --run runs/stab
+    stp train data-cam --out runs-stab --task stabilize --shake 1.0,1.5,2 --epochs 5 --batch-size 16 --lr 2e-3
+    python benchmarks/stabilize.py --quick --run runs-stab --strip docs/stabilization-strip.png
 """
 
 from __future__ import annotations
