@@ -433,8 +433,11 @@ class Stabilize(Task):
     monitor_mode: str = "min"
     needs_labels: bool = False
     default_model: str = "motionnet"
-    # Colour only: the shake is the geometric augmentation (augmentations apply before it; see shake.py).
-    default_augment: Tuple[str, ...] = ("color",)
+    # The shake is the geometric augmentation (augmentations apply to the stable patch, before it; see
+    # shake.py). Flip too: the footage's own pan is not in the targets, so unflipped it is learnt as a bias
+    # (a model trained on bikes + tree, no flip, added 2.4 px to every dx of the animation); flipped half the
+    # time it averages out.
+    default_augment: Tuple[str, ...] = ("flip", "color")
     shift: float = 0.5          # largest translation, as a share of the margin shake.ZOOM leaves
     degrees: float = 1.5        # largest rotation
     zoom_percent: float = 2.0   # largest zoom

@@ -235,3 +235,18 @@ def test_export_refuses_a_motion_model_with_the_reason(motion_run, tmp_path):
         result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not os.listdir(tmp_path / "saved") if os.path.exists(tmp_path / "saved") else True
+
+
+def test_train_shake_option_is_checked_before_any_work(tmp_path):
+    """`stp train --shake SHIFT,DEGREES,ZOOM`: stabilize's alone, three numbers, each within its range."""
+    from stpkeras.cli import main
+
+    def train(*args):
+        return CliRunner().invoke(main, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *args])
+
+    for args, expected in ((("--task", "classify", "--shake", "1,1,1"), "--shake is an option of --task stabilize"),
+                           (("--task", "stabilize", "--shake", "1,2"), "three numbers"),
+                           (("--task", "stabilize", "--shake", "2,1,1"), "shift")):
+        result = train(*args)
+        assert result.exit_code == 2 and expected in result.output, (args, result.output)
+    assert not os.path.exists(tmp_path / "run")
