@@ -434,9 +434,9 @@ class Stabilize(Task):
     needs_labels: bool = False
     default_model: str = "motionnet"
     # The shake is the geometric augmentation (augmentations apply to the stable patch, before it; see
-    # shake.py). Flip too: the footage's own pan is not in the targets, so unflipped it is learnt as a bias
-    # (a model trained on bikes + tree, no flip, added 2.4 px to every dx of the animation); flipped half the
-    # time it averages out.
+    # shake.py). Flip too: the footage's own motion is not in the targets, so a steady pan can be learnt as a
+    # bias (a model trained on bikes + tree without flip added 2.4 px to every dx of the animation; bikes.mp4
+    # moves about 0.85 px a frame in x); flipped half the time, a horizontal pan averages out.
     default_augment: Tuple[str, ...] = ("flip", "color")
     shift: float = 0.5          # largest translation, as a share of the margin shake.ZOOM leaves
     degrees: float = 1.5        # largest rotation
