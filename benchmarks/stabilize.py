@@ -13,8 +13,16 @@ no model) between consecutive frames' central halves:
 - frames/s: wall clock of the whole method (both passes for vid.stab).
 
 Rows: the shaken input; `stp stabilize` with the true motion as its "model" (the path machinery alone:
-the best a motion estimate can do); `stp stabilize` with the model of `--run`, when given; vid.stab with
-defaults (shakiness 5, smoothing 10) and tuned (shakiness 8, accuracy 15, smoothing 25, optzoom 1); deshake.
+the best a motion estimate can do); `stp stabilize` with the model of `--run`, when given (and its motion
+estimate of the shaken clip against the true motion: correlation and mean absolute error of dx, dy in frame
+pixels); vid.stab with defaults (shakiness 5, smoothing 10) and tuned (shakiness 8, accuracy 15, smoothing 25,
+optzoom 1); deshake.
+
+A run trained on camera footage only (not the animation), as in docs/stabilization.md:
+
+    stp convert CAMERA_VIDEOS/ data-cam --patch 4x32x32 --stride 2x8x8 --short-side 32
+    stp train data-cam --out runs-stab --task stabilize --shake 1.0,1.5,2 --epochs 5 --batch-size 16 --lr 2e-3
+    python benchmarks/stabilize.py --quick --run runs-stab --strip docs/stabilization-strip.png
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ import tensorflow as tf
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from stpkeras import shake  # noqa: E402
-from stpkeras.stabilize import (CameraMotion, camera_path, load_motion_model, phase_shift, render,  # noqa: E402
-                                stability_score, stabilize_video)
+from stpkeras.stabilize import (CameraMotion, camera_path, estimate_motion, load_motion_model,  # noqa: E402
+                                phase_shift, render, stability_score, stabilize_video)
 from videos import decode_all, write_video  # noqa: E402
 
 VIDEO = "/work/shared/data/videos/bigbuckbunny.mp4"
@@ -68,6 +76,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="60 frames instead of the whole 132")
     parser.add_argument("--run", default=None, help="a stp train --task stabilize run folder")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--strip", default=None, metavar="PNG",
+                        help="also draw a few frames of the shaken input and of the stp output (the model's when "
+                             "--run is given) into this PNG (docs/stabilization-strip.png)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="stab-bench-")
     try:
@@ -90,11 +101,20 @@ def main() -> None:
         r = render(src, os.path.join(tmp, "true.mp4"), CameraMotion(truth, 25.0, 180, 320), smoothing=1.0)
         rows["stp, true motion"] = measure(r.out, clean_shifts, time.perf_counter() - t, n,
                                            {"cropping": r.output["cropping"], "distortion": r.output["distortion"]})
+        report = {}
         if args.run:
+            model = load_motion_model(args.run)
             t = time.perf_counter()
-            r = stabilize_video(load_motion_model(args.run), src, os.path.join(tmp, "model.mp4"), smoothing=1.0)
+            r = stabilize_video(model, src, os.path.join(tmp, "model.mp4"), smoothing=1.0)
             rows["stp, model"] = measure(r.out, clean_shifts, time.perf_counter() - t, n,
                                          {"cropping": r.output["cropping"], "distortion": r.output["distortion"]})
+            # The model's motion estimate of the shaken clip against the true motion (frame pixels).
+            estimate = estimate_motion(model, src).motions
+            report["model motion estimate"] = {
+                name: {"r": float(np.corrcoef(estimate[:, k], truth[:, k])[0, 1]),
+                       "mae_px": float(np.abs(estimate[:, k] - truth[:, k]).mean()),
+                       "mean_abs_true_px": float(np.abs(truth[:, k]).mean())}
+                for k, name in enumerate(("dx", "dy"))}
         for name, detect, transform in [
                 ("vid.stab defaults", "vidstabdetect", "vidstabtransform"),
                 ("vid.stab tuned", "vidstabdetect=shakiness=8:accuracy=15",
@@ -110,7 +130,17 @@ def main() -> None:
         t = time.perf_counter()
         ffmpeg(["-i", "shaky.mp4", "-vf", "deshake", "-c:v", "libx264", "-crf", "18", "deshake.mp4"], tmp)
         rows["deshake"] = measure(os.path.join(tmp, "deshake.mp4"), clean_shifts, time.perf_counter() - t, n)
-        print(json.dumps({"frames": n, "size": "320x180", "rows": rows}, indent=1))
+        if args.strip:
+            from stpkeras.figures import draw_frame_strip
+
+            picked = np.linspace(10, n - 11, 4).astype(int)
+            out_frames, _ = decode_all(os.path.join(tmp, "model.mp4" if args.run else "true.mp4"))
+            label = "stp stabilize\n(model)" if args.run else "stp stabilize\n(true motion)"
+            vidstab, _ = decode_all(os.path.join(tmp, "vid.17.mp4"))
+            draw_frame_strip([("shaken\ninput", shaken[picked]), (label, out_frames[picked]),
+                              ("vid.stab\ndefaults", vidstab[picked])], args.strip, frame_numbers=list(picked),
+                             title="Big Buck Bunny shaken by a known path (320x180)")
+        print(json.dumps({"frames": n, "size": "320x180", "rows": rows, **report}, indent=1))
         print(f"{'method':22s} {'jitter px':>9s} {'stability':>9s} {'cropping':>8s} {'distortion':>10s} {'fps':>7s}")
         for name, row in rows.items():
             def fmt(v, f):

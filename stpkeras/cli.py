@@ -523,13 +523,27 @@ def _model_args(ctx, param, values):
     return tuple(options.items())
 
 
+def _shake_limits(text: str):
+    """`--shake SHIFT,DEGREES,ZOOM` -> the stabilize task's options (ranges checked by the task)."""
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise click.BadParameter(f"expected three numbers SHIFT,DEGREES,ZOOM (e.g. 1.0,1.5,2); received {text!r}",
+                                 param_hint="--shake")
+    return tuple(zip(("shift", "degrees", "zoom_percent"), values))
+
+
 @main.command("train")
 @click.argument("data", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
 @click.option("--model", "model_name", default=None,
-              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d"]),
-              help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment).")
+              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d", "motionnet"]),
+              help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment, motionnet for "
+                   "stabilize).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
 @click.option("--causal", is_flag=True,
@@ -602,6 +616,9 @@ def _model_args(ctx, param, values):
                    "dataset.json says label_mode 'multi'); on single-label data, one-hot targets.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
+@click.option("--shake", default=None, metavar="SHIFT,DEGREES,ZOOM",
+              help="stabilize: the largest shake drawn per patch: translation as a share of the margin the 1.25x "
+                   "view leaves (0-1), rotation in degrees, zoom in percent (default 0.5,1.5,2).")
 @click.option("--init-from", type=click.Path(exists=True), default=None, metavar="RUN|MODEL.keras",
               help="Start the backbone from an earlier run (any task; e.g. --task pretrain or embed): layers "
                    "matching by name and shape are taken, the head is new. run.json records which.")
@@ -614,7 +631,7 @@ def train_command(data, out, model_name, model_args, causal, epochs, batch_size,
                   augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
-                  multi_label, mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
+                  multi_label, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -644,8 +661,12 @@ def train_command(data, out, model_name, model_args, causal, epochs, batch_size,
                 raise click.BadParameter(f"--causal: model {family!r} has no causal form (expected stcnn, r2plus1d "
                                          "or resnet3d)", param_hint="--causal")
             model_args = tuple(dict(model_args, causal=True).items())
+        if shake is not None and task != "stabilize":
+            raise click.BadParameter("--shake is an option of --task stabilize", param_hint="--task")
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
                                                   ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
+        if shake is not None:
+            task_options += _shake_limits(shake)
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
                              task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,

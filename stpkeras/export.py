@@ -115,6 +115,11 @@ def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
                               f"[None, {', '.join(map(str, source.spec.shape))}] -> pixels of the same shape; "
                               f"it maps {shapes}")
         return source
+    if source.task == "stabilize":
+        raise ExportError(f"{source.path}: a motion model (task stabilize); export writes classifiers, regressors "
+                          "and enhancement models. A motion model is not served patch by patch: `stp stabilize "
+                          "RUN VIDEO --out OUT.mp4` runs it over a whole video (windows of downscaled frames, "
+                          "then a path smoothed over all of them) and takes this run folder or its .keras file")
     if source.task not in ("classify", "regress"):
         raise ExportError(f"{source.path}: the run's task is {source.task!r}; export writes classifiers "
                           "(task classify), regressors (task regress) and enhancement models (task enhance)")

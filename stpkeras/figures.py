@@ -86,3 +86,31 @@ def draw_reconstructions(original: np.ndarray, masked: np.ndarray, rebuilt: np.n
     with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
         figure.savefig(tmp, format="png")
     return path
+
+
+def draw_frame_strip(rows: Sequence[tuple], path: str, title: str = "", frame_numbers: Sequence[int] = ()) -> str:
+    """Rows of frames side by side: `rows` holds `(name, uint8 [K, H, W, 3])` pairs (the same K frames of each
+    video, e.g. a shaky input and its stabilized output), one row each, the name on the left; a thin grid
+    of lines at fixed places shows how the picture moves against the frame."""
+    count = len(rows[0][1])
+    height, width = rows[0][1].shape[1:3]
+    figure = _figure(1.6 * count + 0.6, 1.6 * height / width * len(rows) + 0.5)
+    for r, (name, frames) in enumerate(rows):
+        for c in range(count):
+            ax = figure.add_subplot(len(rows), count, r * count + c + 1)
+            ax.imshow(frames[c], interpolation="bilinear")
+            for x in (width / 3, 2 * width / 3):
+                ax.axvline(x, color="yellow", linewidth=0.5)
+            for y in (height / 3, 2 * height / 3):
+                ax.axhline(y, color="yellow", linewidth=0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0 and frame_numbers:
+                ax.set_title(f"frame {frame_numbers[c]}", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    with outputs.atomic_file(path) as tmp:  # a reader (or a killed run) never sees half a PNG
+        figure.savefig(tmp, format="png", dpi=80)  # small enough to keep in docs/
+    return path

@@ -87,6 +87,21 @@ def random_path(seed: tf.Tensor, frames: int, height: int, width: int,
     return amplitude * (1.0 - JITTER) * waves + amplitude * jitter
 
 
+def motion_std(frames: int, height: int, width: int, limits: ShakeLimits = ShakeLimits(),
+               samples: int = 512) -> Tuple[float, ...]:
+    """The deviation of each target component (`relative_motion`: dx, dy, rotation, log-scale in
+    `motion_units`) over `samples` shakes of `frames`-frame patches of `height` x `width` (a fixed seed: the
+    same figures every time). The scale `--task stabilize` standardises its targets by; a component that
+    cannot move (a zero limit) gets a small floor, not zero."""
+    seeds = tf.random.experimental.stateless_split(tf.constant([18, 0], tf.int64), samples)
+    draw = tf.function(lambda seeds: tf.map_fn(
+        lambda seed: relative_motion(random_path(seed, frames, height, width, limits), width), seeds,
+        fn_output_signature=tf.float32))
+    motions = draw(seeds)
+    std = np.sqrt(np.mean(np.square(motions.numpy().reshape(-1, MOTION)), axis=0))  # about 0: the shake is symmetric
+    return tuple(float(max(s, 1e-2)) for s in std)
+
+
 def similarity(theta, log_scale, bx, by, zoom=1.0):
     """`(A [..., 2, 2], b [..., 2])` of the map output point p -> source point `A p + b` (centred coordinates):
     A = exp(log_scale) / zoom * R(theta). Works on numpy arrays and tensors alike."""

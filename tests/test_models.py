@@ -24,8 +24,10 @@ def _pixels(batch, seed=0):
 
 
 def test_registry_lists_the_five_families():
-    # ... and the two enhancement families (pixels out, tested in test_enhance.py).
-    assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d"}
+    # ... the two enhancement families (pixels out, tested in test_enhance.py) and the motion model of
+    # --task stabilize (values per frame pair, tested in test_stabilize.py).
+    assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d",
+                                  "motionnet"}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -21,6 +21,7 @@ from tfrecords_tools.outputs import OutputIsInputError
 from videos import decode_all, write_video
 
 VIDEOS = "/work/shared/data/videos"
+EPOCHS = 10
 
 
 def _real_frames(name: str, count: int, height: int, width: int) -> np.ndarray:
@@ -107,38 +108,72 @@ def test_true_motion_removes_a_known_shake_on_odd_sizes(tmp_path):
     assert result.output["stability"] > result.input["stability"]
 
 
+def test_the_cost_volume_peaks_at_the_displacement_and_motionnet_round_trips(tmp_path):
+    """`Correlation`: frame t+1 = frame t moved by (dx, dy) = (2, -1) matches best at that displacement;
+    motionnet outputs 4 values per pair, reloads from .keras unchanged, and refuses a count that is not per pair."""
+    import keras
+
+    from stpkeras.models import build_model
+    from stpkeras.models.motion import Correlation
+    from tfrecords_tools.spec import PatchSpec
+
+    frame = np.random.default_rng(0).normal(size=(16, 16, 3)).astype(np.float32)
+    pair = np.stack([frame, np.roll(frame, (-1, 2), axis=(0, 1))])[None]
+    costs = np.asarray(Correlation(3)(pair))[0, 0, 4:12, 4:12].mean(axis=(0, 1))
+    assert costs.shape == (49,) and np.argmax(costs) == (-1 + 3) * 7 + (2 + 3)
+    spec = PatchSpec(4, 16, 16)
+    model = build_model("motionnet", spec, 12, widths=(4, 8), dense=8, radius=1)
+    x = np.random.default_rng(1).integers(0, 256, (2, *spec.shape), dtype=np.uint8)
+    y = np.asarray(model(x))
+    model.save(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(np.asarray(keras.models.load_model(str(tmp_path / "m.keras"))(x)), y, rtol=1e-5,
+                               atol=1e-6)
+    assert y.shape == (2, 12)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        build_model("motionnet", spec, 10)
+
+
+FRAMES, SIZE = 4, 16   # the tiny motion model's patches: 4 frames (3 pairs) of 16x16
+
+
 @pytest.fixture(scope="module")
 def motion_run(tmp_path_factory):
-    """A tiny stabilize run on camera footage (bikes.mp4 frames, 8x32x32 patches), ~20 s on 2 cores."""
+    """A tiny motionnet trained on camera footage (bikes.mp4 frames, 4x16x16 patches, shift up to the whole
+    margin): 200 steps."""
     from stpkeras.train import TrainConfig, train
 
-    frames = _real_frames("bikes.mp4", 250, 32, 75)
-    items = [(frames[t:t + 8, :, x:x + 32], 0, f"v{t}") for t in range(0, 240, 4) for x in (0, 21, 43)]
+    frames = _real_frames("bikes.mp4", 250, SIZE, 38)
+    items = [(frames[t:t + FRAMES, :, x:x + SIZE], 0, f"v{t}") for t in range(0, 246, 2) for x in (0, 11, 22)]
     root = tmp_path_factory.mktemp("stab")
     write_converted(str(root / "data"), {"train": items[:-24], "val": items[-24:]}, ["scene"])
-    config = TrainConfig.tiny(str(root / "data"), str(root / "run"), task="stabilize", epochs=6, batch_size=16,
-                              lr=3e-3, model_options=(("filters", 8), ("pool_size", [1, 2, 2])))
+    config = TrainConfig.tiny(str(root / "data"), str(root / "run"), task="stabilize", model="motionnet",
+                              epochs=EPOCHS, batch_size=16, lr=2e-3, task_options=(("shift", 1.0),),
+                              model_options=(("widths", [8, 16]), ("dense", 32), ("radius", 2)))
     record = train(config, echo=lambda s: None)
     return str(root / "run"), record
 
 
-@pytest.mark.xfail(reason="stcnn (one Conv3D and a linear read-out) trained for 6 epochs of 132 patches does not yet "
-                          "learn the motion: correlation -0.08 with the true dx, measured", strict=False)
 def test_a_tiny_trained_model_follows_the_true_motion(motion_run):
+    """Trained on camera footage, the model measures the shake of footage of another kind (the animation)."""
     run, record = motion_run
     assert record["task"] == "stabilize" and record["status"] == "done"
     model = load_motion_model(run)
-    # Unseen footage (the animation), shaken on the fly exactly as in training.
-    stable = _real_frames("bigbuckbunny.mp4", 8, 32, 57)[:, :, 12:44]
+    assert model.spec.frames == FRAMES
+    stable = _real_frames("bigbuckbunny.mp4", FRAMES, SIZE, 28)[:, :, 6:6 + SIZE]
     xs, ys = [], []
-    for seed in range(24):
-        path = shake.random_path(tf.constant([seed, 99], tf.int64), 8, 32, 32)
+    limits = shake.ShakeLimits(shift=1.0)
+    for seed in range(32):
+        path = shake.random_path(tf.constant([seed, 99], tf.int64), FRAMES, SIZE, SIZE, limits)
         xs.append(shake.shake_patch(tf.constant(stable), path).numpy())
-        ys.append(shake.relative_motion(path, 32).numpy())
+        ys.append(shake.relative_motion(path, SIZE).numpy())
     pred, truth = model(np.stack(xs)), np.stack(ys)
-    for k in (0, 1):  # dx, dy
+    # dx, dy: the estimate follows the truth (measured: r = 0.91 for dx after 10 epochs; the stcnn head of
+    # before scored -0.08) and errs less than no estimate at all (zero motion; measured 0.25 against 0.31 px:
+    # on the animation the estimates come out too small, see docs/stabilization.md).
+    for k in (0, 1):
         r = np.corrcoef(pred[..., k].ravel(), truth[..., k].ravel())[0, 1]
-        assert r > 0.5, (k, r)
+        error, still = np.abs(pred[..., k] - truth[..., k]).mean(), np.abs(truth[..., k]).mean()
+        assert r > 0.75 and error < 0.9 * still, (k, r, error, still)
 
 
 def test_a_still_video_stays_still_and_outputs_never_overwrite_the_input(motion_run, tmp_path):
@@ -164,10 +199,10 @@ def test_a_video_shorter_than_a_window_is_one_error_line(motion_run, tmp_path):
     from stpkeras.cli import main
 
     run, _ = motion_run
-    video = write_video(str(tmp_path / "short.mp4"), np.repeat(_real_frames("bikes.mp4", 1, 48, 64), 5, axis=0))
+    video = write_video(str(tmp_path / "short.mp4"), np.repeat(_real_frames("bikes.mp4", 1, 48, 64), 3, axis=0))
     result = CliRunner().invoke(main, ["stabilize", run, video, "--out", str(tmp_path / "o.mp4")])
     assert result.exit_code == 2, result.output
-    assert "5 frame(s)" in result.output and "at least 8" in result.output
+    assert "3 frame(s)" in result.output and f"at least {FRAMES}" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o.mp4")
     with pytest.raises(StabilizeError):
@@ -187,3 +222,31 @@ def test_cli_json_reports_the_three_measures(motion_run, tmp_path):
     for side in ("input", "output"):
         assert {"cropping", "distortion", "stability"} <= set(report[side])
     assert report["zoom"] == 1.0 and report["output"]["cropping"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_export_refuses_a_motion_model_with_the_reason(motion_run, tmp_path):
+    """A motion model runs over whole videos, not patch by patch: `stp export` says so in one line and writes
+    nothing."""
+    from stpkeras.cli import main
+
+    run, _ = motion_run
+    result = CliRunner().invoke(main, ["export", run, "--name", "stab", "--out", str(tmp_path / "saved")])
+    assert result.exit_code != 0 and "task stabilize" in result.output and "stp stabilize" in result.output, \
+        result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path / "saved") if os.path.exists(tmp_path / "saved") else True
+
+
+def test_train_shake_option_is_checked_before_any_work(tmp_path):
+    """`stp train --shake SHIFT,DEGREES,ZOOM`: stabilize's alone, three numbers, each within its range."""
+    from stpkeras.cli import main
+
+    def train(*args):
+        return CliRunner().invoke(main, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *args])
+
+    for args, expected in ((("--task", "classify", "--shake", "1,1,1"), "--shake is an option of --task stabilize"),
+                           (("--task", "stabilize", "--shake", "1,2"), "three numbers"),
+                           (("--task", "stabilize", "--shake", "2,1,1"), "shift")):
+        result = train(*args)
+        assert result.exit_code == 2 and expected in result.output, (args, result.output)
+    assert not os.path.exists(tmp_path / "run")

@@ -6,7 +6,9 @@ Every model takes uint8 patches in the spec's pixel format (input 'patch': `[B, 
 pooled feature layer named 'features' and an output layer named 'logits'
 (float32, no softmax). Enhancers (`ENHANCE_MODELS`, for `--task enhance`) take
 the output channels in place of `num_classes` and end in the layer 'pixels':
-float32 `[B, T, H, W, 3]` in 0-255 units, the input plus a predicted residual.
+float32 `[B, T, H, W, 3]` in 0-255 units, the input plus a predicted residual. The motion model
+(`MOTION_MODELS`, the default of `--task stabilize`) outputs the same number of values for each pair of
+neighbouring frames, `[B, (T-1) * k]`, from features that keep the frames' layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable, Dict, Tuple
 
 from stpkeras.models.c3d import build_c3d
 from stpkeras.models.dncnn3d import build_dncnn3d
+from stpkeras.models.motion import build_motionnet
 from stpkeras.models.r2plus1d import build_r2plus1d
 from stpkeras.models.resnet3d import build_resnet3d
 from stpkeras.models.segmentation import SegmentationLoss  # noqa: F401  registered: segment runs load with it
@@ -31,9 +34,12 @@ MODELS: Dict[str, Callable] = {
     "vivit": build_vivit,
     "unet3d": build_unet3d,
     "dncnn3d": build_dncnn3d,
+    "motionnet": build_motionnet,
 }
 # Families that output pixels (input + residual), not logits: the models of `--task enhance`.
 ENHANCE_MODELS = ("unet3d", "dncnn3d")
+# Families that output values per pair of neighbouring frames: the default of `--task stabilize`.
+MOTION_MODELS = ("motionnet",)
 
 
 def model_names() -> Tuple[str, ...]:

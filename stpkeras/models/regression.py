@@ -45,7 +45,8 @@ class Destandardize(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class RegressionLoss(keras.losses.Loss):
     """Mean squared error (`kind='mse'`) or Huber loss (`'huber'`, delta 1) of `(y_true - y_pred) / std`:
-    float `[B, K]` targets and predictions in the user's units, the error in standard deviations."""
+    float `[B, K]` targets and predictions in the user's units, the error in standard deviations. `std` holds
+    K deviations, or k that repeat along the K values (`--task stabilize`: 4 per pair of frames)."""
 
     def __init__(self, kind: str = "mse", std: Sequence[float] = (1.0,), name: str = "regression", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -55,7 +56,11 @@ class RegressionLoss(keras.losses.Loss):
         self.kind, self.std = kind, [float(v) for v in std]
 
     def call(self, y_true, y_pred):
-        error = (ops.cast(y_true, "float32") - ops.cast(y_pred, "float32")) / ops.convert_to_tensor(self.std)
+        std = ops.convert_to_tensor(self.std)
+        values = y_pred.shape[-1]
+        if values is not None and values != len(self.std) and values % len(self.std) == 0:
+            std = ops.tile(std, [values // len(self.std)])  # k deviations repeated: k values per frame pair
+        error = (ops.cast(y_true, "float32") - ops.cast(y_pred, "float32")) / std
         if self.kind == "mse":
             return ops.mean(ops.square(error), axis=-1)
         small = ops.abs(error) <= 1.0
