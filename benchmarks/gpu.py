@@ -18,7 +18,7 @@ While the streamed steps run, `nvidia-smi` is sampled every 0.2 s for the GPU's 
 it). `--smoke` runs tiny sizes on any machine, CPU included (the test of this script).
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/gpu.py [--smoke] [--models stcnn,r2plus1d,pretrain]
-     [--batch 32] [--steps 20] [--rounds 3]
+     [--batch 32] [--steps 20] [--rounds 3] [--devices N]
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def on_device(strategy, dataset, count: int) -> list:
 
 def measure(name: str, data: str, args, strategy) -> dict:
     import keras
+    import tensorflow as tf
 
     from stpkeras import pipeline
     from stpkeras.setup import compile_model
@@ -167,11 +168,13 @@ def measure(name: str, data: str, args, strategy) -> dict:
             rates["streamed"].append(steps_per_second(step, feeds["streamed"], args.steps))
         rates["cached"].append(steps_per_second(step, feeds["cached"], args.steps))
     ratios = [a / b for a, b in zip(rates["streamed"], rates["cached"])]
+    placed = sorted({t.device for part in strategy.experimental_local_results(cached[0])
+                     for t in tf.nest.flatten(part)})
     global_batch = args.batch * strategy.num_replicas_in_sync
     streamed_rate, cached_rate = statistics.median(rates["streamed"]), statistics.median(rates["cached"])
     return {"model": f"{name} ({model_name}, {model.count_params():,} parameters)", "streamed": streamed_rate,
             "cached": cached_rate, "clips": streamed_rate * global_batch, "ratio": statistics.median(ratios),
-            "range": (min(ratios), max(ratios)), "gpu": utilisation.describe()}
+            "range": (min(ratios), max(ratios)), "gpu": utilisation.describe(), "placed": placed}
 
 
 def main() -> int:
@@ -181,6 +184,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="per replica (default 32; 4 with --smoke)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (default 20; 3 with --smoke)")
     parser.add_argument("--rounds", type=int, default=None, help="streamed/cached rounds (default 3; 1 with --smoke)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="the first N GPUs, or N logical CPU devices without one (as `stp train --devices`)")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.smoke else 32)
     args.steps = args.steps or (3 if args.smoke else 20)
@@ -192,8 +197,9 @@ def main() -> int:
         return 2
     import tensorflow as tf
 
-    from stpkeras.setup import make_strategy
+    from stpkeras.setup import configure_devices, make_strategy
 
+    configure_devices(args.devices)
     strategy = make_strategy("auto")
     shape = (4, 16, 16, 3) if args.smoke else (16, 112, 112, 3)
     work = tempfile.mkdtemp(prefix="stp-bench-gpu-")
@@ -212,7 +218,9 @@ def main() -> int:
     for r in rows:
         print(f"| {r['model']} | {r['streamed']:.2f} | {r['cached']:.2f} | {r['clips']:.0f} | {r['ratio']:.3f} "
               f"({r['range'][0]:.2f}-{r['range'][1]:.2f}) | {r['gpu']} |")
-    print("\ngoal: streamed / cached >= 0.95 (the input pipeline never holds the accelerator back)")
+    print(f"\ncached batches held on: {', '.join(sorted({d for r in rows for d in r['placed']}))} "
+          f"(the replicas' devices: {', '.join(devices)})")
+    print("goal: streamed / cached >= 0.95 (the input pipeline never holds the accelerator back)")
     return 0
 
 
