@@ -2,19 +2,19 @@
 labels, from scratch, after `--task embed` and after `--task pretrain`, in one run.
 
 Data: real footage with a known camera pan. Frames of the sample videos (`--videos`, default
-../shared/data/videos: bikes, Big Buck Bunny, tree, Megamind), scaled to a short side of 32, and a 16x16
-window that moves 2 pixels a frame right, left, down or up over one of them for 8 frames: 4 classes that
-differ only by motion (one frame tells nothing), on real textures, edges and faces that a masked autoencoder
-can learn to rebuild. Training patches come from the first 70% of each video's frames, validation patches
-from the last 30%. The patches are written as converted folders (`tests/converted.py`). The pretraining runs
-see every training patch of the pool without labels; each fine-tuning run sees a fraction of them with
-labels (the same subset for every start), `vivit` with the same options throughout, the backbone trained at
-the head's rate (`--init-from`, no freezing). Masked autoencoding hides `--mask-ratio` 0.75 of the 4x4 tubelet
-positions (0.9, the task's default, would leave 2 of 16 visible). Every fine-tuning run takes the same number
-of optimizer steps (`--epochs` x the full split's steps), so fewer labels do not also mean fewer steps, and so
-about the same wall time. Accuracy is the best validation accuracy (the validation split is the same for all
-rows); wall time is fine-tuning alone, pretraining is timed on its own line. Rows are means over
-`--seeds`, with the range.
+../shared/data/videos: bikes, Big Buck Bunny, tree, Megamind), scaled to a short side of 32, and a 16x16 window
+that moves 2 pixels a frame right, left, down or up over one of them for 8 frames: 4 classes that differ only by
+motion (one frame tells nothing), on real textures, edges and faces that a masked autoencoder can learn to
+rebuild. Training patches come from the first 70% of each video's frames, validation patches from the last 30%.
+The patches are written as converted folders (`tests/converted.py`). The pretraining runs see every training
+patch of the pool without labels; each fine-tuning run sees a fraction of them with labels (the same subset for
+every start), `vivit` with the same options throughout, the backbone trained at the head's rate (`--init-from`,
+no freezing). Masked autoencoding hides `--mask-ratio` 0.75 of the 4x4 tubelet positions (0.9, the task's
+default, would leave 2 of 16 visible). Every fine-tuning run takes the same number of optimizer steps
+(`--epochs` x `--pool` / batch: the labelled subset is repeated to `--pool` records), so fewer labels do not
+also mean fewer steps, and so about the same wall time. Accuracy is the best validation accuracy (the validation
+split is the same for all rows); wall time is fine-tuning alone, pretraining is timed on its own line. Rows are
+means over `--seeds`, with the range.
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1] [--videos DIR]
      [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40]
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import os
 import shlex
 import statistics
@@ -94,9 +93,12 @@ def pan_items(frames: list, n: int, part: str, seed: int):
     return items
 
 
-def write_data(work: str, frames: list, pool: int, val: int, seed: int) -> dict:
+def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain_passes: int) -> dict:
     """{fraction: converted folder}: the same validation split; the first fraction x `pool` training patches
-    of one shuffled order (each class equally often), so a smaller subset is inside a larger one."""
+    of one shuffled order (each class equally often), so a smaller subset is inside a larger one, repeated to
+    `pool` records (an epoch is the same number of steps for every fraction: fewer epochs, so less of the
+    per-epoch work of a run, its checkpoints, figures and validation); under 'unlabelled', the pool repeated
+    `pretrain_passes` times for the pretraining runs (one epoch)."""
     from converted import write_converted
 
     train, held = pan_items(frames, pool, "train", 1000 + seed), pan_items(frames, val, "val", 2000)
@@ -105,7 +107,10 @@ def write_data(work: str, frames: list, pool: int, val: int, seed: int) -> dict:
     for fraction in FRACTIONS:
         subset = [train[i] for i in sorted(order[:max(BATCH, int(round(fraction * pool)))])]
         folders[fraction] = os.path.join(work, f"data-{int(fraction * 100)}")
-        write_converted(folders[fraction], {"train": subset, "val": held}, CLASSES, shards=1)
+        write_converted(folders[fraction], {"train": [subset[i % len(subset)] for i in range(pool)], "val": held},
+                        CLASSES, shards=1)
+    folders["unlabelled"] = os.path.join(work, "unlabelled")
+    write_converted(folders["unlabelled"], {"train": train * pretrain_passes}, CLASSES, shards=1)
     return folders
 
 
@@ -119,18 +124,18 @@ def run(config) -> tuple:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="pool 256, val 128, 4 epochs, 12 pretraining epochs")
+    parser.add_argument("--quick", action="store_true", help="pool 128, val 64, 3 epochs, 8 pretraining passes")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--videos", default=DEFAULT_VIDEOS, help="folder of real videos (default the samples)")
     parser.add_argument("--pool", type=int, default=1024)
     parser.add_argument("--val", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of the full split")
-    parser.add_argument("--pretrain-epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of `--pool` records")
+    parser.add_argument("--pretrain-epochs", type=int, default=40, help="pretraining passes over the pool")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     args = parser.parse_args()
     if args.quick:
-        args.pool, args.val, args.epochs, args.pretrain_epochs = 256, 128, 4, 12
+        args.pool, args.val, args.epochs, args.pretrain_epochs = 128, 64, 3, 8
     if not glob.glob(os.path.join(args.videos, "*.*")):
         print(f"--videos {args.videos}: no videos there (expected the sample videos, ../shared/data/videos)",
               file=sys.stderr)
@@ -149,23 +154,21 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for seed in (int(s) for s in args.seeds.split(",")):
-            folders = write_data(os.path.join(work, f"seed{seed}"), frames, args.pool, args.val, seed)
+            folders = write_data(os.path.join(work, f"seed{seed}"), frames, args.pool, args.val, seed,
+                                 args.pretrain_epochs)
             starts = {"scratch": None}
             for task in ("embed", "pretrain"):
                 out = os.path.join(work, f"seed{seed}", task)
                 options = (("mask_ratio", args.mask_ratio),) if task == "pretrain" else ()
-                record, seconds = run(config(folders[1.0], out, task, seed, args.pretrain_epochs, val_split="none",
+                record, seconds = run(config(folders["unlabelled"], out, task, seed, 1, val_split="none",
                                              task_options=options))
                 print(f"seed {seed}: --task {task}: {seconds:.0f} s, final loss "
                       f"{record['metrics']['final']['loss']:.3f}", flush=True)
                 starts[task] = out
-            full_steps = args.pool // BATCH
             for fraction in FRACTIONS:
-                steps = max(1, int(round(fraction * args.pool)) // BATCH)
-                epochs = math.ceil(args.epochs * full_steps / steps)
                 for start, source in starts.items():
                     out = os.path.join(work, f"seed{seed}", f"{start}-{int(fraction * 100)}")
-                    record, seconds = run(config(folders[fraction], out, "classify", seed, epochs, augment=(),
+                    record, seconds = run(config(folders[fraction], out, "classify", seed, args.epochs, augment=(),
                                                  init_from=source))
                     accuracy = record["metrics"]["best"]["val_accuracy"]
                     results.setdefault((fraction, start), []).append((accuracy, seconds))
