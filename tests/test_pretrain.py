@@ -82,6 +82,23 @@ def test_the_loss_scores_hidden_tubelets_only():
     assert float(loss) == pytest.approx(0.5)      # tubelet 1 (0) and 2 (1); 0 and 3 were visible
 
 
+def test_positions_start_from_the_sine_cosine_table_of_the_grid():
+    from stpkeras.models.layers import sincos_table
+
+    model = build_vivit_mae(PatchSpec(4, 16, 16), **dict(TINY))        # grid 2 x 4 x 4, dim 16
+    table = sincos_table((2, 4, 4), 16)
+    for name in ("position", "decoder_position"):
+        start = np.asarray(model.get_layer(name).embedding)
+        np.testing.assert_allclose(start, sincos_table((2, 4, 4), start.shape[1]), atol=1e-6)
+    # Token (t, h, w) = t*16 + h*4 + w: a neighbour's embedding is nearer than a far one's, along each axis.
+    distance = lambda a, b: np.linalg.norm(table[a] - table[b])  # noqa: E731
+    assert distance(0, 1) < distance(0, 3) and distance(0, 4) < distance(0, 12) and distance(0, 16) > 0
+    assert np.abs(np.asarray(build_vivit_mae(PatchSpec(4, 16, 16), position="learned", **dict(TINY))
+                             .get_layer("position").embedding)).max() < 0.05   # learned: a small random start
+    with pytest.raises(ValueError, match="position.*sincos.*Received position='fixed'"):
+        build_vivit_mae(PatchSpec(4, 16, 16), position="fixed", **dict(TINY))
+
+
 def test_the_encoder_sees_the_visible_tokens_only():
     model = build_vivit_mae(PatchSpec(4, 16, 16), mask_ratio=0.75, **dict(TINY))
     # 2 x 4 x 4 tubelets, 16 spatial positions, 4 kept: the first block attends over 2 x 4 tokens, not 32.
