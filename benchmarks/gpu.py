@@ -124,9 +124,10 @@ def on_device(strategy, dataset, count: int) -> list:
     device (`strategy.run` of an identity runs where the replica runs; its outputs stay there)."""
     import tensorflow as tf
 
-    copy = tf.function(lambda batch: strategy.run(lambda b: tf.nest.map_structure(tf.identity, b), args=(batch,)))
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    return [copy(next(iterator)) for _ in range(count)]
+    batches, iterator = [], iter(strategy.experimental_distribute_dataset(dataset))
+    for _ in range(count):
+        batches.append(strategy.run(lambda b: tf.nest.map_structure(tf.identity, b), args=(next(iterator),)))
+    return batches
 
 
 def measure(name: str, data: str, args, strategy) -> dict:
