@@ -2,19 +2,23 @@
 ViT (`--task pretrain`, `vivit`) fed by the real input pipeline vs the same batches cached, and GPU utilisation.
 
 For each model, set up as `stp train` does (`setup.compile_model` under `setup.make_strategy("auto")`:
-MirroredStrategy over the GPUs, mixed precision on GPUs, XLA), `fit` runs rounds that alternate:
+MirroredStrategy over the GPUs, mixed precision on GPUs, XLA), rounds alternate the same compiled train
+step (Keras's own: `strategy.run(model.train_step)` in one `tf.function`, XLA when the model compiles with
+it) fed two ways:
 
-  streamed: `make_dataset(training=True, ..., repeat=True)` with the task's element and augmentation,
-            reading, decoding and augmenting while the model trains;
-  cached:   the first `--steps` batches of that same pipeline, held in memory (`Dataset.cache()`, filled
-            before timing): feeding costs nothing but the copy to the device, which both ways pay.
+  streamed: the next batch of `make_dataset(training=True, ..., repeat=True)` with the task's element and
+            augmentation, distributed as `fit` distributes it (`experimental_distribute_dataset`): reading,
+            decoding, augmenting and the copy to the device happen while the model trains;
+  cached:   the first `--steps` batches of that same pipeline, materialised once per replica on the
+            replica's own device (a `strategy.run` identity: the tensors live in device memory), then fed
+            in turn: feeding costs nothing, not even the host-to-device copy.
 
 streamed / cached is the input-bound ratio (goal >= 0.95: the input never holds the accelerator back).
-While the streamed fits run, `nvidia-smi` is sampled every 0.2 s for the GPU's utilisation (n/a without
+While the streamed steps run, `nvidia-smi` is sampled every 0.2 s for the GPU's utilisation (n/a without
 it). `--smoke` runs tiny sizes on any machine, CPU included (the test of this script).
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/gpu.py [--smoke] [--models stcnn,r2plus1d,pretrain]
-     [--batch 32] [--steps 20] [--rounds 3]
+     [--batch 32] [--steps 20] [--rounds 3] [--devices N]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +41,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import numpy as np  # noqa: E402
 
-from train_input import fit_steps_per_second  # noqa: E402  (benchmarks/train_input.py)
+from train_input import benchmark_config  # noqa: E402  (benchmarks/train_input.py)
 
 MODELS = {  # name -> (task, model, model options for full size, for --smoke)
     "stcnn": ("classify", "stcnn", {}, {"filters": 4}),
@@ -87,18 +92,56 @@ def write_data(root: str, shape, count: int) -> str:
     return root
 
 
+def train_step(model, strategy):
+    """Keras's own step as `fit` compiles it: `strategy.run(model.train_step)`, the losses reduced, one
+    `tf.function` (XLA when the model was compiled with `jit_compile`); it returns the reduced logs."""
+    import tensorflow as tf
+
+    def one_step(data):
+        outputs = strategy.run(model.train_step, args=(data,))
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
+
+    return tf.function(one_step, jit_compile=bool(model.jit_compile), reduce_retracing=True)
+
+
+def steps_per_second(step, feed, steps: int, skip: int = 2) -> float:
+    """Steps/s of `step(feed())` over `steps` steps after `skip` untimed ones; each end waits for the device
+    (a reduced loss read back), so the steps that were queued are counted where they ran."""
+    def run(n):
+        logs = None
+        for _ in range(n):
+            logs = step(feed())
+        float(np.asarray(next(iter(logs.values()))))
+
+    run(skip)
+    started = time.perf_counter()
+    run(steps)
+    return steps / (time.perf_counter() - started)
+
+
+def on_device(strategy, dataset, count: int) -> list:
+    """The first `count` distributed batches of `dataset`, each replica's part materialised on that replica's
+    device (`strategy.run` of an identity runs where the replica runs; its outputs stay there)."""
+    import tensorflow as tf
+
+    batches, iterator = [], iter(strategy.experimental_distribute_dataset(dataset))
+    for _ in range(count):
+        batches.append(strategy.run(lambda b: tf.nest.map_structure(tf.identity, b), args=(next(iterator),)))
+    return batches
+
+
 def measure(name: str, data: str, args, strategy) -> dict:
     import keras
+    import tensorflow as tf
 
     from stpkeras import pipeline
-    from stpkeras.setup import TrainConfig, compile_model
+    from stpkeras.setup import compile_model
     from stpkeras.tasks import get_task
 
     task_name, model_name, full, smoke = MODELS[name]
     gpu = bool(strategy.extended.worker_devices and "GPU" in strategy.extended.worker_devices[0])
-    config = TrainConfig(data=data, out=os.devnull, task=task_name, model=model_name,
-                         model_options=tuple((smoke if args.smoke else full).items()), batch_size=args.batch,
-                         mixed_precision=gpu, jit=gpu, seed=0)
+    config = benchmark_config(data, os.devnull, task_name, model_name, smoke if args.smoke else full, args.batch,
+                              seed=0, accelerator=gpu)
     info = pipeline.load_info(data)
     task = get_task(task_name).for_data(info)
     labels = tuple(task.class_names(info))
@@ -112,24 +155,26 @@ def measure(name: str, data: str, args, strategy) -> dict:
                                      augment=None if element is not None else config.augment, element_fn=element,
                                      seed=0, repeat=True)
 
-    cached = streamed().take(args.steps).cache()
-    for _ in cached:
-        pass
-    cached, stream = cached.repeat(), streamed()
-    for ds in (stream, cached):  # trace the step, fill the buffers
-        model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
+    model.fit(streamed(), steps_per_epoch=2, epochs=1, verbose=0)   # builds the optimizer's variables
+    step = train_step(model, strategy)
+    cached = on_device(strategy, streamed(), args.steps)
+    stream = iter(strategy.experimental_distribute_dataset(streamed()))
+    turn = iter(range(1 << 62))
+    feeds = {"streamed": lambda: next(stream), "cached": lambda: cached[next(turn) % len(cached)]}
     rates = {"streamed": [], "cached": []}
     utilisation = Utilisation()
     for _ in range(args.rounds):
         with utilisation:
-            rates["streamed"].append(fit_steps_per_second(model, stream, args.steps)[0])
-        rates["cached"].append(fit_steps_per_second(model, cached, args.steps)[0])
+            rates["streamed"].append(steps_per_second(step, feeds["streamed"], args.steps))
+        rates["cached"].append(steps_per_second(step, feeds["cached"], args.steps))
     ratios = [a / b for a, b in zip(rates["streamed"], rates["cached"])]
+    placed = sorted({t.device for part in strategy.experimental_local_results(cached[0])
+                     for t in tf.nest.flatten(part)})
     global_batch = args.batch * strategy.num_replicas_in_sync
     streamed_rate, cached_rate = statistics.median(rates["streamed"]), statistics.median(rates["cached"])
     return {"model": f"{name} ({model_name}, {model.count_params():,} parameters)", "streamed": streamed_rate,
             "cached": cached_rate, "clips": streamed_rate * global_batch, "ratio": statistics.median(ratios),
-            "range": (min(ratios), max(ratios)), "gpu": utilisation.describe()}
+            "range": (min(ratios), max(ratios)), "gpu": utilisation.describe(), "placed": placed}
 
 
 def main() -> int:
@@ -139,6 +184,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="per replica (default 32; 4 with --smoke)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (default 20; 3 with --smoke)")
     parser.add_argument("--rounds", type=int, default=None, help="streamed/cached rounds (default 3; 1 with --smoke)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="the first N GPUs, or N logical CPU devices without one (as `stp train --devices`)")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.smoke else 32)
     args.steps = args.steps or (3 if args.smoke else 20)
@@ -150,8 +197,9 @@ def main() -> int:
         return 2
     import tensorflow as tf
 
-    from stpkeras.setup import make_strategy
+    from stpkeras.setup import configure_devices, make_strategy
 
+    configure_devices(args.devices)
     strategy = make_strategy("auto")
     shape = (4, 16, 16, 3) if args.smoke else (16, 112, 112, 3)
     work = tempfile.mkdtemp(prefix="stp-bench-gpu-")
@@ -170,7 +218,9 @@ def main() -> int:
     for r in rows:
         print(f"| {r['model']} | {r['streamed']:.2f} | {r['cached']:.2f} | {r['clips']:.0f} | {r['ratio']:.3f} "
               f"({r['range'][0]:.2f}-{r['range'][1]:.2f}) | {r['gpu']} |")
-    print("\ngoal: streamed / cached >= 0.95 (the input pipeline never holds the accelerator back)")
+    print(f"\ncached batches held on: {', '.join(sorted({d for r in rows for d in r['placed']}))} "
+          f"(the replicas' devices: {', '.join(devices)})")
+    print("goal: streamed / cached >= 0.95 (the input pipeline never holds the accelerator back)")
     return 0
 
 

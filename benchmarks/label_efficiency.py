@@ -1,23 +1,29 @@
 """Benchmark: does pretraining without labels pay when labels are few? Accuracy with 10%, 25% and 100% of the
 labels, from scratch, after `--task embed` and after `--task pretrain`, in one run.
 
-Data: the motion patches the tests build (a random texture moving 2 pixels a frame right, left, down or up;
-4 classes that differ only by motion, so one frame tells nothing), written as converted folders
-(`tests/converted.py`). The pretraining runs see every training patch, without labels; each fine-tuning
-run sees a fraction of them with labels (the same subset for every start), `vivit` with the same options
-throughout, the backbone trained at the head's rate (`--init-from`, no freezing). Every fine-tuning run takes
-the same number of optimizer steps (`--epochs` x the full split's steps), so fewer labels do not also mean
-fewer steps. Accuracy is the best validation accuracy (the validation split is the same for all rows);
-wall time is fine-tuning alone, pretraining is timed on its own line. Rows are means over `--seeds`.
+Data: real footage with a known camera pan. Frames of the sample videos (`--videos`, default
+../shared/data/videos: bikes, Big Buck Bunny, tree, Megamind), scaled to a short side of 32, and a 16x16 window
+that moves 2 pixels a frame right, left, down or up over one of them for 8 frames: 4 classes that differ only by
+motion (one frame tells nothing), on real textures, edges and faces that a masked autoencoder can learn to
+rebuild. Training patches come from the first 70% of each video's frames, validation patches from the last 30%.
+The patches are written as converted folders (`tests/converted.py`). The pretraining runs see every training
+patch of the pool without labels; each fine-tuning run sees a fraction of them with labels (the same subset for
+every start), `vivit` with the same options throughout, the backbone trained at the head's rate (`--init-from`,
+no freezing). Masked autoencoding hides `--mask-ratio` 0.75 of the 4x4 tubelet positions (0.9, the task's
+default, would leave 2 of 16 visible). Every fine-tuning run takes the same number of optimizer steps
+(`--epochs` x `--pool` / batch: the labelled subset is repeated to `--pool` records), so fewer labels do not
+also mean fewer steps, and so about the same wall time. Accuracy is the best validation accuracy (the validation
+split is the same for all rows); wall time is fine-tuning alone, pretraining is timed on its own line. Rows are
+means over `--seeds`, with the range.
 
-Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1]
-     [--pool 1024] [--val 256] [--epochs 6] [--pretrain-epochs 20]
+Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1] [--videos DIR]
+     [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import glob
 import os
 import shlex
 import statistics
@@ -32,42 +38,79 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import numpy as np  # noqa: E402
 
-SHAPE = (4, 16, 16, 3)
+from train_input import benchmark_config  # noqa: E402  (benchmarks/train_input.py)
+
+SHAPE = (8, 16, 16, 3)
 CLASSES = ("right", "left", "down", "up")
 STEP = {"right": (0, 2), "left": (0, -2), "down": (2, 0), "up": (-2, 0)}
 VIVIT = (("tubelet", (2, 4, 4)), ("dim", 32), ("depth", 2), ("heads", 2), ("mlp_dim", 64))
 FRACTIONS = (0.1, 0.25, 1.0)
 BATCH = 16
+DEFAULT_VIDEOS = os.path.join(HERE, "..", "..", "shared", "data", "videos")
+SHORT_SIDE = 32
 
 
-def motion_items(n: int, seed: int):
-    """`n` patches `uint8 [4, 16, 16, 3]`, class i % 4: a smoothed random texture shifted by the class's step
-    each frame (cyclic), its brightness and contrast random."""
+def video_frames(videos: str, every: int = 3) -> list:
+    """Per video of the folder: every `every`-th frame, RGB scaled (area averaging) to a short side of 32."""
+    import av
+    from PIL import Image
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(videos, "*.*"))):
+        if path.endswith((".md", ".txt")):
+            continue
+        frames = []
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % every == 0:
+                    image = frame.to_image()
+                    scale = SHORT_SIDE / min(image.size)
+                    size = (max(SHORT_SIDE, round(image.width * scale)), max(SHORT_SIDE, round(image.height * scale)))
+                    frames.append(np.asarray(image.resize(size, Image.BOX), np.uint8))
+        out.append(frames)
+    return out
+
+
+def pan_items(frames: list, n: int, part: str, seed: int):
+    """`n` patches `uint8 [8, 16, 16, 3]`, class i % 4: a window panning 2 pixels a frame over one real frame,
+    at a random video, frame (the first 70% of each video's frames for `part` 'train', the rest for 'val')
+    and start."""
     rng = np.random.default_rng(seed)
+    t, h, w = SHAPE[:3]
     items = []
     for i in range(n):
         label = i % len(CLASSES)
-        texture = rng.random((16, 16, 3))
-        texture = (texture + np.roll(texture, 1, 0) + np.roll(texture, 1, 1)) / 3
-        texture = rng.uniform(40, 90) + rng.uniform(80, 160) * (texture - texture.min()) / np.ptp(texture)
+        video = int(rng.integers(len(frames)))
+        cut = int(0.7 * len(frames[video]))
+        pool = frames[video][:cut] if part == "train" else frames[video][cut:]
+        image = pool[int(rng.integers(len(pool)))]
         dy, dx = STEP[CLASSES[label]]
-        frames = [np.roll(texture, (t * dy, t * dx), axis=(0, 1)) for t in range(SHAPE[0])]
-        items.append((np.clip(frames, 0, 255).astype(np.uint8), label, f"v{i // 8}.mp4"))
+        span_y, span_x = h + abs(dy) * (t - 1), w + abs(dx) * (t - 1)
+        y0 = int(rng.integers(0, image.shape[0] - span_y + 1)) + (abs(dy) * (t - 1) if dy < 0 else 0)
+        x0 = int(rng.integers(0, image.shape[1] - span_x + 1)) + (abs(dx) * (t - 1) if dx < 0 else 0)
+        patch = np.stack([image[y0 + k * dy:y0 + k * dy + h, x0 + k * dx:x0 + k * dx + w] for k in range(t)])
+        items.append((patch, label, f"v{video}-{i // 8}.mp4"))
     return items
 
 
-def write_data(work: str, pool: int, val: int, seed: int) -> dict:
+def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain_passes: int) -> dict:
     """{fraction: converted folder}: the same validation split; the first fraction x `pool` training patches
-    of one shuffled order (each class equally often), so a smaller subset is inside a larger one."""
+    of one shuffled order (each class equally often), so a smaller subset is inside a larger one, repeated to
+    `pool` records (an epoch is the same number of steps for every fraction: fewer epochs, so less of the
+    per-epoch work of a run, its checkpoints, figures and validation); under 'unlabelled', the pool repeated
+    `pretrain_passes` times for the pretraining runs (one epoch)."""
     from converted import write_converted
 
-    train, held = motion_items(pool, 1000 + seed), motion_items(val, 2000)
+    train, held = pan_items(frames, pool, "train", 1000 + seed), pan_items(frames, val, "val", 2000)
     order = np.random.default_rng(seed).permutation(pool)
     folders = {}
     for fraction in FRACTIONS:
         subset = [train[i] for i in sorted(order[:max(BATCH, int(round(fraction * pool)))])]
         folders[fraction] = os.path.join(work, f"data-{int(fraction * 100)}")
-        write_converted(folders[fraction], {"train": subset, "val": held}, CLASSES, shards=1)
+        write_converted(folders[fraction], {"train": [subset[i % len(subset)] for i in range(pool)], "val": held},
+                        CLASSES, shards=1)
+    folders["unlabelled"] = os.path.join(work, "unlabelled")
+    write_converted(folders["unlabelled"], {"train": train * pretrain_passes}, CLASSES, shards=1)
     return folders
 
 
@@ -81,44 +124,52 @@ def run(config) -> tuple:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="pool 384, val 128, 4 epochs, 8 pretraining epochs")
+    parser.add_argument("--quick", action="store_true", help="pool 128, val 64, 3 epochs, 8 pretraining passes")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--videos", default=DEFAULT_VIDEOS, help="folder of real videos (default the samples)")
     parser.add_argument("--pool", type=int, default=1024)
     parser.add_argument("--val", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs of the full split")
-    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of `--pool` records")
+    parser.add_argument("--pretrain-epochs", type=int, default=40, help="pretraining passes over the pool")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
     args = parser.parse_args()
     if args.quick:
-        args.pool, args.val, args.epochs, args.pretrain_epochs = 384, 128, 4, 8
-    from stpkeras.setup import TrainConfig
+        args.pool, args.val, args.epochs, args.pretrain_epochs = 128, 64, 3, 8
+    if not glob.glob(os.path.join(args.videos, "*.*")):
+        print(f"--videos {args.videos}: no videos there (expected the sample videos, ../shared/data/videos)",
+              file=sys.stderr)
+        return 2
+    print("command:", shlex.join(["TF_CPP_MIN_LOG_LEVEL=2", "python", "benchmarks/label_efficiency.py",
+                                  *sys.argv[1:]]))
+    print(f"data: {args.pool} training patches {SHAPE} (4 pan directions over real frames), {args.val} validation; "
+          f"vivit {dict(VIVIT)}, batch {BATCH}; fine-tuning {args.epochs} x {args.pool // BATCH} steps, "
+          f"pretraining {args.pretrain_epochs} x {args.pool // BATCH} steps", flush=True)
+    frames = video_frames(args.videos)
 
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print(f"data: {args.pool} training patches {SHAPE} (4 motion classes), {args.val} validation; vivit "
-          f"{dict(VIVIT)}, batch {BATCH}; fine-tuning {args.epochs} x {args.pool // BATCH} steps, "
-          f"pretraining {args.pretrain_epochs} epochs")
-    common = dict(model="vivit", model_options=VIVIT, batch_size=BATCH, verbose=0, shuffle_buffer=1024,
-                  deterministic=False)
+    def config(data, out, task, seed, epochs, **overrides):
+        return benchmark_config(data, out, task, "vivit", VIVIT, BATCH, seed, lr=args.lr, epochs=epochs,
+                                shuffle_buffer=1024, **overrides)
+
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for seed in (int(s) for s in args.seeds.split(",")):
-            folders = write_data(os.path.join(work, f"seed{seed}"), args.pool, args.val, seed)
+            folders = write_data(os.path.join(work, f"seed{seed}"), frames, args.pool, args.val, seed,
+                                 args.pretrain_epochs)
             starts = {"scratch": None}
             for task in ("embed", "pretrain"):
                 out = os.path.join(work, f"seed{seed}", task)
-                record, seconds = run(TrainConfig(data=folders[1.0], out=out, task=task, epochs=args.pretrain_epochs,
-                                                  lr=args.lr, seed=seed, val_split="none", **common))
+                options = (("mask_ratio", args.mask_ratio),) if task == "pretrain" else ()
+                record, seconds = run(config(folders["unlabelled"], out, task, seed, 1, val_split="none",
+                                             task_options=options))
                 print(f"seed {seed}: --task {task}: {seconds:.0f} s, final loss "
                       f"{record['metrics']['final']['loss']:.3f}", flush=True)
                 starts[task] = out
-            full_steps = args.pool // BATCH
             for fraction in FRACTIONS:
-                steps = max(1, int(round(fraction * args.pool)) // BATCH)
-                epochs = math.ceil(args.epochs * full_steps / steps)
                 for start, source in starts.items():
                     out = os.path.join(work, f"seed{seed}", f"{start}-{int(fraction * 100)}")
-                    record, seconds = run(TrainConfig(data=folders[fraction], out=out, epochs=epochs, lr=args.lr,
-                                                      seed=seed, augment=(), init_from=source, **common))
+                    record, seconds = run(config(folders[fraction], out, "classify", seed, args.epochs, augment=(),
+                                                 init_from=source))
                     accuracy = record["metrics"]["best"]["val_accuracy"]
                     results.setdefault((fraction, start), []).append((accuracy, seconds))
                     print(f"seed {seed}: {fraction:.0%} labels, {start}: val accuracy {accuracy:.3f}, "

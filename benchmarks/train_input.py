@@ -41,6 +41,18 @@ import pipeline as pipeline_bench  # noqa: E402  (benchmarks/pipeline.py: the co
 BATCH = pipeline_bench.BATCH
 
 
+def benchmark_config(data: str, out: str, task: str, model: str, model_options, batch_size: int, seed: int,
+                     accelerator: bool = False, **overrides):
+    """The `TrainConfig` of a benchmark's training run, as `stp train` would make it: quiet, seeded, mixed
+    precision and XLA on an accelerator (`gpu.py`, `label_efficiency.py`); `overrides` are other fields."""
+    from stpkeras.setup import TrainConfig
+
+    settings = dict(task=task, model=model, model_options=tuple(dict(model_options).items()), batch_size=batch_size,
+                    seed=seed, verbose=0, mixed_precision=accelerator, jit=accelerator)
+    settings.update(overrides)
+    return TrainConfig(data=data, out=out, **settings)
+
+
 def fit_steps_per_second(model, dataset, steps: int, skip: int = 2) -> Tuple[float, float]:
     """Steps/s of `fit` over `steps` steps, after `skip` steps that absorb the start of the dataset's iterator
     (each `fit` call starts a new one: the shuffle buffer refills), and the CPU seconds per step of the

@@ -461,9 +461,10 @@ def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
         schedule = learning_rate(config, total_steps)
         if scales:
             from stpkeras.finetune import ScaledAdamW
-            optimizer = ScaledAdamW(schedule, weight_decay=config.weight_decay, lr_scales=scales)
+            optimizer = ScaledAdamW(schedule, weight_decay=config.weight_decay, beta_2=task.ADAM_BETA_2,
+                                    lr_scales=scales)
         else:
-            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, beta_2=task.ADAM_BETA_2)
         model.compile(optimizer=optimizer, loss=task.loss(), metrics=task.metrics(labels), jit_compile=config.jit)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

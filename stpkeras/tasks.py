@@ -34,6 +34,8 @@ class Task:
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
     # The layers that belong to the task and its labels: always new under `--init-from` (stpkeras.finetune).
     HEAD: ClassVar[Tuple[str, ...]] = ("logits",)
+    # AdamW's second-moment decay for the task's runs (`setup.compile_model`).
+    ADAM_BETA_2: ClassVar[float] = 0.999
 
     def options(self) -> Dict[str, object]:
         """The task's own settings (e.g. enhance's `degrade`, `pixel_loss`), as `get_task` takes them."""
@@ -384,6 +386,8 @@ class Pretrain(Task):
     decoder_depth: int = 1
     # Another pretraining run's decoder is taken too: going on pretraining keeps it.
     HEAD: ClassVar[Tuple[str, ...]] = ()
+    # MAE's and VideoMAE's 0.95: the step follows the changing scale of a transformer's gradients sooner.
+    ADAM_BETA_2: ClassVar[float] = 0.95
 
     def __post_init__(self):
         if not 0.0 < float(self.mask_ratio) < 1.0:

@@ -6,9 +6,11 @@ first layer, and the function `to_unit` for code that needs the same mapping.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from stpkeras import pixel_formats
@@ -53,26 +55,55 @@ class Normalize(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PositionalEmbedding(keras.layers.Layer):
-    """Adds a learned embedding per token position to `[B, N, D]` tokens."""
+    """Adds a learned embedding per token position to `[B, N, D]` tokens.
 
-    def __init__(self, initializer_stddev: float = 0.02, **kwargs):
+    With `grid_shape` `(t, h, w)` (tokens in that order, time first), the embedding starts as the fixed 3-D
+    sine-cosine table of VideoMAE (a third of the channels per axis, `sincos_table`) and is trained from
+    there: from the first step, neighbouring positions have similar embeddings, which a masked autoencoder's
+    decoder needs to place what it rebuilds (from a random start it has to learn the grid first). Without,
+    it starts from a truncated normal of `initializer_stddev`."""
+
+    def __init__(self, initializer_stddev: float = 0.02, grid_shape=None, **kwargs):
         super().__init__(**kwargs)
         if not initializer_stddev > 0:
             raise ValueError("Invalid value for argument `initializer_stddev`. Expected a strictly positive "
                              f"value. Received initializer_stddev={initializer_stddev}")
         self.initializer_stddev = initializer_stddev
+        self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)
 
     def build(self, input_shape):
         _, tokens, dim = input_shape
-        self.embedding = self.add_weight(
-            name="embedding", shape=(tokens, dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=self.initializer_stddev))
+        if self.grid_shape is not None:
+            if math.prod(self.grid_shape) != tokens:
+                raise ValueError("Invalid value for argument `grid_shape`. Expected a grid of as many positions "
+                                 f"as tokens ({tokens}). Received grid_shape={self.grid_shape}")
+            table = sincos_table(self.grid_shape, dim)
+            initializer = lambda shape, dtype=None: ops.convert_to_tensor(table, dtype=dtype)  # noqa: E731
+        else:
+            initializer = keras.initializers.TruncatedNormal(stddev=self.initializer_stddev)
+        self.embedding = self.add_weight(name="embedding", shape=(tokens, dim), initializer=initializer)
 
     def call(self, tokens):
         return tokens + ops.cast(self.embedding, tokens.dtype)[None]
 
     def get_config(self):
-        return {**super().get_config(), "initializer_stddev": self.initializer_stddev}
+        return {**super().get_config(), "initializer_stddev": self.initializer_stddev,
+                "grid_shape": None if self.grid_shape is None else list(self.grid_shape)}
+
+
+def sincos_table(grid_shape, dim: int) -> np.ndarray:
+    """float32 `[t*h*w, dim]`: per axis of the grid `(t, h, w)`, sines and cosines of the position at
+    geometrically spaced frequencies (Vaswani et al.), on a third of the channels each (the rest zero)."""
+    per_axis = (dim // 3) // 2 * 2
+    half = per_axis // 2
+    frequencies = 1.0 / 10000.0 ** (np.arange(half, dtype="float64") / max(half, 1))
+    axes = np.meshgrid(*(np.arange(g, dtype="float64") for g in grid_shape), indexing="ij")
+    parts = []
+    for position in axes:
+        angle = position.reshape(-1, 1) * frequencies[None]
+        parts += [np.sin(angle), np.cos(angle)]
+    table = np.concatenate(parts + [np.zeros((math.prod(grid_shape), dim - 3 * per_axis))], axis=1)
+    return table.astype("float32")
 
 
 def patch_input(spec) -> keras.KerasTensor:

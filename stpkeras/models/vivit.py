@@ -44,23 +44,35 @@ def _check(spec, tubelet, dim, depth, heads, mlp_dim, dropout):
     return tubelet, dim, depth, heads, mlp_dim, layers.check_rate(dropout)
 
 
-def _tokens(spec, inputs, tubelet, dim):
+POSITIONS = ("sincos", "learned")
+
+
+def _position(position: str, grid_shape, name: str):
+    """The positional embedding layer: trained either way, starting from the sine-cosine table of the grid
+    (`sincos`, VideoMAE's) or from small random values (`learned`, ViViT's)."""
+    if position not in POSITIONS:
+        raise ValueError(f"Invalid value for argument `position`. Expected one of {POSITIONS}. "
+                         f"Received position={position!r}")
+    return layers.PositionalEmbedding(grid_shape=grid_shape if position == "sincos" else None, name=name)
+
+
+def _tokens(spec, inputs, tubelet, dim, position="sincos"):
     """uint8 patches -> (tokens with their positions `[B, t*h*w, dim]`, RGB in [-1, 1] `[B, T, H, W, 3]`)."""
     pixels = layers.normalize(spec, inputs)
     x = keras.layers.Conv3D(dim, tubelet, strides=tubelet, padding="valid", name="tubelets")(pixels)
-    tokens = x.shape[1] * x.shape[2] * x.shape[3]
-    x = keras.layers.Reshape((tokens, dim), name="tokens")(x)
-    return layers.PositionalEmbedding(name="position")(x), pixels
+    grid_shape = tuple(x.shape[1:4])
+    x = keras.layers.Reshape((math.prod(grid_shape), dim), name="tokens")(x)
+    return _position(position, grid_shape, "position")(x), pixels
 
 
 def build_vivit(spec, num_classes: int, *, tubelet=(2, 8, 8), dim: int = 128, depth: int = 4, heads: int = 4,
-                mlp_dim: int = 256, dropout: float = 0.0, name: str = "vivit") -> keras.Model:
+                mlp_dim: int = 256, dropout: float = 0.0, position: str = "sincos", name: str = "vivit") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> logits. The tubelet is clipped to the patch; the rest of an axis
     that the tubelet does not divide is ignored (valid padding)."""
     num_classes = layers.check_classes(num_classes)
     tubelet, dim, depth, heads, mlp_dim, dropout = _check(spec, tubelet, dim, depth, heads, mlp_dim, dropout)
     inputs = layers.patch_input(spec)
-    x, _ = _tokens(spec, inputs, tubelet, dim)
+    x, _ = _tokens(spec, inputs, tubelet, dim, position)
     for i in range(depth):
         x = encoder_block(x, dim, heads, mlp_dim, dropout, f"encoder{i}")
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_ln")(x)
@@ -196,7 +208,7 @@ class FillMasked(keras.layers.Layer):
 
 def build_vivit_mae(spec, *, mask_ratio: float = 0.9, decoder_dim: int = 64, decoder_depth: int = 1,
                     tubelet=(2, 8, 8), dim: int = 128, depth: int = 4, heads: int = 4, mlp_dim: int = 256,
-                    dropout: float = 0.0, seed=None, name: str = "vivit_mae") -> keras.Model:
+                    dropout: float = 0.0, position: str = "sincos", seed=None, name: str = "vivit_mae") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> float32 `[B, N, 2P + 1]` (output layer 'reconstruction'), per token of the
     tubelet grid (N = t*h*w, P = pt*ph*pw*3): the decoder's prediction of the tubelet's normalised pixels,
     the target (`Tubelets`), and 1 where the tubelet was hidden from the encoder (`MaskedPixelLoss` reads
@@ -207,14 +219,14 @@ def build_vivit_mae(spec, *, mask_ratio: float = 0.9, decoder_dim: int = 64, dec
     decoder_heads = math.gcd(decoder_dim, heads)
     grid_shape = grid(spec, tubelet)
     inputs = layers.patch_input(spec)
-    tokens, pixels = _tokens(spec, inputs, tubelet, dim)
+    tokens, pixels = _tokens(spec, inputs, tubelet, dim, position)
     x, keep = TubeMask(grid_shape, mask_ratio, seed=seed, name="tube_mask")(tokens)
     for i in range(depth):
         x = encoder_block(x, dim, heads, mlp_dim, dropout, f"encoder{i}")
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_ln")(x)
     x = keras.layers.Dense(decoder_dim, name="decoder_embed")(x)
     x, hidden = FillMasked(grid_shape, name="decoder_fill")([x, keep])
-    x = layers.PositionalEmbedding(name="decoder_position")(x)
+    x = _position(position, grid_shape, "decoder_position")(x)
     for i in range(decoder_depth):
         x = encoder_block(x, decoder_dim, decoder_heads, 2 * decoder_dim, 0.0, f"decoder{i}")
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="decoder_ln")(x)
