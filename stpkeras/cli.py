@@ -482,7 +482,15 @@ def _model_args(ctx, param, values):
               help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs (default 10; with --minutes, the most epochs: default no cap that matters).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
+              help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
+                   "sessions included), stopping at an epoch boundary; the learning-rate schedule spans the "
+                   "steps the budget holds. run.json records the budget.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Steps per epoch (default: the training patches // the global batch); short epochs give "
+                   "--minutes finer stopping points and large data more frequent checkpoints.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Patches per replica; the global batch is this x replicas.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -555,7 +563,8 @@ def _model_args(ctx, param, values):
               metavar="F", help="With --init-from: the backbone's learning rate is --lr x F.")
 @click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
               help="With --init-from, vivit: each transformer block below the head learns at F x the one above.")
-def train_command(data, out, model_name, model_args, epochs, batch_size, lr, schedule, warmup, weight_decay, augment,
+def train_command(data, out, model_name, model_args, epochs, minutes, steps_per_epoch, batch_size, lr, schedule, warmup,
+                  weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
                   multi_label, mask_ratio, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
@@ -582,8 +591,10 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
             raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
                                                   ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
+        if epochs is None:
+            epochs = 10 if minutes is None else 1000
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
-                             task=task, task_options=task_options,
+                             minutes=minutes, steps_per_epoch=steps_per_epoch, task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
                              augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
@@ -597,6 +608,10 @@ def train_command(data, out, model_name, model_args, epochs, batch_size, lr, sch
         run = train(config, echo=click.echo)
     metrics = run["metrics"]
     best = metrics.get("best", {})
+    budget = run.get("budget")
+    if budget:
+        click.echo(f"budget {budget['minutes']:g} min: {budget['train_seconds'] / 60:.1f} min of training, "
+                   f"stopped by the {'budget' if budget['stopped'] == 'budget' else 'epoch cap'}")
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
                + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
                            if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim",
