@@ -51,18 +51,8 @@ def write_csv(path: str, rows) -> str:
 
 def decoded(path: str) -> tuple:
     """All frames the converter's decoder gives for `path` (uint8 [N, H, W, 3]) and its declared rate."""
-    from tfrecords_tools.spec import PatchSpec
-    from tfrecords_tools.video import FrameStream, Replan, make_plan, probe
-
-    info = probe(path)
-    spec = PatchSpec(1, 1, 1)
-    plan = make_plan(info, spec)
-    for _ in range(3):
-        try:
-            return np.stack([f for f, _ in FrameStream(info, spec, plan)]), info.rate
-        except Replan as e:
-            plan = e.plan
-    raise RuntimeError(f"{path}: frame count unstable")
+    from tfrecords_tools.video import read_frames
+    return read_frames(path)
 
 
 def write_frames(path: str, frames: np.ndarray, fps: float, *, lossless: bool, crf: int = 18) -> str:

@@ -543,10 +543,11 @@ def _model_args(ctx, param, values):
                    "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
                    "segment: a class per voxel (data with masks) or per frame (data with intervals), unet3d; "
                    "stabilize: camera motion between frames from patches shaken on the fly, for `stp stabilize`.")
-@click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
+@click.option("--degrade", multiple=True, metavar="KIND[:PARAM]", callback=_degrade_option,
               help="enhance: a degradation applied on the fly, repeatable: noise:25 (Gaussian sigma, 0-255), "
                    "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
-                   "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
+                   "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). A kind alone draws from its default "
+                   "range (noise: 0-50, level-blind), the recommended recipe. Not needed for paired data.")
 @click.option("--loss", "loss", type=click.Choice(["l1", "l2", "mse", "huber"]), default=None,
               help="enhance: the pixel loss, l1 (default) or l2; regress: mse (default) or huber (delta: one "
                    "standard deviation of the training values).")
