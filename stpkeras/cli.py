@@ -491,10 +491,10 @@ def _model_args(ctx, param, values):
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
                    "--minutes finer stopping points and large data more frequent checkpoints.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Patches per replica; the global batch is this x replicas.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per replica; the global batch is this x replicas (default 32; 8 for --task enhance).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (AdamW; default 1e-3; 2e-3 for --task enhance).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning-rate schedule over all steps.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,

@@ -10,7 +10,7 @@ alone: its default range (`DEFAULTS`), so that the model is blind to the level
 | `noise` | sigma, 0-255 units | 0-50 | additive white Gaussian noise |
 | `poisson` | peak: photons at full white | 5-100 | shot noise, `Poisson(peak * x) / peak` (lower = noisier) |
 | `blur` | sigma in pixels | 0.5-2 | spatial Gaussian blur of every frame |
-| `motion` | length in pixels | 1-9 | linear motion blur along one direction (drawn per patch), the same in every frame |
+| `motion` | length in pixels | 1-9 | linear motion blur, one direction drawn per patch, the same in every frame |
 | `jpeg` | quality 1-100 | 10-60 | every frame JPEG-compressed at that quality (`tf.image.adjust_jpeg_quality`) |
 | `flicker` | amplitude | 0-0.2 | brightness gain `1 + a_t`, `a_t` drawn per frame in `[-A, A]` |
 

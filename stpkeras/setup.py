@@ -30,8 +30,9 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     """Everything one training run needs; `stp train` builds it from its options.
 
-    `model` and `augment` left None are the task's defaults (`stpkeras.tasks`: dncnn3d and flip for
-    enhance, unet3d for segment, stcnn otherwise); `task_options` are completed with the task's defaults.
+    `model`, `augment`, `batch_size` and `lr` left None are the task's defaults (`stpkeras.tasks`:
+    dncnn3d, flip, batch 8 and lr 2e-3 for enhance, unet3d for segment, stcnn, 32 and 1e-3 otherwise);
+    `task_options` are completed with the task's defaults.
     The config holds the resolved values, and run.json records them.
     """
 
@@ -44,8 +45,8 @@ class TrainConfig:
     epochs: int = 10              # with `minutes`: the most epochs (`stpkeras.budget`)
     minutes: Optional[float] = None   # a training time budget: stop at the last epoch boundary within it
     steps_per_epoch: Optional[int] = None   # None: the training records // the global batch
-    batch_size: int = 32          # per replica; the global batch is this x replicas
-    lr: float = 1e-3              # peak learning rate (AdamW)
+    batch_size: Optional[int] = None   # per replica; the global batch is this x replicas (None: the task's)
+    lr: Optional[float] = None         # peak learning rate (AdamW; None: the task's)
     schedule: str = "cosine"
     weight_decay: float = 1e-4
     warmup: float = 0.05          # fraction of all steps over which the learning rate rises linearly from 0
@@ -77,6 +78,11 @@ class TrainConfig:
         def bad(name, expected):
             raise ValueError(f"Invalid value for argument `{name}`. Expected {expected}. "
                              f"Received {name}={getattr(self, name)!r}")
+        task_class = type(get_task(self.task, {}))
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
+        if self.lr is None:
+            object.__setattr__(self, "lr", task_class.DEFAULT_LR)
         for name in ("epochs", "batch_size", "shuffle_buffer"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "a strictly positive integer")

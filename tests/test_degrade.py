@@ -43,7 +43,8 @@ def test_parse_degrade_values_ranges_order_and_errors():
     # A kind alone: its default range, drawn per patch (level-blind training).
     assert degrade.parse_degrade("noise") == (degrade.Degradation("noise", 0.0, 50.0),)
     assert degrade.describe(degrade.parse_degrade(["jpeg", "blur"])) == ("blur:0.5-2", "jpeg:10-60")
-    for bad, match in (("noise:", "KIND:PARAM"), ("fog", "Expected a kind"), ("fog:3", "Expected a kind"), ("noise:40-10", "LOW <= HIGH"),
+    for bad, match in (("noise:", "KIND:PARAM"), ("fog", "Expected a kind"), ("fog:3", "Expected a kind"),
+                       ("noise:40-10", "LOW <= HIGH"),
                        ("jpeg:0", "within"), ("noise:5,noise:6", "at most once"), ("jpeg:10.5", "integer")):
         with pytest.raises(ValueError, match=match):
             degrade.parse_degrade(bad)
