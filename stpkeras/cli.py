@@ -121,6 +121,17 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+def _pairs_option(ctx, param, value):
+    """`--pairs CODEC:CRFS` -> its canonical string (`tfrecords_tools.codec`), checked."""
+    if not value:
+        return None
+    from tfrecords_tools.codec import parse_pairs
+    try:
+        return str(parse_pairs(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True, readable=True))
 @click.argument("out", type=click.Path(file_okay=False, writable=True))
@@ -171,6 +182,10 @@ class _ProgressLine:
                    "charades:FOLDER (see docs/conversion.md).")
 @click.option("--fold", type=click.IntRange(1, 3), default=1, show_default=True,
               help="The split fold of --annotations ucf101 or hmdb51.")
+@click.option("--pairs", default=None, metavar="CODEC:CRFS", callback=_pairs_option,
+              help="Make compressed/clean pairs of every (clean) video for --task enhance: h264:23-40 (4 crf levels "
+                   "evenly spaced), h264:30,37 or h264:37; each copy encoded with libx264 as converted (after resize "
+                   "and frame rate), its target the lossless original.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -184,7 +199,7 @@ class _ProgressLine:
                    "temp_location=gs://B/tmp (see the README).")
 def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encoding, quality, compression, shard_size,
             workers, decode_threads, labels, split_fraction, max_pixels, clips_per_video, max_patches_per_video, values,
-            annotations, fold, overwrite, strict, quiet, work_dir, runner, beam_option):
+            annotations, fold, pairs, overwrite, strict, quiet, work_dir, runner, beam_option):
     """Convert videos (a folder of class folders, a flat folder, a CSV, or a folder of videos with
     --annotations) into TFRecords of patches.
 
@@ -196,6 +211,8 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
 
     if beam_option and runner != "beam":
         raise click.BadParameter("needs --runner beam", param_hint="--beam-option")
+    if pairs and runner == "beam":
+        raise click.BadParameter("makes its copies on this machine: use --runner local", param_hint="--pairs")
 
     spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
                      stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
@@ -208,7 +225,7 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
                         work_dir=work_dir, clips_per_video=clips_per_video or 0,
                         max_patches_per_video=max_patches_per_video or 0,
                         values=tuple(x.strip() for x in values.split(",") if x.strip()) if values else (),
-                        annotations=annotations or "", fold=fold)
+                        annotations=annotations or "", fold=fold, pairs=pairs or "")
     if runner == "beam":
         try:
             from tfrecords_tools.beam import beam_options, convert_beam
