@@ -9,7 +9,9 @@ seconds used, epochs and steps run, and why it stopped). `--epochs` then caps th
 that matters), and `--steps-per-epoch` makes epochs short enough for a fine stopping point.
 
 The stopping rule: after each epoch, stop when the next one would end past the budget, predicting it takes
-the mean epoch time of this session (the first epoch always runs). The learning rate follows the run's
+the mean epoch time of this session; and within an epoch (every 50 steps) end it early once the budget is
+spent, so that an epoch longer than the whole budget does not overrun it (that last, shorter epoch is
+recorded as an epoch: `budget.stopped` says "budget, within an epoch"). The learning rate follows the run's
 schedule (warmup, then cosine) over the steps the budget is expected to hold (`BudgetSchedule`): the
 estimate is the steps done plus the whole epochs that still fit at the measured rate, made after 10 and
 50 steps and at every epoch end, so the cosine reaches its floor as the budget runs out. Under
@@ -33,6 +35,7 @@ from stpkeras.saving import PACKAGE
 
 CLOCK = time.monotonic   # seconds; tests replace it with a simulated clock
 ESTIMATE_AT = (10, 50)   # steps of the session after which the total is estimated before the first epoch ends
+CHECK_EVERY = 50         # steps between checks for an epoch that would overrun the budget on its own
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -85,20 +88,28 @@ class Budget:
         """Training seconds of the whole run so far, as every worker agrees on them."""
         return self.agree(self.spent + CLOCK() - self.started)
 
-    def after_step(self) -> None:
-        """Call after every training step (cheap); estimates the total at the first `ESTIMATE_AT` steps."""
+    def after_step(self) -> bool:
+        """Call after every training step (cheap); estimates the total at the first `ESTIMATE_AT` steps.
+        True: the budget is spent in the middle of an epoch (checked every `CHECK_EVERY` steps), end the
+        epoch here (an epoch longer than the whole budget must not overrun it)."""
         self.session_steps += 1
         if self.session_steps == 1:
             self.first_step_done = CLOCK()
         elif self.session_steps in ESTIMATE_AT and self.epochs_run == 0:
             per_step = self.agree(CLOCK() - self.first_step_done) / (self.session_steps - 1)
             self._expect(self.elapsed(), per_step * self.steps)
+        if self.session_steps % CHECK_EVERY == 0 and self.elapsed() >= self.seconds:
+            self.stopped = "budget, within an epoch"
+            return True
+        return False
 
     def after_epoch(self, epochs_done: int) -> bool:
         """Call after every finished epoch (`epochs_done` counts the run's); True: stop here."""
         self.epochs_run += 1
         elapsed = self.elapsed()
         per_epoch = (elapsed - self.spent) / self.epochs_run
+        if self.stopped == "budget, within an epoch":
+            return True
         if epochs_done >= self.cap_epochs:
             self.stopped = "epochs"
             return True

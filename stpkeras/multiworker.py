@@ -130,8 +130,8 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
             m.reset_state()
         for _ in range(run.steps):
             ids = train_step(next(train_batches))
-            if budget is not None:
-                budget.after_step()
+            if budget is not None and budget.after_step():
+                break   # every worker alike (the clock is agreed): the budget ends this epoch here
             if trace is not None:
                 for local in strategy.experimental_local_results(ids):
                     if isinstance(local, tuple):

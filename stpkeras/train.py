@@ -136,7 +136,8 @@ def _budget_callback(budget):
             budget.start()
 
         def on_train_batch_end(self, batch, logs=None):
-            budget.after_step()
+            if budget.after_step():
+                self.model.stop_training = True   # the epoch ends here; on_epoch_end then ends the run
 
         def on_epoch_end(self, epoch, logs=None):
             if budget.after_epoch(epoch + 1):

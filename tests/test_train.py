@@ -304,6 +304,20 @@ def test_budget_schedule_warms_up_then_decays_over_the_expected_steps():
         assert float(schedule.total_steps.numpy()) == 30.0
     finally:
         budget_lib.CLOCK = saved
+    # An epoch longer than the whole budget ends early once the budget is spent (checked every 50 steps).
+    budget = Budget(1.0, 1000, 10, BudgetSchedule(1.0, 0.1, 0.01, total_steps=1000))
+    saved, budget_lib.CLOCK = budget_lib.CLOCK, lambda: clock["t"]
+    try:
+        clock["t"] = 0.0
+        budget.start()
+        stops = []
+        for _ in range(200):   # 0.5 s a step: the 60 s are spent at step 120, seen at the check of step 150
+            clock["t"] += 0.5
+            stops.append(budget.after_step())
+        assert stops.index(True) == 149 and budget.after_epoch(1) is True
+        assert budget.stopped == "budget, within an epoch"
+    finally:
+        budget_lib.CLOCK = saved
     lr = [float(schedule(s)) for s in (0, 1, 3, 15, 30, 40)]
     assert lr[0] == 0.0 and lr[1] == pytest.approx(1 / 3) and lr[2] == pytest.approx(1.0)
     assert lr[3] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 12 / 27)), rel=1e-5)
