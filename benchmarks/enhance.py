@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pair-short-side", type=int, default=0,
                         help="restoration data: frames scaled to this short side before encoding (0: native)")
     parser.add_argument("--skip-denoise", action="store_true")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="bfloat16 on CPUs: only where the CPU has bfloat16 units (AMX, avx512_bf16); on an "
+                             "AVX2-only AMD EPYC a dncnn3d step took 8.2x the CPU time of float32 (docs/benchmarks.md)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the enhance task's (8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--lr", type=float, default=None, help="default: the enhance task's (2e-3)")
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
         config = TrainConfig(data=train_data, out=run_dir, model=args.model, task="enhance",
                              task_options=(("degrade", (args.degrade,)),), epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
-                             mixed_precision=True, seed=0, verbose=2, resume=os.path.exists(run_dir))
+                             mixed_precision=args.mixed_precision, seed=0, verbose=2, resume=os.path.exists(run_dir))
         model = config.model  # the task's default (dncnn3d) unless --model
         done = os.path.join(run_dir, "run.json")
         previous = json.load(open(done)) if os.path.exists(done) else {}
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
         run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, task="enhance",
                                 minutes=args.pair_minutes, epochs=args.epochs, batch_size=args.batch_size,
                                 lr=args.lr, augment=("flip",),
-                                val_split="none", mixed_precision=True, seed=0, verbose=2,
+                                val_split="none", mixed_precision=args.mixed_precision, seed=0, verbose=2,
                                 resume=os.path.exists(pair_run)), echo=log)
         pairs = evaluate(EvalConfig(model=pair_run, data=pair_test, split="test", batch_size=32, baselines=False))
         budget = run.get("budget") or {}
