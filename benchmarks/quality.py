@@ -51,17 +51,8 @@ def log(text: str) -> None:
 def decoded(path: str) -> tuple:
     """The frames the converter's decoder gives for `path`, short side 96 (uint8 [N, H, W, 3]), and its rate."""
     from tfrecords_tools.spec import PatchSpec
-    from tfrecords_tools.video import FrameStream, Replan, make_plan, probe
-
-    info = probe(path)
-    spec = PatchSpec(1, 1, 1, short_side=SIZE[0])
-    plan = make_plan(info, spec)
-    for _ in range(3):
-        try:
-            return np.stack([f for f, _ in FrameStream(info, spec, plan)]), info.rate
-        except Replan as e:
-            plan = e.plan
-    raise RuntimeError(f"{path}: frame count unstable")
+    from tfrecords_tools.video import read_frames
+    return read_frames(path, PatchSpec(1, 1, 1, short_side=SIZE[0]))
 
 
 def clips_of(frames: np.ndarray, count: int) -> list:

@@ -121,6 +121,17 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+def _pairs_option(ctx, param, value):
+    """`--pairs CODEC:CRFS` -> its canonical string (`tfrecords_tools.codec`), checked."""
+    if not value:
+        return None
+    from tfrecords_tools.codec import parse_pairs
+    try:
+        return str(parse_pairs(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True, readable=True))
 @click.argument("out", type=click.Path(file_okay=False, writable=True))
@@ -171,6 +182,10 @@ class _ProgressLine:
                    "charades:FOLDER (see docs/conversion.md).")
 @click.option("--fold", type=click.IntRange(1, 3), default=1, show_default=True,
               help="The split fold of --annotations ucf101 or hmdb51.")
+@click.option("--pairs", default=None, metavar="CODEC:CRFS", callback=_pairs_option,
+              help="Make compressed/clean pairs of every (clean) video for --task enhance: h264:23-40 (4 crf levels "
+                   "evenly spaced), h264:30,37 or h264:37; each copy encoded with libx264 as converted (after resize "
+                   "and frame rate), its target the lossless original.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -184,7 +199,7 @@ class _ProgressLine:
                    "temp_location=gs://B/tmp (see the README).")
 def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encoding, quality, compression, shard_size,
             workers, decode_threads, labels, split_fraction, max_pixels, clips_per_video, max_patches_per_video, values,
-            annotations, fold, overwrite, strict, quiet, work_dir, runner, beam_option):
+            annotations, fold, pairs, overwrite, strict, quiet, work_dir, runner, beam_option):
     """Convert videos (a folder of class folders, a flat folder, a CSV, or a folder of videos with
     --annotations) into TFRecords of patches.
 
@@ -196,6 +211,8 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
 
     if beam_option and runner != "beam":
         raise click.BadParameter("needs --runner beam", param_hint="--beam-option")
+    if pairs and runner == "beam":
+        raise click.BadParameter("makes its copies on this machine: use --runner local", param_hint="--pairs")
 
     spec = PatchSpec(*patch, stride_frames=stride[0] if stride else None,
                      stride_height=stride[1] if stride else None, stride_width=stride[2] if stride else None,
@@ -208,7 +225,7 @@ def convert(src, out, patch, stride, fps, resize, short_side, pad, pixels, encod
                         work_dir=work_dir, clips_per_video=clips_per_video or 0,
                         max_patches_per_video=max_patches_per_video or 0,
                         values=tuple(x.strip() for x in values.split(",") if x.strip()) if values else (),
-                        annotations=annotations or "", fold=fold)
+                        annotations=annotations or "", fold=fold, pairs=pairs or "")
     if runner == "beam":
         try:
             from tfrecords_tools.beam import beam_options, convert_beam
@@ -549,11 +566,19 @@ def _shake_limits(text: str):
 @click.option("--causal", is_flag=True,
               help="A causal model (stcnn, r2plus1d, resnet3d): its answer at a frame sees no later frame, so "
                    "`stp export --streaming` can serve it frame by frame (same as --model-arg causal=true).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Patches per replica; the global batch is this x replicas.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Peak learning rate (AdamW).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs (default 10; with --minutes, the most epochs: default no cap that matters).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
+              help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
+                   "sessions included), stopping at an epoch boundary; the learning-rate schedule spans the "
+                   "steps the budget holds. run.json records the budget.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Steps per epoch (default: the training patches // the global batch); short epochs give "
+                   "--minutes finer stopping points and large data more frequent checkpoints.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per replica; the global batch is this x replicas (default 32; 8 for --task enhance).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (AdamW; default 1e-3; 2e-3 for --task enhance).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning-rate schedule over all steps.")
 @click.option("--warmup", type=click.FloatRange(min=0, max=1, max_open=True), default=0.05, show_default=True,
@@ -604,10 +629,11 @@ def _shake_limits(text: str):
                    "embed: self-supervised contrastive embeddings (any backbone) for `stp index`; "
                    "segment: a class per voxel (data with masks) or per frame (data with intervals), unet3d; "
                    "stabilize: camera motion between frames from patches shaken on the fly, for `stp stabilize`.")
-@click.option("--degrade", multiple=True, metavar="KIND:PARAM", callback=_degrade_option,
+@click.option("--degrade", multiple=True, metavar="KIND[:PARAM]", callback=_degrade_option,
               help="enhance: a degradation applied on the fly, repeatable: noise:25 (Gaussian sigma, 0-255), "
                    "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
-                   "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). Not needed for paired data.")
+                   "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). A kind alone draws from its default "
+                   "range (noise: 0-50, level-blind), the recommended recipe. Not needed for paired data.")
 @click.option("--loss", "loss", type=click.Choice(["l1", "l2", "mse", "huber"]), default=None,
               help="enhance: the pixel loss, l1 (default) or l2; regress: mse (default) or huber (delta: one "
                    "standard deviation of the training values).")
@@ -627,8 +653,8 @@ def _shake_limits(text: str):
               metavar="F", help="With --init-from: the backbone's learning rate is --lr x F.")
 @click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
               help="With --init-from, vivit: each transformer block below the head learns at F x the one above.")
-def train_command(data, out, model_name, model_args, causal, epochs, batch_size, lr, schedule, warmup, weight_decay,
-                  augment,
+def train_command(data, out, model_name, model_args, causal, epochs, minutes, steps_per_epoch, batch_size, lr,
+                  schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
                   multi_label, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
@@ -667,8 +693,10 @@ def train_command(data, out, model_name, model_args, causal, epochs, batch_size,
                                                   ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
         if shake is not None:
             task_options += _shake_limits(shake)
+        if epochs is None:
+            epochs = 10 if minutes is None else 1000
         config = TrainConfig(data=data, out=out, model=model_name, model_options=model_args, epochs=epochs,
-                             task=task, task_options=task_options,
+                             minutes=minutes, steps_per_epoch=steps_per_epoch, task=task, task_options=task_options,
                              batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
                              augment=augment, train_split=train_split, val_split=val_split, strategy=strategy,
                              devices=devices, mixed_precision=mixed_precision, jit=jit, seed=seed,
@@ -682,6 +710,10 @@ def train_command(data, out, model_name, model_args, causal, epochs, batch_size,
         run = train(config, echo=click.echo)
     metrics = run["metrics"]
     best = metrics.get("best", {})
+    budget = run.get("budget")
+    if budget:
+        click.echo(f"budget {budget['minutes']:g} min: {budget['train_seconds'] / 60:.1f} min of training, "
+                   f"stopped by the {'budget' if budget['stopped'] == 'budget' else 'epoch cap'}")
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
                + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
                            if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim",

@@ -1,16 +1,18 @@
 """Degrade stage: synthetic degradations of a clean `uint8 [T, H, W, C]` patch, in pure TF, for `--task enhance`.
 
 Each degradation is named on the CLI as `KIND:PARAM` (repeatable), where PARAM
-is one value or a range `LOW-HIGH` drawn uniformly once per patch:
+is one value or a range `LOW-HIGH` drawn uniformly once per patch, or as `KIND`
+alone: its default range (`DEFAULTS`), so that the model is blind to the level
+(one model for every noise level a user's footage has, rather than one per level):
 
-| kind | PARAM | what it does |
-|---|---|---|
-| `noise` | sigma, 0-255 units | additive white Gaussian noise |
-| `poisson` | peak: photons at full white | shot noise, `Poisson(peak * x) / peak` (lower = noisier) |
-| `blur` | sigma in pixels | spatial Gaussian blur of every frame |
-| `motion` | length in pixels | linear motion blur along one direction (drawn per patch), the same in every frame |
-| `jpeg` | quality 1-100 | every frame JPEG-compressed at that quality (`tf.image.adjust_jpeg_quality`) |
-| `flicker` | amplitude | brightness gain `1 + a_t`, `a_t` drawn per frame in `[-A, A]` |
+| kind | PARAM | default | what it does |
+|---|---|---|---|
+| `noise` | sigma, 0-255 units | 0-50 | additive white Gaussian noise |
+| `poisson` | peak: photons at full white | 5-100 | shot noise, `Poisson(peak * x) / peak` (lower = noisier) |
+| `blur` | sigma in pixels | 0.5-2 | spatial Gaussian blur of every frame |
+| `motion` | length in pixels | 1-9 | linear motion blur, one direction drawn per patch, the same in every frame |
+| `jpeg` | quality 1-100 | 10-60 | every frame JPEG-compressed at that quality (`tf.image.adjust_jpeg_quality`) |
+| `flicker` | amplitude | 0-0.2 | brightness gain `1 + a_t`, `a_t` drawn per frame in `[-A, A]` |
 
 Whatever order they are given in, they apply in the order light meets a
 camera: optics (`blur`, `motion`), exposure (`flicker`), sensor noise
@@ -40,10 +42,15 @@ LIMITS: Dict[str, Tuple[float, float]] = {
     "blur": (0.0, 10.0), "motion": (1.0, 31.0), "flicker": (0.0, 0.9), "poisson": (0.1, 1e6),
     "noise": (0.0, 255.0), "jpeg": (1.0, 100.0),
 }
+# `KIND` alone: the range its parameter is drawn from (level-blind training).
+DEFAULTS: Dict[str, Tuple[float, float]] = {
+    "noise": (0.0, 50.0), "poisson": (5.0, 100.0), "blur": (0.5, 2.0), "motion": (1.0, 9.0), "jpeg": (10.0, 60.0),
+    "flicker": (0.0, 0.2),
+}
 _UNITS = {"blur": "sigma in pixels", "motion": "length in pixels", "flicker": "amplitude", "poisson": "peak",
           "noise": "sigma in 0-255 units", "jpeg": "quality"}
 _NUMBER = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"
-_SPEC = re.compile(rf"^\s*([a-z]+)\s*:{_NUMBER}(?:-{_NUMBER})?$")
+_SPEC = re.compile(rf"^\s*([a-z]+)\s*(?::{_NUMBER}(?:-{_NUMBER})?)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Degradation:
 def parse_degrade(texts: Optional[Sequence[str]]) -> Tuple[Degradation, ...]:
     """`['noise:10-40', 'jpeg:30']` (or one comma-separated string) -> degradations in `ORDER`.
 
-    Each kind at most once; `'none'` or nothing -> `()`.
+    Each kind at most once; a kind alone (`'noise'`) takes its `DEFAULTS` range; `'none'` or nothing -> `()`.
     """
     if texts is None:
         return ()
@@ -88,10 +95,17 @@ def parse_degrade(texts: Optional[Sequence[str]]) -> Tuple[Degradation, ...]:
                 continue
             m = _SPEC.match(text)
             if not m:
-                raise ValueError(f"Invalid value for argument `degrade`. Expected KIND:PARAM or KIND:LOW-HIGH with "
-                                 f"KIND one of {list(ORDER)}, e.g. noise:25 or noise:10-40. Received {text!r}")
-            low = float(m.group(2))
-            d = Degradation(m.group(1), low, float(m.group(3)) if m.group(3) else low)
+                raise ValueError(f"Invalid value for argument `degrade`. Expected KIND, KIND:PARAM or KIND:LOW-HIGH "
+                                 f"with KIND one of {list(ORDER)}, e.g. noise, noise:25 or noise:10-40. "
+                                 f"Received {text!r}")
+            if m.group(2) is None:
+                if m.group(1) not in DEFAULTS:
+                    raise ValueError(f"Invalid value for argument `degrade`. Expected a kind in {sorted(LIMITS)}. "
+                                     f"Received kind={m.group(1)!r}")
+                d = Degradation(m.group(1), *DEFAULTS[m.group(1)])
+            else:
+                low = float(m.group(2))
+                d = Degradation(m.group(1), low, float(m.group(3)) if m.group(3) else low)
         if d.kind in found:
             raise ValueError(f"Invalid value for argument `degrade`. Expected each kind at most once. "
                              f"Received {d.kind} twice ({found[d.kind]}, {d})")

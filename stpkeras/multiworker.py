@@ -120,11 +120,18 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
 
     history: Dict[str, List[float]] = {"epoch": []}  # this session's epochs, for a worker without history.csv
     curves = run_folder.Curves(config.out)
+    budget = run.budget
+    if budget is not None:
+        budget.start()
+    done = run.initial_epoch
     for epoch in range(run.initial_epoch, config.epochs):
+        done = epoch + 1
         for m in [loss_mean, val_loss_mean] + train_metrics + val_metrics:
             m.reset_state()
         for _ in range(run.steps):
             ids = train_step(next(train_batches))
+            if budget is not None and budget.after_step():
+                break   # every worker alike (the clock is agreed): the budget ends this epoch here
             if trace is not None:
                 for local in strategy.experimental_local_results(ids):
                     if isinstance(local, tuple):
@@ -154,21 +161,28 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
             curves.update()
             if run.reporter is not None:
                 run.reporter.update(model, epoch + 1)
-        run_folder.save_backup(run.backup_dir, model, epoch + 1)  # every worker, each into its own folder
+        # Every worker decides alike (the budget's clock is agreed across workers): all stop after this epoch.
+        stop = budget is not None and budget.after_epoch(epoch + 1)
+        run_folder.save_backup(run.backup_dir, model, epoch + 1,  # every worker, each into its own folder
+                               budget.state() if budget is not None else None)
         if config.verbose:
             echo(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        if stop:
+            break
     if trace is not None:
         trace.close()
     if worker.chief:
         curves.update(final=True)
         if run.reporter is not None:
-            run.reporter.update(model, config.epochs, final=True)
+            run.reporter.update(model, done, final=True)
 
     digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in model.weights)).hexdigest()
     record["weights_sha256"] = digest
     record["metrics"] = run_folder.summarize(read_history(config.out) if worker.chief else history, run.monitor,
                                              task.monitor_mode)
     record["metrics"]["optimizer_steps"] = int(optimizer.iterations.numpy())
+    if budget is not None:
+        record["budget"] = budget.record()
     record["status"] = "done"
     record["seconds"] = round(time.time() - run.started, 2)
     if worker.chief:

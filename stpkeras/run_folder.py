@@ -144,8 +144,9 @@ def seed_states(model) -> list:
     return [v for v in model.variables if v.name == "seed_generator_state"]
 
 
-def save_backup(backup_dir: str, model, epochs_done: int) -> None:
-    """Saves the state after `epochs_done` finished epochs (see the module's docstring)."""
+def save_backup(backup_dir: str, model, epochs_done: int, extra: Optional[dict] = None) -> None:
+    """Saves the state after `epochs_done` finished epochs (see the module's docstring); `extra` goes into
+    the metadata (a timed run's seconds used, `budget.Budget.state`)."""
     import numpy as np
 
     name = f"epoch-{epochs_done:05d}"
@@ -156,7 +157,7 @@ def save_backup(backup_dir: str, model, epochs_done: int) -> None:
     model.save_weights(os.path.join(partial, BACKUP_WEIGHTS))
     np.savez(os.path.join(partial, BACKUP_RANDOM), *[v.numpy() for v in seed_states(model)])
     os.replace(partial, final)
-    write_json(os.path.join(backup_dir, BACKUP_METADATA), {"epoch": epochs_done, "state": name})
+    write_json(os.path.join(backup_dir, BACKUP_METADATA), {"epoch": epochs_done, "state": name, **(extra or {})})
     for entry in os.listdir(backup_dir):
         if entry.startswith("epoch-") and entry != name:
             shutil.rmtree(os.path.join(backup_dir, entry), ignore_errors=True)

@@ -18,6 +18,7 @@ PACKAGE = "stpkeras"
 
 # Registered class name -> the module that defines it (tests/test_saving.py checks it is complete).
 DEFINED_IN = {
+    "BudgetSchedule": "stpkeras.budget",
     "Normalize": "stpkeras.models.layers",
     "PositionalEmbedding": "stpkeras.models.layers",
     "ResidualPixels": "stpkeras.models.layers",

@@ -30,8 +30,9 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     """Everything one training run needs; `stp train` builds it from its options.
 
-    `model` and `augment` left None are the task's defaults (`stpkeras.tasks`: dncnn3d and flip for
-    enhance, unet3d for segment, stcnn otherwise); `task_options` are completed with the task's defaults.
+    `model`, `augment`, `batch_size` and `lr` left None are the task's defaults (`stpkeras.tasks`:
+    dncnn3d, flip, batch 8 and lr 2e-3 for enhance, unet3d for segment, stcnn, 32 and 1e-3 otherwise);
+    `task_options` are completed with the task's defaults.
     The config holds the resolved values, and run.json records them.
     """
 
@@ -41,9 +42,11 @@ class TrainConfig:
     model_options: Tuple[Tuple[str, object], ...] = ()
     task: str = "classify"
     task_options: Tuple[Tuple[str, object], ...] = ()   # the task's own settings, e.g. enhance's degrade, pixel_loss
-    epochs: int = 10
-    batch_size: int = 32          # per replica; the global batch is this x replicas
-    lr: float = 1e-3              # peak learning rate (AdamW)
+    epochs: int = 10              # with `minutes`: the most epochs (`stpkeras.budget`)
+    minutes: Optional[float] = None   # a training time budget: stop at the last epoch boundary within it
+    steps_per_epoch: Optional[int] = None   # None: the training records // the global batch
+    batch_size: Optional[int] = None   # per replica; the global batch is this x replicas (None: the task's)
+    lr: Optional[float] = None         # peak learning rate (AdamW; None: the task's)
     schedule: str = "cosine"
     weight_decay: float = 1e-4
     warmup: float = 0.05          # fraction of all steps over which the learning rate rises linearly from 0
@@ -75,11 +78,20 @@ class TrainConfig:
         def bad(name, expected):
             raise ValueError(f"Invalid value for argument `{name}`. Expected {expected}. "
                              f"Received {name}={getattr(self, name)!r}")
+        task_class = type(get_task(self.task, {}))
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
+        if self.lr is None:
+            object.__setattr__(self, "lr", task_class.DEFAULT_LR)
         for name in ("epochs", "batch_size", "shuffle_buffer"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "a strictly positive integer")
         if not self.lr > 0:
             bad("lr", "a strictly positive value")
+        if self.minutes is not None and not self.minutes > 0:
+            bad("minutes", "a strictly positive number of minutes, or None")
+        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
+            bad("steps_per_epoch", "a strictly positive integer, or None")
         if not 0 <= self.warmup < 1:
             bad("warmup", "a fraction of the steps in [0, 1)")
         if self.weight_decay < 0:
@@ -96,6 +108,12 @@ class TrainConfig:
         if self.data_service and self.strategy == "multiworker":
             bad("data_service", "None with strategy='multiworker' (the custom loop reads its own shard of the "
                                 "records; a tf.data service feeds Keras fit only)")
+        if self.steps_per_epoch is not None and self.data_service:
+            bad("steps_per_epoch", "None with data_service (a tf.data service ends its epochs itself: each record "
+                                   "once per epoch)")
+        if self.minutes is not None and self.data_service:
+            bad("minutes", "None with data_service (its epochs end with the data, not at a step count the "
+                           "budget's schedule can plan)")
         if self.trace_dir and not (self.data_service or self.strategy == "multiworker"):
             bad("trace_dir", "None unless strategy='multiworker' or a data_service is set (only those loops "
                              "trace the records they receive)")
@@ -282,6 +300,7 @@ class Run:
     started: float                # time.time() at the start of prepare_run
     transfer: object = None       # finetune.Transfer: what --init-from took, or None
     reporter: object = None       # the task's figure (Task.reporter), drawn by the chief, or None
+    budget: object = None         # budget.Budget of a timed run (`config.minutes`), or None
 
     @property
     def replicas(self) -> int:
@@ -315,6 +334,7 @@ class Run:
                              "global_batch": self.global_batch, "workers": pipeline.num_workers(self.strategy),
                              "devices": list(self.strategy.extended.worker_devices), "loop": loop},
                 "seed": self.seed, "steps_per_epoch": self.steps, "params": int(self.model.count_params()),
+                "budget": {"minutes": config.minutes} if config.minutes is not None else None,
                 "init_from": self.transfer.to_dict() if self.transfer is not None else None,
                 "status": "running", "metrics": {}}
 
@@ -326,6 +346,8 @@ class Run:
                 f"over {self.replicas} replica(s), global batch {self.global_batch}; "
                 f"{self.info.num_records(self.train_splits)} training patches ({', '.join(self.train_splits)}), "
                 f"{self.steps} steps/epoch"
+                + (f"; budget {self.config.minutes:g} min (at most {self.config.epochs} epochs)"
+                   if self.config.minutes is not None else "")
                 + (f"; validation on {self.val_split!r}" if self.val_split else "; no validation split")
                 + (f"; resuming at epoch {self.initial_epoch + 1}" if self.initial_epoch else "")
                 + (f"\n{self.transfer.describe()}" if self.transfer is not None else ""))
@@ -398,8 +420,8 @@ def prepare_run(config: TrainConfig) -> Run:
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     train_records = info.num_records(train_splits)
-    steps = train_records // global_batch
-    if steps < 1:
+    steps = config.steps_per_epoch or train_records // global_batch
+    if train_records < global_batch:
         raise RunError(f"{config.data}: {train_records} training patches make no full batch of {global_batch} "
                        f"({config.batch_size} per replica x {replicas}); lower --batch-size")
 
@@ -416,8 +438,28 @@ def prepare_run(config: TrainConfig) -> Run:
         tf.config.experimental.enable_op_determinism()
 
     with strategy.scope():
-        model, transfer = compile_model(config, task, info.spec, labels, total_steps=config.epochs * steps)
+        schedule = None
+        if config.minutes is not None:
+            from stpkeras.budget import BudgetSchedule
+            # The steps the budget holds are not known yet: the loop sets them as it measures (`Budget`).
+            saved = run_folder.backup_metadata(backup_dir) if resuming else {}
+            schedule = BudgetSchedule(config.lr, config.warmup, 0.01 if config.schedule == "cosine" else 1.0,
+                                      saved.get("expected_steps", config.epochs * steps))
+        model, transfer = compile_model(config, task, info.spec, labels, total_steps=config.epochs * steps,
+                                        schedule=schedule)
         initial_epoch = run_folder.restore_backup(backup_dir, model) if resuming else 0
+    budget = None
+    if schedule is not None:
+        from stpkeras.budget import Budget
+        agree = float
+        if multiworker:
+            def agree(seconds: float) -> float:
+                # Every worker takes the mean of the workers' clocks: the same learning rate, the same last step.
+                local = strategy.run(lambda: tf.constant(seconds, tf.float32))
+                return float(strategy.reduce("MEAN", local, axis=None))
+        budget = Budget(config.minutes, steps, config.epochs, schedule, initial_epoch=initial_epoch,
+                        spent=run_folder.backup_metadata(backup_dir).get("train_seconds", 0.0) if resuming else 0.0,
+                        agree=agree)
     train_ds, val_ds, val_steps, trace_epoch = _datasets(config, info, task, strategy, train_splits, val_split,
                                                          seed, skip_batches=initial_epoch * steps)
 
@@ -426,15 +468,17 @@ def prepare_run(config: TrainConfig) -> Run:
     return Run(config=config, info=info, task=task, labels=labels, train_splits=train_splits, val_split=val_split,
                strategy=strategy, worker=worker, seed=seed, steps=steps, val_steps=val_steps, train_ds=train_ds,
                val_ds=val_ds, model=model, initial_epoch=initial_epoch, class_weight=class_weight,
-               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started, transfer=transfer, reporter=reporter)
+               backup_dir=backup_dir, trace_epoch=trace_epoch, started=started, transfer=transfer, reporter=reporter,
+               budget=budget)
 
 
-def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
+def compile_model(config: TrainConfig, task, spec, labels, total_steps: int, schedule=None):
     """(The task's model for `config.model`, compiled; the `finetune.Transfer` of `config.init_from` or None).
 
     AdamW on `learning_rate`'s schedule (per-layer factors on the backbone's steps with `backbone_lr_scale`
     or `layer_decay`), the task's loss and metrics, XLA when `config.jit`, mixed precision when
-    `config.mixed_precision`. With `init_from`, the backbone's weights are the earlier run's (`stpkeras.finetune`),
+    `config.mixed_precision`; `schedule`, when given, replaces `learning_rate`'s (a timed run's
+    `budget.BudgetSchedule`). With `init_from`, the backbone's weights are the earlier run's (`stpkeras.finetune`),
     frozen with `freeze_backbone`. Call it in the strategy's scope."""
     import keras
     import tensorflow as tf
@@ -458,7 +502,8 @@ def compile_model(config: TrainConfig, task, spec, labels, total_steps: int):
             layer_scales = finetune.lr_scales(transfer.taken, config.backbone_lr_scale, config.layer_decay)
             transfer = dataclasses.replace(transfer, lr_scales=tuple(layer_scales.items()))
             scales = finetune.variable_scales(model, layer_scales)
-        schedule = learning_rate(config, total_steps)
+        if schedule is None:
+            schedule = learning_rate(config, total_steps)
         if scales:
             from stpkeras.finetune import ScaledAdamW
             optimizer = ScaledAdamW(schedule, weight_decay=config.weight_decay, beta_2=task.ADAM_BETA_2,

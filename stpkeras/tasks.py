@@ -30,6 +30,9 @@ class Task:
     # What a run of the task uses unless told otherwise (`TrainConfig.model` / `augment` None).
     default_model: str = "stcnn"
     default_augment: Tuple[str, ...] = DEFAULT_AUGMENT
+    # `TrainConfig.batch_size` / `lr` None: the task's (per replica; the peak learning rate).
+    DEFAULT_BATCH_SIZE: ClassVar[int] = 32
+    DEFAULT_LR: ClassVar[float] = 1e-3
     # Fields `for_data` sets from the manifest: not options a user passes.
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
     # The layers that belong to the task and its labels: always new under `--init-from` (stpkeras.finetune).
@@ -325,6 +328,10 @@ class Enhance(Task):
     paired: bool = False   # set by for_data from the manifest
     FROM_DATA: ClassVar[Tuple[str, ...]] = ("paired",)
     HEAD: ClassVar[Tuple[str, ...]] = ("residual",)
+    # Small batches, a higher rate: a pixel loss gives every patch thousands of targets, so within a time
+    # budget more, cheaper steps learn more (the enhancement benchmark's recipe, benchmarks/enhance.py).
+    DEFAULT_BATCH_SIZE: ClassVar[int] = 8
+    DEFAULT_LR: ClassVar[float] = 2e-3
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade

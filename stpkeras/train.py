@@ -1,7 +1,8 @@
 """Train stage: a converted folder -> a run folder, under a `tf.distribute` strategy.
 
 `train(config)` prepares the run once (`stpkeras.setup.prepare_run`), then steps it with Keras `fit`
-(`fit` below), or, under `--strategy multiworker`, with the custom loop of `stpkeras.multiworker`.
+(`fit` below), or, under `--strategy multiworker`, with the custom loop of `stpkeras.multiworker`. With a
+time budget (`config.minutes`, `stpkeras.budget`) both stop at the last epoch boundary within it.
 
 RUN_DIR layout (other stages rely on it):
 
@@ -75,8 +76,11 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
         keras.callbacks.ModelCheckpoint(os.path.join(config.out, LAST)),
         keras.callbacks.TensorBoard(os.path.join(config.out, LOGS)),
         _curves_callback(config.out, run.reporter),
-        _backup_callback(run.backup_dir),
     ]
+    if run.budget is not None:
+        # Before the backup: the backup keeps the seconds used, and a stop decided here is the run's end.
+        callbacks.append(_budget_callback(run.budget))
+    callbacks.append(_backup_callback(run.backup_dir, run.budget))
     if config.data_service:
         from stpkeras.data_service import stall_warning_callback, trace_epoch_callback
         # A dead worker stalls the epoch until it is restarted: say so rather than hang in silence.
@@ -91,6 +95,8 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
 
     record["metrics"] = run_folder.summarize(read_history(config.out), run.monitor, task.monitor_mode)
     record["metrics"]["optimizer_steps"] = int(model.optimizer.iterations.numpy())
+    if run.budget is not None:
+        record["budget"] = run.budget.record()
     record["status"] = "done"
     record["seconds"] = round(time.time() - run.started, 2)
     run_folder.write_run_json(config.out, record)
@@ -121,13 +127,33 @@ def _curves_callback(run_dir: str, reporter=None):
     return CurvesCallback()
 
 
-def _backup_callback(backup_dir: str):
-    """Saves the training state after every epoch (`run_folder.save_backup`); removes it when training ends."""
+def _budget_callback(budget):
+    """A timed run (`stpkeras.budget`): the clock starts with training; after an epoch the budget may end it."""
+    import keras
+
+    class BudgetCallback(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            budget.start()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if budget.after_step():
+                self.model.stop_training = True   # the epoch ends here; on_epoch_end then ends the run
+
+        def on_epoch_end(self, epoch, logs=None):
+            if budget.after_epoch(epoch + 1):
+                self.model.stop_training = True
+
+    return BudgetCallback()
+
+
+def _backup_callback(backup_dir: str, budget=None):
+    """Saves the training state after every epoch (`run_folder.save_backup`), with a timed run's clock;
+    removes it when training ends."""
     import keras
 
     class Backup(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            run_folder.save_backup(backup_dir, self.model, epoch + 1)
+            run_folder.save_backup(backup_dir, self.model, epoch + 1, budget.state() if budget is not None else None)
 
         def on_train_end(self, logs=None):
             run_folder.remove_backup(backup_dir)

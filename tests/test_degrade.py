@@ -40,7 +40,11 @@ def test_parse_degrade_values_ranges_order_and_errors():
     assert ds[1] == degrade.Degradation("noise", 10.0, 40.0)
     assert degrade.parse_degrade("none") == () and degrade.parse_degrade(None) == ()
     assert degrade.describe(degrade.parse_degrade("motion:7,flicker:0.1")) == ("motion:7", "flicker:0.1")
-    for bad, match in (("noise", "KIND:PARAM"), ("fog:3", "Expected a kind"), ("noise:40-10", "LOW <= HIGH"),
+    # A kind alone: its default range, drawn per patch (level-blind training).
+    assert degrade.parse_degrade("noise") == (degrade.Degradation("noise", 0.0, 50.0),)
+    assert degrade.describe(degrade.parse_degrade(["jpeg", "blur"])) == ("blur:0.5-2", "jpeg:10-60")
+    for bad, match in (("noise:", "KIND:PARAM"), ("fog", "Expected a kind"), ("fog:3", "Expected a kind"),
+                       ("noise:40-10", "LOW <= HIGH"),
                        ("jpeg:0", "within"), ("noise:5,noise:6", "at most once"), ("jpeg:10.5", "integer")):
         with pytest.raises(ValueError, match=match):
             degrade.parse_degrade(bad)

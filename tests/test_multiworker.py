@@ -79,3 +79,23 @@ def test_two_workers_train_the_same_weights_on_disjoint_halves_of_the_data(tmp_p
     assert len(open(run / "history.csv").read().strip().splitlines()) == 3
     assert (run / "best.keras").exists() and (run / "last.keras").exists()
     assert not any((run / "backup").iterdir()) if (run / "backup").exists() else True
+
+
+def test_a_time_budget_stops_every_worker_after_the_same_epoch(tmp_path):
+    """`--minutes` under the custom loop: the workers average their clocks (a collective at steps 10 and 50
+    and at every epoch end), so they take the same decisions. A budget of 6 ms is spent within the first
+    epoch (which always runs): both stop after it, with the same weights and a finished run folder."""
+    data = str(tmp_path / "data")
+    write_converted(data, {"train": random_items(TRAIN, (4, 8, 8, 3), seed=0)}, ("a", "b", "c"), shards=2)
+    run = tmp_path / "run"
+    outs = train_on_workers(data, run, ["--minutes", "0.0001", "--epochs", "5", "--steps-per-epoch", "12",
+                                        "--batch-size", "4", "--seed", "0", "--augment", "none",
+                                        "--model-arg", "filters=4", "--verbose", "2"])
+    digests = [re.search(r"weights sha256 ([0-9a-f]{64})", out).group(1) for out in outs]
+    assert digests[0] == digests[1]
+    record = json.load(open(run / "run.json"))
+    assert record["status"] == "done" and record["metrics"]["epochs"] == 1
+    assert record["metrics"]["optimizer_steps"] == 12 and record["steps_per_epoch"] == 12
+    assert record["budget"]["stopped"] == "budget" and record["budget"]["epochs_this_session"] == 1
+    assert record["budget"]["expected_steps"] == 12   # the schedule was cut to the one epoch that fit
+    assert (run / "last.keras").exists() and not list(run.glob("backup/*"))   # each worker removed its backup

@@ -178,6 +178,8 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
 def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
     config = TrainConfig(data="data", out="run", task=task)
     assert (config.model, config.augment) == (model, augment)
+    # Enhancement's recipe: small batches at a higher rate (more steps in a time budget).
+    assert (config.batch_size, config.lr) == ((8, 2e-3) if task == "enhance" else (32, 1e-3))
     # What is given wins; options are completed with the task's defaults.
     config = TrainConfig(data="data", out="run", task="enhance", model="unet3d", augment="none",
                          task_options=(("degrade", ("noise:25",)),))
@@ -189,6 +191,10 @@ def test_options_a_loop_cannot_honour_are_refused_with_the_reason(data, tmp_path
     data, targets = data[0], data[2]
     with pytest.raises(ValueError, match=r"data_service.*strategy='multiworker'"):
         TrainConfig(data=data, out=str(tmp_path / "a"), strategy="multiworker", data_service="grpc://localhost:1")
+    with pytest.raises(ValueError, match=r"minutes.*data_service"):
+        TrainConfig(data=data, out=str(tmp_path / "a"), minutes=5, data_service="grpc://localhost:1")
+    with pytest.raises(ValueError, match="Received minutes=0"):
+        TrainConfig(data=data, out=str(tmp_path / "a"), minutes=0)
     with pytest.raises(ValueError, match="trace_dir"):
         TrainConfig(data=data, out=str(tmp_path / "a"), trace_dir=str(tmp_path / "trace"))
     with pytest.raises(ValueError, match=r"Invalid options \['degrade'\] for task 'embed'"):

@@ -249,3 +249,76 @@ def test_curves_are_redrawn_at_a_bounded_cost_and_always_at_the_end(tmp_path):
     assert (tmp_path / "curves.png").read_bytes() == before
     assert curves.update(final=True)  # the end of training always draws: both epochs now
     assert (tmp_path / "curves.png").read_bytes() != before
+
+
+def test_a_time_budget_stops_at_the_last_epoch_boundary_within_it(small_data, tmp_path, monkeypatch):
+    """`--minutes`: a real run on a simulated clock where every training step takes 1 s (no timing on this
+    machine): 30 s with epochs of 4 steps stop after 7 epochs (the 8th would end at 32 s), with the run
+    folder of a finished run, the budget in run.json and the cosine at its floor on the last step."""
+    from stpkeras import budget as budget_lib
+
+    steps = {"n": 0}
+    after_step = budget_lib.Budget.after_step
+
+    def counted(self):
+        steps["n"] += 1
+        after_step(self)
+
+    monkeypatch.setattr(budget_lib.Budget, "after_step", counted)
+    monkeypatch.setattr(budget_lib, "CLOCK", lambda: float(steps["n"]))
+    out = str(tmp_path / "run")
+    run = train(TrainConfig.tiny(small_data, out, epochs=100, minutes=0.5, steps_per_epoch=4, lr=1e-2),
+                echo=lambda s: None)
+    assert run["status"] == "done" and run["metrics"]["epochs"] == 7 and run["metrics"]["optimizer_steps"] == 28
+    assert run["budget"] == {"minutes": 0.5, "train_seconds": 28.0, "epochs_this_session": 7, "steps_per_epoch": 4,
+                             "expected_steps": 28, "stopped": "budget"}
+    assert run["steps_per_epoch"] == 4 and run == json.load(open(os.path.join(out, "run.json")))
+    assert read_history(out)["epoch"] == [float(e) for e in range(7)]
+    assert not os.path.exists(os.path.join(out, "backup"))
+    # The schedule spanned the 28 steps the budget held: the learning rate ends at 1% of its peak.
+    import keras
+    optimizer = keras.saving.load_model(os.path.join(out, "last.keras")).optimizer
+    assert int(optimizer.iterations.numpy()) == 28
+    np.testing.assert_allclose(float(optimizer.learning_rate.numpy()), 1e-4, rtol=1e-3)
+
+
+def test_budget_schedule_warms_up_then_decays_over_the_expected_steps():
+    from stpkeras.budget import Budget, BudgetSchedule
+
+    schedule = BudgetSchedule(1.0, 0.1, 0.01, total_steps=1000)
+    clock = {"t": 0.0}
+    import stpkeras.budget as budget_lib
+    budget = Budget(1.0, 10, 1000, schedule)   # 60 s, epochs of 10 steps
+    saved, budget_lib.CLOCK = budget_lib.CLOCK, lambda: clock["t"]
+    try:
+        budget.start()
+        for _ in range(10):   # 2 s a step, 20 s an epoch
+            clock["t"] += 2.0
+            budget.after_step()
+        assert float(schedule.total_steps.numpy()) == 30.0   # the epoch under way and the 2 that still fit
+        assert budget.after_epoch(1) is False
+        clock["t"] = 40.0
+        assert budget.after_epoch(2) is False   # a third epoch ends at 60 s: within the budget
+        clock["t"] = 60.0
+        assert budget.after_epoch(3) is True and budget.stopped == "budget"
+        assert float(schedule.total_steps.numpy()) == 30.0
+    finally:
+        budget_lib.CLOCK = saved
+    # An epoch longer than the whole budget ends early once the budget is spent (checked every 50 steps).
+    budget = Budget(1.0, 1000, 10, BudgetSchedule(1.0, 0.1, 0.01, total_steps=1000))
+    saved, budget_lib.CLOCK = budget_lib.CLOCK, lambda: clock["t"]
+    try:
+        clock["t"] = 0.0
+        budget.start()
+        stops = []
+        for _ in range(200):   # 0.5 s a step: the 60 s are spent at step 120, seen at the check of step 150
+            clock["t"] += 0.5
+            stops.append(budget.after_step())
+        assert stops.index(True) == 149 and budget.after_epoch(1) is True
+        assert budget.stopped == "budget, within an epoch"
+    finally:
+        budget_lib.CLOCK = saved
+    lr = [float(schedule(s)) for s in (0, 1, 3, 15, 30, 40)]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(1 / 3) and lr[2] == pytest.approx(1.0)
+    assert lr[3] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 12 / 27)), rel=1e-5)
+    assert lr[4] == pytest.approx(0.01) and lr[5] == pytest.approx(0.01)

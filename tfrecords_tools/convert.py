@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from tfrecords_tools import manifest as mf
 from tfrecords_tools import outputs
+from tfrecords_tools.codec import parse_pairs, write_copies
 from tfrecords_tools.errors import BadInput, NotNow, Stopped
 from tfrecords_tools.pixels import to_record
 from tfrecords_tools.sampling import ItemsCutter, Sampling, SegmentError, select
@@ -92,6 +93,8 @@ class ConvertConfig:
     # Standard annotation files `FORMAT:PATH` describing the videos in `src` (`annotations`), and the fold.
     annotations: str = ""
     fold: int = 1
+    # Compressed/clean pairs made from each (clean) video: `codec.parse_pairs`, e.g. "h264:23-40" ('' none).
+    pairs: str = ""
     # How the work runs; never changes the records.
     work_dir: Optional[str] = None  # local folder for per-video chunks; None: OUT/.stp-work (OUT must be local)
     workers: int = 1
@@ -115,6 +118,9 @@ class ConvertConfig:
         if self.workers < 1:
             raise ValueError(f"Invalid value for argument `workers`. Expected >= 1. Received workers={self.workers}")
         self.spec.pixel_format.check_encoding(self.encoding)
+        if self.pairs:
+            from tfrecords_tools.codec import parse_pairs
+            object.__setattr__(self, "pairs", str(parse_pairs(self.pairs)))   # canonical: h264:23,29,34,40
         for name in ("clips_per_video", "max_patches_per_video"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid value for argument `{name}`. Expected >= 0 (0: no sampling). "
@@ -133,7 +139,8 @@ class ConvertConfig:
                 # Only data with frame labels has the key: other conversions keep their fingerprint.
                 **({"frame_labels": list(self.frame_labels)} if self.frame_labels else {}),
                 **({"clips_per_video": self.clips_per_video} if self.clips_per_video else {}),
-                **({"max_patches_per_video": self.max_patches_per_video} if self.max_patches_per_video else {})}
+                **({"max_patches_per_video": self.max_patches_per_video} if self.max_patches_per_video else {}),
+                **({"pairs": self.pairs} if self.pairs else {})}
 
     @property
     def shard_bytes(self) -> int:
@@ -156,6 +163,31 @@ class ConvertConfig:
             raise ConvertError(f"--work-dir {self.work_dir}: expected a local folder, received a "
                                f"{scheme(self.work_dir)}:// URL")
         return os.path.join(self.work_dir, "stp-work-" + hashlib.sha1(self.out.encode()).hexdigest()[:12])
+
+
+def codec_items(cfg: ConvertConfig, items: Sequence[Item], work: str) -> Tuple[List[Item], dict]:
+    """`cfg.pairs`: each clean video -> one pair item per crf (`PATH#crf=N`, the compressed copy with the clean
+    copy as its target, in the same split), and {pair key: (the video's item, clean copy path, stem)}. The
+    copies are written later, for the items still to convert (`codec.write_copies`)."""
+    pairs = parse_pairs(cfg.pairs)
+    out, copies = [], {}
+    for item in items:
+        if item.error:
+            out.append(item)
+            continue
+        has = ("a target" if item.target else "masks or frame labels" if item.mask or item.intervals
+               else "a segment" if item.is_segment else "")
+        if has:
+            raise ConvertError(f"{cfg.src}: --pairs makes compressed/clean pairs of whole clean videos; {item.id} "
+                               f"has {has}. Expected a folder or a CSV of plain videos")
+        folder = os.path.join(work, "pairs", item.key)
+        clean = os.path.join(folder, "v-clean.mkv")
+        for crf in pairs.crfs:
+            pair = dataclasses.replace(item, id=f"{item.id}#crf={crf}", path=os.path.join(folder, f"v-crf{crf}.mp4"),
+                                       target=clean)
+            out.append(pair)
+            copies[pair.key] = (item, clean, "v")
+    return out, copies
 
 
 def check_pixels(cfg: ConvertConfig, items: Sequence[Item]) -> None:
@@ -536,6 +568,10 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
         cfg = dataclasses.replace(cfg, frame_labels=frame_names)
         source = dataclasses.replace(source, items=tuple(items))
     work = cfg.work_path()
+    copies = {}
+    if cfg.pairs:
+        items, copies = codec_items(cfg, items, work)
+        source = dataclasses.replace(source, items=tuple(items))
     if cfg.overwrite:
         remove_outputs(cfg.out)
         shutil.rmtree(work, ignore_errors=True)
@@ -566,6 +602,21 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
                 results[item.key] = done
                 continue
         left.append(item)
+    made: Dict[str, str] = {}   # stem of a source video -> '' or why its copies could not be made
+    for n, item in enumerate(left):
+        if item.key not in copies:
+            continue
+        # The compressed and clean copies this pair converts from, made once per source video.
+        original, clean_path, stem = copies[item.key]
+        if stem not in made:
+            try:
+                write_copies(original.path, cfg.spec, parse_pairs(cfg.pairs), os.path.dirname(clean_path), stem,
+                             max_pixels=cfg.max_pixels)
+                made[stem] = ""
+            except Exception as e:  # noqa: BLE001  (a broken video: its pairs fail with the reason, as any video)
+                made[stem] = failure_reason(original, e)
+        if made[stem]:
+            left[n] = dataclasses.replace(item, error=made[stem])
     # One task per video file: its items (segments) are cut from one decode.
     todo = []
     for group in group_items(left):

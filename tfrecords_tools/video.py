@@ -614,6 +614,22 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
     raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
 
 
+def read_frames(path: str, spec: Optional[PatchSpec] = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> Tuple[np.ndarray, float]:
+    """Every frame the converter's decoder gives for `path` under `spec` (default: native size, the
+    container's rate) as uint8 `[N, H, W, C]`, and the rate; re-read as `video_patches` does when decoding
+    shows the plan was wrong (`Replan`). Whole clips in memory: for benchmarks and tests."""
+    spec = spec or PatchSpec(1, 1, 1)
+    info = probe(path, max_pixels)
+    plan = make_plan(info, spec)
+    for _ in range(3):
+        try:
+            return np.stack([f for f, _ in FrameStream(info, spec, plan)]), (spec.fps or info.rate)
+        except Replan as r:
+            plan = r.plan
+    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+
+
 class VideoWriter:
     """Writes `uint8 [H, W, 3]` RGB frames to a video file with PyAV, one frame at a time.
 

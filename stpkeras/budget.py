@@ -1,0 +1,139 @@
+"""Time budget stage: `stp train --minutes M`, training for a wall-clock budget instead of a count of epochs.
+
+Epochs mean little on their own: on 2 CPU cores ten epochs of a few hundred patches are a minute, of a few
+hundred thousand a day. With a budget the run trains for at most M minutes of training wall time (the loop's,
+set-up excluded; a resumed run counts the time its earlier sessions spent, kept in the backup) and stops at
+an epoch boundary, so the run folder is the one of any finished run: history.csv, best/last.keras and
+curves.png end at the same epoch, the backup is removed, and run.json records the budget (`budget`: minutes,
+seconds used, epochs and steps run, and why it stopped). `--epochs` then caps the epochs (default: no cap
+that matters), and `--steps-per-epoch` makes epochs short enough for a fine stopping point.
+
+The stopping rule: after each epoch, stop when the next one would end past the budget, predicting it takes
+the mean epoch time of this session; and within an epoch (every 50 steps) end it early once the budget is
+spent, so that an epoch longer than the whole budget does not overrun it (that last, shorter epoch is
+recorded as an epoch: `budget.stopped` says "budget, within an epoch"). The learning rate follows the run's
+schedule (warmup, then cosine) over the steps the budget is expected to hold (`BudgetSchedule`): the
+estimate is the steps done plus the whole epochs that still fit at the measured rate, made after 10 and
+50 steps and at every epoch end, so the cosine reaches its floor as the budget runs out. Under
+`--strategy multiworker` every worker must take the same decisions (the same learning rate, the same last
+step): the times they decide on are averaged across workers first (`agree`).
+
+Timed runs are not bit-reproducible (`--deterministic` still fixes the data order and the kernels, but where
+the run stops, and the schedule, depend on the machine's speed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from stpkeras.saving import PACKAGE
+
+CLOCK = time.monotonic   # seconds; tests replace it with a simulated clock
+ESTIMATE_AT = (10, 50)   # steps of the session after which the total is estimated before the first epoch ends
+CHECK_EVERY = 50         # steps between checks for an epoch that would overrun the budget on its own
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup over `warmup` of the expected steps to `peak`, then cosine decay to `alpha * peak`
+    (`alpha` 1: held) at the expected last step; the expected steps live in a variable the loop updates
+    (`Budget.estimate`), read when each step runs."""
+
+    def __init__(self, peak: float, warmup: float, alpha: float, total_steps: int):
+        self.peak, self.warmup, self.alpha = float(peak), float(warmup), float(alpha)
+        self.total_steps = tf.Variable(float(max(total_steps, 1)), trainable=False, dtype=tf.float32,
+                                       name="budget_total_steps")
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        total = tf.maximum(self.total_steps, 1.0)
+        warm = self.warmup * total
+        rising = self.peak * step / tf.maximum(warm, 1.0)
+        progress = tf.clip_by_value((step - warm) / tf.maximum(total - warm, 1.0), 0.0, 1.0)
+        decayed = self.peak * (self.alpha + (1.0 - self.alpha) * 0.5 * (1.0 + tf.cos(math.pi * progress)))
+        return tf.where(step < warm, rising, decayed)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup": self.warmup, "alpha": self.alpha,
+                "total_steps": int(self.total_steps.numpy())}
+
+
+class Budget:
+    """The clock and the decisions of a timed run; `fit`'s callback and the custom loop call it alike.
+
+    `steps` per epoch, `cap_epochs` the most epochs (`--epochs`), `schedule` the `BudgetSchedule` whose
+    expected steps it sets, `spent` the seconds earlier sessions of this run used, `agree` maps this
+    process's clock reading to the one every worker decides on (identity on one machine).
+    """
+
+    def __init__(self, minutes: float, steps: int, cap_epochs: int, schedule: BudgetSchedule, *,
+                 initial_epoch: int = 0, spent: float = 0.0, agree: Callable[[float], float] = float):
+        self.seconds, self.steps, self.cap_epochs, self.schedule = minutes * 60.0, steps, cap_epochs, schedule
+        self.initial_epoch, self.spent, self.agree = initial_epoch, float(spent), agree
+        self.started: Optional[float] = None
+        self.first_step_done: Optional[float] = None   # the clock after the session's first step (tracing excluded)
+        self.session_steps = 0
+        self.epochs_run = 0
+        self.stopped = "epochs"
+
+    def start(self) -> None:
+        self.started = CLOCK()
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run so far, as every worker agrees on them."""
+        return self.agree(self.spent + CLOCK() - self.started)
+
+    def after_step(self) -> bool:
+        """Call after every training step (cheap); estimates the total at the first `ESTIMATE_AT` steps.
+        True: the budget is spent in the middle of an epoch (checked every `CHECK_EVERY` steps), end the
+        epoch here (an epoch longer than the whole budget must not overrun it)."""
+        self.session_steps += 1
+        if self.session_steps == 1:
+            self.first_step_done = CLOCK()
+        elif self.session_steps in ESTIMATE_AT and self.epochs_run == 0:
+            per_step = self.agree(CLOCK() - self.first_step_done) / (self.session_steps - 1)
+            self._expect(self.elapsed(), per_step * self.steps)
+        if self.session_steps % CHECK_EVERY == 0 and self.elapsed() >= self.seconds:
+            self.stopped = "budget, within an epoch"
+            return True
+        return False
+
+    def after_epoch(self, epochs_done: int) -> bool:
+        """Call after every finished epoch (`epochs_done` counts the run's); True: stop here."""
+        self.epochs_run += 1
+        elapsed = self.elapsed()
+        per_epoch = (elapsed - self.spent) / self.epochs_run
+        if self.stopped == "budget, within an epoch":
+            return True
+        if epochs_done >= self.cap_epochs:
+            self.stopped = "epochs"
+            return True
+        self._expect(elapsed, per_epoch, epochs_done)
+        if elapsed + per_epoch > self.seconds:
+            self.stopped = "budget"
+            return True
+        return False
+
+    def _expect(self, elapsed: float, per_epoch: float, epochs_done: Optional[int] = None) -> None:
+        """Sets the schedule's expected steps: the epochs already begun plus those that still fit."""
+        if epochs_done is None:
+            epochs_done = self.initial_epoch + self.epochs_run + 1   # the epoch under way counts in full
+        fit = int(max(self.seconds - elapsed, 0.0) // max(per_epoch, 1e-9))
+        epochs = min(max(epochs_done + fit, epochs_done, 1), self.cap_epochs)
+        self.schedule.total_steps.assign(float(epochs * self.steps))
+
+    def state(self) -> dict:
+        """What the backup keeps for a resumed run: the seconds used and the steps expected."""
+        return {"train_seconds": round(self.elapsed(), 3),
+                "expected_steps": int(self.schedule.total_steps.numpy())}
+
+    def record(self) -> dict:
+        """run.json's `budget`."""
+        return {"minutes": self.seconds / 60.0, "train_seconds": round(self.elapsed(), 2),
+                "epochs_this_session": self.epochs_run, "steps_per_epoch": self.steps,
+                "expected_steps": int(self.schedule.total_steps.numpy()), "stopped": self.stopped}

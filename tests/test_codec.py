@@ -1,0 +1,72 @@
+"""Codec pairs (`stp convert --pairs`): compressed/clean pairs made from any clean video with PyAV's libx264."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrecords_tools import schema
+from tfrecords_tools.codec import CodecPairs, parse_pairs
+from videos import pattern_frames, write_video
+
+
+def test_parse_pairs_levels_lists_and_errors():
+    assert parse_pairs("h264:23-40") == CodecPairs("h264", (23, 29, 34, 40))   # 4 levels, evenly spaced
+    assert parse_pairs("h264:crf=23-40", levels=2).crfs == (23, 40)
+    assert parse_pairs("H264: 30,37").crfs == (30, 37) and str(parse_pairs("h264:37")) == "h264:37"
+    for bad, match in (("h265:30", "Expected a codec"), ("h264:40-23", "LOW <= HIGH"), ("h264:60", r"\[0, 51\]"),
+                       ("h264", "CODEC:CRF"), ("h264:30,30", "distinct")):
+        with pytest.raises(ValueError, match=match):
+            parse_pairs(bad)
+
+
+def _records(root):
+    manifest = json.loads((root / "dataset.json").read_text())
+    out = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            out += [schema.parse_patch_numpy(r.numpy()) for r in tf.data.TFRecordDataset(str(root / shard["file"]))]
+    return manifest, out
+
+
+def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_frames_as_target(tmp_path, cli):
+    # A clean source stored losslessly (so its frames are known exactly) and downscaled at conversion.
+    frames = pattern_frames(16, 48, 64, seed=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_video(str(src / "clean.mkv"), frames, lossless=True)
+    r = cli("convert", src, tmp_path / "plain", "--patch", "4x16x16", "--short-side", "32", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("convert", src, tmp_path / "pairs", "--patch", "4x16x16", "--short-side", "32", "--pairs", "h264:18,45",
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    manifest, records = _records(tmp_path / "pairs")
+    _, plain = _records(tmp_path / "plain")
+    assert manifest["paired"] is True and manifest["counts"]["ok"] == 2
+    assert sorted(v["id"] for v in manifest["videos"]) == ["clean.mkv#crf=18", "clean.mkv#crf=45"]
+    assert not (tmp_path / "pairs" / ".stp-work").exists()   # the copies went with the work folder
+    # Every pair's target is the patch a plain conversion of the clean video gives, exactly (lossless copy).
+    clean = {tuple(r[schema.OFFSET]): r[schema.PATCH] for r in plain}
+    assert len(records) == 2 * len(clean)
+    mse = {}
+    for rec in records:
+        np.testing.assert_array_equal(rec[schema.TARGET], clean[tuple(rec[schema.OFFSET])])
+        crf = str(rec[schema.VIDEO_ID]).rsplit("=", 1)[1]
+        err = (rec[schema.PATCH].astype(np.float64) - rec[schema.TARGET]) ** 2
+        mse.setdefault(crf, []).append(err.mean())
+    # Real codec degradation, stronger at the higher crf.
+    assert 0 < np.mean(mse["18"]) < np.mean(mse["45"])
+    psnr = {k: 10 * np.log10(255 ** 2 / np.mean(v)) for k, v in mse.items()}
+    assert psnr["18"] > 30 > psnr["45"], psnr
+
+
+def test_convert_pairs_refuses_data_that_already_has_targets(tmp_path, cli):
+    write_video(str(tmp_path / "a.mp4"), pattern_frames(8, 32, 32, seed=1))
+    (tmp_path / "list.csv").write_text("path,target\na.mp4,a.mp4\n")
+    r = cli("convert", tmp_path / "list.csv", tmp_path / "out", "--patch", "4x16x16", "--pairs", "h264:30")
+    assert r.exit_code != 0 and "--pairs makes compressed/clean pairs of whole clean videos" in r.output
+    r = cli("convert", tmp_path, tmp_path / "out2", "--patch", "4x16x16", "--pairs", "mpeg2:30")
+    assert r.exit_code == 2 and "Expected a codec" in r.output
