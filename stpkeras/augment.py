@@ -186,9 +186,11 @@ def random_speed(patch: tf.Tensor, seed: tf.Tensor, rates: Tuple[float, float] =
 
 
 def _require_rgb(op: str, pixels) -> None:
-    if pixel_formats.get(pixels).format.name != "rgb":
+    stored = pixel_formats.get(pixels).format
+    # Resampling and re-encoding need stored pixels that are the video's RGB pixels, one for one.
+    if not (stored.pixel_aligned and stored.channels == 3):
         raise ValueError(f"Invalid value for argument `pixels`. The {op!r} augmentation expects 'rgb' patches. "
-                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+                         f"Received pixels={stored.name!r}")
 
 
 def random_letterbox(patch: tf.Tensor, seed: tf.Tensor, max_bar: float = 0.15) -> tf.Tensor:

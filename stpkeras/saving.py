@@ -41,6 +41,9 @@ DEFINED_IN = {
     "CausalMean": "stpkeras.models.causal",
     "LastFrame": "stpkeras.models.causal",
     "FrameFeatures": "stpkeras.models.causal",
+    "Correlation": "stpkeras.models.motion",
+    "FrameContrast": "stpkeras.models.motion",
+    "FramePairs": "stpkeras.models.motion",
 }
 
 

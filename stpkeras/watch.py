@@ -356,7 +356,7 @@ def tiles(frames: np.ndarray, spec: PatchSpec) -> np.ndarray:
         mode = "edge" if spec.pad == "edge" else "constant"
         frames = np.pad(frames, [(0, 0), (0, ph - height), (0, pw - width), (0, 0)], mode=mode)
     out = np.stack([frames[:, y:y + spec.height, x:x + spec.width] for y in ys for x in xs])
-    return pixels_lib.to_record(spec, out) if spec.pixels != "rgb" else out
+    return pixels_lib.to_record(spec, out)  # RGB records are the frames themselves
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
