@@ -4,9 +4,19 @@ Importing this package is cheap: TensorFlow and Keras load only when a stage nee
 imported, `keras.saving.load_model` loads every model the package writes (see `stpkeras.saving`).
 """
 
+import os
+
 from wrapt import register_post_import_hook
 
 __version__ = "0.1.0"
+
+# TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX. On
+# the others (AVX2 machines: most laptops, many cloud CPUs) it falls back to Eigen kernels whose Conv3D
+# gradients are 3-50x slower (measured on an AVX2 EPYC: a unet3d segmentation training step 2.46 -> 0.16
+# CPU-s; a strided Conv3D's forward+backward 1.56 -> 0.03; docs/benchmarks.md, "CPU kernels"). The
+# variable is read once, when TensorFlow loads: import stpkeras first (the CLI does), or set it yourself;
+# an explicit TF_ENABLE_ONEDNN_OPTS=0 is respected. GPUs are unaffected.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def _register_keras_objects(keras_module) -> None:
