@@ -168,10 +168,13 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--lr", type=float, default=None, help="default: the enhance task's (2e-3)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
+                        help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
     args = parser.parse_args(argv)
 
     train_names, test_names = (TEST, TRAIN) if args.swap else (TRAIN, TEST)
+    model_options = tuple((k, int(v)) for k, v in (o.split("=", 1) for o in args.model_option))
     missing = [n for n in TRAIN + TEST if not os.path.isfile(os.path.join(args.videos, n))]
     if missing:
         log(f"skipped: sample videos {missing} not found in {args.videos} (see ../shared/data/videos/README.md)")
@@ -223,7 +226,8 @@ def main(argv=None) -> int:
             f"in {time.perf_counter() - t0:.0f}s")
 
         run_dir = os.path.join(out, "run-denoise")
-        config = TrainConfig(data=train_data, out=run_dir, model=args.model, task="enhance",
+        config = TrainConfig(data=train_data, out=run_dir, model=args.model, model_options=model_options,
+                             task="enhance",
                              task_options=(("degrade", (args.degrade,)),), epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
                              mixed_precision=args.mixed_precision, seed=0, verbose=2, resume=os.path.exists(run_dir))
@@ -303,7 +307,8 @@ def main(argv=None) -> int:
             if m["counts"]["failed"]:
                 raise SystemExit(f"conversion failed: {[v['reason'] for v in m['videos'] if v['status'] != 'ok']}")
         pair_run = os.path.join(out, "run-pairs")
-        run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, task="enhance",
+        run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, model_options=model_options,
+                                task="enhance",
                                 minutes=args.pair_minutes, epochs=args.epochs, batch_size=args.batch_size,
                                 lr=args.lr, augment=("flip",),
                                 val_split="none", mixed_precision=args.mixed_precision, seed=0, verbose=2,
