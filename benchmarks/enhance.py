@@ -151,6 +151,9 @@ def main(argv=None) -> int:
                         help="train on the camera footage (bikes, tree), test on the animated videos")
     parser.add_argument("--test-frames", type=int, default=0,
                         help="whole held-out videos: only the first N frames of each (0: all)")
+    parser.add_argument("--skip-patches", action="store_true",
+                        help="skip the held-out test patches (`stp evaluate`): only the whole held-out videos "
+                             "(with --test-frames, a short exploring run)")
     parser.add_argument("--seen-frames", type=int, default=48,
                         help="training-style figure: the first N frames of each training video, whole (0: skip)")
     parser.add_argument("--pairs", default="h264:23-40", help="`stp convert --pairs` of the training videos")
@@ -165,10 +168,13 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--lr", type=float, default=None, help="default: the enhance task's (2e-3)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
+                        help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
     args = parser.parse_args(argv)
 
     train_names, test_names = (TEST, TRAIN) if args.swap else (TRAIN, TEST)
+    model_options = tuple((k, int(v)) for k, v in (o.split("=", 1) for o in args.model_option))
     missing = [n for n in TRAIN + TEST if not os.path.isfile(os.path.join(args.videos, n))]
     if missing:
         log(f"skipped: sample videos {missing} not found in {args.videos} (see ../shared/data/videos/README.md)")
@@ -210,15 +216,18 @@ def main(argv=None) -> int:
         m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(args.frames, 64, 64,
                                                                                        stride_height=128,
                                                                                        stride_width=128), workers=2))
-        m_test = convert(ConvertConfig(src=test_csv, out=test_data, spec=PatchSpec(args.frames, 64, 64), workers=2))
-        for m in (m_train, m_test):
+        m_test = None if args.skip_patches else convert(ConvertConfig(src=test_csv, out=test_data,
+                                                                       spec=PatchSpec(args.frames, 64, 64), workers=2))
+        for m in (m_train, m_test or m_train):
             if m["counts"]["failed"]:
                 raise SystemExit(f"conversion failed: {[v['reason'] for v in m['videos'] if v['status'] != 'ok']}")
         log(f"converted: {m_train['counts']['patches']} training patches ({', '.join(train_names)}), "
-            f"{m_test['counts']['patches']} test patches ({', '.join(test_names)}) in {time.perf_counter() - t0:.0f}s")
+            f"{m_test['counts']['patches'] if m_test else 'no'} test patches ({', '.join(test_names)}) "
+            f"in {time.perf_counter() - t0:.0f}s")
 
         run_dir = os.path.join(out, "run-denoise")
-        config = TrainConfig(data=train_data, out=run_dir, model=args.model, task="enhance",
+        config = TrainConfig(data=train_data, out=run_dir, model=args.model, model_options=model_options,
+                             task="enhance",
                              task_options=(("degrade", (args.degrade,)),), epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
                              mixed_precision=args.mixed_precision, seed=0, verbose=2, resume=os.path.exists(run_dir))
@@ -237,24 +246,26 @@ def main(argv=None) -> int:
             f"{run['metrics']['epochs']} epochs, {run['metrics']['optimizer_steps']} steps, "
             f"{budget.get('train_seconds', train_s) / 60:.1f} min of training (budget {args.minutes:g}), "
             f"{train_s / 60:.1f} min in all")
-        result = evaluate(EvalConfig(model=run_dir, data=test_data, split="test", batch_size=32, seed=0))
-        best = result["best_baseline"]
-        log(f"\nheld-out test ({result['patches']} patches of {args.frames}x64x64 from {', '.join(test_names)}), "
-            f"noise sigma {SIGMA}:")
-        log(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}")
-        for name, v in [("noisy", result["input"])] + list(result["baselines"].items()) + [(model, result["output"])]:
-            log(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}"
-                + (f"  (param {v['param']:g})" if "param" in v else ""))
-        gain, over = result["gain_db"]["over_input"], result["gain_db"]["over_best_baseline"]
-        log(f"gain: {gain:+.2f} dB over noisy (goal >= +10), {over:+.2f} dB over {best} (goal >= +3.5); "
-            f"trained {train_s / 60:.1f} min on {os.cpu_count()} cores (goal < 15)")
         report["denoise"] = {"clock": args.clock, "train": train_names, "test": test_names,
                              "degrade": run["task_options"].get("degrade"),
                              "train_patches": m_train["counts"]["patches"], "params": run["params"],
                              "train_minutes": train_s / 60, "budget": budget, "epochs": run["metrics"]["epochs"],
-                             "steps": run["metrics"]["optimizer_steps"], "eval": result,
-                             "goals": {"gain_over_noisy": gain >= 10, "gain_over_best_baseline": over >= 3.5,
-                                       "under_15_min": train_s < 900}}
+                             "steps": run["metrics"]["optimizer_steps"], "goals": {"under_15_min": train_s < 900}}
+        if not args.skip_patches:
+            result = evaluate(EvalConfig(model=run_dir, data=test_data, split="test", batch_size=32, seed=0))
+            best = result["best_baseline"]
+            log(f"\nheld-out test ({result['patches']} patches of {args.frames}x64x64 from {', '.join(test_names)}), "
+                f"noise sigma {SIGMA}:")
+            log(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}")
+            rows = [("noisy", result["input"])] + list(result["baselines"].items()) + [(model, result["output"])]
+            for name, v in rows:
+                log(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}"
+                    + (f"  (param {v['param']:g})" if "param" in v else ""))
+            gain, over = result["gain_db"]["over_input"], result["gain_db"]["over_best_baseline"]
+            log(f"gain: {gain:+.2f} dB over noisy (goal >= +10), {over:+.2f} dB over {best} (goal >= +3.5); "
+                f"trained {train_s / 60:.1f} min on {os.cpu_count()} cores (goal < 15)")
+            report["denoise"]["eval"] = result
+            report["denoise"]["goals"].update(gain_over_noisy=gain >= 10, gain_over_best_baseline=over >= 3.5)
 
         # The held-out videos whole, through `enhance_video`, against the baselines on the same full frames; then
         # the training style: the first frames of the training videos themselves (seen footage), the same way.
@@ -296,7 +307,8 @@ def main(argv=None) -> int:
             if m["counts"]["failed"]:
                 raise SystemExit(f"conversion failed: {[v['reason'] for v in m['videos'] if v['status'] != 'ok']}")
         pair_run = os.path.join(out, "run-pairs")
-        run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, task="enhance",
+        run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, model_options=model_options,
+                                task="enhance",
                                 minutes=args.pair_minutes, epochs=args.epochs, batch_size=args.batch_size,
                                 lr=args.lr, augment=("flip",),
                                 val_split="none", mixed_precision=args.mixed_precision, seed=0, verbose=2,

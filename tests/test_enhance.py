@@ -254,7 +254,8 @@ def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
 
 # --- models -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,options", [("unet3d", {"filters": (4, 8, 16)}), ("dncnn3d", {"depth": 3, "filters": 4})])
+@pytest.mark.parametrize("name,options", [("unet3d", {"filters": (4, 8, 16)}), ("dncnn3d", {"depth": 3, "filters": 4}),
+                                          ("dncnn3d", {"depth": 3, "filters": 4, "downscale": 2})])
 def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path):
     import keras
 
@@ -274,6 +275,18 @@ def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path)
     np.testing.assert_allclose(np.asarray(keras.models.load_model(str(tmp_path / "m.keras"))(x)), y, rtol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         build_model(name, spec, 5, **options)
+    if options.get("downscale") == 2:
+        # The phases are the frame's 2x2 blocks as channels: a residual in one output channel of the last layer
+        # (phase row 1, column 0, green) moves only the pixels of odd rows and even columns, green only.
+        phases = model.get_layer("to_phases_merge").output
+        assert tuple(phases.shape) == (None, 4, 8, 8, 12)
+        w = [np.zeros_like(v) for v in model.get_layer("residual").get_weights()]
+        w[1][2 * 3 + 1] = 1.0
+        model.get_layer("residual").set_weights(w)
+        moved = np.asarray(model(x)) != x
+        assert moved[:, :, 1::2, 0::2, 1].all() and moved.sum() == moved[:, :, 1::2, 0::2, 1].size
+        with pytest.raises(ValueError, match="downscale"):
+            build_model(name, PatchSpec(4, 15, 16), 3, **options)
     if name == "unet3d":
         with pytest.raises(ValueError, match="divisible by 8"):
             build_model(name, PatchSpec(4, 20, 20), 3, filters=(4, 8, 16, 32))
