@@ -221,7 +221,8 @@ def main(argv=None):
         data = os.path.join(args.work, f"data-{fold}-{tag}")
         convert(train, test, data, args.size, args.frames_per_patch)
         for name, extra in variants:
-            run = os.path.join(args.work, f"run-{fold}-{tag}-{name}-{'m' + str(args.minutes) if args.minutes else 'e' + str(args.epochs)}-s{args.seed}")
+            length = f"m{args.minutes}" if args.minutes else f"e{args.epochs}"
+            run = os.path.join(args.work, f"run-{fold}-{tag}-{name}-{length}-s{args.seed}")
             r = train_and_evaluate(data, run, budget, args.seed, extra)
             print(f"{direction:<22} {name:<48} video acc {r['video']:.3f}  patch acc {r['patch']:.3f}  "
                   f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)", flush=True)
