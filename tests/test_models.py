@@ -17,7 +17,7 @@ SPEC = PatchSpec(4, 16, 16)
 SMALL = {"stcnn": {"filters": 4}, "c3d": {"widths": (4, 8), "convs_per_stage": (1, 1)},
          "r2plus1d": {"widths": (4, 8), "depth": 10}, "resnet3d": {"widths": (4, 8), "depth": 10},
          "vivit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "tubelet": (2, 8, 8)},
-         "corrnet": {"match": 4, "widths": (4, 8), "radius": 1}}
+         "corrnet": {"match": 4, "stride": 1, "widths": (4, 8), "radius": 1}}
 
 
 def _pixels(batch, seed=0):
