@@ -304,6 +304,52 @@ def make_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb") -> Aug
     return augment
 
 
+# --- flips that swap labels ---------------------------------------------------------------------------
+# A flip of a clip panning left pans right: motion classes that mirror each other stay right under a flip
+# when the flip swaps their labels too (`--flip-labels h:left=right --flip-labels v:up=down`).
+FLIP_AXES = {"h": 2, "v": 1}   # the axis of `[T, H, W, C]` each flip reverses
+
+
+def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
+    """`['h:left=right', 'v:up=down']` -> `{axis letter: int32 [C] label permutation}`: under a flip along the
+    axis, class i becomes class `permutation[i]`; classes not named are their own mirror image."""
+    labels = list(labels)
+    out = {}
+    for entry in entries:
+        axis, _, pair = str(entry).partition(":")
+        a, _, b = pair.partition("=")
+        if axis not in FLIP_AXES or not a or not b or a == b or a not in labels or b not in labels:
+            raise ValueError(f"Invalid value for argument `flip_labels`. Expected AXIS:A=B with AXIS h (left-right) "
+                             f"or v (top-bottom) and two different classes of {labels}. Received {entry!r}")
+        permutation = out.setdefault(axis, list(range(len(labels))))
+        i, j = labels.index(a), labels.index(b)
+        if permutation[i] != i or permutation[j] != j:
+            raise ValueError(f"Invalid value for argument `flip_labels`. Expected each class in at most one pair "
+                             f"per axis. Received {entry!r} after {[e for e in entries if e != entry]}")
+        permutation[i], permutation[j] = j, i
+    return out
+
+
+def make_label_flips(permutations: dict, pixels: str | PixelFormat = "rgb"):
+    """`(uint8 [T, H, W, C] patch, int32 label, int64 [2] seed) -> (patch, label)`: each axis of `permutations`
+    (`parse_flip_labels`) flips the clip with probability 1/2 and maps its label through the permutation."""
+    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
+        # A packed row of yuv440 is a pair of picture rows: reversing the rows would swap the pair's order.
+        raise ValueError(f"Invalid value for argument `flip_labels`. A top-bottom flip (v) needs 'rgb' patches. "
+                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+    axes = [(FLIP_AXES[a], tf.constant(p, tf.int32)) for a, p in sorted(permutations.items())]
+
+    def flip(patch: tf.Tensor, label: tf.Tensor, seed: tf.Tensor):
+        seeds = tf.random.experimental.stateless_split(seed, max(1, len(axes)))
+        for (axis, permutation), s in zip(axes, tf.unstack(seeds)):
+            flipped = tf.random.stateless_uniform([], s) < 0.5
+            patch = tf.cond(flipped, lambda p=patch, a=axis: tf.reverse(p, [a]), lambda p=patch: p)
+            label = tf.where(flipped, tf.gather(permutation, label), label)
+        return patch, label
+
+    return flip
+
+
 # Ops that run faster on a decoded batch (`make_batch_augment`) than record by record.
 BATCH_OPS = ("flip",)
 

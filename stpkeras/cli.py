@@ -558,7 +558,8 @@ def _shake_limits(text: str):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
 @click.option("--model", "model_name", default=None,
-              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d", "motionnet"]),
+              type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d", "motionnet",
+                                 "corrnet"]),
               help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment, motionnet for "
                    "stabilize).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
@@ -640,6 +641,11 @@ def _shake_limits(text: str):
 @click.option("--multi-label", is_flag=True, default=None,
               help="classify: sigmoid outputs and binary cross-entropy. Automatic for multi-label data (its "
                    "dataset.json says label_mode 'multi'); on single-label data, one-hot targets.")
+@click.option("--flip-labels", multiple=True, metavar="AXIS:A=B",
+              help="classify: a flip that swaps two mirrored classes, repeatable: h:left=right (left-right flip), "
+                   "v:up=down (top-bottom). Each axis flips half the training patches and swaps the named labels; "
+                   "other classes must look alike mirrored. For motion classes, which --augment flip would "
+                   "mislabel.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
 @click.option("--shake", default=None, metavar="SHIFT,DEGREES,ZOOM",
@@ -657,7 +663,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
                   schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
-                  multi_label, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale, layer_decay):
+                  multi_label, flip_labels, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale,
+                  layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -676,6 +683,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
                                      f"--task regress (received --task {task})", param_hint="--loss")
         if multi_label and task != "classify":
             raise click.BadParameter("--multi-label is an option of --task classify", param_hint="--task")
+        if flip_labels and task != "classify":
+            raise click.BadParameter("--flip-labels is an option of --task classify", param_hint="--task")
         # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
         if mask_ratio is not None and task != "pretrain":
             raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
@@ -690,7 +699,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
         if shake is not None and task != "stabilize":
             raise click.BadParameter("--shake is an option of --task stabilize", param_hint="--task")
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
-                                                  ("multi_label", multi_label), ("mask_ratio", mask_ratio)) if v)
+                                                  ("multi_label", multi_label), ("flip_labels", tuple(flip_labels)),
+                                                  ("mask_ratio", mask_ratio)) if v)
         if shake is not None:
             task_options += _shake_limits(shake)
         if epochs is None:

@@ -183,6 +183,23 @@ def target_element(info: DataInfo, key: str, augment: Sequence[str] = ()):
     return element
 
 
+def flipped_label_element(info: DataInfo, augment: Sequence[str], flip_labels: Sequence[str]):
+    """`(serialized record, seed) -> (uint8 patch, int32 label)`: `augment` applied to the pixels, then the flips
+    of `flip_labels` (`augment.parse_flip_labels`), each swapping the label with its mirror image."""
+    ops = augment_lib.parse_augment(augment)
+    augment_fn = augment_lib.make_augment(ops, info.spec.pixels)
+    flips = augment_lib.make_label_flips(augment_lib.parse_flip_labels(flip_labels, info.labels), info.spec.pixels)
+    encoding, spec = info.encoding, info.spec
+
+    def element(serialized, seed):
+        features = decode(parse(serialized, encoding, (schema.PATCH, schema.LABEL)), encoding, spec)
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        patch = augment_fn(features[schema.PATCH], seeds[0]) if ops else features[schema.PATCH]
+        return flips(patch, features[schema.LABEL], seeds[1])
+
+    return element
+
+
 def value_stats(info: DataInfo, splits: Splits) -> Tuple[List[float], List[float]]:
     """(mean [K], standard deviation [K]) of the records' `value/data` over `splits` (one pass that parses
     nothing else). A constant value gets a deviation of 1, so dividing by it is safe."""

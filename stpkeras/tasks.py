@@ -97,6 +97,8 @@ class Classify(Task):
     monitor_mode: str = "max"
     needs_labels: bool = True
     multi_label: Optional[bool] = None
+    # Flips that swap mirrored classes (`augment.parse_flip_labels`): e.g. ("h:left=right", "v:up=down").
+    flip_labels: Tuple[str, ...] = ()
 
     def for_data(self, info) -> "Classify":
         multi = info.label_mode == "multi"
@@ -104,8 +106,12 @@ class Classify(Task):
             raise ValueError(f"{info.root}: the records are multi-label (label_mode 'multi': no single label "
                              "per patch); train them with multi-label outputs (leave out multi_label=False)")
         if self.multi_label or multi:
+            if self.flip_labels:
+                raise ValueError(f"{info.root}: flip_labels swaps one label per patch; multi-label records have none")
             return dataclasses.replace(self, multi_label=True, monitor="pr_auc")
-        return dataclasses.replace(self, multi_label=False)
+        from stpkeras.augment import parse_flip_labels
+        parse_flip_labels(self.flip_labels, info.labels)   # a bad pair fails before training starts
+        return dataclasses.replace(self, multi_label=False, flip_labels=tuple(self.flip_labels))
 
     def build_model(self, model, spec, labels, options):
         from stpkeras.models import ENHANCE_MODELS, build_model
@@ -147,6 +153,9 @@ class Classify(Task):
 
     def element_fn(self, info, augment, training):
         if not self.multi_label:
+            if training and self.flip_labels:
+                from stpkeras.pipeline import flipped_label_element
+                return flipped_label_element(info, augment, self.flip_labels)
             return None  # (patch, label) with the pipeline's augmentation
         from stpkeras.pipeline import target_element
         from tfrecords_tools import schema

@@ -220,3 +220,20 @@ def test_convert_warns_about_labels_differing_only_by_case(tmp_path, clip64, cli
     assert warning in result.stderr.splitlines()
     assert mf.read_manifest(str(tmp_path / "out"))["labels"] == ["Left", "left"]
     assert warning in cli("inspect", tmp_path / "out").stdout
+
+
+def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converted, cli, tmp_path):
+    import json
+
+    common = ("--epochs", "1", "--val-split", "none", "--model-arg", "filters=4", "--verbose", "0")
+    result = cli("train", converted[0], "--out", tmp_path / "run", "--flip-labels", "h:circle=square",
+                 "--flip-labels", "v:square=stripe", *common)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["task_options"]["flip_labels"] == ["h:circle=square", "v:square=stripe"]
+    result = cli("train", converted[0], "--out", tmp_path / "bad", "--flip-labels", "h:circle=left", *common)
+    assert result.exit_code != 0 and "Received 'h:circle=left'" in result.output
+    assert "['circle', 'square', 'stripe']" in result.output and "Traceback" not in result.output
+    result = cli("train", converted[0], "--out", tmp_path / "bad2", "--task", "regress",
+                 "--flip-labels", "h:circle=square", *common)
+    assert result.exit_code == 2 and "--flip-labels is an option of --task classify" in result.output

@@ -16,18 +16,19 @@ SPEC = PatchSpec(4, 16, 16)
 # Small widths keep the whole file to a few seconds; the defaults are checked by count below.
 SMALL = {"stcnn": {"filters": 4}, "c3d": {"widths": (4, 8), "convs_per_stage": (1, 1)},
          "r2plus1d": {"widths": (4, 8), "depth": 10}, "resnet3d": {"widths": (4, 8), "depth": 10},
-         "vivit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "tubelet": (2, 8, 8)}}
+         "vivit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "tubelet": (2, 8, 8)},
+         "corrnet": {"match": 4, "stride": 1, "widths": (4, 8), "radius": 1}}
 
 
 def _pixels(batch, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (batch, *SPEC.shape), dtype=np.uint8)
 
 
-def test_registry_lists_the_five_families():
-    # ... the two enhancement families (pixels out, tested in test_enhance.py) and the motion model of
-    # --task stabilize (values per frame pair, tested in test_stabilize.py).
+def test_registry_lists_the_six_families():
+    # ... (corrnet: the motion classifier), the two enhancement families (pixels out, tested in test_enhance.py)
+    # and the motion model of --task stabilize (values per frame pair, tested in test_stabilize.py).
     assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d",
-                                  "motionnet"}
+                                  "motionnet", "corrnet"}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -79,6 +80,21 @@ def test_every_option_is_wired_through():
     assert sum(isinstance(layer, keras.layers.MultiHeadAttention) for layer in vivit.layers) == 2
     assert vivit.get_layer("encoder0_mlp1").units == 12
     assert set(model_options("stcnn")) == {"filters", "kernel_size", "pool_size", "dropout", "causal"}
+
+
+def test_corrnet_sees_motion_not_brightness():
+    # A picture moving one pixel a frame to the right, to the left, and the right-moving clip brighter.
+    picture = np.random.default_rng(0).integers(60, 190, (16, 24, 3), dtype=np.uint8)
+    right = np.stack([picture[:, 4 - t:20 - t] for t in range(SPEC.frames)])
+    left = right[::-1]
+    brighter = right + np.uint8(40)
+    model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1)
+    out = np.asarray(model(np.stack([right, left, brighter]), training=False))
+    # FrameContrast takes each frame's mean away: a brighter clip is the same input to the cost volume.
+    np.testing.assert_allclose(out[2], out[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(out[1] - out[0]).max() > 1e-3
+    with pytest.raises(ValueError, match="at least 2 frames. Received frames=1"):
+        build_model("corrnet", PatchSpec(1, 16, 16), 3)
 
 
 def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():

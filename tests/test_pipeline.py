@@ -352,3 +352,54 @@ def test_errors_name_the_folder_and_what_was_expected(folder, tmp_path):
         pipeline.make_dataset(root, "val", batch_size=64, training=True)
     with pytest.raises(manifest.ManifestError, match="no manifest"):
         pipeline.make_dataset(str(tmp_path))
+
+
+# --- flips that swap motion labels ---------------------------------------------------------------
+
+MOTIONS = {"down": (1, 0), "left": (0, -1), "right": (0, 1), "still": (0, 0), "up": (-1, 0)}
+
+
+def _moving_dot(dy, dx, seed):
+    """uint8 [4, 8, 8, 3]: a bright dot at a random start moving (dy, dx) pixels a frame, on a dark random field."""
+    rng = np.random.default_rng(seed)
+    patch = rng.integers(0, 40, (4, 8, 8, 3), dtype=np.uint8)
+    y, x = rng.integers(3, 5, 2)   # 3 steps either way stay inside the 8x8 frame
+    for t in range(4):
+        patch[t, y + dy * t, x + dx * t] = 255
+    return patch
+
+
+def _motion_of(patch):
+    """The label the dot's path in `patch` says (where the brightest pixel goes from first to last frame)."""
+    first, last = (np.array(np.unravel_index(np.argmax(patch[t].sum(-1)), (8, 8))) for t in (0, -1))
+    step = tuple(int(v) for v in np.sign(last - first))
+    return next(name for name, move in MOTIONS.items() if move == step)
+
+
+def test_label_flips_swap_the_labels_with_the_motion(tmp_path):
+    from stpkeras.tasks import get_task
+
+    labels = tuple(MOTIONS)
+    items = [(_moving_dot(*MOTIONS[name], seed=i), labels.index(name), f"v{i}")
+             for i, name in enumerate(labels * 8)]
+    assert all(_motion_of(p) == labels[label] for p, label, _ in items)
+    write_converted(str(tmp_path), {"train": items}, labels, shards=1)
+    info = pipeline.load_info(str(tmp_path))
+    task = get_task("classify", {"flip_labels": ("h:left=right", "v:up=down")}).for_data(info)
+    element = task.element_fn(info, (), training=True)
+    assert task.element_fn(info, (), training=False) is None   # evaluation sees the records as they are
+    ds = pipeline.make_dataset(info, "train", batch_size=8, training=True, element_fn=element, seed=3)
+    seen = [(p, int(y)) for patches, ys in ds for p, y in zip(patches.numpy(), ys.numpy())]
+    assert len(seen) == len(items)
+    # Every patch's label is still what its motion says, and the flips did swap some.
+    assert all(_motion_of(p) == labels[y] for p, y in seen)
+    originals = {_digest(p) for p, _, _ in items}
+    assert sum(_digest(p) not in originals for p, _ in seen) >= 20    # about 3/4 of 40 flipped at least once
+
+
+def test_label_flips_refuse_unknown_or_repeated_classes():
+    with pytest.raises(ValueError, match="Expected AXIS:A=B .* Received 'h:left=sideways'"):
+        augment.parse_flip_labels(["h:left=sideways"], ("left", "right"))
+    with pytest.raises(ValueError, match="at most one pair per axis"):
+        augment.parse_flip_labels(["h:a=b", "h:b=c"], ("a", "b", "c"))
+    assert [list(p) for p in augment.parse_flip_labels(["v:up=down"], ("down", "still", "up")).values()] == [[2, 1, 0]]

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Tuple
 
 from stpkeras.models.c3d import build_c3d
 from stpkeras.models.dncnn3d import build_dncnn3d
-from stpkeras.models.motion import build_motionnet
+from stpkeras.models.motion import build_corrnet, build_motionnet
 from stpkeras.models.r2plus1d import build_r2plus1d
 from stpkeras.models.resnet3d import build_resnet3d
 from stpkeras.models.segmentation import SegmentationLoss  # noqa: F401  registered: segment runs load with it
@@ -35,6 +35,7 @@ MODELS: Dict[str, Callable] = {
     "unet3d": build_unet3d,
     "dncnn3d": build_dncnn3d,
     "motionnet": build_motionnet,
+    "corrnet": build_corrnet,
 }
 # Families that output pixels (input + residual), not logits: the models of `--task enhance`.
 ENHANCE_MODELS = ("unet3d", "dncnn3d")

@@ -117,3 +117,44 @@ def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int =
     x = keras.layers.Dense(num_classes // pairs, name="pair_logits")(x)
     logits = keras.layers.Reshape((num_classes,), name="logits")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, radius: int = 2, widths=(32, 64),
+                  dropout: float = 0.0, name: str = "corrnet") -> keras.Model:
+    """uint8 `[B, T, H, W, 3]` -> logits `[B, num_classes]`: a classifier of motion that sees the picture only
+    through how neighbouring frames match.
+
+        Normalize -> FrameContrast -> Conv3D (1, 3, 3) stride (1, `stride`, `stride`): `match` features per
+        frame -> Correlation (`radius`): [B, T-1, H/s, W/s, (2r+1)^2] -> AveragePooling (1, 2, 2) -> Conv3D
+        (3, 3, 3) per width, stride (1, 2, 2) after the first -> global mean ('features') -> Dense (logits)
+
+    The cost volume says, at each place and pair of frames, which displacement matches; the global mean
+    keeps what moved and how far, not where nor what it looked like. On pans classified on footage of
+    another kind (benchmarks/motion_classify.py) stcnn, which reads the flattened map of one filter bank over
+    the pixels, learned the training videos' pictures instead. `radius` x `stride` is the fastest motion
+    matched, in pixels a frame (4 by default: a pan of 3 px a frame at 64x64 is inside). The cost volume
+    is the expensive part (each displacement a product of two feature maps, forward and backward): 16
+    features at full resolution and radius 3 took 40x the CPU of stcnn per step, the defaults about 2x.
+    """
+    num_classes = layers.check_classes(num_classes)
+    match = layers.positive_ints(match, "match")[0]
+    stride = layers.positive_ints(stride, "stride")[0]
+    widths = layers.positive_ints(widths, "widths")
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
+        raise ValueError(f"Invalid value for argument `radius`. Expected an integer >= 1. Received radius={radius!r}")
+    if spec.frames < 2:
+        raise ValueError(f"Invalid value for argument `spec`. corrnet matches neighbouring frames, so it needs "
+                         f"patches of at least 2 frames. Received frames={spec.frames}")
+    inputs = layers.patch_input(spec)
+    pixels = FrameContrast(name="contrast")(layers.normalize(spec, inputs))
+    x = keras.layers.Conv3D(match, (1, 3, 3), strides=(1, stride, stride), padding="same",
+                            name="match_features")(pixels)
+    x = Correlation(radius, name="correlation")(x)
+    # Half the cost volume's layout each way first: the convolutions after it cost a quarter.
+    x = keras.layers.AveragePooling3D((1, 2, 2), padding="same", name="cost_pool")(x)
+    for i, width in enumerate(widths):
+        x = keras.layers.Conv3D(width, 3, strides=(1, 2, 2) if i else 1, padding="same", activation="relu",
+                                name=f"conv{i}")(x)
+    features = layers.GlobalMean((1, 2, 3), name="features")(x)
+    logits = layers.classifier_head(features, num_classes, layers.check_rate(dropout))
+    return keras.Model(inputs, logits, name=name)

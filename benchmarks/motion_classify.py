@@ -1,0 +1,232 @@
+"""Benchmark: classifying camera motion (pan left, right, up, down, or still) on footage never trained on.
+
+Clips: from each source video (default: the sample videos), `--clips` clips per class and source of a
+64x64 window over the video (short side scaled to 180) that pans left, right, up or down at one of
+`SPEEDS` pixels a frame over `--frames` consecutive frames, or stays put (`still`; the scene's own
+motion remains), written with libx264 at crf 18 into a folder per class. A clip's picture says nothing
+about its class: only motion does.
+
+Held-out footage, as in `benchmarks/copies.py`: the sources split by kind (camera: bikes, tree;
+animation: bigbuckbunny, Megamind). Each direction trains on one kind's clips and tests on the other
+kind's (camera -> animation and animation -> camera), so only motion carries over.
+
+Methods, measured in the same run:
+  - baseline: the global shift between consecutive frames by phase correlation (numpy FFT of the grey
+    frames, a Hann window, the peak of the normalised cross-power spectrum), averaged over the clip:
+    a (dy, dx) per clip, classified by the nearest class mean of the training clips;
+  - the product: `stp convert` (patch `--frames-per-patch` x S x S, stride 8 frames, frames resized to
+    S = `--size`), `stp train` with its defaults under `--minutes` (or `--epochs`), and `stp evaluate
+    --split test --json`'s video-level accuracy (the mean of a clip's patch logits); `--variant
+    NAME=ARGS` adds runs with other `stp train` arguments (one change at a time), `--mirror` adds the
+    training clips mirrored (left<->right, up<->down) with their labels swapped.
+
+Training is timed in wall seconds and in CPU seconds of the `stp train` process (the machine is shared).
+
+Run: python benchmarks/motion_classify.py [--work /tmp/stp-motion-classify] [--size 32] [--minutes 3]
+       [--variant NAME='--augment none'] [--skip-default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from copies import FOLDS, read_frames, write_video  # noqa: E402
+
+CLASSES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
+MIRRORED = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
+SPEEDS = (1, 2, 3)   # pixels a frame in the 64x64 window (half that at --size 32)
+WINDOW = 64
+
+
+def make_clips(videos: str, work: str, per_class: int, frames: int, seed: int) -> dict:
+    """-> {fold: [(path, class), ...]}; clips are written once. Speeds cycle through `SPEEDS`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for fold, names in FOLDS.items():
+        out[fold] = []
+        for name in names:
+            source, rate = read_frames(os.path.join(videos, name), short_side=180)
+            h, w = source[0].shape[:2]
+            for label, (dy, dx) in CLASSES.items():
+                folder = os.path.join(work, "clips", fold, label)
+                os.makedirs(folder, exist_ok=True)
+                for i in range(per_class):
+                    step = SPEEDS[i % len(SPEEDS)] if (dy or dx) else 0
+                    travel = step * (frames - 1)
+                    t0 = int(rng.integers(0, len(source) - frames + 1))
+                    y0 = int(rng.integers(travel if dy < 0 else 0, h - WINDOW - (travel if dy > 0 else 0) + 1))
+                    x0 = int(rng.integers(travel if dx < 0 else 0, w - WINDOW - (travel if dx > 0 else 0) + 1))
+                    path = os.path.join(folder, f"{os.path.splitext(name)[0]}-{i}-s{step}.mp4")
+                    if not os.path.exists(path):
+                        clip = [source[t0 + k][y0 + dy * step * k: y0 + dy * step * k + WINDOW,
+                                               x0 + dx * step * k: x0 + dx * step * k + WINDOW]
+                                for k in range(frames)]
+                        write_video(path, clip, rate, crf=18)
+                    out[fold].append((path, label))
+    return out
+
+
+def mirror_clips(clips, work: str) -> list:
+    """The clips flipped (left/right pans left-right, up/down pans and still clips top-bottom), labels swapped."""
+    import av
+
+    out = []
+    for path, label in clips:
+        target = MIRRORED[label]
+        mirrored = os.path.join(os.path.dirname(os.path.dirname(path)) + "-mirrored", target,
+                                os.path.basename(path))
+        if not os.path.exists(mirrored):
+            os.makedirs(os.path.dirname(mirrored), exist_ok=True)
+            with av.open(path) as c:
+                rate = float(c.streams.video[0].average_rate)
+                frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            axis = 1 if label in ("left", "right") else 0
+            write_video(mirrored, [np.flip(f, axis) for f in frames], rate, crf=18)
+        out.append((mirrored, target))
+    return out
+
+
+# --- the baseline -------------------------------------------------------------------------------------
+
+def grey_clip(path: str, size: int) -> np.ndarray:
+    """float64 [T, size, size]: the clip's grey frames at the size the models see."""
+    import av
+
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="gray", width=size, height=size).astype(np.float64)
+                         for f in c.decode(video=0)])
+
+
+def phase_shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(dy, dx) by which frame `b` is `a` moved, to a pixel, by phase correlation (Hann-windowed)."""
+    window = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+    fa, fb = np.fft.fft2((a - a.mean()) * window), np.fft.fft2((b - b.mean()) * window)
+    cross = fb * np.conj(fa)
+    surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-9)))
+    peak = np.array(np.unravel_index(np.argmax(surface), surface.shape), np.float64)
+    size = np.array(surface.shape)
+    return np.where(peak > size / 2, peak - size, peak)
+
+
+def shift_features(clips, size: int) -> np.ndarray:
+    """[N, 2]: each clip's mean shift between consecutive frames."""
+    feats = []
+    for path, _ in clips:
+        g = grey_clip(path, size)
+        feats.append(np.mean([phase_shift(g[t], g[t + 1]) for t in range(len(g) - 1)], axis=0))
+    return np.array(feats)
+
+
+def baseline_accuracy(train, test, size: int) -> float:
+    """Nearest class mean of the training clips' mean shifts -> the test clips' accuracy."""
+    x_train, x_test = shift_features(train, size), shift_features(test, size)
+    y_train = np.array([label for _, label in train])
+    names = sorted(set(y_train))
+    means = np.stack([x_train[y_train == n].mean(axis=0) for n in names])
+    guess = np.argmin(((x_test[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    return float(np.mean([names[g] == label for g, (_, label) in zip(guess, test)]))
+
+
+# --- the product --------------------------------------------------------------------------------------
+
+def stp(*args, quiet: bool = True) -> str:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", "from stpkeras.cli import run; run()", *args], check=True,
+                          env=env, stdout=subprocess.PIPE, text=True)
+    return done.stdout
+
+
+def convert(train, test, data: str, size: int, frames: int) -> None:
+    if os.path.isdir(data):
+        return
+    csv = data + ".csv"
+    with open(csv, "w") as f:
+        f.write("path,label,split\n")
+        f.writelines(f"{p},{label},{split}\n" for split, clips in (("train", train), ("test", test))
+                     for p, label in clips)
+    stp("convert", csv, data, "--patch", f"{frames}x{size}x{size}", "--stride", f"8x{size}x{size}",
+        "--resize", f"{size}x{size}", "--labels", ",".join(CLASSES), "-q")
+
+
+def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list) -> dict:
+    """Trains (once) and evaluates on the test split -> video and patch accuracy, wall and CPU seconds."""
+    timing = os.path.join(run, "timing.json")
+    if not os.path.isfile(timing):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        stp("train", data, "--out", run, "--seed", str(seed), "--val-split", "none", "--verbose", "0",
+            *budget, *extra)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with open(timing, "w") as f:
+            json.dump({"wall": time.perf_counter() - started,
+                       "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}, f)
+    with open(timing) as f:
+        seconds = json.load(f)
+    with open(os.path.join(run, "run.json")) as f:
+        epochs = json.load(f).get("metrics", {}).get("epochs", "?")
+    result = json.loads(stp("evaluate", run, data, "--split", "test", "--json"))
+    return {"video": result["video"]["accuracy"], "patch": result["patch"]["accuracy"], "epochs": epochs,
+            **seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", default=os.path.join(ROOT, "..", "shared", "data", "videos"))
+    parser.add_argument("--work", default="/tmp/stp-motion-classify")
+    parser.add_argument("--clips", type=int, default=12, help="Clips per class and source video.")
+    parser.add_argument("--frames", type=int, default=32, help="Frames per clip.")
+    parser.add_argument("--frames-per-patch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="Frames resized to SIZE x SIZE for every method.")
+    parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mirror", action="store_true", help="Also train on the mirrored training clips.")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="A run with these extra `stp train` arguments (repeatable).")
+    parser.add_argument("--skip-default", action="store_true", help="Leave out the run with the defaults.")
+    parser.add_argument("--folds", default=",".join(FOLDS), help="Held-out kinds to test on.")
+    args = parser.parse_args(argv)
+
+    clips = make_clips(args.videos, args.work, args.clips, args.frames, args.seed)
+    budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
+    variants = ([] if args.skip_default else [("default", [])]) + [
+        (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    print(f"{sum(len(c) for c in clips.values())} clips of {args.frames} frames, {len(CLASSES)} classes, "
+          f"{args.size}x{args.size}, patches {args.frames_per_patch} frames; chance {1 / len(CLASSES):.2f}; "
+          f"training {' '.join(budget[:2])}{' + mirrored clips' if args.mirror else ''}", flush=True)
+    for fold in args.folds.split(","):
+        test = clips[fold]
+        train = [c for f, cs in clips.items() if f != fold for c in cs]
+        if args.mirror:
+            train = train + mirror_clips(train, args.work)
+        direction = f"{'/'.join(f for f in FOLDS if f != fold)} -> {fold}"
+        print(f"{direction:<22} baseline (phase correlation, nearest class mean)  video acc "
+              f"{baseline_accuracy(train, test, args.size):.3f}  ({len(train)} train clips, {len(test)} test)",
+              flush=True)
+        tag = f"{args.size}-p{args.frames_per_patch}-f{args.frames}-c{args.clips}{'-m' if args.mirror else ''}"
+        data = os.path.join(args.work, f"data-{fold}-{tag}")
+        convert(train, test, data, args.size, args.frames_per_patch)
+        for name, extra in variants:
+            length = f"m{args.minutes}" if args.minutes else f"e{args.epochs}"
+            run = os.path.join(args.work, f"run-{fold}-{tag}-{name}-{length}-s{args.seed}")
+            r = train_and_evaluate(data, run, budget, args.seed, extra)
+            print(f"{direction:<22} {name:<48} video acc {r['video']:.3f}  patch acc {r['patch']:.3f}  "
+                  f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
