@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# First, before any test module loads TensorFlow: the package's CPU-kernel default
+# (TF_ENABLE_ONEDNN_OPTS=1, read once when TensorFlow loads) then holds in this process as in the `stp`
+# subprocesses, so a run trained here and one trained by `stp train` use the same kernels, bit for bit.
+import stpkeras  # noqa: F401,E402
 from videos import CLASSES, PER_CLASS, VFR_PTS_MS, pattern_frames, write_timed_video, write_video
 
 # Real footage beside the repository in a development checkout (see its README.md); a user's clone

@@ -3,6 +3,7 @@ writes, in a fresh process, whatever was imported first, with the same outputs a
 """
 
 import dataclasses
+import os
 import importlib
 import pkgutil
 import subprocess
@@ -99,3 +100,18 @@ def test_import_stpkeras_does_not_import_tensorflow():
     code = "import sys, stpkeras\nassert not {'tensorflow', 'keras'} & set(sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_import_stpkeras_turns_tensorflows_onednn_kernels_on_unless_the_user_chose():
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads: `import stpkeras` first sets 1 unless it is set
+    (on AVX2 CPUs TensorFlow leaves oneDNN off and its Conv3D gradients are 3-50x slower: benchmarks/cpu_kernels.py)."""
+    code = ("import stpkeras\nfrom tensorflow.python.util import _pywrap_util_port as port\n"
+            "print(port.IsMklEnabled())")
+    for setting, expected in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        if setting is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = setting
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected, (setting, out.stdout)
