@@ -571,11 +571,11 @@ def _shake_limits(text: str):
               help="Training epochs (default 10; with --minutes, the most epochs: default no cap that matters).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
               help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
-                   "sessions included), stopping at an epoch boundary; the learning-rate schedule spans the "
+                   "sessions included), ending the epoch under way when it is spent; the learning-rate schedule spans the "
                    "steps the budget holds. run.json records the budget.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
-                   "--minutes finer stopping points and large data more frequent checkpoints.")
+                   "large data more frequent checkpoints and validation.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Patches per replica; the global batch is this x replicas (default 32; 8 for --task enhance).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,

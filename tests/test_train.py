@@ -251,10 +251,11 @@ def test_curves_are_redrawn_at_a_bounded_cost_and_always_at_the_end(tmp_path):
     assert (tmp_path / "curves.png").read_bytes() != before
 
 
-def test_a_time_budget_stops_at_the_last_epoch_boundary_within_it(small_data, tmp_path, monkeypatch):
+def test_a_time_budget_is_used_to_its_end(small_data, tmp_path, monkeypatch):
     """`--minutes`: a real run on a simulated clock where every training step takes 1 s (no timing on this
-    machine): 30 s with epochs of 4 steps stop after 7 epochs (the 8th would end at 32 s), with the run
-    folder of a finished run, the budget in run.json and the cosine at its floor on the last step."""
+    machine): 30 s with epochs of 4 steps run 7 whole epochs and 2 steps of an 8th (the clock, read every 5
+    steps once the rate is known, shows the budget spent at step 30), with the run folder of a finished
+    run, the budget in run.json and the cosine at its floor on the last step."""
     from stpkeras import budget as budget_lib
 
     steps = {"n": 0}
@@ -262,23 +263,23 @@ def test_a_time_budget_stops_at_the_last_epoch_boundary_within_it(small_data, tm
 
     def counted(self):
         steps["n"] += 1
-        after_step(self)
+        return after_step(self)
 
     monkeypatch.setattr(budget_lib.Budget, "after_step", counted)
     monkeypatch.setattr(budget_lib, "CLOCK", lambda: float(steps["n"]))
     out = str(tmp_path / "run")
     run = train(TrainConfig.tiny(small_data, out, epochs=100, minutes=0.5, steps_per_epoch=4, lr=1e-2),
                 echo=lambda s: None)
-    assert run["status"] == "done" and run["metrics"]["epochs"] == 7 and run["metrics"]["optimizer_steps"] == 28
-    assert run["budget"] == {"minutes": 0.5, "train_seconds": 28.0, "epochs_this_session": 7, "steps_per_epoch": 4,
-                             "expected_steps": 28, "stopped": "budget"}
+    assert run["status"] == "done" and run["metrics"]["epochs"] == 8 and run["metrics"]["optimizer_steps"] == 30
+    assert run["budget"] == {"minutes": 0.5, "train_seconds": 30.0, "epochs_this_session": 8, "steps_per_epoch": 4,
+                             "expected_steps": 30, "stopped": "budget, within an epoch"}
     assert run["steps_per_epoch"] == 4 and run == json.load(open(os.path.join(out, "run.json")))
-    assert read_history(out)["epoch"] == [float(e) for e in range(7)]
+    assert read_history(out)["epoch"] == [float(e) for e in range(8)]
     assert not os.path.exists(os.path.join(out, "backup"))
-    # The schedule spanned the 28 steps the budget held: the learning rate ends at 1% of its peak.
+    # The schedule spanned the 30 steps the budget held: the learning rate ends at 1% of its peak.
     import keras
     optimizer = keras.saving.load_model(os.path.join(out, "last.keras")).optimizer
-    assert int(optimizer.iterations.numpy()) == 28
+    assert int(optimizer.iterations.numpy()) == 30
     np.testing.assert_allclose(float(optimizer.learning_rate.numpy()), 1e-4, rtol=1e-3)
 
 
@@ -295,26 +296,28 @@ def test_budget_schedule_warms_up_then_decays_over_the_expected_steps():
         for _ in range(10):   # 2 s a step, 20 s an epoch
             clock["t"] += 2.0
             budget.after_step()
-        assert float(schedule.total_steps.numpy()) == 30.0   # the epoch under way and the 2 that still fit
+        assert float(schedule.total_steps.numpy()) == 30.0   # the 10 steps done and the 20 that still fit
+        assert budget.check_every == 2   # the clock is read about every 5 s: every 2 steps of 2 s
         assert budget.after_epoch(1) is False
         clock["t"] = 40.0
         assert budget.after_epoch(2) is False   # a third epoch ends at 60 s: within the budget
-        clock["t"] = 60.0
-        assert budget.after_epoch(3) is True and budget.stopped == "budget"
+        clock["t"] = 59.0
+        assert budget.after_epoch(3) is True and budget.stopped == "budget"   # no 2 s step fits in 1 s
         assert float(schedule.total_steps.numpy()) == 30.0
     finally:
         budget_lib.CLOCK = saved
-    # An epoch longer than the whole budget ends early once the budget is spent (checked every 50 steps).
+    # An epoch longer than the whole budget ends once the budget is spent, read every 5 s of steps (10 here).
     budget = Budget(1.0, 1000, 10, BudgetSchedule(1.0, 0.1, 0.01, total_steps=1000))
     saved, budget_lib.CLOCK = budget_lib.CLOCK, lambda: clock["t"]
     try:
         clock["t"] = 0.0
         budget.start()
         stops = []
-        for _ in range(200):   # 0.5 s a step: the 60 s are spent at step 120, seen at the check of step 150
+        for _ in range(200):   # 0.5 s a step: the 60 s are spent at step 120, a reading's step
             clock["t"] += 0.5
             stops.append(budget.after_step())
-        assert stops.index(True) == 149 and budget.after_epoch(1) is True
+        assert stops.index(True) == 119 and budget.after_epoch(1) is True
+        assert float(budget.schedule.total_steps.numpy()) == 120.0   # measured at step 50: 50 done, 70 fit
         assert budget.stopped == "budget, within an epoch"
     finally:
         budget_lib.CLOCK = saved

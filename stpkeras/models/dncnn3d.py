@@ -12,10 +12,15 @@ receptive field covers an 8-frame patch): on the enhancement benchmark
 24 epochs in 13.4 min on 2 CPU cores) it reached 33.68 dB on unseen footage,
 against 32.38 for `unet3d` (468k parameters, 19 epochs in the same time). 8
 layers trained slower (49 s an epoch against 31, and a loss still at 12.6
-after two epochs where 5 layers reached 7.5). It needs the learning-rate
-warmup of `stp train` (`--warmup`): with Adam's full-size first steps the
-zero-initialised output layer swings the ReLUs silent and the model stays the
-identity.
+after two epochs where 5 layers reached 7.5).
+
+The ReLU layers start from He initialisation (variance 2 / fan-in, DnCNN's own):
+with Keras's default Glorot start each ReLU layer halves the signal's power,
+the zero-initialised output layer sees features too small to move, and short
+runs stayed near the identity (`benchmarks/enhance_probe.py`; the figures are
+on the benchmarks page, "Enhancement"). It also needs the learning-rate warmup of `stp train` (`--warmup`):
+with Adam's full-size first steps the zero-initialised output layer swings
+the ReLUs silent and the model stays the identity.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     if downscale == 2:
         x = _phases(x, spec, spec.channels, "to_phases")
     for i in range(depth - 1):
-        x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", name=f"conv{i + 1}")(x)
+        x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", kernel_initializer="he_normal",
+                                name=f"conv{i + 1}")(x)
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     residual = keras.layers.Conv3D(channels * downscale ** 2, kernel_size, padding="same", kernel_initializer="zeros",
                                    name="residual")(x)
