@@ -571,8 +571,8 @@ def _shake_limits(text: str):
               help="Training epochs (default 10; with --minutes, the most epochs: default no cap that matters).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
               help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
-                   "sessions included), ending the epoch under way when it is spent; the learning-rate schedule spans the "
-                   "steps the budget holds. run.json records the budget.")
+                   "sessions included), ending the epoch under way when it is spent; the learning-rate "
+                   "schedule spans the steps the budget holds. run.json records the budget.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
                    "large data more frequent checkpoints and validation.")
