@@ -33,11 +33,12 @@ def _records(root):
 
 
 def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_frames_as_target(tmp_path, cli):
-    # A clean source stored losslessly (so its frames are known exactly) and downscaled at conversion.
-    frames = pattern_frames(16, 48, 64, seed=3)
+    # Two clean sources stored losslessly (so their frames are known exactly) and downscaled at conversion; each
+    # video's copies are its own (they once shared a name in the work folder: the second video's pairs failed).
     src = tmp_path / "src"
     src.mkdir()
-    write_video(str(src / "clean.mkv"), frames, lossless=True)
+    write_video(str(src / "clean.mkv"), pattern_frames(16, 48, 64, seed=3), lossless=True)
+    write_video(str(src / "other.mkv"), pattern_frames(16, 48, 64, seed=4), lossless=True)
     r = cli("convert", src, tmp_path / "plain", "--patch", "4x16x16", "--short-side", "32", "--quiet")
     assert r.exit_code == 0, r.output
     r = cli("convert", src, tmp_path / "pairs", "--patch", "4x16x16", "--short-side", "32", "--pairs", "h264:18,45",
@@ -45,16 +46,17 @@ def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_fr
     assert r.exit_code == 0, r.output
     manifest, records = _records(tmp_path / "pairs")
     _, plain = _records(tmp_path / "plain")
-    assert manifest["paired"] is True and manifest["counts"]["ok"] == 2
-    assert sorted(v["id"] for v in manifest["videos"]) == ["clean.mkv#crf=18", "clean.mkv#crf=45"]
+    assert manifest["paired"] is True and manifest["counts"]["ok"] == 4, manifest["videos"]
+    assert sorted(v["id"] for v in manifest["videos"]) == ["clean.mkv#crf=18", "clean.mkv#crf=45",
+                                                           "other.mkv#crf=18", "other.mkv#crf=45"]
     assert not (tmp_path / "pairs" / ".stp-work").exists()   # the copies went with the work folder
     # Every pair's target is the patch a plain conversion of the clean video gives, exactly (lossless copy).
-    clean = {tuple(r[schema.OFFSET]): r[schema.PATCH] for r in plain}
-    assert len(records) == 2 * len(clean)
+    clean = {(str(r[schema.VIDEO_ID]), tuple(r[schema.OFFSET])): r[schema.PATCH] for r in plain}
+    assert len(records) == 2 * len(clean) and {v for v, _ in clean} == {"clean.mkv", "other.mkv"}
     mse = {}
     for rec in records:
-        np.testing.assert_array_equal(rec[schema.TARGET], clean[tuple(rec[schema.OFFSET])])
-        crf = str(rec[schema.VIDEO_ID]).rsplit("=", 1)[1]
+        video, crf = str(rec[schema.VIDEO_ID]).rsplit("#crf=", 1)
+        np.testing.assert_array_equal(rec[schema.TARGET], clean[(video, tuple(rec[schema.OFFSET]))])
         err = (rec[schema.PATCH].astype(np.float64) - rec[schema.TARGET]) ** 2
         mse.setdefault(crf, []).append(err.mean())
     # Real codec degradation, stronger at the higher crf.

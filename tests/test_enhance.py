@@ -275,6 +275,13 @@ def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path)
     np.testing.assert_allclose(np.asarray(keras.models.load_model(str(tmp_path / "m.keras"))(x)), y, rtol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         build_model(name, spec, 5, **options)
+    if name == "dncnn3d":
+        # The ReLU layers start from He initialisation (std sqrt(2 / fan-in)), not Keras's Glorot (sqrt(1 / fan-in)
+        # here): with Glorot short runs stayed near the identity (docs/benchmarks.md, Enhancement).
+        fresh = build_model(name, spec, 3, **{**options, "filters": 16})
+        kernel = np.asarray(fresh.get_layer("conv2").kernel)
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / fan_in), rtol=0.1)
     if options.get("downscale") == 2:
         # The phases are the frame's 2x2 blocks as channels: a residual in one output channel of the last layer
         # (phase row 1, column 0, green) moves only the pixels of odd rows and even columns, green only.

@@ -602,21 +602,22 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
                 results[item.key] = done
                 continue
         left.append(item)
-    made: Dict[str, str] = {}   # stem of a source video -> '' or why its copies could not be made
+    made: Dict[str, str] = {}   # a source video's clean copy -> '' or why its copies could not be made
     for n, item in enumerate(left):
         if item.key not in copies:
             continue
-        # The compressed and clean copies this pair converts from, made once per source video.
+        # The compressed and clean copies this pair converts from, made once per source video (each in its own
+        # folder of the work folder, under the same stem: keyed by the clean copy's path).
         original, clean_path, stem = copies[item.key]
-        if stem not in made:
+        if clean_path not in made:
             try:
                 write_copies(original.path, cfg.spec, parse_pairs(cfg.pairs), os.path.dirname(clean_path), stem,
                              max_pixels=cfg.max_pixels)
-                made[stem] = ""
+                made[clean_path] = ""
             except Exception as e:  # noqa: BLE001  (a broken video: its pairs fail with the reason, as any video)
-                made[stem] = failure_reason(original, e)
-        if made[stem]:
-            left[n] = dataclasses.replace(item, error=made[stem])
+                made[clean_path] = failure_reason(original, e)
+        if made[clean_path]:
+            left[n] = dataclasses.replace(item, error=made[clean_path])
     # One task per video file: its items (segments) are cut from one decode.
     todo = []
     for group in group_items(left):
