@@ -8,7 +8,8 @@ zero-initialised output layer) and the PSNR on 32 fixed crops of bikes (camera f
     python benchmarks/enhance_probe.py LR WARMUP STEPS [KEY=INT ...]  # e.g. 2e-3 8 150; KEY=INT: a dncnn3d option
 
 The 3D Gaussian filter (sigma 0.5-2, the best on these crops, chosen on them) is printed first, as the baseline
-the model must beat.
+the model must beat. `PROBE_INIT=glorot` starts the ReLU layers from Keras's default (Glorot uniform) instead of
+dncnn3d's He initialisation; `PROBE_LOSS=mse` trains on MSE instead of the task's L1.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def main(argv) -> int:
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     model = build_model("dncnn3d", PatchSpec(8, 32, 32), 3, **options)
+    if os.environ.get("PROBE_INIT") == "glorot":   # Keras's default start instead of dncnn3d's He (a comparison)
+        for layer in model.layers:
+            if layer.name.startswith("conv"):
+                layer.kernel.assign(keras.initializers.GlorotUniform(seed=0)(layer.kernel.shape))
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps - warmup, alpha=0.01, warmup_target=lr,
                                                       warmup_steps=warmup)
     model.compile(keras.optimizers.AdamW(schedule), os.environ.get("PROBE_LOSS", "mae"))
