@@ -233,6 +233,8 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="`stp train --model` for the embedding (default: the task's).")
     parser.add_argument("--model-arg", action="append", default=[], help="`stp train --model-arg`, repeatable.")
     parser.add_argument("--skip-thumbnails", action="store_true")
+    parser.add_argument("--pool", action="append", default=[], metavar="mean|grid:N",
+                        help="`stp index --pool` for the embedding's features, repeatable (default: mean).")
     args = parser.parse_args(argv)
 
     t = time.perf_counter()
@@ -261,7 +263,8 @@ def main(argv=None):
 
     variants = [("copy views", "")] + ([] if args.skip_old_views else [("crop,color", "crop,color")])
     for label, augment in variants:
-        ranks = {"mean": {}, "windows": {}}
+        pools = args.pool or ["mean"]
+        ranks = {(pool, aggregate): {} for pool in pools for aggregate in ("mean", "windows")}
         seconds = []
         for fold, held in FOLDS.items():
             trained_on = [s for f, paths in data["sources"].items() if f != fold for s in paths]
@@ -269,13 +272,14 @@ def main(argv=None):
                            args.epochs, args.seed, model_args)
             seconds.append(s)
             queries = [q for q in everything if data["queries"][q][1] == fold]
-            embedder = load_embedder(run)
-            for aggregate in ranks:
-                ranks[aggregate].update(ranked(embedder, data, aggregate, queries))
+            for pool in pools:
+                embedder = load_embedder(run, pool)
+                for aggregate in ("mean", "windows"):
+                    ranks[pool, aggregate].update(ranked(embedder, data, aggregate, queries))
         print(f"embed ({label}, {tag}): trained {args.epochs} epochs per fold in "
               f"{', '.join(f'{s:.0f}s' for s in seconds)} (wall, shared 2-core machine)", flush=True)
-        for aggregate, r in ranks.items():
-            report(f"embed ({label}), index {aggregate}", r)
+        for (pool, aggregate), r in ranks.items():
+            report(f"embed ({label}), pool {pool}, index {aggregate}", r)
     with open(os.path.join(args.work, f"results-{tag}-e{args.epochs}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

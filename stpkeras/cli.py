@@ -827,6 +827,16 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
 # --- index / search (run folder or export + videos -> index folder -> nearest videos) -------------
 
 
+def _pool(ctx, param, value):
+    from stpkeras.embedding import parse_pool
+
+    try:
+        parse_pool(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    return value
+
+
 @main.command("index")
 @click.argument("model", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="VIDEOS_OR_DATA...")
@@ -844,7 +854,12 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
 @click.option("--aggregate", type=click.Choice(["windows", "mean"]), default="windows", show_default=True,
               help="windows: keep one embedding per temporal window and score a query by its windows' best "
                    "matches (finds trimmed and shifted copies); mean: one embedding a video (semantic retrieval).")
-def index_command(model, inputs, out, split, backend, batch_size, no_center, aggregate):
+@click.option("--pool", default="mean", show_default=True, metavar="mean|grid:N", callback=_pool,
+              help="How a patch's last feature map becomes its features: mean: the global average; grid:N: the "
+                   "average over time and over each cell of an N x N grid (keeps the picture's layout; for "
+                   "finding copies). grid:N needs an stcnn-family model (run folder or .keras). Recorded in "
+                   "index.json; `stp search` pools queries the same way.")
+def index_command(model, inputs, out, split, backend, batch_size, no_center, aggregate, pool):
     """Embed videos (files, folders of videos, or one converted folder) with MODEL and write an index.
 
     MODEL: a run folder, a .keras file or an export (saved_models/NAME[/VERSION]). A window's
@@ -859,7 +874,7 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center, agg
             click.echo(f"warning: {error}", err=True)
 
     index = build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size,
-                        center=not no_center, aggregate=aggregate, on_video=report)
+                        center=not no_center, aggregate=aggregate, pool=pool, on_video=report)
     failed = index.info.get("failed", [])
     click.echo(f"indexed {len(index.ids)} videos ({sum(index.info.get('patches', [])):,} patches, {index.dim}-d, "
                f"{index.backend}) in {index.info['seconds']:.1f}s -> {out}"
@@ -890,7 +905,7 @@ def search_command(index_dir, queries, k, model, split, as_json):
     index = VideoIndex.load(index_dir)
     model = model or index.model
     if len(queries) == 1 and is_converted(queries[0]):
-        result = evaluate_retrieval(index, embed_records(load_embedder(model), queries[0], split))
+        result = evaluate_retrieval(index, embed_records(load_embedder(model, index.pool), queries[0], split))
         click.echo(json.dumps(result) if as_json else
                    f"{result['queries']} queries against {result['gallery']} videos: "
                    + ", ".join(f"{key} {value:.4f}" for key, value in result.items()

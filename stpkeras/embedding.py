@@ -25,7 +25,7 @@ from typing import Callable, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from stpkeras.models.layers import PACKAGE, GlobalMean, MergeViews, SplitViews
+from stpkeras.models.layers import PACKAGE, GlobalMean, GridMean, MergeViews, SplitViews
 from tfrecords_tools.errors import BadInput
 
 FEATURES = "features"
@@ -33,26 +33,64 @@ ENCODER = "encoder"
 PROJECTION = "projection"
 VIEWS = 2
 DEFAULT_TEMPERATURE = 0.1
+POOLED = "pooled_features"
+DEFAULT_POOL = "mean"
+
+
+def parse_pool(pool: str) -> int:
+    """`"mean"` -> 0; `"grid:N"` -> N (cells a side, N >= 1): how `feature_model` pools a map."""
+    if pool == "mean":
+        return 0
+    kind, _, cells = str(pool).partition(":")
+    if kind == "grid" and cells.isdigit() and int(cells) >= 1:
+        return int(cells)
+    raise ValueError(f"Invalid value for argument `pool`. Expected 'mean' or 'grid:N' with N >= 1. "
+                     f"Received pool={pool!r}")
 
 
 class FeatureError(BadInput, ValueError):
     """A model without a pooled representation to embed with."""
 
 
-def feature_model(model: keras.Model) -> keras.Model:
+def _pooled_map_model(model: keras.Model):
+    """The model (possibly nested in `model`) whose `pooled_features` layer `feature_model` added, or None."""
+    for layer in model.layers:
+        if layer.name == POOLED and isinstance(layer, GlobalMean):
+            return model
+        if isinstance(layer, keras.Model):
+            found = _pooled_map_model(layer)
+            if found is not None:
+                return found
+    return None
+
+
+def feature_model(model: keras.Model, pool: str = DEFAULT_POOL) -> keras.Model:
     """`model` -> a model sharing its weights: uint8 patches `[B, T, H, W, C]` -> pooled features `[B, D]`.
 
     An embed-task model (one with a nested `encoder`) gives its encoder's
     features. A `features` layer with a rank-2 output is used as it is; a
-    `Flatten` named `features` (stcnn) is replaced by the global average of its
-    input map over time, height and width.
+    `Flatten` named `features` (stcnn) is replaced by a pooling of its input map:
+    `pool="mean"`, the global average over time, height and width (`C` values);
+    `pool="grid:N"`, the mean over time and over each cell of an N x N grid, each
+    cell L2-normalised (`N * N * C` values, `GridMean`), which keeps the layout of
+    the picture. An embed-task encoder trained on the global mean can be read
+    with a grid too: its map is the same.
     """
+    cells = parse_pool(pool)
     try:
         encoder = model.get_layer(ENCODER)
     except ValueError:
         encoder = None
     if isinstance(encoder, keras.Model):
         model = encoder
+        if cells:
+            inner = _pooled_map_model(encoder)
+            if inner is None:
+                raise FeatureError(f"model {model.name!r}: its features are not a pooled map (no layer "
+                                   f"{POOLED!r}); pool {pool!r} needs one, use 'mean'")
+            pooled_map = inner.get_layer(POOLED).input
+            features = GridMean(cells, name=f"grid{cells}_features")(pooled_map)
+            return keras.Model(inner.input, features, name=f"{model.name}_features")
     try:
         layer = model.get_layer(FEATURES)
     except ValueError as e:
@@ -60,9 +98,15 @@ def feature_model(model: keras.Model) -> keras.Model:
                            f"(layers: {[layer.name for layer in model.layers][-6:]} ...)") from e
     if isinstance(layer, keras.layers.Flatten):
         pooled_map = layer.input
-        axes = tuple(range(1, len(pooled_map.shape) - 1))
-        features = GlobalMean(axes, name="pooled_features")(pooled_map)
+        if cells:
+            features = GridMean(cells, name=f"grid{cells}_features")(pooled_map)
+        else:
+            axes = tuple(range(1, len(pooled_map.shape) - 1))
+            features = GlobalMean(axes, name=POOLED)(pooled_map)
     else:
+        if cells:
+            raise FeatureError(f"model {model.name!r}: layer {FEATURES!r} is {type(layer).__name__}, already "
+                               f"pooled; pool {pool!r} needs a Flatten of a pooled map (stcnn), use 'mean'")
         features = layer.output
         if len(features.shape) != 2:
             raise FeatureError(f"model {model.name!r}: layer {FEATURES!r} outputs {features.shape}; expected "

@@ -89,10 +89,12 @@ class Embedder:
     embed: Callable[[np.ndarray], np.ndarray]
 
 
-def load_embedder(path: str) -> Embedder:
+def load_embedder(path: str, pool: str = "mean") -> Embedder:
     """A run folder, a `.keras` file or an export (`saved_models/NAME[/VERSION]`) -> its `Embedder`.
 
-    Keras models embed with `feature_model` (pooled features, whatever the task);
+    Keras models embed with `feature_model(model, pool)` (pooled features, whatever
+    the task; `pool` is `"mean"` or `"grid:N"`, see `stpkeras.embedding`); an
+    export, which has its own `embeddings` signature, only with `pool="mean"`;
     an export with its `embeddings` signature. The spec comes from the run's
     `run.json` (or the export's assets); a `.keras` file alone gives only the patch
     shape, so its videos are cut without resampling or resizing.
@@ -115,13 +117,16 @@ def load_embedder(path: str) -> Embedder:
     if artifact.form == "saved_model":
         from stpkeras.predict import SavedModelPredictor
 
+        if pool != "mean":
+            raise RetrievalError(f"{artifact.path}: an export embeds with its own `embeddings` signature; "
+                                 f"pool {pool!r} needs a run folder or a .keras file")
         predictor = SavedModelPredictor(artifact)
         if not predictor.has_embeddings:
             raise RetrievalError(f"{predictor.source}: the export has no `embeddings` signature (its model has no "
                                  "layer named features)")
         return Embedder(predictor.spec, predictor.source, predictor.embed)
     try:
-        features = feature_model(artifact.model)
+        features = feature_model(artifact.model, pool)
     except FeatureError as e:
         raise RetrievalError(f"{artifact.path}: {e}") from e
     t, h, w, c = features.input_shape[1:]
@@ -413,6 +418,11 @@ class VideoIndex:
     def aggregate(self) -> str:
         return "mean" if self.windows is None else "windows"
 
+    @property
+    def pool(self) -> str:
+        """How the model's map was pooled into features (`load_embedder`); `mean` before index.json had it."""
+        return self.info.get("pool", "mean")
+
     @classmethod
     def build(cls, embedded: Embedded, *, model: str = "", spec: Optional[PatchSpec] = None,
               backend: str = "exact", center: bool = True, aggregate: Optional[str] = None) -> "VideoIndex":
@@ -575,21 +585,22 @@ def list_videos(paths: Iterable[str]) -> List[str]:
 
 def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str] = None,
                 backend: str = "exact", batch_size: int = DEFAULT_BATCH_SIZE, center: bool = True,
-                max_pixels: Optional[int] = None, aggregate: str = DEFAULT_AGGREGATE,
+                max_pixels: Optional[int] = None, aggregate: str = DEFAULT_AGGREGATE, pool: str = "mean",
                 on_video: Optional[Callable[[str, Optional[str]], None]] = None) -> VideoIndex:
     """`stp index`: embeds `inputs` (video files, folders of videos, or one converted folder) with `model`
-    and writes the index to `out`. Videos that fail are listed in index.json under `failed`.
+    and writes the index to `out`. Videos that fail are listed in index.json under `failed`; `pool`
+    (see `load_embedder`) is recorded there as `pool`, and `search_videos` embeds queries with it.
 
     `out` is held for writing (`outputs.writing`) from the start; an `out` that is one of the inputs
     (or the model) raises `outputs.OutputIsInputError`."""
     outputs.check_not_input(out, [model, *inputs])
     with outputs.writing(out):
         return _build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size, center=center,
-                            max_pixels=max_pixels, aggregate=aggregate, on_video=on_video)
+                            max_pixels=max_pixels, aggregate=aggregate, pool=pool, on_video=on_video)
 
 
 def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str], backend: str,
-                 batch_size: int, center: bool, max_pixels: Optional[int], aggregate: str,
+                 batch_size: int, center: bool, max_pixels: Optional[int], aggregate: str, pool: str,
                  on_video: Optional[Callable[[str, Optional[str]], None]]) -> VideoIndex:
     if backend not in BACKENDS:
         raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
@@ -598,7 +609,7 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
         raise ValueError(f"Invalid value for argument `aggregate`. Expected one of {AGGREGATES}. "
                          f"Received aggregate={aggregate!r}")
     started = time.perf_counter()
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, pool)
     if len(inputs) == 1 and is_converted(inputs[0]):
         embedded = embed_records(embedder, inputs[0], split, batch_size=batch_size)
         source = {"data": os.path.abspath(inputs[0]), "split": split}
@@ -608,7 +619,7 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
         source = {"videos": [os.path.abspath(p) for p in inputs]}
     index = VideoIndex.build(embedded, model=os.path.abspath(model), spec=embedder.spec, backend=backend,
                              center=center, aggregate=aggregate)
-    index.info.update(source=source, failed=[{"video": v, "reason": r} for v, r in embedded.failed],
+    index.info.update(pool=pool, source=source, failed=[{"video": v, "reason": r} for v, r in embedded.failed],
                       patches=list(embedded.patches), seconds=round(time.perf_counter() - started, 3))
     index.save(out)
     return index
@@ -617,11 +628,13 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
 def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int = 5, *,
                   batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None
                   ) -> Iterator[Tuple[str, Optional[List[Hit]], Optional[str]]]:
-    """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason)."""
+    """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason).
+
+    Queries are pooled as the index was (index.json `pool`; `mean` for indexes written before it)."""
     from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, index.pool)
     for path in queries:
         try:
             video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)

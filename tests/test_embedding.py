@@ -82,6 +82,57 @@ def test_contrastive_model_round_trips_and_exposes_its_encoder(tmp_path):
     np.testing.assert_allclose(features(views[:, 0]), em.feature_model(model)(views[:, 0]), atol=1e-6)
 
 
+def _grid_by_hand(pooled_map, cells):
+    """numpy: `[B, T, H, W, C]` -> mean over time and over each cell, each cell L2-normalised, / cells."""
+    m = np.asarray(pooled_map, np.float64).mean(axis=1)
+    b, h, w, c = m.shape
+    g = m.reshape(b, cells, h // cells, cells, w // cells, c).mean(axis=(2, 4))
+    g = g / np.linalg.norm(g, axis=-1, keepdims=True)
+    return g.reshape(b, -1) / cells
+
+
+def test_grid_pool_keeps_layout_for_stcnn_and_for_a_saved_embed_model(tmp_path):
+    import keras
+
+    from stpkeras.models import build_model
+
+    spec = PatchSpec(4, 16, 16)
+    backbone = build_model("stcnn", spec, 2, filters=4)
+    patches = np.random.default_rng(2).integers(0, 256, (3, *spec.shape), dtype=np.uint8)
+    pooled_map = keras.Model(backbone.input, backbone.get_layer(em.FEATURES).input)(patches)  # [3, 2, 4, 4, 4]
+    assert pooled_map.shape == (3, 2, 4, 4, 4)
+    grid = em.feature_model(backbone, "grid:2")
+    assert grid.output_shape == (None, 2 * 2 * 4)
+    np.testing.assert_allclose(grid(patches), _grid_by_hand(pooled_map, 2), atol=1e-5)
+    np.testing.assert_allclose(em.feature_model(backbone, "grid:1")(patches), _grid_by_hand(pooled_map, 1), atol=1e-5)
+    np.testing.assert_allclose(em.feature_model(backbone)(patches), np.asarray(pooled_map).mean(axis=(1, 2, 3)),
+                               atol=1e-5)
+    # Mirroring the map left-right leaves the global mean as it is and swaps the grid's cells.
+    mirrored = np.asarray(pooled_map)[:, :, :, ::-1]
+    by_cell = _grid_by_hand(mirrored, 2).reshape(3, 2, 2, 4)
+    np.testing.assert_allclose(by_cell[:, :, ::-1], _grid_by_hand(pooled_map, 2).reshape(3, 2, 2, 4), atol=1e-6)
+
+    # An embed-task model, trained with the global mean, read through a grid after saving and loading.
+    model = em.build_contrastive(backbone, spec, projection_dim=8, hidden_dim=16)
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.saving.load_model(str(tmp_path / "m.keras"), compile=False)
+    np.testing.assert_allclose(em.feature_model(loaded, "grid:2")(patches), _grid_by_hand(pooled_map, 2), atol=1e-5)
+    np.testing.assert_allclose(em.feature_model(loaded)(patches), np.asarray(pooled_map).mean(axis=(1, 2, 3)),
+                               atol=1e-5)
+
+
+def test_grid_pool_refuses_what_it_cannot_do():
+    from stpkeras.models import build_model
+
+    assert em.parse_pool("mean") == 0 and em.parse_pool("grid:4") == 4
+    for bad in ("grid", "grid:0", "grid:x", "max"):
+        with pytest.raises(ValueError, match=f"Expected 'mean' or 'grid:N'.*Received pool={bad!r}"):
+            em.parse_pool(bad)
+    spec = PatchSpec(4, 16, 16)
+    with pytest.raises(ValueError, match="multiples of 3"):
+        em.feature_model(build_model("stcnn", spec, 2, filters=4), "grid:3")   # a 4x4 map
+
+
 # --- the copy views ---------------------------------------------------------------------------------
 
 def _clip(t=8, h=32, w=32, seed=0):

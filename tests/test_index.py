@@ -199,6 +199,17 @@ def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_
     assert result.exit_code == 0, result.output
     found = {r["query"]: os.path.abspath(r["video"]) for r in map(json.loads, result.output.splitlines())}
     assert found == {q: os.path.abspath(s) for q, s in zip(queries, sources) if q in trimmed}
+    # --pool grid:2: 2x2 cells of 16 features; recorded, and `stp search` pools the queries the same way.
+    result = cli("index", run_dir, *[src / n for n in SAMPLES], "--out", tmp_path / "grid", "--pool", "grid:2")
+    assert result.exit_code == 0, result.output
+    grid_info = json.loads((tmp_path / "grid" / "index.json").read_text())
+    assert grid_info["pool"] == "grid:2" and grid_info["dim"] == 64 and info["pool"] == "mean"
+    result = cli("search", tmp_path / "grid", *queries, "-k", "1", "--json")
+    assert result.exit_code == 0, result.output
+    found = {r["query"]: os.path.abspath(r["video"]) for r in map(json.loads, result.output.splitlines())}
+    assert found == {q: os.path.abspath(s) for q, s in zip(queries, sources)}
+    result = cli("index", run_dir, src / SAMPLES[0], "--out", tmp_path / "bad", "--pool", "grid:0")
+    assert result.exit_code == 2 and "Expected 'mean' or 'grid:N'" in result.output and "grid:0" in result.output
 
 
 # --- windows: a query scored by its windows' best matches ------------------------------------------

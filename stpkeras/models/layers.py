@@ -215,6 +215,43 @@ class GlobalMean(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class GridMean(keras.layers.Layer):
+    """`[B, T, H, W, C]` -> `float32 [B, cells * cells * C]`: the mean over time and over each cell of a
+    `cells x cells` grid of the picture, each cell's `C` values L2-normalised, then divided by `cells`
+    so that the whole vector has norm 1. Unlike a global mean, it keeps where in the picture things
+    are (what tells two shots of one scene apart). H and W must be multiples of `cells`."""
+
+    def __init__(self, cells: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if int(cells) < 1:
+            raise ValueError(f"Invalid value for argument `cells`. Expected a strictly positive value. "
+                             f"Received cells={cells!r}")
+        self.cells = int(cells)
+
+    def build(self, input_shape):
+        _, _, h, w, _ = input_shape
+        if h % self.cells or w % self.cells:
+            raise ValueError(f"GridMean({self.cells}): the map's height and width must be multiples of "
+                             f"{self.cells}; received a map of shape {tuple(input_shape)}")
+
+    def call(self, x):
+        _, _, h, w, c = x.shape
+        n = self.cells
+        x = ops.mean(ops.cast(x, "float32"), axis=1)                                  # [B, H, W, C]
+        x = ops.reshape(x, (-1, n, h // n, n, w // n, c))
+        x = ops.mean(x, axis=(2, 4))                                                   # [B, n, n, C]
+        x = x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1e-12)
+        return ops.reshape(x, (-1, n * n * c)) / float(n)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.cells * self.cells * input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "cells": self.cells}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class MergeViews(keras.layers.Layer):
     """`[B, V, ...]` -> `[B * V, ...]`: every view goes through the encoder as its own patch."""
 
