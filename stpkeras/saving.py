@@ -24,6 +24,7 @@ DEFINED_IN = {
     "ResidualPixels": "stpkeras.models.layers",
     "SegmentationLoss": "stpkeras.models.segmentation",
     "GlobalMean": "stpkeras.models.layers",
+    "GridMean": "stpkeras.models.layers",
     "MergeViews": "stpkeras.models.layers",
     "SplitViews": "stpkeras.models.layers",
     "Destandardize": "stpkeras.models.regression",

@@ -420,8 +420,10 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
             probs = _softmax(mean)
             done = clock()
             busy += done - started
+            base = frames
             for i, (_, t, arrival) in enumerate(chunk):
-                index = frames + i
+                index = base + i
+                frames = index + 1   # counted as answered: a Ctrl-C between two answers leaves the count true
                 latencies.append(done - arrival)
                 if (index + 1) % config.every:
                     continue
@@ -431,7 +433,6 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
                 emit(Answer(index, float(t), labels[order[0]], float(probs[i, order[0]]),
                             tuple((labels[j], float(probs[i, j])) for j in order), (done - arrival) * 1000.0,
                             (index + 1) / max(done - first, 1e-9)))
-            frames += len(chunk)
             last = done
     except KeyboardInterrupt:
         ended, message = "interrupted", "SIGINT"

@@ -87,7 +87,7 @@ CASES = {
                     flags={"mixed_precision": True, "jit": True}, model="stcnn", augment=["flip"],
                     recorded={"value_loss": "huber"}, labels=["level", "brightness"],
                     check=lambda m, noisy: m["val_loss"] < 0.2),
-    "enhance": dict(task_options={"degrade": ["noise:25"]}, model_options={"filters": 8, "depth": 3}, lr=1e-2,
+    "enhance": dict(task_options={"degrade": ["noise:25"]}, model_options={"filters": 8, "depth": 3}, lr=3e-3,
                     model="dncnn3d", augment=["flip"], recorded={"degrade": ["noise:25"], "pixel_loss": "l1"},
                     check=lambda m, noisy: m["val_psnr"] > noisy + 0.2),      # the identity: the noisy input
     "embed": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
