@@ -102,7 +102,7 @@ class Budget:
             self.first_step_done = CLOCK()
         elif self.session_steps in ESTIMATE_AT and self.epochs_run == 0:
             self._measured(self.agree(CLOCK() - self.first_step_done) / (self.session_steps - 1))
-            self._expect(self.elapsed())
+            self._expect(self.elapsed(), self.initial_epoch * self.steps + self.session_steps)
         if self.session_steps % self.check_every == 0 and self.elapsed() >= self.seconds:
             self.stopped = "budget, within an epoch"
             return True
@@ -118,7 +118,7 @@ class Budget:
             self.stopped = "epochs"
             return True
         self._measured((elapsed - self.spent) / max(self.session_steps, 1))
-        self._expect(elapsed, epochs_done)
+        self._expect(elapsed, epochs_done * self.steps)
         if elapsed + self.per_step > self.seconds:
             self.stopped = "budget"
             return True
@@ -129,12 +129,9 @@ class Budget:
         self.per_step = max(per_step, 1e-9)
         self.check_every = int(min(max(CHECK_SECONDS // self.per_step, 1), CHECK_EVERY))
 
-    def _expect(self, elapsed: float, epochs_done: Optional[int] = None) -> None:
-        """Sets the schedule's expected steps: the steps done plus those that still fit, at most `cap_epochs`
-        epochs."""
-        done = (self.initial_epoch + self.epochs_run) * self.steps
-        if epochs_done is None:
-            done += self.session_steps - self.epochs_run * self.steps   # within the run's first epoch
+    def _expect(self, elapsed: float, done: int) -> None:
+        """Sets the schedule's expected steps: the `done` steps of the run plus those that still fit, at most
+        `cap_epochs` epochs."""
         fit = int(max(self.seconds - elapsed, 0.0) // self.per_step)
         total = min(max(done + fit, 1), self.cap_epochs * self.steps)
         self.schedule.total_steps.assign(float(total))

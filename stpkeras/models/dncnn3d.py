@@ -17,9 +17,10 @@ after two epochs where 5 layers reached 7.5).
 The ReLU layers start from He initialisation (variance 2 / fan-in, DnCNN's own;
 Keras's default Glorot start halves each ReLU layer's signal power): +1.1 dB
 at equal steps early in training (`benchmarks/enhance_probe.py`; the figures
-are on the benchmarks page, "Enhancement"). It also needs the learning-rate warmup of `stp train` (`--warmup`):
-with Adam's full-size first steps the zero-initialised output layer swings
-the ReLUs silent and the model stays the identity.
+are on the benchmarks page, "Enhancement"). It also needs the learning-rate
+warmup of `stp train` (`--warmup`): with Adam's full-size first steps the
+zero-initialised output layer swings the ReLUs silent and the model stays the
+identity.
 """
 
 from __future__ import annotations
