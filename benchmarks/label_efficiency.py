@@ -23,6 +23,7 @@ Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shlex
@@ -93,7 +94,8 @@ def pan_items(frames: list, n: int, part: str, seed: int):
     return items
 
 
-def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain_passes: int) -> dict:
+def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain_passes: int,
+               fractions=FRACTIONS) -> dict:
     """{fraction: converted folder}: the same validation split; the first fraction x `pool` training patches
     of one shuffled order (each class equally often), so a smaller subset is inside a larger one, repeated to
     `pool` records (an epoch is the same number of steps for every fraction: fewer epochs, so less of the
@@ -104,13 +106,15 @@ def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain
     train, held = pan_items(frames, pool, "train", 1000 + seed), pan_items(frames, val, "val", 2000)
     order = np.random.default_rng(seed).permutation(pool)
     folders = {}
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         subset = [train[i] for i in sorted(order[:max(BATCH, int(round(fraction * pool)))])]
         folders[fraction] = os.path.join(work, f"data-{int(fraction * 100)}")
         write_converted(folders[fraction], {"train": [subset[i % len(subset)] for i in range(pool)], "val": held},
                         CLASSES, shards=1)
     folders["unlabelled"] = os.path.join(work, "unlabelled")
-    write_converted(folders["unlabelled"], {"train": train * pretrain_passes}, CLASSES, shards=1)
+    # Validation patches (later frames of the same videos) give the masked-autoencoding run its held-out loss
+    # and the patches of its reconstructions.png.
+    write_converted(folders["unlabelled"], {"train": train * pretrain_passes, "val": held}, CLASSES, shards=1)
     return folders
 
 
@@ -133,6 +137,9 @@ def main() -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=40, help="pretraining passes over the pool")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--fractions", default="0.1,0.25,1.0", help="label fractions, comma-separated")
+    parser.add_argument("--keep", help="keep the data and run folders here (default: a temporary folder)")
+    parser.add_argument("--starts", default="scratch,embed,pretrain", help="starts, comma-separated")
     args = parser.parse_args()
     if args.quick:
         args.pool, args.val, args.epochs, args.pretrain_epochs = 128, 64, 3, 8
@@ -146,27 +153,31 @@ def main() -> int:
           f"vivit {dict(VIVIT)}, batch {BATCH}; fine-tuning {args.epochs} x {args.pool // BATCH} steps, "
           f"pretraining {args.pretrain_epochs} x {args.pool // BATCH} steps", flush=True)
     frames = video_frames(args.videos)
+    fractions = tuple(float(f) for f in args.fractions.split(","))
 
     def config(data, out, task, seed, epochs, **overrides):
         return benchmark_config(data, out, task, "vivit", VIVIT, BATCH, seed, lr=args.lr, epochs=epochs,
                                 shuffle_buffer=1024, **overrides)
 
     results = {}
-    with tempfile.TemporaryDirectory() as work:
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         for seed in (int(s) for s in args.seeds.split(",")):
             folders = write_data(os.path.join(work, f"seed{seed}"), frames, args.pool, args.val, seed,
-                                 args.pretrain_epochs)
+                                 args.pretrain_epochs, fractions)
             starts = {"scratch": None}
-            for task in ("embed", "pretrain"):
+            for task in (t for t in ("embed", "pretrain") if t in args.starts.split(",")):
                 out = os.path.join(work, f"seed{seed}", task)
                 options = (("mask_ratio", args.mask_ratio),) if task == "pretrain" else ()
-                record, seconds = run(config(folders["unlabelled"], out, task, seed, 1, val_split="none",
-                                             task_options=options))
-                print(f"seed {seed}: --task {task}: {seconds:.0f} s, final loss "
-                      f"{record['metrics']['final']['loss']:.3f}", flush=True)
+                record, seconds = run(config(folders["unlabelled"], out, task, seed, 1,
+                                             val_split="val" if task == "pretrain" else "none", task_options=options))
+                final = record["metrics"]["final"]
+                print(f"seed {seed}: --task {task}: {seconds:.0f} s, final loss {final['loss']:.3f}"
+                      + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""), flush=True)
                 starts[task] = out
-            for fraction in FRACTIONS:
+            for fraction in fractions:
                 for start, source in starts.items():
+                    if start not in args.starts.split(","):
+                        continue
                     out = os.path.join(work, f"seed{seed}", f"{start}-{int(fraction * 100)}")
                     record, seconds = run(config(folders[fraction], out, "classify", seed, args.epochs, augment=(),
                                                  init_from=source))
