@@ -26,8 +26,8 @@ import numpy as np
 # all can go below 0.24 (docs/stabilization.md, the benchmark clip at vid.stab's cropping).
 WEIGHTS = (10.0, 1.0, 10.0)
 ANCHOR_WEIGHT = 0.01           # per pixel from the anchor path: breaks ties among equally steady paths
-# v^2 >= 2 a |v| - a^2 at these a (pixels a frame): the LP's slack for a velocity is v^2 to within 0.025 px^2 up
-# to 8 px a frame, and grows linearly beyond.
+# v^2 >= 2 a |v| - a^2 at these a (pixels a frame; v counted from the anchor's velocity): the LP's slack for a
+# velocity is v^2 to within 0.016 px^2 below 1 px a frame and 6% of it up to 8 px, and grows linearly beyond.
 TANGENTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 STEERED = 3                    # x, y, rotation (log-scale is taken from the anchor)
 

@@ -153,6 +153,20 @@ def test_windowed_path_keeps_a_pan_and_a_full_crop_leaves_the_frames_alone():
                                atol=1e-6)
 
 
+def test_windowed_path_refuses_a_crop_with_no_room_for_the_zoom_correction():
+    """A zoom shake (log-scale) is corrected as the Gaussian path says; at a cropping ratio of 1 the frames it
+    shrinks would show borders, so no path fits: one error naming the zoom needed."""
+    from stpkeras.camera_paths import PathError
+
+    motions = np.zeros((39, 4))
+    motions[:, 3] = 0.01 * np.sin(np.arange(39) * 0.9)
+    trajectory = camera_path(motions)
+    with pytest.raises(PathError, match=r"no camera path fits a crop window of zoom 1\.000.*at least 1\.0"):
+        windowed_path(trajectory, smooth(trajectory, 25.0, 1.0), 90, 160, 1.0)
+    assert crop_zoom(windowed_path(trajectory, smooth(trajectory, 25.0, 1.0), 90, 160, 1.05) - trajectory,
+                     90, 160) <= 1.05 + 1e-6
+
+
 def test_true_motion_with_a_cropping_ratio_keeps_it_on_a_real_shaken_clip(tmp_path):
     """`--crop 0.85` on Big Buck Bunny (60 frames) shaken by the benchmark's path: the zoom is at most 1/0.85 and
     the residual jitter against the clean clip's own motion is below vid.stab's defaults on the benchmark (0.344
