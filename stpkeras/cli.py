@@ -1009,7 +1009,8 @@ def _crop_option(ctx, param, value):
 @click.option("--crop", default="auto", show_default=True, metavar="auto|none|RATIO", callback=_crop_option,
               help="auto: zoom in just enough (at most 1.5x) that no border shows; none: black borders; a cropping "
                    "ratio such as 0.85: the output shows that share of the frame, and the path is the steadiest "
-                   "one this crop leaves room for (then --smoothing only breaks ties).")
+                   "one this crop leaves room for, counted from the Gaussian path of --smoothing (so its pans are "
+                   "kept).")
 @click.option("--side-by-side", default=None, type=click.Path(dir_okay=False), metavar="FILE.mp4",
               help="Also write input | output side by side.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower: better).")

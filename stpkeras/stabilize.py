@@ -17,7 +17,7 @@ per frame, whatever the video's length and frame size:
    border shows (`crop="auto"`; `"none"` leaves black borders), and written at the source's rate with its
    audio copied. With a cropping ratio as `crop` (e.g. 0.85: the output shows 85% of the frame's width
    and height), the zoom is chosen first and the path is the steadiest one that this crop leaves room for
-   (`camera_paths.windowed_path`, nearest the Gaussian path among equals).
+   (`camera_paths.windowed_path`: its motion counted from the Gaussian path's, so a pan is kept).
 
 The result reports the three measures of Liu et al. 2013 ("Bundled camera paths for video
 stabilization") for input and output: cropping ratio (the scale left of the frame, mean over frames),
