@@ -987,6 +987,17 @@ def enhance_command(model, video, out, reference, overlap, lossless, crf, side_b
 # --- stabilize (a shaky video through a motion model) -----------------------------------------
 
 
+def _crop_option(ctx, param, value):
+    """--crop: auto, none, or a cropping ratio (`stabilize.crop_ratio`), checked before any work."""
+    from stpkeras.stabilize import crop_ratio
+
+    try:
+        ratio = crop_ratio(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return value if ratio is None else ratio
+
+
 @main.command("stabilize")
 @click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
 @click.argument("video", type=click.Path(exists=True, dir_okay=False))
@@ -995,8 +1006,11 @@ def enhance_command(model, video, out, reference, overlap, lossless, crf, side_b
 @click.option("--smoothing", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               metavar="SECONDS", help="Sigma of the Gaussian that smooths the camera path (larger: steadier, "
                                       "more cropping).")
-@click.option("--crop", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
-              help="auto: zoom in just enough (at most 1.5x) that no border shows; none: black borders.")
+@click.option("--crop", default="auto", show_default=True, metavar="auto|none|RATIO", callback=_crop_option,
+              help="auto: zoom in just enough (at most 1.5x) that no border shows; none: black borders; a cropping "
+                   "ratio such as 0.85: the output shows that share of the frame, and the path is the steadiest "
+                   "one this crop leaves room for, counted from the Gaussian path of --smoothing (so its pans are "
+                   "kept).")
 @click.option("--side-by-side", default=None, type=click.Path(dir_okay=False), metavar="FILE.mp4",
               help="Also write input | output side by side.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower: better).")

@@ -15,7 +15,9 @@ per frame, whatever the video's length and frame size:
    `smoothing` seconds), and each frame is warped (similarity, bilinear) by the difference between the
    smoothed and the original path, zoomed about the centre by one factor for the whole video so no
    border shows (`crop="auto"`; `"none"` leaves black borders), and written at the source's rate with its
-   audio copied.
+   audio copied. With a cropping ratio as `crop` (e.g. 0.85: the output shows 85% of the frame's width
+   and height), the zoom is chosen first and the path is the steadiest one that this crop leaves room for
+   (`camera_paths.windowed_path`: its motion counted from the Gaussian path's, so a pan is kept).
 
 The result reports the three measures of Liu et al. 2013 ("Bundled camera paths for video
 stabilization") for input and output: cropping ratio (the scale left of the frame, mean over frames),
@@ -42,7 +44,7 @@ from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_SMOOTHING = 1.0   # seconds: the Gaussian's sigma along the path
 MAX_ZOOM = 1.5            # crop=auto zooms at most this much; borders may show on the frames that need more
-CROPS = ("auto", "none")
+CROPS = ("auto", "none")   # or a cropping ratio in [1 / MAX_ZOOM, 1]
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -234,6 +236,21 @@ def smooth(path: np.ndarray, fps: float, smoothing: float) -> np.ndarray:
     return gaussian_filter1d(path - line, sigma=smoothing * fps, axis=0, mode="reflect") + line
 
 
+def crop_ratio(crop) -> Optional[float]:
+    """`crop` ("auto", "none", or a cropping ratio as a number or its text) -> the ratio, or None for the
+    two names. Raises ValueError for anything else."""
+    if crop in CROPS:
+        return None
+    try:
+        ratio = float(crop)
+    except (TypeError, ValueError):
+        ratio = None
+    if ratio is None or not 1.0 / MAX_ZOOM <= ratio <= 1.0:
+        raise ValueError(f"Invalid value for argument `crop`. Expected one of {CROPS} or a cropping ratio in "
+                         f"[{1 / MAX_ZOOM:.3f}, 1]. Received crop={crop!r}")
+    return ratio
+
+
 def _inverse_maps(correction: np.ndarray, zoom: float):
     """Output -> input maps `(A [N, 2, 2], b [N, 2])` that move frame t's content by `correction[t]`
     (dx, dy, rotation, log-scale, about the centre) and zoom by `zoom`: p_in = e^-s R(-r) (p_out / zoom - d)."""
@@ -370,6 +387,7 @@ class StabilizeResult:
     width: int = 0
     fps: float = 0.0
     smoothing: float = DEFAULT_SMOOTHING
+    crop: str = "auto"
     zoom: float = 1.0
     audio: bool = False
     seconds: float = 0.0
@@ -426,7 +444,7 @@ class _Renderer:
         self.audio_copied, self.audio = bool(self.audio and self.audio.copied), None
 
 
-def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFAULT_SMOOTHING, crop: str = "auto",
+def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFAULT_SMOOTHING, crop="auto",
            side_by_side: Optional[str] = None, crf: int = 18, measure: Optional[MotionModel] = None,
            measure_spec: Optional[PatchSpec] = None, batch_size: int = DEFAULT_BATCH_SIZE,
            max_pixels: Optional[int] = None) -> StabilizeResult:
@@ -435,15 +453,21 @@ def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFA
     With `measure` (a motion model and its `measure_spec`), the output's path is measured on its frames;
     without, it is taken to be the smoothed path. Outputs are written atomically and never over `path`.
     """
-    if crop not in CROPS:
-        raise ValueError(f"Invalid value for argument `crop`. Expected one of {CROPS}. Received crop={crop!r}")
+    ratio = crop_ratio(crop)
     for written in (out, side_by_side):
         outputs.check_not_input(written, [path])
     started = time.perf_counter()
     trajectory = camera_path(motion.motions)
     smoothed = smooth(trajectory, motion.fps, smoothing)
+    if ratio is not None:
+        from stpkeras.camera_paths import PathError, windowed_path
+
+        try:
+            smoothed = windowed_path(trajectory, smoothed, motion.height, motion.width, 1.0 / ratio)
+        except PathError as e:
+            raise StabilizeError(f"{path}: --crop {ratio:g}: {e}") from e
     correction = smoothed - trajectory
-    zoom = crop_zoom(correction, motion.height, motion.width) if crop == "auto" else 1.0
+    zoom = crop_zoom(correction, motion.height, motion.width) if crop != "none" else 1.0
     a, b = _inverse_maps(correction, zoom)
     transforms = projective_transforms(a.astype(np.float32), b.astype(np.float32), motion.height, motion.width)
     fill = "CONSTANT" if crop == "none" else "NEAREST"  # beyond MAX_ZOOM: smear the edge rather than show black
@@ -466,7 +490,7 @@ def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFA
                 rendered.close()
     output_path = camera_path(rendered.measure.finish()) if rendered.measure is not None else smoothed
     result = StabilizeResult(video=path, out=out, frames=len(trajectory), height=motion.height, width=motion.width,
-                             fps=motion.fps, smoothing=smoothing, zoom=zoom,
+                             fps=motion.fps, smoothing=smoothing, crop=str(crop), zoom=zoom,
                              audio=rendered.audio_copied, side_by_side=side_by_side)
     result.input = {**stability_score(trajectory), "cropping": 1.0, "distortion": 1.0}
     result.output = {**stability_score(output_path), **warp_measures(correction, zoom)}
@@ -476,7 +500,7 @@ def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFA
 
 
 def stabilize_video(model: KerasMotion, path: str, out: str, *, smoothing: float = DEFAULT_SMOOTHING,
-                    crop: str = "auto", side_by_side: Optional[str] = None, crf: int = 18,
+                    crop="auto", side_by_side: Optional[str] = None, crf: int = 18,
                     batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None) -> StabilizeResult:
     """Estimates the camera motion of `path` with `model`, then renders it stabilized into `out`."""
     for written in (out, side_by_side):
