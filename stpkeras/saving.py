@@ -45,6 +45,8 @@ DEFINED_IN = {
     "Correlation": "stpkeras.models.motion",
     "FrameContrast": "stpkeras.models.motion",
     "FramePairs": "stpkeras.models.motion",
+    "GlobalCorrelation": "stpkeras.models.softmotion",
+    "SoftArgmax": "stpkeras.models.softmotion",
 }
 
 

@@ -497,7 +497,10 @@ class Stabilize(Task):
         if model in ENHANCE_MODELS:
             raise ValueError(f"Invalid value for argument `model`. {model!r} outputs pixels (task enhance); "
                              "task stabilize needs motionnet or a backbone with a vector output (e.g. c3d)")
+        from stpkeras.models import PIXEL_MOTION_MODELS
         std = self._std(spec.frames - 1)
+        if model in PIXEL_MOTION_MODELS:
+            std = (1.0,) * len(std)  # its outputs are pixels already (a soft-argmax), not standardised values
         return build_regressor(model, spec, (0.0,) * len(std), std, **dict(options))
 
     def loss(self):

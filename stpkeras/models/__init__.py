@@ -21,6 +21,7 @@ from stpkeras.models.dncnn3d import build_dncnn3d
 from stpkeras.models.motion import build_corrnet, build_motionnet
 from stpkeras.models.r2plus1d import build_r2plus1d
 from stpkeras.models.resnet3d import build_resnet3d
+from stpkeras.models.softmotion import build_softmotion
 from stpkeras.models.segmentation import SegmentationLoss  # noqa: F401  registered: segment runs load with it
 from stpkeras.models.stcnn import build_stcnn
 from stpkeras.models.unet3d import build_unet3d
@@ -36,11 +37,14 @@ MODELS: Dict[str, Callable] = {
     "dncnn3d": build_dncnn3d,
     "motionnet": build_motionnet,
     "corrnet": build_corrnet,
+    "softmotion": build_softmotion,
 }
 # Families that output pixels (input + residual), not logits: the models of `--task enhance`.
 ENHANCE_MODELS = ("unet3d", "dncnn3d")
 # Families that output values per pair of neighbouring frames: the default of `--task stabilize`.
-MOTION_MODELS = ("motionnet",)
+MOTION_MODELS = ("motionnet", "softmotion")
+# Motion models whose outputs are model pixels by construction (a soft-argmax): not de-standardised.
+PIXEL_MOTION_MODELS = ("softmotion",)
 
 
 def model_names() -> Tuple[str, ...]:
