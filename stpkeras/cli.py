@@ -559,7 +559,7 @@ def _shake_limits(text: str):
               help="Run folder: run.json, best.keras, last.keras, history.csv, logs/, curves.png, backup/.")
 @click.option("--model", "model_name", default=None,
               type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d", "motionnet",
-                                 "corrnet"]),
+                                 "corrnet", "softmotion"]),
               help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment, motionnet for "
                    "stabilize).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",

@@ -28,7 +28,7 @@ def test_registry_lists_the_six_families():
     # ... (corrnet: the motion classifier), the two enhancement families (pixels out, tested in test_enhance.py)
     # and the motion model of --task stabilize (values per frame pair, tested in test_stabilize.py).
     assert set(model_names()) == {"stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d",
-                                  "motionnet", "corrnet"}
+                                  "motionnet", "corrnet", "softmotion"}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
