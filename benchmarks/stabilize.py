@@ -183,6 +183,8 @@ def main() -> None:
             report["model motion estimate"] = {
                 name: {"r": float(np.corrcoef(estimate[:, k], truth[:, k])[0, 1]),
                        "mae_px": float(np.abs(estimate[:, k] - truth[:, k]).mean()),
+                       # the gain: a model's must be within ~3% of 1 (docs/stabilization.md)
+                       "slope": float(np.polyfit(truth[:, k], estimate[:, k], 1)[0]),
                        "mean_abs_true_px": float(np.abs(truth[:, k]).mean())}
                 for k, name in enumerate(("dx", "dy"))}
         rows.update(baselines)

@@ -61,9 +61,6 @@ class GlobalCorrelation(keras.layers.Layer):
         """`[B, T, h, w, C]` -> `[B, T-1, D, D]` (D = 2r + 1)."""
         r = self.radius
         _, _, h, w, c = x.shape
-        if r >= min(h, w):
-            raise ValueError(f"Invalid value for argument `radius`. Expected less than the region's size "
-                             f"({h}x{w}). Received radius={r}")
         # A Hann taper, and the correlation divided by the taper's own: the region's edges do not pull the peak,
         # neither towards 0 (no division: fewer products overlap at larger shifts) nor away from it (a division
         # by the overlap's area alone: measured, a shift of 2.5 px read as 3.0 on bikes.mp4).
@@ -89,6 +86,12 @@ class GlobalCorrelation(keras.layers.Layer):
         corr = ops.roll(corr, (r, r), axis=(2, 3))[:, :, :2 * r + 1, :2 * r + 1]  # d = -r..r
         return corr / ops.convert_to_tensor(envelope, "float32")
 
+    def build(self, input_shape):
+        _, _, h, w, _ = input_shape
+        if self.radius >= min(h, w) // 2:
+            raise ValueError(f"Invalid value for argument `radius`. Expected less than the size of a quarter of the "
+                             f"frame ({h // 2}x{w // 2}). Received radius={self.radius}")
+
     def call(self, x):
         _, _, h, w, _ = x.shape
         return ops.stack([self._region(x[:, :, top:bottom, left:right])
@@ -110,12 +113,14 @@ class SoftArgmax(keras.layers.Layer):
     `shake.motion_units`).
 
     Each region's displacement is the expected one under softmax(correlation / temperature) over the
-    displacements within `window` of the whole frame's best integer one (one temperature, learned, kept
-    positive as exp(log_temperature)). dx, dy: the whole frame's. Rotation and log-scale: the least-squares
+    displacements within `window` of the whole frame's best integer one, then `iterations - 1` times again
+    within `window` of the last estimate (one temperature, learned, kept positive as exp(log_temperature)).
+    dx, dy: the whole frame's. Rotation and log-scale: the least-squares
     fit of u_i = shift + rotation * (-y_i, x_i) + log_scale * (x_i, y_i) to the quadrants' displacements u_i
     at their centres (x_i, y_i) (small angles), where the shift drops out (the centres sum to zero)."""
 
-    def __init__(self, height: int, width: int, window: int = 2, temperature: float = 0.05, **kwargs):
+    def __init__(self, height: int, width: int, window: int = 2, temperature: float = 0.05, iterations: int = 3,
+                 **kwargs):
         super().__init__(**kwargs)
         self.height, self.width = int(height), int(width)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -124,7 +129,10 @@ class SoftArgmax(keras.layers.Layer):
         if not float(temperature) > 0:
             raise ValueError(f"Invalid value for argument `temperature`. Expected a strictly positive value. "
                              f"Received temperature={temperature!r}")
-        self.window, self.temperature = window, float(temperature)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ValueError(f"Invalid value for argument `iterations`. Expected an integer >= 1. "
+                             f"Received iterations={iterations!r}")
+        self.window, self.temperature, self.iterations = window, float(temperature), iterations
 
     def build(self, input_shape):
         self.log_temperature = self.add_weight(
@@ -139,10 +147,21 @@ class SoftArgmax(keras.layers.Layer):
         best_y = ops.cast(best // d, "float32")[:, :, None, None, None] - r
         best_x = ops.cast(best % d, "float32")[:, :, None, None, None] - r
         dy, dx = offsets[:, None], offsets[None, :]
-        near = ops.logical_and(ops.abs(dy - best_y) <= self.window, ops.abs(dx - best_x) <= self.window)
-        logits = ops.where(near, costs / ops.exp(self.log_temperature), -1e9)  # [B, P, 5, D, D]
-        weights = ops.reshape(ops.softmax(ops.reshape(logits, (-1, d * d)), axis=-1), ops.shape(costs))
-        u = ops.stack([ops.sum(weights * dx, axis=(3, 4)), ops.sum(weights * dy, axis=(3, 4))], -1)  # [B, P, 5, 2]
+        z = costs / ops.exp(self.log_temperature)                                     # [B, P, 5, D, D]
+        # Each region's expected displacement under softmax(z), within a box of half-width window + 1/2 about a
+        # centre: first the whole frame's best integer displacement, then the last estimate, box edges counted
+        # in part. A box that is not centred on the peak cuts more of one tail than of the other and pulls the
+        # mean with it (1.5 px read as 1.6); re-centred, the mean of a symmetric peak is its centre.
+        centre_x, centre_y = best_x, best_y
+        for _ in range(self.iterations):
+            box = (ops.clip(self.window + 0.5 - ops.abs(dx - centre_x), 0.0, 1.0)
+                   * ops.clip(self.window + 0.5 - ops.abs(dy - centre_y), 0.0, 1.0))
+            top = ops.max(ops.where(box > 0, z, -1e9), axis=(3, 4), keepdims=True)
+            weights = box * ops.exp(ops.minimum(z - top, 0.0))
+            weights = weights / ops.sum(weights, axis=(3, 4), keepdims=True)
+            centre_x = ops.sum(weights * dx, axis=(3, 4), keepdims=True)
+            centre_y = ops.sum(weights * dy, axis=(3, 4), keepdims=True)
+        u = ops.concatenate([centre_x[..., 0], centre_y[..., 0]], -1)                 # [B, P, 5, 2]
         centres = [((left + right - 1) / 2 - (self.width - 1) / 2, (top + bottom - 1) / 2 - (self.height - 1) / 2)
                    for top, bottom, left, right in _quadrants(self.height, self.width)[1:]]
         norm = sum(x * x + y * y for x, y in centres)
@@ -156,7 +175,7 @@ class SoftArgmax(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "height": self.height, "width": self.width, "window": self.window,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "iterations": self.iterations}
 
 
 def build_softmotion(spec, num_classes: int, *, features: int = 8, radius: int = 0, sigma: float = 1.0,
