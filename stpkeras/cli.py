@@ -560,7 +560,7 @@ def _shake_limits(text: str):
 @click.option("--model", "model_name", default=None,
               type=click.Choice(["stcnn", "c3d", "r2plus1d", "resnet3d", "vivit", "unet3d", "dncnn3d", "motionnet",
                                  "corrnet", "softmotion"]),
-              help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment, motionnet for "
+              help="Model family (default: stcnn; dncnn3d for --task enhance, unet3d for segment, softmotion for "
                    "stabilize).")
 @click.option("--model-arg", "model_args", multiple=True, callback=_model_args, metavar="KEY=VALUE",
               help="A model option, repeatable (e.g. filters=16, kernel_size=[3,5,5], width=full, depth=34).")

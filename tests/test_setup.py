@@ -103,9 +103,9 @@ CASES = {
                     model="unet3d", augment=["crop", "color"], recorded={"dice": 1.0},
                     check=lambda m, noisy: m["val_mean_iou"] > 0.4),          # all background: about 0.25
     # The shake's motion of the step edge: whether the model learns is checked in test_stabilize.py; here
-    # that both loops train the same motionnet from the same shaken elements (a zero estimate errs ~0.3 px).
-    "stabilize": dict(task_options={}, model_options={"widths": [4, 8], "dense": 16, "radius": 1}, lr=1e-2,
-                      model="motionnet", augment=["flip", "color"],
+    # that both loops train the same softmotion from the same shaken elements (a zero estimate errs ~0.3 px).
+    "stabilize": dict(task_options={}, model_options={"features": 4}, lr=1e-2,
+                      model="softmotion", augment=["flip", "color"],
                       recorded={"degrees": 1.5, "shift": 0.5, "zoom_percent": 2.0},
                       check=lambda m, noisy: m["val_motion_error"] < 1.0),
 }
@@ -174,7 +174,7 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
                                                   ("embed", "stcnn", COPY_AUGMENT),
                                                   ("pretrain", "vivit", ("flip", "crop")),
                                                   ("segment", "unet3d", ("crop", "color")),
-                                                  ("stabilize", "motionnet", ("flip", "color"))])
+                                                  ("stabilize", "softmotion", ("flip", "color"))])
 def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
     config = TrainConfig(data="data", out="run", task=task)
     assert (config.model, config.augment) == (model, augment)

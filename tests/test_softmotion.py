@@ -54,7 +54,7 @@ STEPS = [(1.5, -0.75), (0.25, 2.5), (-4.25, 0.5), (3.75, -3.25)]
 
 
 def test_the_head_reads_a_known_sub_pixel_shift_of_a_real_frame():
-    """Without training: dx, dy of every pair within 0.1 model px of the truth (pixel-locking would read 1.5 as
+    """Without training: dx, dy of every pair within 0.12 model px of the truth (pixel-locking would read 1.5 as
     1 or 2), and one fit over all the shifts has a gain within 2% of 1 (the model's pixels by construction)."""
     frame = _fine_frame()
     head = _head()
@@ -62,7 +62,7 @@ def test_the_head_reads_a_known_sub_pixel_shift_of_a_real_frame():
     for step in STEPS:
         grey = _moving(frame, step).astype(np.float32).mean(-1, keepdims=True)
         out = np.asarray(head(grey[None]))[0]          # [3 pairs, 4]
-        np.testing.assert_allclose(out[:, :2], np.tile(step, (3, 1)), atol=0.1, err_msg=f"step {step}")
+        np.testing.assert_allclose(out[:, :2], np.tile(step, (3, 1)), atol=0.12, err_msg=f"step {step}")
         estimates.append(out[:, :2].ravel())
         truths.append(np.tile(step, 3))
     gain = np.polyfit(np.concatenate(truths), np.concatenate(estimates), 1)[0]
