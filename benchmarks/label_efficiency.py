@@ -16,8 +16,8 @@ also mean fewer steps, and so about the same wall time. Accuracy is the best val
 split is the same for all rows); wall time is fine-tuning alone, pretraining is timed on its own line. Rows are
 means over `--seeds`, with the range.
 
-Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1] [--videos DIR]
-     [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40]
+Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1] [--videos DIR] [--keep DIR]
+     [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40] [--fractions 0.1,0.25,1.0] [--starts ...]
 """
 
 from __future__ import annotations
