@@ -8,7 +8,8 @@ frame, the one with the least total squared velocity, |acceleration| and |jerk| 
 linear programme (scipy's HiGHS; the square by its tangents). All three are counted relative to an anchor
 path (the Gaussian-smoothed one): a pan that the Gaussian keeps costs nothing, so it is kept, and only
 what the anchor path cannot do inside the window is traded off. The crop is chosen first and the path makes
-the most of it, where a Gaussian's path decides the crop. The rotation's effect on the window is
+the most of it, where a Gaussian's path decides the crop. `crop_zoom` is the smallest zoom a correction needs (what
+`--crop auto` uses); `stpkeras.stabilize` imports from here, never the other way. The rotation's effect on the window is
 linearised (|rotation x correction| is below a pixel for shakes of a few degrees and tens of pixels); the
 rare excess is taken back by solving again in a window shrunk by it.
 """
@@ -18,6 +19,9 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+
+from stpkeras.shake import similarity
+from tfrecords_tools.errors import BadInput
 
 # velocity^2, |acceleration|, |jerk| per frame (pixels): Grundmann et al. weigh |velocity|, |acceleration|,
 # |jerk| 10, 1, 100. The velocity is what a viewer sees as residual motion, and its square spreads a move
@@ -30,10 +34,41 @@ ANCHOR_WEIGHT = 0.01           # per pixel from the anchor path: breaks ties amo
 # velocity is v^2 to within 0.016 px^2 below 1 px a frame and 6% of it up to 8 px, and grows linearly beyond.
 TANGENTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 STEERED = 3                    # x, y, rotation (log-scale is taken from the anchor)
+MAX_ZOOM = 1.5                 # crop=auto zooms at most this much; borders may show on the frames that need more
 
 
-class PathError(ValueError):
+class PathError(BadInput, ValueError):
     """No path fits the crop window (a zoom that leaves no room for the anchor's scale correction)."""
+
+
+def inverse_maps(correction: np.ndarray, zoom: float):
+    """Output -> input maps `(A [N, 2, 2], b [N, 2])` that move frame t's content by `correction[t]`
+    (dx, dy, rotation, log-scale, about the centre) and zoom by `zoom`: p_in = e^-s R(-r) (p_out / zoom - d)."""
+    c = np.asarray(correction, np.float64)
+    a, _ = similarity(-c[:, 2], -c[:, 3], c[:, 0], c[:, 1], zoom=zoom)
+    b = -zoom * np.einsum("nij,nj->ni", a, c[:, :2])
+    return a, b
+
+
+def crop_zoom(correction: np.ndarray, height: int, width: int, max_zoom: float = MAX_ZOOM) -> float:
+    """The smallest zoom (<= `max_zoom`) at which every corrected frame covers the whole output."""
+    half = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    corners = np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * half
+
+    def covers(zoom):
+        a, b = inverse_maps(correction, zoom)
+        q = np.einsum("nij,kj->nki", a, corners) + b[:, None, :]
+        return bool(np.all(np.abs(q) <= half + 1e-6))
+
+    if covers(1.0):
+        return 1.0
+    if not covers(max_zoom):
+        return float(max_zoom)
+    lo, hi = 1.0, float(max_zoom)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if covers(mid) else (mid, hi)
+    return hi
 
 
 def _differences(n: int, order: int):
@@ -124,8 +159,6 @@ def windowed_path(path: np.ndarray, anchor: np.ndarray, height: int, width: int,
     `anchor [N, 4]` (e.g. the Gaussian-smoothed path): its log-scale is taken as it is, velocity,
     acceleration and jerk are counted relative to its own, and among equally steady paths the LP picks the
     one nearest to it. Raises `PathError` where no path fits."""
-    from stpkeras.stabilize import crop_zoom
-
     if zoom < 1.0:
         raise ValueError(f"Invalid value for argument `zoom`. Expected a value >= 1. Received zoom={zoom!r}")
     path, anchor = np.asarray(path, np.float64), np.asarray(anchor, np.float64)

@@ -37,13 +37,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from stpkeras import artifacts
-from stpkeras.shake import MOTION, ZOOM, motion_units, projective_transforms, similarity
+from stpkeras.camera_paths import MAX_ZOOM, crop_zoom, inverse_maps
+from stpkeras.shake import MOTION, ZOOM, motion_units, projective_transforms
 from tfrecords_tools import outputs
 from tfrecords_tools.errors import BadInput
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_SMOOTHING = 1.0   # seconds: the Gaussian's sigma along the path
-MAX_ZOOM = 1.5            # crop=auto zooms at most this much; borders may show on the frames that need more
 CROPS = ("auto", "none")   # or a cropping ratio in [1 / MAX_ZOOM, 1]
 DEFAULT_BATCH_SIZE = 8
 
@@ -251,36 +251,6 @@ def crop_ratio(crop) -> Optional[float]:
     return ratio
 
 
-def _inverse_maps(correction: np.ndarray, zoom: float):
-    """Output -> input maps `(A [N, 2, 2], b [N, 2])` that move frame t's content by `correction[t]`
-    (dx, dy, rotation, log-scale, about the centre) and zoom by `zoom`: p_in = e^-s R(-r) (p_out / zoom - d)."""
-    c = np.asarray(correction, np.float64)
-    a, _ = similarity(-c[:, 2], -c[:, 3], c[:, 0], c[:, 1], zoom=zoom)
-    b = -zoom * np.einsum("nij,nj->ni", a, c[:, :2])
-    return a, b
-
-
-def crop_zoom(correction: np.ndarray, height: int, width: int, max_zoom: float = MAX_ZOOM) -> float:
-    """The smallest zoom (<= `max_zoom`) at which every corrected frame covers the whole output."""
-    half = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
-    corners = np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * half
-
-    def covers(zoom):
-        a, b = _inverse_maps(correction, zoom)
-        q = np.einsum("nij,kj->nki", a, corners) + b[:, None, :]
-        return bool(np.all(np.abs(q) <= half + 1e-6))
-
-    if covers(1.0):
-        return 1.0
-    if not covers(max_zoom):
-        return float(max_zoom)
-    lo, hi = 1.0, float(max_zoom)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if covers(mid) else (mid, hi)
-    return hi
-
-
 # --- measures (Liu et al. 2013) -----------------------------------------------------------------
 
 
@@ -304,7 +274,7 @@ def stability_score(path: np.ndarray) -> Dict[str, float]:
 def warp_measures(correction: np.ndarray, zoom: float) -> Dict[str, float]:
     """Cropping ratio (mean over frames of the linear scale from input to output, 1/(zoom e^s)) and distortion
     (worst frame's ratio of the two singular values of the warp's linear part: 1 for a similarity)."""
-    a, _ = _inverse_maps(correction, zoom)
+    a, _ = inverse_maps(correction, zoom)
     singular = np.linalg.svd(a, compute_uv=False)
     return {"cropping": float(np.mean(1.0 / (zoom * np.exp(np.asarray(correction)[:, 3])))),
             "distortion": float(np.min(singular[:, 1] / singular[:, 0]))}
@@ -468,7 +438,7 @@ def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFA
             raise StabilizeError(f"{path}: --crop {ratio:g}: {e}") from e
     correction = smoothed - trajectory
     zoom = crop_zoom(correction, motion.height, motion.width) if crop != "none" else 1.0
-    a, b = _inverse_maps(correction, zoom)
+    a, b = inverse_maps(correction, zoom)
     transforms = projective_transforms(a.astype(np.float32), b.astype(np.float32), motion.height, motion.width)
     fill = "CONSTANT" if crop == "none" else "NEAREST"  # beyond MAX_ZOOM: smear the edge rather than show black
     with contextlib.ExitStack() as stack:

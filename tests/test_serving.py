@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,6 +158,11 @@ def test_timeout_is_retried_then_reported(exported, api):
         with serving.connect(urls(slow)[api], timeout_s=0.2, retries=1, backoff_s=0.01) as client:
             with pytest.raises(serving.ServingTimeout, match=r"no answer within 0.2s.*gave up after 2 tries"):
                 client.predict({ex.PATCHES: np.zeros((1, *SPEC.shape), np.uint8)})
+        # The retry's request may still be read by the server's thread when the client gives up on it (a loaded
+        # machine): wait for it to be recorded, well inside the server's 1 s delay.
+        deadline = time.monotonic() + 5.0
+        while len(slow.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(slow.requests) == 2  # the first try and one retry reached the server
 
 
