@@ -121,6 +121,22 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+def _checked_by(module: str, function: str):
+    """A click callback that passes the value to `module.function` (imported when the option is parsed, so
+    `stp` starts without TensorFlow), turns its ValueError into click's usage error, and keeps the value."""
+
+    def callback(ctx, param, value):
+        import importlib
+
+        try:
+            getattr(importlib.import_module(module), function)(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+        return value
+
+    return callback
+
+
 def _pairs_option(ctx, param, value):
     """`--pairs CODEC:CRFS` -> its canonical string (`tfrecords_tools.codec`), checked."""
     if not value:
@@ -827,16 +843,6 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
 # --- index / search (run folder or export + videos -> index folder -> nearest videos) -------------
 
 
-def _pool(ctx, param, value):
-    from stpkeras.embedding import parse_pool
-
-    try:
-        parse_pool(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
-    return value
-
-
 @main.command("index")
 @click.argument("model", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True), metavar="VIDEOS_OR_DATA...")
@@ -854,7 +860,8 @@ def _pool(ctx, param, value):
 @click.option("--aggregate", type=click.Choice(["windows", "mean"]), default="windows", show_default=True,
               help="windows: keep one embedding per temporal window and score a query by its windows' best "
                    "matches (finds trimmed and shifted copies); mean: one embedding a video (semantic retrieval).")
-@click.option("--pool", default="mean", show_default=True, metavar="mean|grid:N", callback=_pool,
+@click.option("--pool", default="mean", show_default=True, metavar="mean|grid:N",
+              callback=_checked_by("stpkeras.embedding", "parse_pool"),
               help="How a patch's last feature map becomes its features: mean: the global average; grid:N: the "
                    "average over time and over each cell of an N x N grid (keeps the picture's layout; for "
                    "finding copies). grid:N needs an stcnn-family model (run folder or .keras). Recorded in "
@@ -1069,18 +1076,9 @@ def dispatcher_command(port, work_dir, worker_timeout):
     server.join()
 
 
-def _dispatcher_option(ctx, param, value):
-    """`--dispatcher`: grpc://HOST:PORT or HOST:PORT, checked before anything starts."""
-    from stpkeras.supervise import service_address
-    try:
-        service_address(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
-    return value
-
-
 @data_service_group.command("worker")
-@click.option("--dispatcher", required=True, metavar="HOST:PORT", callback=_dispatcher_option,
+@click.option("--dispatcher", required=True, metavar="HOST:PORT",
+              callback=_checked_by("stpkeras.supervise", "service_address"),  # checked before anything starts
               help="The dispatcher to register with.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port to listen on (0: any).")
 @click.option("--host", default=None, metavar="HOST",
