@@ -134,10 +134,14 @@ def triple(value, name: str) -> Tuple[int, int, int]:
 
 
 def positive_ints(values: Sequence[int], name: str) -> Tuple[int, ...]:
-    values = (values,) if isinstance(values, int) else tuple(values)
+    given = values
+    try:
+        values = tuple(values)
+    except TypeError:           # one value (an int, or anything else that is then refused below)
+        values = (values,)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
         raise ValueError(f"Invalid value for argument `{name}`. Expected strictly positive integers. "
-                         f"Received {name}={values!r}")
+                         f"Received {name}={given!r}")
     return values
 
 

@@ -52,10 +52,7 @@ class GlobalCorrelation(keras.layers.Layer):
             raise ValueError(f"Invalid value for argument `sigma`. Expected a value >= 0 (pixels; 0: no smoothing). "
                              f"Received sigma={sigma!r}")
         self.sigma = float(sigma)
-        if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
-            raise ValueError(f"Invalid value for argument `radius`. Expected an integer >= 1. "
-                             f"Received radius={radius!r}")
-        self.radius, self.epsilon = radius, float(epsilon)
+        self.radius, self.epsilon = layers.positive_ints(radius, "radius")[0], float(epsilon)
 
     def _region(self, x):
         """`[B, T, h, w, C]` -> `[B, T-1, D, D]` (D = 2r + 1)."""
@@ -123,16 +120,11 @@ class SoftArgmax(keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         self.height, self.width = int(height), int(width)
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"Invalid value for argument `window`. Expected an integer >= 1. "
-                             f"Received window={window!r}")
         if not float(temperature) > 0:
             raise ValueError(f"Invalid value for argument `temperature`. Expected a strictly positive value. "
                              f"Received temperature={temperature!r}")
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ValueError(f"Invalid value for argument `iterations`. Expected an integer >= 1. "
-                             f"Received iterations={iterations!r}")
-        self.window, self.temperature, self.iterations = window, float(temperature), iterations
+        self.window, self.temperature = layers.positive_ints(window, "window")[0], float(temperature)
+        self.iterations = layers.positive_ints(iterations, "iterations")[0]
 
     def build(self, input_shape):
         self.log_temperature = self.add_weight(
