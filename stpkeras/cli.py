@@ -1001,7 +1001,7 @@ def _crop_option(ctx, param, value):
     try:
         ratio = crop_ratio(value)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
     return value if ratio is None else ratio
 
 

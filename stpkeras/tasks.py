@@ -446,12 +446,13 @@ class Stabilize(Task):
     are ignored.
 
     The default model, `softmotion`, reads each pair's motion off a cost volume by soft-argmax, in model
-    pixels by construction (docs/stabilization.md: on unseen footage its gain is 0.99-1.00 where the regressor
-    `motionnet` had 0.6); `motionnet` keeps the frames' layout up to a per-pair regression head (a pooled
-    classifier backbone cannot see where things moved). The model ends in a layer that de-standardises its outputs
-    (`stpkeras.models.regression`) by `motion_std`, the deviation of each component over the shakes the task
-    draws (`shake.motion_std`, set by `for_data`), and the Huber loss is taken on that standardised scale,
-    so the four components weigh alike. The metric is the mean absolute error in pixels."""
+    pixels by construction (docs/stabilization.md: on unseen footage its gain is 0.99-1.00 where the
+    regressor `motionnet` had 0.6); `motionnet` keeps the frames' layout up to a per-pair regression head (a
+    pooled classifier backbone cannot see where things moved). The model ends in a layer that de-standardises
+    its outputs (`stpkeras.models.regression`) by `motion_std`, the deviation of each component over the
+    shakes the task draws (`shake.motion_std`, set by `for_data`; by 1 for softmotion, whose outputs are
+    pixels already), and the Huber loss is taken on that standardised scale, so the four components weigh
+    alike. The metric is the mean absolute error in pixels."""
 
     name: str = "stabilize"
     monitor: str = "motion_error"
