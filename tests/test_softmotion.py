@@ -1,6 +1,7 @@
 """Tests of `softmotion` (stpkeras/models/softmotion.py): the soft-argmax head reads a known sub-pixel shift of a
-real frame without training, in the model's pixels (no gain to learn); rotation and zoom from the quadrants; the
-model round-trips through a .keras file and refuses an output count that is not 4 per pair."""
+real frame without training, in the model's pixels (no gain to learn); rotation and zoom from the quadrants; a
+foreground that moves on its own is outvoted by the background's blocks; the model round-trips through a .keras
+file and refuses an output count that is not 4 per pair."""
 
 from __future__ import annotations
 
@@ -20,26 +21,26 @@ SIZE = 64
 FINE = 4   # the frame is shifted by whole pixels at FINE times the model's size, then averaged down: exact sub-pixels
 
 
-def _fine_frame(name: str = "bikes.mp4") -> np.ndarray:
-    """A real textured frame at FINE x 90 x FINE x 160 (float32 RGB)."""
+def _fine_frame(name: str = "bikes.mp4", rows: int = 90, cols: int = 160) -> np.ndarray:
+    """A real textured frame at FINE x rows x FINE x cols (float32 RGB)."""
     path = os.path.join(VIDEOS, name)
     if not os.path.exists(path):
         pytest.skip(f"{path}: the sample videos are not here")
-    frames, _ = decode_all(path, size=(90 * FINE, 160 * FINE))
+    frames, _ = decode_all(path, size=(rows * FINE, cols * FINE))
     return frames[20].astype(np.float32)
 
 
-def _moving(frame: np.ndarray, step, frames: int = 4) -> np.ndarray:
-    """uint8 `[frames, SIZE, SIZE, 3]`: a window over `frame` whose content moves by `step` = (dx, dy) model
+def _moving(frame: np.ndarray, step, frames: int = 4, size: int = SIZE) -> np.ndarray:
+    """uint8 `[frames, size, size, 3]`: a window over `frame` whose content moves by `step` = (dx, dy) model
     pixels a frame (multiples of 1/FINE), by whole-pixel crops at the fine size averaged down FINE x FINE."""
     sx, sy = int(round(step[0] * FINE)), int(round(step[1] * FINE))
     assert (sx / FINE, sy / FINE) == tuple(step)
-    side = SIZE * FINE
+    side = size * FINE
     out = []
     for t in range(frames):
         top, left = 52 - t * sy, 192 - t * sx   # scene point q shows at q - top: it moves by +sy a frame
         crop = frame[top:top + side, left:left + side]
-        out.append(crop.reshape(SIZE, FINE, SIZE, FINE, 3).mean(axis=(1, 3)))
+        out.append(crop.reshape(size, FINE, size, FINE, 3).mean(axis=(1, 3)))
     return np.round(np.stack(out)).astype(np.uint8)
 
 
@@ -94,5 +95,27 @@ def test_softmotion_round_trips_and_refuses_a_count_that_is_not_four_per_pair(tm
     assert again.get_layer("correlation").get_config()["radius"] == 6
     with pytest.raises(ValueError, match="4 values per pair|12 values. Received num_classes=8"):
         build_model("softmotion", spec, 8)
-    with pytest.raises(ValueError, match="less than the size of a quarter"):
-        build_model("softmotion", spec, 12, radius=20)
+    with pytest.raises(ValueError, match=r"less than the size of a block of the 4x4 grid \(8x12 pixels\)"):
+        build_model("softmotion", spec, 12, grid=4, radius=8)
+    with pytest.raises(ValueError, match="Expected one of"):
+        build_model("softmotion", spec, 12, fit="mean")
+
+
+def test_a_foreground_moving_on_its_own_is_outvoted_by_the_background():
+    """A textured object over a quarter of a 96x96 window moves its own way (as an animated character does over
+    the background): the default at 96x96 (each block of a 4x4 grid read alone, a vote, a robust fit) reads the
+    background's shift; the whole frame's correlation (`fit="whole"`, the earlier default) is pulled towards the
+    object's motion. Untrained: the fit, not learned features, is what is tested."""
+    size, step = 96, (2.0, -1.0)
+    background = _moving(_fine_frame("tree.avi", 120, 200), step, size=size)
+    thing = _moving(_fine_frame("bikes.mp4", 120, 200)[::-1], (-3.0, 2.0), size=size)   # its own texture and motion
+    windows = background.copy()
+    windows[:, 12:60, 6:54] = thing[:, 12:60, 6:54]                 # 48 x 48 of 96 x 96 pixels: a quarter
+    keras.utils.set_random_seed(0)
+    robust = build_model("softmotion", PatchSpec(4, size, size), 12)
+    assert robust.get_layer("soft_argmax").get_config()["fit"] == "robust"
+    whole = build_model("softmotion", PatchSpec(4, size, size), 12, grid=2, fit="whole")
+    robust_xy = np.asarray(robust(windows[None])).reshape(3, 4)[:, :2]
+    whole_xy = np.asarray(whole(windows[None])).reshape(3, 4)[:, :2]
+    np.testing.assert_allclose(robust_xy, np.tile(step, (3, 1)), atol=0.15)
+    assert np.abs(whole_xy - step).max() > 0.5, whole_xy       # the case the fit is for: the whole frame is pulled
