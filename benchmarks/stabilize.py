@@ -108,6 +108,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="60 frames instead of the whole 132")
     parser.add_argument("--run", default=None, help="a stp train --task stabilize run folder")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--motion-size", type=int, default=None, metavar="PIXELS",
+                        help="stp stabilize --motion-size for the --run model (default: the size it was trained at)")
+    parser.add_argument("--video", default=VIDEO,
+                        help="the clean clip to shake (default: Big Buck Bunny, the animation; e.g. "
+                             "../shared/data/videos/tree.avi for camera footage, against a model trained on animation)")
     parser.add_argument("--noise", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                         metavar="STD,...", help="also the true motion plus white noise of these deviations (frame "
                                                 "pixels, dx and dy) at vid.stab's cropping: the accuracy a model needs")
@@ -117,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="stab-bench-")
     try:
-        clean, _ = decode_all(VIDEO, size=(180, 320))
+        clean, _ = decode_all(args.video, size=(180, 320))
         clean = clean[:60] if args.quick else clean
         n = len(clean)
         path = shake.random_path(tf.constant([args.seed, 5], tf.int64), n, 180, 320,
@@ -175,7 +180,7 @@ def main() -> None:
                     os.path.join(tmp, f"noise{sigma}.mp4"))
         report = {}
         if args.run:
-            model = load_motion_model(args.run)
+            model = load_motion_model(args.run, args.motion_size)
             for crop, label in crops:
                 stp_row(f"stp, model{label}",
                         lambda out: stabilize_video(model, src, out, smoothing=1.0, crop=crop),
@@ -199,8 +204,8 @@ def main() -> None:
             vidstab, _ = decode_all(os.path.join(tmp, "vid.17.mp4"))
             draw_frame_strip([("shaken\ninput", shaken[picked]), (label, out_frames[picked]),
                               ("vid.stab\ndefaults", vidstab[picked])], args.strip, frame_numbers=list(picked),
-                             title="Big Buck Bunny shaken by a known path (320x180)")
-        print(json.dumps({"frames": n, "size": "320x180", "rows": rows, **report}, indent=1))
+                             title=f"{os.path.basename(args.video)} shaken by a known path (320x180)")
+        print(json.dumps({"video": args.video, "frames": n, "size": "320x180", "rows": rows, **report}, indent=1))
         print(f"{'method':42s} {'jitter px':>9s} {'median':>7s} {'half':>7s} {'stability':>9s} {'cropping':>8s} "
               f"{'distortion':>10s} {'fps':>7s}")
         for name, row in rows.items():

@@ -1026,9 +1026,13 @@ def _crop_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as one JSON object, with cropping ratio, distortion and stability score "
                    "of input and output.")
+@click.option("--motion-size", type=click.IntRange(min=48), default=None, metavar="PIXELS",
+              help="Side of the window the motion model reads (softmotion only; default: the size it was trained "
+                   "at). Larger is finer and slower: 144 shows a 320x180 frame at full scale to a model trained at 96.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
               help="Refuse videos whose frames are larger (decompression-bomb guard).")
-def stabilize_command(model, video, out, smoothing, crop, side_by_side, crf, batch_size, as_json, max_pixels):
+def stabilize_command(model, video, out, smoothing, crop, side_by_side, crf, batch_size, as_json, motion_size,
+                      max_pixels):
     """Stabilize VIDEO with MODEL (a run folder of --task stabilize, or a .keras file in one).
 
     The model estimates the motion between neighbouring frames over overlapping windows; the camera
@@ -1038,7 +1042,7 @@ def stabilize_command(model, video, out, smoothing, crop, side_by_side, crf, bat
 
     from stpkeras.stabilize import load_motion_model, stabilize_video
 
-    result = stabilize_video(load_motion_model(model), video, out, smoothing=smoothing, crop=crop,
+    result = stabilize_video(load_motion_model(model, motion_size), video, out, smoothing=smoothing, crop=crop,
                              side_by_side=side_by_side, crf=crf, batch_size=batch_size, max_pixels=max_pixels)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -69,8 +69,12 @@ class KerasMotion:
         return out.reshape(len(windows), self.spec.frames - 1, MOTION)
 
 
-def load_motion_model(path: str) -> KerasMotion:
-    """A run folder of `stp train --task stabilize`, or a `.keras` file in one."""
+def load_motion_model(path: str, size: Optional[int] = None) -> KerasMotion:
+    """A run folder of `stp train --task stabilize`, or a `.keras` file in one.
+
+    `size`: the side of the square window the model reads, in model pixels, where it is not the size it was
+    trained at (softmotion only, `softmotion.at_size`: a larger window shows the frame at a finer scale).
+    """
     artifact = artifacts.load(path, task="stabilize")
     if artifact.form != "keras":
         raise StabilizeError(f"{path}: an export; expected the run folder (or its .keras file) of "
@@ -78,7 +82,18 @@ def load_motion_model(path: str) -> KerasMotion:
     if artifact.task != "stabilize":
         raise StabilizeError(f"{path}: a run of task {artifact.task!r}; expected a motion model "
                              "(stp train --task stabilize)")
-    return KerasMotion(artifact.spec, artifact.model, artifact.path)
+    if size is None or (size, size) == (artifact.spec.height, artifact.spec.width):
+        return KerasMotion(artifact.spec, artifact.model, artifact.path)
+    from stpkeras.models.softmotion import MIN_BLOCK, at_size
+
+    if not isinstance(size, int) or isinstance(size, bool) or size < 2 * MIN_BLOCK:
+        raise StabilizeError(f"{path}: a motion size of {size!r}; expected a whole number of pixels >= {2 * MIN_BLOCK}")
+    spec = dataclasses.replace(artifact.spec, height=size, width=size)
+    try:
+        model = at_size(artifact.model, spec)
+    except ValueError as e:
+        raise StabilizeError(f"{path}: cannot read windows of {size}x{size}: {e}") from None
+    return KerasMotion(spec, model, artifact.path)
 
 
 # --- pass 1: motion ---------------------------------------------------------------------------

@@ -119,3 +119,25 @@ def test_a_foreground_moving_on_its_own_is_outvoted_by_the_background():
     whole_xy = np.asarray(whole(windows[None])).reshape(3, 4)[:, :2]
     np.testing.assert_allclose(robust_xy, np.tile(step, (3, 1)), atol=0.15)
     assert np.abs(whole_xy - step).max() > 0.5, whole_xy       # the case the fit is for: the whole frame is pulled
+
+
+def test_a_trained_softmotion_reads_a_larger_window_with_the_same_weights():
+    """`at_size` (`stp stabilize --motion-size`): the same learned weights in a model for 128x128 windows, its
+    search radius grown with its blocks; it reads a known shift of a real frame in its own pixels. A model of
+    another family is refused with the reason."""
+    from stpkeras.models.softmotion import at_size
+
+    keras.utils.set_random_seed(0)
+    trained = build_model("softmotion", PatchSpec(4, 96, 96), 12)
+    larger = at_size(trained, PatchSpec(4, 128, 128))
+    assert larger.input_shape[1:4] == (4, 128, 128)
+    for a, b in zip(trained.get_weights(), larger.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert larger.get_layer("correlation").get_config()["radius"] == 16          # half a 32-px block
+    assert larger.get_layer("soft_argmax").get_config()["fit"] == "robust"
+    step = (2.5, -1.25)
+    windows = _moving(_fine_frame("tree.avi", 150, 220), step, size=128)
+    out = np.asarray(larger(windows[None])).reshape(3, 4)
+    np.testing.assert_allclose(out[:, :2], np.tile(step, (3, 1)), atol=0.15)
+    with pytest.raises(ValueError, match="Expected a softmotion model"):
+        at_size(build_model("stcnn", PatchSpec(4, 32, 32), 12), PatchSpec(4, 64, 64))

@@ -302,6 +302,12 @@ def test_a_video_shorter_than_a_window_is_one_error_line(motion_run, tmp_path):
     assert not os.path.exists(tmp_path / "o.mp4")
     with pytest.raises(StabilizeError):
         stabilize_video(load_motion_model(run), video, str(tmp_path / "o.mp4"))
+    # --motion-size is for softmotion (it reads any window size); this run's motionnet is refused in one line.
+    result = CliRunner().invoke(main, ["stabilize", run, video, "--out", str(tmp_path / "o.mp4"),
+                                       "--motion-size", "96"])
+    assert result.exit_code == 2 and "cannot read windows of 96x96" in result.output, result.output
+    assert "Expected a softmotion model" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o.mp4")
 
 
 def test_cli_json_reports_the_three_measures(motion_run, tmp_path):
