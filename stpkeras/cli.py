@@ -1028,7 +1028,8 @@ def _crop_option(ctx, param, value):
                    "of input and output.")
 @click.option("--motion-size", type=click.IntRange(min=48), default=None, metavar="PIXELS",
               help="Side of the window the motion model reads (softmotion only; default: the size it was trained "
-                   "at). Larger is finer and slower: 144 shows a 320x180 frame at full scale to a model trained at 96.")
+                   "at). Larger is finer and slower; the window spans 80% of the frame's shorter side, so 144 reads "
+                   "a 320x180 frame at full scale (docs/stabilization.md: 180 measured best there).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=7680 * 4320, show_default=True,
               help="Refuse videos whose frames are larger (decompression-bomb guard).")
 def stabilize_command(model, video, out, smoothing, crop, side_by_side, crf, batch_size, as_json, motion_size,
