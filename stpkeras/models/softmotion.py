@@ -47,8 +47,8 @@ RIDGE = 0.1   # of the blocks' spread about the centre: SoftArgmax's robust fit'
 def _regions(height: int, width: int, grid: int = 2):
     """`[(top, bottom, left, right)]` of the whole frame, then of a `grid` x `grid` of blocks, row by row (grid 2:
     its quadrants, top-left, top-right, bottom-left, bottom-right)."""
-    rows = [round(i * height / grid) for i in range(grid + 1)]
-    cols = [round(j * width / grid) for j in range(grid + 1)]
+    rows = [i * height // grid for i in range(grid + 1)]      # grid 2: height // 2, as the quadrants always were
+    cols = [j * width // grid for j in range(grid + 1)]
     return [(0, height, 0, width)] + [(rows[i], rows[i + 1], cols[j], cols[j + 1])
                                       for i in range(grid) for j in range(grid)]
 
