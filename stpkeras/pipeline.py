@@ -331,11 +331,6 @@ def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_s
     keys = (schema.PATCH, schema.LABEL) if as_supervised else FEATURE_KEYS
     targets = None if as_supervised else info.target_spec()
 
-    # Not converted by AutoGraph: the chain is written in TF ops (`tf.cond`, `tf.while_loop` where it branches
-    # or loops on a tensor), and converting it, every step and augmentation below, cost 1-3 s a dataset at
-    # each start (most of a tiny run's set-up; measured: embed's training set 3.4 s -> 0.6 s, the same batches).
-    # A Python `if` on a tensor added below then fails loudly when the dataset is built.
-    @tf.autograph.experimental.do_not_convert
     def to_element(serialized, element_seed=None):
         """A serialized record, or a batch of them, -> what the dataset yields."""
         if element_fn is not None:
