@@ -77,31 +77,32 @@ FRESH_PROCESS = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 
-    path, inputs, out = sys.argv[1:4]
-    data = dict(np.load(inputs, allow_pickle=True))
-    results = {}
-    # 1. The TF1 session loader with tag "serve": the C++ SavedModel loader TF Serving uses.
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
-        for name, signature in meta.signature_def.items():
-            if name.startswith("__"):
-                continue
-            for key, value in data.items():
-                if not key.startswith(name + "/"):
+    # (export, inputs, outputs) triples: one process serves several exports (each fresh process imports TF).
+    for path, inputs, out in zip(*[iter(sys.argv[1:])] * 3):
+        data = dict(np.load(inputs, allow_pickle=True))
+        results = {}
+        # 1. The TF1 session loader with tag "serve": the C++ SavedModel loader TF Serving uses.
+        with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+            meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+            for name, signature in meta.signature_def.items():
+                if name.startswith("__"):
                     continue
-                (input_key, info), = signature.inputs.items()
-                fetched = sess.run({k: v.name for k, v in signature.outputs.items()}, {info.name: value})
-                for k, v in fetched.items():
-                    results[f"v1/{key}/{k}"] = v
-    # 2. The TF2 loader.
-    loaded = tf.saved_model.load(path)
-    for key, value in data.items():
-        name = key.split("/")[0]
-        fn = loaded.signatures[name]
-        (input_key, _), = fn.structured_input_signature[1].items()
-        for k, v in fn(**{input_key: tf.constant(value)}).items():
-            results[f"v2/{key}/{k}"] = v.numpy()
-    np.savez(out, **results)
+                for key, value in data.items():
+                    if not key.startswith(name + "/"):
+                        continue
+                    (input_key, info), = signature.inputs.items()
+                    fetched = sess.run({k: v.name for k, v in signature.outputs.items()}, {info.name: value})
+                    for k, v in fetched.items():
+                        results[f"v1/{key}/{k}"] = v
+        # 2. The TF2 loader.
+        loaded = tf.saved_model.load(path)
+        for key, value in data.items():
+            name = key.split("/")[0]
+            fn = loaded.signatures[name]
+            (input_key, _), = fn.structured_input_signature[1].items()
+            for k, v in fn(**{input_key: tf.constant(value)}).items():
+                results[f"v2/{key}/{k}"] = v.numpy()
+        np.savez(out, **results)
 """)
 
 
@@ -295,21 +296,25 @@ def test_multi_label_and_regression_exports_load_in_a_fresh_process(target_runs,
 
     _, multi, regress = target_runs
     x = np.random.default_rng(3).integers(0, 256, size=(3, *SHAPE), dtype=np.uint8)
-    for run_dir, name in ((multi, "multi"), (regress, "regress")):
+    runs = {"multi": multi, "regress": regress}
+    args = []
+    for name, run_dir in runs.items():
         result = ex.export_for_serving(run_dir, str(tmp_path / "sm"), name)
         assert result.signatures == (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES, ex.EMBEDDINGS)
         assert artifacts.read_assets(result.path)[0] == (CLASSES if name == "multi" else VALUE_NAMES)
         loaded = artifacts.load(result.path)
         assert loaded.task == ("classify" if name == "multi" else "regress")
         assert loaded.multi_label == (name == "multi")
-        np.savez(tmp_path / "in.npz", **{f"{ex.SERVING_DEFAULT}/3": x, f"{ex.SERVE_EXAMPLES}/3": np.array(
+        np.savez(tmp_path / f"in-{name}.npz", **{f"{ex.SERVING_DEFAULT}/3": x, f"{ex.SERVE_EXAMPLES}/3": np.array(
             [ex.example_bytes(p) for p in x], dtype=object)})
-        script = tmp_path / "load.py"
-        script.write_text(FRESH_PROCESS)
-        proc = subprocess.run([sys.executable, str(script), result.path, str(tmp_path / "in.npz"),
-                               str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out = dict(np.load(tmp_path / "out.npz", allow_pickle=True))
+        args += [result.path, str(tmp_path / f"in-{name}.npz"), str(tmp_path / f"out-{name}.npz")]
+    # Both exports in one fresh process.
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, run_dir in runs.items():
+        out = dict(np.load(tmp_path / f"out-{name}.npz", allow_pickle=True))
         reference = np.asarray(artifacts.load(run_dir).model(x, training=False), np.float64)
         for loader in ("v1", "v2"):
             for sig in (ex.SERVING_DEFAULT, ex.SERVE_EXAMPLES):

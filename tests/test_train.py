@@ -74,12 +74,12 @@ def _weights(path):
     return artifacts.load(str(path)).model.get_weights()
 
 
-def test_mirrored_over_two_devices_trains_the_same_weights_as_one_device(small_data, tmp_path):
+def test_mirrored_over_two_devices_trains_the_same_weights_as_one_device(small_data, tmp_path, cli):
     common = [small_data, "--epochs", "2", "--seed", "3", "--deterministic", "--augment", "none", "--verbose", "0",
               "--model-arg", "filters=4", "--schedule", "constant", "--lr", "0.01"]
-    one = subprocess.run(STP + common + ["--out", str(tmp_path / "one"), "--strategy", "one", "--batch-size", "16"],
-                         env=ENV, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    # One device in this process (`cli`); two logical CPU devices need a fresh process (set before TF starts).
+    one = cli("train", *common, "--out", tmp_path / "one", "--strategy", "one", "--batch-size", "16")
+    assert one.exit_code == 0, one.output[-2000:]
     two = subprocess.run(STP + common + ["--out", str(tmp_path / "two"), "--strategy", "mirrored", "--devices", "2",
                                          "--batch-size", "8"], env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -124,19 +124,21 @@ def _kill_after_epoch(args, out, epoch: int, epochs: int) -> int:
     return killed_at
 
 
-def test_a_killed_run_resumes_from_its_last_finished_epoch(small_data, tmp_path):
+def test_a_killed_run_resumes_from_its_last_finished_epoch(small_data, tmp_path, cli):
     out = tmp_path / "run"
     epochs = 12
-    args = STP + [small_data, "--out", str(out), "--epochs", str(epochs), "--batch-size", "8", "--seed", "0",
-                  "--augment", "flip", "--verbose", "2", "--model-arg", "filters=4"]
-    killed_at = _kill_after_epoch(args, out, 3, epochs)
+    args = [small_data, "--out", str(out), "--epochs", str(epochs), "--batch-size", "8", "--seed", "0",
+            "--augment", "flip", "--verbose", "2", "--model-arg", "filters=4"]
+    killed_at = _kill_after_epoch(STP + args, out, 3, epochs)
     assert not json.load(open(out / "run.json"))["status"] == "done"
 
-    refused = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "Pass --resume" in refused.stderr  # bad input to the command
+    # Only the killed run needs a process of its own; the refusal and the resumption run in this one (`cli`),
+    # sparing two fresh processes that import TensorFlow.
+    refused = cli("train", *args)
+    assert refused.exit_code == 2 and "Pass --resume" in refused.stderr  # bad input to the command
 
-    resumed = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = cli("train", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     assert f"resuming at epoch {killed_at + 1}" in resumed.stdout
     # Only the remaining epochs ran: Keras prints "Epoch k/N" for each.
     assert f"Epoch {killed_at}/{epochs}" not in resumed.stdout and f"Epoch {killed_at + 1}/{epochs}" in resumed.stdout
@@ -148,7 +150,7 @@ def test_a_killed_run_resumes_from_its_last_finished_epoch(small_data, tmp_path)
     assert not (out / "backup").exists()  # BackupAndRestore removes it when the run completes
 
 
-def test_a_killed_deterministic_run_resumes_to_the_weights_of_an_uninterrupted_one(small_data, tmp_path):
+def test_a_killed_deterministic_run_resumes_to_the_weights_of_an_uninterrupted_one(small_data, tmp_path, cli):
     # Every source of randomness in play: shuffled files and records, per-patch augmentation seeds (crop and
     # colour, record by record), dropout (a Keras SeedGenerator), and a warmup + cosine schedule.
     epochs = 5
@@ -158,12 +160,13 @@ def test_a_killed_deterministic_run_resumes_to_the_weights_of_an_uninterrupted_o
         train(TrainConfig(data=small_data, out=str(tmp_path / name), **options), echo=lambda s: None)
     # The same run through `stp train`, killed once its backup holds 2 epochs, then resumed.
     out = tmp_path / "killed"
-    args = STP + [small_data, "--out", str(out), "--epochs", str(epochs), "--batch-size", "8", "--seed", "5",
-                  "--deterministic", "--augment", "crop,color", "--model-arg", "filters=4",
-                  "--model-arg", "dropout=0.5", "--shuffle-buffer", "16", "--verbose", "2"]
-    killed_at = _kill_after_epoch(args, out, 2, epochs)
-    resumed = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    args = [small_data, "--out", str(out), "--epochs", str(epochs), "--batch-size", "8", "--seed", "5",
+            "--deterministic", "--augment", "crop,color", "--model-arg", "filters=4",
+            "--model-arg", "dropout=0.5", "--shuffle-buffer", "16", "--verbose", "2"]
+    killed_at = _kill_after_epoch(STP + args, out, 2, epochs)
+    # Resumed in this process, as `whole` and `again` ran: the killed run's process held the other half.
+    resumed = cli("train", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     assert f"resuming at epoch {killed_at + 1}" in resumed.stdout
 
     whole, again, killed = (_weights(tmp_path / name / "last.keras") for name in ("whole", "again", "killed"))
