@@ -302,7 +302,7 @@ def at_size(model: keras.Model, spec) -> keras.Model:
     Nothing softmotion learns depends on the frame's size (per-pixel features, one temperature), so a model
     trained at 96x96 reads a larger window as well, and finer: at 144x144 `stp stabilize` shows it a 320x180
     frame at full scale instead of two thirds, at 180x180 at 1.25x (measured on the benchmark, residual at
-    vid.stab defaults' cropping: 0.36 px at 96, 0.29 at 144, 0.28 at 180; docs/stabilization.md). The search
+    vid.stab defaults' cropping: 0.36 px at 96, 0.29 at 144, 0.27 at 180; docs/stabilization.md). The search
     radius and the grid's blocks follow the size (half a block, as when built); the grid, fit and Cauchy scale
     are the trained model's. A model that is not a softmotion raises ValueError.
     """
