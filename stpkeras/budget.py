@@ -146,3 +146,10 @@ class Budget:
         return {"minutes": self.seconds / 60.0, "train_seconds": round(self.elapsed(), 2),
                 "epochs_this_session": self.epochs_run, "steps_per_epoch": self.steps,
                 "expected_steps": int(self.schedule.total_steps.numpy()), "stopped": self.stopped}
+
+
+def summary(record: dict) -> str:
+    """One line for `stp train` from run.json's `budget`: the minutes used and what ended the run (the epoch
+    cap, the budget at an epoch's end, or the budget within an epoch)."""
+    reason = "the epoch cap (--epochs)" if record["stopped"] == "epochs" else f"the {record['stopped']}"
+    return f"budget {record['minutes']:g} min: {record['train_seconds'] / 60:.1f} min of training, stopped by {reason}"

@@ -685,6 +685,7 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
 
     A killed run started again with --resume goes on from its last finished epoch.
     """
+    from stpkeras.budget import summary as budget_summary
     from stpkeras.train import TrainConfig, train
     from tfrecords_tools.verify import reading_records
 
@@ -738,8 +739,7 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
     best = metrics.get("best", {})
     budget = run.get("budget")
     if budget:
-        click.echo(f"budget {budget['minutes']:g} min: {budget['train_seconds'] / 60:.1f} min of training, "
-                   f"stopped by the {'budget' if budget['stopped'] == 'budget' else 'epoch cap'}")
+        click.echo(budget_summary(budget))
     click.echo(f"{out}: {metrics['epochs']} epochs in {run['seconds']:.0f}s; best epoch {metrics.get('best_epoch')} "
                + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
                            if k in ("loss", "accuracy", "val_loss", "val_accuracy", "psnr", "val_psnr", "val_ssim",

@@ -277,6 +277,10 @@ def test_a_time_budget_is_used_to_its_end(small_data, tmp_path, monkeypatch):
     assert run["budget"] == {"minutes": 0.5, "train_seconds": 30.0, "epochs_this_session": 8, "steps_per_epoch": 4,
                              "expected_steps": 30, "stopped": "budget, within an epoch"}
     assert run["steps_per_epoch"] == 4 and run == json.load(open(os.path.join(out, "run.json")))
+    # `stp train`'s last lines say what ended it (this once said "the epoch cap" for a budget spent mid-epoch).
+    assert budget_lib.summary(run["budget"]) == ("budget 0.5 min: 0.5 min of training, stopped by the budget, "
+                                                 "within an epoch")
+    assert budget_lib.summary({**run["budget"], "stopped": "epochs"}).endswith("stopped by the epoch cap (--epochs)")
     assert read_history(out)["epoch"] == [float(e) for e in range(8)]
     assert not os.path.exists(os.path.join(out, "backup"))
     # The schedule spanned the 30 steps the budget held: the learning rate ends at 1% of its peak.
