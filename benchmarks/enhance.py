@@ -33,6 +33,8 @@ import os
 import sys
 import time
 
+import stpkeras  # noqa: F401  (first, before TensorFlow loads: it turns TensorFlow's oneDNN CPU kernels on)
+
 import numpy as np
 
 DEFAULT_VIDEOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videos")

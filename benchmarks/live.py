@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+import stpkeras  # noqa: F401  (first, before TensorFlow loads: it turns TensorFlow's oneDNN CPU kernels on)
+
 import numpy as np
 
 

@@ -115,3 +115,12 @@ def test_import_stpkeras_turns_tensorflows_onednn_kernels_on_unless_the_user_cho
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == expected, (setting, out.stdout)
+    # Too late once TensorFlow has loaded: where it left oneDNN off (this AVX2 CPU), stpkeras says so, once.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    code = ("import tensorflow\nimport stpkeras\nfrom tensorflow.python.util import _pywrap_util_port as port\n"
+            "print(port.IsMklEnabled())")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    off = out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stderr.count("Expected `import stpkeras` before TensorFlow") == int(off), out.stderr[-2000:]
