@@ -12,13 +12,6 @@ from wrapt import register_post_import_hook
 
 __version__ = "0.1.0"
 
-# TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX. On
-# the others (AVX2 machines: most laptops, many cloud CPUs) it falls back to Eigen kernels whose Conv3D
-# gradients are 3-50x slower (measured on an AVX2 EPYC: a unet3d segmentation training step 2.46 -> 0.16
-# CPU-s; a strided Conv3D's forward+backward 1.56 -> 0.03; docs/benchmarks.md, "CPU kernels"). The
-# variable is read once, when TensorFlow loads: import stpkeras first (the CLI does), or set it yourself;
-# an explicit TF_ENABLE_ONEDNN_OPTS=0 is respected. GPUs are unaffected.
-
 
 def _onednn_left_off() -> bool:
     """True when TensorFlow loaded before stpkeras, the user did not choose, and TensorFlow left oneDNN off."""
@@ -31,12 +24,18 @@ def _onednn_left_off() -> bool:
         return False
 
 
+# TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX. On
+# the others (AVX2 machines: most laptops, many cloud CPUs) it falls back to Eigen kernels whose Conv3D
+# gradients are 3-50x slower (measured on an AVX2 EPYC: a unet3d segmentation training step 2.46 -> 0.16
+# CPU-s; a strided Conv3D's forward+backward 1.56 -> 0.03; docs/benchmarks.md, "CPU kernels"). The
+# variable is read once, when TensorFlow loads: import stpkeras first (the CLI does), or set it yourself;
+# an explicit TF_ENABLE_ONEDNN_OPTS=0 is respected. GPUs are unaffected.
+# Imported after TensorFlow, it is too late in this process: say so once, with the fix (a script that
+# imported TensorFlow first trained dncnn3d at 1.1 s a step where `stp train` takes 0.23-0.26 s).
 if _onednn_left_off():
-    # Too late to turn the kernels on in this process: say so once, with the fix (a script that imported
-    # TensorFlow first trained dncnn3d at 1.1 s a step where the same run takes 0.26 s with oneDNN on).
     warnings.warn("TensorFlow was imported before stpkeras, so its oneDNN CPU kernels stay off in this process "
-                  "(Conv3D training 3-5x slower on this CPU). Expected `import stpkeras` before TensorFlow, or "
-                  "TF_ENABLE_ONEDNN_OPTS=1 set before it loads.", RuntimeWarning, stacklevel=2)
+                  "(Conv3D training several times slower on this CPU). Expected `import stpkeras` before "
+                  "TensorFlow, or TF_ENABLE_ONEDNN_OPTS=1 set before it loads.", RuntimeWarning, stacklevel=2)
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
