@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import contextlib
 import queue
+import signal
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -381,59 +383,62 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
     streams = 0
     ended, message = "end", ""
     pending = None   # the end (or an error) met while gathering a chunk: handled after that chunk
+    interrupted = threading.Event()
     reader.start()
     try:
-        while True:
-            if pending is not None:
-                item = pending
-            else:
+        with _sigint_sets(interrupted):
+            while True:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                if pending is not None:
+                    item = pending
+                else:
+                    item = _next_frame(reader.frames, config.timeout_s, interrupted)
+                    if item is None:
+                        ended, message = "silent", f"no frame for {config.timeout_s:g}s (--timeout)"
+                        break
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                chunk = [item]
+                while len(chunk) < config.max_chunk:   # whatever else is waiting: one call for all of it
+                    try:
+                        more = reader.frames.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _END or isinstance(more, BaseException):
+                        pending = more
+                        break
+                    chunk.append(more)
+                started = clock()
+                first = first if first is not None else chunk[0][2]
                 try:
-                    item = reader.frames.get(timeout=config.timeout_s)
-                except queue.Empty:
-                    ended, message = "silent", f"no frame for {config.timeout_s:g}s (--timeout)"
-                    break
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            chunk = [item]
-            while len(chunk) < config.max_chunk:   # whatever else is waiting: one call for all of it
-                try:
-                    more = reader.frames.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _END or isinstance(more, BaseException):
-                    pending = more
-                    break
-                chunk.append(more)
-            started = clock()
-            first = first if first is not None else chunk[0][2]
-            try:
-                batch = tiles(np.stack([c[0] for c in chunk]), spec)
-            except ValueError as e:
-                raise VideoError(config.source, str(e)) from e
-            if state is None:
-                streams = len(batch)
-                state = streamer.init(streams)
-            logits, state = streamer.step(batch, state)
-            mean = np.asarray(logits, np.float64).mean(axis=0)          # [n, K]: the tiles' mean per frame
-            probs = _softmax(mean)
-            done = clock()
-            busy += done - started
-            base = frames
-            for i, (_, t, arrival) in enumerate(chunk):
-                index = base + i
-                frames = index + 1   # counted as answered: a Ctrl-C between two answers leaves the count true
-                latencies.append(done - arrival)
-                if (index + 1) % config.every:
-                    continue
-                order = np.argsort(-probs[i], kind="stable")[:config.top_k]
-                answers += 1
+                    batch = tiles(np.stack([c[0] for c in chunk]), spec)
+                except ValueError as e:
+                    raise VideoError(config.source, str(e)) from e
+                if state is None:
+                    streams = len(batch)
+                    state = streamer.init(streams)
+                logits, state = streamer.step(batch, state)
+                mean = np.asarray(logits, np.float64).mean(axis=0)          # [n, K]: the tiles' mean per frame
+                probs = _softmax(mean)
+                done = clock()
+                busy += done - started
+                base = frames
+                for i, (_, t, arrival) in enumerate(chunk):
+                    index = base + i
+                    frames = index + 1   # counted as answered: a Ctrl-C between two answers leaves the count true
+                    latencies.append(done - arrival)
+                    if (index + 1) % config.every:
+                        continue
+                    order = np.argsort(-probs[i], kind="stable")[:config.top_k]
+                    answers += 1
+                    last = done
+                    emit(Answer(index, float(t), labels[order[0]], float(probs[i, order[0]]),
+                                tuple((labels[j], float(probs[i, j])) for j in order), (done - arrival) * 1000.0,
+                                (index + 1) / max(done - first, 1e-9)))
                 last = done
-                emit(Answer(index, float(t), labels[order[0]], float(probs[i, order[0]]),
-                            tuple((labels[j], float(probs[i, j])) for j in order), (done - arrival) * 1000.0,
-                            (index + 1) / max(done - first, 1e-9)))
-            last = done
     except KeyboardInterrupt:
         ended, message = "interrupted", "SIGINT"
     finally:
@@ -444,6 +449,34 @@ def watch(streamer: Streamer, config: WatchConfig, emit: Callable[[Answer], None
                    frames / busy if busy > 0 else 0.0,
                    float(np.percentile(lat, 50)) if len(lat) else None,
                    float(np.percentile(lat, 99)) if len(lat) else None, streams, message)
+
+
+@contextlib.contextmanager
+def _sigint_sets(flag: threading.Event):
+    """SIGINT sets `flag` instead of raising KeyboardInterrupt wherever the main thread happens to be. Raised
+    inside a finaliser (TensorFlow frees objects all the time), it is printed and dropped: a Ctrl-C was once
+    lost in the test suite, most likely that way. Outside the main thread (no handler can be set): as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _next_frame(frames: "queue.Queue", timeout_s: float, interrupted: threading.Event):
+    """The next item of the reader's queue; None after `timeout_s` seconds without one. Waits in slices of
+    at most 0.1 s so that a Ctrl-C (`interrupted`) is seen within that time."""
+    deadline = time.monotonic() + timeout_s
+    while not interrupted.is_set():
+        try:
+            return frames.get(timeout=max(min(0.1, deadline - time.monotonic()), 0.0))
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                return None
+    raise KeyboardInterrupt
 
 
 def frames_of(source: str, spec: PatchSpec) -> Iterator[np.ndarray]:
