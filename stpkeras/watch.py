@@ -466,15 +466,16 @@ def _sigint_sets(flag: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def _next_frame(frames: "queue.Queue", timeout_s: float, interrupted: threading.Event):
-    """The next item of the reader's queue; None after `timeout_s` seconds without one. Waits in slices of
-    at most 0.1 s so that a Ctrl-C (`interrupted`) is seen within that time."""
-    deadline = time.monotonic() + timeout_s
+def _next_frame(frames: "queue.Queue", timeout_s: Optional[float], interrupted: threading.Event):
+    """The next item of the reader's queue; None after `timeout_s` seconds without one (None: wait for ever).
+    Waits in slices of at most 0.1 s so that a Ctrl-C (`interrupted`) is seen within that time."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not interrupted.is_set():
+        left = 0.1 if deadline is None else deadline - time.monotonic()
         try:
-            return frames.get(timeout=max(min(0.1, deadline - time.monotonic()), 0.0))
+            return frames.get(timeout=max(min(0.1, left), 0.0))
         except queue.Empty:
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 return None
     raise KeyboardInterrupt
 

@@ -5,6 +5,7 @@ import functools
 import http.server
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -210,3 +211,24 @@ def test_a_missing_source_or_a_model_that_cannot_stream_is_one_line(live, causal
     result = CliRunner().invoke(main, ["watch", str(tmp_path / "plain"), mp4])
     assert result.exit_code == 2 and "no stream or init_state signature" in result.output
     assert "--streaming" in result.output and "Traceback" not in result.output
+
+
+def test_the_wait_for_a_frame_ends_on_a_frame_a_timeout_or_a_ctrl_c():
+    """`_next_frame` waits in short slices: a frame, a silent source (None), or a Ctrl-C seen while waiting
+    for ever (`--timeout` unset); SIGINT only sets the flag while `watch` runs, and the old handler returns."""
+    from stpkeras.watch import _next_frame, _sigint_sets
+
+    frames, flag = queue.Queue(), threading.Event()
+    frames.put("frame")
+    assert _next_frame(frames, 5.0, flag) == "frame"
+    assert _next_frame(frames, 0.2, flag) is None
+    threading.Timer(0.3, flag.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        _next_frame(frames, None, flag)
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set in the main thread")
+    before, flag = signal.getsignal(signal.SIGINT), threading.Event()
+    with _sigint_sets(flag):
+        signal.raise_signal(signal.SIGINT)
+        assert flag.wait(5)
+    assert signal.getsignal(signal.SIGINT) is before
