@@ -25,8 +25,8 @@ Ctrl-C / SIGINT (130, after the summary); `silent` no frame for `timeout_s` seco
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import dataclasses
 import queue
 import signal
 import threading
@@ -462,8 +462,8 @@ def _sigint_sets(flag: threading.Event):
     previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:   # None: a handler set outside Python; Python's own is the nearest thing to put back
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _next_frame(frames: "queue.Queue", timeout_s: Optional[float], interrupted: threading.Event):
