@@ -306,8 +306,9 @@ def make_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb") -> Aug
 
 # --- flips that swap labels ---------------------------------------------------------------------------
 # A flip of a clip panning left pans right: motion classes that mirror each other stay right under a flip
-# when the flip swaps their labels too (`--flip-labels h:left=right --flip-labels v:up=down`).
-FLIP_AXES = {"h": 2, "v": 1}   # the axis of `[T, H, W, C]` each flip reverses
+# when the flip swaps their labels too (`--flip-labels h:left=right --flip-labels v:up=down`). Played
+# backwards (`t`), a clip panning left pans right too, and one panning up pans down.
+FLIP_AXES = {"h": 2, "v": 1, "t": 0}   # the axis of `[T, H, W, C]` each flip reverses
 
 
 def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
@@ -319,8 +320,9 @@ def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
         axis, _, pair = str(entry).partition(":")
         a, _, b = pair.partition("=")
         if axis not in FLIP_AXES or not a or not b or a == b or a not in labels or b not in labels:
-            raise ValueError(f"Invalid value for argument `flip_labels`. Expected AXIS:A=B with AXIS h (left-right) "
-                             f"or v (top-bottom) and two different classes of {labels}. Received {entry!r}")
+            raise ValueError(f"Invalid value for argument `flip_labels`. Expected AXIS:A=B with AXIS h (left-right), "
+                             f"v (top-bottom) or t (time: the clip played backwards) and two different classes of "
+                             f"{labels}. Received {entry!r}")
         permutation = out.setdefault(axis, list(range(len(labels))))
         i, j = labels.index(a), labels.index(b)
         if permutation[i] != i or permutation[j] != j:

@@ -659,9 +659,9 @@ def _shake_limits(text: str):
                    "dataset.json says label_mode 'multi'); on single-label data, one-hot targets.")
 @click.option("--flip-labels", multiple=True, metavar="AXIS:A=B",
               help="classify: a flip that swaps two mirrored classes, repeatable: h:left=right (left-right flip), "
-                   "v:up=down (top-bottom). Each axis flips half the training patches and swaps the named labels; "
-                   "other classes must look alike mirrored. For motion classes, which --augment flip would "
-                   "mislabel.")
+                   "v:up=down (top-bottom), t:left=right (the clip played backwards). Each axis flips half the "
+                   "training patches and swaps the named labels; other classes must look alike mirrored. For "
+                   "motion classes, which --augment flip would mislabel.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
 @click.option("--shake", default=None, metavar="SHIFT,DEGREES,ZOOM",

@@ -95,6 +95,25 @@ def test_corrnet_sees_motion_not_brightness():
     assert np.abs(out[1] - out[0]).max() > 1e-3
     with pytest.raises(ValueError, match="at least 2 frames. Received frames=1"):
         build_model("corrnet", PatchSpec(1, 16, 16), 3)
+    with pytest.raises(ValueError, match="frames 2 apart .* at least 3 frames. Received frames=2"):
+        build_model("corrnet", PatchSpec(2, 16, 16), 3, gap=2)
+
+
+@pytest.mark.parametrize("gap", [1, 2])
+def test_the_cost_volume_matches_at_the_motion_times_the_gap(gap):
+    from stpkeras.models.motion import Correlation
+
+    # Random features moving one pixel a frame to the right: frame t+gap is frame t moved by `gap` pixels.
+    field = np.random.default_rng(1).normal(size=(12, 20, 2)).astype("float32")
+    clip = np.stack([field[:, 4 - t:16 - t] for t in range(4)])[None]    # [1, 4, 12, 12, 2]
+    layer = Correlation(radius=2, gap=gap)
+    costs = np.asarray(layer(clip))
+    assert costs.shape == (1, 4 - gap, 12, 12, 25) == layer.compute_output_shape(clip.shape)
+    # Averaged over the frame, every pair matches best at dx = +gap, dy = 0 (index dy * 5 + dx, from -2).
+    best = costs[0].mean(axis=(1, 2)).argmax(-1)
+    assert (best == (0 + 2) * 5 + (gap + 2)).all()
+    again = Correlation.from_config(layer.get_config())
+    assert (again.radius, again.gap) == (2, gap)
 
 
 def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():

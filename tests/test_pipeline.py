@@ -376,7 +376,9 @@ def _motion_of(patch):
     return next(name for name, move in MOTIONS.items() if move == step)
 
 
-def test_label_flips_swap_the_labels_with_the_motion(tmp_path):
+@pytest.mark.parametrize("flips", [("h:left=right", "v:up=down"),
+                                   ("h:left=right", "v:up=down", "t:left=right", "t:up=down")])
+def test_label_flips_swap_the_labels_with_the_motion(tmp_path, flips):
     from stpkeras.tasks import get_task
 
     labels = tuple(MOTIONS)
@@ -385,7 +387,7 @@ def test_label_flips_swap_the_labels_with_the_motion(tmp_path):
     assert all(_motion_of(p) == labels[label] for p, label, _ in items)
     write_converted(str(tmp_path), {"train": items}, labels, shards=1)
     info = pipeline.load_info(str(tmp_path))
-    task = get_task("classify", {"flip_labels": ("h:left=right", "v:up=down")}).for_data(info)
+    task = get_task("classify", {"flip_labels": flips}).for_data(info)
     element = task.element_fn(info, (), training=True)
     assert task.element_fn(info, (), training=False) is None   # evaluation sees the records as they are
     ds = pipeline.make_dataset(info, "train", batch_size=8, training=True, element_fn=element, seed=3)
@@ -394,7 +396,7 @@ def test_label_flips_swap_the_labels_with_the_motion(tmp_path):
     # Every patch's label is still what its motion says, and the flips did swap some.
     assert all(_motion_of(p) == labels[y] for p, y in seen)
     originals = {_digest(p) for p, _, _ in items}
-    assert sum(_digest(p) not in originals for p, _ in seen) >= 20    # about 3/4 of 40 flipped at least once
+    assert sum(_digest(p) not in originals for p, _ in seen) >= 20    # 3/4 (7/8 with t) of 40 flipped at least once
 
 
 def test_label_flips_refuse_unknown_or_repeated_classes():
@@ -403,3 +405,8 @@ def test_label_flips_refuse_unknown_or_repeated_classes():
     with pytest.raises(ValueError, match="at most one pair per axis"):
         augment.parse_flip_labels(["h:a=b", "h:b=c"], ("a", "b", "c"))
     assert [list(p) for p in augment.parse_flip_labels(["v:up=down"], ("down", "still", "up")).values()] == [[2, 1, 0]]
+    # Played backwards, both pans swap: one permutation for the time axis.
+    flips = augment.parse_flip_labels(["t:left=right", "t:up=down"], ("down", "left", "right", "up"))
+    assert flips == {"t": [3, 2, 1, 0]}
+    with pytest.raises(ValueError, match="t \\(time"):
+        augment.parse_flip_labels(["x:left=right"], ("left", "right"))

@@ -61,17 +61,20 @@ class FrameContrast(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=layers.PACKAGE)
 class Correlation(keras.layers.Layer):
-    """Features `[B, T, H, W, C]` -> `[B, T-1, H, W, (2r+1)^2]`: for each pair of neighbouring frames and each
-    displacement (dx, dy) up to `radius`, the mean over channels of f_t(p) * f_t+1(p + d) (zero outside the
-    frame): a cost volume (FlowNetC's correlation), where a shift shows as the displacement that matches."""
+    """Features `[B, T, H, W, C]` -> `[B, T-gap, H, W, (2r+1)^2]`: for each pair of frames `gap` apart (1:
+    neighbours) and each displacement (dx, dy) up to `radius`, the mean over channels of f_t(p) *
+    f_t+gap(p + d) (zero outside the frame): a cost volume (FlowNetC's correlation), where a shift shows as
+    the displacement that matches. A gap of 2 doubles each motion's displacement, so a slow one moves by
+    whole feature pixels."""
 
-    def __init__(self, radius: int = 3, **kwargs):
+    def __init__(self, radius: int = 3, gap: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.radius = int(radius)
+        self.gap = int(gap)
 
     def call(self, x):
-        r = self.radius
-        a, b = x[:, :-1], x[:, 1:]
+        r, g = self.radius, self.gap
+        a, b = x[:, :-g], x[:, g:]
         h, w = x.shape[2], x.shape[3]
         b = ops.pad(b, [[0, 0], [0, 0], [r, r], [r, r], [0, 0]])
         return ops.stack([ops.mean(a * b[:, :, r + dy:r + dy + h, r + dx:r + dx + w], axis=-1)
@@ -79,10 +82,10 @@ class Correlation(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         b, t, h, w, _ = input_shape
-        return (b, None if t is None else t - 1, h, w, (2 * self.radius + 1) ** 2)
+        return (b, None if t is None else t - self.gap, h, w, (2 * self.radius + 1) ** 2)
 
     def get_config(self):
-        return {**super().get_config(), "radius": self.radius}
+        return {**super().get_config(), "radius": self.radius, "gap": self.gap}
 
 
 def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int = 128, radius: int = 3,
@@ -119,8 +122,8 @@ def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int =
     return keras.Model(inputs, logits, name=name)
 
 
-def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, radius: int = 2, widths=(32, 64),
-                  dropout: float = 0.0, name: str = "corrnet") -> keras.Model:
+def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, radius: int = 2, gap: int = 1,
+                  widths=(32, 64), dropout: float = 0.0, name: str = "corrnet") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> logits `[B, num_classes]`: a classifier of motion that sees the picture only
     through how neighbouring frames match.
 
@@ -142,14 +145,15 @@ def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, ra
     widths = layers.positive_ints(widths, "widths")
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
         raise ValueError(f"Invalid value for argument `radius`. Expected an integer >= 1. Received radius={radius!r}")
-    if spec.frames < 2:
-        raise ValueError(f"Invalid value for argument `spec`. corrnet matches neighbouring frames, so it needs "
-                         f"patches of at least 2 frames. Received frames={spec.frames}")
+    gap = layers.positive_ints(gap, "gap")[0]
+    if spec.frames < gap + 1:
+        raise ValueError(f"Invalid value for argument `spec`. corrnet matches frames {gap} apart (gap={gap}), so "
+                         f"it needs patches of at least {gap + 1} frames. Received frames={spec.frames}")
     inputs = layers.patch_input(spec)
     pixels = FrameContrast(name="contrast")(layers.normalize(spec, inputs))
     x = keras.layers.Conv3D(match, (1, 3, 3), strides=(1, stride, stride), padding="same",
                             name="match_features")(pixels)
-    x = Correlation(radius, name="correlation")(x)
+    x = Correlation(radius, gap, name="correlation")(x)
     # Half the cost volume's layout each way first: the convolutions after it cost a quarter.
     x = keras.layers.AveragePooling3D((1, 2, 2), padding="same", name="cost_pool")(x)
     for i, width in enumerate(widths):
