@@ -71,6 +71,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
     layer_decay: Optional[float] = None  # ViTs: the learning rate x this per block below the head
+    # Set by the config, not passed: the task's short-CPU-budget recipe when it applied (`_cpu_budget_recipe`).
+    recipe: Optional[str] = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
         from stpkeras.tasks import get_task
@@ -79,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"Invalid value for argument `{name}`. Expected {expected}. "
                              f"Received {name}={getattr(self, name)!r}")
         task_class = type(get_task(self.task, {}))
+        object.__setattr__(self, "recipe", _cpu_budget_recipe(self, task_class))
+        if self.recipe is not None:
+            object.__setattr__(self, "model_options", task_class.CPU_BUDGET_OPTIONS)
+            object.__setattr__(self, "lr", task_class.CPU_BUDGET_LR)
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
         if self.lr is None:
@@ -148,6 +154,37 @@ class TrainConfig:
         d["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.task_options}
         d["augment"] = list(self.augment)
         return d
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def has_gpu() -> bool:
+    """Whether TensorFlow sees a GPU (physical devices: does not initialise the runtime's devices)."""
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
+    """The line that says the task's CPU-budget defaults apply to `config`, or None when they do not.
+
+    They apply to a timed run (`minutes`) of the task's default model with nothing of the model's set (no
+    model, model options, lr or init_from), when the budget is at most the task's `CPU_BUDGET_CORE_MINUTES`
+    (minutes x CPU cores) and no GPU is visible. Not under multiworker, whose devices must not be listed
+    before its strategy exists; each worker's config must also be the same.
+    """
+    if (not task_class.CPU_BUDGET_CORE_MINUTES or config.minutes is None or config.model is not None
+            or config.model_options or config.lr is not None or config.init_from or config.strategy == "multiworker"):
+        return None
+    core_minutes = config.minutes * cpu_cores()
+    if core_minutes > task_class.CPU_BUDGET_CORE_MINUTES or has_gpu():
+        return None
+    options = ", ".join(f"{k}={v}" for k, v in task_class.CPU_BUDGET_OPTIONS)
+    return (f"CPU-budget defaults: {options}, lr {task_class.CPU_BUDGET_LR:g} (no GPU, {config.minutes:g} min x "
+            f"{cpu_cores()} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg or --lr "
+            "choose otherwise)")
 
 
 # --- devices and strategy -------------------------------------------------------------------------
@@ -348,6 +385,7 @@ class Run:
                 f"{self.steps} steps/epoch"
                 + (f"; budget {self.config.minutes:g} min (at most {self.config.epochs} epochs)"
                    if self.config.minutes is not None else "")
+                + (f"; {self.config.recipe}" if self.config.recipe else "")
                 + (f"; validation on {self.val_split!r}" if self.val_split else "; no validation split")
                 + (f"; resuming at epoch {self.initial_epoch + 1}" if self.initial_epoch else "")
                 + (f"\n{self.transfer.describe()}" if self.transfer is not None else ""))

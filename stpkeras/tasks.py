@@ -33,6 +33,12 @@ class Task:
     # `TrainConfig.batch_size` / `lr` None: the task's (per replica; the peak learning rate).
     DEFAULT_BATCH_SIZE: ClassVar[int] = 32
     DEFAULT_LR: ClassVar[float] = 1e-3
+    # A short budget on CPUs alone: with `--minutes` x the CPU cores at most CPU_BUDGET_CORE_MINUTES and no GPU,
+    # the default model family (untouched options) gets CPU_BUDGET_OPTIONS and, lr unset, CPU_BUDGET_LR
+    # (`TrainConfig.recipe` says so). 0: the task has no such recipe.
+    CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 0.0
+    CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
+    CPU_BUDGET_LR: ClassVar[float] = 1e-3
     # Fields `for_data` sets from the manifest: not options a user passes.
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
     # The layers that belong to the task and its labels: always new under `--init-from` (stpkeras.finetune).
@@ -341,6 +347,13 @@ class Enhance(Task):
     # budget more, cheaper steps learn more (the enhancement benchmark's recipe, benchmarks/enhance.py).
     DEFAULT_BATCH_SIZE: ClassVar[int] = 8
     DEFAULT_LR: ClassVar[float] = 2e-3
+    # The default 5-layer stack needs thousands of steps: +3.73 dB over a Gaussian blur after 5,256 steps, about
+    # 236 core-minutes on a 2-core AVX2 CPU. With 15 minutes on 2 cores (30 core-minutes) it got 832 steps
+    # and ended 4.28 dB *below* the blur, where the 2-layer stack at lr 1e-3 (4,368 steps) passed it by +0.71
+    # (docs/benchmarks.md, issue 20). The bound, half of depth 5's 236, is an estimate: measured at 30.
+    CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 120.0
+    CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("depth", 2),)
+    CPU_BUDGET_LR: ClassVar[float] = 1e-3
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade

@@ -311,6 +311,21 @@ def test_train_enhance_needs_degradations_or_pairs(noisy_run, cli, tmp_path):
     assert r.exit_code == 2 and "Task enhance needs one of" in r.output
 
 
+def test_stp_train_on_a_short_cpu_budget_trains_the_shallow_stack_and_says_why(noisy_run, cli, tmp_path):
+    """The README's command (`--minutes`, nothing about the model) on CPUs: the 2-layer dncnn3d at lr 1e-3,
+    the line that says so in the log, and run.json holding both the values and the reason."""
+    from stpkeras.setup import has_gpu
+    if has_gpu():
+        pytest.skip("a GPU is visible: the task's own defaults apply")
+    r = cli("train", noisy_run / "data", "--out", tmp_path / "r", "--task", "enhance", "--degrade", "noise",
+            "--minutes", "0.05", "--epochs", "1", "--steps-per-epoch", "2", "--verbose", "0")
+    assert r.exit_code == 0, r.output
+    assert "CPU-budget defaults: depth=2, lr 0.001 (no GPU, 0.05 min x" in r.output
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["config"]["model_options"] == {"depth": 2} and run["config"]["lr"] == 1e-3
+    assert run["config"]["recipe"].startswith("CPU-budget defaults") and run["params"] == 5219   # 3->32->3, 3x3x3
+
+
 def test_a_run_without_a_task_is_named_as_the_classifier_it_is(tmp_path, lossless_odd, cli):
     run = _identity_run(tmp_path / "run", PatchSpec(4, 16, 16))
     with open(os.path.join(run, "run.json"), "w") as f:  # runs from before --task have no "task"
