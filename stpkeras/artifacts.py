@@ -89,6 +89,22 @@ class Artifact:
         return tuple(self.model.signatures) if self.form == "saved_model" else ()
 
 
+def flip_averaged(artifact: Artifact) -> Artifact:
+    """`artifact` whose model averages each patch's logits over the flips of its run's `--flip-labels`
+    (test-time augmentation, `augment.flip_averaged`: 2^k passes for k flipped axes), for `--tta`."""
+    flips = artifact.task_options.get("flip_labels") or ()
+    if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
+        raise ArtifactError(f"{artifact.path}: --tta averages over the flips the run trained with (`stp train "
+                            "--flip-labels`); expected a run or .keras file of a single-label classifier trained "
+                            f"with them. Received a {artifact.form} model of task {artifact.task!r} with "
+                            f"flip_labels={list(flips)}")
+    from stpkeras import augment
+
+    permutations = augment.parse_flip_labels(flips, artifact.labels)
+    return dataclasses.replace(artifact, model=augment.flip_averaged(artifact.model, permutations,
+                                                                     artifact.spec.pixels))
+
+
 # --- reading the files --------------------------------------------------------------------------
 
 def read_json(path: str) -> dict:

@@ -352,6 +352,32 @@ def make_label_flips(permutations: dict, pixels: str | PixelFormat = "rgb"):
     return flip
 
 
+def flip_averaged(model, permutations: dict, pixels: str | PixelFormat = "rgb"):
+    """Test-time augmentation, the inference twin of `make_label_flips`: a `keras.Model` whose logits are the
+    mean of `model`'s over the clip and its 2^k flips (every combination of the axes of `permutations`), each
+    flip's logits put back in the clip's own class order (under a flip, class i is class `permutation[i]`)."""
+    import itertools
+
+    import keras
+
+    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
+        raise ValueError(f"Invalid value for argument `permutations`. A top-bottom flip (v) needs 'rgb' patches. "
+                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+    axes = sorted(permutations)
+    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
+    views = []
+    for n in range(len(axes) + 1):
+        for subset in itertools.combinations(axes, n):
+            patch, order = inputs, np.arange(model.output_shape[-1])
+            for axis in subset:   # the order `make_label_flips` applies them in
+                patch = keras.ops.flip(patch, axis=FLIP_AXES[axis] + 1)
+                order = np.asarray(permutations[axis])[order]
+            logits = keras.ops.cast(model(patch), "float32")
+            views.append(keras.ops.take(logits, order.astype(np.int32), axis=-1) if subset else logits)
+    mean = views[0] if len(views) == 1 else keras.ops.mean(keras.ops.stack(views), axis=0)
+    return keras.Model(inputs, mean, name=f"{model.name}_flip_averaged")
+
+
 # Ops that run faster on a decoded batch (`make_batch_augment`) than record by record.
 BATCH_OPS = ("flip",)
 

@@ -449,8 +449,11 @@ def serving_config_command(root, base_path):
               show_default=True, help="Multi-label models: a class is named when its probability is at least this.")
 @click.option("--timeline", is_flag=True,
               help="Also a label (or values) per temporal window of patches, with its start and end seconds.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average each patch's logits over the flips the run trained with "
+                   "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes.")
 def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels,
-                    threshold, timeline):
+                    threshold, timeline, tta):
     """Classify or score VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or
     a run folder or .keras file): a classifier's label, a multi-label classifier's labels, a regressor's values.
 
@@ -460,7 +463,10 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
     from stpkeras.predict import RemotePredictor, format_table, format_timeline, load, predict_videos
     from stpkeras.serving import connect
 
-    predictor = load(model)
+    if tta and server is not None:
+        raise click.UsageError("--tta runs the flips in this process; the server runs the export as it is "
+                               "(pass one of --tta and --server)")
+    predictor = load(model, tta=tta)
     if server is not None:
         client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
         predictor = RemotePredictor.like(client, predictor)
@@ -767,7 +773,11 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Multi-label runs: the probability at which a class counts as predicted "
                                       "(precision, recall, F1).")
-def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines, threshold):
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average each patch's logits over the flips the run trained with "
+                   "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes.")
+def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines, threshold,
+                     tta):
     """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video.
 
     An enhancement run (--task enhance) reports PSNR/SSIM of the degraded input, of classical
@@ -778,7 +788,8 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
     from stpkeras.evaluate import EvalConfig, evaluate
 
     result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
-                                 out=out, degrade=degrade, seed=seed, baselines=not no_baselines, threshold=threshold))
+                                 out=out, degrade=degrade, seed=seed, baselines=not no_baselines, threshold=threshold,
+                                 tta=tta))
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -49,6 +49,7 @@ class EvalConfig:
     seed: int = 0
     baselines: bool = True
     threshold: float = 0.5          # multi-label runs: the probability above which a class counts as predicted
+    tta: bool = False               # average each patch over the run's --flip-labels flips (`artifacts.flip_averaged`)
 
     def __post_init__(self):
         for name in ("batch_size", "top_k"):
@@ -247,6 +248,8 @@ def _evaluate(config: EvalConfig) -> dict:
     # A .keras file away from its run folder is taken to be of the data's classes and patches.
     lone = {} if artifacts.run_of(config.model) else {"labels": info.labels, "spec": info.spec}
     artifact = artifacts.load(config.model, compile=True, **lone)
+    if config.tta:
+        artifact = artifacts.flip_averaged(artifact)
     model, run = artifact.model, artifact.run or {}
     spec = artifact.spec if artifact.run is not None else None
     if run.get("task") == "enhance":

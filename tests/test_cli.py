@@ -222,7 +222,7 @@ def test_convert_warns_about_labels_differing_only_by_case(tmp_path, clip64, cli
     assert warning in cli("inspect", tmp_path / "out").stdout
 
 
-def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converted, cli, tmp_path):
+def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converted, classes_src, cli, tmp_path):
     import json
 
     common = ("--epochs", "1", "--val-split", "none", "--model-arg", "filters=4", "--verbose", "0")
@@ -231,6 +231,20 @@ def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converte
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["task_options"]["flip_labels"] == ["h:circle=square", "v:square=stripe"]
+    # --tta averages over those flips (4 passes) in evaluate and predict; an answer for every clip.
+    result = cli("evaluate", tmp_path / "run", converted[0], "--split", "train", "--json", "--tta",
+                 "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["video"]["count"] == converted[1]["counts"]["videos"]
+    video = sorted(classes_src.rglob("*.mp4"))[0]
+    result = cli("predict", tmp_path / "run", video, "--json", "--tta")
+    assert result.exit_code == 0 and json.loads(result.stdout)["label"] in ("circle", "square", "stripe"), result.output
+    result = cli("predict", tmp_path / "run", video, "--tta", "--server", "http://127.0.0.1:1/v1/models/m")
+    assert result.exit_code == 2 and "pass one of --tta and --server" in result.output
+    result = cli("train", converted[0], "--out", tmp_path / "plain", *common)
+    result = cli("evaluate", tmp_path / "plain", converted[0], "--split", "train", "--tta", "--out", tmp_path / "e2")
+    assert result.exit_code == 2 and "trained with them. Received a keras model of task 'classify' with " \
+                                     "flip_labels=[]" in result.output and "Traceback" not in result.output
     result = cli("train", converted[0], "--out", tmp_path / "bad", "--flip-labels", "h:circle=left", *common)
     assert result.exit_code != 0 and "Received 'h:circle=left'" in result.output
     assert "['circle', 'square', 'stripe']" in result.output and "Traceback" not in result.output

@@ -399,6 +399,37 @@ def test_label_flips_swap_the_labels_with_the_motion(tmp_path, flips):
     assert sum(_digest(p) not in originals for p, _ in seen) >= 20    # 3/4 (7/8 with t) of 40 flipped at least once
 
 
+def test_test_time_flips_average_the_logits_in_each_clips_own_classes():
+    """`--tta` (`augment.flip_averaged`): the mean of the model's logits over the clip and its flips, each
+    flip's put back in the clip's class order. Whatever the model, the average is then exactly symmetric:
+    a flipped clip gets the clip's answer with the mirrored classes swapped."""
+    import keras
+
+    from stpkeras.models import build_model
+    from tfrecords_tools.spec import PatchSpec
+
+    labels = tuple(MOTIONS)
+    perms = augment.parse_flip_labels(["h:left=right", "v:up=down", "t:left=right", "t:up=down"], labels)
+    keras.utils.set_random_seed(0)
+    model = build_model("stcnn", PatchSpec(*_moving_dot(1, 0, seed=0).shape[:3]), len(labels), filters=4)
+    clips = np.stack([_moving_dot(*MOTIONS[name], seed=i) for i, name in enumerate(labels)])
+    plain = model.predict(clips, verbose=0)
+
+    one = augment.flip_averaged(model, {"h": perms["h"]})
+    expected = (plain + model.predict(clips[:, :, :, ::-1], verbose=0)[:, perms["h"]]) / 2
+    np.testing.assert_allclose(one.predict(clips, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected - plain).max() > 1e-3   # an untrained model is not symmetric: the average differs
+
+    every = augment.flip_averaged(model, perms)   # 8 passes: h, v, t and their combinations
+    mean = every.predict(clips, verbose=0)
+    for axis, perm in perms.items():
+        flipped = np.flip(clips, axis=augment.FLIP_AXES[axis] + 1).copy()
+        np.testing.assert_allclose(every.predict(flipped, verbose=0)[:, perm], mean, rtol=1e-4, atol=1e-5)
+    hv = np.flip(clips, axis=(2, 3)).copy()
+    np.testing.assert_allclose(every.predict(hv, verbose=0)[:, perms["v"]][:, perms["h"]], mean, rtol=1e-4, atol=1e-5)
+    assert mean.shape == plain.shape and mean.dtype == np.float32
+
+
 def test_label_flips_refuse_unknown_or_repeated_classes():
     with pytest.raises(ValueError, match="Expected AXIS:A=B .* Received 'h:left=sideways'"):
         augment.parse_flip_labels(["h:left=sideways"], ("left", "right"))
