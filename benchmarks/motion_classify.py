@@ -18,7 +18,9 @@ Methods, measured in the same run:
     S = `--size`), `stp train` with its defaults under `--minutes` (or `--epochs`), and `stp evaluate
     --split test --json`'s video-level accuracy (the mean of a clip's patch logits); `--variant
     NAME=ARGS` adds runs with other `stp train` arguments (one change at a time), `--mirror` adds the
-    training clips mirrored (left<->right, up<->down) with their labels swapped.
+    training clips mirrored (left<->right, up<->down) with their labels swapped. A variant trained with
+    `--flip-labels` is also evaluated with `--tta` (each patch's logits averaged over its label-swapped
+    flips), the same run, so the two figures differ only at test time.
 
 Training is timed in wall seconds and in CPU seconds of the `stp train` process (the machine is shared).
 
@@ -155,10 +157,10 @@ def measured_class(shift: np.ndarray, still_below: float) -> str:
     return next(name for name, move in CLASSES.items() if move == tuple(step))
 
 
-def wrong_clips(run: str, test) -> set:
+def wrong_clips(run: str, test, *flags: str) -> set:
     """The test clips `stp predict` (the mean of a clip's patch predictions) puts in another class."""
-    rows = [json.loads(line) for line in stp("predict", run, *[p for p, _ in test], "--json", "--top-k", "1")
-            .splitlines() if line.strip()]
+    rows = [json.loads(line) for line in stp("predict", run, *[p for p, _ in test], "--json", "--top-k", "1",
+                                             *flags).splitlines() if line.strip()]
     truth = dict(test)
     return {r["video"] for r in rows if r.get("label") != truth[r["video"]]}
 
@@ -201,8 +203,12 @@ def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list
     with open(os.path.join(run, "run.json")) as f:
         epochs = json.load(f).get("metrics", {}).get("epochs", "?")
     result = json.loads(stp("evaluate", run, data, "--split", "test", "--json"))
-    return {"video": result["video"]["accuracy"], "patch": result["patch"]["accuracy"], "epochs": epochs,
-            **seconds}
+    out = {"video": result["video"]["accuracy"], "patch": result["patch"]["accuracy"], "epochs": epochs, **seconds}
+    if "--flip-labels" in extra:   # the same run with test-time flips (`--tta`), in its own folder
+        tta = json.loads(stp("evaluate", run, data, "--split", "test", "--json", "--tta", "--out",
+                             os.path.join(run, "tta")))
+        out.update(tta_video=tta["video"]["accuracy"], tta_patch=tta["patch"]["accuracy"])
+    return out
 
 
 def main(argv=None):
@@ -255,9 +261,17 @@ def main(argv=None):
             r = train_and_evaluate(data, run, budget, args.seed, extra)
             print(f"{direction:<22} {name:<48} video acc {r['video']:.3f}  patch acc {r['patch']:.3f}  "
                   f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)", flush=True)
+            if "tta_video" in r:
+                print(f"{direction:<22} {name + ' --tta':<48} video acc {r['tta_video']:.3f}  patch acc "
+                      f"{r['tta_patch']:.3f}  (the same run, each patch averaged over its label-swapped flips)",
+                      flush=True)
             wrong = wrong_clips(run, test)
             print(f"{direction:<22} {name:<48} clips wrong (stp predict): {len(wrong)}, of which "
                   f"{len(wrong & other)} among those whose measured motion names another class", flush=True)
+            if "tta_video" in r:
+                wrong = wrong_clips(run, test, "--tta")
+                print(f"{direction:<22} {name + ' --tta':<48} clips wrong (stp predict --tta): {len(wrong)}, of "
+                      f"which {len(wrong & other)} among those whose measured motion names another class", flush=True)
 
 
 if __name__ == "__main__":
