@@ -594,7 +594,9 @@ def _shake_limits(text: str):
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
               help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
                    "sessions included), ending the epoch under way when it is spent; the learning-rate "
-                   "schedule spans the steps the budget holds. run.json records the budget.")
+                   "schedule spans the steps the budget holds. run.json records the budget. --task enhance on "
+                   "CPUs alone with at most 120 core-minutes (M x cores) and no model option given trains the "
+                   "shallow dncnn3d (depth=2, lr 1e-3) and says so.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
                    "large data more frequent checkpoints and validation.")
