@@ -32,7 +32,8 @@ class TrainConfig:
 
     `model`, `augment`, `batch_size` and `lr` left None are the task's defaults (`stpkeras.tasks`:
     dncnn3d, flip, batch 8 and lr 2e-3 for enhance, unet3d for segment, stcnn, 32 and 1e-3 otherwise);
-    `task_options` are completed with the task's defaults.
+    `task_options` are completed with the task's defaults. A short `minutes` budget on CPUs alone may give
+    the task's default model other defaults (`_cpu_budget_recipe`; `recipe` then says which and why).
     The config holds the resolved values, and run.json records them.
     """
 
@@ -172,8 +173,8 @@ def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
 
     They apply to a timed run (`minutes`) of the task's default model with nothing of the model's set (no
     model, model options, lr or init_from), when the budget is at most the task's `CPU_BUDGET_CORE_MINUTES`
-    (minutes x CPU cores) and no GPU is visible. Not under multiworker, whose devices must not be listed
-    before its strategy exists; each worker's config must also be the same.
+    (minutes x CPU cores) and no GPU is visible. Not under multiworker: there no device may be listed before
+    the strategy exists.
     """
     if (not task_class.CPU_BUDGET_CORE_MINUTES or config.minutes is None or config.model is not None
             or config.model_options or config.lr is not None or config.init_from or config.strategy == "multiworker"):
