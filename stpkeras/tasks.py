@@ -347,10 +347,10 @@ class Enhance(Task):
     # budget more, cheaper steps learn more (the enhancement benchmark's recipe, benchmarks/enhance.py).
     DEFAULT_BATCH_SIZE: ClassVar[int] = 8
     DEFAULT_LR: ClassVar[float] = 2e-3
-    # The default 5-layer stack needs thousands of steps: +3.73 dB over a Gaussian blur after 5,256 steps, about
-    # 236 core-minutes on a 2-core AVX2 CPU. With 15 minutes on 2 cores (30 core-minutes) it got 832 steps
-    # and ended 4.28 dB *below* the blur, where the 2-layer stack at lr 1e-3 (4,368 steps) passed it by +0.71
-    # (docs/benchmarks.md, issue 20). The bound, half of depth 5's 236, is an estimate: measured at 30.
+    # The default 5-layer stack needs thousands of steps (+3.73 dB over a Gaussian blur after 5,256). With 15
+    # minutes on 2 cores (30 core-minutes) it got 832-2,046 steps and ended 4.28 dB below the blur to 0.62 above
+    # it, where the 2-layer stack at lr 1e-3 (4,368-10,950 steps) gained +0.71 to +1.27 (docs/benchmarks.md,
+    # issue 20, both kinds of unseen footage, two 2-core hosts). The bound is an estimate: measured at 30.
     CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 120.0
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("depth", 2),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
