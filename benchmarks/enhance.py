@@ -3,7 +3,8 @@
 Claims measured (issues 5 and 20):
 1. Denoising, Gaussian noise sigma 25 (0-255 units): the default model (`dncnn3d`), trained by `stp train
    --task enhance --degrade noise --minutes 15` (level-blind: sigma drawn in 0-50 per patch; the task's
-   batch 8 and lr 2e-3), gains >= 3 dB over the best classical baseline (3D Gaussian, temporal median 3/5,
+   batch 8, and on CPUs alone with this budget its CPU-budget defaults, depth 2 at lr 1e-3), gains >= 3 dB
+   over the best classical baseline (3D Gaussian, temporal median 3/5,
    OpenCV non-local means; each with its parameter chosen on the test data itself, in their favour) on
    footage of another kind than it trained on. Measured on the test split's Tx64x64 patches (`stp
    evaluate`: every method sees each patch alone, borders included), on the test videos whole (`stp
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
                              "AVX2-only AMD EPYC a dncnn3d step took 8.2x the CPU time of float32 (docs/benchmarks.md)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the enhance task's (8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
-    parser.add_argument("--lr", type=float, default=None, help="default: the enhance task's (2e-3)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: the enhance task's (2e-3; 1e-3 with its CPU-budget defaults)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
                         help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
