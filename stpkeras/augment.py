@@ -332,13 +332,18 @@ def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
     return out
 
 
+def _require_row_aligned(permutations: dict, pixels, argument: str) -> None:
+    """A top-bottom flip (`v`) needs one picture row per stored row."""
+    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
+        # A packed row of yuv440 is a pair of picture rows: reversing the rows would swap the pair's order.
+        raise ValueError(f"Invalid value for argument `{argument}`. A top-bottom flip (v) needs 'rgb' patches. "
+                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+
+
 def make_label_flips(permutations: dict, pixels: str | PixelFormat = "rgb"):
     """`(uint8 [T, H, W, C] patch, int32 label, int64 [2] seed) -> (patch, label)`: each axis of `permutations`
     (`parse_flip_labels`) flips the clip with probability 1/2 and maps its label through the permutation."""
-    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
-        # A packed row of yuv440 is a pair of picture rows: reversing the rows would swap the pair's order.
-        raise ValueError(f"Invalid value for argument `flip_labels`. A top-bottom flip (v) needs 'rgb' patches. "
-                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+    _require_row_aligned(permutations, pixels, "flip_labels")
     axes = [(FLIP_AXES[a], tf.constant(p, tf.int32)) for a, p in sorted(permutations.items())]
 
     def flip(patch: tf.Tensor, label: tf.Tensor, seed: tf.Tensor):
@@ -360,9 +365,7 @@ def flip_averaged(model, permutations: dict, pixels: str | PixelFormat = "rgb"):
 
     import keras
 
-    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
-        raise ValueError(f"Invalid value for argument `permutations`. A top-bottom flip (v) needs 'rgb' patches. "
-                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+    _require_row_aligned(permutations, pixels, "permutations")
     axes = sorted(permutations)
     inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
     views = []
