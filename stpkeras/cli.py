@@ -426,6 +426,13 @@ def serving_config_command(root, base_path):
     click.echo(serving_config(root, base_path), nl=False)
 
 
+# `stp evaluate` and `stp predict` (`artifacts.flip_averaged`).
+_tta_option = click.option(
+    "--tta", is_flag=True,
+    help="Test-time augmentation: average each patch's logits over the flips the run trained with "
+         "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes.")
+
+
 @main.command("predict")
 @click.argument("model", type=click.Path(exists=True))
 @click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -449,9 +456,7 @@ def serving_config_command(root, base_path):
               show_default=True, help="Multi-label models: a class is named when its probability is at least this.")
 @click.option("--timeline", is_flag=True,
               help="Also a label (or values) per temporal window of patches, with its start and end seconds.")
-@click.option("--tta", is_flag=True,
-              help="Test-time augmentation: average each patch's logits over the flips the run trained with "
-                   "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes.")
+@_tta_option
 def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels,
                     threshold, timeline, tta):
     """Classify or score VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or
@@ -775,9 +780,7 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Multi-label runs: the probability at which a class counts as predicted "
                                       "(precision, recall, F1).")
-@click.option("--tta", is_flag=True,
-              help="Test-time augmentation: average each patch's logits over the flips the run trained with "
-                   "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes.")
+@_tta_option
 def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines, threshold,
                      tta):
     """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video.
