@@ -179,12 +179,12 @@ def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
     if (not task_class.CPU_BUDGET_CORE_MINUTES or config.minutes is None or config.model is not None
             or config.model_options or config.lr is not None or config.init_from or config.strategy == "multiworker"):
         return None
-    core_minutes = config.minutes * cpu_cores()
-    if core_minutes > task_class.CPU_BUDGET_CORE_MINUTES or has_gpu():
+    cores = cpu_cores()
+    if config.minutes * cores > task_class.CPU_BUDGET_CORE_MINUTES or has_gpu():
         return None
     options = ", ".join(f"{k}={v}" for k, v in task_class.CPU_BUDGET_OPTIONS)
     return (f"CPU-budget defaults: {options}, lr {task_class.CPU_BUDGET_LR:g} (no GPU, {config.minutes:g} min x "
-            f"{cpu_cores()} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg or --lr "
+            f"{cores} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg or --lr "
             "choose otherwise)")
 
 
