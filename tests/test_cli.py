@@ -235,7 +235,9 @@ def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converte
     result = cli("evaluate", tmp_path / "run", converted[0], "--split", "train", "--json", "--tta",
                  "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["video"]["count"] == converted[1]["counts"]["videos"]
+    evaluated = json.loads(result.output)
+    assert evaluated["video"]["count"] == converted[1]["counts"]["videos"] and evaluated["tta"] is True
+    assert json.loads((tmp_path / "eval" / "eval-train.json").read_text())["tta"] is True   # the file says so too
     video = sorted(classes_src.rglob("*.mp4"))[0]
     result = cli("predict", tmp_path / "run", video, "--json", "--tta")
     assert result.exit_code == 0 and json.loads(result.stdout)["label"] in ("circle", "square", "stripe"), result.output
