@@ -169,6 +169,8 @@ def main(argv=None) -> int:
                              "AVX2-only AMD EPYC a dncnn3d step took 8.2x the CPU time of float32 (docs/benchmarks.md)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the enhance task's (8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
+    parser.add_argument("--train-size", type=int, default=64,
+                        help="training patches are T x SIZE x SIZE, every 2 x SIZE pixels (test patches stay 64)")
     parser.add_argument("--lr", type=float, default=None,
                         help="default: the enhance task's (2e-3; 1e-3 with its CPU-budget defaults)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     log(f"cores: {os.cpu_count()}; TensorFlow {tf.__version__}")
 
     # --- 1. denoising ----------------------------------------------------------------------------
-    # Training patches every 128 pixels (Tx64x64, every T frames): fewer, more varied patches than a dense
+    # Training patches every 128 pixels (Tx64x64 by default, every T frames): fewer, more varied patches than a dense
     # grid, so several epochs fit the time budget. Test patches: the dense grid of the held-out videos.
     t0 = time.perf_counter()
     # CSV paths stay inside the CSV's folder: link the samples there.
@@ -217,9 +219,11 @@ def main(argv=None) -> int:
                               [("path", "split")] + [(n, "train") for n in train_names])
         test_csv = write_csv(os.path.join(videos, "test.csv"), [("path", "split")] + [(n, "test") for n in test_names])
         train_data, test_data = os.path.join(out, "data-train"), os.path.join(out, "data-test")
-        m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(args.frames, 64, 64,
-                                                                                       stride_height=128,
-                                                                                       stride_width=128), workers=2))
+        size = args.train_size
+        m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(args.frames, size, size,
+                                                                                       stride_height=2 * size,
+                                                                                       stride_width=2 * size),
+                                        workers=2))
         m_test = None if args.skip_patches else convert(ConvertConfig(src=test_csv, out=test_data,
                                                                        spec=PatchSpec(args.frames, 64, 64), workers=2))
         for m in (m_train, m_test or m_train):

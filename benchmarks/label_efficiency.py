@@ -7,17 +7,21 @@ that moves 2 pixels a frame right, left, down or up over one of them for 8 frame
 motion (one frame tells nothing), on real textures, edges and faces that a masked autoencoder can learn to
 rebuild. Training patches come from the first 70% of each video's frames, validation patches from the last 30%.
 The patches are written as converted folders (`tests/converted.py`). The pretraining runs see every training
-patch of the pool without labels; each fine-tuning run sees a fraction of them with labels (the same subset for
-every start), `vivit` with the same options throughout, the backbone trained at the head's rate (`--init-from`,
-no freezing). Masked autoencoding hides `--mask-ratio` 0.75 of the 4x4 tubelet positions (0.9, the task's
-default, would leave 2 of 16 visible). Every fine-tuning run takes the same number of optimizer steps
+patch of the pool without labels, and with `--unlabelled N` more patches of the same videos' training frames (a
+user's unlabelled footage is larger than what was labelled), for `--pretrain-epochs` x pool / batch steps in ten
+epochs; each fine-tuning run sees a fraction of the pool with labels (the same subset for every start),
+`vivit` with the same options throughout, the backbone trained at the head's rate (`--init-from`), or frozen
+(`pretrain-frozen`: `--freeze-backbone`, a linear probe of the masked autoencoder's features).
+Masked autoencoding hides `--mask-ratio` 0.75 of the 4x4 tubelet positions (0.9, the task's default, would leave
+2 of 16 visible). Every fine-tuning run takes the same number of optimizer steps
 (`--epochs` x `--pool` / batch: the labelled subset is repeated to `--pool` records), so fewer labels do not
 also mean fewer steps, and so about the same wall time. Accuracy is the best validation accuracy (the validation
 split is the same for all rows); wall time is fine-tuning alone, pretraining is timed on its own line. Rows are
 means over `--seeds`, with the range.
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/label_efficiency.py [--quick] [--seeds 0,1] [--videos DIR] [--keep DIR]
-     [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40] [--fractions 0.1,0.25,1.0] [--starts ...]
+     [--pool 1024] [--val 256] [--epochs 8] [--pretrain-epochs 40] [--unlabelled N] [--fractions 0.1,0.25,1.0]
+     [--starts ...]
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ STEP = {"right": (0, 2), "left": (0, -2), "down": (2, 0), "up": (-2, 0)}
 VIVIT = (("tubelet", (2, 4, 4)), ("dim", 32), ("depth", 2), ("heads", 2), ("mlp_dim", 64))
 FRACTIONS = (0.1, 0.25, 1.0)
 BATCH = 16
+PRETRAIN_EPOCHS = 10
+STARTS = ("scratch", "embed", "pretrain", "pretrain-frozen")
 DEFAULT_VIDEOS = os.path.join(HERE, "..", "..", "shared", "data", "videos")
 SHORT_SIDE = 32
 
@@ -94,16 +100,18 @@ def pan_items(frames: list, n: int, part: str, seed: int):
     return items
 
 
-def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain_passes: int,
+def write_data(work: str, frames: list, pool: int, val: int, seed: int, unlabelled: int,
                fractions=FRACTIONS) -> dict:
     """{fraction: converted folder}: the same validation split; the first fraction x `pool` training patches
     of one shuffled order (each class equally often), so a smaller subset is inside a larger one, repeated to
     `pool` records (an epoch is the same number of steps for every fraction: fewer epochs, so less of the
-    per-epoch work of a run, its checkpoints, figures and validation); under 'unlabelled', the pool repeated
-    `pretrain_passes` times for the pretraining runs (one epoch)."""
+    per-epoch work of a run, its checkpoints, figures and validation); under 'unlabelled', `unlabelled`
+    training patches for the pretraining runs (the pool first, then more of the same draw when it is larger:
+    a user has more footage than labels)."""
     from converted import write_converted
 
-    train, held = pan_items(frames, pool, "train", 1000 + seed), pan_items(frames, val, "val", 2000)
+    drawn = pan_items(frames, max(pool, unlabelled), "train", 1000 + seed)
+    train, held = drawn[:pool], pan_items(frames, val, "val", 2000)
     order = np.random.default_rng(seed).permutation(pool)
     folders = {}
     for fraction in fractions:
@@ -114,7 +122,7 @@ def write_data(work: str, frames: list, pool: int, val: int, seed: int, pretrain
     folders["unlabelled"] = os.path.join(work, "unlabelled")
     # Validation patches (later frames of the same videos) give the masked-autoencoding run its held-out loss
     # and the patches of its reconstructions.png.
-    write_converted(folders["unlabelled"], {"train": train * pretrain_passes, "val": held}, CLASSES, shards=1)
+    write_converted(folders["unlabelled"], {"train": drawn[:unlabelled], "val": held}, CLASSES, shards=1)
     return folders
 
 
@@ -134,15 +142,22 @@ def main() -> int:
     parser.add_argument("--pool", type=int, default=1024)
     parser.add_argument("--val", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of `--pool` records")
-    parser.add_argument("--pretrain-epochs", type=int, default=40, help="pretraining passes over the pool")
+    parser.add_argument("--pretrain-epochs", type=int, default=40,
+                        help="pretraining steps, in passes over the pool (x pool / batch steps)")
+    parser.add_argument("--unlabelled", type=int, help="distinct patches the pretraining runs see (default: the "
+                        "pool; more: a user's unlabelled footage beyond the labelled patches)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--fractions", default="0.1,0.25,1.0", help="label fractions, comma-separated")
     parser.add_argument("--keep", help="keep the data and run folders here (default: a temporary folder)")
-    parser.add_argument("--starts", default="scratch,embed,pretrain", help="starts, comma-separated")
+    parser.add_argument("--starts", default=",".join(STARTS), help=f"starts, comma-separated, of {STARTS}")
     args = parser.parse_args()
     if args.quick:
         args.pool, args.val, args.epochs, args.pretrain_epochs = 128, 64, 3, 8
+    args.unlabelled = args.unlabelled or args.pool
+    pretrain_steps = args.pretrain_epochs * args.pool // BATCH
+    # Ten epochs (fewer for a short run): reconstructions.png and the held-out loss follow the pretraining.
+    pretrain_epochs = min(PRETRAIN_EPOCHS, pretrain_steps)
     if not glob.glob(os.path.join(args.videos, "*.*")):
         print(f"--videos {args.videos}: no videos there (expected the sample videos, ../shared/data/videos)",
               file=sys.stderr)
@@ -151,7 +166,7 @@ def main() -> int:
                                   *sys.argv[1:]]))
     print(f"data: {args.pool} training patches {SHAPE} (4 pan directions over real frames), {args.val} validation; "
           f"vivit {dict(VIVIT)}, batch {BATCH}; fine-tuning {args.epochs} x {args.pool // BATCH} steps, "
-          f"pretraining {args.pretrain_epochs} x {args.pool // BATCH} steps", flush=True)
+          f"pretraining {pretrain_steps} steps on {args.unlabelled} unlabelled patches", flush=True)
     frames = video_frames(args.videos)
     fractions = tuple(float(f) for f in args.fractions.split(","))
 
@@ -163,24 +178,27 @@ def main() -> int:
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as work:
         for seed in (int(s) for s in args.seeds.split(",")):
             folders = write_data(os.path.join(work, f"seed{seed}"), frames, args.pool, args.val, seed,
-                                 args.pretrain_epochs, fractions)
-            starts = {"scratch": None}
-            for task in (t for t in ("embed", "pretrain") if t in args.starts.split(",")):
+                                 args.unlabelled, fractions)
+            wanted = args.starts.split(",")
+            runs = {}
+            for task in (t for t in ("embed", "pretrain") if t in wanted or f"{t}-frozen" in wanted):
                 out = os.path.join(work, f"seed{seed}", task)
                 options = (("mask_ratio", args.mask_ratio),) if task == "pretrain" else ()
-                record, seconds = run(config(folders["unlabelled"], out, task, seed, 1,
+                record, seconds = run(config(folders["unlabelled"], out, task, seed, pretrain_epochs,
+                                             steps_per_epoch=pretrain_steps // pretrain_epochs,
                                              val_split="val" if task == "pretrain" else "none", task_options=options))
                 final = record["metrics"]["final"]
                 print(f"seed {seed}: --task {task}: {seconds:.0f} s, final loss {final['loss']:.3f}"
                       + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""), flush=True)
-                starts[task] = out
+                runs[task] = out
             for fraction in fractions:
-                for start, source in starts.items():
-                    if start not in args.starts.split(","):
-                        continue
+                for start in (s for s in STARTS if s in wanted):
+                    # '-frozen': a linear probe, only the new head trains (`--freeze-backbone`).
+                    source, frozen = (None, False) if start == "scratch" else (runs[start.split("-")[0]],
+                                                                               start.endswith("-frozen"))
                     out = os.path.join(work, f"seed{seed}", f"{start}-{int(fraction * 100)}")
                     record, seconds = run(config(folders[fraction], out, "classify", seed, args.epochs, augment=(),
-                                                 init_from=source))
+                                                 init_from=source, freeze_backbone=frozen))
                     accuracy = record["metrics"]["best"]["val_accuracy"]
                     results.setdefault((fraction, start), []).append((accuracy, seconds))
                     print(f"seed {seed}: {fraction:.0%} labels, {start}: val accuracy {accuracy:.3f}, "

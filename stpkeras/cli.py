@@ -664,6 +664,9 @@ def _shake_limits(text: str):
                    "noise:10-40 (sigma drawn per patch), poisson:30 (peak), blur:1.5 (sigma px), motion:7 "
                    "(length px), jpeg:20 (quality), flicker:0.1 (amplitude). A kind alone draws from its default "
                    "range (noise: 0-50, level-blind), the recommended recipe. Not needed for paired data.")
+@click.option("--crop", type=click.IntRange(min=0), default=None, metavar="N",
+              help="enhance: train on random N x N crops of the patches (0: whole patches, the default; on a short "
+                   "CPU budget 32). Fully convolutional models only (dncnn3d).")
 @click.option("--loss", "loss", type=click.Choice(["l1", "l2", "mse", "huber"]), default=None,
               help="enhance: the pixel loss, l1 (default) or l2; regress: mse (default) or huber (delta: one "
                    "standard deviation of the training values).")
@@ -691,7 +694,7 @@ def _shake_limits(text: str):
 def train_command(data, out, model_name, model_args, causal, epochs, minutes, steps_per_epoch, batch_size, lr,
                   schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, loss,
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, crop, loss,
                   multi_label, flip_labels, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale,
                   layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
@@ -705,8 +708,9 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
     if deterministic and seed is None:
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
     try:
-        if degrade and task != "enhance":
-            raise click.BadParameter("--degrade and --loss l1|l2 are options of --task enhance", param_hint="--task")
+        if (degrade or crop is not None) and task != "enhance":
+            raise click.BadParameter("--degrade, --crop and --loss l1|l2 are options of --task enhance",
+                                     param_hint="--task")
         losses = {"enhance": ("pixel_loss", ("l1", "l2")), "regress": ("value_loss", ("mse", "huber"))}
         if loss and loss not in losses.get(task, ("", ()))[1]:
             raise click.BadParameter(f"--loss {loss}: expected l1 or l2 with --task enhance, mse or huber with "
@@ -731,6 +735,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
                                                   ("multi_label", multi_label), ("flip_labels", tuple(flip_labels)),
                                                   ("mask_ratio", mask_ratio)) if v)
+        if crop is not None:
+            task_options += (("crop", crop),)   # 0 too: whole patches, not the CPU budget's crops
         if shake is not None:
             task_options += _shake_limits(shake)
         if epochs is None:

@@ -249,8 +249,8 @@ def make_degrade(degradations: Sequence) -> Degrade:
 
 # --- the enhance task's element: record -> (degraded, clean) ------------------------------------------
 
-def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = (),
-               augment: Sequence[str] = ()) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
+def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = (), augment: Sequence[str] = (),
+               crop: int = 0) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
     """The `element_fn` of `pipeline.make_dataset` for enhancement: `(serialized record, seed) -> (input, target)`.
 
     Both are `uint8 [T, H, W, C]`. Self-supervised (`paired=False`): the
@@ -259,6 +259,7 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
     the target its `schema.TARGET`; `degradations`, if any, degrade the input
     further. Augmentations (`stpkeras.augment`) apply before degrading and to
     input and target alike (stacked along channels, so one crop/colour draw covers both).
+    `crop`: then a random window of at most `crop` x `crop` pixels (all frames), the same for both.
     """
     from stpkeras import augment as augment_lib
     from tfrecords_tools import schema
@@ -266,14 +267,20 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
     augment_fn = augment_lib.make_augment(augment)
     degrade = make_degrade(degradations)
     channels = spec.channels
+    window = (min(crop, spec.height), min(crop, spec.width)) if crop else tuple(spec.shape[1:3])
 
     def element(serialized: tf.Tensor, seed: tf.Tensor):
         features = schema.parse_patch(serialized, encoding, target=paired)
         patch = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
         target = schema.decode_pixels(features[schema.TARGET], encoding, spec.shape) if paired else patch
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        if augment_fn.names:
-            both = augment_fn(tf.concat([patch, target], axis=-1), seeds[0])
+        if augment_fn.names or window != spec.shape[1:3]:
+            both = tf.concat([patch, target], axis=-1)
+            if augment_fn.names:
+                both = augment_fn(both, seeds[0])
+            if window != spec.shape[1:3]:
+                crop_seed = tf.random.experimental.stateless_fold_in(seeds[0], 1)
+                both = tf.image.stateless_random_crop(both, (spec.frames, *window, 2 * channels), crop_seed)
             patch, target = both[..., :channels], both[..., channels:]
         degraded, _ = degrade(patch, seeds[1])
         return degraded, target

@@ -85,6 +85,8 @@ class TrainConfig:
         object.__setattr__(self, "recipe", _cpu_budget_recipe(self, task_class))
         if self.recipe is not None:
             object.__setattr__(self, "model_options", task_class.CPU_BUDGET_OPTIONS)
+            object.__setattr__(self, "task_options", (*_unset(task_class.CPU_BUDGET_TASK_OPTIONS, self.task_options),
+                                                      *self.task_options))
             object.__setattr__(self, "lr", task_class.CPU_BUDGET_LR)
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
@@ -182,10 +184,17 @@ def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
     cores = cpu_cores()
     if config.minutes * cores > task_class.CPU_BUDGET_CORE_MINUTES or has_gpu():
         return None
-    options = ", ".join(f"{k}={v}" for k, v in task_class.CPU_BUDGET_OPTIONS)
-    return (f"CPU-budget defaults: {options}, lr {task_class.CPU_BUDGET_LR:g} (no GPU, {config.minutes:g} min x "
-            f"{cores} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg or --lr "
-            "choose otherwise)")
+    options = ", ".join(f"{k}={v}" for k, v in (*task_class.CPU_BUDGET_OPTIONS,
+                                                 *_unset(task_class.CPU_BUDGET_TASK_OPTIONS, config.task_options)))
+    return (f"CPU-budget defaults: {options + ', ' if options else ''}lr {task_class.CPU_BUDGET_LR:g} (no GPU, "
+            f"{config.minutes:g} min x "
+            f"{cores} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg, --lr or the "
+            "task's options choose otherwise)")
+
+
+def _unset(defaults, given) -> tuple:
+    """The (key, value) pairs of `defaults` whose key `given` does not set."""
+    return tuple((k, v) for k, v in defaults if k not in dict(given))
 
 
 # --- devices and strategy -------------------------------------------------------------------------

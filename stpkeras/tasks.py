@@ -34,10 +34,11 @@ class Task:
     DEFAULT_BATCH_SIZE: ClassVar[int] = 32
     DEFAULT_LR: ClassVar[float] = 1e-3
     # A short budget on CPUs alone: with `--minutes` x the CPU cores at most CPU_BUDGET_CORE_MINUTES and no GPU,
-    # the default model family (untouched options) gets CPU_BUDGET_OPTIONS and, lr unset, CPU_BUDGET_LR
-    # (`TrainConfig.recipe` says so). 0: the task has no such recipe.
+    # the default model family (untouched options) gets CPU_BUDGET_OPTIONS, CPU_BUDGET_TASK_OPTIONS and, lr unset,
+    # CPU_BUDGET_LR (`TrainConfig.recipe` says so). 0: the task has no such recipe.
     CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 0.0
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
+    CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()   # those the user left unset
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
     # Fields `for_data` sets from the manifest: not options a user passes.
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
@@ -340,6 +341,9 @@ class Enhance(Task):
     default_augment: Tuple[str, ...] = ("flip",)
     degrade: Tuple[str, ...] = ()
     pixel_loss: str = "l1"
+    # Train on random crops of at most `crop` x `crop` pixels of each patch (input and target alike; 0: whole
+    # patches). A fully convolutional model learns from more, cheaper steps; it still enhances whole patches.
+    crop: int = 0
     paired: bool = False   # set by for_data from the manifest
     FROM_DATA: ClassVar[Tuple[str, ...]] = ("paired",)
     HEAD: ClassVar[Tuple[str, ...]] = ("residual",)
@@ -352,7 +356,8 @@ class Enhance(Task):
     # it, where the 2-layer stack at lr 1e-3 (4,368-10,950 steps) gained +0.71 to +1.27 (docs/benchmarks.md,
     # issue 20, both kinds of unseen footage, two 2-core hosts). The bound is an estimate: measured at 30.
     CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 120.0
-    CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("depth", 2),)
+    CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
+    CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
 
     def __post_init__(self):
@@ -362,6 +367,9 @@ class Enhance(Task):
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"Invalid value for argument `pixel_loss`. Expected one of {PIXEL_LOSSES}. "
                              f"Received pixel_loss={self.pixel_loss!r}")
+        if not isinstance(self.crop, int) or isinstance(self.crop, bool) or self.crop < 0:
+            raise ValueError("Invalid value for argument `crop`. Expected a side in pixels >= 1, or 0 for whole "
+                             f"patches. Received crop={self.crop!r}")
 
     def for_data(self, info) -> "Enhance":
         paired = bool(info.manifest.get("paired"))
@@ -378,7 +386,12 @@ class Enhance(Task):
         if model not in ENHANCE_MODELS:
             raise ValueError(f"Invalid value for argument `model`. Task enhance needs one of {list(ENHANCE_MODELS)}. "
                              f"Received model={model!r}")
-        return build_model(model, spec, spec.channels, **dict(options))
+        built = build_model(model, spec, spec.channels, **dict(options))
+        if self.crop and self.crop < max(spec.height, spec.width) and built.input.shape[2] is not None:
+            raise ValueError(f"Invalid value for argument `crop`. Model {model!r} with these options takes whole "
+                             f"{spec.height}x{spec.width} patches only; expected crop=0 or a fully convolutional "
+                             f"model (dncnn3d without downscale). Received crop={self.crop}")
+        return built
 
     def loss(self):
         if self.pixel_loss == "l2":
@@ -393,7 +406,7 @@ class Enhance(Task):
         from stpkeras.degrade import make_pairs
         # Validation is degraded too (seeded: the same degradations every epoch), but not augmented.
         return make_pairs(info.encoding, info.spec, paired=self.paired, degradations=self.degrade,
-                          augment=augment if training else ())
+                          augment=augment if training else (), crop=self.crop if training else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,3 +171,43 @@ def test_make_pairs_self_supervised_and_paired(encoding):
     same = degrade.make_pairs(encoding, spec, paired=True, augment=["crop", "color"])
     x2, y2 = same(tf.constant(paired), tf.constant([4, 2], tf.int64))
     assert np.array_equal(x.numpy(), x2.numpy()) and not np.array_equal(y.numpy(), clean)
+
+
+def _window_of(crop: np.ndarray, whole: np.ndarray):
+    """Every (y, x) where `crop` is `whole`'s window of its size, all frames."""
+    _, h, w, _ = crop.shape
+    return [(y, x) for y in range(whole.shape[1] - h + 1) for x in range(whole.shape[2] - w + 1)
+            if np.array_equal(whole[:, y:y + h, x:x + w], crop)]
+
+
+def test_make_pairs_crops_input_and_target_at_one_window():
+    """`crop`: a window of every frame, the same for the degraded input and its target, drawn per seed; at most
+    the patch (a larger crop keeps it whole)."""
+    spec = PatchSpec(4, 24, 24)
+    clean, degraded = _patch(1), _patch(2)
+    record = schema.encode_patch(degraded, target=clean, encoding="raw", video_id="v", video_size=(4, 24, 24),
+                                 index=(0, 0, 0), offset=(0, 0, 0), valid=(4, 24, 24), timestamp=0.0)
+    element = degrade.make_pairs("raw", spec, paired=True, crop=8)
+    corners = set()
+    for seed in range(6):
+        x, y = (t.numpy() for t in element(tf.constant(record), tf.constant([seed, 3], tf.int64)))
+        assert x.shape == y.shape == (4, 8, 8, 3)
+        where = _window_of(y, clean)
+        assert where and where == _window_of(x, degraded)   # one window for both
+        corners.add(where[0])
+    assert len(corners) > 1   # drawn, not fixed
+    x, y = degrade.make_pairs("raw", spec, paired=True, crop=32)(tf.constant(record), tf.constant([0, 0], tf.int64))
+    assert np.array_equal(x.numpy(), degraded) and np.array_equal(y.numpy(), clean)
+
+
+def test_a_crop_needs_a_fully_convolutional_enhancer():
+    from stpkeras.tasks import get_task
+    spec = PatchSpec(4, 24, 24)
+    task = get_task("enhance", {"degrade": ("noise",), "crop": 8})
+    model = task.build_model("dncnn3d", spec, (), {"depth": 2})
+    assert model(np.zeros((1, 4, 24, 24, 3), np.uint8)).shape == (1, 4, 24, 24, 3)    # the whole patch
+    assert model(np.zeros((1, 4, 8, 8, 3), np.uint8)).shape == (1, 4, 8, 8, 3)        # a training crop
+    with pytest.raises(ValueError, match="takes whole 24x24 patches only"):
+        task.build_model("dncnn3d", spec, (), {"depth": 2, "downscale": 2})
+    with pytest.raises(ValueError, match="Received crop=-1"):
+        get_task("enhance", {"degrade": ("noise",), "crop": -1})

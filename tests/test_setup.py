@@ -187,10 +187,11 @@ def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
     assert config.to_dict()["task_options"] == {"degrade": ["noise:25"], "pixel_loss": "l1"}
 
 
-def test_a_short_cpu_budget_gives_enhance_the_shallow_stack_and_says_so(monkeypatch):
-    """15 minutes on 2 CPU cores: the default 5-layer dncnn3d ended below a Gaussian blur, the 2-layer stack
-    at lr 1e-3 above it (docs/benchmarks.md): a timed enhance run on CPUs alone takes the latter, and says so;
-    anything the user set about the model, a GPU, or a longer budget leaves the task's defaults."""
+def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):
+    """15 minutes on 2 CPU cores: the default 5-layer dncnn3d on whole 64x64 patches at the task's lr ended below
+    or just above a Gaussian blur, on 32x32 crops at lr 1e-3 well above it (docs/benchmarks.md): a timed enhance
+    run on CPUs alone takes the latter, and says so; anything the user set about the model, a GPU, or a longer
+    budget leaves the task's defaults, and a crop the user gives wins over the recipe's."""
     import stpkeras.setup as setup
     monkeypatch.setattr(setup, "cpu_cores", lambda: 2)
     monkeypatch.setattr(setup, "has_gpu", lambda: False)
@@ -199,16 +200,19 @@ def test_a_short_cpu_budget_gives_enhance_the_shallow_stack_and_says_so(monkeypa
         return TrainConfig(data="data", out="run", task="enhance", **kw)
 
     config = make(minutes=15)
-    assert (config.model, dict(config.model_options), config.lr, config.batch_size) == ("dncnn3d", {"depth": 2},
-                                                                                        1e-3, 8)
-    assert config.recipe.startswith("CPU-budget defaults: depth=2, lr 0.001 (no GPU, 15 min x 2 cores <= 120")
+    assert (config.model, dict(config.model_options), config.lr, config.batch_size) == ("dncnn3d", {}, 1e-3, 8)
+    assert dict(config.task_options)["crop"] == 32
+    assert config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU, 15 min x 2 cores <= 120")
     assert config.to_dict()["recipe"] == config.recipe   # run.json records why
+    config = make(minutes=15, task_options=(("crop", 0),))
+    assert dict(config.task_options)["crop"] == 0 and config.lr == 1e-3
+    assert config.recipe.startswith("CPU-budget defaults: lr 0.001 (no GPU")
     assert make(minutes=60).recipe is not None and make(minutes=61).recipe is None   # 60 x 2 cores = 120
     for given in (dict(lr=2e-3), dict(model="dncnn3d"), dict(model_options=(("depth", 5),)),
                   dict(init_from="runs/earlier"), dict(strategy="multiworker"), {}):
         config = make(**given, minutes=15) if given else make()   # {}: no budget, epochs
         assert config.recipe is None, given
-        assert dict(config.model_options).get("depth") != 2 and config.lr == given.get("lr", 2e-3), given
+        assert dict(config.task_options)["crop"] == 0 and config.lr == given.get("lr", 2e-3), given
     assert TrainConfig(data="data", out="run", task="classify", minutes=15).recipe is None   # no such recipe
     monkeypatch.setattr(setup, "has_gpu", lambda: True)
     assert make(minutes=15).recipe is None and make(minutes=15).lr == 2e-3

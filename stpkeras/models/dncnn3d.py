@@ -52,7 +52,8 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
         raise ValueError("Invalid value for argument `downscale`. Expected 1 or 2, dividing the patch's height "
                          f"and width ({spec.height}x{spec.width}). Received downscale={downscale!r}")
     layers.require_rgb(spec, "an enhancer")
-    inputs = layers.patch_input(spec)
+    # Without the phase split the stack is fully convolutional: any frame size (crops in training, `Enhance.crop`).
+    inputs = layers.patch_input(spec, any_size=downscale == 1)
     x = layers.normalize(spec, inputs)
     if downscale == 2:
         x = _phases(x, spec, spec.channels, "to_phases")

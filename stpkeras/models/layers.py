@@ -106,9 +106,12 @@ def sincos_table(grid_shape, dim: int) -> np.ndarray:
     return table.astype("float32")
 
 
-def patch_input(spec) -> keras.KerasTensor:
-    """The model input for patches of `spec`: `uint8 [None, *spec.shape]` (`[T, H, W, 3]` for rgb), named 'patch'."""
-    return keras.Input(shape=spec.shape, dtype="uint8", name="patch")
+def patch_input(spec, any_size: bool = False) -> keras.KerasTensor:
+    """The model input for patches of `spec`: `uint8 [None, *spec.shape]` (`[T, H, W, 3]` for rgb), named 'patch'.
+    `any_size`: height and width left open (`[None, T, None, None, C]`), for fully convolutional models that
+    train on crops of the patches (the run's spec stays the contract of loading and export)."""
+    shape = (spec.shape[0], None, None, *spec.shape[3:]) if any_size else spec.shape
+    return keras.Input(shape=shape, dtype="uint8", name="patch")
 
 
 def normalize(spec, inputs, name: str = "normalize"):
