@@ -3,7 +3,7 @@
 Claims measured (issues 5 and 20):
 1. Denoising, Gaussian noise sigma 25 (0-255 units): the default model (`dncnn3d`), trained by `stp train
    --task enhance --degrade noise --minutes 15` (level-blind: sigma drawn in 0-50 per patch; the task's
-   batch 8, and on CPUs alone with this budget its CPU-budget defaults, depth 2 at lr 1e-3), gains >= 3 dB
+   batch 8, and on CPUs alone with this budget its CPU-budget defaults: 32x32 crops at lr 1e-3), gains >= 3 dB
    over the best classical baseline (3D Gaussian, temporal median 3/5,
    OpenCV non-local means; each with its parameter chosen on the test data itself, in their favour) on
    footage of another kind than it trained on. Measured on the test split's Tx64x64 patches (`stp
@@ -21,7 +21,7 @@ them and writes OUT/enhance.json. On a machine shared with other jobs, `--clock 
 count this process's CPU seconds / cores (the wall time of the same work on quiet cores).
 
     python benchmarks/enhance.py [--videos DIR] [--out DIR] [--minutes 15] [--pair-minutes 15] [--clock cpu]
-                                 [--swap] [--skip-denoise] [--skip-pairs] [--model NAME]
+                                 [--swap] [--skip-denoise] [--skip-pairs] [--model NAME] [--train-size 64]
 
 A finished run of the same budget in OUT is measured again, not retrained (delete OUT to train again).
 """

@@ -600,8 +600,8 @@ def _shake_limits(text: str):
               help="Time budget: train for at most M minutes (training wall time, a resumed run's earlier "
                    "sessions included), ending the epoch under way when it is spent; the learning-rate "
                    "schedule spans the steps the budget holds. run.json records the budget. --task enhance on "
-                   "CPUs alone with at most 120 core-minutes (M x cores) and no model option given trains the "
-                   "shallow dncnn3d (depth=2, lr 1e-3) and says so.")
+                   "CPUs alone with at most 120 core-minutes (M x cores) and no model option given trains on "
+                   "32x32 crops at lr 1e-3 (--crop) and says so.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
                    "large data more frequent checkpoints and validation.")

@@ -352,9 +352,10 @@ class Enhance(Task):
     DEFAULT_BATCH_SIZE: ClassVar[int] = 8
     DEFAULT_LR: ClassVar[float] = 2e-3
     # The default 5-layer stack needs thousands of steps (+3.73 dB over a Gaussian blur after 5,256). With 15
-    # minutes on 2 cores (30 core-minutes) it got 832-2,046 steps and ended 4.28 dB below the blur to 0.62 above
-    # it, where the 2-layer stack at lr 1e-3 (4,368-10,950 steps) gained +0.71 to +1.27 (docs/benchmarks.md,
-    # issue 20, both kinds of unseen footage, two 2-core hosts). The bound is an estimate: measured at 30.
+    # minutes on 2 cores (30 core-minutes) on whole 64x64 patches it got 832-2,046 steps and ended 4.28 dB below
+    # the blur to 0.75 above it; on 32x32 crops at lr 1e-3 a step costs a quarter and the same stack passes the
+    # blur by far more on both kinds of unseen footage (docs/benchmarks.md, issue 20). The bound is an estimate:
+    # measured at 30.
     CPU_BUDGET_CORE_MINUTES: ClassVar[float] = 120.0
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
