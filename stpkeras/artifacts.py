@@ -107,6 +107,13 @@ def flip_averaged(artifact: Artifact) -> Artifact:
 
 # --- reading the files --------------------------------------------------------------------------
 
+def takes(shape, spec_shape) -> bool:
+    """Whether a model input (or output) of `shape` (`[T, H, W, C]`, batch axis off) takes patches of `spec_shape`:
+    every axis equal, or left open (None: a fully convolutional enhancer takes any frame size)."""
+    shape, spec_shape = tuple(shape), tuple(spec_shape)
+    return len(shape) == len(spec_shape) and all(a is None or a == b for a, b in zip(shape, spec_shape))
+
+
 def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -257,7 +257,7 @@ def _evaluate(config: EvalConfig) -> dict:
     if artifact.task == "regress" or artifact.multi_label:
         return evaluate_targets(config, artifact, info)
     model_shape = tuple(model.input_shape[1:])
-    if model_shape != tuple(info.spec.shape):
+    if not artifacts.takes(model_shape, info.spec.shape):
         raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
                             f"{model_shape} (T, H, W, C)")
     labels = tuple(run.get("labels") or info.labels)
@@ -328,7 +328,7 @@ def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
     regress = artifact.task == "regress"
     key, expected, what = ((schema.VALUES, info.value_names, "values") if regress
                            else (schema.MULTI_HOT, info.labels, "classes"))
-    if tuple(model.input_shape[1:]) != tuple(info.spec.shape):
+    if not artifacts.takes(model.input_shape[1:], info.spec.shape):
         raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
                             f"{tuple(model.input_shape[1:])} (T, H, W, C)")
     if tuple(expected) != names:
@@ -381,7 +381,7 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     from stpkeras.degrade import describe, make_pairs, parse_degrade
     from stpkeras.quality import psnr, ssim
 
-    if tuple(model.input_shape[1:]) != tuple(info.spec.shape):
+    if not artifacts.takes(model.input_shape[1:], info.spec.shape):
         raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
                             f"{tuple(model.input_shape[1:])} (T, H, W, C)")
     degrade = describe(parse_degrade(config.degrade or run.get("config", {}).get("task_options", {}).get("degrade")))

@@ -110,7 +110,7 @@ def resolve_source(model_or_run: str, labels: Optional[Sequence[str]] = None,
         raise ExportError(f"{source.path}: already an export; expected a run folder or a .keras file")
     if source.task == "enhance":
         shapes = [tuple(t.shape) for t in source.model.inputs + source.model.outputs]
-        if len(shapes) != 2 or shapes[0][1:] != source.spec.shape or shapes[1][1:] != source.spec.shape:
+        if len(shapes) != 2 or not all(artifacts.takes(s[1:], source.spec.shape) for s in shapes):
             raise ExportError(f"{source.path}: expected an enhancement model uint8 "
                               f"[None, {', '.join(map(str, source.spec.shape))}] -> pixels of the same shape; "
                               f"it maps {shapes}")

@@ -70,7 +70,9 @@ def _save_one_per_task(tmp_path):
         model.compile(optimizer="adam", loss=task.loss(), metrics=task.metrics(LABELS))
         path = str(tmp_path / f"{name}.keras")
         model.save(path)
-        x = rng.integers(0, 256, size=(2, *model.input_shape[1:]), dtype=np.uint8)
+        shape = model.input_shape[1:]   # open axes (a fully convolutional enhancer's) at the spec's size
+        x = rng.integers(0, 256, size=(2, *(SPEC.shape[k - len(shape)] if d is None else d
+                                            for k, d in enumerate(shape))), dtype=np.uint8)
         paths.append(path)
         inputs[path] = x
         expected[path] = np.asarray(model(x, training=False))
