@@ -268,17 +268,18 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
     degrade = make_degrade(degradations)
     channels = spec.channels
     window = (min(crop, spec.height), min(crop, spec.width)) if crop else tuple(spec.shape[1:3])
+    cropping = window != tuple(spec.shape[1:3])
 
     def element(serialized: tf.Tensor, seed: tf.Tensor):
         features = schema.parse_patch(serialized, encoding, target=paired)
         patch = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
         target = schema.decode_pixels(features[schema.TARGET], encoding, spec.shape) if paired else patch
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        if augment_fn.names or window != spec.shape[1:3]:
+        if augment_fn.names or cropping:
             both = tf.concat([patch, target], axis=-1)
             if augment_fn.names:
                 both = augment_fn(both, seeds[0])
-            if window != spec.shape[1:3]:
+            if cropping:
                 crop_seed = tf.random.experimental.stateless_fold_in(seeds[0], 1)
                 both = tf.image.stateless_random_crop(both, (spec.frames, *window, 2 * channels), crop_seed)
             patch, target = both[..., :channels], both[..., channels:]

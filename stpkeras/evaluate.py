@@ -256,10 +256,7 @@ def _evaluate(config: EvalConfig) -> dict:
         return evaluate_enhance(config, model, run, info)
     if artifact.task == "regress" or artifact.multi_label:
         return evaluate_targets(config, artifact, info)
-    model_shape = tuple(model.input_shape[1:])
-    if not artifacts.takes(model_shape, info.spec.shape):
-        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
-                            f"{model_shape} (T, H, W, C)")
+    _require_patch_shape(config, model, info)
     labels = tuple(run.get("labels") or info.labels)
     if tuple(info.labels) != labels:
         raise EvaluateError(f"{config.data}: classes {list(info.labels)} differ from the model's {list(labels)}")
@@ -317,6 +314,13 @@ def _out_dir(config: EvalConfig) -> str:
 
 # --- multi-label classification and regression ------------------------------------------------
 
+def _require_patch_shape(config: EvalConfig, model, info) -> None:
+    """The model takes the data's patches (`artifacts.takes`: equal axes, or open ones), or the reason it does not."""
+    if not artifacts.takes(model.input_shape[1:], info.spec.shape):
+        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
+                            f"{tuple(model.input_shape[1:])} (T, H, W, C)")
+
+
 def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
     """A multi-label classifier (`multilabel_metrics` at `config.threshold`) or a regressor
     (`regression_metrics`) on a split, per patch and per video (the mean of its patches' probabilities
@@ -328,9 +332,7 @@ def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
     regress = artifact.task == "regress"
     key, expected, what = ((schema.VALUES, info.value_names, "values") if regress
                            else (schema.MULTI_HOT, info.labels, "classes"))
-    if not artifacts.takes(model.input_shape[1:], info.spec.shape):
-        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
-                            f"{tuple(model.input_shape[1:])} (T, H, W, C)")
+    _require_patch_shape(config, model, info)
     if tuple(expected) != names:
         raise EvaluateError(f"{config.data}: {what} {list(expected)} differ from the model's {list(names)}")
     if key not in info.target_spec():
@@ -381,9 +383,7 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     from stpkeras.degrade import describe, make_pairs, parse_degrade
     from stpkeras.quality import psnr, ssim
 
-    if not artifacts.takes(model.input_shape[1:], info.spec.shape):
-        raise EvaluateError(f"{config.data}: patches are {info.spec.shape}, the model {config.model} takes "
-                            f"{tuple(model.input_shape[1:])} (T, H, W, C)")
+    _require_patch_shape(config, model, info)
     degrade = describe(parse_degrade(config.degrade or run.get("config", {}).get("task_options", {}).get("degrade")))
     paired = bool(info.manifest.get("paired"))
     if not degrade and not paired:
