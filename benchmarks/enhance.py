@@ -76,19 +76,22 @@ def video_psnr(pred: np.ndarray, clean: np.ndarray) -> float:
     return float(np.mean([frame_psnr(a, b) for a, b in zip(pred, clean)]))
 
 
-def whole_videos(run_dir: str, src: str, out: str, names, seed: int = 0, limit: int = 0) -> dict:
+def whole_videos(run_dir: str, src: str, out: str, names, seed: int = 0, limit: int = 0, tta: bool = False) -> dict:
     """The held-out videos whole, as a user denoises them: each clean video with seeded Gaussian noise
     (written losslessly), through `enhance_video` (overlapping patches, overlap-add), and through every
     classical baseline on the full frames (no patch borders for them either). Each baseline's parameter is
     one for all the videos, chosen on them (in its favour): every value of its grid on every frame for the
     3D Gaussian and the temporal medians, on every 10th frame for non-local means (0.1-0.2 s a frame).
     PSNR: mean over frames of the frame PSNR; the figure for all videos weights each video by its frames.
-    `limit`: only the first `limit` frames of each video (0: all).
+    `limit`: only the first `limit` frames of each video (0: all). `tta`: also the same model with `stp enhance
+    --tta` (each patch averaged over its flips), a row of its own.
     """
     from stpkeras import baselines as baselines_lib
     from stpkeras.enhance import enhance_video, load_enhancer
 
-    enhancer = load_enhancer(run_dir)
+    enhancers = {"model": load_enhancer(run_dir)}
+    if tta:
+        enhancers["model --tta"] = load_enhancer(run_dir, tta=True)
     methods = baselines_lib.available()
     videos = []
     for i, name in enumerate(names):
@@ -100,14 +103,18 @@ def whole_videos(run_dir: str, src: str, out: str, names, seed: int = 0, limit: 
         stem = os.path.splitext(name)[0]
         clean_path = write_frames(os.path.join(out, f"{stem}-clean.mp4"), clean, fps, lossless=True)
         noisy_path = write_frames(os.path.join(out, f"{stem}-noisy.mp4"), noisy, fps, lossless=True)
-        result = enhance_video(enhancer, noisy_path, os.path.join(out, f"{stem}-denoised.mp4"), lossless=True,
-                               reference=clean_path, frame_png=os.path.join(out, f"{stem}-denoised.png"),
-                               batch_size=16)
-        videos.append({"name": name, "clean": clean, "noisy": noisy, "frames": len(clean),
-                       "size": f"{clean.shape[2]}x{clean.shape[1]}", "model": result.output_psnr,
-                       "input": result.input_psnr, "seconds": result.seconds})
-        log(f"  {name}: {len(clean)} frames of {clean.shape[2]}x{clean.shape[1]}, model {result.output_psnr:.2f} dB "
-            f"(noisy {result.input_psnr:.2f}) in {result.seconds:.0f}s")
+        video = {"name": name, "clean": clean, "noisy": noisy, "frames": len(clean),
+                 "size": f"{clean.shape[2]}x{clean.shape[1]}", "seconds": {}}
+        for label, enhancer in enhancers.items():
+            suffix = "-tta" if label != "model" else ""
+            result = enhance_video(enhancer, noisy_path, os.path.join(out, f"{stem}-denoised{suffix}.mp4"),
+                                   lossless=True, reference=clean_path,
+                                   frame_png=os.path.join(out, f"{stem}-denoised{suffix}.png"), batch_size=16)
+            video.update({label: result.output_psnr, "input": result.input_psnr})
+            video["seconds"][label] = result.seconds
+            log(f"  {name}: {len(clean)} frames of {clean.shape[2]}x{clean.shape[1]}, {label} "
+                f"{result.output_psnr:.2f} dB (noisy {result.input_psnr:.2f}) in {result.seconds:.0f}s")
+        videos.append(video)
 
     def run(fn, video, param, every=1):
         if fn is baselines_lib.nlmeans:
@@ -126,14 +133,15 @@ def whole_videos(run_dir: str, src: str, out: str, names, seed: int = 0, limit: 
         baselines[name] = {"param": param, "per_video": per_video}
     frames = np.array([v["frames"] for v in videos], np.float64)
     table = {"noisy": [v["input"] for v in videos], **{k: b["per_video"] for k, b in baselines.items()},
-             "model": [v["model"] for v in videos]}
+             **{label: [v[label] for v in videos] for label in enhancers}}
     overall = {k: float(np.average(v, weights=frames)) for k, v in table.items()}
     best = max(baselines, key=lambda k: overall[k])
     return {"videos": [{k: v[k] for k in ("name", "frames", "size", "seconds")} for v in videos],
             "psnr_per_video": table, "psnr": overall,
             "params": {k: b["param"] for k, b in baselines.items()}, "best_baseline": best,
             "gain_db": {"over_input": overall["model"] - overall["noisy"],
-                        "over_best_baseline": overall["model"] - overall[best]}}
+                        "over_best_baseline": overall["model"] - overall[best],
+                        **({"tta_over_best_baseline": overall["model --tta"] - overall[best]} if tta else {})}}
 
 
 def main(argv=None) -> int:
@@ -170,13 +178,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the enhance task's (8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--train-size", type=int, default=64,
-                        help="training patches are T x SIZE x SIZE, every 2 x SIZE pixels (test patches stay 64)")
+                        help="training patches are T x SIZE x SIZE (test patches stay 64)")
+    parser.add_argument("--train-stride", type=int, default=0,
+                        help="pixels between training patches (default 2 x SIZE; SIZE is `stp convert`'s own default)")
     parser.add_argument("--lr", type=float, default=None,
                         help="default: the enhance task's (2e-3; 1e-3 with its CPU-budget defaults)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
                         help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
+    parser.add_argument("--tta", action="store_true",
+                        help="also measure the same denoiser with test-time flips (`stp enhance --tta`, 4x the work)")
     args = parser.parse_args(argv)
 
     train_names, test_names = (TEST, TRAIN) if args.swap else (TRAIN, TEST)
@@ -201,8 +213,9 @@ def main(argv=None) -> int:
     log(f"cores: {os.cpu_count()}; TensorFlow {tf.__version__}")
 
     # --- 1. denoising ----------------------------------------------------------------------------
-    # Training patches every 128 pixels (Tx64x64 by default, every T frames): fewer, more varied patches than a dense
-    # grid, so several epochs fit the time budget. Test patches: the dense grid of the held-out videos.
+    # Training patches every 128 pixels by default (Tx64x64, every T frames; `--train-stride`): fewer, more varied
+    # patches than a dense grid, so several epochs fit the time budget. Test patches: the dense grid of the
+    # held-out videos.
     t0 = time.perf_counter()
     # CSV paths stay inside the CSV's folder: link the samples there.
     videos = os.path.join(out, "videos")
@@ -219,10 +232,10 @@ def main(argv=None) -> int:
                               [("path", "split")] + [(n, "train") for n in train_names])
         test_csv = write_csv(os.path.join(videos, "test.csv"), [("path", "split")] + [(n, "test") for n in test_names])
         train_data, test_data = os.path.join(out, "data-train"), os.path.join(out, "data-test")
-        size = args.train_size
+        size, stride = args.train_size, args.train_stride or 2 * args.train_size
         m_train = convert(ConvertConfig(src=train_csv, out=train_data, spec=PatchSpec(args.frames, size, size,
-                                                                                       stride_height=2 * size,
-                                                                                       stride_width=2 * size),
+                                                                                       stride_height=stride,
+                                                                                       stride_width=stride),
                                         workers=2))
         m_test = None if args.skip_patches else convert(ConvertConfig(src=test_csv, out=test_data,
                                                                        spec=PatchSpec(args.frames, 64, 64), workers=2))
@@ -273,6 +286,12 @@ def main(argv=None) -> int:
             log(f"gain: {gain:+.2f} dB over noisy (goal >= +10), {over:+.2f} dB over {best} (goal >= +3.5); "
                 f"trained {train_s / 60:.1f} min on {os.cpu_count()} cores (goal < 15)")
             report["denoise"]["eval"] = result
+            if args.tta:
+                flipped = evaluate(EvalConfig(model=run_dir, data=test_data, split="test", batch_size=32, seed=0,
+                                              baselines=False, tta=True))
+                log(f"{model + ' --tta':<11} {flipped['output']['psnr']:>8.2f} {flipped['output']['ssim']:>7.4f}  "
+                    f"({flipped['output']['psnr'] - result['baselines'][best]['psnr']:+.2f} dB over {best})")
+                report["denoise"]["eval_tta"] = flipped
             report["denoise"]["goals"].update(gain_over_noisy=gain >= 10, gain_over_best_baseline=over >= 3.5)
 
         # The held-out videos whole, through `enhance_video`, against the baselines on the same full frames; then
@@ -283,15 +302,17 @@ def main(argv=None) -> int:
         for label, names, limit in sets:
             log(f"\nwhole {label} videos ({', '.join(names)}{f', first {limit} frames' if limit else ''}), "
                 f"noise sigma {SIGMA}:")
-            whole = whole_videos(run_dir, src, out, names, limit=limit)
-            log(f"{'':<11} " + " ".join(f"{n[:12]:>12}" for n in names) + f" {'all frames':>12}")
+            whole = whole_videos(run_dir, src, out, names, limit=limit, tta=args.tta)
+            log(f"{'':<12} " + " ".join(f"{n[:12]:>12}" for n in names) + f" {'all frames':>12}")
             for name, values in whole["psnr_per_video"].items():
                 param = whole["params"].get(name)
-                log(f"{name:<11} " + " ".join(f"{v:>12.2f}" for v in values) + f" {whole['psnr'][name]:>12.2f}"
+                log(f"{name:<12} " + " ".join(f"{v:>12.2f}" for v in values) + f" {whole['psnr'][name]:>12.2f}"
                     + (f"  (param {param:g})" if param is not None else ""))
             w_gain, w_over = whole["gain_db"]["over_input"], whole["gain_db"]["over_best_baseline"]
-            log(f"whole {label} videos: {w_gain:+.2f} dB over noisy, {w_over:+.2f} dB over {whole['best_baseline']} "
-                f"(goal on held-out footage >= +3)")
+            tta_over = whole["gain_db"].get("tta_over_best_baseline")
+            log(f"whole {label} videos: {w_gain:+.2f} dB over noisy, {w_over:+.2f} dB over {whole['best_baseline']}"
+                + (f" ({tta_over:+.2f} with --tta)" if tta_over is not None else "")
+                + " (goal on held-out footage >= +3)")
             key = "whole_videos" if label == "held-out" else "seen_videos"
             report["denoise"][key] = whole
             report["denoise"]["goals"][key] = {"gain_over_noisy": w_gain >= 10, "gain_over_best_baseline": w_over >= 3}

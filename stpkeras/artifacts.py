@@ -90,16 +90,20 @@ class Artifact:
 
 
 def flip_averaged(artifact: Artifact) -> Artifact:
-    """`artifact` whose model averages each patch's logits over the flips of its run's `--flip-labels`
-    (test-time augmentation, `augment.flip_averaged`: 2^k passes for k flipped axes), for `--tta`."""
-    flips = artifact.task_options.get("flip_labels") or ()
-    if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
-        raise ArtifactError(f"{artifact.path}: --tta averages over the flips the run trained with (`stp train "
-                            "--flip-labels`); expected a run or .keras file of a single-label classifier trained "
-                            f"with them. Received a {artifact.form} model of task {artifact.task!r} with "
-                            f"flip_labels={list(flips)}")
+    """`artifact` whose model averages each patch over flips, for `--tta` (test-time augmentation, 2^k passes
+    for k flipped axes). A classifier's logits over the flips of its run's `--flip-labels`, each flip's put back
+    in the clip's own classes (`augment.flip_averaged`); an enhancer's pixels over the left-right, top-bottom and
+    time flips (8 passes), each output flipped back (`augment.flip_averaged_pixels`)."""
     from stpkeras import augment
 
+    if artifact.form == "keras" and artifact.task == "enhance":
+        return dataclasses.replace(artifact, model=augment.flip_averaged_pixels(artifact.model))
+    flips = artifact.task_options.get("flip_labels") or ()
+    if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
+        raise ArtifactError(f"{artifact.path}: --tta averages an enhancer over flips, or a classifier over the flips "
+                            "its run trained with (`stp train --flip-labels`); expected a run or .keras file of an "
+                            "enhancer or of a single-label classifier trained with them. Received a "
+                            f"{artifact.form} model of task {artifact.task!r} with flip_labels={list(flips)}")
     permutations = augment.parse_flip_labels(flips, artifact.labels)
     return dataclasses.replace(artifact, model=augment.flip_averaged(artifact.model, permutations,
                                                                      artifact.spec.pixels))

@@ -97,12 +97,22 @@ class SavedModelEnhancer(Enhancer):
         return self._serve(**{PATCHES: patches})[PIXELS_FLOAT].numpy()
 
 
-def load_enhancer(path: str, spec: Optional[PatchSpec] = None) -> Enhancer:
-    """A run folder (best.keras), a `.keras` file in its run folder, or an export (`saved_models/NAME[/VERSION]`)."""
+def load_enhancer(path: str, spec: Optional[PatchSpec] = None, *, tta: bool = False) -> Enhancer:
+    """A run folder (best.keras), a `.keras` file in its run folder, or an export (`saved_models/NAME[/VERSION]`).
+
+    `tta`: each patch is enhanced as it is and flipped left-right, top-bottom, backwards in time and every
+    combination of them, and the eight outputs, flipped back, averaged (`artifacts.flip_averaged`): 8x the
+    model's work for a cleaner estimate.
+    """
     artifact = artifacts.load(path, spec=spec, task="enhance")
     if artifact.form == "keras" and artifact.run is not None and artifact.task != "enhance":
         raise EnhanceError(f"{path}: a run of task {artifact.task!r}; expected an enhancement model "
                            "(stp train --task enhance)")
+    if tta:
+        if artifact.form != "keras":
+            raise EnhanceError(f"{path}: --tta runs the flips in this process on a run or .keras file; received "
+                               "an export, which runs as it is")
+        artifact = artifacts.flip_averaged(artifact)
     return KerasEnhancer(artifact) if artifact.form == "keras" else SavedModelEnhancer(artifact)
 
 

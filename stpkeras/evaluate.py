@@ -429,7 +429,7 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
             measure(name, fn(x, chosen[name]), y)
     scores = {name: {"psnr": float(v[0] / count), "ssim": float(v[1] / count)} for name, v in sums.items()}
     result = {"task": "enhance", "model": config.model, "data": config.data, "split": split, "patches": count,
-              "degrade": list(degrade), "paired": paired, "seed": config.seed,
+              "degrade": list(degrade), "paired": paired, "seed": config.seed, "tta": config.tta,
               "input": scores["input"], "output": scores["model"],
               "baselines": {name: {**scores[name], "param": chosen[name]} for name in methods}}
     if not baselines_lib.has_opencv() and config.baselines:
