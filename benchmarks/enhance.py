@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=None,
                         help="default: the enhance task's (2e-3; 1e-3 with its CPU-budget defaults)")
     parser.add_argument("--model", default=None, help="enhancement model (default: the library's default)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="`stp train --crop N` (default: the task's; 32 under its CPU-budget defaults)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
                         help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
@@ -249,7 +251,9 @@ def main(argv=None) -> int:
         run_dir = os.path.join(out, "run-denoise")
         config = TrainConfig(data=train_data, out=run_dir, model=args.model, model_options=model_options,
                              task="enhance",
-                             task_options=(("degrade", (args.degrade,)),), epochs=args.epochs, minutes=args.minutes,
+                             task_options=(("degrade", (args.degrade,)),
+                                           *((("crop", args.crop),) if args.crop is not None else ())),
+                             epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
                              mixed_precision=args.mixed_precision, seed=0, verbose=2, resume=os.path.exists(run_dir))
         model = config.model  # the task's default (dncnn3d) unless --model

@@ -302,6 +302,29 @@ def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
 
 # --- models -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dilation,reach", [(1, 5), (3, 9)])
+def test_dilation_widens_what_each_output_pixel_sees(dilation, reach):
+    """dncnn3d `dilation`: the middle layers' taps spaced 1, 2, 3, 2, 1 at depth 5 (IRCNN's schedule), so one
+    input pixel moves the output up to 1 + 2 + 3 + 2 + 1 = 9 pixels away in height and width (5 without), and
+    in time still 5 frames (the time axis is not dilated)."""
+    import keras
+
+    from stpkeras.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("dncnn3d", PatchSpec(12, 32, 32), 3, depth=5, filters=4, dilation=dilation)
+    rates = [model.get_layer(f"conv{i}").dilation_rate for i in range(1, 5)]
+    assert rates == ([(1, 1, 1)] * 4 if dilation == 1 else [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 2, 2)])
+    model.get_layer("residual").set_weights([np.full_like(w, 0.05) for w in model.get_layer("residual").get_weights()])
+    x = np.full((1, 12, 32, 32, 3), 128, np.uint8)
+    bumped = x.copy()
+    bumped[0, 6, 16, 16] = 255
+    moved = np.abs(np.asarray(model(bumped)) - np.asarray(model(x))).max(axis=-1)[0] > 1e-4
+    t, h, w = np.nonzero(moved)
+    assert (h.min(), h.max(), w.min(), w.max()) == (16 - reach, 16 + reach, 16 - reach, 16 + reach)
+    assert (t.min(), t.max()) == (1, 11)   # 5 layers of 3 frames: 5 frames each way
+
+
 @pytest.mark.parametrize("name,options", [("unet3d", {"filters": (4, 8, 16)}), ("dncnn3d", {"depth": 3, "filters": 4}),
                                           ("dncnn3d", {"depth": 3, "filters": 4, "downscale": 2})])
 def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path):

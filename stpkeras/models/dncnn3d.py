@@ -31,14 +31,15 @@ from stpkeras.models import layers
 
 
 def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32, kernel_size=3,
-                  downscale: int = 1, name: str = "dncnn3d") -> keras.Model:
+                  downscale: int = 1, dilation: int = 1, name: str = "dncnn3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
     `channels` is the number of output channels, which must equal the input's
     (the residual is added to it). `downscale` 2 runs the stack on each frame's
     four pixel phases stacked as channels (`[B, T, H/2, W/2, 4C]`, FFDNet's
     sub-images) and puts the residual back in place: a quarter of the voxels per
-    layer, twice the spatial receptive field.
+    layer, twice the spatial receptive field. `dilation` D > 1 spaces the middle layers' taps in height and
+    width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view at the same cost.
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
@@ -48,6 +49,9 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
         raise ValueError(f"Invalid value for argument `depth`. Expected at least 2 layers. Received depth={depth}")
     filters = layers.positive_ints(filters, "filters")[0]
     kernel_size = layers.triple(kernel_size, "kernel_size")
+    dilation = layers.positive_ints(dilation, "dilation")[0]
+    # Layer i of `depth` (the residual layer last): dilated by min(i + 1, depth - i, dilation).
+    rates = [min(i + 1, depth - i, dilation) for i in range(depth)]
     if downscale not in (1, 2) or spec.height % downscale or spec.width % downscale:
         raise ValueError("Invalid value for argument `downscale`. Expected 1 or 2, dividing the patch's height "
                          f"and width ({spec.height}x{spec.width}). Received downscale={downscale!r}")
@@ -59,7 +63,7 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
         x = _phases(x, spec, spec.channels, "to_phases")
     for i in range(depth - 1):
         x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", kernel_initializer="he_normal",
-                                name=f"conv{i + 1}")(x)
+                                dilation_rate=(1, rates[i], rates[i]), name=f"conv{i + 1}")(x)
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     residual = keras.layers.Conv3D(channels * downscale ** 2, kernel_size, padding="same", kernel_initializer="zeros",
                                    name="residual")(x)
