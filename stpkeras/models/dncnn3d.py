@@ -39,7 +39,8 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     four pixel phases stacked as channels (`[B, T, H/2, W/2, 4C]`, FFDNet's
     sub-images) and puts the residual back in place: a quarter of the voxels per
     layer, twice the spatial receptive field. `dilation` D > 1 spaces the middle layers' taps in height and
-    width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view at the same cost.
+    width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view for the same
+    parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU).
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
