@@ -189,8 +189,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
                         help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the denoiser's training seed (the test noise stays seed 0)")
     parser.add_argument("--tta", action="store_true",
-                        help="also measure the same denoiser with test-time flips (`stp enhance --tta`, 4x the work)")
+                        help="also measure the same denoiser with test-time flips (`stp enhance --tta`, 8x the work)")
     args = parser.parse_args(argv)
 
     train_names, test_names = (TEST, TRAIN) if args.swap else (TRAIN, TEST)
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
                                            *((("crop", args.crop),) if args.crop is not None else ())),
                              epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
-                             mixed_precision=args.mixed_precision, seed=0, verbose=2, resume=os.path.exists(run_dir))
+                             mixed_precision=args.mixed_precision, seed=args.seed, verbose=2,
+                             resume=os.path.exists(run_dir))
         model = config.model  # the task's default (dncnn3d) unless --model
         done = os.path.join(run_dir, "run.json")
         previous = json.load(open(done)) if os.path.exists(done) else {}
