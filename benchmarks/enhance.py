@@ -22,6 +22,9 @@ count this process's CPU seconds / cores (the wall time of the same work on quie
 
     python benchmarks/enhance.py [--videos DIR] [--out DIR] [--minutes 15] [--pair-minutes 15] [--clock cpu]
                                  [--swap] [--skip-denoise] [--skip-pairs] [--model NAME] [--train-size 64]
+                                 [--train-stride 128] [--crop N] [--seed 0] [--tta]
+
+`--tta` measures the same trained denoiser also with `stp enhance --tta` (8 flips averaged), a row of its own.
 
 A finished run of the same budget in OUT is measured again, not retrained (delete OUT to train again).
 """
