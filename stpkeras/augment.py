@@ -357,27 +357,42 @@ def make_label_flips(permutations: dict, pixels: str | PixelFormat = "rgb"):
     return flip
 
 
-def flip_averaged(model, permutations: dict, pixels: str | PixelFormat = "rgb"):
-    """Test-time augmentation, the inference twin of `make_label_flips`: a `keras.Model` whose logits are the
-    mean of `model`'s over the clip and its 2^k flips (every combination of the axes of `permutations`), each
-    flip's logits put back in the clip's own class order (under a flip, class i is class `permutation[i]`)."""
+def _mean_over_flips(model, axes: Sequence[str], undo):
+    """`(inputs, mean)`: a `keras.Input` like `model`'s and the mean of `model`'s float32 outputs over it and its
+    2^k flips (every combination of `axes`, flipped in sorted order), each output mapped back to the unflipped
+    input's terms by `undo(output, subset)`. The one loop of both kinds of test-time augmentation."""
     import itertools
 
     import keras
 
-    _require_row_aligned(permutations, pixels, "permutations")
-    axes = sorted(permutations)
+    axes = sorted(axes)
     inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
     views = []
     for n in range(len(axes) + 1):
         for subset in itertools.combinations(axes, n):
-            patch, order = inputs, np.arange(model.output_shape[-1])
-            for axis in subset:   # the order `make_label_flips` applies them in
+            patch = inputs
+            for axis in subset:
                 patch = keras.ops.flip(patch, axis=FLIP_AXES[axis] + 1)
-                order = np.asarray(permutations[axis])[order]
-            logits = keras.ops.cast(model(patch), "float32")
-            views.append(keras.ops.take(logits, order.astype(np.int32), axis=-1) if subset else logits)
-    mean = views[0] if len(views) == 1 else keras.ops.mean(keras.ops.stack(views), axis=0)
+            output = keras.ops.cast(model(patch), "float32")
+            views.append(undo(output, subset) if subset else output)
+    return inputs, views[0] if len(views) == 1 else keras.ops.mean(keras.ops.stack(views), axis=0)
+
+
+def flip_averaged(model, permutations: dict, pixels: str | PixelFormat = "rgb"):
+    """Test-time augmentation, the inference twin of `make_label_flips`: a `keras.Model` whose logits are the
+    mean of `model`'s over the clip and its 2^k flips (every combination of the axes of `permutations`), each
+    flip's logits put back in the clip's own class order (under a flip, class i is class `permutation[i]`)."""
+    import keras
+
+    _require_row_aligned(permutations, pixels, "permutations")
+
+    def in_clip_classes(logits, subset):
+        order = np.arange(model.output_shape[-1])
+        for axis in subset:   # the order `make_label_flips` applies them in
+            order = np.asarray(permutations[axis])[order]
+        return keras.ops.take(logits, order.astype(np.int32), axis=-1)
+
+    inputs, mean = _mean_over_flips(model, permutations, in_clip_classes)
     return keras.Model(inputs, mean, name=f"{model.name}_flip_averaged")
 
 
@@ -391,8 +406,6 @@ def flip_averaged_pixels(model, axes: Sequence[str] = ENHANCE_TTA_AXES):
     `model`'s over the patch and its 2^k flips (every combination of `axes`, of "h", "v", "t"), each output
     flipped back. A restoration does not change under a flip of its input, so each pass is an estimate of the
     same clean patch with its own errors, and their mean is the better one."""
-    import itertools
-
     import keras
 
     from stpkeras.signatures import PIXELS
@@ -401,15 +414,8 @@ def flip_averaged_pixels(model, axes: Sequence[str] = ENHANCE_TTA_AXES):
     if not axes or unknown or len(set(axes)) != len(axes):
         raise ValueError(f"Invalid value for argument `axes`. Expected distinct flips of {sorted(FLIP_AXES)}. "
                          f"Received axes={list(axes)!r}")
-    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
-    views = []
-    for n in range(len(axes) + 1):
-        for subset in itertools.combinations(sorted(axes), n):
-            flip = [FLIP_AXES[a] + 1 for a in subset]
-            patch = keras.ops.flip(inputs, axis=flip) if flip else inputs
-            pixels = keras.ops.cast(model(patch), "float32")
-            views.append(keras.ops.flip(pixels, axis=flip) if flip else pixels)
-    mean = keras.ops.mean(keras.ops.stack(views), axis=0)
+    inputs, mean = _mean_over_flips(
+        model, axes, lambda pixels, subset: keras.ops.flip(pixels, axis=[FLIP_AXES[a] + 1 for a in subset]))
     return keras.Model(inputs, keras.layers.Identity(name=PIXELS)(mean), name=f"{model.name}_flip_averaged")
 
 
