@@ -348,6 +348,7 @@ def main(argv=None) -> int:
         pair_run = os.path.join(out, "run-pairs")
         run = train(TrainConfig(data=pair_train, out=pair_run, model=args.model, model_options=model_options,
                                 task="enhance",
+                                task_options=(("crop", args.crop),) if args.crop is not None else (),
                                 minutes=args.pair_minutes, epochs=args.epochs, batch_size=args.batch_size,
                                 lr=args.lr, augment=("flip",),
                                 val_split="none", mixed_precision=args.mixed_precision, seed=0, verbose=2,

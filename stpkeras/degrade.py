@@ -250,7 +250,7 @@ def make_degrade(degradations: Sequence) -> Degrade:
 # --- the enhance task's element: record -> (degraded, clean) ------------------------------------------
 
 def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = (), augment: Sequence[str] = (),
-               crop: int = 0) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
+               crop: int = 0, crop_grid: int = 1) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
     """The `element_fn` of `pipeline.make_dataset` for enhancement: `(serialized record, seed) -> (input, target)`.
 
     Both are `uint8 [T, H, W, C]`. Self-supervised (`paired=False`): the
@@ -259,7 +259,8 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
     the target its `schema.TARGET`; `degradations`, if any, degrade the input
     further. Augmentations (`stpkeras.augment`) apply before degrading and to
     input and target alike (stacked along channels, so one crop/colour draw covers both).
-    `crop`: then a random window of at most `crop` x `crop` pixels (all frames), the same for both.
+    `crop`: then a random window of at most `crop` x `crop` pixels (all frames), the same for both, whose
+    offsets are multiples of `crop_grid` (8 keeps a codec's block grid where the patch's own origin is on it).
     """
     from stpkeras import augment as augment_lib
     from tfrecords_tools import schema
@@ -281,9 +282,21 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
                 both = augment_fn(both, seeds[0])
             if cropping:
                 crop_seed = tf.random.experimental.stateless_fold_in(seeds[0], 1)
-                both = tf.image.stateless_random_crop(both, (spec.frames, *window, 2 * channels), crop_seed)
+                both = _random_window(both, window, crop_grid, crop_seed)
             patch, target = both[..., :channels], both[..., channels:]
         degraded, _ = degrade(patch, seeds[1])
         return degraded, target
 
     return element
+
+
+def _random_window(x: tf.Tensor, window: Tuple[int, int], grid: int, seed: tf.Tensor) -> tf.Tensor:
+    """A random `window` (height, width) of `[T, H, W, C]` (static shapes), at offsets that are multiples of `grid`."""
+    if grid == 1:
+        return tf.image.stateless_random_crop(x, (x.shape[0], *window, x.shape[-1]), seed)
+    offsets = []
+    for i, (size, side) in enumerate(zip(x.shape[1:3], window)):
+        choices = (size - side) // grid + 1
+        offsets.append(tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, i), 0, choices,
+                                                   dtype=tf.int32) * grid)
+    return tf.slice(x, [0, offsets[0], offsets[1], 0], [x.shape[0], *window, x.shape[-1]])

@@ -317,6 +317,8 @@ class Segment(Task):
 
 
 PIXEL_LOSSES = ("l1", "l2")
+# H.264 and MPEG-4 transform 8x8 and 4x4 blocks inside 16x16 macroblocks: crops of codec pairs stay on this grid.
+CODEC_BLOCK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,11 +389,18 @@ class Enhance(Task):
         if model not in ENHANCE_MODELS:
             raise ValueError(f"Invalid value for argument `model`. Task enhance needs one of {list(ENHANCE_MODELS)}. "
                              f"Received model={model!r}")
+        from stpkeras.models.layers import PixelPhases
         built = build_model(model, spec, spec.channels, **dict(options))
-        if self.crop and self.crop < max(spec.height, spec.width) and built.input.shape[2] is not None:
-            raise ValueError(f"Invalid value for argument `crop`. Model {model!r} with these options takes whole "
-                             f"{spec.height}x{spec.width} patches only; expected crop=0 or a fully convolutional "
-                             f"model (dncnn3d without downscale). Received crop={self.crop}")
+        if self.crop and self.crop < max(spec.height, spec.width):
+            if built.input.shape[2] is not None:
+                raise ValueError(f"Invalid value for argument `crop`. Model {model!r} with these options takes "
+                                 f"whole {spec.height}x{spec.width} patches only; expected crop=0 or a fully "
+                                 f"convolutional model (dncnn3d). Received crop={self.crop}")
+            factor = max((layer.factor for layer in built.layers if isinstance(layer, PixelPhases)), default=1)
+            if self.crop % factor:
+                raise ValueError(f"Invalid value for argument `crop`. Model {model!r} with these options splits "
+                                 f"frames into {factor}x{factor} blocks; expected a crop that {factor} divides. "
+                                 f"Received crop={self.crop}")
         return built
 
     def loss(self):
@@ -406,8 +415,11 @@ class Enhance(Task):
     def element_fn(self, info, augment, training):
         from stpkeras.degrade import make_pairs
         # Validation is degraded too (seeded: the same degradations every epoch), but not augmented.
+        # Crops of pairs keep the 8-pixel grid of a codec's blocks (the patches' origins are on it when the
+        # converter's stride is a multiple of 8, its default): what a block-aware model (`downscale`) learns from.
         return make_pairs(info.encoding, info.spec, paired=self.paired, degradations=self.degrade,
-                          augment=augment if training else (), crop=self.crop if training else 0)
+                          augment=augment if training else (), crop=self.crop if training else 0,
+                          crop_grid=CODEC_BLOCK if self.paired else 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,29 @@ def test_make_pairs_crops_input_and_target_at_one_window():
     assert len(corners) > 1   # drawn, not fixed
     x, y = degrade.make_pairs("raw", spec, paired=True, crop=32)(tf.constant(record), tf.constant([0, 0], tf.int64))
     assert np.array_equal(x.numpy(), degraded) and np.array_equal(y.numpy(), clean)
+    # On a grid (codec pairs: 8): every window starts at a multiple of it, and all of them are drawn.
+    on_grid = degrade.make_pairs("raw", spec, paired=True, crop=8, crop_grid=8)
+    corners = set()
+    for seed in range(60):
+        x, y = (t.numpy() for t in on_grid(tf.constant(record), tf.constant([seed, 3], tf.int64)))
+        where = _window_of(y, clean)
+        assert len(where) == 1 and where == _window_of(x, degraded)
+        corners.add(where[0])
+    assert corners == {(y, x) for y in (0, 8, 16) for x in (0, 8, 16)}
+
+
+def test_the_enhance_task_crops_codec_pairs_on_their_block_grid():
+    from stpkeras.tasks import CODEC_BLOCK, get_task
+    spec = PatchSpec(4, 24, 24)
+    clean, degraded = _patch(1), _patch(2)
+    record = schema.encode_patch(degraded, target=clean, encoding="raw", video_id="v", video_size=(4, 24, 24),
+                                 index=(0, 0, 0), offset=(0, 0, 0), valid=(4, 24, 24), timestamp=0.0)
+    info = type("Info", (), {"encoding": "raw", "spec": spec, "manifest": {"paired": True}, "root": "data"})()
+    task = get_task("enhance", {"crop": 8}).for_data(info)
+    element = task.element_fn(info, (), training=True)
+    starts = {_window_of(element(tf.constant(record), tf.constant([s, 0], tf.int64))[1].numpy(), clean)[0]
+              for s in range(30)}
+    assert CODEC_BLOCK == 8 and all(y % 8 == 0 and x % 8 == 0 for y, x in starts) and len(starts) > 3
 
 
 def test_a_crop_needs_a_fully_convolutional_enhancer():
@@ -207,7 +230,13 @@ def test_a_crop_needs_a_fully_convolutional_enhancer():
     model = task.build_model("dncnn3d", spec, (), {"depth": 2})
     assert model(np.zeros((1, 4, 24, 24, 3), np.uint8)).shape == (1, 4, 24, 24, 3)    # the whole patch
     assert model(np.zeros((1, 4, 8, 8, 3), np.uint8)).shape == (1, 4, 8, 8, 3)        # a training crop
+    # The pixel-phase stack is fully convolutional too, on crops its factor divides.
+    phased = task.build_model("dncnn3d", spec, (), {"depth": 2, "downscale": 4})
+    assert phased(np.zeros((1, 4, 8, 8, 3), np.uint8)).shape == (1, 4, 8, 8, 3)
+    with pytest.raises(ValueError, match="splits frames into 8x8 blocks; expected a crop that 8 divides"):
+        get_task("enhance", {"degrade": ("noise",), "crop": 12}).build_model("dncnn3d", spec, (),
+                                                                              {"depth": 2, "downscale": 8})
     with pytest.raises(ValueError, match="takes whole 24x24 patches only"):
-        task.build_model("dncnn3d", spec, (), {"depth": 2, "downscale": 2})
+        task.build_model("unet3d", spec, (), {"filters": (4, 8, 16)})
     with pytest.raises(ValueError, match="Received crop=-1"):
         get_task("enhance", {"degrade": ("noise",), "crop": -1})

@@ -326,7 +326,8 @@ def test_dilation_widens_what_each_output_pixel_sees(dilation, reach):
 
 
 @pytest.mark.parametrize("name,options", [("unet3d", {"filters": (4, 8, 16)}), ("dncnn3d", {"depth": 3, "filters": 4}),
-                                          ("dncnn3d", {"depth": 3, "filters": 4, "downscale": 2})])
+                                          ("dncnn3d", {"depth": 3, "filters": 4, "downscale": 2}),
+                                          ("dncnn3d", {"depth": 3, "filters": 4, "downscale": 4})])
 def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path):
     import keras
 
@@ -336,8 +337,8 @@ def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path)
     spec = PatchSpec(4, 16, 16)
     model = build_model(name, spec, 3, **options)
     assert model.input.dtype == "uint8" and isinstance(model.layers[1], Normalize)
-    # dncnn3d without the phase split is fully convolutional: height and width left open.
-    any_size = name == "dncnn3d" and "downscale" not in options
+    # dncnn3d is fully convolutional (with its phase split too): height and width left open.
+    any_size = name == "dncnn3d"
     expected = (None, 4, None, None, 3) if any_size else (None, *spec.shape)
     assert model.get_layer("pixels").dtype == "float32" and tuple(model.output.shape) == expected
     assert tuple(model.input.shape) == expected
@@ -357,18 +358,22 @@ def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path)
         kernel = np.asarray(fresh.get_layer("conv2").kernel)
         fan_in = int(np.prod(kernel.shape[:-1]))
         np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / fan_in), rtol=0.1)
-    if options.get("downscale") == 2:
-        # The phases are the frame's 2x2 blocks as channels: a residual in one output channel of the last layer
-        # (phase row 1, column 0, green) moves only the pixels of odd rows and even columns, green only.
-        phases = model.get_layer("to_phases_merge").output
-        assert tuple(phases.shape) == (None, 4, 8, 8, 12)
+    f = options.get("downscale", 1)
+    if f > 1:
+        # The phases are the frame's f x f blocks as channels: a residual in one output channel of the last layer
+        # (phase row 1, column 0, green) moves only the pixels of rows 1 mod f and columns 0 mod f, green only.
+        phases = model.get_layer("to_phases").output
+        assert tuple(phases.shape) == (None, 4, None, None, 3 * f * f)
+        assert tuple(model.get_layer("to_phases")(x).shape) == (2, 4, 16 // f, 16 // f, 3 * f * f)
         w = [np.zeros_like(v) for v in model.get_layer("residual").get_weights()]
-        w[1][2 * 3 + 1] = 1.0
+        w[1][f * 3 + 1] = 1.0
         model.get_layer("residual").set_weights(w)
-        moved = np.asarray(model(x)) != x
-        assert moved[:, :, 1::2, 0::2, 1].all() and moved.sum() == moved[:, :, 1::2, 0::2, 1].size
+        for size in (16, 32):     # the patch, and frames of another size
+            frames = np.random.default_rng(1).integers(0, 256, (1, 4, size, size, 3), dtype=np.uint8)
+            moved = np.asarray(model(frames)) != frames
+            assert moved[:, :, 1::f, 0::f, 1].all() and moved.sum() == moved[:, :, 1::f, 0::f, 1].size
         with pytest.raises(ValueError, match="downscale"):
-            build_model(name, PatchSpec(4, 15, 16), 3, **options)
+            build_model(name, PatchSpec(4, 16 + f // 2, 16), 3, **options)
     if name == "unet3d":
         with pytest.raises(ValueError, match="divisible by 8"):
             build_model(name, PatchSpec(4, 20, 20), 3, filters=(4, 8, 16, 32))

@@ -35,10 +35,13 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
     `channels` is the number of output channels, which must equal the input's
-    (the residual is added to it). `downscale` 2 runs the stack on each frame's
-    four pixel phases stacked as channels (`[B, T, H/2, W/2, 4C]`, FFDNet's
-    sub-images) and puts the residual back in place: a quarter of the voxels per
-    layer, twice the spatial receptive field. `dilation` D > 1 spaces the middle layers' taps in height and
+    (the residual is added to it). `downscale` f (2, 4 or 8) runs the stack on each
+    frame's f x f pixel phases stacked as channels (`[B, T, H/f, W/f, f*f*C]`,
+    FFDNet's sub-images; `layers.PixelPhases`) and puts the residual back in place:
+    1/f^2 of the voxels per layer, f times the spatial receptive field, and a
+    stack that knows where in an f x f block each pixel sits (what a codec's
+    block grid needs, when the frames keep it: whole frames, or crops at
+    multiples of 8 as codec pairs are trained on). `dilation` D > 1 spaces the middle layers' taps in height and
     width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view for the same
     parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU).
     """
@@ -53,31 +56,22 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     dilation = layers.positive_ints(dilation, "dilation")[0]
     # Layer i of `depth` (the residual layer last): dilated by min(i + 1, depth - i, dilation).
     rates = [min(i + 1, depth - i, dilation) for i in range(depth)]
-    if downscale not in (1, 2) or spec.height % downscale or spec.width % downscale:
-        raise ValueError("Invalid value for argument `downscale`. Expected 1 or 2, dividing the patch's height "
-                         f"and width ({spec.height}x{spec.width}). Received downscale={downscale!r}")
+    if downscale not in (1, 2, 4, 8) or spec.height % downscale or spec.width % downscale:
+        raise ValueError("Invalid value for argument `downscale`. Expected 1, 2, 4 or 8, dividing the patch's "
+                         f"height and width ({spec.height}x{spec.width}). Received downscale={downscale!r}")
     layers.require_rgb(spec, "an enhancer")
-    # Without the phase split the stack is fully convolutional: any frame size (crops in training, `Enhance.crop`).
-    inputs = layers.patch_input(spec, any_size=downscale == 1)
+    # Fully convolutional: any frame size (crops in training, `Enhance.crop`) that `downscale` divides.
+    inputs = layers.patch_input(spec, any_size=True)
     x = layers.normalize(spec, inputs)
-    if downscale == 2:
-        x = _phases(x, spec, spec.channels, "to_phases")
+    if downscale > 1:
+        x = layers.PixelPhases(downscale, name="to_phases")(x)
     for i in range(depth - 1):
         x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", kernel_initializer="he_normal",
                                 dilation_rate=(1, rates[i], rates[i]), name=f"conv{i + 1}")(x)
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     residual = keras.layers.Conv3D(channels * downscale ** 2, kernel_size, padding="same", kernel_initializer="zeros",
                                    name="residual")(x)
-    if downscale == 2:
-        residual = _phases(residual, spec, channels, "from_phases", inverse=True)
+    if downscale > 1:
+        residual = layers.PixelPhases(downscale, inverse=True, name="from_phases")(residual)
     return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)
 
-
-def _phases(x, spec, channels: int, name: str, inverse: bool = False):
-    """`[B, T, H, W, C]` <-> `[B, T, H/2, W/2, 4C]`: each 2x2 block's pixels as channels (static shapes)."""
-    t, h, w = spec.frames, spec.height // 2, spec.width // 2
-    split = (t, h, 2, w, 2, channels) if not inverse else (t, h, w, 2, 2, channels)
-    x = keras.layers.Reshape(split, name=f"{name}_split")(x)
-    x = keras.layers.Permute((1, 2, 4, 3, 5, 6), name=f"{name}_swap")(x)
-    return keras.layers.Reshape((t, h, w, 4 * channels) if not inverse else (t, 2 * h, 2 * w, channels),
-                                name=f"{name}_merge")(x)

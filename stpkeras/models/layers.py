@@ -200,6 +200,49 @@ def enhance_output(pixels, residual):
     return ResidualPixels(name="pixels")([pixels, residual])
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelPhases(keras.layers.Layer):
+    """`[B, T, H, W, C]` -> `[B, T, H/f, W/f, f*f*C]`: each frame's `f x f` blocks of pixels as channels
+    (pixel unshuffle; FFDNet's sub-images), in (row in the block, column, channel) order; `inverse` puts
+    them back. Height and width may be unknown until the call (any frame size that `f` divides), so a
+    model built on it still trains on crops and runs on whole frames.
+    """
+
+    def __init__(self, factor: int, inverse: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError("Invalid value for argument `factor`. Expected an integer >= 1. "
+                             f"Received factor={factor!r}")
+        self.factor = factor
+        self.inverse = bool(inverse)
+
+    def call(self, x):
+        f = self.factor
+        shape = ops.shape(x)
+        t, h, w, c = shape[1], shape[2], shape[3], shape[4]
+        if not self.inverse:
+            x = ops.reshape(x, (-1, t, h // f, f, w // f, f, c))
+            x = ops.transpose(x, (0, 1, 2, 4, 3, 5, 6))
+            return ops.reshape(x, (-1, t, h // f, w // f, f * f * c))
+        x = ops.reshape(x, (-1, t, h, w, f, f, c // (f * f)))
+        x = ops.transpose(x, (0, 1, 2, 4, 3, 5, 6))
+        return ops.reshape(x, (-1, t, h * f, w * f, c // (f * f)))
+
+    def compute_output_shape(self, input_shape):
+        b, t, h, w, c = input_shape
+        f = self.factor
+
+        def scale(d, k):
+            return None if d is None else (d * f if k else d // f)
+
+        if self.inverse:
+            return (b, t, scale(h, True), scale(w, True), c // (f * f))
+        return (b, t, scale(h, False), scale(w, False), c * f * f)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor, "inverse": self.inverse}
+
+
 # --- pooling and reshaping layers (the embed task's views, segmentation's per-frame features) ----------
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
