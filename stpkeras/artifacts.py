@@ -264,7 +264,8 @@ def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSp
 
     Labels, spec and task come from the run's `run.json` (beside a `.keras` file too) or the export's
     assets; `labels=` and `spec=` fill them in for a lone `.keras` file and win over stored ones, and
-    `task=` names a lone file's task (default classify). `compile=True` also restores a `.keras`
+    `task=` names a lone file's task (default: enhance for a model whose output layer is 'pixels', else
+    classify). `compile=True` also restores a `.keras`
     model's optimizer, loss and metrics (to go on training or evaluate it).
     """
     path = os.fspath(path)
@@ -281,6 +282,11 @@ def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSp
 
 
 def _load_keras(path: str, run: Optional[dict], labels, spec, task: Optional[str], compile: bool) -> Artifact:
+    model = None
+    if run is None and task is None:
+        # A lone file: an enhancer says what it is by its output layer, 'pixels' (`layers.enhance_output`).
+        model = load_keras_model(path, compile=compile)
+        task = "enhance" if model.output_names == ["pixels"] else "classify"
     task = run.get("task", "classify") if run is not None else (task or "classify")
     if spec is None and run is not None:
         try:
@@ -295,7 +301,7 @@ def _load_keras(path: str, run: Optional[dict], labels, spec, task: Optional[str
                             "--data DATASET_DIR` reads both from the dataset.json of the converted data), or load "
                             "its run folder or export")
     labels = () if task in TASKS_WITHOUT_LABELS else check_labels(labels, path)
-    return Artifact(path, "keras", task, labels, spec, load_keras_model(path, compile=compile), run)
+    return Artifact(path, "keras", task, labels, spec, model or load_keras_model(path, compile=compile), run)
 
 
 def _load_export(version_dir: str) -> Artifact:

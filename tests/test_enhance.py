@@ -420,3 +420,23 @@ def test_a_run_without_a_task_is_named_as_the_classifier_it_is(tmp_path, lossles
     r = cli("enhance", run, lossless_odd.path, "--out", tmp_path / "o.mp4")
     assert r.exit_code == 2 and "a run of task 'classify'; expected an enhancement model" in r.output
     assert "None" not in r.output
+
+
+def test_a_pixel_phase_enhancer_exports_and_serves_any_batch(noisy_run, tmp_path, cli):
+    """`downscale` 4 (layers.PixelPhases reshapes with sizes known only at the call) survives `.keras` and
+    the SavedModel that TF Serving loads, and gives the same pixels."""
+    from stpkeras.models import build_model
+
+    model = build_model("dncnn3d", PatchSpec(4, 32, 32), 3, depth=3, filters=8, downscale=4)
+    rng = np.random.default_rng(3)
+    model.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(str(tmp_path / "phases.keras"))
+    r = cli("export", tmp_path / "phases.keras", "--data", noisy_run / "data", "--name", "deblock", "--out",
+            tmp_path / "saved")
+    assert r.exit_code == 0, r.output
+    serve = tf.saved_model.load(str(tmp_path / "saved" / "deblock" / "1")).signatures["serving_default"]
+    for batch in (2, 1):
+        x = rng.integers(0, 256, (batch, 4, 32, 32, 3), dtype=np.uint8)
+        expected = np.asarray(model(x))
+        assert np.abs(expected - x).max() > 1     # the residual is not zero
+        np.testing.assert_allclose(serve(patches=tf.constant(x))[PIXELS_FLOAT].numpy(), expected, atol=1e-3)
