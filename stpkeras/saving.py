@@ -22,6 +22,7 @@ DEFINED_IN = {
     "Normalize": "stpkeras.models.layers",
     "PositionalEmbedding": "stpkeras.models.layers",
     "ResidualPixels": "stpkeras.models.layers",
+    "PixelPhases": "stpkeras.models.layers",
     "SegmentationLoss": "stpkeras.models.segmentation",
     "GlobalMean": "stpkeras.models.layers",
     "GridMean": "stpkeras.models.layers",

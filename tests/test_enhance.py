@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -440,3 +442,11 @@ def test_a_pixel_phase_enhancer_exports_and_serves_any_batch(noisy_run, tmp_path
         expected = np.asarray(model(x))
         assert np.abs(expected - x).max() > 1     # the residual is not zero
         np.testing.assert_allclose(serve(patches=tf.constant(x))[PIXELS_FLOAT].numpy(), expected, atol=1e-3)
+    # A fresh process loads the .keras file in plain Keras once stpkeras is imported (saving.DEFINED_IN).
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, stpkeras, keras; m = keras.saving.load_model(sys.argv[1]); "
+            "np.save(sys.argv[3], np.asarray(m(np.load(sys.argv[2]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "phases.keras"), str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-3)
