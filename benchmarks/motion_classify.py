@@ -117,8 +117,7 @@ def source_motion(source, t0: int, y0: int, x0: int, vy: int, vx: int, frames: i
         y, x = y0 + vy * k, x0 + vx * k
         a, b = (source[t0 + j][y:y + WINDOW, x:x + WINDOW].astype(np.float64).mean(axis=-1) for j in (k, k + 1))
         shifts.append(phase_shift(a, b))
-    # The picture moves by the shift; a camera (or window) moving the other way would make it: report it as
-    # the motion the picture shows, in the shift's own sign convention (see `measured_class`).
+    # In `phase_shift`'s convention: how the picture moves (opposite to a pan that would make it move so).
     return np.mean(shifts, axis=0)
 
 
