@@ -82,7 +82,7 @@ def make_clips(videos: str, work: str, per_class: int, frames: int, seed: int, o
                 for i in range(per_class):
                     step = SPEEDS[i % len(SPEEDS)] if (dy or dx) else 0
                     travel = step * (frames - 1)
-                    best = None
+                    best = moves = None
                     for _ in range(STEADY_TRIES if steady else 1):
                         t0 = int(rng.integers(0, len(source) - frames + 1))
                         y0 = int(rng.integers(travel if dy < 0 else 0, h - WINDOW - (travel if dy > 0 else 0) + 1))
@@ -90,20 +90,21 @@ def make_clips(videos: str, work: str, per_class: int, frames: int, seed: int, o
                         if not steady:
                             break
                         moves = source_motion(source, t0, y0, x0, dy * step, dx * step, frames)
-                        if best is None or np.abs(moves).max() < best[0]:
-                            best = (np.abs(moves).max(), t0, y0, x0)
-                        if best[0] < 0.5 * min(SPEEDS):
+                        if best is None or np.abs(moves).max() < np.abs(best[0]).max():
+                            best = (moves, t0, y0, x0)
+                        if np.abs(best[0]).max() < 0.5 * min(SPEEDS):
                             break
                     if steady:
-                        t0, y0, x0 = best[1:]
+                        moves, t0, y0, x0 = best
                     path = os.path.join(folder, f"{os.path.splitext(name)[0]}-{i}-s{step}.mp4")
                     if not os.path.exists(path):
                         clip = [source[t0 + k][y0 + dy * step * k: y0 + dy * step * k + WINDOW,
                                                x0 + dx * step * k: x0 + dx * step * k + WINDOW]
                                 for k in range(frames)]
                         write_video(path, clip, rate, crf=18)
-                    if own is not None:
-                        own[path] = source_motion(source, t0, y0, x0, dy * step, dx * step, frames)
+                    if own is not None:   # measured already where the place was drawn for a steady scene
+                        own[path] = moves if moves is not None else source_motion(source, t0, y0, x0, dy * step,
+                                                                                   dx * step, frames)
                     out[fold].append((path, label))
     return out
 

@@ -283,11 +283,12 @@ def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSp
 
 def _load_keras(path: str, run: Optional[dict], labels, spec, task: Optional[str], compile: bool) -> Artifact:
     model = None
-    if run is None and task is None:
+    if run is not None:
+        task = run.get("task", "classify")
+    elif task is None:
         # A lone file: an enhancer says what it is by its output layer, 'pixels' (`layers.enhance_output`).
         model = load_keras_model(path, compile=compile)
         task = "enhance" if model.output_names == ["pixels"] else "classify"
-    task = run.get("task", "classify") if run is not None else (task or "classify")
     if spec is None and run is not None:
         try:
             spec = PatchSpec.from_dict(run["spec"])

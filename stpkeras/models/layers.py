@@ -231,13 +231,9 @@ class PixelPhases(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         b, t, h, w, c = input_shape
         f = self.factor
-
-        def scale(d, k):
-            return None if d is None else (d * f if k else d // f)
-
         if self.inverse:
-            return (b, t, scale(h, True), scale(w, True), c // (f * f))
-        return (b, t, scale(h, False), scale(w, False), c * f * f)
+            return (b, t, h and h * f, w and w * f, c // (f * f))
+        return (b, t, h and h // f, w and w // f, c * f * f)
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor, "inverse": self.inverse}
