@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
                         help="a model option (`stp train --model-option`), e.g. filters=16; repeatable")
     parser.add_argument("--skip-pairs", action="store_true")
+    parser.add_argument("--augment", type=lambda t: tuple(t.split(",")), default=("flip",),
+                        help="the denoiser's training augmentations (default flip)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the denoiser's training seed (the test noise stays seed 0)")
     parser.add_argument("--tta", action="store_true",
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
                              task_options=(("degrade", (args.degrade,)),
                                            *((("crop", args.crop),) if args.crop is not None else ())),
                              epochs=args.epochs, minutes=args.minutes,
-                             batch_size=args.batch_size, lr=args.lr, augment=("flip",), val_split="none",
+                             batch_size=args.batch_size, lr=args.lr, augment=args.augment, val_split="none",
                              mixed_precision=args.mixed_precision, seed=args.seed, verbose=2,
                              resume=os.path.exists(run_dir))
         model = config.model  # the task's default (dncnn3d) unless --model

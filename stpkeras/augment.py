@@ -231,6 +231,20 @@ def random_rescale(patch: tf.Tensor, seed: tf.Tensor, scale: Tuple[float, float]
     return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(up), 0.0, 255.0), tf.uint8), patch.shape)
 
 
+def random_soften(patch: tf.Tensor, seed: tf.Tensor, scale: Tuple[float, float] = (0.25, 0.75),
+                  rate: float = 0.5) -> tf.Tensor:
+    """`random_rescale` on a `rate` share of the clips, the others as they are: footage with less fine detail
+    than the training videos have (smooth shading, flat areas), so that a denoiser also learns to average
+    more where nothing is left to keep. For `--task enhance`, where input and target share the draw."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"Invalid value for argument `rate`. Expected a value in [0, 1]. Received rate={rate}")
+    patch = tf.convert_to_tensor(patch)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    soften = tf.random.stateless_uniform([], seeds[0]) < rate
+    return tf.ensure_shape(tf.cond(soften, lambda: random_rescale(patch, seeds[1], scale), lambda: patch),
+                           patch.shape)
+
+
 def random_reencode(patch: tf.Tensor, seed: tf.Tensor, quality: Tuple[int, int] = (10, 60)) -> tf.Tensor:
     """Encodes and decodes every frame as a JPEG at one quality in `quality` (drawn per clip, inclusive)."""
     low, high = quality
@@ -252,10 +266,10 @@ def random_reencode(patch: tf.Tensor, seed: tf.Tensor, quality: Tuple[int, int] 
 
 AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color, "shift": random_shift,
                  "speed": random_speed, "letterbox": random_letterbox, "rescale": random_rescale,
-                 "reencode": random_reencode}
+                 "soften": random_soften, "reencode": random_reencode}
 # The order ops run in whatever order they are named: time, then geometry, colour, and the codec last.
-ORDER = ("shift", "speed", "flip", "crop", "letterbox", "rescale", "color", "reencode")
-RGB_ONLY = ("letterbox", "rescale", "reencode")
+ORDER = ("shift", "speed", "flip", "crop", "letterbox", "rescale", "soften", "color", "reencode")
+RGB_ONLY = ("letterbox", "rescale", "soften", "reencode")
 # `--task embed`'s default: what a copy of a video goes through (module docstring).
 COPY_AUGMENT: Tuple[str, ...] = ("shift", "speed", "crop", "letterbox", "rescale", "color", "reencode")
 

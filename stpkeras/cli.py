@@ -617,7 +617,8 @@ def _shake_limits(text: str):
                                        "to --lr (0: none).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
-              help="Training augmentations: any of flip,crop,color,shift,speed,letterbox,rescale,reencode, or 'none' "
+              help="Training augmentations: any of flip,crop,color,shift,speed,letterbox,rescale,soften,reencode, or "
+                   "'none' "
                    "(default crop,color; flip for --task enhance and regress; the copy views "
                    "shift,speed,crop,letterbox,rescale,color,reencode for --task embed). No flip by default "
                    "otherwise: a horizontal flip swaps left and right motion. Enhancement avoids crop: its "

@@ -195,6 +195,18 @@ def test_letterbox_rescale_and_reencode_do_what_they_say():
     assert np.abs(grey - 100).max() <= 1
     smooth = np.asarray(aug.random_rescale(clip, seed, scale=(0.25, 0.25)), np.float32)
     assert np.abs(smooth - clip).mean() < np.abs(grey - checker).mean() / 5   # measured: 12.9 against 100
+    # Soften: the rescale on a share of the clips (each either untouched or exactly the rescale of its seed).
+    soft, kept = 0, 0
+    for i in range(16):
+        s = tf.constant([i, 7], tf.int64)
+        out = np.asarray(aug.random_soften(checker.astype(np.uint8), s, scale=(0.25, 0.25), rate=0.5))
+        if np.array_equal(out, checker):
+            kept += 1
+        else:
+            assert np.abs(out.astype(np.float32) - 100).max() <= 1
+            soft += 1
+    assert soft + kept == 16 and 3 <= soft <= 13   # seeded: 16 fair draws
+    np.testing.assert_array_equal(aug.random_soften(clip, seed, rate=0.0), clip)
     # Re-encode at quality q: each frame is what a JPEG encoder at q gives (PIL's libjpeg), within rounding.
     noisy = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out = np.asarray(aug.random_reencode(noisy, seed, quality=(20, 20)))
