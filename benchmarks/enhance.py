@@ -22,7 +22,8 @@ count this process's CPU seconds / cores (the wall time of the same work on quie
 
     python benchmarks/enhance.py [--videos DIR] [--out DIR] [--minutes 15] [--pair-minutes 15] [--clock cpu]
                                  [--swap] [--skip-denoise] [--skip-pairs] [--model NAME] [--train-size 64]
-                                 [--train-stride 128] [--crop N] [--seed 0] [--tta]
+                                 [--train-stride 128] [--crop N] [--soften SHARE] [--augment LIST] [--seed 0]
+                                 [--tta]
 
 `--tta` measures the same trained denoiser also with `stp enhance --tta` (8 flips averaged), a row of its own.
 
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-pairs", action="store_true")
     parser.add_argument("--augment", type=lambda t: tuple(t.split(",")), default=("flip",),
                         help="the denoiser's training augmentations (default flip)")
+    parser.add_argument("--soften", type=float, default=None,
+                        help="the denoiser's `soften` share (default: the task's, 0.5; 0: none, the recipe before)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the denoiser's training seed (the test noise stays seed 0)")
     parser.add_argument("--tta", action="store_true",
@@ -259,7 +262,8 @@ def main(argv=None) -> int:
         config = TrainConfig(data=train_data, out=run_dir, model=args.model, model_options=model_options,
                              task="enhance",
                              task_options=(("degrade", (args.degrade,)),
-                                           *((("crop", args.crop),) if args.crop is not None else ())),
+                                           *((("crop", args.crop),) if args.crop is not None else ()),
+                                           *((("soften", args.soften),) if args.soften is not None else ())),
                              epochs=args.epochs, minutes=args.minutes,
                              batch_size=args.batch_size, lr=args.lr, augment=args.augment, val_split="none",
                              mixed_precision=args.mixed_precision, seed=args.seed, verbose=2,

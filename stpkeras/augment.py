@@ -235,7 +235,8 @@ def random_soften(patch: tf.Tensor, seed: tf.Tensor, scale: Tuple[float, float] 
                   rate: float = 0.5) -> tf.Tensor:
     """`random_rescale` on a `rate` share of the clips, the others as they are: footage with less fine detail
     than the training videos have (smooth shading, flat areas), so that a denoiser also learns to average
-    more where nothing is left to keep. For `--task enhance`, where input and target share the draw."""
+    more where nothing is left to keep: `--task enhance`'s `soften` (`degrade.make_pairs`), on clean patches
+    before they are degraded. RGB patches only, as `rescale`."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"Invalid value for argument `rate`. Expected a value in [0, 1]. Received rate={rate}")
     patch = tf.convert_to_tensor(patch)
@@ -266,10 +267,10 @@ def random_reencode(patch: tf.Tensor, seed: tf.Tensor, quality: Tuple[int, int] 
 
 AUGMENTATIONS = {"flip": random_flip, "crop": random_crop, "color": random_color, "shift": random_shift,
                  "speed": random_speed, "letterbox": random_letterbox, "rescale": random_rescale,
-                 "soften": random_soften, "reencode": random_reencode}
+                 "reencode": random_reencode}
 # The order ops run in whatever order they are named: time, then geometry, colour, and the codec last.
-ORDER = ("shift", "speed", "flip", "crop", "letterbox", "rescale", "soften", "color", "reencode")
-RGB_ONLY = ("letterbox", "rescale", "soften", "reencode")
+ORDER = ("shift", "speed", "flip", "crop", "letterbox", "rescale", "color", "reencode")
+RGB_ONLY = ("letterbox", "rescale", "reencode")
 # `--task embed`'s default: what a copy of a video goes through (module docstring).
 COPY_AUGMENT: Tuple[str, ...] = ("shift", "speed", "crop", "letterbox", "rescale", "color", "reencode")
 

@@ -617,8 +617,7 @@ def _shake_limits(text: str):
                                        "to --lr (0: none).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--augment", default=None, metavar="LIST",
-              help="Training augmentations: any of flip,crop,color,shift,speed,letterbox,rescale,soften,reencode, or "
-                   "'none' "
+              help="Training augmentations: any of flip,crop,color,shift,speed,letterbox,rescale,reencode, or 'none' "
                    "(default crop,color; flip for --task enhance and regress; the copy views "
                    "shift,speed,crop,letterbox,rescale,color,reencode for --task embed). No flip by default "
                    "otherwise: a horizontal flip swaps left and right motion. Enhancement avoids crop: its "
@@ -669,6 +668,10 @@ def _shake_limits(text: str):
 @click.option("--crop", type=click.IntRange(min=0), default=None, metavar="N",
               help="enhance: train on random N x N crops of the patches (0: whole patches, the default; on a short "
                    "CPU budget 32). Fully convolutional models only (dncnn3d).")
+@click.option("--soften", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
+              help="enhance: the share of clean patches downscaled to 25-75% and back before they are degraded, so "
+                   "that the model also learns footage with less detail than its own (default 0.5 on "
+                   "self-supervised rgb data; 0 on pairs, where it is refused).")
 @click.option("--loss", "loss", type=click.Choice(["l1", "l2", "mse", "huber"]), default=None,
               help="enhance: the pixel loss, l1 (default) or l2; regress: mse (default) or huber (delta: one "
                    "standard deviation of the training values).")
@@ -696,8 +699,8 @@ def _shake_limits(text: str):
 def train_command(data, out, model_name, model_args, causal, epochs, minutes, steps_per_epoch, batch_size, lr,
                   schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
-                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, crop, loss,
-                  multi_label, flip_labels, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale,
+                  class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, crop, soften,
+                  loss, multi_label, flip_labels, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale,
                   layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
@@ -710,8 +713,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
     if deterministic and seed is None:
         raise click.BadParameter("--deterministic needs --seed", param_hint="--deterministic")
     try:
-        if (degrade or crop is not None) and task != "enhance":
-            raise click.BadParameter("--degrade, --crop and --loss l1|l2 are options of --task enhance",
+        if (degrade or crop is not None or soften is not None) and task != "enhance":
+            raise click.BadParameter("--degrade, --crop, --soften and --loss l1|l2 are options of --task enhance",
                                      param_hint="--task")
         losses = {"enhance": ("pixel_loss", ("l1", "l2")), "regress": ("value_loss", ("mse", "huber"))}
         if loss and loss not in losses.get(task, ("", ()))[1]:
@@ -739,6 +742,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
                                                   ("mask_ratio", mask_ratio)) if v)
         if crop is not None:
             task_options += (("crop", crop),)   # 0 too: whole patches, not the CPU budget's crops
+        if soften is not None:
+            task_options += (("soften", soften),)   # 0 too: none, not the task's default
         if shake is not None:
             task_options += _shake_limits(shake)
         if epochs is None:

@@ -250,7 +250,8 @@ def make_degrade(degradations: Sequence) -> Degrade:
 # --- the enhance task's element: record -> (degraded, clean) ------------------------------------------
 
 def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = (), augment: Sequence[str] = (),
-               crop: int = 0, crop_grid: int = 1) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
+               crop: int = 0, crop_grid: int = 1,
+               soften: float = 0.0) -> Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]:
     """The `element_fn` of `pipeline.make_dataset` for enhancement: `(serialized record, seed) -> (input, target)`.
 
     Both are `uint8 [T, H, W, C]`. Self-supervised (`paired=False`): the
@@ -261,12 +262,17 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
     input and target alike (stacked along channels, so one crop/colour draw covers both).
     `crop`: then a random window of at most `crop` x `crop` pixels (all frames), the same for both, whose
     offsets are multiples of `crop_grid` (8 keeps a codec's block grid where the patch's own origin is on it).
+    `soften` (self-supervised RGB data only): the share of clean patches downscaled to 25-75% and back up
+    before they are degraded (`augment.random_soften`; after the augmentations, before the crop).
     """
     from stpkeras import augment as augment_lib
     from tfrecords_tools import schema
 
     augment_fn = augment_lib.make_augment(augment)
     degrade = make_degrade(degradations)
+    if soften and (paired or not 0.0 < soften <= 1.0):
+        raise ValueError(f"Invalid value for argument `soften`. Expected a share in (0, 1] of clean patches, on "
+                         f"self-supervised data only (paired={paired}). Received soften={soften!r}")
     channels = spec.channels
     window = (min(crop, spec.height), min(crop, spec.width)) if crop else tuple(spec.shape[1:3])
     cropping = window != tuple(spec.shape[1:3])
@@ -276,10 +282,13 @@ def make_pairs(encoding: str, spec, *, paired: bool, degradations: Sequence = ()
         patch = schema.decode_pixels(features[schema.PATCH], encoding, spec.shape)
         target = schema.decode_pixels(features[schema.TARGET], encoding, spec.shape) if paired else patch
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        if augment_fn.names or cropping:
+        if augment_fn.names or cropping or soften:
             both = tf.concat([patch, target], axis=-1)
             if augment_fn.names:
                 both = augment_fn(both, seeds[0])
+            if soften:
+                both = augment_lib.random_soften(both, tf.random.experimental.stateless_fold_in(seeds[0], 2),
+                                                 rate=soften)
             if cropping:
                 crop_seed = tf.random.experimental.stateless_fold_in(seeds[0], 1)
                 both = _random_window(both, window, crop_grid, crop_seed)

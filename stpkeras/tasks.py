@@ -346,6 +346,11 @@ class Enhance(Task):
     # Train on random crops of at most `crop` x `crop` pixels of each patch (input and target alike; 0: whole
     # patches). A fully convolutional model learns from more, cheaper steps; it still enhances whole patches.
     crop: int = 0
+    # The share of clean patches softened (downscaled to 25-75% and back) before they are degraded: footage
+    # with less fine detail than the training videos', so that a denoiser trained on camera footage still
+    # averages flat, smooth animation (camera -> animation +1.30 -> +2.71 dB over a tuned blur; docs/benchmarks.md,
+    # issue 20). None: SOFTEN on self-supervised RGB data, 0 on pairs (their input is the codec's, not ours).
+    soften: Optional[float] = None
     paired: bool = False   # set by for_data from the manifest
     FROM_DATA: ClassVar[Tuple[str, ...]] = ("paired",)
     HEAD: ClassVar[Tuple[str, ...]] = ("residual",)
@@ -362,6 +367,7 @@ class Enhance(Task):
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
+    SOFTEN: ClassVar[float] = 0.5
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade
@@ -373,13 +379,24 @@ class Enhance(Task):
         if not isinstance(self.crop, int) or isinstance(self.crop, bool) or self.crop < 0:
             raise ValueError("Invalid value for argument `crop`. Expected a side in pixels >= 1, or 0 for whole "
                              f"patches. Received crop={self.crop!r}")
+        if self.soften is not None and (isinstance(self.soften, bool) or not isinstance(self.soften, (int, float))
+                                        or not 0.0 <= self.soften <= 1.0):
+            raise ValueError("Invalid value for argument `soften`. Expected a share of patches in [0, 1] (0: none), "
+                             f"or None for the task's default. Received soften={self.soften!r}")
 
     def for_data(self, info) -> "Enhance":
         paired = bool(info.manifest.get("paired"))
         if not paired and not self.degrade:
             raise ValueError(f"{info.root}: task enhance needs clean/degraded pairs: pass --degrade KIND:PARAM "
                              "(e.g. noise:25) to degrade the patches on the fly, or convert a path,target CSV")
-        return dataclasses.replace(self, paired=paired)
+        rgb = info.spec.pixels == "rgb"
+        if self.soften and (paired or not rgb):
+            raise ValueError(f"{info.root}: soften (a share of clean patches downscaled and back before degrading) "
+                             f"needs self-supervised rgb patches; expected soften 0 on "
+                             f"{'paired data' if paired else repr(info.spec.pixels) + ' pixels'}. "
+                             f"Received soften={self.soften}")
+        soften = float(self.SOFTEN if self.soften is None and rgb and not paired else self.soften or 0.0)
+        return dataclasses.replace(self, paired=paired, soften=soften)
 
     def class_names(self, info):
         return ()
@@ -419,7 +436,7 @@ class Enhance(Task):
         # converter's stride is a multiple of 8, its default): what a block-aware model (`downscale`) learns from.
         return make_pairs(info.encoding, info.spec, paired=self.paired, degradations=self.degrade,
                           augment=augment if training else (), crop=self.crop if training else 0,
-                          crop_grid=CODEC_BLOCK if self.paired else 1)
+                          crop_grid=CODEC_BLOCK if self.paired else 1, soften=(self.soften or 0.0) if training else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -223,6 +223,46 @@ def test_the_enhance_task_crops_codec_pairs_on_their_block_grid():
     assert CODEC_BLOCK == 8 and all(y % 8 == 0 and x % 8 == 0 for y, x in starts) and len(starts) > 3
 
 
+def test_soften_shrinks_detail_of_clean_patches_before_degrading_and_only_on_self_supervised_rgb():
+    """`soften`: a share of clean patches downscaled and back before the degradation (target and input alike);
+    the task's default on self-supervised rgb data, refused on pairs (their input is the codec's)."""
+    from stpkeras.tasks import Enhance, get_task
+    spec = PatchSpec(4, 24, 24)
+    checker = np.broadcast_to((np.indices((24, 24)).sum(axis=0) % 2 * 200)[None, :, :, None], (4, 24, 24, 3))
+    checker = np.ascontiguousarray(checker, np.uint8)
+    record = schema.encode_patch(checker, encoding="raw", video_id="v", video_size=(4, 24, 24), index=(0, 0, 0),
+                                 offset=(0, 0, 0), valid=(4, 24, 24), timestamp=0.0)
+    always = degrade.make_pairs("raw", spec, paired=False, degradations=["noise:10"], soften=1.0)
+    x, y = (t.numpy().astype(np.float32) for t in always(tf.constant(record), tf.constant([1, 2], tf.int64)))
+    # A one-pixel checkerboard at 25-75% of its size and back is near grey: the target lost the detail...
+    assert np.abs(y - 100).mean() < 40 and np.abs(y - checker).mean() > 60
+    # ...and the input is that softened target with the noise (sigma 10), not the original checkerboard.
+    assert 5 < np.abs(x - y).mean() < 12
+    never = degrade.make_pairs("raw", spec, paired=False, degradations=["noise:10"])
+    assert np.array_equal(never(tf.constant(record), tf.constant([1, 2], tf.int64))[1].numpy(), checker)
+    half = degrade.make_pairs("raw", spec, paired=False, degradations=["noise:10"], soften=0.5)
+    kept = sum(np.array_equal(half(tf.constant(record), tf.constant([s, 2], tf.int64))[1].numpy(), checker)
+               for s in range(20))
+    assert 4 <= kept <= 16   # about half, seeded
+    with pytest.raises(ValueError, match="self-supervised data only"):
+        degrade.make_pairs("raw", spec, paired=True, soften=0.5)
+
+    def info(paired, pixels="rgb"):
+        return type("Info", (), {"encoding": "raw", "spec": PatchSpec(4, 24, 24, pixels=pixels),
+                                 "manifest": {"paired": paired}, "root": "data"})()
+    noisy = get_task("enhance", {"degrade": ("noise",)})
+    assert noisy.soften is None and noisy.for_data(info(False)).soften == Enhance.SOFTEN == 0.5
+    assert noisy.for_data(info(False, "yuv440")).soften == 0.0
+    assert get_task("enhance", {}).for_data(info(True)).soften == 0.0
+    assert get_task("enhance", {"degrade": ("noise",), "soften": 0}).for_data(info(False)).soften == 0.0
+    quarter = get_task("enhance", {"degrade": ("noise",), "soften": 0.25}).for_data(info(False))
+    assert quarter.recorded()["soften"] == 0.25
+    with pytest.raises(ValueError, match="needs self-supervised rgb patches; expected soften 0 on paired data"):
+        get_task("enhance", {"soften": 0.5}).for_data(info(True))
+    with pytest.raises(ValueError, match="Expected a share of patches in"):
+        get_task("enhance", {"degrade": ("noise",), "soften": 1.5})
+
+
 def test_a_crop_needs_a_fully_convolutional_enhancer():
     from stpkeras.tasks import get_task
     spec = PatchSpec(4, 24, 24)

@@ -197,7 +197,8 @@ def noisy_run(tmp_path_factory):
 def test_short_training_beats_its_noisy_input_and_evaluate_reports_baselines(noisy_run, cli):
     run = json.loads((noisy_run / "run" / "run.json").read_text())
     assert run["task"] == "enhance" and run["config"]["task_options"] == {"crop": 0, "degrade": ["noise:25"],
-                                                                           "pixel_loss": "l1"}
+                                                                           "pixel_loss": "l1", "soften": None}
+    assert run["task_options"]["soften"] == 0.5   # the task's default on self-supervised rgb data
     assert run["config"]["model"] == "dncnn3d" and run["config"]["warmup"] == 0.05  # the defaults of --task enhance
     r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--json")
     assert r.exit_code == 0, r.output
