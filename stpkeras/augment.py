@@ -185,10 +185,16 @@ def random_speed(patch: tf.Tensor, seed: tf.Tensor, rates: Tuple[float, float] =
     return tf.ensure_shape(tf.gather(patch, index, axis=0), patch.shape)
 
 
+def resamplable(pixels) -> bool:
+    """Whether patches stored in `pixels` are the video's RGB pixels one for one, as resampling and
+    re-encoding them (letterbox, rescale, soften, reencode) need."""
+    stored = pixel_formats.get(pixels).format
+    return stored.pixel_aligned and stored.channels == 3
+
+
 def _require_rgb(op: str, pixels) -> None:
     stored = pixel_formats.get(pixels).format
-    # Resampling and re-encoding need stored pixels that are the video's RGB pixels, one for one.
-    if not (stored.pixel_aligned and stored.channels == 3):
+    if not resamplable(pixels):
         raise ValueError(f"Invalid value for argument `pixels`. The {op!r} augmentation expects 'rgb' patches. "
                          f"Received pixels={stored.name!r}")
 

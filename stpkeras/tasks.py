@@ -389,7 +389,8 @@ class Enhance(Task):
         if not paired and not self.degrade:
             raise ValueError(f"{info.root}: task enhance needs clean/degraded pairs: pass --degrade KIND:PARAM "
                              "(e.g. noise:25) to degrade the patches on the fly, or convert a path,target CSV")
-        rgb = info.spec.pixels == "rgb"
+        from stpkeras.augment import resamplable
+        rgb = resamplable(info.spec.pixels)
         if self.soften and (paired or not rgb):
             raise ValueError(f"{info.root}: soften (a share of clean patches downscaled and back before degrading) "
                              f"needs self-supervised rgb patches; expected soften 0 on "
