@@ -348,7 +348,7 @@ class Enhance(Task):
     crop: int = 0
     # The share of clean patches softened (downscaled to 25-75% and back) before they are degraded: footage
     # with less fine detail than the training videos', so that a denoiser trained on camera footage still
-    # averages flat, smooth animation (camera -> animation +1.30 -> +2.17-2.71 dB over a tuned blur; docs/benchmarks.md,
+    # averages flat, smooth animation (camera -> animation +1.30 -> +1.93-2.71 dB over a tuned blur; docs/benchmarks.md,
     # issue 20). None: SOFTEN on self-supervised RGB data, 0 on pairs (their input is the codec's, not ours).
     soften: Optional[float] = None
     paired: bool = False   # set by for_data from the manifest
