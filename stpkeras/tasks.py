@@ -396,8 +396,10 @@ class Enhance(Task):
                              f"needs self-supervised rgb patches; expected soften 0 on "
                              f"{'paired data' if paired else repr(info.spec.pixels) + ' pixels'}. "
                              f"Received soften={self.soften}")
-        soften = float(self.SOFTEN if self.soften is None and rgb and not paired else self.soften or 0.0)
-        return dataclasses.replace(self, paired=paired, soften=soften)
+        soften = self.soften
+        if soften is None:   # the task's default: soften clean patches where there are any, and rgb ones
+            soften = self.SOFTEN if rgb and not paired else 0.0
+        return dataclasses.replace(self, paired=paired, soften=float(soften))
 
     def class_names(self, info):
         return ()
