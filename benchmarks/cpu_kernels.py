@@ -8,11 +8,18 @@ steps, and reports CPU seconds and wall seconds per step, the ratio off / on, an
 timed steps in both settings (the kernels compute the same thing in another order: the losses agree to
 round-off, which this shows rather than assumes).
 
+`--compare precision` measures instead, oneDNN on, float32 against the `mixed_bfloat16` policy that `stp
+train` takes by default on a CPU that computes bfloat16 natively (AMX, AVX-512 BF16; `setup.native_bfloat16`):
+the ratio float32 / bfloat16 per step, and both losses (bfloat16 rounds: they agree to 2-3 digits).
+
 Cases: the default classifier (`stcnn`) and `r2plus1d` on 16x64x64 clips, batch 8; the enhancement
 default (`dncnn3d`, 8x64x64, batch 8, L1); the segmenter of the suite's action-segmentation test
-(`unet3d` filters [8,16], 1 conv per level, 8x32x32, batch 16, per-frame classes).
+(`unet3d` filters [8,16], 1 conv per level, 8x32x32, batch 16, per-frame classes); `dncnn3d-crop32`, the
+enhancement task's CPU-budget recipe (32x32 crops); `corrnet`, the motion classifier of
+benchmarks/motion_classify.py (16x64x64, batch 32).
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/cpu_kernels.py [--steps 5] [--cases stcnn,r2plus1d,...]
+                                                             [--compare onednn|precision]
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ CASES = {
     "r2plus1d": dict(model="r2plus1d", spec=(16, 64, 64), batch=8, kind="classify"),
     "dncnn3d": dict(model="dncnn3d", spec=(8, 64, 64), batch=8, kind="enhance"),
     "unet3d-segment": dict(model="unet3d", spec=(8, 32, 32), batch=16, kind="segment"),
+    "dncnn3d-crop32": dict(model="dncnn3d", spec=(8, 32, 32), batch=8, kind="enhance"),
+    "corrnet": dict(model="corrnet", spec=(16, 64, 64), batch=32, kind="classify"),
 }
 
 
-def _measure(case: dict, steps: int) -> dict:
-    """In this process (the caller set TF_ENABLE_ONEDNN_OPTS before TensorFlow loaded): one case's step."""
+def _measure(case: dict, steps: int, policy: str = "float32") -> dict:
+    """In this process (the caller set TF_ENABLE_ONEDNN_OPTS before TensorFlow loaded): one case's step, the
+    model built under the Keras dtype `policy`."""
     import resource
     import time
 
@@ -43,6 +53,7 @@ def _measure(case: dict, steps: int) -> dict:
 
     from tfrecords_tools.spec import PatchSpec
 
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
     spec = PatchSpec(*case["spec"])
     rng = np.random.default_rng(0)
@@ -82,25 +93,49 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--compare", choices=("onednn", "precision"), default="onednn",
+                        help="oneDNN off vs on (float32), or float32 vs mixed_bfloat16 (oneDNN on)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--policy", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_measure(CASES[args.child], args.steps)))
+        print(json.dumps(_measure(CASES[args.child], args.steps, args.policy)))
         return 0
     names = [c for c in args.cases.split(",") if c]
+    if args.compare == "precision":
+        return _compare_precision(names, args.steps)
     print(f"{'case':16s} {'params':>8s} {'off: CPU s/step':>16s} {'on: CPU s/step':>15s} {'off/on (CPU)':>13s} "
           f"{'off/on (wall)':>14s} {'loss off':>10s} {'loss on':>10s}")
     for name in names:
         results = {}
         for setting in ("0", "1"):
-            env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="2")
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--steps",
-                                  str(args.steps)], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-            results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[setting] = _child(name, args.steps, setting)
         off, on = results["0"], results["1"]
         print(f"{name:16s} {on['params']:8d} {off['cpu_s']:16.3f} {on['cpu_s']:15.3f} "
               f"{off['cpu_s'] / on['cpu_s']:12.1f}x {off['wall_s'] / on['wall_s']:13.1f}x "
               f"{off['loss']:10.4f} {on['loss']:10.4f}", flush=True)
+    return 0
+
+
+def _child(name: str, steps: int, onednn: str, policy: str = "float32") -> dict:
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(steps),
+                          "--policy", policy], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare_precision(names, steps: int) -> int:
+    from stpkeras.setup import native_bfloat16
+
+    print(f"bfloat16 natively: {native_bfloat16() or 'no'} (stp train's default policy: "
+          f"{'mixed_bfloat16' if native_bfloat16() else 'float32'} without a GPU)")
+    print(f"{'case':16s} {'params':>8s} {'f32: CPU s/step':>16s} {'bf16: CPU s/step':>17s} {'f32/bf16 (CPU)':>15s} "
+          f"{'f32/bf16 (wall)':>16s} {'loss f32':>10s} {'loss bf16':>10s}")
+    for name in names:
+        f32, bf16 = _child(name, steps, "1"), _child(name, steps, "1", "mixed_bfloat16")
+        print(f"{name:16s} {f32['params']:8d} {f32['cpu_s']:16.3f} {bf16['cpu_s']:17.3f} "
+              f"{f32['cpu_s'] / bf16['cpu_s']:14.1f}x {f32['wall_s'] / bf16['wall_s']:15.1f}x "
+              f"{f32['loss']:10.4f} {bf16['loss']:10.4f}", flush=True)
     return 0
 
 

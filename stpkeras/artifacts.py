@@ -249,13 +249,44 @@ def check_labels(labels: Sequence[str], where: str) -> Tuple[str, ...]:
 # --- the one door ---------------------------------------------------------------------------------
 
 def load_keras_model(path: str, *, compile: bool = False):
-    """A `.keras` file -> `keras.Model` (for inference unless `compile`), every stpkeras object known."""
+    """A `.keras` file -> `keras.Model` (for inference unless `compile`), every stpkeras object known, computing
+    in float32 (`float32_model`) whatever precision it trained in."""
     import keras  # importing it registers the package's Keras objects (stpkeras.saving)
 
     try:
-        return keras.saving.load_model(path, compile=compile)
+        return float32_model(keras.saving.load_model(path, compile=compile))
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors, TypeError ...
         raise ArtifactError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
+
+
+def float32_model(model):
+    """A model built under a mixed-precision policy -> the same model and weights computing in float32 (compiled
+    again as it was, if it was); any other model as it is.
+
+    Mixed precision is how a run trains (`setup.mixed_policy`: bfloat16 by default on a CPU that computes it
+    natively), not what its outputs are: a loaded model predicts, evaluates and exports in float32, so results
+    do not depend on the machine that trained it, a SavedModel runs on any CPU or GPU, and every loader of one
+    run (Keras, SavedModel, a fresh process) gives the same numbers."""
+    import keras
+
+    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in model._flatten_layers()):
+        return model
+
+    def to_float32(config):
+        if isinstance(config, dict):
+            if config.get("class_name") == "DTypePolicy" and str(config.get("config", {}).get("name", "")).startswith(
+                    "mixed_"):
+                return {**config, "config": {**config["config"], "name": "float32"}}
+            return {key: to_float32(value) for key, value in config.items()}
+        if isinstance(config, list):
+            return [to_float32(value) for value in config]
+        return config
+
+    rebuilt = keras.saving.deserialize_keras_object(to_float32(keras.saving.serialize_keras_object(model)))
+    rebuilt.set_weights(model.get_weights())
+    if model.compiled:
+        rebuilt.compile_from_config(to_float32(model.get_compile_config()))
+    return rebuilt
 
 
 def load(path, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None,

@@ -632,8 +632,10 @@ def _shake_limits(text: str):
                                       "else one device. multiworker reads TF_CONFIG.")
 @click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
               help="Use the first N GPUs, or N logical CPU devices when there is no GPU (to test mirroring).")
-@click.option("--mixed-precision", is_flag=True,
-              help="float16 compute on GPUs (bfloat16 on CPUs); logits stay float32.")
+@click.option("--mixed-precision/--no-mixed-precision", default=None,
+              help="Train with float16 compute on GPUs (bfloat16 on CPUs); logits stay float32. Default: bfloat16 "
+                   "for --task enhance on a CPU that computes it natively (AMX, AVX-512 BF16) and no GPU, else "
+                   "float32. Saved models predict and export in float32.")
 @click.option("--jit", is_flag=True, help="Compile the train step with XLA.")
 @click.option("--seed", type=int, default=None, help="Seeds weights, data order and augmentation.")
 @click.option("--deterministic", is_flag=True,

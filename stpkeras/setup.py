@@ -56,7 +56,10 @@ class TrainConfig:
     val_split: Optional[str] = None     # None: 'val' when the data has it; 'none': no validation
     strategy: str = "auto"
     devices: Optional[int] = None       # N logical CPU devices (no GPU) or the first N GPUs
-    mixed_precision: bool = False
+    # None: bfloat16 compute on a CPU that computes it natively (AMX, AVX-512 BF16) when no GPU is visible, for
+    # the tasks that measured it (`Task.AUTO_BFLOAT16`: enhance), float32 elsewhere (`mixed_policy`); True:
+    # float16 on GPUs, bfloat16 on CPUs; False: float32.
+    mixed_precision: Optional[bool] = None
     jit: bool = False
     seed: Optional[int] = None
     deterministic: bool = False
@@ -168,6 +171,33 @@ def has_gpu() -> bool:
     """Whether TensorFlow sees a GPU (physical devices: does not initialise the runtime's devices)."""
     import tensorflow as tf
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU feature by which this machine computes bfloat16 natively (`amx_bf16`, then `avx512_bf16`), or
+    None: none of them, or a system without /proc/cpuinfo. oneDNN runs bfloat16 convolutions on them; on an
+    AMX CPU a dncnn3d training step took 0.30x the CPU of float32 (docs/benchmarks.md, CPU kernels)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return None
+    return next((feature for feature in BFLOAT16_FEATURES if feature in flags), None)
+
+
+BFLOAT16_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def mixed_policy(mixed_precision: Optional[bool], gpu: bool, auto: bool = True) -> Optional[str]:
+    """The Keras mixed-precision policy a run trains under, or None for float32. Asked for (True):
+    `mixed_float16` on GPUs (the loss scaled), `mixed_bfloat16` on CPUs. Not said (None): `mixed_bfloat16`
+    where `auto` (the task's `AUTO_BFLOAT16`) on a CPU that computes it natively (`native_bfloat16`) when there
+    is no GPU, float32 elsewhere. Loaded models compute in float32 (`artifacts.float32_model`)."""
+    if mixed_precision is None:
+        return "mixed_bfloat16" if auto and not gpu and native_bfloat16() else None
+    if mixed_precision:
+        return "mixed_float16" if gpu else "mixed_bfloat16"
+    return None
 
 
 def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
@@ -381,9 +411,18 @@ class Run:
                              "global_batch": self.global_batch, "workers": pipeline.num_workers(self.strategy),
                              "devices": list(self.strategy.extended.worker_devices), "loop": loop},
                 "seed": self.seed, "steps_per_epoch": self.steps, "params": int(self.model.count_params()),
+                "precision": self.model.dtype_policy.name,
                 "budget": {"minutes": config.minutes} if config.minutes is not None else None,
                 "init_from": self.transfer.to_dict() if self.transfer is not None else None,
                 "status": "running", "metrics": {}}
+
+    def precision_note(self) -> str:
+        """What the model computes in, and why when the config did not say."""
+        policy = self.model.dtype_policy.name
+        if self.config.mixed_precision is None and policy == "mixed_bfloat16":
+            return (f"{policy} (this CPU computes bfloat16 natively: {native_bfloat16()}; "
+                    "--no-mixed-precision for float32)")
+        return policy
 
     def describe(self) -> str:
         """One line for the log: model, strategy, batch, data."""
@@ -396,6 +435,7 @@ class Run:
                 + (f"; budget {self.config.minutes:g} min (at most {self.config.epochs} epochs)"
                    if self.config.minutes is not None else "")
                 + (f"; {self.config.recipe}" if self.config.recipe else "")
+                + (f"; {self.precision_note()}" if self.model.dtype_policy.name != "float32" else "")
                 + (f"; validation on {self.val_split!r}" if self.val_split else "; no validation split")
                 + (f"; resuming at epoch {self.initial_epoch + 1}" if self.initial_epoch else "")
                 + (f"\n{self.transfer.describe()}" if self.transfer is not None else ""))
@@ -524,19 +564,19 @@ def compile_model(config: TrainConfig, task, spec, labels, total_steps: int, sch
     """(The task's model for `config.model`, compiled; the `finetune.Transfer` of `config.init_from` or None).
 
     AdamW on `learning_rate`'s schedule (per-layer factors on the backbone's steps with `backbone_lr_scale`
-    or `layer_decay`), the task's loss and metrics, XLA when `config.jit`, mixed precision when
-    `config.mixed_precision`; `schedule`, when given, replaces `learning_rate`'s (a timed run's
+    or `layer_decay`), the task's loss and metrics, XLA when `config.jit`, mixed precision by
+    `mixed_policy(config.mixed_precision)`; `schedule`, when given, replaces `learning_rate`'s (a timed run's
     `budget.BudgetSchedule`). With `init_from`, the backbone's weights are the earlier run's (`stpkeras.finetune`),
     frozen with `freeze_backbone`. Call it in the strategy's scope."""
     import keras
     import tensorflow as tf
 
     previous_policy = keras.mixed_precision.global_policy()
-    if config.mixed_precision:
-        # float16 with loss scaling on GPUs (compile() wraps the optimizer); bfloat16 where there is none.
-        # Layers take the policy when they are made: it is set for the model's building only.
-        gpu = bool(tf.config.list_logical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    # float16 with loss scaling on GPUs (compile() wraps the optimizer); bfloat16 where there is none.
+    # Layers take the policy when they are made: it is set for the model's building only.
+    policy = mixed_policy(config.mixed_precision, bool(tf.config.list_logical_devices("GPU")), task.AUTO_BFLOAT16)
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
     try:
         model = task.build_model(config.model, spec, labels, dict(config.model_options))
         transfer, scales = None, {}

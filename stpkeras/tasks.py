@@ -40,6 +40,9 @@ class Task:
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()   # those the user left unset
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
+    # `TrainConfig.mixed_precision` None: train in bfloat16 on a CPU that computes it natively (and no GPU), where
+    # the task measured that it learns as well per step (`setup.mixed_policy`); float32 otherwise.
+    AUTO_BFLOAT16: ClassVar[bool] = False
     # Fields `for_data` sets from the manifest: not options a user passes.
     FROM_DATA: ClassVar[Tuple[str, ...]] = ()
     # The layers that belong to the task and its labels: always new under `--init-from` (stpkeras.finetune).
@@ -368,6 +371,9 @@ class Enhance(Task):
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
     SOFTEN: ClassVar[float] = 0.5
+    # On an AMX CPU a 32x32-crop step costs 0.30x float32's CPU, and 15 minutes train 3x the steps (issue 20's
+    # denoising benchmark, docs/benchmarks.md).
+    AUTO_BFLOAT16: ClassVar[bool] = True
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade

@@ -147,6 +147,22 @@ def test_mixed_precision_keeps_float32_logits():
         keras.mixed_precision.set_global_policy(policy)
 
 
+def test_softmotion_measures_in_float32_under_mixed_precision():
+    """Its features may compute in bfloat16; the FFT correlation and the soft-argmax fit stay float32 (a
+    sub-pixel shift needs more than bfloat16's 3 digits), and the model runs under the policy."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        spec = PatchSpec(frames=3, height=32, width=32)
+        model = build_model("softmotion", spec, 8)
+        assert model.get_layer("features0").compute_dtype == "bfloat16"
+        assert model.get_layer("correlation").compute_dtype == model.get_layer("soft_argmax").compute_dtype == "float32"
+        out = np.asarray(model(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)))
+        assert out.dtype == np.float32 and out.shape == (2, 8) and np.all(np.isfinite(out))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
 def test_a_regressor_answers_in_the_units_of_its_data(tmp_path):
     """One value (K=1): the `values` layer maps the family's output z to z x std + mean; the loss is taken
     in standard deviations; saved and loaded, the same outputs."""
@@ -237,3 +253,31 @@ def test_stp_train_causal_records_the_option_and_trains_a_causal_model(causal_ru
     assert causal.is_causal(artifacts.load(str(causal_run)).model)
     refused = cli("train", converted[0], "--out", tmp_path / "r", "--causal", "--model", "c3d")
     assert refused.exit_code == 2 and "model 'c3d' has no causal form" in refused.output
+
+
+def test_a_model_trained_in_mixed_precision_loads_computing_in_float32(tmp_path):
+    """Mixed precision is how a run trains; a loaded model (predict, evaluate, export) computes in float32, with
+    the trained weights: the float32 model's outputs exactly, where bfloat16 differs in the 3rd digit."""
+    from stpkeras.artifacts import load_keras_model
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = build_model("stcnn", SPEC, 3, filters=4)
+        trained.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        metrics=["accuracy"])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    path = str(tmp_path / "m.keras")
+    trained.save(path)
+    reference = build_model("stcnn", SPEC, 3, filters=4)     # float32, the same weights
+    reference.set_weights(trained.get_weights())
+    x = _pixels(2)
+    for compile in (False, True):
+        loaded = load_keras_model(path, compile=compile)
+        assert {layer.dtype_policy.name for layer in loaded._flatten_layers()} == {"float32"}
+        np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(reference(x)))
+        assert loaded.compiled == compile
+    assert np.abs(np.asarray(trained(x)) - np.asarray(reference(x))).max() > 1e-4   # bfloat16 is not float32
+    evaluated = load_keras_model(path, compile=True).evaluate(x, np.array([0, 1]), verbose=0, return_dict=True)
+    assert set(evaluated) >= {"loss", "accuracy"}

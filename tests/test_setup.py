@@ -12,6 +12,7 @@ import pytest
 
 from converted import write_converted
 from stpkeras.augment import COPY_AUGMENT
+from stpkeras import setup
 from stpkeras.setup import TrainConfig
 from test_multiworker import train_on_workers
 
@@ -139,6 +140,10 @@ def _check(run, case, noisy_psnr):
     assert {k: run["task_options"][k] for k in case.get("options", {})} == case.get("options", {})
     if "labels" in case:
         assert run["labels"] == case["labels"]
+    # Asked for, bfloat16 on CPUs; not said, bfloat16 for enhance where this CPU computes it natively, float32
+    # elsewhere.
+    native = "mixed_bfloat16" if setup.native_bfloat16() and case["task"] == "enhance" else "float32"
+    assert run["precision"] == ("mixed_bfloat16" if case.get("flags", {}).get("mixed_precision") else native)
 
 
 @pytest.mark.parametrize("task", sorted(CASES))
@@ -188,6 +193,27 @@ def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
     assert (config.model, config.augment) == ("unet3d", ())
     assert config.to_dict()["task_options"] == {"crop": 0, "degrade": ["noise:25"], "pixel_loss": "l1",
                                                 "soften": None}
+
+
+def test_mixed_precision_is_bfloat16_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
+    """Not said (None): bfloat16 for a task that measured it (enhance: a dncnn3d step took 0.30x the CPU of
+    float32 on an AMX CPU, docs/benchmarks.md) on a CPU with AMX or AVX-512 BF16 and no GPU, float32 elsewhere;
+    asked for: float16 on GPUs, bfloat16 on CPUs; refused: float32."""
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu avx2 avx512f amx_tile amx_bf16 avx512_bf16", "amx_bf16"),
+                            ("fpu avx2 avx512f avx512_bf16", "avx512_bf16"), ("fpu sse4_2 avx2 fma", None)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert setup.native_bfloat16(str(cpuinfo)) == expected
+    assert setup.native_bfloat16(str(tmp_path / "absent")) is None     # no /proc (macOS, Windows): float32
+    for native, gpu, asked, policy in ((True, False, None, "mixed_bfloat16"), (False, False, None, None),
+                                       (True, True, None, None), (False, False, True, "mixed_bfloat16"),
+                                       (True, True, True, "mixed_float16"), (True, False, False, None)):
+        monkeypatch.setattr(setup, "native_bfloat16", lambda native=native: "amx_bf16" if native else None)
+        assert setup.mixed_policy(asked, gpu) == policy, (native, gpu, asked)
+        assert setup.mixed_policy(asked, gpu, auto=False) == (None if asked is None else policy)
+    from stpkeras.tasks import get_task
+    assert [type(get_task(name, {})).AUTO_BFLOAT16 for name in ("enhance", "classify", "segment")] == [True, False,
+                                                                                                      False]
 
 
 def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):

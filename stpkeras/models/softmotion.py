@@ -289,10 +289,12 @@ def build_softmotion(spec, num_classes: int, *, features: int = 8, radius: int =
     x = FrameContrast(name="contrast")(layers.normalize(spec, inputs))
     x = keras.layers.Conv3D(features, (1, 3, 3), padding="same", activation="relu", name="features0")(x)
     x = keras.layers.Conv3D(features, (1, 3, 3), padding="same", name="features1")(x)
-    costs = GlobalCorrelation(radius, sigma, grid=grid, name="correlation")(x)
+    # The geometry in float32 under any mixed-precision policy: FFTs, soft-argmax and least-squares fits of
+    # sub-pixel displacements (bfloat16 keeps 3 significant digits).
+    costs = GlobalCorrelation(radius, sigma, grid=grid, name="correlation", dtype="float32")(x)
     motion = SoftArgmax(spec.height, spec.width, window, temperature, grid=grid, fit=fit, scale=scale,
-                        name="soft_argmax")(costs)
-    logits = keras.layers.Reshape((num_classes,), name="logits")(motion)
+                        name="soft_argmax", dtype="float32")(costs)
+    logits = keras.layers.Reshape((num_classes,), name="logits", dtype="float32")(motion)
     return keras.Model(inputs, logits, name=name)
 
 
