@@ -127,8 +127,8 @@ def _child(name: str, steps: int, onednn: str, policy: str = "float32") -> dict:
 def _compare_precision(names, steps: int) -> int:
     from stpkeras.setup import native_bfloat16
 
-    print(f"bfloat16 natively: {native_bfloat16() or 'no'} (stp train's default policy: "
-          f"{'mixed_bfloat16' if native_bfloat16() else 'float32'} without a GPU)")
+    print(f"bfloat16 natively: {native_bfloat16() or 'no'} (`stp train --task enhance`'s default policy: "
+          f"{'mixed_bfloat16' if native_bfloat16() else 'float32'} without a GPU; other tasks: float32)")
     print(f"{'case':16s} {'params':>8s} {'f32: CPU s/step':>16s} {'bf16: CPU s/step':>17s} {'f32/bf16 (CPU)':>15s} "
           f"{'f32/bf16 (wall)':>16s} {'loss f32':>10s} {'loss bf16':>10s}")
     for name in names:

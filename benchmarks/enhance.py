@@ -176,9 +176,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pair-short-side", type=int, default=0,
                         help="restoration data: frames scaled to this short side before encoding (0: native)")
     parser.add_argument("--skip-denoise", action="store_true")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="bfloat16 on CPUs: only where the CPU has bfloat16 units (AMX, avx512_bf16); on an "
-                             "AVX2-only AMD EPYC a dncnn3d step took 8.2x the CPU time of float32 (docs/benchmarks.md)")
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the task's (bfloat16 where the CPU has bfloat16 units, AMX or avx512_bf16, "
+                             "else float32; on an AVX2-only AMD EPYC a dncnn3d step took 8.2x the CPU time of "
+                             "float32, docs/benchmarks.md); --no-mixed-precision: float32")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the enhance task's (8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per denoising patch (patches are Tx64x64)")
     parser.add_argument("--train-size", type=int, default=64,

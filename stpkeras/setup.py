@@ -176,7 +176,7 @@ def has_gpu() -> bool:
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     """The CPU feature by which this machine computes bfloat16 natively (`amx_bf16`, then `avx512_bf16`), or
     None: none of them, or a system without /proc/cpuinfo. oneDNN runs bfloat16 convolutions on them; on an
-    AMX CPU a dncnn3d training step took 0.30x the CPU of float32 (docs/benchmarks.md, CPU kernels)."""
+    AMX CPU a dncnn3d training step took 0.26x the CPU of float32 (docs/benchmarks.md, CPU kernels)."""
     try:
         with open(cpuinfo) as f:
             flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())

@@ -371,7 +371,7 @@ class Enhance(Task):
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
     SOFTEN: ClassVar[float] = 0.5
-    # On an AMX CPU a 32x32-crop step costs 0.30x float32's CPU, and 15 minutes train 3x the steps (issue 20's
+    # On an AMX CPU a 32x32-crop step costs 0.26x float32's CPU, and 15 minutes train 2.8x the steps (issue 20's
     # denoising benchmark, docs/benchmarks.md).
     AUTO_BFLOAT16: ClassVar[bool] = True
 

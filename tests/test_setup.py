@@ -196,7 +196,7 @@ def test_a_config_from_python_takes_the_task_defaults(task, model, augment):
 
 
 def test_mixed_precision_is_bfloat16_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
-    """Not said (None): bfloat16 for a task that measured it (enhance: a dncnn3d step took 0.30x the CPU of
+    """Not said (None): bfloat16 for a task that measured it (enhance: a dncnn3d step took 0.26x the CPU of
     float32 on an AMX CPU, docs/benchmarks.md) on a CPU with AMX or AVX-512 BF16 and no GPU, float32 elsewhere;
     asked for: float16 on GPUs, bfloat16 on CPUs; refused: float32."""
     cpuinfo = tmp_path / "cpuinfo"
