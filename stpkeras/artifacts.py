@@ -269,9 +269,6 @@ def float32_model(model):
     run (Keras, SavedModel, a fresh process) gives the same numbers."""
     import keras
 
-    if not any(layer.dtype_policy.name.startswith("mixed_") for layer in model._flatten_layers()):
-        return model
-
     def to_float32(config):
         if isinstance(config, dict):
             if config.get("class_name") == "DTypePolicy" and str(config.get("config", {}).get("name", "")).startswith(
@@ -282,7 +279,11 @@ def float32_model(model):
             return [to_float32(value) for value in config]
         return config
 
-    rebuilt = keras.saving.deserialize_keras_object(to_float32(keras.saving.serialize_keras_object(model)))
+    config = keras.saving.serialize_keras_object(model)
+    float32 = to_float32(config)
+    if float32 == config:   # no layer under a mixed policy
+        return model
+    rebuilt = keras.saving.deserialize_keras_object(float32)
     rebuilt.set_weights(model.get_weights())
     if model.compiled:
         rebuilt.compile_from_config(to_float32(model.get_compile_config()))

@@ -275,7 +275,7 @@ def test_a_model_trained_in_mixed_precision_loads_computing_in_float32(tmp_path)
     x = _pixels(2)
     for compile in (False, True):
         loaded = load_keras_model(path, compile=compile)
-        assert {layer.dtype_policy.name for layer in loaded._flatten_layers()} == {"float32"}
+        assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
         np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(reference(x)))
         assert loaded.compiled == compile
     assert np.abs(np.asarray(trained(x)) - np.asarray(reference(x))).max() > 1e-4   # bfloat16 is not float32
