@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from stpkeras.artifacts import load_keras_model
 from stpkeras.enhance import PIXELS, PIXELS_FLOAT, enhance_video, load_enhancer
 from tfrecords_tools import schema
 from tfrecords_tools.patches import Grid, PatchAssembler, PatchCutter, blend_window, overlap_spec
@@ -285,7 +286,12 @@ def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
     assert r.exit_code == 0, r.output
     loaded = tf.saved_model.load(str(tmp_path / "saved" / "denoise" / "1"))
     serve = loaded.signatures["serving_default"]
-    model = keras.saving.load_model(str(noisy_run / "run" / "best.keras"), compile=False)
+    # The package's loader: float32 whatever the run trained in (bfloat16 on a CPU with AMX), as the export.
+    model = load_keras_model(str(noisy_run / "run" / "best.keras"))
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    trained_in = json.load(open(noisy_run / "run" / "run.json"))["precision"]
+    as_saved = keras.saving.load_model(str(noisy_run / "run" / "best.keras"), compile=False)
+    assert trained_in in {layer.dtype_policy.name for layer in as_saved.layers}   # what the loader changes
     rng = np.random.default_rng(0)
     for batch in (3, 1):
         x = rng.integers(0, 256, (batch, 4, 32, 32, 3), dtype=np.uint8)
