@@ -193,10 +193,9 @@ def resamplable(pixels) -> bool:
 
 
 def _require_rgb(op: str, pixels) -> None:
-    stored = pixel_formats.get(pixels).format
     if not resamplable(pixels):
         raise ValueError(f"Invalid value for argument `pixels`. The {op!r} augmentation expects 'rgb' patches. "
-                         f"Received pixels={stored.name!r}")
+                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
 
 
 def random_letterbox(patch: tf.Tensor, seed: tf.Tensor, max_bar: float = 0.15) -> tf.Tensor:

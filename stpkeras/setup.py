@@ -173,6 +173,9 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+BFLOAT16_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     """The CPU feature by which this machine computes bfloat16 natively (`amx_bf16`, then `avx512_bf16`), or
     None: none of them, or a system without /proc/cpuinfo. oneDNN runs bfloat16 convolutions on them; on an
@@ -183,9 +186,6 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     except OSError:
         return None
     return next((feature for feature in BFLOAT16_FEATURES if feature in flags), None)
-
-
-BFLOAT16_FEATURES = ("amx_bf16", "avx512_bf16")
 
 
 def mixed_policy(mixed_precision: Optional[bool], gpu: bool, auto: bool = True) -> Optional[str]:

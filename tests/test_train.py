@@ -77,8 +77,8 @@ def _weights(path):
 def test_mirrored_over_two_devices_trains_the_same_weights_as_one_device(small_data, tmp_path, cli):
     common = [small_data, "--epochs", "2", "--seed", "3", "--deterministic", "--augment", "none", "--verbose", "0",
               "--model-arg", "filters=4", "--schedule", "constant", "--lr", "0.01", "--no-mixed-precision"]
-    # float32: the comparison below is to float32 summation order (bfloat16, the default on a CPU that computes
-    # it natively, rounds each replica's half batch differently). One device in this process (`cli`); two
+    # float32 named, whatever the task's default precision: the comparison below is to float32 summation order
+    # (bfloat16 rounds each replica's half batch differently). One device in this process (`cli`); two
     # logical CPU devices need a fresh process (set before TF starts).
     one = cli("train", *common, "--out", tmp_path / "one", "--strategy", "one", "--batch-size", "16")
     assert one.exit_code == 0, one.output[-2000:]
