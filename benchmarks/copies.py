@@ -187,9 +187,10 @@ def stp(*args) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, seed: int, model_args=()) -> tuple:
-    """Converts the whole videos `sources` (once per fold) and trains an embedding on them: (run, seconds)."""
-    data = os.path.join(work, f"data-{fold}")
+def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, seed: int, model_args=(),
+          patch: str = PATCH) -> tuple:
+    """Converts the whole videos `sources` (once per fold and patch) and trains an embedding on them: (run, seconds)."""
+    data = os.path.join(work, f"data-{fold}" + ("" if patch == PATCH else f"-{patch}"))
     run = os.path.join(work, f"run-{name}")
     if not os.path.isdir(data):
         folder = os.path.join(work, f"sources-{fold}")
@@ -197,8 +198,8 @@ def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, s
         for s in sources:
             if not os.path.lexists(os.path.join(folder, os.path.basename(s))):
                 os.symlink(os.path.abspath(s), os.path.join(folder, os.path.basename(s)))
-        t, h, w = PATCH.split("x")
-        stp("convert", folder, data, "--patch", PATCH, "--stride", f"2x{h}x{w}", "--resize", f"{h}x{w}")
+        t, h, w = patch.split("x")
+        stp("convert", folder, data, "--patch", patch, "--stride", f"2x{h}x{w}", "--resize", f"{h}x{w}")
     started = time.perf_counter()
     if not os.path.isfile(os.path.join(run, "best.keras")):
         stp("train", data, "--out", run, "--task", "embed", "--epochs", str(epochs), "--seed", str(seed),
@@ -232,6 +233,8 @@ def main(argv=None):
     parser.add_argument("--skip-old-views", action="store_true", help="Do not train with the views crop,color.")
     parser.add_argument("--model", default=None, help="`stp train --model` for the embedding (default: the task's).")
     parser.add_argument("--model-arg", action="append", default=[], help="`stp train --model-arg`, repeatable.")
+    parser.add_argument("--patch", default=PATCH, help="The embedding's patch, TxHxW: frames squeezed to HxW "
+                        f"(default {PATCH}).")
     parser.add_argument("--skip-thumbnails", action="store_true")
     parser.add_argument("--pool", action="append", default=[], metavar="mean|grid:N",
                         help="`stp index --pool` for the embedding's features, repeatable (default: mean).")
@@ -257,7 +260,8 @@ def main(argv=None):
             report(f"thumbnail 8x8, index {aggregate}", ranked(thumb, data, aggregate, everything))
     model_args = ((["--model", args.model] if args.model else [])
                   + [x for a in args.model_arg for x in ("--model-arg", a)])
-    tag = "-".join([args.model or "default", *args.model_arg]).replace("=", "").replace(",", "_")
+    tag = "-".join([args.model or "default", *args.model_arg] + ([] if args.patch == PATCH else [args.patch]))
+    tag = tag.replace("=", "").replace(",", "_")
 
     from stpkeras.index import load_embedder
 
@@ -269,7 +273,7 @@ def main(argv=None):
         for fold, held in FOLDS.items():
             trained_on = [s for f, paths in data["sources"].items() if f != fold for s in paths]
             run, s = train(trained_on, args.work, fold, f"{fold}-{augment or 'copy'}-{tag}-e{args.epochs}", augment,
-                           args.epochs, args.seed, model_args)
+                           args.epochs, args.seed, model_args, args.patch)
             seconds.append(s)
             queries = [q for q in everything if data["queries"][q][1] == fold]
             for pool in pools:

@@ -116,6 +116,44 @@ def test_the_cost_volume_matches_at_the_motion_times_the_gap(gap):
     assert (again.radius, again.gap) == (2, gap)
 
 
+def test_match_softmax_reads_where_the_picture_matches():
+    from stpkeras.models.motion import Correlation, MatchSoftmax
+
+    # Random features moving one pixel a frame to the right, then the same features 4x stronger plus a flat
+    # (zero) band: each textured place's distribution peaks at dx = +1, a flat place's is uniform.
+    field = np.random.default_rng(2).normal(size=(12, 20, 2)).astype("float32")
+    clip = np.stack([field[:, 4 - t:16 - t] for t in range(3)])[None]     # [1, 3, 12, 12, 2]
+    costs = Correlation(radius=1)(clip)
+    layer = MatchSoftmax(temperature=0.5)
+    probs = np.asarray(layer(costs))
+    assert probs.shape == tuple(costs.shape)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    inner = probs[0, :, 2:10, 2:10]                 # away from the zero padding at the edges
+    assert (inner.mean(axis=(1, 2)).argmax(-1) == 1 * 3 + 2).all()   # dy = 0, dx = +1 (index (dy+1)*3 + dx+1)
+    # What every displacement of a place shares drops out.
+    np.testing.assert_allclose(np.asarray(layer(costs + 3.0)), probs, rtol=1e-5, atol=1e-6)
+    flat = np.asarray(layer(np.zeros((1, 1, 2, 2, 9), "float32")))
+    np.testing.assert_allclose(flat, 1 / 9, rtol=1e-6)
+    # The temperature is learned, as its log, and survives the config.
+    assert [w.name for w in layer.trainable_weights] == ["log_temperature"]
+    np.testing.assert_allclose(float(layer.log_temperature.numpy()), np.log(0.5), rtol=1e-6)
+    assert MatchSoftmax.from_config(layer.get_config()).temperature == 0.5
+    with pytest.raises(ValueError, match="Expected a number > 0. Received temperature=0"):
+        MatchSoftmax(temperature=0)
+
+
+def test_corrnet_cost_softmax_and_its_errors(tmp_path):
+    model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1, cost="softmax")
+    assert model.get_layer("match_softmax").input.shape[-1] == 9
+    clip = np.random.default_rng(3).integers(0, 255, (2, *SPEC.shape), dtype=np.uint8)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(again(clip)), np.asarray(model(clip)), rtol=1e-5, atol=1e-6)
+    assert "match_softmax" not in [layer.name for layer in build_model("corrnet", SPEC, 3, radius=1).layers]
+    with pytest.raises(ValueError, match=r"Expected one of \('products', 'softmax'\). Received cost='soft'"):
+        build_model("corrnet", SPEC, 3, cost="soft")
+
+
 def test_r2plus1d_keeps_the_parameter_count_of_the_full_convolution():
     t, d, n_in, n_out = 3, 3, 64, 64
     m = intermediate_channels(t, d, n_in, n_out)

@@ -88,6 +88,40 @@ class Correlation(keras.layers.Layer):
         return {**super().get_config(), "radius": self.radius, "gap": self.gap}
 
 
+@keras.saving.register_keras_serializable(package=layers.PACKAGE)
+class MatchSoftmax(keras.layers.Layer):
+    """A cost volume `[..., D]` (one value per displacement) -> at each place, a softmax over its displacements
+    at a learned temperature: which displacement matches best, relative to the others. What all of a place's
+    displacements share drops out (the raw products are high everywhere on strong texture and near zero on
+    flat areas, whatever moved), and a flat place, which matches every displacement alike, gives about the
+    uniform distribution. The temperature starts at `temperature` and is learned (as its log)."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"Invalid value for argument `temperature`. Expected a number > 0. "
+                             f"Received temperature={temperature!r}")
+
+    def build(self, input_shape):
+        import math
+
+        self.log_temperature = self.add_weight(
+            shape=(), name="log_temperature", initializer=keras.initializers.Constant(math.log(self.temperature)))
+
+    def call(self, x):
+        return ops.softmax(x * ops.cast(ops.exp(-self.log_temperature), x.dtype), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+COSTS = ("products", "softmax")
+
+
 def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int = 128, radius: int = 3,
                     name: str = "motionnet") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> `[B, num_classes]`: `num_classes / (T-1)` values per pair of neighbouring
@@ -123,7 +157,7 @@ def build_motionnet(spec, num_classes: int, *, widths=(16, 32, 64), dense: int =
 
 
 def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, radius: int = 2, gap: int = 1,
-                  widths=(32, 64), dropout: float = 0.0, name: str = "corrnet") -> keras.Model:
+                  widths=(32, 64), cost: str = "products", dropout: float = 0.0, name: str = "corrnet") -> keras.Model:
     """uint8 `[B, T, H, W, 3]` -> logits `[B, num_classes]`: a classifier of motion that sees the picture only
     through how neighbouring frames match.
 
@@ -140,6 +174,8 @@ def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, ra
     features at full resolution and radius 3 took 40x the CPU of stcnn per step, the defaults about 2x.
     `gap` 2 matches frames two apart (a pan of 1 px a frame then moves a whole feature pixel; with `radius`
     3 the fastest fits too): 1.6x the CPU a step, and no better on the pan benchmark in 15 minutes.
+    `cost` "softmax" reads the cost volume through `MatchSoftmax` (each place's distribution over the
+    displacements) instead of the raw products.
     """
     num_classes = layers.check_classes(num_classes)
     match = layers.positive_ints(match, "match")[0]
@@ -148,6 +184,8 @@ def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, ra
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
         raise ValueError(f"Invalid value for argument `radius`. Expected an integer >= 1. Received radius={radius!r}")
     gap = layers.positive_ints(gap, "gap")[0]
+    if cost not in COSTS:
+        raise ValueError(f"Invalid value for argument `cost`. Expected one of {COSTS}. Received cost={cost!r}")
     if spec.frames < gap + 1:
         raise ValueError(f"Invalid value for argument `spec`. corrnet matches frames {gap} apart (gap={gap}), so "
                          f"it needs patches of at least {gap + 1} frames. Received frames={spec.frames}")
@@ -156,6 +194,8 @@ def build_corrnet(spec, num_classes: int, *, match: int = 4, stride: int = 2, ra
     x = keras.layers.Conv3D(match, (1, 3, 3), strides=(1, stride, stride), padding="same",
                             name="match_features")(pixels)
     x = Correlation(radius, gap, name="correlation")(x)
+    if cost == "softmax":
+        x = MatchSoftmax(name="match_softmax")(x)
     # Half the cost volume's layout each way first: the convolutions after it cost a quarter.
     x = keras.layers.AveragePooling3D((1, 2, 2), padding="same", name="cost_pool")(x)
     for i, width in enumerate(widths):
