@@ -231,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-old-views", action="store_true", help="Do not train with the views crop,color.")
+    parser.add_argument("--augment", action="append", default=[], metavar="LIST",
+                        help="Also train with `stp train --augment LIST` (repeatable), e.g. the copy views "
+                             "without color: shift,speed,crop,letterbox,rescale,reencode.")
     parser.add_argument("--model", default=None, help="`stp train --model` for the embedding (default: the task's).")
     parser.add_argument("--model-arg", action="append", default=[], help="`stp train --model-arg`, repeatable.")
     parser.add_argument("--patch", default=PATCH, help="The embedding's patch, TxHxW: frames squeezed to HxW "
@@ -265,7 +268,8 @@ def main(argv=None):
 
     from stpkeras.index import load_embedder
 
-    variants = [("copy views", "")] + ([] if args.skip_old_views else [("crop,color", "crop,color")])
+    variants = ([("copy views", "")] + ([] if args.skip_old_views else [("crop,color", "crop,color")])
+                + [(augment, augment) for augment in args.augment])
     for label, augment in variants:
         pools = args.pool or ["mean"]
         ranks = {(pool, aggregate): {} for pool in pools for aggregate in ("mean", "windows")}
