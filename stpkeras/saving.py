@@ -45,6 +45,7 @@ DEFINED_IN = {
     "FrameFeatures": "stpkeras.models.causal",
     "Correlation": "stpkeras.models.motion",
     "FrameContrast": "stpkeras.models.motion",
+    "MatchSoftmax": "stpkeras.models.motion",
     "FramePairs": "stpkeras.models.motion",
     "GlobalCorrelation": "stpkeras.models.softmotion",
     "SoftArgmax": "stpkeras.models.softmotion",
