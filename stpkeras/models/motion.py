@@ -17,6 +17,8 @@ stabilize` average.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -104,8 +106,6 @@ class MatchSoftmax(keras.layers.Layer):
                              f"Received temperature={temperature!r}")
 
     def build(self, input_shape):
-        import math
-
         self.log_temperature = self.add_weight(
             shape=(), name="log_temperature", initializer=keras.initializers.Constant(math.log(self.temperature)))
 
