@@ -273,7 +273,10 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=64, help="Frames resized to SIZE x SIZE for every method.")
     parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="stp train --seed.")
+    parser.add_argument("--clip-seed", type=int, default=0,
+                        help="Draws the clips' places. Separate from --seed: clips are written once per --work, "
+                             "so a second training seed must measure the same clips (their scene motion too).")
     parser.add_argument("--mirror", action="store_true", help="Also train on the mirrored training clips.")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                         help="A run with these extra `stp train` arguments (repeatable).")
@@ -290,7 +293,8 @@ def main(argv=None):
     CLOCK_PREFIX = CPU_CLOCK if args.clock == "cpu" else ""
 
     own = {}
-    clips = make_clips(args.videos, args.work, args.clips, args.frames, args.seed, own, steady=args.steady_scene)
+    clips = make_clips(args.videos, args.work, args.clips, args.frames, args.clip_seed, own,
+                       steady=args.steady_scene)
     budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
     variants = ([] if args.skip_default else [("default", [])]) + [
         (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
