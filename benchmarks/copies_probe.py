@@ -63,7 +63,7 @@ def strip_file(src: str, out: str) -> str:
 
 
 def main(work: str) -> None:
-    from stpkeras.index import _normalize, embed_video_windows, load_embedder
+    from stpkeras.index import _normalize, chamfer_scores, embed_video_windows, load_embedder
 
     out = os.path.join(work, "probe")
     os.makedirs(out, exist_ok=True)
@@ -78,25 +78,24 @@ def main(work: str) -> None:
         embedder = copies.thumbnail_embedder() if run is None else load_embedder(run, pool)
         fold = next((f for f in copies.FOLDS if run and f"run-{f}-" in run), None)
         stems = [os.path.splitext(n)[0] for n in copies.FOLDS[fold]] if fold else None
-        asked = [q for q in queries if stems is None or os.path.basename(q).split("-")[0] in
-                 [s.split("-")[0] for s in stems]]
+        asked = [q for q in queries if stems is None or os.path.basename(q).split(".")[0].rsplit("-", 1)[0] in stems]
         embedded = {k: [embed_video_windows(embedder, p).windows for p in ps] for k, ps in views.items()}
         center = np.concatenate([w for ws in embedded.values() for w in ws]).mean(0)
+        # Each segment's views, centred and normalised as `stpkeras.index` does: (windows, their mean's direction).
+        prepared = {k: [(g, _normalize(g.mean(0))) for g in (_normalize(w - center) for w in ws)]
+                    for k, ws in embedded.items()}
         for strip in (False, True):
+            asked_windows = {q: _normalize(embed_video_windows(embedder, strip_file(q, out) if strip else q).windows
+                                           - center) for q in asked}
             for aggregate in ("mean", "windows"):
                 for count in (1, len(SCALES)):
                     found, missed = 0, []
-                    for q in asked:
-                        qw = _normalize(embed_video_windows(embedder, strip_file(q, out) if strip else q).windows
-                                        - center)
-                        scores = {}
-                        for k, ws in embedded.items():
-                            best = -2.0
-                            for w in ws[:count]:
-                                g = _normalize(w - center)
-                                best = max(best, float(_normalize(qw.mean(0)) @ _normalize(g.mean(0)))
-                                           if aggregate == "mean" else float((qw @ g.T).max(1).mean()))
-                            scores[k] = best
+                    for q, qw in asked_windows.items():
+                        direction = _normalize(qw.mean(0))
+                        scores = {k: max(float(direction @ m) if aggregate == "mean"
+                                         else float(chamfer_scores(qw, g, np.array([0, len(g)]))[0])
+                                         for g, m in segment[:count])
+                                  for k, segment in prepared.items()}
                         if max(scores, key=scores.get) == os.path.basename(q).split(".")[0]:
                             found += 1
                         else:
