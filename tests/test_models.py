@@ -119,8 +119,8 @@ def test_the_cost_volume_matches_at_the_motion_times_the_gap(gap):
 def test_match_softmax_reads_where_the_picture_matches():
     from stpkeras.models.motion import Correlation, MatchSoftmax
 
-    # Random features moving one pixel a frame to the right, then the same features 4x stronger plus a flat
-    # (zero) band: each textured place's distribution peaks at dx = +1, a flat place's is uniform.
+    # Random features moving one pixel a frame to the right: each place's distribution peaks at dx = +1; a flat
+    # place (a zero cost at every displacement) gets the uniform distribution.
     field = np.random.default_rng(2).normal(size=(12, 20, 2)).astype("float32")
     clip = np.stack([field[:, 4 - t:16 - t] for t in range(3)])[None]     # [1, 3, 12, 12, 2]
     costs = Correlation(radius=1)(clip)
