@@ -20,7 +20,9 @@ Methods, measured in the same run:
     NAME=ARGS` adds runs with other `stp train` arguments (one change at a time), `--mirror` adds the
     training clips mirrored (left<->right, up<->down) with their labels swapped. A variant trained with
     `--flip-labels` is also evaluated with `--tta` (each patch's logits averaged over its label-swapped
-    flips), the same run, so the two figures differ only at test time.
+    flips), the same run, so the two figures differ only at test time; `--tta-flip-labels` evaluates every
+    run once more with `--tta` over flips it did not train with as well (time reversal: a left pan played
+    backwards is a right pan).
 
 Training is timed in wall seconds and in CPU seconds of the `stp train` process (the machine is shared).
 
@@ -31,6 +33,7 @@ under half the slowest pan. `--steady-scene` cuts every clip (training and test)
 
 Run: python benchmarks/motion_classify.py [--work /tmp/stp-motion-classify] [--size 32] [--minutes 3]
        [--variant NAME='--augment none'] [--skip-default] [--steady-scene] [--clock cpu]
+       [--tta-flip-labels t:left=right --tta-flip-labels t:up=down]
 """
 
 from __future__ import annotations
@@ -238,8 +241,21 @@ def convert(train, test, data: str, size: int, frames: int) -> None:
         "--resize", f"{size}x{size}", "--labels", ",".join(CLASSES), "-q")
 
 
-def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list) -> dict:
-    """Trains (once) and evaluates on the test split -> video and patch accuracy, wall and CPU seconds."""
+def test_time_flags(extra: list, tta_flip_labels: list) -> list:
+    """The evaluations of a run: `(label suffix, stp evaluate/predict flags)`, as it is first; with `--tta` when it
+    trained with `--flip-labels`; with `--tta-flip-labels` when the benchmark names some."""
+    out = [("", ())]
+    if "--flip-labels" in extra:
+        out.append((" --tta", ("--tta",)))
+    if tta_flip_labels:
+        out.append((" --tta +" + "+".join(dict.fromkeys(f.split(":")[0] for f in tta_flip_labels)),
+                    ("--tta", *[a for f in tta_flip_labels for a in ("--tta-flip-labels", f)])))
+    return out
+
+
+def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list, evaluations: list) -> dict:
+    """Trains (once) and evaluates on the test split -> wall and CPU seconds, epochs, and `{suffix: (video
+    accuracy, patch accuracy)}` for each of `evaluations` (`test_time_flags`)."""
     timing = os.path.join(run, "timing.json")
     if not os.path.isfile(timing):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -254,12 +270,12 @@ def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list
         seconds = json.load(f)
     with open(os.path.join(run, "run.json")) as f:
         epochs = json.load(f).get("metrics", {}).get("epochs", "?")
-    result = json.loads(stp("evaluate", run, data, "--split", "test", "--json"))
-    out = {"video": result["video"]["accuracy"], "patch": result["patch"]["accuracy"], "epochs": epochs, **seconds}
-    if "--flip-labels" in extra:   # the same run with test-time flips (`--tta`), in its own folder
-        tta = json.loads(stp("evaluate", run, data, "--split", "test", "--json", "--tta", "--out",
-                             os.path.join(run, "tta")))
-        out.update(tta_video=tta["video"]["accuracy"], tta_patch=tta["patch"]["accuracy"])
+    out = {"epochs": epochs, **seconds, "accuracy": {}}
+    for i, (suffix, flags) in enumerate(evaluations):   # each in its own folder (the first: the run's)
+        where = () if not flags else ("--out", os.path.join(run, "tta" if i == 1 and flags == ("--tta",) else
+                                                            "tta-" + "".join(c for c in suffix if c.isalnum())))
+        result = json.loads(stp("evaluate", run, data, "--split", "test", "--json", *flags, *where))
+        out["accuracy"][suffix] = (result["video"]["accuracy"], result["patch"]["accuracy"])
     return out
 
 
@@ -285,6 +301,9 @@ def main(argv=None):
     parser.add_argument("--steady-scene", action="store_true",
                         help="Cut clips only where the scene itself holds still (under half the slowest pan), so that "
                              "every label is the motion the picture shows (use another --work).")
+    parser.add_argument("--tta-flip-labels", action="append", default=[], metavar="AXIS:A=B",
+                        help="Also evaluate every run with --tta over these flips besides its own (repeatable; "
+                             "e.g. t:left=right and t:up=down, time reversal).")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="what --minutes counts: wall seconds, or the training process's CPU seconds / cores "
                              "(a fair budget on a machine shared with other jobs)")
@@ -332,14 +351,15 @@ def main(argv=None):
         for name, extra in variants:
             length = f"m{args.minutes}" if args.minutes else f"e{args.epochs}"
             run = os.path.join(args.work, f"run-{fold}-{tag}-{name}-{length}-s{args.seed}")
-            r = train_and_evaluate(data, run, budget, args.seed, extra)
-            print(f"{direction:<22} {name:<48} video acc {r['video']:.3f}  patch acc {r['patch']:.3f}  "
-                  f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)", flush=True)
-            if "tta_video" in r:
-                print(f"{direction:<22} {name + ' --tta':<48} video acc {r['tta_video']:.3f}  patch acc "
-                      f"{r['tta_patch']:.3f}  (the same run, each patch averaged over its label-swapped flips)",
-                      flush=True)
-            for label, flags in ((name, ()), (name + " --tta", ("--tta",)))[:2 if "tta_video" in r else 1]:
+            evaluations = test_time_flags(extra, args.tta_flip_labels)
+            r = train_and_evaluate(data, run, budget, args.seed, extra, evaluations)
+            for suffix, _ in evaluations:
+                video, patch = r["accuracy"][suffix]
+                print(f"{direction:<22} {name + suffix:<48} video acc {video:.3f}  patch acc {patch:.3f}  " +
+                      (f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)" if not suffix else
+                       "(the same run, each patch averaged over its label-swapped flips)"), flush=True)
+            for suffix, flags in evaluations:
+                label = name + suffix
                 wrong = wrong_clips(run, test, *flags)
                 print(f"{direction:<22} {label:<48} clips wrong (stp predict{' ' if flags else ''}"
                       f"{' '.join(flags)}): {len(wrong)}, of which {len(wrong & other)} among those whose measured "

@@ -89,22 +89,30 @@ class Artifact:
         return tuple(self.model.signatures) if self.form == "saved_model" else ()
 
 
-def flip_averaged(artifact: Artifact) -> Artifact:
+def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifact:
     """`artifact` whose model averages each patch over flips, for `--tta` (test-time augmentation, 2^k passes
-    for k flipped axes). A classifier's logits over the flips of its run's `--flip-labels`, each flip's put back
-    in the clip's own classes (`augment.flip_averaged`); an enhancer's pixels over the left-right, top-bottom and
-    time flips (8 passes), each output flipped back (`augment.flip_averaged_pixels`)."""
+    for k flipped axes). A classifier's logits over the flips of its run's `--flip-labels` and `more_flips`
+    (`--tta-flip-labels`: symmetries of the task the run did not train with, e.g. time reversal for camera
+    motion), each flip's put back in the clip's own classes (`augment.flip_averaged`); an enhancer's pixels
+    over the left-right, top-bottom and time flips (8 passes), each output flipped back
+    (`augment.flip_averaged_pixels`)."""
     from stpkeras import augment
 
-    if artifact.form == "keras" and artifact.task == "enhance":
+    if artifact.form == "keras" and artifact.task == "enhance" and not more_flips:
         return dataclasses.replace(artifact, model=augment.flip_averaged_pixels(artifact.model))
-    flips = artifact.task_options.get("flip_labels") or ()
+    own = tuple(artifact.task_options.get("flip_labels") or ())
+    flips = own + tuple(f for f in dict.fromkeys(more_flips) if f not in own)
     if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
         raise ArtifactError(f"{artifact.path}: --tta averages an enhancer over flips, or a classifier over the flips "
-                            "its run trained with (`stp train --flip-labels`); expected a run or .keras file of an "
-                            "enhancer or of a single-label classifier trained with them. Received a "
-                            f"{artifact.form} model of task {artifact.task!r} with flip_labels={list(flips)}")
-    permutations = augment.parse_flip_labels(flips, artifact.labels)
+                            "its run trained with (`stp train --flip-labels`) or that --tta-flip-labels names; "
+                            "expected a run or .keras file of an enhancer (without --tta-flip-labels) or of a "
+                            "single-label classifier with such flips. Received a "
+                            f"{artifact.form} model of task {artifact.task!r} with flip_labels={list(own)}"
+                            + (f" and --tta-flip-labels {list(more_flips)}" if more_flips else ""))
+    try:
+        permutations = augment.parse_flip_labels(flips, artifact.labels)
+    except ValueError as e:
+        raise ArtifactError(f"{artifact.path}: {e}") from None
     return dataclasses.replace(artifact, model=augment.flip_averaged(artifact.model, permutations,
                                                                      artifact.spec.pixels))
 

@@ -432,6 +432,11 @@ _tta_option = click.option(
     help="Test-time augmentation: average each patch's logits over the flips the run trained with "
          "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes; "
          "an enhancer's pixels over the left-right, top-bottom and time flips (8 passes).")
+_tta_flip_labels_option = click.option(
+    "--tta-flip-labels", multiple=True, metavar="AXIS:A=B",
+    help="A classifier's --tta also over this flip (as --flip-labels: h, v or t, and the two classes it swaps), "
+         "besides the run's own; repeatable, implies --tta. E.g. time reversal for camera motion: "
+         "t:left=right and t:up=down.")
 
 
 @main.command("predict")
@@ -458,8 +463,9 @@ _tta_option = click.option(
 @click.option("--timeline", is_flag=True,
               help="Also a label (or values) per temporal window of patches, with its start and end seconds.")
 @_tta_option
+@_tta_flip_labels_option
 def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, retries, max_request_mb, max_pixels,
-                    threshold, timeline, tta):
+                    threshold, timeline, tta, tta_flip_labels):
     """Classify or score VIDEOS with MODEL (a SavedModel folder, saved_models/NAME for its newest version, or
     a run folder or .keras file): a classifier's label, a multi-label classifier's labels, a regressor's values.
 
@@ -469,10 +475,10 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
     from stpkeras.predict import RemotePredictor, format_table, format_timeline, load, predict_videos
     from stpkeras.serving import connect
 
-    if tta and server is not None:
+    if (tta or tta_flip_labels) and server is not None:
         raise click.UsageError("--tta runs the flips in this process; the server runs the export as it is "
                                "(pass one of --tta and --server)")
-    predictor = load(model, tta=tta)
+    predictor = load(model, tta=tta, tta_flip_labels=tta_flip_labels)
     if server is not None:
         client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)
         predictor = RemotePredictor.like(client, predictor)
@@ -796,8 +802,9 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
               show_default=True, help="Multi-label runs: the probability at which a class counts as predicted "
                                       "(precision, recall, F1).")
 @_tta_option
+@_tta_flip_labels_option
 def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrade, seed, no_baselines, threshold,
-                     tta):
+                     tta, tta_flip_labels):
     """Evaluate MODEL (a run folder or a .keras file) on a split of DATA, per patch and per video.
 
     An enhancement run (--task enhance) reports PSNR/SSIM of the degraded input, of classical
@@ -809,7 +816,7 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
 
     result = evaluate(EvalConfig(model=model, data=data, split=split, batch_size=batch_size, top_k=top_k,
                                  out=out, degrade=degrade, seed=seed, baselines=not no_baselines, threshold=threshold,
-                                 tta=tta))
+                                 tta=tta, tta_flip_labels=tta_flip_labels))
     if as_json:
         click.echo(json.dumps(result))
         return

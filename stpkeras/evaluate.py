@@ -50,6 +50,7 @@ class EvalConfig:
     baselines: bool = True
     threshold: float = 0.5          # multi-label runs: the probability above which a class counts as predicted
     tta: bool = False               # average each patch over the run's --flip-labels flips (`artifacts.flip_averaged`)
+    tta_flip_labels: Tuple[str, ...] = ()   # and over these (AXIS:A=B, as --flip-labels); implies tta
 
     def __post_init__(self):
         for name in ("batch_size", "top_k"):
@@ -248,8 +249,8 @@ def _evaluate(config: EvalConfig) -> dict:
     # A .keras file away from its run folder is taken to be of the data's classes and patches.
     lone = {} if artifacts.run_of(config.model) else {"labels": info.labels, "spec": info.spec}
     artifact = artifacts.load(config.model, compile=True, **lone)
-    if config.tta:
-        artifact = artifacts.flip_averaged(artifact)
+    if config.tta or config.tta_flip_labels:
+        artifact = artifacts.flip_averaged(artifact, config.tta_flip_labels)
     model, run = artifact.model, artifact.run or {}
     spec = artifact.spec if artifact.run is not None else None
     if run.get("task") == "enhance":
@@ -280,7 +281,8 @@ def _evaluate(config: EvalConfig) -> dict:
         raise EvaluateError(f"{config.data}: split {split!r} has no labelled patches")
     logits, y, ids = out["logits"][known], out["labels"][known].astype(np.int64), out["video_ids"][known]
     result = {"model": config.model, "data": config.data, "split": split, "labels": list(labels),
-              "unlabelled_patches": unlabelled, "tta": config.tta,
+              "unlabelled_patches": unlabelled, "tta": bool(config.tta or config.tta_flip_labels),
+              "tta_flip_labels": list(config.tta_flip_labels),
               "patch": classification_metrics(y, logits, labels, config.top_k)}
     _, video_labels, video_logits = video_level(ids, y, logits)
     result["video"] = classification_metrics(video_labels, video_logits, labels, config.top_k)

@@ -224,16 +224,17 @@ class RemotePredictor(Predictor):
 
 
 def load(path: str, *, labels: Optional[Sequence[str]] = None, spec: Optional[PatchSpec] = None,
-         tta: bool = False) -> Predictor:
+         tta: bool = False, tta_flip_labels: Sequence[str] = ()) -> Predictor:
     """A predictor for a classifier or a regressor: an export (`saved_models/NAME[/VERSION]`), a run folder or a
     `.keras` file.
 
     Loads through `stpkeras.artifacts.load`; `labels` and `spec` are for a `.keras` file without its run folder.
-    `tta` averages each patch over the run's `--flip-labels` flips (`artifacts.flip_averaged`).
+    `tta` averages each patch over the run's `--flip-labels` flips and `tta_flip_labels`
+    (`artifacts.flip_averaged`); `tta_flip_labels` implies `tta`.
     """
     artifact = artifacts.load(path, labels=labels, spec=spec)
-    if tta:
-        artifact = artifacts.flip_averaged(artifact)
+    if tta or tta_flip_labels:
+        artifact = artifacts.flip_averaged(artifact, tta_flip_labels)
     if artifact.task not in ("classify", "regress"):
         raise ArtifactError(f"{artifact.path}: a model of task {artifact.task!r}; expected a classifier or a "
                             "regressor (task classify or regress). Enhancement, embedding and segmentation models "

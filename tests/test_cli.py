@@ -245,8 +245,29 @@ def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converte
     assert result.exit_code == 2 and "pass one of --tta and --server" in result.output
     result = cli("train", converted[0], "--out", tmp_path / "plain", *common)
     result = cli("evaluate", tmp_path / "plain", converted[0], "--split", "train", "--tta", "--out", tmp_path / "e2")
-    assert result.exit_code == 2 and "trained with them. Received a keras model of task 'classify' with " \
+    assert result.exit_code == 2 and "with such flips. Received a keras model of task 'classify' with " \
                                      "flip_labels=[]" in result.output and "Traceback" not in result.output
+    # --tta-flip-labels: flips at test time only, besides the run's own (the run's h:circle=square again is no
+    # second pass); the plain run takes them too. The logits are those of the 8 (4) flips' mean, each put back.
+    from stpkeras import artifacts, augment
+    from stpkeras.pipeline import load_info
+
+    result = cli("evaluate", tmp_path / "run", converted[0], "--split", "train", "--json", "--out", tmp_path / "e3",
+                 "--tta-flip-labels", "t:circle=stripe", "--tta-flip-labels", "h:circle=square")
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output)
+    assert evaluated["tta"] is True and evaluated["tta_flip_labels"] == ["t:circle=stripe", "h:circle=square"]
+    run = artifacts.load(str(tmp_path / "run"))
+    averaged = artifacts.flip_averaged(run, ("t:circle=stripe", "h:circle=square"))
+    patches = np.random.default_rng(0).integers(0, 256, (3, *load_info(str(converted[0])).spec.shape), dtype=np.uint8)
+    by_hand = augment.flip_averaged(run.model, augment.parse_flip_labels(
+        ["h:circle=square", "v:square=stripe", "t:circle=stripe"], run.labels))
+    np.testing.assert_allclose(averaged.model.predict(patches, verbose=0), by_hand.predict(patches, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    result = cli("predict", tmp_path / "plain", video, "--json", "--tta-flip-labels", "h:circle=square")
+    assert result.exit_code == 0 and json.loads(result.stdout)["label"] in ("circle", "square", "stripe"), result.output
+    result = cli("predict", tmp_path / "plain", video, "--tta-flip-labels", "t:circle=nope")
+    assert result.exit_code == 2 and "Received 't:circle=nope'" in result.output and "Traceback" not in result.output
     result = cli("train", converted[0], "--out", tmp_path / "bad", "--flip-labels", "h:circle=left", *common)
     assert result.exit_code != 0 and "Received 'h:circle=left'" in result.output
     assert "['circle', 'square', 'stripe']" in result.output and "Traceback" not in result.output
