@@ -88,11 +88,14 @@ def test_corrnet_sees_motion_not_brightness():
     right = np.stack([picture[:, 4 - t:20 - t] for t in range(SPEC.frames)])
     left = right[::-1]
     brighter = right + np.uint8(40)
-    model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1)
-    out = np.asarray(model(np.stack([right, left, brighter]), training=False))
-    # FrameContrast takes each frame's mean away: a brighter clip is the same input to the cost volume.
-    np.testing.assert_allclose(out[2], out[0], rtol=1e-4, atol=1e-4)
-    assert np.abs(out[1] - out[0]).max() > 1e-3
+    for cost in ("softmax", "products"):   # the default, and the raw cost volume
+        model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1, cost=cost)
+        out = np.asarray(model(np.stack([right, left, brighter]), training=False))
+        # FrameContrast takes each frame's mean away: a brighter clip is the same input to the cost volume.
+        np.testing.assert_allclose(out[2], out[0], rtol=1e-4, atol=1e-4)
+        # ... and the motion the other way is not: untrained, its logits differ by far more than float noise.
+        apart = np.abs(out[1] - out[0]).max()
+        assert apart > 1e-4 and apart > 20 * np.abs(out[2] - out[0]).max(), cost
     with pytest.raises(ValueError, match="at least 2 frames. Received frames=1"):
         build_model("corrnet", PatchSpec(1, 16, 16), 3)
     with pytest.raises(ValueError, match="frames 2 apart .* at least 3 frames. Received frames=2"):
@@ -143,13 +146,15 @@ def test_match_softmax_reads_where_the_picture_matches():
 
 
 def test_corrnet_cost_softmax_and_its_errors(tmp_path):
-    model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1, cost="softmax")
+    model = build_model("corrnet", SPEC, 3, match=4, widths=(4, 8), radius=1)
     assert model.get_layer("match_softmax").input.shape[-1] == 9
     clip = np.random.default_rng(3).integers(0, 255, (2, *SPEC.shape), dtype=np.uint8)
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(np.asarray(again(clip)), np.asarray(model(clip)), rtol=1e-5, atol=1e-6)
-    assert "match_softmax" not in [layer.name for layer in build_model("corrnet", SPEC, 3, radius=1).layers]
+    assert "match_softmax" in [layer.name for layer in build_model("corrnet", SPEC, 3, radius=1).layers]  # default
+    products = build_model("corrnet", SPEC, 3, radius=1, cost="products")
+    assert "match_softmax" not in [layer.name for layer in products.layers]
     with pytest.raises(ValueError, match=r"Expected one of \('products', 'softmax'\). Received cost='soft'"):
         build_model("corrnet", SPEC, 3, cost="soft")
 
