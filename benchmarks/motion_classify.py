@@ -271,9 +271,9 @@ def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list
     with open(os.path.join(run, "run.json")) as f:
         epochs = json.load(f).get("metrics", {}).get("epochs", "?")
     out = {"epochs": epochs, **seconds, "accuracy": {}}
-    for i, (suffix, flags) in enumerate(evaluations):   # each in its own folder (the first: the run's)
-        where = () if not flags else ("--out", os.path.join(run, "tta" if i == 1 and flags == ("--tta",) else
-                                                            "tta-" + "".join(c for c in suffix if c.isalnum())))
+    for suffix, flags in evaluations:   # each in its own folder (the first: the run's)
+        where = () if not flags else ("--out", os.path.join(run, "tta" if flags == ("--tta",) else
+                                                            "tta-plus-" + suffix.split("+", 1)[1]))
         result = json.loads(stp("evaluate", run, data, "--split", "test", "--json", *flags, *where))
         out["accuracy"][suffix] = (result["video"]["accuracy"], result["patch"]["accuracy"])
     return out
