@@ -242,14 +242,16 @@ def convert(train, test, data: str, size: int, frames: int) -> None:
 
 
 def test_time_flags(extra: list, tta_flip_labels: list) -> list:
-    """The evaluations of a run: `(label suffix, stp evaluate/predict flags)`, as it is first; with `--tta` when it
-    trained with `--flip-labels`; with `--tta-flip-labels` when the benchmark names some."""
-    out = [("", ())]
+    """The evaluations of a run: `(label suffix, stp evaluate/predict flags, folder of its eval-test.json under the
+    run; None: the run's own)`, as it is first; with `--tta` when it trained with `--flip-labels`; with
+    `--tta-flip-labels` when the benchmark names some."""
+    out = [("", (), None)]
     if "--flip-labels" in extra:
-        out.append((" --tta", ("--tta",)))
+        out.append((" --tta", ("--tta",), "tta"))
     if tta_flip_labels:
-        out.append((" --tta +" + "+".join(dict.fromkeys(f.split(":")[0] for f in tta_flip_labels)),
-                    ("--tta", *[a for f in tta_flip_labels for a in ("--tta-flip-labels", f)])))
+        axes = "+".join(dict.fromkeys(f.split(":")[0] for f in tta_flip_labels))
+        out.append((f" --tta +{axes}", ("--tta", *[a for f in tta_flip_labels for a in ("--tta-flip-labels", f)]),
+                    f"tta-plus-{axes}"))
     return out
 
 
@@ -271,9 +273,8 @@ def train_and_evaluate(data: str, run: str, budget: list, seed: int, extra: list
     with open(os.path.join(run, "run.json")) as f:
         epochs = json.load(f).get("metrics", {}).get("epochs", "?")
     out = {"epochs": epochs, **seconds, "accuracy": {}}
-    for suffix, flags in evaluations:   # each in its own folder (the first: the run's)
-        where = () if not flags else ("--out", os.path.join(run, "tta" if flags == ("--tta",) else
-                                                            "tta-plus-" + suffix.split("+", 1)[1]))
+    for suffix, flags, folder in evaluations:
+        where = () if folder is None else ("--out", os.path.join(run, folder))
         result = json.loads(stp("evaluate", run, data, "--split", "test", "--json", *flags, *where))
         out["accuracy"][suffix] = (result["video"]["accuracy"], result["patch"]["accuracy"])
     return out
@@ -353,12 +354,12 @@ def main(argv=None):
             run = os.path.join(args.work, f"run-{fold}-{tag}-{name}-{length}-s{args.seed}")
             evaluations = test_time_flags(extra, args.tta_flip_labels)
             r = train_and_evaluate(data, run, budget, args.seed, extra, evaluations)
-            for suffix, _ in evaluations:
+            for suffix, _, _ in evaluations:
                 video, patch = r["accuracy"][suffix]
                 print(f"{direction:<22} {name + suffix:<48} video acc {video:.3f}  patch acc {patch:.3f}  " +
                       (f"({r['epochs']} epochs, {r['wall']:.0f}s wall, {r['cpu']:.0f}s CPU)" if not suffix else
                        "(the same run, each patch averaged over its label-swapped flips)"), flush=True)
-            for suffix, flags in evaluations:
+            for suffix, flags, _ in evaluations:
                 label = name + suffix
                 wrong = wrong_clips(run, test, *flags)
                 print(f"{direction:<22} {label:<48} clips wrong (stp predict{' ' if flags else ''}"
