@@ -164,19 +164,25 @@ def thumbnail_embedder():
     return Embedder(spec, "thumbnail", embed)
 
 
-def ranked(embedder, data: dict, aggregate: str, queries) -> dict:
-    """Index the gallery with `embedder`, search `queries` -> query: gallery names best first."""
-    from stpkeras.index import VideoIndex, embed_video_windows, embed_videos
+def ranked(embedder, data: dict, aggregate: str, queries, reading=None, verify: int = 0) -> dict:
+    """Index the gallery with `embedder` (read as `reading`, `stp index --strip-bars --views`), search
+    `queries` (read as `stp search` reads them for that index; `verify`: `stp search --verify`) -> query:
+    gallery names best first."""
+    from stpkeras.index import Reading, VideoIndex, embed_video_windows, embed_videos, verified_hits
 
+    reading = reading or Reading()
     names = list(data["gallery"])
-    embedded = embed_videos(embedder, [data["gallery"][n] for n in names])
+    embedded = embed_videos(embedder, [data["gallery"][n] for n in names], reading=reading)
     if embedded.failed:
         raise RuntimeError(f"gallery videos failed: {embedded.failed}")
     index = VideoIndex.build(embedded, aggregate=aggregate)
     by_path = {p: n for n, p in data["gallery"].items()}
     out = {}
     for q in queries:
-        hits = index.search_windows([embed_video_windows(embedder, q).windows], k=len(names))[0]
+        region, = reading.regions(q, indexed=False)
+        hits = index.search_windows([embed_video_windows(embedder, q, region=region).windows], k=len(names))[0]
+        if verify:
+            hits = verified_hits(q, hits, verify, region=region if reading.strip_bars else None)
         out[q] = [by_path[h.video] for h in hits]
     return out
 
@@ -241,7 +247,21 @@ def main(argv=None):
     parser.add_argument("--skip-thumbnails", action="store_true")
     parser.add_argument("--pool", action="append", default=[], metavar="mean|grid:N",
                         help="`stp index --pool` for the embedding's features, repeatable (default: mean).")
+    parser.add_argument("--copy-reading", default=None, metavar="VIEWS",
+                        help="Also measure every method indexed with `stp index --strip-bars --views VIEWS` "
+                             "(e.g. 1,0.85,0.7; queries read inside their black bars, as `stp search` does).")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="Also measure every method with `stp search --verify N` on top of --copy-reading "
+                             "(or of the plain index without it).")
     args = parser.parse_args(argv)
+    from stpkeras.index import Reading
+
+    readings = [("", None, 0)]   # (suffix of the method's name, how the index reads, stp search --verify)
+    if args.copy_reading:
+        readings.append((", bars+views", Reading(True, tuple(float(v) for v in args.copy_reading.split(","))), 0))
+    if args.verify:
+        suffix, reading, _ = readings[-1]
+        readings.append((f"{suffix}, verify {args.verify}", reading, args.verify))
 
     t = time.perf_counter()
     data = make_data(args.videos, args.work, args.segments)
@@ -259,8 +279,10 @@ def main(argv=None):
     if not args.skip_thumbnails:
         report("thumbnail 8x8, mean, L2", thumbnail_l2(data))
         thumb = thumbnail_embedder()
-        for aggregate in ("mean", "windows"):
-            report(f"thumbnail 8x8, index {aggregate}", ranked(thumb, data, aggregate, everything))
+        for suffix, reading, verify in readings:
+            for aggregate in ("mean", "windows"):
+                report(f"thumbnail 8x8, index {aggregate}{suffix}",
+                       ranked(thumb, data, aggregate, everything, reading, verify))
     model_args = ((["--model", args.model] if args.model else [])
                   + [x for a in args.model_arg for x in ("--model-arg", a)])
     tag = "-".join([args.model or "default", *args.model_arg] + ([] if args.patch == PATCH else [args.patch]))
@@ -272,7 +294,8 @@ def main(argv=None):
                 + [(augment, augment) for augment in args.augment])
     for label, augment in variants:
         pools = args.pool or ["mean"]
-        ranks = {(pool, aggregate): {} for pool in pools for aggregate in ("mean", "windows")}
+        ranks = {(pool, aggregate, suffix): {} for pool in pools for suffix, _, _ in readings
+                 for aggregate in ("mean", "windows")}
         seconds = []
         for fold, held in FOLDS.items():
             trained_on = [s for f, paths in data["sources"].items() if f != fold for s in paths]
@@ -282,12 +305,14 @@ def main(argv=None):
             queries = [q for q in everything if data["queries"][q][1] == fold]
             for pool in pools:
                 embedder = load_embedder(run, pool)
-                for aggregate in ("mean", "windows"):
-                    ranks[pool, aggregate].update(ranked(embedder, data, aggregate, queries))
+                for suffix, reading, verify in readings:
+                    for aggregate in ("mean", "windows"):
+                        ranks[pool, aggregate, suffix].update(
+                            ranked(embedder, data, aggregate, queries, reading, verify))
         print(f"embed ({label}, {tag}): trained {args.epochs} epochs per fold in "
               f"{', '.join(f'{s:.0f}s' for s in seconds)} (wall, shared 2-core machine)", flush=True)
-        for (pool, aggregate), r in ranks.items():
-            report(f"embed ({label}), pool {pool}, index {aggregate}", r)
+        for (pool, aggregate, suffix), r in ranks.items():
+            report(f"embed ({label}), pool {pool}, index {aggregate}{suffix}", r)
     with open(os.path.join(args.work, f"results-{tag}-e{args.epochs}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -40,6 +40,7 @@ Copy detection on real footage: `benchmarks/copies.py`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -159,17 +160,61 @@ class VideoEmbedding:
         return int(self.counts.sum())
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How videos are read for an index (index.json `reading`): `strip_bars` reads every video (gallery and
+    queries) inside its black bars (`tfrecords_tools.borders`); `views` are the central fractions of that
+    picture each *indexed* video is embedded as, one index entry each (a query is read once, whole, and a
+    video scores its best view): a copy cut out of the middle of its source's frame then meets a view of
+    the source at about its own framing."""
+
+    strip_bars: bool = False
+    views: Tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        views = tuple(float(v) for v in self.views)
+        if not views or any(not 0 < v <= 1 for v in views) or len(set(views)) != len(views):
+            raise ValueError("Invalid value for argument `views`. Expected distinct fractions in (0, 1]. "
+                             f"Received views={self.views!r}")
+        object.__setattr__(self, "views", views)
+
+    def to_dict(self) -> dict:
+        return {"strip_bars": self.strip_bars, "views": list(self.views)}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "Reading":
+        """index.json's `reading`; indexes written before it read whole frames, one view."""
+        return cls(**d) if d else cls()
+
+    def regions(self, path: str, max_pixels: Optional[int] = None, *, indexed: bool = True) -> list:
+        """The regions (`Plan.region`; None: the whole frame) `path` is embedded as: one per view when
+        `indexed`, else one (a query)."""
+        if not self.strip_bars and (self.views == (1.0,) or not indexed):
+            return [None]
+        from tfrecords_tools import borders
+        from tfrecords_tools.video import DEFAULT_MAX_PIXELS, probe
+
+        max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        if self.strip_bars:
+            picture = borders.picture_region(path, max_pixels=max_pixels)
+        else:
+            info = probe(path, max_pixels)
+            picture = (0, 0, info.height, info.width)
+        return [borders.central(picture, v) for v in (self.views if indexed else (1.0,))]
+
+
 def embed_video_windows(embedder: Embedder, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                        max_pixels: Optional[int] = None) -> VideoEmbedding:
+                        max_pixels: Optional[int] = None, region=None) -> VideoEmbedding:
     """One video file -> its `VideoEmbedding` (windows and patch counts).
 
     Decoding and cutting run in a second thread (the predictor's reader), under
-    the model's own `PatchSpec`. Raises `NoPatches` for a video smaller than one patch.
+    the model's own `PatchSpec`; `region` (`Plan.region`) reads only that part of the frames.
+    Raises `NoPatches` for a video smaller than one patch.
     """
     from stpkeras.inference import WindowHead, run_video
 
     windows = run_video(path, embedder.spec, lambda x: _normalize(embedder.embed(x)), WindowHead(embedder.spec),
-                        batch_size=batch_size, max_pixels=max_pixels)
+                        batch_size=batch_size, max_pixels=max_pixels, region=region)
     return VideoEmbedding(np.stack([w.mean for w in windows]).astype(np.float32),
                           np.array([w.patches for w in windows], np.int64))
 
@@ -195,23 +240,25 @@ class Embedded:
 
 
 def embed_videos(embedder: Embedder, paths: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: Optional[int] = None, on_video: Optional[Callable[[str, Optional[str]], None]] = None
-                 ) -> Embedded:
-    """`embed_video` for each path; a video that fails is listed in `failed` with the reason, never dropped silently."""
+                 max_pixels: Optional[int] = None, on_video: Optional[Callable[[str, Optional[str]], None]] = None,
+                 reading: Reading = Reading()) -> Embedded:
+    """`embed_video` for each path, once per view of `reading` (consecutive entries with the same id); a
+    video that fails is listed in `failed` with the reason, never dropped silently."""
     from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
     ids, videos, failed = [], [], []
     for path in paths:
         try:
-            video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+            views = [embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels, region=r)
+                     for r in reading.regions(path, max_pixels)]
         except (VideoError, NoPatches) as e:
             failed.append((path, str(e)))
             if on_video:
                 on_video(path, str(e))
             continue
-        ids.append(path)
-        videos.append(video)
+        ids.extend([path] * len(views))
+        videos.extend(views)
         if on_video:
             on_video(path, None)
     dim = videos[0].windows.shape[1] if videos else 0
@@ -344,11 +391,14 @@ class Hit:
     score: float
     rank: int
     label: str = ""
+    verified: Optional[float] = None   # `stpkeras.verify.score` when the search verified this hit
 
     def to_json(self) -> str:
         out = {"video": self.video, "score": round(self.score, 6), "rank": self.rank}
         if self.label:
             out["label"] = self.label
+        if self.verified is not None:
+            out["verified"] = round(self.verified, 6)
         return json.dumps(out)
 
 
@@ -413,6 +463,14 @@ class VideoIndex:
         if searcher is None:
             searcher = ExactSearch(self.vectors) if backend == "exact" else FaissSearch.build(self.vectors)
         self.searcher = searcher
+        # A video indexed as several views (`Reading.views`) has that many consecutive entries with its id;
+        # a search answers each video once, with its best entry.
+        self._entries_per_video = max(collections.Counter(self.ids).values(), default=1)
+
+    @property
+    def reading(self) -> Reading:
+        """How the indexed videos were read (index.json `reading`); queries are read the same way."""
+        return Reading.from_dict(self.info.get("reading"))
 
     @property
     def aggregate(self) -> str:
@@ -462,12 +520,20 @@ class VideoIndex:
     def search(self, raw: np.ndarray, k: int = 5) -> List[List[Hit]]:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid value for argument `k`. Expected a strictly positive integer. Received k={k!r}")
-        scores, indices = self.searcher.search(self.prepare(raw), k)
-        return [self._hits(row_scores, row_indices) for row_scores, row_indices in zip(scores, indices)]
+        scores, indices = self.searcher.search(self.prepare(raw), k * self._entries_per_video)
+        return [self._hits(row_scores, row_indices, k) for row_scores, row_indices in zip(scores, indices)]
 
-    def _hits(self, scores, indices) -> List[Hit]:
-        return [Hit(self.ids[j], float(s), r + 1, self.labels[j] if self.labels else "")
-                for r, (s, j) in enumerate(zip(scores, indices)) if j >= 0]
+    def _hits(self, scores, indices, k: int) -> List[Hit]:
+        """Entries best first -> the first `k` videos, each at its best entry (views: `Reading`)."""
+        out, seen = [], set()
+        for s, j in zip(scores, indices):
+            if j < 0 or self.ids[j] in seen:
+                continue
+            seen.add(self.ids[j])
+            out.append(Hit(self.ids[j], float(s), len(out) + 1, self.labels[j] if self.labels else ""))
+            if len(out) == k:
+                break
+        return out
 
     def search_windows(self, queries: Sequence[np.ndarray], k: int = 5) -> List[List[Hit]]:
         """Raw window embeddings of each query video (`[m_q, D]`, as `embed_video_windows` gives them)
@@ -477,13 +543,12 @@ class VideoIndex:
             raise ValueError(f"Invalid value for argument `k`. Expected a strictly positive integer. Received k={k!r}")
         if self.windows is None:
             return self.search(np.stack([np.asarray(q, np.float32).mean(axis=0) for q in queries]), k)
-        k = min(k, len(self.ids))
         out = []
         for query in queries:
             prepared = self.prepare(query)
             if isinstance(self.searcher, FaissSearch):
                 _, candidates = self.searcher.search(self.prepare(np.asarray(query, np.float32).mean(axis=0)),
-                                                     max(SHORTLIST, 10 * k))
+                                                     max(SHORTLIST, 10 * k) * self._entries_per_video)
                 candidates = np.array([j for j in candidates[0] if j >= 0], np.int64)
                 starts, ends = self.offsets[candidates], self.offsets[candidates + 1]
                 rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
@@ -491,8 +556,8 @@ class VideoIndex:
             else:
                 candidates = np.arange(len(self.ids))
                 scores = chamfer_scores(prepared, self.windows, self.offsets)
-            order = np.argsort(-scores, kind="stable")[:k]
-            out.append(self._hits(scores[order], candidates[order]))
+            order = np.argsort(-scores, kind="stable")
+            out.append(self._hits(scores[order], candidates[order], k))
         return out
 
     # --- on disk ---
@@ -586,22 +651,24 @@ def list_videos(paths: Iterable[str]) -> List[str]:
 def build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str] = None,
                 backend: str = "exact", batch_size: int = DEFAULT_BATCH_SIZE, center: bool = True,
                 max_pixels: Optional[int] = None, aggregate: str = DEFAULT_AGGREGATE, pool: str = "mean",
-                on_video: Optional[Callable[[str, Optional[str]], None]] = None) -> VideoIndex:
+                on_video: Optional[Callable[[str, Optional[str]], None]] = None,
+                reading: Reading = Reading()) -> VideoIndex:
     """`stp index`: embeds `inputs` (video files, folders of videos, or one converted folder) with `model`
     and writes the index to `out`. Videos that fail are listed in index.json under `failed`; `pool`
-    (see `load_embedder`) is recorded there as `pool`, and `search_videos` embeds queries with it.
+    (see `load_embedder`) and `reading` are recorded there, and `search_videos` embeds queries with them.
 
     `out` is held for writing (`outputs.writing`) from the start; an `out` that is one of the inputs
     (or the model) raises `outputs.OutputIsInputError`."""
     outputs.check_not_input(out, [model, *inputs])
     with outputs.writing(out):
         return _build_index(model, inputs, out, split=split, backend=backend, batch_size=batch_size, center=center,
-                            max_pixels=max_pixels, aggregate=aggregate, pool=pool, on_video=on_video)
+                            max_pixels=max_pixels, aggregate=aggregate, pool=pool, on_video=on_video,
+                            reading=reading)
 
 
 def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional[str], backend: str,
                  batch_size: int, center: bool, max_pixels: Optional[int], aggregate: str, pool: str,
-                 on_video: Optional[Callable[[str, Optional[str]], None]]) -> VideoIndex:
+                 on_video: Optional[Callable[[str, Optional[str]], None]], reading: Reading) -> VideoIndex:
     if backend not in BACKENDS:
         raise ValueError(f"Invalid value for argument `backend`. Expected one of {BACKENDS}. "
                          f"Received backend={backend!r}")
@@ -609,40 +676,77 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
         raise ValueError(f"Invalid value for argument `aggregate`. Expected one of {AGGREGATES}. "
                          f"Received aggregate={aggregate!r}")
     started = time.perf_counter()
+    records = len(inputs) == 1 and is_converted(inputs[0])
+    if records and reading != Reading():
+        raise RetrievalError(f"{inputs[0]}: a converted folder holds patches already cut; stripping black bars "
+                             f"and views ({reading.to_dict()}) need the videos themselves")
     embedder = load_embedder(model, pool)
-    if len(inputs) == 1 and is_converted(inputs[0]):
+    if records:
         embedded = embed_records(embedder, inputs[0], split, batch_size=batch_size)
         source = {"data": os.path.abspath(inputs[0]), "split": split}
     else:
         embedded = embed_videos(embedder, list_videos(inputs), batch_size=batch_size, max_pixels=max_pixels,
-                                on_video=on_video)
+                                on_video=on_video, reading=reading)
         source = {"videos": [os.path.abspath(p) for p in inputs]}
     index = VideoIndex.build(embedded, model=os.path.abspath(model), spec=embedder.spec, backend=backend,
                              center=center, aggregate=aggregate)
-    index.info.update(pool=pool, source=source, failed=[{"video": v, "reason": r} for v, r in embedded.failed],
+    index.info.update(pool=pool, reading=reading.to_dict(), source=source,
+                      failed=[{"video": v, "reason": r} for v, r in embedded.failed],
                       patches=list(embedded.patches), seconds=round(time.perf_counter() - started, 3))
     index.save(out)
     return index
 
 
 def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int = 5, *,
-                  batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None, verify: int = 0
                   ) -> Iterator[Tuple[str, Optional[List[Hit]], Optional[str]]]:
     """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason).
 
-    Queries are pooled as the index was (index.json `pool`; `mean` for indexes written before it)."""
+    Queries are pooled and read as the index was (index.json `pool` and `reading`: inside their black bars when
+    the index strips them; `mean` and whole frames for indexes written before these were recorded). `verify`
+    > 0: the first `verify` results are re-ranked by `verified_hits`."""
     from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
     embedder = load_embedder(model, index.pool)
+    reading = index.reading
     for path in queries:
         try:
-            video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels)
+            region, = reading.regions(path, max_pixels, indexed=False)
+            video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels, region=region)
+            wanted = max(k, verify)
+            hits = (index.search_windows([video.windows], wanted) if index.aggregate == "windows"
+                    else index.search(video.mean[None], wanted))[0]
+            if verify:
+                hits = verified_hits(path, hits, verify, max_pixels=max_pixels,
+                                     region=region if reading.strip_bars else None)
         except (VideoError, NoPatches) as e:
             yield path, None, str(e)
             continue
-        yield path, (index.search_windows([video.windows], k) if index.aggregate == "windows"
-                     else index.search(video.mean[None], k))[0], None
+        yield path, hits[:k], None
+
+
+def verified_hits(query: str, hits: Sequence[Hit], count: int, *, max_pixels: Optional[int] = None,
+                  region=None) -> List[Hit]:
+    """`hits` with the first `count` re-ranked by `stpkeras.verify.score` (the detail of the query's frames,
+    read inside its black bars, aligned to each video's): those first, best verified first, each with its
+    `verified` score; then the rest in their order. A hit whose video cannot be read any more keeps
+    `verified` None and goes after the verified ones. `region`: the query's picture if already found."""
+    from stpkeras import verify
+    from tfrecords_tools import borders
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    frames = verify.read_query(query, region or borders.picture_region(query, max_pixels=max_pixels),
+                               max_pixels=max_pixels)
+    checked = []
+    for hit in hits[:count]:
+        try:
+            checked.append(dataclasses.replace(hit, verified=verify.score(frames, hit.video, max_pixels=max_pixels)))
+        except VideoError:
+            checked.append(hit)
+    checked.sort(key=lambda h: np.inf if h.verified is None else -h.verified)   # stable: unreadable ones last
+    return [dataclasses.replace(h, rank=r + 1) for r, h in enumerate([*checked, *hits[count:]])]
 
 
 # --- retrieval metrics ----------------------------------------------------------------------------
@@ -687,7 +791,7 @@ def evaluate_retrieval(index: VideoIndex, queries: Embedded, ks: Sequence[int] =
     keep = [i for i, label in enumerate(queries.labels) if label]
     if not keep:
         raise RetrievalError("the queries hold no labels")
-    everything = len(index.ids)
+    everything = len(set(index.ids))
     hits = (index.search_windows([queries.windows[i] for i in keep], everything) if queries.windows
             else index.search(queries.vectors[keep], everything))
     labels = [queries.labels[i] for i in keep]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Dict, Generic, Iterator, List, NamedTuple, Optional, TypeVar
+from typing import Callable, Dict, Generic, Iterator, List, NamedTuple, Optional, Tuple, TypeVar
 
 import numpy as np
 
@@ -137,19 +137,20 @@ def _batches(events: Iterator, spec: PatchSpec, batch_size: int, timing: Timing)
 
 def run_video(path: str, spec: PatchSpec, model: Callable[[np.ndarray], object], head: Head[Result], *,
               batch_size: int, cut: Optional[PatchSpec] = None, max_pixels: Optional[int] = None,
-              timing: Optional[Timing] = None) -> Result:
+              timing: Optional[Timing] = None, region: Optional[Tuple[int, int, int, int]] = None) -> Result:
     """Streams the video `path` through `model` into `head`; returns `head.finish()`.
 
     `spec` is the model's `PatchSpec`: batches go to `model` as its input, `uint8 [n, *spec.shape]` in
     its pixel format. `cut` is the grid to cut (default `spec`; enhance and segment cut overlapping,
-    edge-padded patches of the same size). Raises `NoPatches` when not one patch fits.
+    edge-padded patches of the same size). `region` (`Plan.region`): only that part of every frame is
+    read. Raises `NoPatches` when not one patch fits.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"Invalid value for argument `batch_size`. Expected a strictly positive integer. "
                          f"Received batch_size={batch_size!r}")
     cut = cut or spec
     timing = timing if timing is not None else Timing()
-    events = video_patches(path, cut, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    events = video_patches(path, cut, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, region=region)
     for event in prefetch(_batches(events, spec, batch_size, timing)):
         if isinstance(event, Plan):
             timing.patches = 0

@@ -187,6 +187,9 @@ class Plan:
     width: int
     start: float
     end: float
+    # The part of every frame that is read, `(top, left, height, width)` in pixels of the frame as shown;
+    # None: all of it. It is what is resized to `height x width` (`tfrecords_tools.borders`: inside black bars).
+    region: Optional[Tuple[int, int, int, int]] = None
 
 
 def _open(path: str):
@@ -346,9 +349,20 @@ def count_resampled(start: float, end: float, fps: float) -> int:
 
 
 def make_plan(info: VideoInfo, spec: PatchSpec, timing: str = "pts", frames: Optional[int] = None,
-              start: Optional[float] = None, end: Optional[float] = None) -> Plan:
-    """The plan for reading `info` under `spec`; later attempts pass what decoding found."""
-    height, width = spec.frame_size(info.height, info.width)
+              start: Optional[float] = None, end: Optional[float] = None,
+              region: Optional[Tuple[int, int, int, int]] = None) -> Plan:
+    """The plan for reading `info` under `spec`; later attempts pass what decoding found. `region`
+    (`Plan.region`) is the part of the frame read: `spec` sizes it as it would a whole frame."""
+    if region is not None:
+        region = tuple(int(v) for v in region)
+        top, left, h, w = region
+        if not (len(region) == 4 and 0 <= top and 0 <= left and 0 < h and 0 < w
+                and top + h <= info.height and left + w <= info.width):
+            raise ValueError(f"Invalid value for argument `region`. Expected (top, left, height, width) inside the "
+                             f"{info.height}x{info.width} frame of {info.path}. Received region={region!r}")
+        if region == (0, 0, info.height, info.width):
+            region = None
+    height, width = spec.frame_size(*(region[2:] if region else (info.height, info.width)))
     if timing == "index":
         start, end = 0.0, (frames if frames is not None else info.packets) / info.rate
     else:
@@ -358,7 +372,7 @@ def make_plan(info: VideoInfo, spec: PatchSpec, timing: str = "pts", frames: Opt
         count = count_resampled(start, end, spec.fps)
     else:
         count = frames if frames is not None else info.packets
-    return Plan(timing, count, height, width, start, end)
+    return Plan(timing, count, height, width, start, end, region)
 
 
 class Replan(Exception):
@@ -417,6 +431,18 @@ class FrameStream:
         cover = (max(height, int(round(shown[0] * scale))), max(width, int(round(shown[1] * scale))))
         return ("scale" if cover == (height, width) else "cover"), cover[0], cover[1]
 
+    def _fit_region(self, shown: Tuple[int, int]) -> Tuple[int, int, Tuple[int, int]]:
+        """(H, W, (top, left)): a frame shown at `shown` is scaled to H x W so that the plan's region
+        (of the probe's frame size; a frame of another size has it in proportion) becomes the plan's
+        size, then cut at (top, left)."""
+        top, left, height, width = self.plan.region
+        fy, fx = shown[0] / self.info.height, shown[1] / self.info.width
+        sy, sx = self.plan.height / (height * fy), self.plan.width / (width * fx)
+        full_h = max(self.plan.height, int(round(shown[0] * sy)))
+        full_w = max(self.plan.width, int(round(shown[1] * sx)))
+        return full_h, full_w, (min(int(round(top * fy * sy)), full_h - self.plan.height),
+                                min(int(round(left * fx * sx)), full_w - self.plan.width))
+
     def _note_size(self, shown: Tuple[int, int]) -> None:
         if shown == self._shown:
             return
@@ -444,7 +470,9 @@ class FrameStream:
 
             self._scaler = VideoReformatter()
         shown = turn.shown_size(frame.height, frame.width)
-        if shown == (self.info.height, self.info.width):  # every frame of an ordinary video
+        if self.plan.region is not None:
+            height, width, crop = self._fit_region(shown)
+        elif shown == (self.info.height, self.info.width):  # every frame of an ordinary video
             crop, (height, width) = None, (self.plan.height, self.plan.width)
         else:
             _, height, width = self._fit(shown)
@@ -507,7 +535,7 @@ class FrameStream:
                     if t is None or t <= last + _EPS:
                         why = (f"frame {i} has timestamp {t} after {last:.4f}s: timestamps do not increase, "
                                "so frames are timed by index / declared rate")
-                        raise Replan(make_plan(self.info, self.spec, timing="index"), why)
+                        raise Replan(make_plan(self.info, self.spec, timing="index", region=self.plan.region), why)
                     last = t
                     duration = (frame.duration * float(frame.time_base)
                                 if getattr(frame, "duration", None) and frame.time_base else 1.0 / rate)
@@ -529,7 +557,7 @@ class FrameStream:
                 yield self._to_rgb(frame, turn), t
                 emitted += 1
             if emitted != plan.frames:
-                raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded),
+                raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded, region=plan.region),
                              f"decoded {self.decoded} frames, the container's packets said {plan.frames}")
             return
         # Resampling: output frame k shows the latest frame whose time is <= start + k / fps, give or
@@ -559,14 +587,15 @@ class FrameStream:
                 yield shown[2], start + emitted * step
             emitted += 1
         if emitted != plan.frames:
-            raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded, start=start, end=end),
+            raise Replan(make_plan(self.info, self.spec, plan.timing, frames=self.decoded, start=start, end=end,
+                                   region=plan.region),
                          f"resampled to {emitted} frames, the container's packets said {plan.frames}")
 
 
 def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                   threads: int = 1, interpolation: str = "AREA",
-                  report: Optional[dict] = None, cutter: Optional[Callable[[Plan], object]] = None
-                  ) -> Iterator[Union[Plan, Patch, object]]:
+                  report: Optional[dict] = None, cutter: Optional[Callable[[Plan], object]] = None,
+                  region: Optional[Tuple[int, int, int, int]] = None) -> Iterator[Union[Plan, Patch, object]]:
     """Streams the patches of one video: the single place where decoding meets cutting.
 
     Yields a `Plan` at the start of every read, then that read's `Patch`es in
@@ -581,10 +610,12 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
     over the whole grid: anything with `add(frame, t)` and `finish()` yielding what this generator
     yields (`sampling.ItemsCutter`: the patches of several segments, cut from one decode). When it has
     a true `done` before the video ends, the rest of the video is not decoded.
+
+    `region` (`Plan.region`): only that part of every frame is read, e.g. the picture inside black bars.
     """
     info, rewound = _probe(path, max_pixels, keep_open=True, threads=threads)
     try:
-        plan = make_plan(info, spec)
+        plan = make_plan(info, spec, region=region)
         for _ in range(3):
             yield plan
             if cutter is None:
@@ -614,20 +645,33 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
     raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
 
 
+def fold_frames(path: str, spec: PatchSpec, start: Callable[[], object], add: Callable[[object, np.ndarray], None],
+                *, region: Optional[Tuple[int, int, int, int]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                info: Optional[VideoInfo] = None) -> object:
+    """Streams every frame of `path` under `spec` (and `region`, `Plan.region`) into `add(state, frame)`,
+    one frame at a time, `state` made by `start()`; returns the state. When decoding shows the plan was
+    wrong (`Replan`) the fold starts again from a fresh state, as `video_patches` reads again."""
+    info = info or probe(path, max_pixels)
+    plan = make_plan(info, spec, region=region)
+    for _ in range(3):
+        state = start()
+        try:
+            for frame, _ in FrameStream(info, spec, plan):
+                add(state, frame)
+            return state
+        except Replan as r:
+            plan = r.plan
+    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+
+
 def read_frames(path: str, spec: Optional[PatchSpec] = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
                 ) -> Tuple[np.ndarray, float]:
     """Every frame the converter's decoder gives for `path` under `spec` (default: native size, the
     container's rate) as uint8 `[N, H, W, C]`, and the rate; re-read as `video_patches` does when decoding
     shows the plan was wrong (`Replan`). Whole clips in memory: for benchmarks and tests."""
     spec = spec or PatchSpec(1, 1, 1)
-    info = probe(path, max_pixels)
-    plan = make_plan(info, spec)
-    for _ in range(3):
-        try:
-            return np.stack([f for f, _ in FrameStream(info, spec, plan)]), (spec.fps or info.rate)
-        except Replan as r:
-            plan = r.plan
-    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+    frames = fold_frames(path, spec, list, lambda kept, frame: kept.append(frame), max_pixels=max_pixels)
+    return np.stack(frames), (spec.fps or probe(path, max_pixels).rate)
 
 
 class VideoWriter:
