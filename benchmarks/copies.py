@@ -164,11 +164,11 @@ def thumbnail_embedder():
     return Embedder(spec, "thumbnail", embed)
 
 
-def ranked(embedder, data: dict, aggregate: str, queries, reading=None, verify: int = 0) -> dict:
+def ranked(embedder, data: dict, aggregate: str, queries, reading=None, rerank: int = 0) -> dict:
     """Index the gallery with `embedder` (read as `reading`, `stp index --strip-bars --views`), search
-    `queries` (read as `stp search` reads them for that index; `verify`: `stp search --verify`) -> query:
+    `queries` (read as `stp search` reads them for that index; `rerank`: `stp search --rerank`) -> query:
     gallery names best first."""
-    from stpkeras.index import Reading, VideoIndex, embed_video_windows, embed_videos, verified_hits
+    from stpkeras.index import Reading, VideoIndex, embed_video_windows, embed_videos, reranked_hits
 
     reading = reading or Reading()
     names = list(data["gallery"])
@@ -181,8 +181,8 @@ def ranked(embedder, data: dict, aggregate: str, queries, reading=None, verify: 
     for q in queries:
         region, = reading.regions(q, indexed=False)
         hits = index.search_windows([embed_video_windows(embedder, q, region=region).windows], k=len(names))[0]
-        if verify:
-            hits = verified_hits(q, hits, verify, region=region if reading.strip_bars else None)
+        if rerank:
+            hits = reranked_hits(q, hits, rerank, region=region if reading.strip_bars else None)
         out[q] = [by_path[h.video] for h in hits]
     return out
 
@@ -250,18 +250,18 @@ def main(argv=None):
     parser.add_argument("--copy-reading", default=None, metavar="VIEWS",
                         help="Also measure every method indexed with `stp index --strip-bars --views VIEWS` "
                              "(e.g. 1,0.85,0.7; queries read inside their black bars, as `stp search` does).")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="Also measure every method with `stp search --verify N` on top of --copy-reading "
+    parser.add_argument("--rerank", type=int, default=0, metavar="N",
+                        help="Also measure every method with `stp search --rerank N` on top of --copy-reading "
                              "(or of the plain index without it).")
     args = parser.parse_args(argv)
     from stpkeras.index import Reading
 
-    readings = [("", None, 0)]   # (suffix of the method's name, how the index reads, stp search --verify)
+    readings = [("", None, 0)]   # (suffix of the method's name, how the index reads, stp search --rerank)
     if args.copy_reading:
         readings.append((", bars+views", Reading(True, tuple(float(v) for v in args.copy_reading.split(","))), 0))
-    if args.verify:
+    if args.rerank:
         suffix, reading, _ = readings[-1]
-        readings.append((f"{suffix}, verify {args.verify}", reading, args.verify))
+        readings.append((f"{suffix}, rerank {args.rerank}", reading, args.rerank))
 
     t = time.perf_counter()
     data = make_data(args.videos, args.work, args.segments)
@@ -279,10 +279,10 @@ def main(argv=None):
     if not args.skip_thumbnails:
         report("thumbnail 8x8, mean, L2", thumbnail_l2(data))
         thumb = thumbnail_embedder()
-        for suffix, reading, verify in readings:
+        for suffix, reading, rerank in readings:
             for aggregate in ("mean", "windows"):
                 report(f"thumbnail 8x8, index {aggregate}{suffix}",
-                       ranked(thumb, data, aggregate, everything, reading, verify))
+                       ranked(thumb, data, aggregate, everything, reading, rerank))
     model_args = ((["--model", args.model] if args.model else [])
                   + [x for a in args.model_arg for x in ("--model-arg", a)])
     tag = "-".join([args.model or "default", *args.model_arg] + ([] if args.patch == PATCH else [args.patch]))
@@ -305,10 +305,10 @@ def main(argv=None):
             queries = [q for q in everything if data["queries"][q][1] == fold]
             for pool in pools:
                 embedder = load_embedder(run, pool)
-                for suffix, reading, verify in readings:
+                for suffix, reading, rerank in readings:
                     for aggregate in ("mean", "windows"):
                         ranks[pool, aggregate, suffix].update(
-                            ranked(embedder, data, aggregate, queries, reading, verify))
+                            ranked(embedder, data, aggregate, queries, reading, rerank))
         print(f"embed ({label}, {tag}): trained {args.epochs} epochs per fold in "
               f"{', '.join(f'{s:.0f}s' for s in seconds)} (wall, shared 2-core machine)", flush=True)
         for (pool, aggregate, suffix), r in ranks.items():

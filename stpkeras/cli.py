@@ -950,16 +950,16 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center, agg
               help="When QUERY is a labelled converted folder: its split to use as queries; prints recall@1/@5 "
                    "and mAP (same class = relevant) instead of results.")
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per result and line: query, video, score, rank (and verified).")
-@click.option("--verify", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="One JSON object per result and line: query, video, score, rank (and matched, with --rerank).")
+@click.option("--rerank", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Re-rank the first N results by the fine detail of the query's frames aligned to each video's "
                    "(a copy holds its source's very frames): tells apart stretches of one static shot that the "
                    "embedding cannot. The indexed videos must still be readable at their paths. For finding "
                    "copies; about 0.3 s a result for a short clip on 2 cores.")
-def search_command(index_dir, queries, k, model, split, as_json, verify):
+def search_command(index_dir, queries, k, model, split, as_json, rerank):
     """Print the K videos of INDEX nearest to each QUERY_VIDEO, with cosine scores (best first).
 
-    With --verify, the verified results come first, best verified first, and show that score too.
+    With --rerank, the compared results come first, best match first, and show that score (matched) too.
     Exit code 1 when some queries could not be embedded.
     """
     import json
@@ -976,7 +976,7 @@ def search_command(index_dir, queries, k, model, split, as_json, verify):
                                if key.startswith("recall") or key == "map"))
         return
     failed = 0
-    for query, hits, error in search_videos(index, model, queries, k, verify=verify):
+    for query, hits, error in search_videos(index, model, queries, k, rerank=rerank):
         if error is not None:
             failed += 1
             click.echo(json.dumps({"query": query, "error": error}) if as_json else f"{query}: {error}",
@@ -989,7 +989,7 @@ def search_command(index_dir, queries, k, model, split, as_json, verify):
             click.echo(query)
             for hit in hits:
                 label = f"  [{hit.label}]" if hit.label else ""
-                checked = "" if hit.verified is None else f"  verified {hit.verified:+.4f}"
+                checked = "" if hit.matched is None else f"  matched {hit.matched:+.4f}"
                 click.echo(f"  {hit.rank:>3}  {hit.score:+.4f}  {hit.video}{label}{checked}")
     sys.exit(EXIT_PARTIAL if failed else EXIT_OK)
 

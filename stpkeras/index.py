@@ -391,14 +391,14 @@ class Hit:
     score: float
     rank: int
     label: str = ""
-    verified: Optional[float] = None   # `stpkeras.verify.score` when the search verified this hit
+    matched: Optional[float] = None   # `stpkeras.rerank.score` when `stp search --rerank` compared its frames
 
     def to_json(self) -> str:
         out = {"video": self.video, "score": round(self.score, 6), "rank": self.rank}
         if self.label:
             out["label"] = self.label
-        if self.verified is not None:
-            out["verified"] = round(self.verified, 6)
+        if self.matched is not None:
+            out["matched"] = round(self.matched, 6)
         return json.dumps(out)
 
 
@@ -698,13 +698,13 @@ def _build_index(model: str, inputs: Sequence[str], out: str, *, split: Optional
 
 
 def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int = 5, *,
-                  batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None, verify: int = 0
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_pixels: Optional[int] = None, rerank: int = 0
                   ) -> Iterator[Tuple[str, Optional[List[Hit]], Optional[str]]]:
     """`stp search` on video files: yields (query, hits best first, None) or (query, None, reason).
 
     Queries are pooled and read as the index was (index.json `pool` and `reading`: inside their black bars when
-    the index strips them; `mean` and whole frames for indexes written before these were recorded). `verify`
-    > 0: the first `verify` results are re-ranked by `verified_hits`."""
+    the index strips them; `mean` and whole frames for indexes written before these were recorded). `rerank`
+    > 0: the first `rerank` results are re-ordered by `reranked_hits`."""
     from stpkeras.inference import NoPatches
     from tfrecords_tools.video import VideoError
 
@@ -714,11 +714,11 @@ def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int 
         try:
             region, = reading.regions(path, max_pixels, indexed=False)
             video = embed_video_windows(embedder, path, batch_size=batch_size, max_pixels=max_pixels, region=region)
-            wanted = max(k, verify)
+            wanted = max(k, rerank)
             hits = (index.search_windows([video.windows], wanted) if index.aggregate == "windows"
                     else index.search(video.mean[None], wanted))[0]
-            if verify:
-                hits = verified_hits(path, hits, verify, max_pixels=max_pixels,
+            if rerank:
+                hits = reranked_hits(path, hits, rerank, max_pixels=max_pixels,
                                      region=region if reading.strip_bars else None)
         except (VideoError, NoPatches) as e:
             yield path, None, str(e)
@@ -726,26 +726,26 @@ def search_videos(index: VideoIndex, model: str, queries: Sequence[str], k: int 
         yield path, hits[:k], None
 
 
-def verified_hits(query: str, hits: Sequence[Hit], count: int, *, max_pixels: Optional[int] = None,
+def reranked_hits(query: str, hits: Sequence[Hit], count: int, *, max_pixels: Optional[int] = None,
                   region=None) -> List[Hit]:
-    """`hits` with the first `count` re-ranked by `stpkeras.verify.score` (the detail of the query's frames,
-    read inside its black bars, aligned to each video's): those first, best verified first, each with its
-    `verified` score; then the rest in their order. A hit whose video cannot be read any more keeps
-    `verified` None and goes after the verified ones. `region`: the query's picture if already found."""
-    from stpkeras import verify
+    """`hits` with the first `count` re-ranked by `stpkeras.rerank.score` (the detail of the query's frames,
+    read inside its black bars, aligned to each video's): those first, best match first, each with its
+    `matched` score; then the rest in their order. A hit whose video cannot be read any more keeps
+    `matched` None and goes after the compared ones. `region`: the query's picture if already found."""
+    from stpkeras import rerank
     from tfrecords_tools import borders
     from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    frames = verify.read_query(query, region or borders.picture_region(query, max_pixels=max_pixels),
+    frames = rerank.read_query(query, region or borders.picture_region(query, max_pixels=max_pixels),
                                max_pixels=max_pixels)
     checked = []
     for hit in hits[:count]:
         try:
-            checked.append(dataclasses.replace(hit, verified=verify.score(frames, hit.video, max_pixels=max_pixels)))
+            checked.append(dataclasses.replace(hit, matched=rerank.score(frames, hit.video, max_pixels=max_pixels)))
         except VideoError:
             checked.append(hit)
-    checked.sort(key=lambda h: np.inf if h.verified is None else -h.verified)   # stable: unreadable ones last
+    checked.sort(key=lambda h: np.inf if h.matched is None else -h.matched)   # stable: unreadable ones last
     return [dataclasses.replace(h, rank=r + 1) for r, h in enumerate([*checked, *hits[count:]])]
 
 

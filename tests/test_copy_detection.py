@@ -1,5 +1,5 @@
 """Copy detection: black bars found on real footage, a region read exactly, an index of several views
-answering each video once, and verification telling apart stretches of one static shot (tree.avi)
+answering each video once, and re-ranking by frame detail telling apart stretches of one static shot (tree.avi)
 that the index's features score alike.
 """
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stpkeras import index as ix
-from stpkeras import verify
+from stpkeras import rerank
 from tfrecords_tools import borders
 from tfrecords_tools.patches import Patch
 from tfrecords_tools.spec import PatchSpec
@@ -129,23 +129,23 @@ def tree_copies(sample, tmp_path_factory):
     return stretches, _write(root / "copy.mp4", copy, crf=35)
 
 
-def test_verification_finds_the_stretch_of_a_static_shot_a_copy_came_from(tree_copies, tmp_path):
+def test_frame_detail_finds_the_stretch_of_a_static_shot_a_copy_came_from(tree_copies, tmp_path):
     stretches, query = tree_copies
     region = borders.picture_region(query)
     assert region[0] == pytest.approx(10, abs=1)
-    frames = verify.read_query(query, region)
-    scores = [verify.score(frames, s) for s in stretches]
+    frames = rerank.read_query(query, region)
+    scores = [rerank.score(frames, s) for s in stretches]
     # The copy is of stretch 1: its own frames' detail, aligned, matches best (scores 0.5-0.7, margin 0.02-0.07).
     assert int(np.argmax(scores)) == 1 and scores[1] - max(scores[0], scores[2]) > 0.01, scores
-    # `stp search --verify`: the verified results first, best first; a video that is gone goes last.
+    # `stp search --rerank`: the compared results first, best first; a video that is gone goes last.
     gone = str(tmp_path / "gone.mp4")
-    ranked = ix.verified_hits(query, [ix.Hit(v, 0.5, r + 1) for r, v in enumerate(
+    ranked = ix.reranked_hits(query, [ix.Hit(v, 0.5, r + 1) for r, v in enumerate(
         [stretches[0], gone, stretches[2], stretches[1]])], 4)
     assert [h.video for h in ranked] == [stretches[1], stretches[0], stretches[2], gone], scores
-    assert [h.rank for h in ranked] == [1, 2, 3, 4] and ranked[3].verified is None
-    assert ranked[0].verified == pytest.approx(scores[1], abs=1e-6)
-    assert json.loads(ranked[0].to_json())["verified"] == pytest.approx(scores[1], abs=1e-5)
-    # Only the first `count` are verified: the rest keep their order after them, unverified.
-    ranked = ix.verified_hits(query, [ix.Hit(v, 0.5, r + 1) for r, v in enumerate(stretches)], 2, region=region)
-    assert [h.video for h in ranked] == [stretches[1], stretches[0], stretches[2]] and ranked[2].verified is None
-    assert "verified" not in json.loads(ranked[2].to_json())
+    assert [h.rank for h in ranked] == [1, 2, 3, 4] and ranked[3].matched is None
+    assert ranked[0].matched == pytest.approx(scores[1], abs=1e-6)
+    assert json.loads(ranked[0].to_json())["matched"] == pytest.approx(scores[1], abs=1e-5)
+    # Only the first `count` are compared: the rest keep their order after them, without a match score.
+    ranked = ix.reranked_hits(query, [ix.Hit(v, 0.5, r + 1) for r, v in enumerate(stretches)], 2, region=region)
+    assert [h.video for h in ranked] == [stretches[1], stretches[0], stretches[2]] and ranked[2].matched is None
+    assert "matched" not in json.loads(ranked[2].to_json())

@@ -209,14 +209,14 @@ def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_
     found = {r["query"]: os.path.abspath(r["video"]) for r in map(json.loads, result.output.splitlines())}
     assert found == {q: os.path.abspath(s) for q, s in zip(queries, sources)}
     # For copies: every video read inside its black bars and indexed as two views (8 entries, each video
-    # answered once), the first two results verified by the detail of aligned frames.
+    # answered once), the first two results re-ranked by the detail of aligned frames.
     result = cli("index", run_dir, *[src / n for n in SAMPLES], "--out", tmp_path / "copies", "--pool", "grid:2",
                  "--strip-bars", "--views", "1,0.85")
     assert result.exit_code == 0 and "indexed 4 videos" in result.output, result.output
     copy_info = json.loads((tmp_path / "copies" / "index.json").read_text())
     assert copy_info["reading"] == {"strip_bars": True, "views": [1.0, 0.85]} and copy_info["count"] == 8
     cropped = [q for q in queries if q.endswith("_cropped.mp4")]
-    result = cli("search", tmp_path / "copies", *cropped, "-k", "3", "--json", "--verify", "2")
+    result = cli("search", tmp_path / "copies", *cropped, "-k", "3", "--json", "--rerank", "2")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert len(rows) == 3 * len(cropped) and len({(r["query"], r["video"]) for r in rows}) == len(rows)
@@ -224,7 +224,7 @@ def test_near_duplicates_of_the_sample_videos_find_their_source_at_rank_1(embed_
         if query in cropped:
             got = [r for r in rows if r["query"] == query]
             assert os.path.abspath(got[0]["video"]) == os.path.abspath(source), got
-            assert got[0]["verified"] > got[1]["verified"] + 0.1 and "verified" not in got[2], got
+            assert got[0]["matched"] > got[1]["matched"] + 0.1 and "matched" not in got[2], got
     result = cli("index", run_dir, src / SAMPLES[0], "--out", tmp_path / "bad", "--pool", "grid:0")
     assert result.exit_code == 2 and "Expected 'mean' or 'grid:N'" in result.output and "grid:0" in result.output
 

@@ -22,7 +22,7 @@ import numpy as np
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, fold_frames, probe
 
-BAR_LEVEL = 16       # no pixel of a bar line is brighter (mean of RGB, 0-255) in any frame: black, give or take the codec
+BAR_LEVEL = 16       # no pixel of a bar line is brighter (mean of RGB, 0-255) in any frame: black, bar the codec
 MIN_PICTURE = 0.5    # bars never take more than half of the height or of the width
 
 Region = Tuple[int, int, int, int]   # (top, left, height, width) in pixels of the frame as shown

@@ -1,13 +1,13 @@
-"""Verification stage: re-rank a search's first results by the fine detail of aligned frames.
+"""Re-ranking stage: a search's first results re-ordered by the fine detail of aligned frames.
 
 An embedding finds the videos that look like a query; it cannot tell apart two stretches of one
 static shot (a camera on a tree: the same picture, leaves a little elsewhere), because it squeezes
 frames to a few dozen pixels and averages them over a window. A copy, though, holds the very
 frames of its source: once aligned, its detail matches one stretch and not the other. So, for the
-first `--verify N` results of `stp search`, as in the spatial verification of image retrieval:
+first `--rerank N` results of `stp search` (as the spatial verification of image retrieval re-ranks):
 
 1. the query's frames (inside its black bars when the index strips them) are read in grey at
-   `Verification.width` pixels across, `frames` of them evenly spaced, and averaged;
+   `FrameMatch.width` pixels across, `frames` of them evenly spaced, and averaged;
 2. each candidate's mean frame is searched for the query's mean frame over `scales` (the share of
    the candidate's width the query shows: a border-cropped, letterboxed copy shows less than its
    source) and every shift (normalised cross-correlation, `scipy.signal.fftconvolve`);
@@ -17,7 +17,7 @@ first `--verify N` results of `stp search`, as in the spatial verification of im
 
 Candidates are read twice (the mean, then the frames), one frame at a time; a query's kept frames
 are `frames x width` floats. A query that shows more than a candidate (the candidate is a crop of
-it), or a mirrored one, does not align and scores low: verification only re-orders the first
+it), or a mirrored one, does not align and scores low: re-ranking only re-orders the first
 results and never adds one. Measured in benchmarks/copies.py (docs/benchmarks.md, copy detection).
 """
 
@@ -35,7 +35,7 @@ Region = Optional[Tuple[int, int, int, int]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Verification:
+class FrameMatch:
     """How frames are compared: `width` pixels across, `frames` query frames, blur `detail` (pixels at
     that width) removed, and the candidate shares of width `scales` searched for the alignment."""
 
@@ -47,7 +47,7 @@ class Verification:
     def __post_init__(self):
         if self.width < 16 or self.frames < 1 or self.detail <= 0 or not self.scales or \
                 any(not 0 < s <= 1 for s in self.scales):
-            raise ValueError("Invalid Verification. Expected width >= 16, frames >= 1, detail > 0 and scales in "
+            raise ValueError("Invalid FrameMatch. Expected width >= 16, frames >= 1, detail > 0 and scales in "
                              f"(0, 1]. Received {self}")
 
 
@@ -84,9 +84,9 @@ def _size(region: Region, path: str, max_pixels: int) -> Tuple[int, int, int, in
     return 0, 0, info.height, info.width
 
 
-def read_query(path: str, region: Region = None, cfg: Verification = Verification(), *,
+def read_query(path: str, region: Region = None, cfg: FrameMatch = FrameMatch(), *,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> QueryFrames:
-    """The query's frames as verification compares them (module docstring, step 1)."""
+    """The query's frames as they are compared (module docstring, step 1)."""
     info = probe(path, max_pixels)
     _, _, h, w = _size(region, path, max_pixels)
     height = max(8, int(round(h * cfg.width / w)))
@@ -119,7 +119,7 @@ def _ncc_map(image: np.ndarray, template: np.ndarray) -> np.ndarray:
     return product / (np.sqrt(variance) * norm)
 
 
-def score(query: QueryFrames, path: str, region: Region = None, cfg: Verification = Verification(), *,
+def score(query: QueryFrames, path: str, region: Region = None, cfg: FrameMatch = FrameMatch(), *,
           max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
     """How well the detail of `query`'s frames matches `path`'s (module docstring, steps 2-3): the mean over
     query frames of the best normalised correlation, in [-1, 1]; -1 when the query fits nowhere in it."""
