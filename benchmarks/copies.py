@@ -23,12 +23,19 @@ Methods, measured in the same run:
     to the patch), aggregated by `mean` and by `windows`;
   - embed (crop,color): `--task embed` with the views of the earlier release, by mean and by windows;
   - embed (copy views): the default views, by mean and by windows.
+  - with `--copy-reading 1,0.85,0.7`: each of these indexed as `stp index --strip-bars --views 1,0.85,0.7`
+    reads (every video inside its black bars; each gallery segment also as its central 85% and 70%);
+  - with `--rerank N` as well: the first N results re-ordered by `stp search --rerank N` (the detail of
+    the query's frames aligned to each segment's).
+Each line also gives the closest call: the smallest lead of a found query's own segment over the next one,
+in the score that ranked them (the cosine, or the frame match for re-ranked results).
 Frame-level features of an ImageNet model are not measured: no weights are available offline
 (checked: ~/.keras/models absent, no torch/timm/tensorflow_hub/open_clip in the environment, no
 *.h5/*.pth/*.onnx weights on the machine); pass `--image-model` to add them where Keras can load
 its application weights.
 
 Run: python benchmarks/copies.py [--videos ../shared/data/videos] [--work /tmp/copies] [--epochs 6] [--skip-old-views]
+         [--pool grid:8] [--copy-reading 1,0.85,0.7] [--rerank 5]
 """
 
 from __future__ import annotations
@@ -183,7 +190,8 @@ def ranked(embedder, data: dict, aggregate: str, queries, reading=None, rerank: 
         hits = index.search_windows([embed_video_windows(embedder, q, region=region).windows], k=len(names))[0]
         if rerank:
             hits = reranked_hits(q, hits, rerank, region=region if reading.strip_bars else None)
-        out[q] = [by_path[h.video] for h in hits]
+        # (segment, the score it was ranked by: the frame match for the re-ranked ones, else the cosine)
+        out[q] = [(by_path[h.video], h.score if h.matched is None else h.matched) for h in hits]
     return out
 
 
@@ -214,18 +222,24 @@ def train(sources, work: str, fold: str, name: str, augment: str, epochs: int, s
 
 
 def score(ranks: dict, data: dict, queries) -> dict:
+    """`ranks[q]`: (segment, score) best first; a list of segments alone (the L2 thumbnail) has no margins.
+    `margin`: the smallest lead of a query's own segment over the best other one, among the queries found."""
     found = {kind: [0, 0] for kind in ("copy", "copy+speed")}
-    rr, misses = [], []
+    rr, misses, margins = [], [], []
     for q in queries:
         segment, _, kind = data["queries"][q]
-        rank = ranks[q].index(segment) + 1
+        names = [r[0] if isinstance(r, tuple) else r for r in ranks[q]]
+        rank = names.index(segment) + 1
         found[kind][0] += rank == 1
         found[kind][1] += 1
         rr.append(1.0 / rank)
         if rank > 1:
-            misses.append(f"{os.path.basename(q)} at {rank} (1st {ranks[q][0]})")
+            misses.append(f"{os.path.basename(q)} at {rank} (1st {names[0]})")
+        elif isinstance(ranks[q][0], tuple) and len(ranks[q]) > 1:
+            margins.append(ranks[q][0][1] - ranks[q][1][1])
     total = sum(v[0] for v in found.values())
     return {"rank1": total, "of": len(queries), "mrr": float(np.mean(rr)), "misses": misses,
+            "margin": float(min(margins)) if margins else None,
             **{kind: f"{v[0]}/{v[1]}" for kind, v in found.items()}}
 
 
@@ -274,7 +288,8 @@ def main(argv=None):
         results[name] = score(ranks, data, queries)
         r = results[name]
         print(f"{name:<34} rank-1 {r['rank1']:>2}/{r['of']}  (copy {r['copy']}, copy+speed {r['copy+speed']})  "
-              f"MRR {r['mrr']:.3f}" + (f"; missed: {', '.join(r['misses'])}" if r["misses"] else ""), flush=True)
+              f"MRR {r['mrr']:.3f}" + (f", closest call {r['margin']:+.4f}" if r["margin"] is not None else "")
+              + (f"; missed: {', '.join(r['misses'])}" if r["misses"] else ""), flush=True)
 
     if not args.skip_thumbnails:
         report("thumbnail 8x8, mean, L2", thumbnail_l2(data))
