@@ -9,8 +9,10 @@ reads only that part (`Plan.region`).
 A row (column) is a bar when none of its pixels is brighter than `level` (the mean of R, G and B,
 0-255) in any frame: black, give or take a codec's ringing. Dark scenery has brighter pixels
 somewhere on every line; burnt-in subtitles in a bar keep their lines (and those between them and
-the picture) as picture. Bars are the runs of such lines from each edge. Bars that would leave less than
-`MIN_PICTURE` of the height or width (a dark or fading video, not a border) are not bars.
+the picture) as picture. Bars are the runs of such lines from each edge, and `EDGE` lines more: the
+codec's ringing makes the lines along a bar's edge a little brighter than black without being picture.
+Bars that would leave less than `MIN_PICTURE` of the height or width (a dark or fading video, not a
+border) are not bars.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tfrecords_tools.video import DEFAULT_MAX_PIXELS, fold_frames, probe
 
 BAR_LEVEL = 16       # no pixel of a bar line is brighter (mean of RGB, 0-255) in any frame: black, bar the codec
 MIN_PICTURE = 0.5    # bars never take more than half of the height or of the width
+EDGE = 2             # lines given up next to a bar: the codec rings across its edge (brighter, yet not picture)
 
 Region = Tuple[int, int, int, int]   # (top, left, height, width) in pixels of the frame as shown
 
@@ -50,11 +53,16 @@ def picture_region(path: str, *, level: float = BAR_LEVEL, max_pixels: int = DEF
 
     rows, cols = fold_frames(path, PatchSpec(1, 1, 1), lambda: (np.zeros(info.height, np.float32),
                                                                  np.zeros(info.width, np.float32)), add, info=info)
-    top, bottom = _edge_run(rows, level)
-    left, right = _edge_run(cols, level)
+    top, bottom = _inside(*_edge_run(rows, level), info.height)
+    left, right = _inside(*_edge_run(cols, level), info.width)
     if bottom - top < MIN_PICTURE * info.height or right - left < MIN_PICTURE * info.width:
         return 0, 0, info.height, info.width
     return top, left, bottom - top, right - left
+
+
+def _inside(first: int, end: int, size: int) -> Tuple[int, int]:
+    """The lit run `first:end` less `EDGE` lines on each side that has a bar."""
+    return (first + EDGE if first > 0 else first), (end - EDGE if end < size else end)
 
 
 def central(region: Region, fraction: float) -> Region:
