@@ -157,18 +157,11 @@ def thumbnail_l2(data: dict) -> dict:
 
 
 def thumbnail_embedder():
-    from stpkeras.index import Embedder
+    from stpkeras.index import thumbnail_embedder as thumbnails
     from tfrecords_tools.spec import PatchSpec, parse_triple
 
     t, h, w = parse_triple(PATCH)
-    spec = PatchSpec(t, h, w, resize=(h, w))
-
-    def embed(patches):
-        p = np.asarray(patches, np.float32).mean(axis=1)  # [n, H, W, 3]: the window's mean frame
-        n, ph, pw, _ = p.shape
-        return p.reshape(n, THUMB, ph // THUMB, THUMB, pw // THUMB, 3).mean(axis=(2, 4)).reshape(n, -1)
-
-    return Embedder(spec, "thumbnail", embed)
+    return thumbnails(PatchSpec(t, h, w, resize=(h, w)), THUMB)
 
 
 def ranked(embedder, data: dict, aggregate: str, queries, reading=None, rerank: int = 0) -> dict:

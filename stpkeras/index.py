@@ -90,6 +90,22 @@ class Embedder:
     embed: Callable[[np.ndarray], np.ndarray]
 
 
+def thumbnail_embedder(spec: PatchSpec, cells: int = 8) -> Embedder:
+    """No model: each patch's mean frame as a `cells x cells` colour thumbnail (`cells**2 * 3` values; the
+    patch's height and width must be multiples of `cells`). The simplest thing that finds copies, which
+    benchmarks/copies.py measures the learned embeddings against."""
+    if spec.height % cells or spec.width % cells:
+        raise ValueError(f"Invalid value for argument `cells`. Expected a divisor of the patch's {spec.height}x"
+                         f"{spec.width}. Received cells={cells!r}")
+
+    def embed(patches: np.ndarray) -> np.ndarray:
+        p = np.asarray(patches, np.float32).mean(axis=1)   # [n, H, W, 3]: the window's mean frame
+        n, h, w, _ = p.shape
+        return p.reshape(n, cells, h // cells, cells, w // cells, 3).mean(axis=(2, 4)).reshape(n, -1)
+
+    return Embedder(spec, f"thumbnail {cells}x{cells}", embed)
+
+
 def load_embedder(path: str, pool: str = "mean") -> Embedder:
     """A run folder, a `.keras` file or an export (`saved_models/NAME[/VERSION]`) -> its `Embedder`.
 

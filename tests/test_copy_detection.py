@@ -77,18 +77,9 @@ def test_a_region_is_read_exactly_and_sized_as_a_whole_frame_would_be(tmp_path):
         list(video_patches(path, spec, region=(40, 0, 16, 16)))
 
 
-def _thumbnails(spec):
-    def embed(patches):
-        p = np.asarray(patches, np.float32).mean(axis=1)
-        n, h, w, _ = p.shape
-        return p.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-
-    return ix.Embedder(spec, "thumbnail", embed)
-
-
 def test_an_index_of_views_answers_each_video_once_and_records_how_it_read(bikes, tmp_path):
     paths = [_write(tmp_path / f"{i}.mp4", _half(bikes[i * 8:i * 8 + 8])) for i in range(3)]
-    embedder = _thumbnails(PatchSpec(4, 16, 16, resize=(16, 16)))
+    embedder = ix.thumbnail_embedder(PatchSpec(4, 16, 16, resize=(16, 16)), 4)
     reading = ix.Reading(strip_bars=True, views=(1, 0.8))
     embedded = ix.embed_videos(embedder, paths, reading=reading)
     assert embedded.ids == tuple(p for p in paths for _ in range(2))
@@ -104,6 +95,8 @@ def test_an_index_of_views_answers_each_video_once_and_records_how_it_read(bikes
         assert [h.video for h in hits][0] == paths[1] and sorted(h.video for h in hits) == sorted(paths), aggregate
         assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert ix.Reading.from_dict(None) == ix.Reading()
+    with pytest.raises(ValueError, match="Expected a divisor of the patch's 10x16. Received cells=4"):
+        ix.thumbnail_embedder(PatchSpec(4, 10, 16), 4)
     with pytest.raises(ValueError, match="distinct fractions in \\(0, 1\\]"):
         ix.Reading(views=(1, 1.5))
 

@@ -281,16 +281,6 @@ def test_windows_index_saves_loads_and_old_indexes_keep_the_mean(tmp_path):
         ix.VideoIndex.build(embedded, aggregate="max")
 
 
-def _thumbnails(spec):
-    """A plain embedder: each patch -> the 4x4 colour thumbnail of its mean frame (48 values)."""
-    def embed(patches):
-        p = np.asarray(patches, np.float32).mean(axis=1)
-        n, h, w, _ = p.shape
-        return p.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-
-    return ix.Embedder(spec, "thumbnail", embed)
-
-
 def test_a_trimmed_copy_finds_its_source_by_windows(sample, tmp_path):
     """bikes.mp4 cut in two adjacent segments; the query is the last third of the first, re-encoded at
     crf 35 at half size: its mean sits between the two segments (it is what comes just before the
@@ -310,7 +300,7 @@ def test_a_trimmed_copy_finds_its_source_by_windows(sample, tmp_path):
                 if name == "query":
                     frame = np.asarray(Image.fromarray(frame).resize((320, 136), Image.BILINEAR))
                 writer.write(np.ascontiguousarray(frame))
-    embedder = _thumbnails(PatchSpec(8, 16, 16, resize=(16, 16)))
+    embedder = ix.thumbnail_embedder(PatchSpec(8, 16, 16, resize=(16, 16)), 4)
     embedded = ix.embed_videos(embedder, [paths["a"], paths["b"]])
     assert [len(w) for w in embedded.windows] == [12, 12] and embedded.patches == (12, 12)
     query = ix.embed_video_windows(embedder, paths["query"])
