@@ -955,7 +955,8 @@ def index_command(model, inputs, out, split, backend, batch_size, no_center, agg
               help="Re-rank the first N results by the fine detail of the query's frames aligned to each video's "
                    "(a copy holds its source's very frames): tells apart stretches of one static shot that the "
                    "embedding cannot. The indexed videos must still be readable at their paths. For finding "
-                   "copies; about 0.3 s a result for a short clip on 2 cores.")
+                   "copies; each result compared costs two reads of its video (about 0.75 s for a 90-frame clip "
+                   "on 2 cores).")
 def search_command(index_dir, queries, k, model, split, as_json, rerank):
     """Print the K videos of INDEX nearest to each QUERY_VIDEO, with cosine scores (best first).
 
