@@ -6,7 +6,7 @@ frames to a few dozen pixels and averages them over a window. A copy, though, ho
 frames of its source: once aligned, its detail matches one stretch and not the other. So, for the
 first `--rerank N` results of `stp search` (as the spatial verification of image retrieval re-ranks):
 
-1. the query's frames (inside its black bars when the index strips them) are read in grey at
+1. the query's frames (inside its black bars, `tfrecords_tools.borders`) are read in grey at
    `FrameMatch.width` pixels across, `frames` of them evenly spaced, and averaged;
 2. each candidate's mean frame is searched for the query's mean frame over `scales` (the share of
    the candidate's width the query shows: a border-cropped, letterboxed copy shows less than its
