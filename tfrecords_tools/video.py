@@ -355,9 +355,8 @@ def make_plan(info: VideoInfo, spec: PatchSpec, timing: str = "pts", frames: Opt
     (`Plan.region`) is the part of the frame read: `spec` sizes it as it would a whole frame."""
     if region is not None:
         region = tuple(int(v) for v in region)
-        top, left, h, w = region
-        if not (len(region) == 4 and 0 <= top and 0 <= left and 0 < h and 0 < w
-                and top + h <= info.height and left + w <= info.width):
+        if len(region) != 4 or not (0 <= region[0] and 0 <= region[1] and 0 < region[2] and 0 < region[3]
+                                    and region[0] + region[2] <= info.height and region[1] + region[3] <= info.width):
             raise ValueError(f"Invalid value for argument `region`. Expected (top, left, height, width) inside the "
                              f"{info.height}x{info.width} frame of {info.path}. Received region={region!r}")
         if region == (0, 0, info.height, info.width):
