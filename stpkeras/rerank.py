@@ -77,18 +77,16 @@ def _detail(image: np.ndarray, sigma: float) -> np.ndarray:
     return d / norm if norm > 1e-6 else np.zeros_like(d)
 
 
-def _size(region: Region, path: str, max_pixels: int) -> Tuple[int, int, int, int]:
-    if region is not None:
-        return region
-    info = probe(path, max_pixels)
-    return 0, 0, info.height, info.width
+def _picture_size(region: Region, info) -> Tuple[int, int]:
+    """(height, width) of what is read of a video: `region`, or the whole frame the probe `info` saw."""
+    return (region[2], region[3]) if region is not None else (info.height, info.width)
 
 
 def read_query(path: str, region: Region = None, cfg: FrameMatch = FrameMatch(), *,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> QueryFrames:
     """The query's frames as they are compared (module docstring, step 1)."""
     info = probe(path, max_pixels)
-    _, _, h, w = _size(region, path, max_pixels)
+    h, w = _picture_size(region, info)
     height = max(8, int(round(h * cfg.width / w)))
     keep = set(np.linspace(0, max(info.packets - 1, 0), cfg.frames).round().astype(int).tolist())
 
@@ -123,7 +121,8 @@ def score(query: QueryFrames, path: str, region: Region = None, cfg: FrameMatch 
           max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
     """How well the detail of `query`'s frames matches `path`'s (module docstring, steps 2-3): the mean over
     query frames of the best normalised correlation, in [-1, 1]; -1 when the query fits nowhere in it."""
-    _, _, h, w = _size(region, path, max_pixels)
+    info = probe(path, max_pixels)   # once: both reads below take it
+    h, w = _picture_size(region, info)
     qh, qw = query.mean.shape
     # Read at the largest size any scale needs: a share `s` of the width becomes the query's width.
     width = int(round(qw / min(cfg.scales)))
@@ -134,7 +133,8 @@ def score(query: QueryFrames, path: str, region: Region = None, cfg: FrameMatch 
         state[0] = _grey(frame) if state[0] is None else state[0] + _grey(frame)
         state[1] += 1
 
-    total, count = fold_frames(path, spec, lambda: [None, 0], add_sum, region=region, max_pixels=max_pixels)
+    total, count = fold_frames(path, spec, lambda: [None, 0], add_sum, region=region, max_pixels=max_pixels,
+                               info=info)
     mean = total / count
     best, where = -2.0, None
     for s in cfg.scales:
@@ -155,5 +155,5 @@ def score(query: QueryFrames, path: str, region: Region = None, cfg: FrameMatch 
         np.maximum(state, np.tensordot(query.frames, d, axes=([1, 2], [0, 1])), out=state)
 
     matches = fold_frames(path, spec, lambda: np.full(len(query.frames), -1.0, np.float32), add_best, region=region,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, info=info)
     return float(matches.mean())

@@ -669,8 +669,9 @@ def read_frames(path: str, spec: Optional[PatchSpec] = None, *, max_pixels: int 
     container's rate) as uint8 `[N, H, W, C]`, and the rate; re-read as `video_patches` does when decoding
     shows the plan was wrong (`Replan`). Whole clips in memory: for benchmarks and tests."""
     spec = spec or PatchSpec(1, 1, 1)
-    frames = fold_frames(path, spec, list, lambda kept, frame: kept.append(frame), max_pixels=max_pixels)
-    return np.stack(frames), (spec.fps or probe(path, max_pixels).rate)
+    info = probe(path, max_pixels)
+    frames = fold_frames(path, spec, list, lambda kept, frame: kept.append(frame), info=info)
+    return np.stack(frames), (spec.fps or info.rate)
 
 
 class VideoWriter:
