@@ -72,3 +72,29 @@ def test_convert_pairs_refuses_data_that_already_has_targets(tmp_path, cli):
     assert r.exit_code != 0 and "--pairs makes compressed/clean pairs of whole clean videos" in r.output
     r = cli("convert", tmp_path, tmp_path / "out2", "--patch", "4x16x16", "--pairs", "mpeg2:30")
     assert r.exit_code == 2 and "Expected a codec" in r.output
+
+
+def test_two_processes_writing_the_same_copies_each_leave_them_whole(tmp_path):
+    # Each process writes under its own temporary names (they once shared `NAME.partial.EXT`: the second writer
+    # truncated the first's file, and one of them failed renaming a file the other had already renamed).
+    import os
+    import subprocess
+    import sys
+
+    from tfrecords_tools.video import read_frames
+
+    frames = pattern_frames(48, 64, 96, seed=5)
+    write_video(str(tmp_path / "src.mkv"), frames, lossless=True)
+    code = ("import sys; from tfrecords_tools.codec import CodecPairs, write_copies; "
+            "from tfrecords_tools.spec import PatchSpec; "
+            "write_copies(sys.argv[1], PatchSpec(8, 16, 16), CodecPairs('h264', (30, 40)), sys.argv[2], 'src')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "src.mkv"), str(tmp_path / "copies")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(os.listdir(tmp_path / "copies")) == ["src-clean.mkv", "src-crf30.mp4", "src-crf40.mp4"]
+    clean, _ = read_frames(str(tmp_path / "copies" / "src-clean.mkv"))
+    np.testing.assert_array_equal(clean, frames)
+    for crf in (30, 40):
+        assert read_frames(str(tmp_path / "copies" / f"src-crf{crf}.mp4"))[0].shape == frames.shape

@@ -22,6 +22,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from tfrecords_tools.outputs import temporary_name
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, Replan, VideoError, VideoWriter, make_plan, probe
 
@@ -87,7 +88,8 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
     plan = make_plan(info, spec)
     rate = spec.fps or info.rate
     for _ in range(3):
-        partial = [p + ".partial" + os.path.splitext(p)[1] for p in [clean] + copies]
+        # Named for this process (`outputs.temporary_name`): a second process writing the same copies writes its own.
+        partial = [temporary_name(p) for p in [clean] + copies]
         writers = []
         try:
             writers = [VideoWriter(partial[0], rate, lossless=True)]
