@@ -13,6 +13,13 @@ patch (`stp convert --pairs h264:37` of the originals, `stp evaluate`), next to 
 same run. The model trained on the other kind's clean pairs is the earlier recipe (docs/benchmarks.md).
 
     python benchmarks/restore_self.py [--fold camera|animation] [--minutes 15] [--clock cpu] [--out DIR]
+                                      [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0]
+
+`--source` (repeatable) chooses what the pairs are made of, all in one training set: `self@1:37-45` (the
+default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
+makes them), `self@0.5:37-45` (the compressed videos scaled to half size first, losslessly, then encoded: a
+cleaner target of the same content, as zero-shot super-resolution trains on a smaller copy of its input),
+`clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier recipe of benchmarks/enhance.py).
 
 `--clock cpu` counts the budget in CPU time over the cores (for a machine shared with other jobs).
 """
@@ -33,20 +40,53 @@ FOLDS = {"camera": ("bikes.mp4", "tree.avi"), "animation": ("bigbuckbunny.mp4", 
 CRF = 37
 
 
+def parse_source(text: str):
+    """`KIND@SCALE:CRFS` -> (kind, scale, crfs), e.g. `self@0.5:37-45` -> ('self', 0.5, '37-45')."""
+    try:
+        kind, rest = text.split("@", 1)
+        scale, crfs = rest.split(":", 1)
+        if kind not in ("self", "clean") or not 0 < float(scale) <= 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--source: expected KIND@SCALE:CRFS, KIND self or clean, 0 < SCALE <= 1 "
+                         f"(e.g. self@1:37-45). Received {text!r}") from None
+    return kind, float(scale), crfs
+
+
+def other_fold(fold: str) -> str:
+    return next(k for k in FOLDS if k != fold)
+
+
+def short_side(path: str) -> int:
+    from tfrecords_tools.video import probe
+    info = probe(path)
+    return min(info.height, info.width)
+
+
+def even(value: float) -> int:
+    return max(2, int(round(value / 2)) * 2)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", default=os.path.join(ROOT, "..", "shared", "data", "videos"))
     parser.add_argument("--fold", choices=sorted(FOLDS), default="camera")
     parser.add_argument("--out", default="/tmp/stp-restore-self")
-    parser.add_argument("--pairs", default="h264:37-45", help="`stp convert --pairs` of the compressed videos")
+    parser.add_argument("--source", action="append", default=None, metavar="KIND@SCALE:CRFS",
+                        help="pairs to train on (repeatable; default self@1:37-45): self (the compressed videos) or "
+                             "clean (the other kind's originals), scaled by SCALE, encoded at crf CRFS")
+    parser.add_argument("--loss", choices=("l1", "l2"), default="l1", help="the pixel loss (`stp train --loss`)")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.source = args.source or ["self@1:37-45"]
+    for source in args.source:
+        parse_source(source)
 
     from stpkeras.evaluate import EvalConfig, evaluate
     from stpkeras.train import TrainConfig, train
-    from tfrecords_tools.codec import CodecPairs, write_copies
+    from tfrecords_tools.codec import CodecPairs, parse_pairs, write_copies
     from tfrecords_tools.convert import ConvertConfig, convert
     from tfrecords_tools.spec import PatchSpec
 
@@ -74,24 +114,39 @@ def main(argv=None) -> int:
         with open(csv, "w") as f:
             f.write("path,split\n" + "".join(f"{os.path.join(originals, n)},test\n" for n in FOLDS[args.fold]))
         convert(ConvertConfig(src=csv, out=test, pairs=f"h264:{CRF}", workers=2, spec=PatchSpec(8, 64, 64)))
-    # What is trained on: the compressed videos re-encoded, the compressed videos as the targets.
-    data = os.path.join(out, "data-self")
+    # What is trained on: pairs of each source, in one path,target conversion (`stp convert` of a CSV).
+    data = os.path.join(out, "data-" + "+".join(args.source).replace(":", "_").replace("@", "s"))
     if not os.path.isdir(data):
-        m = convert(ConvertConfig(src=compressed, out=data, pairs=args.pairs, workers=2,
+        rows = []
+        for source in args.source:
+            kind, scale, crfs = parse_source(source)
+            videos = ([os.path.join(compressed, n) for n in sorted(os.listdir(compressed))] if kind == "self" else
+                      [os.path.join(args.videos, n) for n in FOLDS[other_fold(args.fold)]])
+            for video in videos:
+                stem = f"{kind}-{scale:g}-{os.path.splitext(os.path.basename(video))[0]}"
+                spec = PatchSpec(8, 64, 64, short_side=None if scale == 1 else even(short_side(video) * scale))
+                clean, copies = write_copies(video, spec, parse_pairs(f"h264:{crfs}"), os.path.join(out, "pairs"), stem)
+                rows += [(copy, clean) for copy in copies]
+        csv = os.path.join(out, "pairs", os.path.basename(data) + ".csv")
+        with open(csv, "w") as f:
+            f.write("path,target,split\n" + "".join(f"{os.path.basename(c)},{os.path.basename(t)},train\n"
+                                                    for c, t in rows))
+        m = convert(ConvertConfig(src=csv, out=data, workers=2,
                                   spec=PatchSpec(8, 64, 64, stride_height=64, stride_width=64)))
-        print(f"{m['splits']['train']['records']} pairs of {len(FOLDS[args.fold])} compressed videos at {args.pairs}",
-              flush=True)
+        print(f"{m['splits']['train']['records']} pairs: {', '.join(args.source)}", flush=True)
     run = os.path.join(out, "run")
     result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
-                               val_split="none", seed=args.seed, verbose=0, resume=os.path.exists(run)),
+                               task_options=(("pixel_loss", args.loss),), val_split="none", seed=args.seed, verbose=0,
+                               resume=os.path.exists(run)),
                    echo=print)
     scores = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False))
-    report = {"fold": args.fold, "pairs": args.pairs, "crf": CRF, "clock": args.clock, "minutes": args.minutes,
+    report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": CRF, "clock": args.clock,
+              "minutes": args.minutes,
               "steps": result["metrics"]["optimizer_steps"], "patches": scores["patches"],
               "input": scores["input"], "output": scores["output"], "gain_db": scores["gain_db"]["over_input"]}
     print(f"{args.fold}: {scores['patches']} patches at crf {CRF}: PSNR {scores['input']['psnr']:.3f} -> "
           f"{scores['output']['psnr']:.3f} dB ({report['gain_db']:+.3f}), SSIM {scores['input']['ssim']:.4f} -> "
-          f"{scores['output']['ssim']:.4f}; {report['steps']} steps on re-encodings of the compressed videos only",
+          f"{scores['output']['ssim']:.4f}; {report['steps']} steps on {' + '.join(args.source)}",
           flush=True)
     with open(os.path.join(out, "restore_self.json"), "w") as f:
         json.dump(report, f, indent=1)
