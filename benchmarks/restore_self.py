@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         m = convert(ConvertConfig(src=csv, out=data, workers=2,
                                   spec=PatchSpec(8, 64, 64, stride_height=64, stride_width=64)))
         print(f"{m['splits']['train']['records']} pairs: {', '.join(args.source)}", flush=True)
-    run = os.path.join(out, "run")
+    # One run per training set and loss: a finished run of the same budget is measured again, not retrained.
+    run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}")
     result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
                                task_options=(("pixel_loss", args.loss),), val_split="none", seed=args.seed, verbose=0,
                                resume=os.path.exists(run)),
