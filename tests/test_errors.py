@@ -128,6 +128,16 @@ def test_strict_stops_at_the_first_failure_with_exit_1(tmp_path, cli):
     assert not (tmp_path / "out" / "dataset.json").exists()
 
 
+def test_training_on_a_folder_whose_every_video_failed_says_so(tmp_path, cli):
+    # It once met the task's check first: "task enhance needs clean/degraded pairs", though the folder had none.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "broken.mp4").write_text("not a video")
+    assert cli("convert", tmp_path / "src", tmp_path / "data", "--pairs", "h264:37", "--quiet").exit_code == 1
+    for task in ("classify", "enhance"):
+        _one_line(cli("train", tmp_path / "data", "--out", tmp_path / f"run-{task}", "--task", task), 2,
+                  f"{tmp_path / 'data'}: no records to train on (1 of 1 videos failed to convert")
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
