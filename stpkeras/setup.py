@@ -481,11 +481,11 @@ def prepare_run(config: TrainConfig) -> Run:
     multiworker = config.strategy == "multiworker"
 
     info = pipeline.load_info(config.data)
-    if not any(split.get("records") for split in info.manifest.get("splits", {}).values()):
+    if not info.num_records("all"):
         counts = info.manifest.get("counts", {})
         raise RunError(f"{config.data}: no records to train on ({counts.get('failed', 0)} of {counts.get('videos', 0)} "
-                       "videos failed to convert; dataset.json's `videos` say why). Expected a converted folder "
-                       "with at least one record")
+                       f"videos failed to convert, {counts.get('skipped', 0)} skipped; dataset.json's `videos` say "
+                       "why). Expected a converted folder with at least one record")
     # A task the data cannot serve (enhance without degradations or pairs) is a usage error (ValueError).
     task = get_task(config.task, dict(config.task_options)).for_data(info)
     try:

@@ -10,6 +10,7 @@ import stpkeras
 import tfrecords_tools
 from tfrecords_tools import errors, outputs
 from tfrecords_tools.errors import EXIT_CODES, EXIT_OK, StpError
+from videos import pattern_frames, write_video
 
 # Exceptions that never leave their module: control-flow signals, caught where they are raised.
 INTERNAL = {
@@ -135,7 +136,12 @@ def test_training_on_a_folder_whose_every_video_failed_says_so(tmp_path, cli):
     assert cli("convert", tmp_path / "src", tmp_path / "data", "--pairs", "h264:37", "--quiet").exit_code == 1
     for task in ("classify", "enhance"):
         _one_line(cli("train", tmp_path / "data", "--out", tmp_path / f"run-{task}", "--task", task), 2,
-                  f"{tmp_path / 'data'}: no records to train on (1 of 1 videos failed to convert")
+                  f"{tmp_path / 'data'}: no records to train on (1 of 1 videos failed to convert, 0 skipped;")
+    # A video too short for the patch is skipped, not failed: the line counts it so.
+    write_video(str(tmp_path / "short" / "a.mp4"), pattern_frames(4, 32, 32))
+    assert cli("convert", tmp_path / "short", tmp_path / "short-data", "--patch", "8x16x16", "--quiet").exit_code == 1
+    _one_line(cli("train", tmp_path / "short-data", "--out", tmp_path / "run-short"), 2,
+              "no records to train on (0 of 1 videos failed to convert, 1 skipped;")
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
