@@ -13,13 +13,15 @@ patch (`stp convert --pairs h264:37` of the originals, `stp evaluate`), next to 
 same run. The model trained on the other kind's clean pairs is the earlier recipe (docs/benchmarks.md).
 
     python benchmarks/restore_self.py [--fold camera|animation] [--minutes 15] [--clock cpu] [--out DIR]
-                                      [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0]
+                                      [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0] [--tta]
 
 `--source` (repeatable) chooses what the pairs are made of, all in one training set: `self@1:37-45` (the
 default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
 makes them), `self@0.5:37-45` (the compressed videos scaled to half size first, losslessly, then encoded: a
 cleaner target of the same content, as zero-shot super-resolution trains on a smaller copy of its input),
-`clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier recipe of benchmarks/enhance.py).
+`clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier recipe of benchmarks/enhance.py),
+`leaves@1:23-40` (synthetic dead-leaves videos, `benchmarks/dead_leaves.py`, at crf 23-40: clean pairs that
+carry no real footage's content; `--leaves N` of them).
 
 `--clock cpu` counts the budget in CPU time over the cores (for a machine shared with other jobs).
 """
@@ -38,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FOLDS = {"camera": ("bikes.mp4", "tree.avi"), "animation": ("bigbuckbunny.mp4", "Megamind_bugy.avi")}
 CRF = 37
+KINDS = ("self", "clean", "leaves")
 
 
 def parse_source(text: str):
@@ -45,10 +48,10 @@ def parse_source(text: str):
     try:
         kind, rest = text.split("@", 1)
         scale, crfs = rest.split(":", 1)
-        if kind not in ("self", "clean") or not 0 < float(scale) <= 1:
+        if kind not in KINDS or not 0 < float(scale) <= 1:
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--source: expected KIND@SCALE:CRFS, KIND self or clean, 0 < SCALE <= 1 "
+        raise SystemExit(f"--source: expected KIND@SCALE:CRFS, KIND one of {', '.join(KINDS)}, 0 < SCALE <= 1 "
                          f"(e.g. self@1:37-45). Received {text!r}") from None
     return kind, float(scale), crfs
 
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tta", action="store_true", help="also measure the output averaged over 8 flips (--tta)")
+    parser.add_argument("--leaves", type=int, default=8, help="synthetic videos for a leaves source (64 frames each)")
     args = parser.parse_args(argv)
     args.source = args.source or ["self@1:37-45"]
     for source in args.source:
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
         cores = os.cpu_count() or 1
         budget_lib.CLOCK = lambda: time.process_time() / cores
     out = os.path.abspath(args.out)
-    compressed, originals = os.path.join(out, "compressed"), os.path.join(out, "originals")
+    compressed, originals = os.path.join(out, f"compressed-{args.fold}"), os.path.join(out, "originals")
     os.makedirs(originals, exist_ok=True)
     for name in FOLDS[args.fold]:
         stem = os.path.splitext(name)[0]
@@ -108,20 +113,31 @@ def main(argv=None) -> int:
         if not os.path.lexists(os.path.join(originals, name)):
             os.symlink(os.path.abspath(os.path.join(args.videos, name)), os.path.join(originals, name))
     # What is measured: the originals compressed at crf 37 against themselves (the test patches).
-    test = os.path.join(out, "data-test")
+    test = os.path.join(out, f"data-test-{args.fold}")
     if not os.path.isdir(test):
-        csv = os.path.join(out, "test.csv")
+        csv = os.path.join(out, f"test-{args.fold}.csv")
         with open(csv, "w") as f:
             f.write("path,split\n" + "".join(f"{os.path.join(originals, n)},test\n" for n in FOLDS[args.fold]))
         convert(ConvertConfig(src=csv, out=test, pairs=f"h264:{CRF}", workers=2, spec=PatchSpec(8, 64, 64)))
     # What is trained on: pairs of each source, in one path,target conversion (`stp convert` of a CSV).
-    data = os.path.join(out, "data-" + "+".join(args.source).replace(":", "_").replace("@", "s"))
+    # Sources of real footage depend on the fold; the synthetic leaves do not, and one run serves both folds.
+    name = "+".join(args.source).replace(":", "_").replace("@", "s")
+    if any(parse_source(s)[0] != "leaves" for s in args.source):
+        name = f"{args.fold}-{name}"
+    elif args.leaves != 8:
+        name = f"{name}-n{args.leaves}"
+    data = os.path.join(out, "data-" + name)
     if not os.path.isdir(data):
         rows = []
         for source in args.source:
             kind, scale, crfs = parse_source(source)
-            videos = ([os.path.join(compressed, n) for n in sorted(os.listdir(compressed))] if kind == "self" else
-                      [os.path.join(args.videos, n) for n in FOLDS[other_fold(args.fold)]])
+            if kind == "self":
+                videos = [os.path.join(compressed, n) for n in sorted(os.listdir(compressed))]
+            elif kind == "clean":
+                videos = [os.path.join(args.videos, n) for n in FOLDS[other_fold(args.fold)]]
+            else:
+                from dead_leaves import write_videos
+                videos = write_videos(os.path.join(out, "leaves"), videos=args.leaves)
             for video in videos:
                 stem = f"{kind}-{scale:g}-{os.path.splitext(os.path.basename(video))[0]}"
                 spec = PatchSpec(8, 64, 64, short_side=None if scale == 1 else even(short_side(video) * scale))
@@ -134,22 +150,33 @@ def main(argv=None) -> int:
         m = convert(ConvertConfig(src=csv, out=data, workers=2,
                                   spec=PatchSpec(8, 64, 64, stride_height=64, stride_width=64)))
         print(f"{m['splits']['train']['records']} pairs: {', '.join(args.source)}", flush=True)
-    # One run per training set and loss: a finished run of the same budget is measured again, not retrained.
-    run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}")
-    result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
-                               task_options=(("pixel_loss", args.loss),), val_split="none", seed=args.seed, verbose=0,
-                               resume=os.path.exists(run)),
-                   echo=print)
+    # One run per training set, loss, budget and seed: a finished run is measured again, not retrained.
+    run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}"
+                       + ("" if args.minutes == 15 else f"-{args.minutes:g}min"))
+    done = os.path.join(run, "run.json")
+    previous = json.load(open(done)) if os.path.exists(done) else {}
+    if previous.get("status") == "done":
+        steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
+    else:
+        result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
+                                   task_options=(("pixel_loss", args.loss),), val_split="none", seed=args.seed,
+                                   verbose=0, resume=os.path.exists(run)),
+                       echo=print)
+        steps = result["metrics"]["optimizer_steps"]
     scores = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False))
     report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": CRF, "clock": args.clock,
               "minutes": args.minutes,
-              "steps": result["metrics"]["optimizer_steps"], "patches": scores["patches"],
+              "steps": steps, "patches": scores["patches"],
               "input": scores["input"], "output": scores["output"], "gain_db": scores["gain_db"]["over_input"]}
+    if args.tta:
+        flipped = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False, tta=True))
+        report.update(output_tta=flipped["output"], gain_db_tta=flipped["gain_db"]["over_input"])
     print(f"{args.fold}: {scores['patches']} patches at crf {CRF}: PSNR {scores['input']['psnr']:.3f} -> "
           f"{scores['output']['psnr']:.3f} dB ({report['gain_db']:+.3f}), SSIM {scores['input']['ssim']:.4f} -> "
-          f"{scores['output']['ssim']:.4f}; {report['steps']} steps on {' + '.join(args.source)}",
+          f"{scores['output']['ssim']:.4f}; {report['steps']} steps on {' + '.join(args.source)}"
+          + (f"; with --tta {report['gain_db_tta']:+.3f} dB" if args.tta else ""),
           flush=True)
-    with open(os.path.join(out, "restore_self.json"), "w") as f:
+    with open(os.path.join(out, f"restore_self-{args.fold}-{os.path.basename(run)[len('run-'):]}.json"), "w") as f:
         json.dump(report, f, indent=1)
     return 0
 
