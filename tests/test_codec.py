@@ -98,3 +98,33 @@ def test_two_processes_writing_the_same_copies_each_leave_them_whole(tmp_path):
     np.testing.assert_array_equal(clean, frames)
     for crf in (30, 40):
         assert read_frames(str(tmp_path / "copies" / f"src-crf{crf}.mp4"))[0].shape == frames.shape
+
+
+def test_copies_start_again_when_decoding_asks_for_a_second_read(tmp_path, monkeypatch):
+    # A video whose timestamps prove its plan wrong part-way (`Replan`) is read again; the copies are written
+    # again from their first frame, not appended to, and nothing of the first attempt is left.
+    import os
+
+    from tfrecords_tools import video
+    from tfrecords_tools.codec import write_copies
+    from tfrecords_tools.spec import PatchSpec
+
+    frames = pattern_frames(24, 32, 48, seed=7)
+    write_video(str(tmp_path / "src.mkv"), frames, lossless=True)
+    real, reads = video.FrameStream, []
+
+    def stream_asking_once(info, spec, plan):
+        reads.append(plan)
+        for i, item in enumerate(real(info, spec, plan)):
+            if len(reads) == 1 and i == 5:
+                raise video.Replan(plan, "a test's second read")
+            yield item
+
+    monkeypatch.setattr(video, "FrameStream", stream_asking_once)
+    clean, copies = write_copies(str(tmp_path / "src.mkv"), PatchSpec(8, 16, 16), CodecPairs("h264", (30,)),
+                                 str(tmp_path / "copies"), "src")
+    monkeypatch.setattr(video, "FrameStream", real)
+    assert len(reads) == 2
+    assert sorted(os.listdir(tmp_path / "copies")) == ["src-clean.mkv", "src-crf30.mp4"]
+    np.testing.assert_array_equal(video.read_frames(clean)[0], frames)
+    assert video.read_frames(copies[0])[0].shape == frames.shape

@@ -24,7 +24,7 @@ import numpy as np
 
 from tfrecords_tools.outputs import temporary_name
 from tfrecords_tools.spec import PatchSpec
-from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, Replan, VideoError, VideoWriter, make_plan, probe
+from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError, VideoWriter, fold_frames, probe
 
 CODECS = {"h264": "libx264"}
 CRF_RANGE = (0, 51)
@@ -85,37 +85,45 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
         return clean, copies
     os.makedirs(out_dir, exist_ok=True)
     info = probe(path, max_pixels)
-    plan = make_plan(info, spec)
     rate = spec.fps or info.rate
-    for _ in range(3):
-        # Named for this process (`outputs.temporary_name`): a second process writing the same copies writes its own.
-        partial = [temporary_name(p) for p in [clean] + copies]
-        writers = []
+    # Named for this process (`outputs.temporary_name`): a second process writing the same copies writes its own.
+    partial = [temporary_name(p) for p in [clean] + copies]
+    writers: List[VideoWriter] = []
+
+    def start() -> List[VideoWriter]:  # each read (a re-read after `Replan` too) writes the files from the start
+        _discard(writers, partial)
+        writers.append(VideoWriter(partial[0], rate, lossless=True))
+        writers.extend(VideoWriter(p, rate, codec=CODECS[pairs.codec], crf=c) for p, c in zip(partial[1:], pairs.crfs))
+        return writers
+
+    def add(writers: List[VideoWriter], frame: np.ndarray) -> None:
+        if frame.shape[0] % 2 or frame.shape[1] % 2:
+            raise VideoError(path, f"frames of {frame.shape[1]}x{frame.shape[0]} (as converted) cannot be "
+                                   f"{pairs.codec}-encoded in 4:2:0; expected even sizes (set --short-side "
+                                   "or --size to an even value)")
+        for w in writers:
+            w.write(frame)
+
+    try:
+        fold_frames(path, spec, start, add, max_pixels=max_pixels, info=info)
+        for w in writers:
+            w.close()
+        writers.clear()
+        for p, final in zip(partial, [clean] + copies):
+            os.replace(p, final)
+        return clean, copies
+    finally:
+        _discard(writers, partial)
+
+
+def _discard(writers: List[VideoWriter], partial: List[str]) -> None:
+    """Closes `writers` without finishing them and removes whatever of `partial` exists."""
+    for w in writers:
         try:
-            writers = [VideoWriter(partial[0], rate, lossless=True)]
-            writers += [VideoWriter(p, rate, codec=CODECS[pairs.codec], crf=c) for p, c in zip(partial[1:], pairs.crfs)]
-            for frame, _ in FrameStream(info, spec, plan):
-                if frame.shape[0] % 2 or frame.shape[1] % 2:
-                    raise VideoError(path, f"frames of {frame.shape[1]}x{frame.shape[0]} (as converted) cannot be "
-                                           f"{pairs.codec}-encoded in 4:2:0; expected even sizes (set --short-side "
-                                           "or --size to an even value)")
-                for w in writers:
-                    w.write(frame)
-            for w in writers:
-                w.close()
-            writers = []
-            for p, final in zip(partial, [clean] + copies):
-                os.replace(p, final)
-            return clean, copies
-        except Replan as r:
-            plan = r.plan
-        finally:
-            for w in writers:
-                try:
-                    w.container.close()
-                except Exception:  # noqa: BLE001  (a half-written copy: removed below)
-                    pass
-            for p in partial:
-                if os.path.exists(p):
-                    os.remove(p)
-    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+            w.container.close()
+        except Exception:  # noqa: BLE001  (a half-written copy: removed below)
+            pass
+    writers.clear()
+    for p in partial:
+        if os.path.exists(p):
+            os.remove(p)
