@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     # What is trained on: pairs of each source, in one path,target conversion (`stp convert` of a CSV).
     # Sources of real footage depend on the fold; the synthetic leaves do not, and one run serves both folds.
     name = "+".join(args.source).replace(":", "_").replace("@", "s")
-    if any(parse_source(s)[0] != "leaves" for s in args.source):
+    kinds = {parse_source(s)[0] for s in args.source}
+    if kinds - {"leaves"}:
         name = f"{args.fold}-{name}"
-    elif args.leaves != 8:
+    if "leaves" in kinds and args.leaves != 8:
         name = f"{name}-n{args.leaves}"
     data = os.path.join(out, "data-" + name)
     if not os.path.isdir(data):
@@ -157,8 +158,10 @@ def main(argv=None) -> int:
     # One run per training set, loss, budget and seed: a finished run is measured again, not retrained.
     run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}"
                        + ("" if args.minutes == 15 else f"-{args.minutes:g}min"))
-    done = os.path.join(run, "run.json")
-    previous = json.load(open(done)) if os.path.exists(done) else {}
+    previous = {}
+    if os.path.exists(os.path.join(run, "run.json")):
+        with open(os.path.join(run, "run.json")) as f:
+            previous = json.load(f)
     if previous.get("status") == "done":
         steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
     else:
