@@ -124,11 +124,15 @@ def write_videos(out_dir: str, *, videos: int = 8, frames: int = 64, height: int
             continue
         video = render(np.random.default_rng([seed, k]), frames, height, width)
         partial = temporary_name(path)
-        writer = VideoWriter(partial, fps, lossless=True)
-        for frame in video:
-            writer.write(frame)
-        writer.close()
-        os.replace(partial, path)
+        try:
+            writer = VideoWriter(partial, fps, lossless=True)
+            for frame in video:
+                writer.write(frame)
+            writer.close()
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):  # a failed write leaves no half video behind
+                os.remove(partial)
     return paths
 
 
