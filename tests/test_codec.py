@@ -128,3 +128,18 @@ def test_copies_start_again_when_decoding_asks_for_a_second_read(tmp_path, monke
     assert sorted(os.listdir(tmp_path / "copies")) == ["src-clean.mkv", "src-crf30.mp4"]
     np.testing.assert_array_equal(video.read_frames(clean)[0], frames)
     assert video.read_frames(copies[0])[0].shape == frames.shape
+
+
+def test_copies_that_cannot_be_encoded_leave_nothing_behind(tmp_path):
+    # Odd frame sizes cannot be 4:2:0-encoded: one error naming the video, and no file (whole or temporary) left.
+    import os
+
+    from tfrecords_tools.codec import write_copies
+    from tfrecords_tools.spec import PatchSpec
+    from tfrecords_tools.video import VideoError
+
+    write_video(str(tmp_path / "src.mkv"), pattern_frames(16, 32, 48, seed=2), lossless=True)
+    with pytest.raises(VideoError, match="expected even sizes"):
+        write_copies(str(tmp_path / "src.mkv"), PatchSpec(8, 8, 8, short_side=15), CodecPairs("h264", (30, 40)),
+                     str(tmp_path / "copies"), "src")
+    assert os.listdir(tmp_path / "copies") == []

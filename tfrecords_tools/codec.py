@@ -15,6 +15,7 @@ target per record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -22,7 +23,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from tfrecords_tools.outputs import temporary_name
+from tfrecords_tools.outputs import atomic_file
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError, VideoWriter, fold_frames, probe
 
@@ -86,12 +87,10 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
     os.makedirs(out_dir, exist_ok=True)
     info = probe(path, max_pixels)
     rate = spec.fps or info.rate
-    # Named for this process (`outputs.temporary_name`): a second process writing the same copies writes its own.
-    partial = [temporary_name(p) for p in [clean] + copies]
     writers: List[VideoWriter] = []
 
     def start() -> List[VideoWriter]:  # each read (a re-read after `Replan` too) writes the files from the start
-        _discard(writers, partial)
+        _close(writers)  # opening a file again truncates it
         writers.append(VideoWriter(partial[0], rate, lossless=True))
         writers.extend(VideoWriter(p, rate, codec=CODECS[pairs.codec], crf=c) for p, c in zip(partial[1:], pairs.crfs))
         return writers
@@ -104,26 +103,24 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
         for w in writers:
             w.write(frame)
 
-    try:
-        fold_frames(path, spec, start, add, max_pixels=max_pixels, info=info)
-        for w in writers:
-            w.close()
-        writers.clear()
-        for p, final in zip(partial, [clean] + copies):
-            os.replace(p, final)
-        return clean, copies
-    finally:
-        _discard(writers, partial)
+    # Each file under a name of this process (`outputs.atomic_file`): a second process writing the same copies
+    # writes its own; all are renamed when every one is whole, and removed on any failure.
+    with contextlib.ExitStack() as files:
+        partial = [files.enter_context(atomic_file(p)) for p in [clean] + copies]
+        try:
+            fold_frames(path, spec, start, add, max_pixels=max_pixels, info=info)
+            while writers:
+                writers.pop(0).close()
+        finally:
+            _close(writers)
+    return clean, copies
 
 
-def _discard(writers: List[VideoWriter], partial: List[str]) -> None:
-    """Closes `writers` without finishing them and removes whatever of `partial` exists."""
+def _close(writers: List[VideoWriter]) -> None:
+    """Closes `writers` without finishing them (a half-written copy, removed or written again by the caller)."""
     for w in writers:
         try:
             w.container.close()
-        except Exception:  # noqa: BLE001  (a half-written copy: removed below)
+        except Exception:  # noqa: BLE001
             pass
     writers.clear()
-    for p in partial:
-        if os.path.exists(p):
-            os.remove(p)
