@@ -37,6 +37,8 @@ def pink_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
 
 def render(rng: np.random.Generator, frames: int, height: int, width: int) -> np.ndarray:
     """The video as `uint8 [frames, height, width, 3]` (a few MB: synthetic data of a chosen size)."""
+    from scipy.ndimage import gaussian_filter
+
     scale = 2 if rng.random() < 0.5 else 1  # rendered at twice the size and reduced: soft, anti-aliased edges
     h, w = height * scale, width * scale
     pan = rng.uniform(-3, 3, size=2) * scale  # px a frame at the nearest depth
@@ -101,7 +103,6 @@ def render(rng: np.random.Generator, frames: int, height: int, width: int) -> np
         if scale == 2:
             canvas = canvas.reshape(height, 2, width, 2, 3).mean(axis=(1, 3))
         if blur:
-            from scipy.ndimage import gaussian_filter
             canvas = gaussian_filter(canvas, sigma=(blur, blur, 0))
         if grain:
             canvas = canvas + rng.normal(0, grain, canvas.shape)
@@ -112,7 +113,7 @@ def render(rng: np.random.Generator, frames: int, height: int, width: int) -> np
 def write_videos(out_dir: str, *, videos: int = 8, frames: int = 64, height: int = 256, width: int = 320,
                  seed: int = 0, fps: float = 25.0) -> List[str]:
     """Writes `leaves-SEED-K.mkv` (lossless) into `out_dir`; files already there are kept. Returns their paths."""
-    from tfrecords_tools.outputs import temporary_name
+    from tfrecords_tools.outputs import atomic_file
     from tfrecords_tools.video import VideoWriter
 
     os.makedirs(out_dir, exist_ok=True)
@@ -123,16 +124,11 @@ def write_videos(out_dir: str, *, videos: int = 8, frames: int = 64, height: int
         if os.path.exists(path):
             continue
         video = render(np.random.default_rng([seed, k]), frames, height, width)
-        partial = temporary_name(path)
-        try:
+        with atomic_file(path) as partial:  # a failed write leaves no half video behind
             writer = VideoWriter(partial, fps, lossless=True)
             for frame in video:
                 writer.write(frame)
             writer.close()
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):  # a failed write leaves no half video behind
-                os.remove(partial)
     return paths
 
 

@@ -117,6 +117,10 @@ CASES = {
 COMMON = dict(epochs=1, batch_size=4, seed=0, verbose=0, shuffle_buffer=64)
 
 
+def _epochs(case):
+    return case.get("epochs", COMMON["epochs"])
+
+
 def _cli_args(case):
     args = ["--task", case["task"], "--lr", str(case["lr"])]
     for key, value in case["model_options"].items():
@@ -126,12 +130,12 @@ def _cli_args(case):
     if "value_loss" in case["task_options"]:
         args += ["--loss", case["task_options"]["value_loss"]]
     args += ["--" + flag.replace("_", "-") for flag in case.get("flags", {})]
-    return args + ["--epochs", str(case.get("epochs", COMMON["epochs"])), "--batch-size", str(COMMON["batch_size"]),
+    return args + ["--epochs", str(_epochs(case)), "--batch-size", str(COMMON["batch_size"]),
                    "--seed", "0", "--verbose", "0", "--shuffle-buffer", str(COMMON["shuffle_buffer"])]
 
 
 def _check(run, case, noisy_psnr):
-    assert run["status"] == "done" and run["task"] == case["task"] and run["metrics"]["epochs"] == case.get("epochs", 1)
+    assert run["status"] == "done" and run["task"] == case["task"] and run["metrics"]["epochs"] == _epochs(case)
     final = run["metrics"]["final"]
     assert all(math.isfinite(v) for v in final.values()), final
     assert case["check"](final, noisy_psnr), (case["task"], run["strategy"]["loop"], final)
@@ -161,7 +165,7 @@ def test_every_task_trains_through_both_loops_from_one_set_up(task, data, tmp_pa
                                          for k, v in case["task_options"].items()),
                       model_options=tuple((k, tuple(v) if isinstance(v, list) else v)
                                           for k, v in case["model_options"].items()),
-                      **case.get("flags", {}), **{**COMMON, "epochs": case.get("epochs", COMMON["epochs"])}),
+                      **case.get("flags", {}), **{**COMMON, "epochs": _epochs(case)}),
           echo=lambda s: None)
     train_on_workers(data, tmp_path / "custom", _cli_args(case))
     fit_run, custom_run = (json.load(open(tmp_path / loop / "run.json")) for loop in ("fit", "custom"))
