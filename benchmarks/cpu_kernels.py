@@ -16,7 +16,9 @@ Cases: the default classifier (`stcnn`) and `r2plus1d` on 16x64x64 clips, batch 
 default (`dncnn3d`, 8x64x64, batch 8, L1); the segmenter of the suite's action-segmentation test
 (`unet3d` filters [8,16], 1 conv per level, 8x32x32, batch 16, per-frame classes); `dncnn3d-crop32`, the
 enhancement task's CPU-budget recipe (32x32 crops); `corrnet`, the motion classifier of
-benchmarks/motion_classify.py (16x64x64, batch 32).
+benchmarks/motion_classify.py (16x64x64, batch 32); `dncnn3d-crop32-phases2` the same denoiser on each frame's
+2x2 pixel phases (`--model-option downscale=2`), `-f64` with 64 filters, `dncnn3d-crop64-phases2` on 64x64
+crops.
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/cpu_kernels.py [--steps 5] [--cases stcnn,r2plus1d,...]
                                                              [--compare onednn|precision]
@@ -39,6 +41,13 @@ CASES = {
     "unet3d-segment": dict(model="unet3d", spec=(8, 32, 32), batch=16, kind="segment"),
     "dncnn3d-crop32": dict(model="dncnn3d", spec=(8, 32, 32), batch=8, kind="enhance"),
     "corrnet": dict(model="corrnet", spec=(16, 64, 64), batch=32, kind="classify"),
+    # The denoiser on its pixel phases (`--model-option downscale=2`, FFDNet's sub-images): 1/4 of the voxels a layer.
+    "dncnn3d-crop32-phases2": dict(model="dncnn3d", spec=(8, 32, 32), batch=8, kind="enhance",
+                                   options=dict(downscale=2)),
+    "dncnn3d-crop32-phases2-f64": dict(model="dncnn3d", spec=(8, 32, 32), batch=8, kind="enhance",
+                                       options=dict(downscale=2, filters=64)),
+    "dncnn3d-crop64-phases2": dict(model="dncnn3d", spec=(8, 64, 64), batch=8, kind="enhance",
+                                   options=dict(downscale=2)),
 }
 
 
@@ -67,7 +76,7 @@ def _measure(case: dict, steps: int, policy: str = "float32") -> dict:
         from stpkeras.models import build_model
 
         if case["kind"] == "enhance":
-            model = build_model(case["model"], spec, 3)
+            model = build_model(case["model"], spec, 3, **case.get("options", {}))
             loss, y = "mean_absolute_error", x.astype(np.float32)
             x = np.clip(x + rng.normal(0, 25, x.shape), 0, 255).astype(np.uint8)
         else:

@@ -91,6 +91,8 @@ class TrainConfig:
             object.__setattr__(self, "task_options", (*_unset(task_class.CPU_BUDGET_TASK_OPTIONS, self.task_options),
                                                       *self.task_options))
             object.__setattr__(self, "lr", task_class.CPU_BUDGET_LR)
+            if self.batch_size is None and _cpu_budget_float32(self, task_class):
+                object.__setattr__(self, "batch_size", task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE)
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
         if self.lr is None:
@@ -216,10 +218,19 @@ def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
         return None
     options = ", ".join(f"{k}={v}" for k, v in (*task_class.CPU_BUDGET_OPTIONS,
                                                  *_unset(task_class.CPU_BUDGET_TASK_OPTIONS, config.task_options)))
+    if config.batch_size is None and _cpu_budget_float32(config, task_class):
+        options += f"{', ' if options else ''}batch size {task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE} in float32"
     return (f"CPU-budget defaults: {options + ', ' if options else ''}lr {task_class.CPU_BUDGET_LR:g} (no GPU, "
             f"{config.minutes:g} min x "
             f"{cores} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg, --lr or the "
             "task's options choose otherwise)")
+
+
+def _cpu_budget_float32(config: TrainConfig, task_class) -> bool:
+    """Whether the task's CPU-budget recipe sets a float32 batch size and `config` trains in float32 (no GPU: the
+    recipe applies only without one)."""
+    return bool(task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE) and mixed_policy(
+        config.mixed_precision, gpu=False, auto=task_class.AUTO_BFLOAT16) is None
 
 
 def _unset(defaults, given) -> tuple:

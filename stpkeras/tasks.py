@@ -40,6 +40,8 @@ class Task:
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()   # those the user left unset
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
+    # The recipe's batch size, batch size unset, when the run computes in float32 (None: the task's default).
+    CPU_BUDGET_FLOAT32_BATCH_SIZE: ClassVar[Optional[int]] = None
     # `TrainConfig.mixed_precision` None: train in bfloat16 on a CPU that computes it natively (and no GPU), where
     # the task measured that it learns as well per step (`setup.mixed_policy`); float32 otherwise.
     AUTO_BFLOAT16: ClassVar[bool] = False
@@ -370,6 +372,10 @@ class Enhance(Task):
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
+    # In float32 (CPUs without bfloat16 units, or --no-mixed-precision) a step of 4 crops costs less than half a
+    # step of 8: 2.3x the steps in 15 minutes, +0.49 and +0.68 dB on the two kinds of unseen footage (issue 20's
+    # denoising benchmark, docs/benchmarks.md). In bfloat16 the task's 8 stays (measured to the goal).
+    CPU_BUDGET_FLOAT32_BATCH_SIZE: ClassVar[Optional[int]] = 4
     SOFTEN: ClassVar[float] = 0.5
     # On an AMX CPU a 32x32-crop step costs 0.26x float32's CPU, and 15 minutes train 2.8x the steps (issue 20's
     # denoising benchmark, docs/benchmarks.md).

@@ -230,6 +230,7 @@ def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):
     import stpkeras.setup as setup
     monkeypatch.setattr(setup, "cpu_cores", lambda: 2)
     monkeypatch.setattr(setup, "has_gpu", lambda: False)
+    monkeypatch.setattr(setup, "native_bfloat16", lambda: "amx_bf16")
 
     def make(**kw):
         return TrainConfig(data="data", out="run", task="enhance", **kw)
@@ -239,6 +240,18 @@ def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):
     assert dict(config.task_options)["crop"] == 32
     assert config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU, 15 min x 2 cores <= 120")
     assert config.to_dict()["recipe"] == config.recipe   # run.json records why
+    # In float32 (asked for, or a CPU without bfloat16 units) the recipe trains batches of 4, and says so; a batch
+    # size the user gives wins, and bfloat16 asked for keeps the task's 8.
+    for native in ("amx_bf16", None):   # float32 asked for; a CPU without bfloat16 units
+        monkeypatch.setattr(setup, "native_bfloat16", lambda: native)
+        config = make(minutes=15, mixed_precision=False if native else None)
+        assert (config.batch_size, config.lr, dict(config.task_options)["crop"]) == (4, 1e-3, 32)
+        assert config.recipe.startswith("CPU-budget defaults: crop=32, batch size 4 in float32, lr 0.001 (no GPU")
+    config = make(minutes=15, batch_size=16)
+    assert config.batch_size == 16 and config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU")
+    assert make(minutes=15, mixed_precision=True).batch_size == 8
+    assert make(minutes=61).batch_size == 8 and make(minutes=15, lr=2e-3).batch_size == 8   # no recipe: the task's
+    monkeypatch.setattr(setup, "native_bfloat16", lambda: "amx_bf16")
     config = make(minutes=15, task_options=(("crop", 0),))
     assert dict(config.task_options)["crop"] == 0 and config.lr == 1e-3
     assert config.recipe.startswith("CPU-budget defaults: lr 0.001 (no GPU")

@@ -41,7 +41,9 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     1/f^2 of the voxels per layer, f times the spatial receptive field, and a
     stack that knows where in an f x f block each pixel sits (what a codec's
     block grid needs, when the frames keep it: whole frames, or crops at
-    multiples of 8 as codec pairs are trained on). `dilation` D > 1 spaces the middle layers' taps in height and
+    multiples of 8 as codec pairs are trained on). At 32 filters on 2x2 phases a denoising step costs a
+    quarter, and 15 minutes of float32 training ended 0.44 dB below the full-resolution stack (issue 20,
+    docs/benchmarks.md). `dilation` D > 1 spaces the middle layers' taps in height and
     width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view for the same
     parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU).
     """
