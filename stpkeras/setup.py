@@ -85,14 +85,15 @@ class TrainConfig:
             raise ValueError(f"Invalid value for argument `{name}`. Expected {expected}. "
                              f"Received {name}={getattr(self, name)!r}")
         task_class = type(get_task(self.task, {}))
-        object.__setattr__(self, "recipe", _cpu_budget_recipe(self, task_class))
+        recipe, recipe_batch = _cpu_budget_recipe(self, task_class)
+        object.__setattr__(self, "recipe", recipe)
         if self.recipe is not None:
             object.__setattr__(self, "model_options", task_class.CPU_BUDGET_OPTIONS)
             object.__setattr__(self, "task_options", (*_unset(task_class.CPU_BUDGET_TASK_OPTIONS, self.task_options),
                                                       *self.task_options))
             object.__setattr__(self, "lr", task_class.CPU_BUDGET_LR)
-            if self.batch_size is None and _cpu_budget_float32(self, task_class):
-                object.__setattr__(self, "batch_size", task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE)
+            if recipe_batch is not None:
+                object.__setattr__(self, "batch_size", recipe_batch)
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", task_class.DEFAULT_BATCH_SIZE)
         if self.lr is None:
@@ -202,35 +203,33 @@ def mixed_policy(mixed_precision: Optional[bool], gpu: bool, auto: bool = True) 
     return None
 
 
-def _cpu_budget_recipe(config: TrainConfig, task_class) -> Optional[str]:
-    """The line that says the task's CPU-budget defaults apply to `config`, or None when they do not.
+def _cpu_budget_recipe(config: TrainConfig, task_class) -> Tuple[Optional[str], Optional[int]]:
+    """The line that says the task's CPU-budget defaults apply to `config` (None when they do not), and the batch
+    size they set (None: the task's or the user's).
 
     They apply to a timed run (`minutes`) of the task's default model with nothing of the model's set (no
     model, model options, lr or init_from), when the budget is at most the task's `CPU_BUDGET_CORE_MINUTES`
     (minutes x CPU cores) and no GPU is visible. Not under multiworker: there no device may be listed before
-    the strategy exists.
+    the strategy exists. The batch is the task's `CPU_BUDGET_FLOAT32_BATCH_SIZE` when the user gave none and the
+    run trains in float32 (`mixed_policy`, without a GPU as the recipe is).
     """
     if (not task_class.CPU_BUDGET_CORE_MINUTES or config.minutes is None or config.model is not None
             or config.model_options or config.lr is not None or config.init_from or config.strategy == "multiworker"):
-        return None
+        return None, None
     cores = cpu_cores()
     if config.minutes * cores > task_class.CPU_BUDGET_CORE_MINUTES or has_gpu():
-        return None
+        return None, None
     options = ", ".join(f"{k}={v}" for k, v in (*task_class.CPU_BUDGET_OPTIONS,
                                                  *_unset(task_class.CPU_BUDGET_TASK_OPTIONS, config.task_options)))
-    if config.batch_size is None and _cpu_budget_float32(config, task_class):
-        options += f"{', ' if options else ''}batch size {task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE} in float32"
+    batch = None
+    if (config.batch_size is None and task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE
+            and mixed_policy(config.mixed_precision, gpu=False, auto=task_class.AUTO_BFLOAT16) is None):
+        batch = task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE
+        options += f"{', ' if options else ''}batch size {batch} in float32"
     return (f"CPU-budget defaults: {options + ', ' if options else ''}lr {task_class.CPU_BUDGET_LR:g} (no GPU, "
             f"{config.minutes:g} min x "
             f"{cores} cores <= {task_class.CPU_BUDGET_CORE_MINUTES:g} core-minutes; --model-arg, --lr or the "
-            "task's options choose otherwise)")
-
-
-def _cpu_budget_float32(config: TrainConfig, task_class) -> bool:
-    """Whether the task's CPU-budget recipe sets a float32 batch size and `config` trains in float32 (no GPU: the
-    recipe applies only without one)."""
-    return bool(task_class.CPU_BUDGET_FLOAT32_BATCH_SIZE) and mixed_policy(
-        config.mixed_precision, gpu=False, auto=task_class.AUTO_BFLOAT16) is None
+            "task's options choose otherwise)"), batch
 
 
 def _unset(defaults, given) -> tuple:

@@ -242,16 +242,15 @@ def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):
     assert config.to_dict()["recipe"] == config.recipe   # run.json records why
     # In float32 (asked for, or a CPU without bfloat16 units) the recipe trains batches of 4, and says so; a batch
     # size the user gives wins, and bfloat16 asked for keeps the task's 8.
-    for native in ("amx_bf16", None):   # float32 asked for; a CPU without bfloat16 units
+    for native in (None, "amx_bf16"):   # a CPU without bfloat16 units; float32 asked for (and amx_bf16 again after)
         monkeypatch.setattr(setup, "native_bfloat16", lambda: native)
-        config = make(minutes=15, mixed_precision=False if native else None)
+        config = make(minutes=15, mixed_precision=None if native is None else False)
         assert (config.batch_size, config.lr, dict(config.task_options)["crop"]) == (4, 1e-3, 32)
         assert config.recipe.startswith("CPU-budget defaults: crop=32, batch size 4 in float32, lr 0.001 (no GPU")
     config = make(minutes=15, batch_size=16)
     assert config.batch_size == 16 and config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU")
     assert make(minutes=15, mixed_precision=True).batch_size == 8
     assert make(minutes=61).batch_size == 8 and make(minutes=15, lr=2e-3).batch_size == 8   # no recipe: the task's
-    monkeypatch.setattr(setup, "native_bfloat16", lambda: "amx_bf16")
     config = make(minutes=15, task_options=(("crop", 0),))
     assert dict(config.task_options)["crop"] == 0 and config.lr == 1e-3
     assert config.recipe.startswith("CPU-budget defaults: lr 0.001 (no GPU")
