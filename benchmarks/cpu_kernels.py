@@ -18,7 +18,8 @@ default (`dncnn3d`, 8x64x64, batch 8, L1); the segmenter of the suite's action-s
 enhancement task's CPU-budget recipe (32x32 crops); `corrnet`, the motion classifier of
 benchmarks/motion_classify.py (16x64x64, batch 32); `dncnn3d-crop32-phases2` the same denoiser on each frame's
 2x2 pixel phases (`--model-option downscale=2`), `-f64` with 64 filters, `dncnn3d-crop64-phases2` on 64x64
-crops.
+crops; `dncnn3d-crop32-factorize` with each hidden layer split into space then time (`factorize=1`), and the
+float32 recipe's batches of 4 (`-b4`) of both.
 
 Run: TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/cpu_kernels.py [--steps 5] [--cases stcnn,r2plus1d,...]
                                                              [--compare onednn|precision]
@@ -48,6 +49,12 @@ CASES = {
                                        options=dict(downscale=2, filters=64)),
     "dncnn3d-crop64-phases2": dict(model="dncnn3d", spec=(8, 64, 64), batch=8, kind="enhance",
                                    options=dict(downscale=2)),
+    # Each hidden layer as space (1x3x3) then time (3x1x1) (`--model-option factorize=1`, R(2+1)D's split).
+    "dncnn3d-crop32-factorize": dict(model="dncnn3d", spec=(8, 32, 32), batch=8, kind="enhance",
+                                     options=dict(factorize=1)),
+    "dncnn3d-crop32-b4": dict(model="dncnn3d", spec=(8, 32, 32), batch=4, kind="enhance"),
+    "dncnn3d-crop32-factorize-b4": dict(model="dncnn3d", spec=(8, 32, 32), batch=4, kind="enhance",
+                                        options=dict(factorize=1)),
 }
 
 

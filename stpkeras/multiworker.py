@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from typing import Callable, Dict, List
 
 from stpkeras import run_folder
@@ -178,13 +177,7 @@ def train_custom(run: Run, echo: Callable[[str], None] = print) -> dict:
 
     digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in model.weights)).hexdigest()
     record["weights_sha256"] = digest
-    record["metrics"] = run_folder.summarize(read_history(config.out) if worker.chief else history, run.monitor,
-                                             task.monitor_mode)
-    record["metrics"]["optimizer_steps"] = int(optimizer.iterations.numpy())
-    if budget is not None:
-        record["budget"] = budget.record()
-    record["status"] = "done"
-    record["seconds"] = round(time.time() - run.started, 2)
+    run.finish(record, read_history(config.out) if worker.chief else history, echo)
     if worker.chief:
         run_folder.write_run_json(config.out, record)
     echo(f"{worker.type} {worker.index}: weights sha256 {digest}")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from stpkeras import augment as augment_lib
 from stpkeras import run_folder
@@ -425,6 +425,25 @@ class Run:
                 "budget": {"minutes": config.minutes} if config.minutes is not None else None,
                 "init_from": self.transfer.to_dict() if self.transfer is not None else None,
                 "status": "running", "metrics": {}}
+
+    def finish(self, record: dict, history, echo: Callable[[str], None] = print) -> dict:
+        """run.json at the end, both loops alike: the metrics of `history` (history.csv's rows, or a worker's
+        own), the optimizer's steps, the budget, the task's check of the trained model (`Task.check_model`, on
+        the chief; its warning echoed) and the status."""
+        task = self.task
+        record["metrics"] = run_folder.summarize(history, self.monitor, task.monitor_mode)
+        record["metrics"]["optimizer_steps"] = int(self.model.optimizer.iterations.numpy())
+        if self.budget is not None:
+            record["budget"] = self.budget.record()
+        if self.worker.chief:
+            check = task.check_model(self.model, self.info, self.val_split or list(self.train_splits))
+            if check is not None:
+                record["check"] = check
+                if check.get("warning"):
+                    echo(f"warning: {check['warning']}")
+        record["status"] = "done"
+        record["seconds"] = round(time.time() - self.started, 2)
+        return record
 
     def precision_note(self) -> str:
         """What the model computes in, and why when the config did not say."""

@@ -93,6 +93,11 @@ class Task:
         as epochs finish (bounded cost), or None. Both loops call it after the curves."""
         return None
 
+    def check_model(self, model, info, split) -> Optional[dict]:
+        """A check of the trained model on a few patches of `split` at the end of a run (run.json's `check`),
+        with a `warning` when the run trained a model that does nothing useful, or None (no check)."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Classify(Task):
@@ -443,6 +448,50 @@ class Enhance(Task):
     def metrics(self, labels):
         from stpkeras.quality import PSNR, SSIM
         return [PSNR(), SSIM()]
+
+    # The end-of-run check: the model on the first CHECK_PATCHES patches of the validation split (else the
+    # training data), degraded as validation is, CHECK_BATCH at a time (whole patches: bounded memory).
+    CHECK_PATCHES: ClassVar[int] = 32
+    CHECK_BATCH: ClassVar[int] = 4
+    # An output - input spread (std over a patch's voxels, per channel, 0-255 units) below this: the model adds
+    # one value per channel everywhere, i.e. returns its input. It starts so (the zero-initialised residual
+    # layer), and stays so when its ReLU layers go silent (issue 20: one run of 15 minutes ended there with
+    # nothing said). A trained denoiser's spread is about its noise level.
+    SILENT_SPREAD: ClassVar[float] = 0.01
+
+    def check_model(self, model, info, split):
+        import numpy as np
+        import tensorflow as tf
+
+        from stpkeras import pipeline
+        from stpkeras.quality import psnr
+
+        element = self.element_fn(info, (), training=False)
+        dataset = pipeline.make_dataset(info, split, batch_size=self.CHECK_BATCH, training=False, element_fn=element,
+                                        seed=0, deterministic=True)
+        before, after, spread = [], [], []
+        for x, y in dataset.take(-(-self.CHECK_PATCHES // self.CHECK_BATCH)):
+            out = tf.cast(model(x, training=False), tf.float32)
+            before.append(psnr(x, y).numpy())
+            after.append(psnr(out, y).numpy())
+            spread.append(np.mean(np.std(out.numpy() - x.numpy().astype(np.float32), axis=(1, 2, 3)), axis=-1))
+        if not before:
+            return None
+        patches = sum(len(v) for v in after)
+        before, after, spread = (float(np.mean(np.concatenate(v))) for v in (before, after, spread))
+        where = f"on {patches} patches of {split!r}" if isinstance(split, str) else \
+            f"on {patches} training patches"
+        warning = None
+        if spread < self.SILENT_SPREAD:
+            warning = (f"the model returns its input: {where} its output differs from its input by one value per "
+                       f"channel (spread {spread:.4f} of 255; a trained denoiser's is about its noise level). "
+                       "Training did not move it from the identity it starts at (its ReLU layers went silent, or "
+                       "it had too few steps): train again with a lower --lr, a longer --warmup or another --seed")
+        elif after < before:
+            warning = (f"the model's output is further from the clean patches than its input: {after:.2f} dB "
+                       f"against {before:.2f} dB {where}")
+        return {"split": split, "patches": patches, "input_psnr": round(before, 3), "output_psnr": round(after, 3),
+                "residual_spread": round(spread, 4), "warning": warning}
 
     def element_fn(self, info, augment, training):
         from stpkeras.degrade import make_pairs

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from typing import Callable
 
 from stpkeras import run_folder
@@ -93,13 +92,7 @@ def fit(run: Run, echo: Callable[[str], None] = print) -> dict:
               steps_per_epoch=None if config.data_service else run.steps, initial_epoch=run.initial_epoch,
               callbacks=callbacks, class_weight=run.class_weight, verbose=config.verbose, shuffle=False)
 
-    record["metrics"] = run_folder.summarize(read_history(config.out), run.monitor, task.monitor_mode)
-    record["metrics"]["optimizer_steps"] = int(model.optimizer.iterations.numpy())
-    if run.budget is not None:
-        record["budget"] = run.budget.record()
-    record["status"] = "done"
-    record["seconds"] = round(time.time() - run.started, 2)
-    run_folder.write_run_json(config.out, record)
+    run_folder.write_run_json(config.out, run.finish(record, read_history(config.out), echo))
     return record
 
 

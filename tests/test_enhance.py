@@ -311,18 +311,28 @@ def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
 
 # --- models -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dilation,reach", [(1, 5), (3, 9)])
-def test_dilation_widens_what_each_output_pixel_sees(dilation, reach):
+@pytest.mark.parametrize("dilation,factorize,reach", [(1, 0, 5), (3, 0, 9), (1, 1, 5)])
+def test_dilation_widens_what_each_output_pixel_sees(dilation, factorize, reach):
     """dncnn3d `dilation`: the middle layers' taps spaced 1, 2, 3, 2, 1 at depth 5 (IRCNN's schedule), so one
     input pixel moves the output up to 1 + 2 + 3 + 2 + 1 = 9 pixels away in height and width (5 without), and
-    in time still 5 frames (the time axis is not dilated)."""
+    in time still 5 frames (the time axis is not dilated). `factorize` (each hidden layer as 1x3x3 in space,
+    then 3x1x1 in time) sees as far as the full 3x3x3 layers."""
     import keras
 
     from stpkeras.models import build_model
 
     keras.utils.set_random_seed(0)
-    model = build_model("dncnn3d", PatchSpec(12, 32, 32), 3, depth=5, filters=4, dilation=dilation)
-    rates = [model.get_layer(f"conv{i}").dilation_rate for i in range(1, 5)]
+    model = build_model("dncnn3d", PatchSpec(12, 32, 32), 3, depth=5, filters=4, dilation=dilation,
+                        factorize=factorize)
+    name = "conv{}_space" if factorize else "conv{}"
+    rates = [model.get_layer(name.format(i)).dilation_rate for i in range(1, 5)]
+    if factorize:
+        assert [model.get_layer(f"conv{i}_space").kernel_size for i in (1, 4)] == [(1, 3, 3)] * 2
+        assert [model.get_layer(f"conv{i}_time").kernel_size for i in (1, 4)] == [(3, 1, 1)] * 2
+        # The 4 hidden layers' 27 taps of 3->4 and 3x 4->4 (1,620 weights) become 9 taps of the same (540) and
+        # 3 taps of 4->4 four times (192), with 4 more biases each (16)
+        full = build_model("dncnn3d", PatchSpec(12, 32, 32), 3, depth=5, filters=4).count_params()
+        assert model.count_params() == full - 1620 + 540 + 192 + 16
     assert rates == ([(1, 1, 1)] * 4 if dilation == 1 else [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 2, 2)])
     model.get_layer("residual").set_weights([np.full_like(w, 0.05) for w in model.get_layer("residual").get_weights()])
     x = np.full((1, 12, 32, 32, 3), 128, np.uint8)
@@ -386,6 +396,42 @@ def test_enhancers_start_as_the_identity_and_round_trip(name, options, tmp_path)
     if name == "unet3d":
         with pytest.raises(ValueError, match="divisible by 8"):
             build_model(name, PatchSpec(4, 20, 20), 3, filters=(4, 8, 16, 32))
+
+
+def test_a_run_checks_its_model_and_warns_when_it_stayed_the_identity(noisy_run, cli, tmp_path):
+    """The end of an enhance run measures the model on validation patches (run.json's `check`); a run that
+    never left the identity it starts at (here: a learning rate too small to move it) says so in a warning line
+    and in run.json, as does a model whose output is worse than its input."""
+    from stpkeras.models import build_model
+    from stpkeras.pipeline import load_info
+    from stpkeras.tasks import get_task
+
+    trained = json.loads((noisy_run / "run" / "run.json").read_text())["check"]
+    assert trained["split"] == "test" and trained["patches"] == 32 and trained["warning"] is None
+    assert 19 < trained["input_psnr"] < 22 and trained["output_psnr"] > trained["input_psnr"] + 3
+    assert trained["residual_spread"] > 5     # sigma 25 noise taken out: the residual follows the noise
+
+    r = cli("train", noisy_run / "data", "--out", tmp_path / "stuck", "--task", "enhance", "--degrade", "noise:25",
+            "--model-arg", "depth=3", "--model-arg", "filters=4", "--lr", "1e-12", "--epochs", "1",
+            "--steps-per-epoch", "2", "--verbose", "0")
+    assert r.exit_code == 0, r.output
+    assert "warning: the model returns its input: on 32 training patches" in r.output
+    check = json.loads((tmp_path / "stuck" / "run.json").read_text())["check"]
+    assert check["residual_spread"] < 1e-3 and check["output_psnr"] == pytest.approx(check["input_psnr"], abs=1e-3)
+
+    info = load_info(str(noisy_run / "data"))
+    task = get_task("enhance", {"degrade": ("noise:25",)}).for_data(info)
+    model = build_model("dncnn3d", info.spec, 3, depth=3, filters=4)
+    residual = model.get_layer("residual")
+    kernel, bias = residual.get_weights()
+    residual.set_weights([kernel, np.array([0.02, -0.01, 0.03], np.float32)])   # one value per channel: silent
+    check = task.check_model(model, info, "test")
+    assert check["residual_spread"] < 1e-3 and check["output_psnr"] < check["input_psnr"]
+    assert check["warning"].startswith("the model returns its input: on 32 patches of 'test'")
+    residual.set_weights([np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype(np.float32), bias])
+    check = task.check_model(model, info, "test")
+    assert check["residual_spread"] > 1 and check["warning"].startswith(
+        "the model's output is further from the clean patches than its input")
 
 
 def test_train_enhance_needs_degradations_or_pairs(noisy_run, cli, tmp_path):

@@ -31,7 +31,7 @@ from stpkeras.models import layers
 
 
 def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32, kernel_size=3,
-                  downscale: int = 1, dilation: int = 1, name: str = "dncnn3d") -> keras.Model:
+                  downscale: int = 1, dilation: int = 1, factorize: int = 0, name: str = "dncnn3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
     `channels` is the number of output channels, which must equal the input's
@@ -45,7 +45,10 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     quarter, and 15 minutes of float32 training ended 0.44 dB below the full-resolution stack (issue 20,
     docs/benchmarks.md). `dilation` D > 1 spaces the middle layers' taps in height and
     width, rising 1, 2, ... up to D and back to 1 (IRCNN's schedule): a wider spatial view for the same
-    parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU).
+    parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU). `factorize` 1 splits each
+    hidden layer in two, a 1 x k x k layer in space then a k x 1 x 1 layer in time with a ReLU between (R(2+1)D's
+    factorisation, Tran et al. 2018): the same receptive field from 12 instead of 27 multiplies per filter pair
+    at k=3, and twice the nonlinearities.
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
@@ -67,9 +70,18 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     x = layers.normalize(spec, inputs)
     if downscale > 1:
         x = layers.PixelPhases(downscale, name="to_phases")(x)
+    if factorize not in (0, 1):
+        raise ValueError(f"Invalid value for argument `factorize`. Expected 0 (full k x k x k layers) or 1 (space, "
+                         f"then time). Received factorize={factorize!r}")
     for i in range(depth - 1):
-        x = keras.layers.Conv3D(filters, kernel_size, padding="same", activation="relu", kernel_initializer="he_normal",
-                                dilation_rate=(1, rates[i], rates[i]), name=f"conv{i + 1}")(x)
+        relu = dict(padding="same", activation="relu", kernel_initializer="he_normal")
+        if factorize:
+            x = keras.layers.Conv3D(filters, (1, *kernel_size[1:]), dilation_rate=(1, rates[i], rates[i]),
+                                    name=f"conv{i + 1}_space", **relu)(x)
+            x = keras.layers.Conv3D(filters, (kernel_size[0], 1, 1), name=f"conv{i + 1}_time", **relu)(x)
+        else:
+            x = keras.layers.Conv3D(filters, kernel_size, dilation_rate=(1, rates[i], rates[i]), name=f"conv{i + 1}",
+                                    **relu)(x)
     # Zero-initialised: the untrained model returns its input, and training starts from there.
     residual = keras.layers.Conv3D(channels * downscale ** 2, kernel_size, padding="same", kernel_initializer="zeros",
                                    name="residual")(x)
