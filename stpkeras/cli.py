@@ -608,7 +608,7 @@ def _shake_limits(text: str):
                    "sessions included), ending the epoch under way when it is spent; the learning-rate "
                    "schedule spans the steps the budget holds. run.json records the budget. --task enhance on "
                    "CPUs alone with at most 120 core-minutes (M x cores) and no model option given trains on "
-                   "32x32 crops at lr 1e-3 (--crop), in float32 with batches of 4 (--batch-size), and says so.")
+                   "32x32 crops at lr 1e-3 (--crop), in float32 with batches of 2 (--batch-size), and says so.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Steps per epoch (default: the training patches // the global batch); short epochs give "
                    "large data more frequent checkpoints and validation.")

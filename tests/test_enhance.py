@@ -448,7 +448,7 @@ def test_train_enhance_needs_degradations_or_pairs(noisy_run, cli, tmp_path):
 
 def test_stp_train_on_a_short_cpu_budget_trains_on_crops_and_says_why(noisy_run, cli, tmp_path):
     """The README's command (`--minutes`, nothing about the model) on CPUs: the default dncnn3d on 32x32 crops at
-    lr 1e-3 (in float32, batches of 4), the line that says so in the log, and run.json holding both the values and
+    lr 1e-3 (in float32, batches of 2), the line that says so in the log, and run.json holding both the values and
     the reason; `--crop 0` keeps whole patches."""
     from stpkeras.setup import has_gpu
     if has_gpu():
@@ -457,14 +457,14 @@ def test_stp_train_on_a_short_cpu_budget_trains_on_crops_and_says_why(noisy_run,
             "1", "--steps-per-epoch", "2", "--verbose", "0", "--no-mixed-precision")
     r = cli(*args, "--out", tmp_path / "r")
     assert r.exit_code == 0, r.output
-    assert "CPU-budget defaults: crop=32, batch size 4 in float32, lr 0.001 (no GPU, 0.05 min x" in r.output
+    assert "CPU-budget defaults: crop=32, batch size 2 in float32, lr 0.001 (no GPU, 0.05 min x" in r.output
     run = json.loads((tmp_path / "r" / "run.json").read_text())
-    assert run["config"]["model_options"] == {} and run["config"]["lr"] == 1e-3 and run["config"]["batch_size"] == 4
+    assert run["config"]["model_options"] == {} and run["config"]["lr"] == 1e-3 and run["config"]["batch_size"] == 2
     assert run["config"]["task_options"]["crop"] == 32 and run["task_options"]["crop"] == 32
     assert run["config"]["recipe"].startswith("CPU-budget defaults") and run["params"] == 88259   # the default stack
     r = cli(*args, "--crop", "0", "--out", tmp_path / "whole")
     assert r.exit_code == 0, r.output
-    assert "CPU-budget defaults: batch size 4 in float32, lr 0.001 (no GPU" in r.output
+    assert "CPU-budget defaults: batch size 2 in float32, lr 0.001 (no GPU" in r.output
     assert json.loads((tmp_path / "whole" / "run.json").read_text())["task_options"]["crop"] == 0
 
 

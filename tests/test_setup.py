@@ -240,13 +240,13 @@ def test_a_short_cpu_budget_trains_enhance_on_crops_and_says_so(monkeypatch):
     assert dict(config.task_options)["crop"] == 32
     assert config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU, 15 min x 2 cores <= 120")
     assert config.to_dict()["recipe"] == config.recipe   # run.json records why
-    # In float32 (asked for, or a CPU without bfloat16 units) the recipe trains batches of 4, and says so; a batch
+    # In float32 (asked for, or a CPU without bfloat16 units) the recipe trains batches of 2, and says so; a batch
     # size the user gives wins, and bfloat16 asked for keeps the task's 8.
     for native in (None, "amx_bf16"):   # a CPU without bfloat16 units; float32 asked for (and amx_bf16 again after)
         monkeypatch.setattr(setup, "native_bfloat16", lambda: native)
         config = make(minutes=15, mixed_precision=None if native is None else False)
-        assert (config.batch_size, config.lr, dict(config.task_options)["crop"]) == (4, 1e-3, 32)
-        assert config.recipe.startswith("CPU-budget defaults: crop=32, batch size 4 in float32, lr 0.001 (no GPU")
+        assert (config.batch_size, config.lr, dict(config.task_options)["crop"]) == (2, 1e-3, 32)
+        assert config.recipe.startswith("CPU-budget defaults: crop=32, batch size 2 in float32, lr 0.001 (no GPU")
     config = make(minutes=15, batch_size=16)
     assert config.batch_size == 16 and config.recipe.startswith("CPU-budget defaults: crop=32, lr 0.001 (no GPU")
     assert make(minutes=15, mixed_precision=True).batch_size == 8
