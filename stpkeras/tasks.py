@@ -377,11 +377,11 @@ class Enhance(Task):
     CPU_BUDGET_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = ()
     CPU_BUDGET_TASK_OPTIONS: ClassVar[Tuple[Tuple[str, object], ...]] = (("crop", 32),)
     CPU_BUDGET_LR: ClassVar[float] = 1e-3
-    # In float32 (CPUs without bfloat16 units, or --no-mixed-precision) float32 convolutions run near the CPU's
-    # peak, so smaller steps are the way to more updates: a step of 2 crops costs about half one of 4 and a quarter
-    # one of 8. 15 minutes of batches of 2 gained +2.68 / +2.45 / +2.67 dB on the two kinds of unseen footage
-    # against +2.66 / +1.99 / +2.27 with 4 and +2.17 / +1.31 with 8, same seeds (issue 20's denoising
-    # benchmark, docs/benchmarks.md). In bfloat16 the task's 8 stays (measured to the goal).
+    # In float32 (CPUs without bfloat16 units, or --no-mixed-precision) the convolutions already run at about 60%
+    # of the CPU's peak, so smaller steps are the way to more updates: a step of 2 crops costs about half one of
+    # 4 and a quarter one of 8. 15 minutes of batches of 2 gained +2.68 / +2.45 / +2.67 dB on the two kinds of
+    # unseen footage against +2.66 / +1.99 / +2.27 with 4 and +2.17 / +1.31 with 8, same seeds (issue 20's
+    # denoising benchmark, docs/benchmarks.md). In bfloat16 the task's 8 stays (measured to the goal).
     CPU_BUDGET_FLOAT32_BATCH_SIZE: ClassVar[Optional[int]] = 2
     SOFTEN: ClassVar[float] = 0.5
     # On an AMX CPU a 32x32-crop step costs 0.26x float32's CPU, and 15 minutes train 2.8x the steps (issue 20's

@@ -48,7 +48,9 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     parameters (about 1.3x the CPU a training step at D=3, measured on an AVX2 CPU). `factorize` 1 splits each
     hidden layer in two, a 1 x k x k layer in space then a k x 1 x 1 layer in time with a ReLU between (R(2+1)D's
     factorisation, Tran et al. 2018): the same receptive field from 12 instead of 27 multiplies per filter pair
-    at k=3, and twice the nonlinearities.
+    at k=3, and twice the nonlinearities. On a CPU in float32 a step cost 0.70-0.89x, and 15 minutes of
+    denoising gained +0.13 dB on one kind of unseen footage and lost 0.87 on the other (issue 20,
+    docs/benchmarks.md): an option, not the default.
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
