@@ -333,6 +333,8 @@ def test_dilation_widens_what_each_output_pixel_sees(dilation, factorize, reach)
         # 3 taps of 4->4 four times (192), with 4 more biases each (16)
         full = build_model("dncnn3d", PatchSpec(12, 32, 32), 3, depth=5, filters=4).count_params()
         assert model.count_params() == full - 1620 + 540 + 192 + 16
+        with pytest.raises(ValueError, match="Expected 0 .* or 1 .*Received factorize=2"):
+            build_model("dncnn3d", PatchSpec(12, 32, 32), 3, factorize=2)
     assert rates == ([(1, 1, 1)] * 4 if dilation == 1 else [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 2, 2)])
     model.get_layer("residual").set_weights([np.full_like(w, 0.05) for w in model.get_layer("residual").get_weights()])
     x = np.full((1, 12, 32, 32, 3), 128, np.uint8)
