@@ -75,8 +75,8 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     if factorize not in (0, 1):
         raise ValueError(f"Invalid value for argument `factorize`. Expected 0 (full k x k x k layers) or 1 (space, "
                          f"then time). Received factorize={factorize!r}")
+    relu = dict(padding="same", activation="relu", kernel_initializer="he_normal")
     for i in range(depth - 1):
-        relu = dict(padding="same", activation="relu", kernel_initializer="he_normal")
         if factorize:
             x = keras.layers.Conv3D(filters, (1, *kernel_size[1:]), dilation_rate=(1, rates[i], rates[i]),
                                     name=f"conv{i + 1}_space", **relu)(x)
