@@ -113,9 +113,9 @@ def test_copies_start_again_when_decoding_asks_for_a_second_read(tmp_path, monke
     write_video(str(tmp_path / "src.mkv"), frames, lossless=True)
     real, reads = video.FrameStream, []
 
-    def stream_asking_once(info, spec, plan):
+    def stream_asking_once(info, spec, plan, **options):
         reads.append(plan)
-        for i, item in enumerate(real(info, spec, plan)):
+        for i, item in enumerate(real(info, spec, plan, **options)):
             if len(reads) == 1 and i == 5:
                 raise video.Replan(plan, "a test's second read")
             yield item
@@ -143,3 +143,29 @@ def test_copies_that_cannot_be_encoded_leave_nothing_behind(tmp_path):
         write_copies(str(tmp_path / "src.mkv"), PatchSpec(8, 8, 8, short_side=15), CodecPairs("h264", (30, 40)),
                      str(tmp_path / "copies"), "src")
     assert os.listdir(tmp_path / "copies") == []
+
+
+@pytest.mark.parametrize("colour", ["exact", "ffmpeg"])
+def test_pairs_of_real_footage_differ_by_the_codec_not_by_a_colour_offset(tmp_path, cli, sample, monkeypatch, colour):
+    # crf 0 in yuv420p is lossless but for the RGB <-> YUV conversions and the halved chroma, so what is left
+    # between a pair's sides is what converting costs. Decoded as FFmpeg's tools decode (the default elsewhere),
+    # the compressed side of real footage comes out 0.9-1.7 grey levels darker on average while the clean side
+    # (a lossless RGB copy) never went through YUV: a model trained on such pairs learns to brighten. Pairs
+    # read both sides with the exact conversion (`tfrecords_tools.pairs.COLOUR`); the ffmpeg case shows what the
+    # test would see without it.
+    import tfrecords_tools.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "PAIR_COLOUR", colour)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
+    r = cli("convert", src, tmp_path / "pairs", "--patch", "4x32x32", "--short-side", "64", "--pairs", "h264:0",
+            "--workers", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    _, records = _records(tmp_path / "pairs")
+    assert len(records) > 50
+    diff = np.mean([rec[schema.TARGET].astype(np.float64) - rec[schema.PATCH] for rec in records], axis=(0, 1, 2, 3))
+    if colour == "exact":
+        assert np.all(np.abs(diff) < 0.4), diff
+    else:
+        assert np.all(diff > 0.5), diff   # every channel darker: an offset, not a codec error

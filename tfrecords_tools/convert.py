@@ -32,6 +32,7 @@ from tfrecords_tools.sampling import ItemsCutter, Sampling, SegmentError, select
 from tfrecords_tools.schema import MULTI_LABEL_SEPARATOR, SCHEMA_VERSION, UNLABELLED, encode_patch, segment_id
 from tfrecords_tools.shards import Chunk, ChunkWriter, list_shard_files, write_shards
 from tfrecords_tools.sources import Item, Source, label_clashes, read_source
+from tfrecords_tools.pairs import COLOUR as PAIR_COLOUR
 from tfrecords_tools.pairs import target_patches
 from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
@@ -244,7 +245,7 @@ def video_records(item: Item, fields: dict, cfg: ConvertConfig,
     clean: Optional[Iterator] = None
     segmented = bool(item.mask or item.intervals)
     for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads,
-                               report=stats):
+                               report=stats, colour=PAIR_COLOUR if item.target else "ffmpeg"):
         if isinstance(event, Plan):
             plan = event
             if segmented:
@@ -252,7 +253,7 @@ def video_records(item: Item, fields: dict, cfg: ConvertConfig,
             if item.target:
                 # Decoded in lockstep under this plan, so memory stays at one patch length of each video.
                 clean = target_patches(item.target, item.path, cfg.spec, plan, max_pixels=cfg.max_pixels,
-                                       threads=cfg.decode_threads)
+                                       threads=cfg.decode_threads, colour=PAIR_COLOUR)
             yield event
             continue
         yield encode_patch(

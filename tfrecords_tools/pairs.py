@@ -6,6 +6,12 @@ compressed copy) and its clean original. The target is decoded under the
 target patch i lines up with video patch i; `convert` stores it in the same
 record (`schema.TARGET`). A target whose frame size or frame count differs
 raises `VideoError` naming both files, and the pair is a failed item.
+
+Both sides of a pair are decoded with the exact YUV -> RGB conversion (`COLOUR`; `tfrecords_tools.video`'s
+docstring), not FFmpeg's default one: the default is 0.9-1.7 grey levels darker than the formula, and where one
+side was never YUV (the lossless RGB copy `--pairs` writes, an RGB original) that offset would sit in every
+pair and be learnt as part of the restoration (issue 20: it was, 1.0-1.7 levels in the G and B channels of
+`--pairs` data). A model trained on such pairs then brightens the footage it restores by as much.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from tfrecords_tools.patches import Grid, Patch, PatchCutter
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, Plan, Replan, VideoError, probe
 
+COLOUR = "exact"   # how both sides of a pair become RGB (`tfrecords_tools.video.COLOURS`)
+
 
 def target_patches(path: str, video: str, spec: PatchSpec, plan: Plan, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   threads: int = 1) -> Iterator[Patch]:
+                   threads: int = 1, colour: str = COLOUR) -> Iterator[Patch]:
     """The patches of the target video `path` under `plan`, the read plan of the degraded `video`."""
     info = probe(path, max_pixels)
     source = probe(video, max_pixels)
@@ -27,7 +35,7 @@ def target_patches(path: str, video: str, spec: PatchSpec, plan: Plan, *, max_pi
                                 f"{source.width}x{source.height}; a pair must have the same frame size")
     cutter = PatchCutter(spec, Grid.for_video(spec, plan.frames, plan.height, plan.width))
     try:
-        for frame, t in FrameStream(info, spec, plan, threads):
+        for frame, t in FrameStream(info, spec, plan, threads, colour=colour):
             yield from cutter.add(frame, t)
         yield from cutter.finish()
     except Replan as e:
