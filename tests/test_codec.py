@@ -149,7 +149,7 @@ def test_copies_that_cannot_be_encoded_leave_nothing_behind(tmp_path):
 def test_pairs_of_real_footage_differ_by_the_codec_not_by_a_colour_offset(tmp_path, cli, sample, monkeypatch, colour):
     # crf 0 in yuv420p is lossless but for the RGB <-> YUV conversions and the halved chroma, so what is left
     # between a pair's sides is what converting costs. Decoded as FFmpeg's tools decode (the default elsewhere),
-    # the compressed side of real footage comes out 0.9-1.7 grey levels darker on average while the clean side
+    # the compressed side of real footage comes out 1.0-1.3 grey levels darker on average while the clean side
     # (a lossless RGB copy) never went through YUV: a model trained on such pairs learns to brighten. Pairs
     # read both sides with the exact conversion (`tfrecords_tools.pairs.COLOUR`); the ffmpeg case shows what the
     # test would see without it.

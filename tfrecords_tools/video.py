@@ -20,8 +20,8 @@ stretched; `FrameStream.report()` lists the changes.
 Colour: YUV frames become RGB as FFmpeg's own tools make them (`colour="ffmpeg"`, the default: swscale's
 fast table converter, the pixels `ffmpeg -pix_fmt rgb24` and PyAV's `to_ndarray` give, so what a model
 trained on these frames sees matches what other tools decode). That converter is darker than the BT.601
-formula by 0.9-1.7 grey levels on average (per channel, on the four sample videos; nearest chroma);
-`colour="exact"` (accurate rounding, chroma interpolated: within 0.02 of the formula, 1.5-9x the conversion's
+formula by 0.8-1.5 grey levels on average (per channel, on the three YUV sample videos; `benchmarks/colour.py`);
+`colour="exact"` (accurate rounding, chroma interpolated: within 0.02 of the formula, 1.1-2.4x the read's
 CPU) is what paired data reads with (`tfrecords_tools.convert`), where the two sides of a pair are compared
 pixel for pixel and one of them may never have been YUV.
 
