@@ -6,8 +6,9 @@ evenly spaced over the range; `h264:30,37` names them): the video is decoded as 
 value kept) and once per crf with PyAV's libx264 (yuv420p, the chroma subsampling and the artefacts of a
 real encode), all at one constant rate, so that both sides of a pair have the same frames. Each copy then
 converts as a `path,target` pair does (`tfrecords_tools.pairs`): the records hold the compressed patch and,
-under `target/data`, the clean one, for `stp train --task enhance`. The copies live in the conversion's work
-folder and go with it.
+under `target/data`, the clean one, for `stp train --task enhance`; both sides are decoded with the exact
+YUV -> RGB conversion (`tfrecords_tools.pairs`), as the clean copy never was YUV. The copies live in the
+conversion's work folder and go with it.
 
 A video that is already a pair (a `target` column), or has masks or frame labels, is refused: one kind of
 target per record.
