@@ -47,6 +47,8 @@ def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_fr
     manifest, records = _records(tmp_path / "pairs")
     _, plain = _records(tmp_path / "plain")
     assert manifest["paired"] is True and manifest["counts"]["ok"] == 4, manifest["videos"]
+    # The fingerprint says how the pairs were decoded: data of an older conversion is not resumed into these.
+    assert manifest["fingerprint"]["pair_colour"] == "exact" and manifest["fingerprint"]["pairs"] == "h264:18,45"
     assert sorted(v["id"] for v in manifest["videos"]) == ["clean.mkv#crf=18", "clean.mkv#crf=45",
                                                            "other.mkv#crf=18", "other.mkv#crf=45"]
     assert not (tmp_path / "pairs" / ".stp-work").exists()   # the copies went with the work folder

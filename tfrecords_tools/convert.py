@@ -141,7 +141,9 @@ class ConvertConfig:
                 **({"frame_labels": list(self.frame_labels)} if self.frame_labels else {}),
                 **({"clips_per_video": self.clips_per_video} if self.clips_per_video else {}),
                 **({"max_patches_per_video": self.max_patches_per_video} if self.max_patches_per_video else {}),
-                **({"pairs": self.pairs} if self.pairs else {})}
+                # How the pairs' sides were decoded (`tfrecords_tools.pairs.COLOUR`): a work folder of `--pairs`
+                # made before the exact conversion (no key) is not resumed into the same data.
+                **({"pairs": self.pairs, "pair_colour": PAIR_COLOUR} if self.pairs else {})}
 
     @property
     def shard_bytes(self) -> int:
