@@ -1,12 +1,13 @@
 """Benchmark: how YUV frames become RGB, FFmpeg's default converter against the exact one.
 
-For each sample video (its first `--frames` frames) and each of `tfrecords_tools.video.COLOURS`:
+For each sample video and each of `tfrecords_tools.video.COLOURS`:
 
-  - the mean difference from the BT.601 limited-range formula per channel (R, G, B), in grey levels, with
-    the formula's chroma taken at the nearest sample (the mean of a frame does not depend on how chroma is
-    interpolated, so the bias is comparable; the spread is not, and is not reported);
-  - the CPU a frame of the read costs (`video.read_frames`: decoding and converting, native size and at
-    `--short-side`), and the ratio exact / ffmpeg measured in the same run.
+  - the mean difference from the BT.601 limited-range formula per channel (R, G, B), in grey levels, over the
+    first `--frames` frames, with the formula's chroma taken at the nearest sample (the mean of a frame does
+    not depend on how chroma is interpolated, so the bias is comparable; the spread is not, and is not
+    reported);
+  - the CPU a frame of a read of the whole video costs (`video.read_frames`: decoding and converting, native
+    size and at `--short-side`), and the ratio exact / ffmpeg measured in the same run.
 
 A video stored as RGB (tree.avi's cinepak) has no YUV to convert and no bias row.
 
@@ -64,8 +65,9 @@ def formula_bias(path: str, frames: int) -> dict:
     return {c: (s / max(count, 1)).round(3).tolist() for c, s in sums.items()}
 
 
-def read_cost(path: str, frames: int, short_side: int, colour: str, repeats: int = 3) -> float:
-    """CPU milliseconds a frame of `read_frames` (decode + convert), the best of `repeats` reads."""
+def read_cost(path: str, short_side: int, colour: str, repeats: int = 3) -> float:
+    """CPU milliseconds a frame of `read_frames` of the whole video (decode + convert), the best of `repeats`
+    reads."""
     spec = PatchSpec(1, 1, 1, short_side=short_side) if short_side else PatchSpec(1, 1, 1)
     best = float("inf")
     for _ in range(repeats):
@@ -92,7 +94,7 @@ def main() -> int:
             print(f"skipped {name}: not found in {args.videos}")
             continue
         bias = formula_bias(path, args.frames)
-        cost = {(c, s): read_cost(path, args.frames, s, c) for c in video.COLOURS for s in (0, args.short_side)}
+        cost = {(c, s): read_cost(path, s, c) for c in video.COLOURS for s in (0, args.short_side)}
         row = {"video": name, "bias": bias, "ms_per_frame": {f"{c}@{s or 'native'}": round(v, 3)
                                                             for (c, s), v in cost.items()}}
         rows.append(row)

@@ -37,7 +37,7 @@ from tfrecords_tools.pairs import target_patches
 from tfrecords_tools.targets import Targets, resolve_frame_labels
 from tfrecords_tools.spec import COMPRESSIONS, ENCODINGS, PatchSpec
 from tfrecords_tools.storage import check_path, is_remote, scheme
-from tfrecords_tools.video import DEFAULT_MAX_PIXELS, Plan, VideoError, video_patches
+from tfrecords_tools.video import DEFAULT_COLOUR, DEFAULT_MAX_PIXELS, Plan, VideoError, video_patches
 
 WORK_DIR = ".stp-work"
 
@@ -247,7 +247,7 @@ def video_records(item: Item, fields: dict, cfg: ConvertConfig,
     clean: Optional[Iterator] = None
     segmented = bool(item.mask or item.intervals)
     for event in video_patches(item.path, cfg.spec, max_pixels=cfg.max_pixels, threads=cfg.decode_threads,
-                               report=stats, colour=PAIR_COLOUR if item.target else "ffmpeg"):
+                               report=stats, colour=PAIR_COLOUR if item.target else DEFAULT_COLOUR):
         if isinstance(event, Plan):
             plan = event
             if segmented:

@@ -47,6 +47,7 @@ from tfrecords_tools.spec import PatchSpec
 DEFAULT_MAX_PIXELS = 7680 * 4320
 # How a YUV frame becomes RGB (the module's docstring): swscale flags added to the scaling algorithm.
 COLOURS = ("ffmpeg", "exact")
+DEFAULT_COLOUR = "ffmpeg"
 _EPS = 1e-6
 # Size changes a read lists one by one (a stream could change size every frame); the rest are counted.
 MAX_SIZE_CHANGES = 20
@@ -426,7 +427,7 @@ class FrameStream:
     """
 
     def __init__(self, info: VideoInfo, spec: PatchSpec, plan: Plan, threads: int = 1,
-                 interpolation: str = "AREA", rewound: Optional[_Rewound] = None, colour: str = "ffmpeg"):
+                 interpolation: str = "AREA", rewound: Optional[_Rewound] = None, colour: str = DEFAULT_COLOUR):
         if colour not in COLOURS:
             raise ValueError(f"Invalid value for argument `colour`. Expected one of {COLOURS}. Received {colour!r}")
         self.info = info
@@ -615,7 +616,7 @@ class FrameStream:
 
 
 def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  threads: int = 1, interpolation: str = "AREA", colour: str = "ffmpeg",
+                  threads: int = 1, interpolation: str = "AREA", colour: str = DEFAULT_COLOUR,
                   report: Optional[dict] = None, cutter: Optional[Callable[[Plan], object]] = None,
                   region: Optional[Tuple[int, int, int, int]] = None) -> Iterator[Union[Plan, Patch, object]]:
     """Streams the patches of one video: the single place where decoding meets cutting.
@@ -670,7 +671,7 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
 
 def fold_frames(path: str, spec: PatchSpec, start: Callable[[], object], add: Callable[[object, np.ndarray], None],
                 *, region: Optional[Tuple[int, int, int, int]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                info: Optional[VideoInfo] = None, colour: str = "ffmpeg") -> object:
+                info: Optional[VideoInfo] = None, colour: str = DEFAULT_COLOUR) -> object:
     """Streams every frame of `path` under `spec` (and `region`, `Plan.region`) into `add(state, frame)`,
     one frame at a time, `state` made by `start()`; returns the state. When decoding shows the plan was
     wrong (`Replan`) the fold starts again from a fresh state, as `video_patches` reads again."""
@@ -688,7 +689,7 @@ def fold_frames(path: str, spec: PatchSpec, start: Callable[[], object], add: Ca
 
 
 def read_frames(path: str, spec: Optional[PatchSpec] = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                colour: str = "ffmpeg") -> Tuple[np.ndarray, float]:
+                colour: str = DEFAULT_COLOUR) -> Tuple[np.ndarray, float]:
     """Every frame the converter's decoder gives for `path` under `spec` (default: native size, the
     container's rate) as uint8 `[N, H, W, C]`, and the rate; re-read as `video_patches` does when decoding
     shows the plan was wrong (`Replan`). Whole clips in memory: for benchmarks and tests."""

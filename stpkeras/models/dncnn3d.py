@@ -66,15 +66,15 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     if downscale not in (1, 2, 4, 8) or spec.height % downscale or spec.width % downscale:
         raise ValueError("Invalid value for argument `downscale`. Expected 1, 2, 4 or 8, dividing the patch's "
                          f"height and width ({spec.height}x{spec.width}). Received downscale={downscale!r}")
+    if factorize not in (0, 1):
+        raise ValueError(f"Invalid value for argument `factorize`. Expected 0 (full k x k x k layers) or 1 (space, "
+                         f"then time). Received factorize={factorize!r}")
     layers.require_rgb(spec, "an enhancer")
     # Fully convolutional: any frame size (crops in training, `Enhance.crop`) that `downscale` divides.
     inputs = layers.patch_input(spec, any_size=True)
     x = layers.normalize(spec, inputs)
     if downscale > 1:
         x = layers.PixelPhases(downscale, name="to_phases")(x)
-    if factorize not in (0, 1):
-        raise ValueError(f"Invalid value for argument `factorize`. Expected 0 (full k x k x k layers) or 1 (space, "
-                         f"then time). Received factorize={factorize!r}")
     relu = dict(padding="same", activation="relu", kernel_initializer="he_normal")
     for i in range(depth - 1):
         if factorize:
