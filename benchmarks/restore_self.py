@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="also measure the output averaged over 8 flips (--tta)")
     parser.add_argument("--leaves", type=int, default=8, help="synthetic videos for a leaves source (64 frames each)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="the peak learning rate (`stp train --lr`; default: the task's), at crop 32")
     args = parser.parse_args(argv)
     args.source = args.source or ["self@1:37-45"]
     for source in args.source:
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
         print(f"{m['splits']['train']['records']} pairs: {', '.join(args.source)}", flush=True)
     # One run per training set, loss, budget and seed: a finished run is measured again, not retrained.
     run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}"
-                       + ("" if args.minutes == 15 else f"-{args.minutes:g}min"))
+                       + ("" if args.minutes == 15 else f"-{args.minutes:g}min")
+                       + ("" if args.lr is None else f"-lr{args.lr:g}"))
     previous = {}
     if os.path.exists(os.path.join(run, "run.json")):
         with open(os.path.join(run, "run.json")) as f:
@@ -165,14 +168,16 @@ def main(argv=None) -> int:
     if previous.get("status") == "done":
         steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
     else:
+        # A given lr drops the CPU-budget defaults (`stp train`): their crop is kept here.
+        options = (("pixel_loss", args.loss), *((("crop", 32),) if args.lr else ()))
         result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
-                                   task_options=(("pixel_loss", args.loss),), val_split="none", seed=args.seed,
+                                   task_options=options, val_split="none", seed=args.seed, lr=args.lr,
                                    verbose=0, resume=os.path.exists(run)),
                        echo=print)
         steps = result["metrics"]["optimizer_steps"]
     scores = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False))
     report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": CRF, "clock": args.clock,
-              "minutes": args.minutes,
+              "minutes": args.minutes, "lr": args.lr,
               "steps": steps, "patches": scores["patches"],
               "input": scores["input"], "output": scores["output"], "gain_db": scores["gain_db"]["over_input"]}
     if args.tta:
