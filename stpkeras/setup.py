@@ -10,6 +10,7 @@ here, or by `TrainConfig` itself, before anything is written.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -77,6 +78,9 @@ class TrainConfig:
     layer_decay: Optional[float] = None  # ViTs: the learning rate x this per block below the head
     # Set by the config, not passed: the task's short-CPU-budget recipe when it applied (`_cpu_budget_recipe`).
     recipe: Optional[str] = dataclasses.field(default=None, init=False)
+    # Set by the config, not passed: `lr` is a default (the task's or the recipe's), which the data may scale
+    # (`Task.lr_scale`, applied by `prepare_run`); False: the user's, kept as given.
+    lr_default: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
         from stpkeras.tasks import get_task
@@ -87,6 +91,7 @@ class TrainConfig:
         task_class = type(get_task(self.task, {}))
         recipe, recipe_batch = _cpu_budget_recipe(self, task_class)
         object.__setattr__(self, "recipe", recipe)
+        object.__setattr__(self, "lr_default", self.lr is None)
         if self.recipe is not None:
             object.__setattr__(self, "model_options", task_class.CPU_BUDGET_OPTIONS)
             object.__setattr__(self, "task_options", (*_unset(task_class.CPU_BUDGET_TASK_OPTIONS, self.task_options),
@@ -201,6 +206,19 @@ def mixed_policy(mixed_precision: Optional[bool], gpu: bool, auto: bool = True) 
     if mixed_precision:
         return "mixed_float16" if gpu else "mixed_bfloat16"
     return None
+
+
+def scale_default_lr(config: TrainConfig, task) -> TrainConfig:
+    """`config` with its default learning rate x the data's `task.lr_scale()` (`recipe` then says so); an lr
+    the user gave, or a scale of 1, leaves it as it is."""
+    scale, why = task.lr_scale()
+    if not config.lr_default or scale == 1.0:
+        return config
+    scaled = copy.copy(config)   # frozen: the resolved config, one value changed (no second resolution)
+    object.__setattr__(scaled, "lr", config.lr * scale)
+    note = f"lr {config.lr:g} x {scale:g} = {scaled.lr:g} on {why} (--lr chooses otherwise)"
+    object.__setattr__(scaled, "recipe", f"{config.recipe}; {note}" if config.recipe else note)
+    return scaled
 
 
 def _cpu_budget_recipe(config: TrainConfig, task_class) -> Tuple[Optional[str], Optional[int]]:
@@ -517,6 +535,7 @@ def prepare_run(config: TrainConfig) -> Run:
                        "why). Expected a converted folder with at least one record")
     # A task the data cannot serve (enhance without degradations or pairs) is a usage error (ValueError).
     task = get_task(config.task, dict(config.task_options)).for_data(info)
+    config = scale_default_lr(config, task)
     try:
         # The task's classes: the data's labels for classify, mask or frame classes for segment, none for embed.
         labels = tuple(task.class_names(info))

@@ -52,6 +52,11 @@ class Task:
     # AdamW's second-moment decay for the task's runs (`setup.compile_model`).
     ADAM_BETA_2: ClassVar[float] = 0.999
 
+    def lr_scale(self) -> Tuple[float, str]:
+        """(The factor on a default learning rate, the task's or the CPU-budget recipe's, for the data `for_data`
+        found; what about the data asks for it). A learning rate the user gives is kept (`setup.prepare_run`)."""
+        return 1.0, ""
+
     def options(self) -> Dict[str, object]:
         """The task's own settings (e.g. enhance's `degrade`, `pixel_loss`), as `get_task` takes them."""
         return {name: getattr(self, name) for name in option_names(self)}
@@ -387,6 +392,11 @@ class Enhance(Task):
     # On an AMX CPU a 32x32-crop step costs 0.26x float32's CPU, and 15 minutes train 2.8x the steps (issue 20's
     # denoising benchmark, docs/benchmarks.md).
     AUTO_BFLOAT16: ClassVar[bool] = True
+    # Codec pairs differ by a few grey levels where noise:25 differs by 25: at the denoiser's rate (the CPU recipe's
+    # 1e-3) the stack stayed the identity on H.264 pairs in 3 runs of 4 (15 minutes; a training loss flat for 30
+    # epochs) and gained +0.03 dB in the fourth; at a fifth of it +0.074 and +0.126 dB on the same pairs (issue 20,
+    # docs/benchmarks.md). Paired data's default rate is the task's (or the recipe's) x this.
+    PAIRED_LR_SCALE: ClassVar[float] = 0.2
 
     def __post_init__(self):
         from stpkeras.degrade import describe, parse_degrade
@@ -422,6 +432,9 @@ class Enhance(Task):
 
     def class_names(self, info):
         return ()
+
+    def lr_scale(self) -> Tuple[float, str]:
+        return (self.PAIRED_LR_SCALE, "paired data") if self.paired else (1.0, "")
 
     def build_model(self, model, spec, labels, options):
         from stpkeras.models import ENHANCE_MODELS, build_model

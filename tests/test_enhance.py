@@ -166,6 +166,30 @@ def test_convert_pairs_writes_aligned_targets_and_fails_mismatched_pairs(pairs, 
         assert np.abs(rec[schema.PATCH].astype(int) - rec[schema.TARGET]).mean() > 0.5  # crf 40: degraded
 
 
+def test_paired_data_trains_at_a_fifth_of_the_default_rate_and_a_given_rate_is_kept(pairs, tmp_path, cli):
+    root, _ = pairs
+    cli("convert", root / "pairs.csv", tmp_path / "data", "--patch", "4x16x16", "--quiet")
+    common = ("--task", "enhance", "--model-arg", "depth=2", "--model-arg", "filters=4", "--epochs", "1",
+              "--batch-size", "8", "--verbose", "0", "--seed", "0")
+    runs = {"default": (), "given": ("--lr", "1e-3")}
+    for name, args in runs.items():
+        r = cli("train", tmp_path / "data", "--out", tmp_path / name, *common, *args)
+        assert r.exit_code == 0, r.output
+    default, given = (json.loads((tmp_path / n / "run.json").read_text())["config"] for n in runs)
+    # Codec pairs differ by a few grey levels: the task's 2e-3 x 0.2, and run.json says why.
+    assert default["lr"] == pytest.approx(4e-4) and default["lr_default"] is True
+    assert default["recipe"] == "lr 0.002 x 0.2 = 0.0004 on paired data (--lr chooses otherwise)"
+    assert given["lr"] == 1e-3 and given["lr_default"] is False and given["recipe"] is None
+    # The CPU-budget recipe's rate (its crop and lr for a short --minutes, no GPU) is scaled the same way.
+    r = cli("train", tmp_path / "data", "--out", tmp_path / "budget", "--task", "enhance", "--minutes", "0.05",
+            "--epochs", "1", "--batch-size", "8", "--verbose", "0")
+    assert r.exit_code == 0, r.output
+    budget = json.loads((tmp_path / "budget" / "run.json").read_text())["config"]
+    assert budget["lr"] == pytest.approx(2e-4) and budget["recipe"].startswith("CPU-budget defaults: crop=32, lr 0.001")
+    assert budget["recipe"].endswith("; lr 0.001 x 0.2 = 0.0002 on paired data (--lr chooses otherwise)")
+    assert "lr 0.001 x 0.2 = 0.0002 on paired data" in r.output   # the run's first line says so
+
+
 # --- training, evaluation, export -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
