@@ -166,7 +166,11 @@ def test_convert_pairs_writes_aligned_targets_and_fails_mismatched_pairs(pairs, 
         assert np.abs(rec[schema.PATCH].astype(int) - rec[schema.TARGET]).mean() > 0.5  # crf 40: degraded
 
 
-def test_paired_data_trains_at_a_fifth_of_the_default_rate_and_a_given_rate_is_kept(pairs, tmp_path, cli):
+def test_paired_data_trains_at_a_fifth_of_the_default_rate_and_a_given_rate_is_kept(pairs, tmp_path, cli,
+                                                                                   monkeypatch):
+    import stpkeras.setup as setup
+    monkeypatch.setattr(setup, "cpu_cores", lambda: 2)   # the CPU-budget recipe applies, on any test machine
+    monkeypatch.setattr(setup, "has_gpu", lambda: False)
     root, _ = pairs
     cli("convert", root / "pairs.csv", tmp_path / "data", "--patch", "4x16x16", "--quiet")
     common = ("--task", "enhance", "--model-arg", "depth=2", "--model-arg", "filters=4", "--epochs", "1",
