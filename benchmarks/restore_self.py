@@ -14,7 +14,7 @@ same run. The model trained on the other kind's clean pairs is the earlier recip
 
     python benchmarks/restore_self.py [--fold camera|animation] [--minutes 15] [--clock cpu] [--out DIR]
                                       [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0] [--tta]
-                                      [--leaves 8]
+                                      [--leaves 8] [--lr LR]
 
 `--source` (repeatable) chooses what the pairs are made of, all in one training set: `self@1:37-45` (the
 default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
@@ -24,7 +24,9 @@ cleaner target of the same content, as zero-shot super-resolution trains on a sm
 `leaves@1:23-40` (synthetic dead-leaves videos, `benchmarks/dead_leaves.py`, at crf 23-40: clean pairs that
 carry no real footage's content; `--leaves N` of them).
 
-`--tta` measures the output averaged over 8 flips as well. A run folder per training set, loss, budget and seed;
+`--lr` sets the peak learning rate (at the CPU recipe's 32x32 crops); left out, paired data trains at the task's
+default x0.2 (`Enhance.PAIRED_LR_SCALE`: 2e-4 under the CPU recipe). `--tta` measures the output averaged over 8
+flips as well. A run folder per training set, loss, budget and seed;
 a finished one is measured again, not retrained (the leaves do not depend on `--fold`: one run serves both).
 
 `--clock cpu` counts the budget in CPU time over the cores (for a machine shared with other jobs).
