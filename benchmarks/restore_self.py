@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         parse_source(source)
 
     from stpkeras.evaluate import EvalConfig, evaluate
+    from stpkeras.tasks import Enhance
     from stpkeras.train import TrainConfig, train
     from tfrecords_tools.codec import CodecPairs, parse_pairs, write_copies
     from tfrecords_tools.convert import ConvertConfig, convert
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
     if previous.get("status") == "done":
         steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
     else:
-        # A given lr drops the CPU-budget defaults (`stp train`): their crop is kept here.
-        options = (("pixel_loss", args.loss), *((("crop", 32),) if args.lr else ()))
+        # A given lr drops the CPU-budget defaults (`stp train`): their task options (the crop) are kept here.
+        options = (("pixel_loss", args.loss), *(Enhance.CPU_BUDGET_TASK_OPTIONS if args.lr is not None else ()))
         result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
                                    task_options=options, val_split="none", seed=args.seed, lr=args.lr,
                                    verbose=0, resume=os.path.exists(run)),

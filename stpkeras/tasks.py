@@ -394,8 +394,9 @@ class Enhance(Task):
     AUTO_BFLOAT16: ClassVar[bool] = True
     # Codec pairs differ by a few grey levels where noise:25 differs by 25: at the denoiser's rate (the CPU recipe's
     # 1e-3) the stack stayed the identity on H.264 pairs in 3 runs of 4 (15 minutes; a training loss flat for 30
-    # epochs) and gained +0.03 dB in the fourth; at a fifth of it +0.074 and +0.126 dB on the same pairs (issue 20,
-    # docs/benchmarks.md). Paired data's default rate is the task's (or the recipe's) x this.
+    # epochs) and gained +0.03 dB in the fourth; at a fifth of it +0.074 / +0.123 (camera, two seeds) and +0.126 dB
+    # (animation) on the same pairs (issue 20, docs/benchmarks.md). Paired data's default rate is the task's (or
+    # the recipe's) x this.
     PAIRED_LR_SCALE: ClassVar[float] = 0.2
 
     def __post_init__(self):
