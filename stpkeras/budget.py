@@ -11,8 +11,10 @@ epochs (default: no cap that matters).
 The stopping rule: the run uses the whole budget. Within an epoch the clock is read every few steps (every
 `CHECK_EVERY` before the rate is measured, then about every `CHECK_SECONDS` of steps) and the epoch ends
 at the first reading where the budget is spent; at an epoch end the run stops when not one more step
-fits. That last, shorter epoch is recorded as an epoch (`budget.stopped` says "budget, within an epoch"),
-validated and saved like any other. (Stopping at the last whole epoch that fits wasted up to an epoch:
+fits. That last, shorter epoch is recorded as an epoch (`budget.stopped` says "budget, within an epoch",
+`budget.last_epoch_steps` how many steps it ran, and `stp train`'s last lines say so), validated and saved like
+any other: with no validation split its training figures are over those few steps only, and may jump either
+way in history.csv and curves.png. (Stopping at the last whole epoch that fits wasted up to an epoch:
 on the enhancement benchmark, 7 of 15 minutes, as one epoch of 219 steps took 8.) The learning rate
 follows the run's schedule (warmup, then cosine) over the steps the budget is expected to hold
 (`BudgetSchedule`): the steps done plus the steps that still fit at the measured rate, estimated after
@@ -84,6 +86,8 @@ class Budget:
         self.check_every = CHECK_EVERY
         self.per_step: Optional[float] = None
         self.epochs_run = 0
+        self.epoch_began = 0     # session_steps when the epoch under way began
+        self.last_epoch_steps = 0
         self.stopped = "epochs"
 
     def start(self) -> None:
@@ -111,6 +115,7 @@ class Budget:
     def after_epoch(self, epochs_done: int) -> bool:
         """Call after every finished epoch (`epochs_done` counts the run's); True: stop here."""
         self.epochs_run += 1
+        self.last_epoch_steps, self.epoch_began = self.session_steps - self.epoch_began, self.session_steps
         elapsed = self.elapsed()
         if self.stopped == "budget, within an epoch":
             return True
@@ -142,14 +147,20 @@ class Budget:
                 "expected_steps": int(self.schedule.total_steps.numpy())}
 
     def record(self) -> dict:
-        """run.json's `budget`."""
-        return {"minutes": self.seconds / 60.0, "train_seconds": round(self.elapsed(), 2),
-                "epochs_this_session": self.epochs_run, "steps_per_epoch": self.steps,
-                "expected_steps": int(self.schedule.total_steps.numpy()), "stopped": self.stopped}
+        """run.json's `budget` (`last_epoch_steps` where the budget ended the last epoch early)."""
+        record = {"minutes": self.seconds / 60.0, "train_seconds": round(self.elapsed(), 2),
+                  "epochs_this_session": self.epochs_run, "steps_per_epoch": self.steps,
+                  "expected_steps": int(self.schedule.total_steps.numpy()), "stopped": self.stopped}
+        if self.stopped == "budget, within an epoch":
+            record["last_epoch_steps"] = self.last_epoch_steps
+        return record
 
 
 def summary(record: dict) -> str:
     """One line for `stp train` from run.json's `budget`: the minutes used and what ended the run (the epoch
-    cap, the budget at an epoch's end, or the budget within an epoch)."""
+    cap, the budget at an epoch's end, or the budget within an epoch, and then how much of it ran)."""
     reason = "the epoch cap (--epochs)" if record["stopped"] == "epochs" else f"the {record['stopped']}"
+    if "last_epoch_steps" in record:
+        reason += (f": the last epoch ran {record['last_epoch_steps']} of {record['steps_per_epoch']} steps"
+                   " (its training figures are over those steps only)")
     return f"budget {record['minutes']:g} min: {record['train_seconds'] / 60:.1f} min of training, stopped by {reason}"

@@ -278,12 +278,14 @@ def test_a_time_budget_is_used_to_its_end(small_data, tmp_path, monkeypatch):
                 echo=lambda s: None)
     assert run["status"] == "done" and run["metrics"]["epochs"] == 8 and run["metrics"]["optimizer_steps"] == 30
     assert run["budget"] == {"minutes": 0.5, "train_seconds": 30.0, "epochs_this_session": 8, "steps_per_epoch": 4,
-                             "expected_steps": 30, "stopped": "budget, within an epoch"}
+                             "expected_steps": 30, "stopped": "budget, within an epoch", "last_epoch_steps": 2}
     assert run["steps_per_epoch"] == 4 and run == json.load(open(os.path.join(out, "run.json")))
     # `stp train`'s last lines say what ended it (this once said "the epoch cap" for a budget spent mid-epoch).
     assert budget_lib.summary(run["budget"]) == ("budget 0.5 min: 0.5 min of training, stopped by the budget, "
-                                                 "within an epoch")
-    assert budget_lib.summary({**run["budget"], "stopped": "epochs"}).endswith("stopped by the epoch cap (--epochs)")
+                                                 "within an epoch: the last epoch ran 2 of 4 steps (its training "
+                                                 "figures are over those steps only)")
+    capped = {**{k: v for k, v in run["budget"].items() if k != "last_epoch_steps"}, "stopped": "epochs"}
+    assert budget_lib.summary(capped).endswith("stopped by the epoch cap (--epochs)")
     assert read_history(out)["epoch"] == [float(e) for e in range(8)]
     assert not os.path.exists(os.path.join(out, "backup"))
     # The schedule spanned the 30 steps the budget held: the learning rate ends at 1% of its peak.
@@ -308,7 +310,7 @@ def test_budget_schedule_warms_up_then_decays_over_the_expected_steps():
             budget.after_step()
         assert float(schedule.total_steps.numpy()) == 30.0   # the 10 steps done and the 20 that still fit
         assert budget.check_every == 2   # the clock is read about every 5 s: every 2 steps of 2 s
-        assert budget.after_epoch(1) is False
+        assert budget.after_epoch(1) is False and budget.last_epoch_steps == 10
         clock["t"] = 40.0
         assert budget.after_epoch(2) is False   # a third epoch ends at 60 s: within the budget
         clock["t"] = 59.0
