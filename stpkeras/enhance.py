@@ -159,11 +159,11 @@ class EnhanceResult:
 
 
 def _reference_frames(path: str, spec: PatchSpec, max_pixels: int) -> Iterator[np.ndarray]:
-    from tfrecords_tools.video import FrameStream, Replan, make_plan, probe
+    from tfrecords_tools.video import REWRITE_COLOUR, FrameStream, Replan, make_plan, probe
 
     info = probe(path, max_pixels)
-    try:
-        for frame, _ in FrameStream(info, spec, make_plan(info, spec)):
+    try:  # read as the input is, to be compared with it
+        for frame, _ in FrameStream(info, spec, make_plan(info, spec), colour=REWRITE_COLOUR):
             yield frame
     except Replan as e:
         raise EnhanceError(f"{path}: the reference's frames do not decode as its container declares ({e.why}); "
@@ -253,7 +253,7 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
     Every output is written under a temporary name and renamed when the whole video is done; an
     output that is one of the inputs raises `outputs.OutputIsInputError` before any work.
     """
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, probe
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, REWRITE_COLOUR, probe
 
     for written in (out, side_by_side, frame_png):
         outputs.check_not_input(written, [path, reference])
@@ -271,7 +271,7 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
                             frame_index=frame_index, max_pixels=max_pixels)
         try:
             run_video(path, enhancer.spec, enhancer, head, batch_size=batch_size, cut=cut, max_pixels=max_pixels,
-                      timing=timing)
+                      timing=timing, colour=REWRITE_COLOUR)   # written back: read so that unchanged is unchanged
         finally:
             head.close()
     plan = head.plan

@@ -177,13 +177,13 @@ def read_frames(path: str, max_pixels: Optional[int] = None):
     The plan is the one decoding settles on (a second read when the first finds the container's
     timestamps or frame count wrong: `tfrecords_tools.video.Replan`); the caller restarts with it.
     """
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, make_plan, probe
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, REWRITE_COLOUR, FrameStream, make_plan, probe
 
     info = probe(path, max_pixels or DEFAULT_MAX_PIXELS)
     spec = PatchSpec(frames=1, height=1, width=1)  # no resampling, no resize: frames as they are
 
-    def frames(plan):
-        for frame, _ in FrameStream(info, spec, plan):
+    def frames(plan):  # read to be written back (`REWRITE_COLOUR`)
+        for frame, _ in FrameStream(info, spec, plan, colour=REWRITE_COLOUR):
             yield frame
 
     return info, make_plan(info, spec), frames
