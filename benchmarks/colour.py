@@ -6,6 +6,10 @@ For each sample video and each of `tfrecords_tools.video.COLOURS`:
     first `--frames` frames, with the formula's chroma taken at the nearest sample (the mean of a frame does
     not depend on how chroma is interpolated, so the bias is comparable; the spread is not, and is not
     reported);
+  - the round trip of a command that writes the frames back (`stp enhance`, `stp stabilize`): the first
+    `--frames` frames read with each converter, written unchanged by `video.VideoWriter` at crf 0 (lossless
+    4:2:0), and the mean of the written luma minus the source's, in grey levels (0: a pixel left unchanged is
+    written back as it was; `video.REWRITE_COLOUR` is the converter those commands read with);
   - the CPU a frame of a read of the whole video costs (`video.read_frames`: decoding and converting, native
     size and at `--short-side`), and the ratio exact / ffmpeg measured in the same run.
 
@@ -65,6 +69,37 @@ def formula_bias(path: str, frames: int) -> dict:
     return {c: (s / max(count, 1)).round(3).tolist() for c, s in sums.items()}
 
 
+def _luma(path: str, frames: int) -> np.ndarray:
+    import av
+
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="yuv420p")[:f.height].astype(np.float64)
+                         for _, f in zip(range(frames), container.decode(video=0))])
+
+
+def rewrite_bias(path: str, frames: int, work: str) -> dict:
+    """{colour: mean (written luma - source luma)} of the first `frames` frames read with each converter and
+    written back unchanged at crf 0; {} for a video that is not yuv420p."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if stream.format is None or stream.format.name != "yuv420p":
+            return {}
+        rate = float(stream.average_rate or 25)
+    source, scaler, bias = _luma(path, frames), VideoReformatter(), {}
+    for colour in video.COLOURS:
+        out = os.path.join(work, f"rewrite-{colour}.mp4")
+        flags = {"interpolation": video._exact("BILINEAR")} if colour == "exact" else {}
+        with av.open(path) as container, video.VideoWriter(out, rate, crf=0) as writer:
+            for _, frame in zip(range(frames), container.decode(video=0)):
+                writer.write(scaler.reformat(frame, format="rgb24", **flags).to_ndarray())
+        written = _luma(out, frames)
+        bias[colour] = round(float((written - source[:len(written)]).mean()), 3)
+    return bias
+
+
 def read_cost(path: str, short_side: int, colour: str, repeats: int = 3) -> float:
     """CPU milliseconds a frame of `read_frames` of the whole video (decode + convert), the best of `repeats`
     reads."""
@@ -85,25 +120,30 @@ def main() -> int:
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
     rows = []
-    print("| video | ffmpeg: mean - formula (R, G, B) | exact: mean - formula | read, native: ms a frame "
-          "ffmpeg / exact (ratio) | read, short side %d: ffmpeg / exact (ratio) |" % args.short_side)
-    print("|---|---|---|---|---|")
+    print("| video | ffmpeg: mean - formula (R, G, B) | exact: mean - formula | written back, luma - source's: "
+          "ffmpeg / exact | read, native: ms a frame ffmpeg / exact (ratio) | read, short side %d: ffmpeg / exact "
+          "(ratio) |" % args.short_side)
+    print("|---|---|---|---|---|---|")
+    import tempfile
+    work = tempfile.mkdtemp(prefix="colour-")
     for name in NAMES:
         path = os.path.join(args.videos, name)
         if not os.path.isfile(path):
             print(f"skipped {name}: not found in {args.videos}")
             continue
         bias = formula_bias(path, args.frames)
+        rewrite = rewrite_bias(path, args.frames, work)
         cost = {(c, s): read_cost(path, s, c) for c in video.COLOURS for s in (0, args.short_side)}
-        row = {"video": name, "bias": bias, "ms_per_frame": {f"{c}@{s or 'native'}": round(v, 3)
-                                                            for (c, s), v in cost.items()}}
+        row = {"video": name, "bias": bias, "rewrite_luma": rewrite,
+               "ms_per_frame": {f"{c}@{s or 'native'}": round(v, 3) for (c, s), v in cost.items()}}
         rows.append(row)
         fmt = (lambda b: ", ".join(f"{x:+.2f}" for x in b)) if bias else (lambda b: "")
         cells = []
         for side in (0, args.short_side):
             plain, exact = cost[("ffmpeg", side)], cost[("exact", side)]
             cells.append(f"{plain:.2f} / {exact:.2f} ({exact / plain:.2f}x)")
-        print(f"| {name} | {fmt(bias.get('ffmpeg')) or 'RGB stream'} | {fmt(bias.get('exact'))} | "
+        written = f"{rewrite['ffmpeg']:+.3f} / {rewrite['exact']:+.3f}" if rewrite else ""
+        print(f"| {name} | {fmt(bias.get('ffmpeg')) or 'RGB stream'} | {fmt(bias.get('exact'))} | {written} | "
               f"{cells[0]} | {cells[1]} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -26,8 +26,8 @@ CPU) is what paired data reads with (`tfrecords_tools.convert`), where the two s
 pixel for pixel and one of them may never have been YUV, and what commands that write the frames back to a
 video read with (`REWRITE_COLOUR`: `stp enhance`, `stp stabilize`): the encoder converts RGB to YUV by the
 formula, so a pixel read with the fast converter and written back unchanged comes out darker. Measured on
-30 frames of bikes.mp4 and bigbuckbunny.mp4 written back losslessly (`qp 0`): luma 1.21 and 1.05 grey levels
-darker on every pixel with `ffmpeg`, within 0.005 of the source's with `exact`.
+30 frames of each YUV sample video written back losslessly (`python benchmarks/colour.py --frames 30`): luma
+0.85-1.21 grey levels darker with `ffmpeg`, within 0.02 of the source's with `exact`.
 
 Guards raise `VideoError`, which names the file and the reason.
 """
