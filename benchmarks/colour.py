@@ -125,14 +125,14 @@ def main() -> int:
           "(ratio) |" % args.short_side)
     print("|---|---|---|---|---|---|")
     import tempfile
-    work = tempfile.mkdtemp(prefix="colour-")
+    work = tempfile.TemporaryDirectory(prefix="colour-")   # the written-back copies, removed at the end
     for name in NAMES:
         path = os.path.join(args.videos, name)
         if not os.path.isfile(path):
             print(f"skipped {name}: not found in {args.videos}")
             continue
         bias = formula_bias(path, args.frames)
-        rewrite = rewrite_bias(path, args.frames, work)
+        rewrite = rewrite_bias(path, args.frames, work.name)
         cost = {(c, s): read_cost(path, s, c) for c in video.COLOURS for s in (0, args.short_side)}
         row = {"video": name, "bias": bias, "rewrite_luma": rewrite,
                "ms_per_frame": {f"{c}@{s or 'native'}": round(v, 3) for (c, s), v in cost.items()}}
@@ -145,6 +145,7 @@ def main() -> int:
         written = f"{rewrite['ffmpeg']:+.3f} / {rewrite['exact']:+.3f}" if rewrite else ""
         print(f"| {name} | {fmt(bias.get('ffmpeg')) or 'RGB stream'} | {fmt(bias.get('exact'))} | {written} | "
               f"{cells[0]} | {cells[1]} |")
+    work.cleanup()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -138,14 +138,14 @@ def _batches(events: Iterator, spec: PatchSpec, batch_size: int, timing: Timing)
 def run_video(path: str, spec: PatchSpec, model: Callable[[np.ndarray], object], head: Head[Result], *,
               batch_size: int, cut: Optional[PatchSpec] = None, max_pixels: Optional[int] = None,
               timing: Optional[Timing] = None, region: Optional[Tuple[int, int, int, int]] = None,
-              colour: Optional[str] = None) -> Result:
+              colour: str = DEFAULT_COLOUR) -> Result:
     """Streams the video `path` through `model` into `head`; returns `head.finish()`.
 
     `spec` is the model's `PatchSpec`: batches go to `model` as its input, `uint8 [n, *spec.shape]` in
     its pixel format. `cut` is the grid to cut (default `spec`; enhance and segment cut overlapping,
     edge-padded patches of the same size). `region` (`Plan.region`): only that part of every frame is
-    read. `colour`: how YUV becomes RGB (`tfrecords_tools.video.COLOURS`; default the conversion's, `ffmpeg`;
-    a head that writes the frames back to a video reads with `REWRITE_COLOUR`). Raises `NoPatches` when not
+    read. `colour`: how YUV becomes RGB (`tfrecords_tools.video.COLOURS`; the conversion's by default; a head
+    that writes the frames back to a video reads with `REWRITE_COLOUR`). Raises `NoPatches` when not
     one patch fits.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -154,7 +154,7 @@ def run_video(path: str, spec: PatchSpec, model: Callable[[np.ndarray], object],
     cut = cut or spec
     timing = timing if timing is not None else Timing()
     events = video_patches(path, cut, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, region=region,
-                           colour=colour or DEFAULT_COLOUR)
+                           colour=colour)
     for event in prefetch(_batches(events, spec, batch_size, timing)):
         if isinstance(event, Plan):
             timing.patches = 0

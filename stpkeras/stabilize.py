@@ -42,6 +42,7 @@ from stpkeras.shake import MOTION, ZOOM, motion_units, projective_transforms
 from tfrecords_tools import outputs
 from tfrecords_tools.errors import BadInput
 from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import DEFAULT_COLOUR, REWRITE_COLOUR
 
 DEFAULT_SMOOTHING = 1.0   # seconds: the Gaussian's sigma along the path
 CROPS = ("auto", "none")   # or a cropping ratio in [1 / MAX_ZOOM, 1]
@@ -171,30 +172,31 @@ class MotionWindows:
         return (motion * scale).astype(np.float32)
 
 
-def read_frames(path: str, max_pixels: Optional[int] = None):
-    """`(VideoInfo, Plan, iterator of uint8 [H, W, 3] frames at the source's size)`.
+def read_frames(path: str, max_pixels: Optional[int] = None, colour: str = DEFAULT_COLOUR):
+    """`(VideoInfo, Plan, iterator of uint8 [H, W, 3] frames at the source's size)`, YUV read as `colour`
+    (`tfrecords_tools.video.COLOURS`).
 
     The plan is the one decoding settles on (a second read when the first finds the container's
     timestamps or frame count wrong: `tfrecords_tools.video.Replan`); the caller restarts with it.
     """
-    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, REWRITE_COLOUR, FrameStream, make_plan, probe
+    from tfrecords_tools.video import DEFAULT_MAX_PIXELS, FrameStream, make_plan, probe
 
     info = probe(path, max_pixels or DEFAULT_MAX_PIXELS)
     spec = PatchSpec(frames=1, height=1, width=1)  # no resampling, no resize: frames as they are
 
-    def frames(plan):  # read to be written back (`REWRITE_COLOUR`)
-        for frame, _ in FrameStream(info, spec, plan, colour=REWRITE_COLOUR):
+    def frames(plan):
+        for frame, _ in FrameStream(info, spec, plan, colour=colour):
             yield frame
 
     return info, make_plan(info, spec), frames
 
 
-def _each_frame(path: str, max_pixels, consumer_factory):
+def _each_frame(path: str, max_pixels, consumer_factory, colour: str = DEFAULT_COLOUR):
     """Feeds every frame to `consumer_factory(info, plan)` (an object with `add`), again from frame 0
     with the corrected plan if decoding finds the first plan wrong. Returns (info, plan, consumer)."""
     from tfrecords_tools.video import Replan
 
-    info, plan, frames = read_frames(path, max_pixels)
+    info, plan, frames = read_frames(path, max_pixels, colour)
     for _ in range(3):
         consumer = consumer_factory(info, plan)
         try:
@@ -469,7 +471,9 @@ def render(path: str, out: str, motion: CameraMotion, *, smoothing: float = DEFA
 
         rendered = None
         try:
-            _, plan, rendered = _each_frame(path, max_pixels, renderer)
+            # Written back: read so that a pixel left in place is written as it was (`REWRITE_COLOUR`); the
+            # motion pass reads as the motion model's training data was converted.
+            _, plan, rendered = _each_frame(path, max_pixels, renderer, colour=REWRITE_COLOUR)
         finally:
             if rendered is not None:
                 rendered.close()
