@@ -14,7 +14,8 @@ same run. The model trained on the other kind's clean pairs is the earlier recip
 
     python benchmarks/restore_self.py [--fold camera|animation] [--minutes 15] [--clock cpu] [--out DIR]
                                       [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0] [--tta]
-                                      [--leaves 8] [--lr LR]
+                                      [--leaves 8] [--lr LR] [--model-option KEY=INT ...]
+                                      [--crop N]
 
 `--source` (repeatable) chooses what the pairs are made of, all in one training set: `self@1:37-45` (the
 default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
@@ -92,7 +93,14 @@ def main(argv=None) -> int:
     parser.add_argument("--leaves", type=int, default=8, help="synthetic videos for a leaves source (64 frames each)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the peak learning rate (`stp train --lr`; default: the task's), at crop 32")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=INT",
+                        help="an option of the default model dncnn3d (`stp train --model-option`), e.g. downscale=4; "
+                             "repeatable")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="train on crops of this size (`stp train --task-option crop=N`; 64: whole patches; "
+                             "default: the task's CPU recipe, 32)")
     args = parser.parse_args(argv)
+    model_options = tuple((k, int(v)) for k, v in (o.split("=", 1) for o in args.model_option))
     args.source = args.source or ["self@1:37-45"]
     for source in args.source:
         parse_source(source)
@@ -163,7 +171,9 @@ def main(argv=None) -> int:
     # One run per training set, loss, budget and seed: a finished run is measured again, not retrained.
     run = os.path.join(out, "run-" + os.path.basename(data)[len("data-"):] + f"-{args.loss}-seed{args.seed}"
                        + ("" if args.minutes == 15 else f"-{args.minutes:g}min")
-                       + ("" if args.lr is None else f"-lr{args.lr:g}"))
+                       + ("" if args.lr is None else f"-lr{args.lr:g}")
+                       + "".join(f"-{k}{v}" for k, v in model_options)
+                       + ("" if args.crop is None else f"-crop{args.crop}"))
     previous = {}
     if os.path.exists(os.path.join(run, "run.json")):
         with open(os.path.join(run, "run.json")) as f:
@@ -172,15 +182,19 @@ def main(argv=None) -> int:
         steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
     else:
         # A given lr drops the CPU-budget defaults (`stp train`): their task options (the crop) are kept here.
-        options = (("pixel_loss", args.loss), *(Enhance.CPU_BUDGET_TASK_OPTIONS if args.lr is not None else ()))
+        options = (("pixel_loss", args.loss),
+                   *((("crop", args.crop),) if args.crop is not None else
+                     Enhance.CPU_BUDGET_TASK_OPTIONS if args.lr is not None or model_options else ()))
         result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
+                                   model_options=model_options,
                                    task_options=options, val_split="none", seed=args.seed, lr=args.lr,
                                    verbose=0, resume=os.path.exists(run)),
                        echo=print)
         steps = result["metrics"]["optimizer_steps"]
     scores = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False))
     report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": CRF, "clock": args.clock,
-              "minutes": args.minutes, "lr": args.lr,
+              "minutes": args.minutes, "lr": args.lr, "model_options": dict(model_options),
+              "crop": args.crop,
               "steps": steps, "patches": scores["patches"],
               "input": scores["input"], "output": scores["output"], "gain_db": scores["gain_db"]["over_input"]}
     if args.tta:

@@ -20,7 +20,7 @@ from tfrecords_tools import schema
 from tfrecords_tools.patches import Grid, PatchAssembler, PatchCutter, blend_window, overlap_spec
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import VideoWriter
-from videos import decode_all, pattern_frames, write_video
+from videos import decode_all, pattern_frames, write_video, write_yuv_window, yuv_planes
 
 
 # --- overlap-add --------------------------------------------------------------------------------
@@ -118,46 +118,16 @@ def test_enhance_video_with_an_identity_model_gives_back_the_input(tmp_path, los
     assert r.exit_code == 2 and "overlap" in r.output
 
 
-def _yuv_planes(path, frames):
-    """The first `frames` frames' yuv420p planes as stored (`[H * 3 / 2, W]` each), no conversion to RGB."""
-    import av
-
-    with av.open(path) as container:
-        got = [f.to_ndarray(format="yuv420p").astype(np.float64) for _, f in zip(range(frames),
-                                                                                 container.decode(video=0))]
-    return np.stack(got)
-
-
 def test_enhance_writes_an_unchanged_pixel_back_as_it_was(tmp_path, sample, cli):
     """An identity model through `stp enhance` gives back a real YUV video's own luma and chroma. Read with
     FFmpeg's fast converter (the conversion's default) and written back by the encoder's formula, every pixel
     of bikes.mp4 came out 1.2 grey levels darker in luma: a bias a restoration of +0.1 dB cannot afford."""
-    import av
-
-    with av.open(sample("bikes.mp4")) as container:   # 12 real frames, their yuv420p planes kept as they are
-        planes = [f.to_ndarray(format="yuv420p") for _, f in zip(range(12), container.decode(video=0))]
-    h, w = planes[0].shape[0] * 2 // 3, planes[0].shape[1]
-    top, left, rows, cols = h // 4, w // 4, 64, 96      # an even window: 4:2:0 chroma stays aligned
-
-    def window(p):
-        y, u, v = p[:h], p[h:h + h // 4].reshape(h // 2, w // 2), p[h + h // 4:].reshape(h // 2, w // 2)
-        c = (slice(top // 2, (top + rows) // 2), slice(left // 2, (left + cols) // 2))
-        return np.concatenate([y[top:top + rows, left:left + cols], u[c].reshape(-1, cols), v[c].reshape(-1, cols)])
-
-    source = str(tmp_path / "bikes_yuv.mp4")
-    with av.open(source, "w") as container:   # lossless YUV: what is stored is exactly these planes
-        stream = container.add_stream("libx264", rate=25)
-        stream.pix_fmt, stream.height, stream.width, stream.options = "yuv420p", rows, cols, {"qp": "0"}
-        for p in planes:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(window(p)),
-                                                                   format="yuv420p")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    rows, cols = 64, 96
+    source = write_yuv_window(str(tmp_path / "bikes_yuv.mp4"), sample("bikes.mp4"), 12, rows, cols)
     run = _identity_run(tmp_path / "run", PatchSpec(4, 16, 16))
     r = cli("enhance", run, source, "--out", tmp_path / "out.mp4", "--crf", "0")
     assert r.exit_code == 0, r.output
-    stored, written = _yuv_planes(source, 12), _yuv_planes(str(tmp_path / "out.mp4"), 12)
+    stored, written = yuv_planes(source, 12), yuv_planes(str(tmp_path / "out.mp4"), 12)
     luma, chroma = written[:, :rows] - stored[:, :rows], written[:, rows:] - stored[:, rows:]
     assert abs(luma.mean()) < 0.05 and np.abs(luma).mean() < 0.1, (luma.mean(), np.abs(luma).mean())
     assert abs(chroma.mean()) < 0.1 and np.abs(chroma).mean() < 1.0, (chroma.mean(), np.abs(chroma).mean())

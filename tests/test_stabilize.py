@@ -19,7 +19,7 @@ from stpkeras.camera_paths import windowed_path
 from stpkeras.stabilize import (CameraMotion, StabilizeError, camera_path, crop_zoom, load_motion_model, phase_shift,
                                 render, smooth, stabilize_video)
 from tfrecords_tools.outputs import OutputIsInputError
-from videos import decode_all, write_video
+from videos import decode_all, write_video, write_yuv_window, yuv_planes
 
 VIDEOS = "/work/shared/data/videos"
 EPOCHS = 10
@@ -288,6 +288,21 @@ def test_a_still_video_stays_still_and_outputs_never_overwrite_the_input(motion_
     # Only the codec's loss is left (crf 18: 1.25 grey levels, measured).
     assert np.abs(output.astype(int) - decode_all(video)[0].astype(int)).mean() < 2.0
     assert np.sqrt(np.mean(_jitter(output) ** 2)) < 0.05
+
+
+def test_the_rendering_pass_writes_an_unchanged_pixel_back_as_it_was(tmp_path):
+    """With no motion, the rendering pass gives back a real YUV video's own luma and chroma: it reads with the
+    exact YUV -> RGB conversion (`video.REWRITE_COLOUR`) that the encoder's formula inverts; read the fast way,
+    every pixel of bikes.mp4 came out about 1.2 grey levels darker (as in `stp enhance`'s test)."""
+    rows, cols = 64, 96
+    video = write_yuv_window(str(tmp_path / "bikes_yuv.mp4"), os.path.join(VIDEOS, "bikes.mp4"), 12, rows, cols)
+    result = render(video, str(tmp_path / "out.mp4"), CameraMotion(np.zeros((11, 4), np.float32), 25.0, rows, cols),
+                    crf=0)
+    assert result.zoom == 1.0
+    stored, written = yuv_planes(video, 12), yuv_planes(str(tmp_path / "out.mp4"), 12)
+    luma, chroma = written[:, :rows] - stored[:, :rows], written[:, rows:] - stored[:, rows:]
+    assert abs(luma.mean()) < 0.05 and np.abs(luma).mean() < 0.1, (luma.mean(), np.abs(luma).mean())
+    assert abs(chroma.mean()) < 0.1 and np.abs(chroma).mean() < 1.0, (chroma.mean(), np.abs(chroma).mean())
 
 
 def test_a_video_shorter_than_a_window_is_one_error_line(motion_run, tmp_path):

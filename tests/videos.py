@@ -97,6 +97,41 @@ def write_audio_only(path: str, seconds: float = 1.0, rate: int = 16000) -> str:
     return path
 
 
+def write_yuv_window(path: str, source: str, frames: int, rows: int, cols: int) -> str:
+    """A lossless yuv420p H.264 video of the first `frames` frames of `source` (a yuv420p video), each a `rows` x
+    `cols` window of its stored planes from a quarter of the way in: real YUV pixels that never passed through an
+    RGB conversion. `rows`, `cols` even (4:2:0 chroma stays aligned). Returns `path`."""
+    with av.open(source) as container:
+        planes = [f.to_ndarray(format="yuv420p") for _, f in zip(range(frames), container.decode(video=0))]
+    h, w = planes[0].shape[0] * 2 // 3, planes[0].shape[1]
+    top, left = h // 4 // 2 * 2, w // 4 // 2 * 2
+
+    def window(p):
+        y, u, v = p[:h], p[h:h + h // 4].reshape(h // 2, w // 2), p[h + h // 4:].reshape(h // 2, w // 2)
+        c = (slice(top // 2, (top + rows) // 2), slice(left // 2, (left + cols) // 2))
+        return np.concatenate([y[top:top + rows, left:left + cols], u[c].reshape(-1, cols), v[c].reshape(-1, cols)])
+
+    with av.open(path, "w") as container:   # lossless YUV: what is stored is exactly these planes
+        stream = container.add_stream("libx264", rate=25)
+        stream.pix_fmt, stream.height, stream.width, stream.options = "yuv420p", rows, cols, {"qp": "0"}
+        for p in planes:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(window(p)),
+                                                                   format="yuv420p")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def yuv_planes(path: str, frames: int) -> np.ndarray:
+    """The first `frames` frames' yuv420p planes as stored (`float64 [frames, H * 3 / 2, W]`), no conversion to
+    RGB."""
+    with av.open(path) as container:
+        got = [f.to_ndarray(format="yuv420p").astype(np.float64) for _, f in zip(range(frames),
+                                                                                 container.decode(video=0))]
+    return np.stack(got)
+
+
 def decode_all(path: str, size: Optional[Tuple[int, int]] = None,
                interpolation: str = "AREA") -> Tuple[np.ndarray, List[float]]:
     """Every frame PyAV decodes, in decoder order: (`uint8 [N, H, W, 3]`, seconds of each frame).
