@@ -181,10 +181,12 @@ def main(argv=None) -> int:
     if previous.get("status") == "done":
         steps = previous["metrics"]["optimizer_steps"]  # finished: measured again, not retrained
     else:
-        # A given lr drops the CPU-budget defaults (`stp train`): their task options (the crop) are kept here.
+        # A given lr or model option drops the CPU-budget defaults (`stp train`): their task options (the crop)
+        # are kept here unless `--crop` chooses another.
+        crop = (("crop", args.crop),) if args.crop is not None else ()
+        recipe_dropped = args.lr is not None or bool(model_options)
         options = (("pixel_loss", args.loss),
-                   *((("crop", args.crop),) if args.crop is not None else
-                     Enhance.CPU_BUDGET_TASK_OPTIONS if args.lr is not None or model_options else ()))
+                   *(crop or (Enhance.CPU_BUDGET_TASK_OPTIONS if recipe_dropped else ())))
         result = train(TrainConfig(data=data, out=run, task="enhance", minutes=args.minutes, epochs=1000,
                                    model_options=model_options,
                                    task_options=options, val_split="none", seed=args.seed, lr=args.lr,

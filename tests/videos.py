@@ -132,6 +132,16 @@ def yuv_planes(path: str, frames: int) -> np.ndarray:
     return np.stack(got)
 
 
+def assert_planes_written_back(stored: str, written: str, frames: int, rows: int) -> None:
+    """The first `frames` frames of `written` hold `stored`'s own yuv420p planes (`rows` luma rows), as a lossless
+    write-back of unchanged pixels should: luma within 0.05 on the mean and 0.1 per pixel, chroma within 0.1 and 1.0
+    (4:2:0 chroma is resampled on the way through RGB)."""
+    a, b = yuv_planes(stored, frames), yuv_planes(written, frames)
+    luma, chroma = b[:, :rows] - a[:, :rows], b[:, rows:] - a[:, rows:]
+    assert abs(luma.mean()) < 0.05 and np.abs(luma).mean() < 0.1, (luma.mean(), np.abs(luma).mean())
+    assert abs(chroma.mean()) < 0.1 and np.abs(chroma).mean() < 1.0, (chroma.mean(), np.abs(chroma).mean())
+
+
 def decode_all(path: str, size: Optional[Tuple[int, int]] = None,
                interpolation: str = "AREA") -> Tuple[np.ndarray, List[float]]:
     """Every frame PyAV decodes, in decoder order: (`uint8 [N, H, W, 3]`, seconds of each frame).
