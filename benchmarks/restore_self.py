@@ -15,15 +15,20 @@ same run. The model trained on the other kind's clean pairs is the earlier recip
     python benchmarks/restore_self.py [--fold camera|animation] [--minutes 15] [--clock cpu] [--out DIR]
                                       [--source KIND@SCALE:CRFS ...] [--loss l1|l2] [--seed 0] [--tta]
                                       [--leaves 8] [--lr LR] [--model-option KEY=INT ...]
-                                      [--crop N]
+                                      [--crop N] [--crf 37]
 
 `--source` (repeatable) chooses what the pairs are made of, all in one training set: `self@1:37-45` (the
 default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
 makes them), `self@0.5:37-45` (the compressed videos scaled to half size first, losslessly, then encoded: a
 cleaner target of the same content, as zero-shot super-resolution trains on a smaller copy of its input),
-`clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier recipe of benchmarks/enhance.py),
+`self@1:auto` (each compressed video at its own level to 4 above, read from its quantizer, as `stp convert
+--pairs h264:auto` makes them), `clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier
+recipe of benchmarks/enhance.py),
 `leaves@1:23-40` (synthetic dead-leaves videos, `benchmarks/dead_leaves.py`, at crf 23-40: clean pairs that
 carry no real footage's content; `--leaves N` of them).
+
+`--crf` is the level the "user's" videos (and the test patches) are compressed at (default 37); a level other
+than 37 names its folders (`compressed-camera-crf28`, ...), so the crf 37 runs' commands reproduce as they were.
 
 `--lr` sets the peak learning rate (at the CPU recipe's 32x32 crops); left out, paired data trains at the task's
 default x0.2 (`Enhance.PAIRED_LR_SCALE`: 2e-4 under the CPU recipe). `--tta` measures the output averaged over 8
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, default=None,
                         help="train on crops of this size (`stp train --task-option crop=N`; 64: whole patches; "
                              "default: the task's CPU recipe, 32)")
+    parser.add_argument("--crf", type=int, default=CRF,
+                        help="the crf the user's videos and the test patches are compressed at (default 37)")
     args = parser.parse_args(argv)
     model_options = tuple((k, int(v)) for k, v in (o.split("=", 1) for o in args.model_option))
     args.source = args.source or ["self@1:37-45"]
@@ -117,31 +124,33 @@ def main(argv=None) -> int:
         cores = os.cpu_count() or 1
         budget_lib.CLOCK = lambda: time.process_time() / cores
     out = os.path.abspath(args.out)
-    compressed, originals = os.path.join(out, f"compressed-{args.fold}"), os.path.join(out, "originals")
+    crf = args.crf
+    level = "" if crf == CRF else f"-crf{crf}"  # the crf 37 runs keep their folder names
+    compressed, originals = os.path.join(out, f"compressed-{args.fold}{level}"), os.path.join(out, "originals")
     os.makedirs(originals, exist_ok=True)
     for name in FOLDS[args.fold]:
         stem = os.path.splitext(name)[0]
-        write_copies(os.path.join(args.videos, name), PatchSpec(8, 64, 64), CodecPairs("h264", (CRF,)),
+        write_copies(os.path.join(args.videos, name), PatchSpec(8, 64, 64), CodecPairs("h264", (crf,)),
                      os.path.join(out, "copies"), stem)
         os.makedirs(compressed, exist_ok=True)
-        link = os.path.join(compressed, f"{stem}-crf{CRF}.mp4")
+        link = os.path.join(compressed, f"{stem}-crf{crf}.mp4")
         if not os.path.lexists(link):
-            os.symlink(os.path.join(out, "copies", f"{stem}-crf{CRF}.mp4"), link)
+            os.symlink(os.path.join(out, "copies", f"{stem}-crf{crf}.mp4"), link)
         if not os.path.lexists(os.path.join(originals, name)):
             os.symlink(os.path.abspath(os.path.join(args.videos, name)), os.path.join(originals, name))
-    # What is measured: the originals compressed at crf 37 against themselves (the test patches).
-    test = os.path.join(out, f"data-test-{args.fold}")
+    # What is measured: the originals compressed at the crf against themselves (the test patches).
+    test = os.path.join(out, f"data-test-{args.fold}{level}")
     if not os.path.isdir(test):
-        csv = os.path.join(out, f"test-{args.fold}.csv")
+        csv = os.path.join(out, f"test-{args.fold}{level}.csv")
         with open(csv, "w") as f:
             f.write("path,split\n" + "".join(f"{os.path.join(originals, n)},test\n" for n in FOLDS[args.fold]))
-        convert(ConvertConfig(src=csv, out=test, pairs=f"h264:{CRF}", workers=2, spec=PatchSpec(8, 64, 64)))
+        convert(ConvertConfig(src=csv, out=test, pairs=f"h264:{crf}", workers=2, spec=PatchSpec(8, 64, 64)))
     # What is trained on: pairs of each source, in one path,target conversion (`stp convert` of a CSV).
     # Sources of real footage depend on the fold; the synthetic leaves do not, and one run serves both folds.
     name = "+".join(args.source).replace(":", "_").replace("@", "s")
     kinds = {parse_source(s)[0] for s in args.source}
     if kinds - {"leaves"}:
-        name = f"{args.fold}-{name}"
+        name = f"{args.fold}{level}-{name}"
     if "leaves" in kinds and args.leaves != 8:
         name = f"{name}-n{args.leaves}"
     data = os.path.join(out, "data-" + name)
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
                        echo=print)
         steps = result["metrics"]["optimizer_steps"]
     scores = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False))
-    report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": CRF, "clock": args.clock,
+    report = {"fold": args.fold, "source": args.source, "loss": args.loss, "crf": crf, "clock": args.clock,
               "minutes": args.minutes, "lr": args.lr, "model_options": dict(model_options),
               "crop": args.crop,
               "steps": steps, "patches": scores["patches"],
@@ -202,7 +211,7 @@ def main(argv=None) -> int:
     if args.tta:
         flipped = evaluate(EvalConfig(model=run, data=test, split="test", batch_size=32, baselines=False, tta=True))
         report.update(output_tta=flipped["output"], gain_db_tta=flipped["gain_db"]["over_input"])
-    print(f"{args.fold}: {scores['patches']} patches at crf {CRF}: PSNR {scores['input']['psnr']:.3f} -> "
+    print(f"{args.fold}: {scores['patches']} patches at crf {crf}: PSNR {scores['input']['psnr']:.3f} -> "
           f"{scores['output']['psnr']:.3f} dB ({report['gain_db']:+.3f}), SSIM {scores['input']['ssim']:.4f} -> "
           f"{scores['output']['ssim']:.4f}; {report['steps']} steps on {' + '.join(args.source)}"
           + (f"; with --tta {report['gain_db_tta']:+.3f} dB" if args.tta else ""),

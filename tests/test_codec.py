@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import av
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfrecords_tools import schema
-from tfrecords_tools.codec import CodecPairs, parse_pairs
+from tfrecords_tools.errors import EXIT_PARTIAL
+from tfrecords_tools.codec import CodecPairs, auto_crfs, parse_pairs
+from tfrecords_tools.spec import PatchSpec
+from tfrecords_tools.video import VideoError, VideoWriter, mean_quantizer, read_frames
 from videos import pattern_frames, write_video
 
 
@@ -171,3 +175,79 @@ def test_pairs_of_real_footage_differ_by_the_codec_not_by_a_colour_offset(tmp_pa
         assert np.all(np.abs(diff) < 0.4), diff
     else:
         assert np.all(diff > 0.5), diff   # every channel darker: an offset, not a codec error
+
+
+def test_auto_pairs_parse_and_take_the_level_below_the_quantizer():
+    auto = parse_pairs("H264:auto")
+    assert auto.auto and auto.crfs == () and str(auto) == "h264:auto" and auto.crfs_text == "auto"
+    assert auto_crfs(40.2) == (37, 38, 40, 41)     # the quantizer less 3, to 4 above, 4 levels
+    assert auto_crfs(40.6) == (38, 39, 41, 42)
+    assert auto_crfs(60.0) == (47, 48, 50, 51) and auto_crfs(1.0) == (0, 1, 3, 4)   # inside libx264's 0-51
+    with pytest.raises(ValueError, match="no crf values with auto"):
+        CodecPairs("h264", (30,), auto=True)
+    assert CodecPairs("h264", (30, 37)).resolve("not read") == CodecPairs("h264", (30, 37))
+
+
+def test_the_quantizer_of_real_footage_follows_the_crf_it_was_encoded_at(tmp_path, sample):
+    # 64 frames of real footage encoded at three crf values: the quantizer its decoder reports is the crf plus
+    # libx264's offset (here 2.8-3.7; 1-5 measured on the sample videos at several sizes and lengths), so the
+    # level `auto` reads back is within 2 of the crf (an offset left out would put it 3-4 above).
+    frames, _ = read_frames(sample("bikes.mp4"), PatchSpec(1, 1, 1, short_side=128))
+    frames = frames[:64]
+    levels = {}
+    for crf in (23, 33, 43):
+        writer = VideoWriter(str(tmp_path / f"bikes-crf{crf}.mp4"), 25, crf=crf)
+        for frame in frames:
+            writer.write(frame)
+        writer.close()
+        quantizer = mean_quantizer(writer.path)
+        assert crf + 1 <= quantizer <= crf + 6, (crf, quantizer)
+        levels[crf] = auto_crfs(quantizer)[0]
+    assert all(abs(level - crf) <= 2 for crf, level in levels.items()), levels
+    assert levels[23] < levels[33] < levels[43]
+    # Another codec has no H.264 quantizer: refused with the file and the reason.
+    other = tmp_path / "mpeg4.mkv"
+    with av.open(str(other), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", frames.shape[1], frames.shape[2]
+        for frame in frames[:4]:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoError, match=r"mpeg4.mkv: its video is mpeg4, expected H.264"):
+        mean_quantizer(str(other))
+
+
+def test_convert_auto_pairs_each_video_at_its_own_level_and_fails_a_video_it_cannot_read(tmp_path, cli, sample):
+    # Compressed footage at two levels and one video of another codec, in one folder: each H.264 video's copies
+    # are at its own level to 4 above (named in the manifest), the other fails with one line and the job goes on.
+    frames, _ = read_frames(sample("bikes.mp4"), PatchSpec(1, 1, 1, short_side=64))
+    src = tmp_path / "src"
+    src.mkdir()
+    for crf in (25, 40):
+        writer = VideoWriter(str(src / f"bikes{crf}.mp4"), 25, crf=crf)
+        for frame in frames[:16]:
+            writer.write(frame)
+        writer.close()
+    with av.open(str(src / "other.avi"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", frames.shape[1], frames.shape[2]
+        for frame in frames[:8]:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    r = cli("convert", src, tmp_path / "pairs", "--patch", "4x32x32", "--pairs", "h264:auto", "--workers", "1")
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    assert "other.avi: its video is mpeg4, expected H.264" in r.output and "Traceback" not in r.output
+    manifest, records = _records(tmp_path / "pairs")
+    assert manifest["fingerprint"]["pairs"] == "h264:auto"
+    ids = {v["id"]: v["status"] for v in manifest["videos"]}
+    assert ids.pop("other.avi#crf=auto") == "failed" and set(ids.values()) == {"ok"}
+    crfs = {name: sorted(int(i.rsplit("=", 1)[1]) for i in ids if i.startswith(name + "#"))
+            for name in ("bikes25.mp4", "bikes40.mp4")}
+    for name, got in crfs.items():
+        level = int(name[5:7])
+        assert len(got) == 4 and got[-1] - got[0] == 4 and abs(got[0] - level) <= 3, crfs
+    assert records and all(str(r[schema.VIDEO_ID]).split("#")[0] in crfs for r in records)

@@ -10,6 +10,13 @@ under `target/data`, the clean one, for `stp train --task enhance`; both sides a
 YUV -> RGB conversion (`tfrecords_tools.pairs`), as the clean copy never was YUV. The copies live in the
 conversion's work folder and go with it.
 
+`--pairs h264:auto` chooses each video's crf values from the video itself, for compressed footage whose own
+re-encodings are the pairs (no clean originals): its level is the mean quantizer its H.264 decoder reports
+(`video.mean_quantizer`) less `QUANTIZER_ABOVE_CRF`, and its copies are at that level to `AUTO_SPAN` above it
+(`auto_crfs`), the range that restored best (docs/enhancement.md). On the four sample videos encoded with
+libx264 at crf 23, 30, 37 and 45, the mean quantizer was the crf +3.0 (median; -0.3 to +3.9): the level comes
+out between the crf -3 and +1. Footage of another codec fails with the reason (name its crf values).
+
 A video that is already a pair (a `target` column), or has masks or frame labels, is refused: one kind of
 target per record.
 """
@@ -26,12 +33,16 @@ import numpy as np
 
 from tfrecords_tools.outputs import atomic_file
 from tfrecords_tools.spec import PatchSpec
-from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError, VideoWriter, fold_frames, probe
+from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError, VideoWriter, fold_frames, mean_quantizer, probe
 
 CODECS = {"h264": "libx264"}
 CRF_RANGE = (0, 51)
 DEFAULT_LEVELS = 4
-_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*:\s*(?:crf\s*=\s*)?([\d\s,\-]+)$")
+AUTO = "auto"
+# libx264's mean quantizer sits this far above its crf (the median over 4 sample videos x crf 23, 30, 37, 45).
+QUANTIZER_ABOVE_CRF = 3
+AUTO_SPAN = 4   # `h264:auto`: from the footage's level to this many crf steps above it
+_SPEC = re.compile(r"^\s*([a-z0-9]+)\s*:\s*(?:crf\s*=\s*)?([\d\s,\-]+|auto)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,33 +51,66 @@ class CodecPairs:
 
     codec: str
     crfs: Tuple[int, ...]
+    # The crf values are each video's own (`resolve`): `crfs` is then empty.
+    auto: bool = False
 
     def __post_init__(self):
         if self.codec not in CODECS:
             raise ValueError(f"Invalid value for argument `pairs`. Expected a codec in {sorted(CODECS)}. "
                              f"Received codec={self.codec!r}")
+        if self.auto:
+            if self.crfs:
+                raise ValueError(f"Invalid value for argument `pairs`. Expected no crf values with {AUTO}. "
+                                 f"Received crfs={list(self.crfs)}")
+            return
         lo, hi = CRF_RANGE
         if not self.crfs or any(not lo <= c <= hi for c in self.crfs) or len(set(self.crfs)) != len(self.crfs):
             raise ValueError(f"Invalid value for argument `pairs`. Expected distinct crf values in [{lo}, {hi}]. "
                              f"Received crfs={list(self.crfs)}")
 
     def __str__(self) -> str:
-        return f"{self.codec}:{','.join(map(str, self.crfs))}"
+        return f"{self.codec}:{AUTO if self.auto else ','.join(map(str, self.crfs))}"
+
+    @property
+    def crfs_text(self) -> str:
+        return str(self).split(":", 1)[1]
+
+    def resolve(self, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> "CodecPairs":
+        """The crf values for `path`: these pairs' own, or (`auto`) those of the video's level (`auto_crfs`).
+        Raises `VideoError` where the level cannot be read."""
+        if not self.auto:
+            return self
+        return CodecPairs(self.codec, auto_crfs(mean_quantizer(path, max_pixels=max_pixels)))
+
+
+def auto_crfs(quantizer: float, levels: int = DEFAULT_LEVELS) -> Tuple[int, ...]:
+    """`h264:auto`'s crf values for footage whose mean quantizer is `quantizer`: its level (the quantizer less
+    `QUANTIZER_ABOVE_CRF`) to `AUTO_SPAN` above it, `levels` of them; e.g. 40.2 -> (37, 38, 40, 41)."""
+    lo, hi = CRF_RANGE
+    level = int(min(max(round(quantizer - QUANTIZER_ABOVE_CRF), lo), hi - AUTO_SPAN))
+    return _spread(level, level + AUTO_SPAN, levels)
+
+
+def _spread(low: int, high: int, levels: int) -> Tuple[int, ...]:
+    return tuple(sorted({int(round(v)) for v in np.linspace(low, high, max(1, min(levels, high - low + 1)))}))
 
 
 def parse_pairs(text: str, levels: int = DEFAULT_LEVELS) -> CodecPairs:
-    """`h264:23-40` (`levels` crf values evenly spaced over the range), `h264:crf=23-40`, `h264:30,37`, `h264:37`."""
+    """`h264:23-40` (`levels` crf values evenly spaced over the range), `h264:crf=23-40`, `h264:30,37`, `h264:37`,
+    `h264:auto` (each video's own, `auto_crfs`)."""
     m = _SPEC.match(str(text).lower())
     if not m:
-        raise ValueError("Invalid value for argument `pairs`. Expected CODEC:CRF, CODEC:LOW-HIGH or CODEC:CRF,CRF,... "
-                         f"e.g. h264:23-40. Received {text!r}")
+        raise ValueError("Invalid value for argument `pairs`. Expected CODEC:CRF, CODEC:LOW-HIGH, CODEC:CRF,CRF,... "
+                         f"or CODEC:auto, e.g. h264:23-40. Received {text!r}")
     body = m.group(2).replace(" ", "")
+    if body == AUTO:
+        return CodecPairs(m.group(1), (), auto=True)
     try:
         if "-" in body:
             low, high = (int(v) for v in body.split("-"))
             if low > high:
                 raise ValueError
-            crfs = tuple(sorted({int(round(v)) for v in np.linspace(low, high, max(1, min(levels, high - low + 1)))}))
+            crfs = _spread(low, high, levels)
         else:
             crfs = tuple(int(v) for v in body.split(","))
     except ValueError:
@@ -78,9 +122,11 @@ def parse_pairs(text: str, levels: int = DEFAULT_LEVELS) -> CodecPairs:
 def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, stem: str, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[str, List[str]]:
     """Writes `path` as the converter reads it under `spec`: `STEM-clean.mkv` (lossless) and `STEM-crfN.mp4` per
-    crf, into `out_dir`; returns (clean path, compressed paths in `pairs.crfs` order). Streams one frame at a
+    crf, into `out_dir`; returns (clean path, compressed paths in `pairs.crfs` order; `auto`: the video's own,
+    `CodecPairs.resolve`). Streams one frame at a
     time. Files already there (a resumed conversion) are kept; new ones appear whole (written under a
     temporary name, then renamed)."""
+    pairs = pairs.resolve(path, max_pixels)
     clean = os.path.join(out_dir, f"{stem}-clean.mkv")
     copies = [os.path.join(out_dir, f"{stem}-crf{c}.mp4") for c in pairs.crfs]
     if all(os.path.exists(p) for p in [clean] + copies):

@@ -170,8 +170,9 @@ class ConvertConfig:
 
 def codec_items(cfg: ConvertConfig, items: Sequence[Item], work: str) -> Tuple[List[Item], dict]:
     """`cfg.pairs`: each clean video -> one pair item per crf (`PATH#crf=N`, the compressed copy with the clean
-    copy as its target, in the same split), and {pair key: (the video's item, clean copy path, stem)}. The
-    copies are written later, for the items still to convert (`codec.write_copies`)."""
+    copy as its target, in the same split), and {pair key: (the video's item, clean copy path, stem, its
+    `CodecPairs`)}. The copies are written later, for the items still to convert (`codec.write_copies`).
+    `h264:auto` reads each video's level here (`CodecPairs.resolve`); one that cannot be read is one failed item."""
     pairs = parse_pairs(cfg.pairs)
     out, copies = [], {}
     for item in items:
@@ -183,13 +184,18 @@ def codec_items(cfg: ConvertConfig, items: Sequence[Item], work: str) -> Tuple[L
         if has:
             raise ConvertError(f"{cfg.src}: --pairs makes compressed/clean pairs of whole clean videos; {item.id} "
                                f"has {has}. Expected a folder or a CSV of plain videos")
+        try:  # `auto`: the video's own crf values, from its quantizer (read here, so each pair has its name)
+            own = pairs.resolve(item.path, cfg.max_pixels)
+        except Exception as e:  # noqa: BLE001  (a video whose level cannot be read fails with the reason)
+            out.append(dataclasses.replace(item, id=f"{item.id}#crf={pairs.crfs_text}", error=failure_reason(item, e)))
+            continue
         folder = os.path.join(work, "pairs", item.key)
         clean = os.path.join(folder, "v-clean.mkv")
-        for crf in pairs.crfs:
+        for crf in own.crfs:
             pair = dataclasses.replace(item, id=f"{item.id}#crf={crf}", path=os.path.join(folder, f"v-crf{crf}.mp4"),
                                        target=clean)
             out.append(pair)
-            copies[pair.key] = (item, clean, "v")
+            copies[pair.key] = (item, clean, "v", own)
     return out, copies
 
 
@@ -611,10 +617,10 @@ def _convert(cfg: ConvertConfig, on_progress: Optional[Callable[[Progress, dict]
             continue
         # The compressed and clean copies this pair converts from, made once per source video (each in its own
         # folder of the work folder, under the same stem: keyed by the clean copy's path).
-        original, clean_path, stem = copies[item.key]
+        original, clean_path, stem, own = copies[item.key]
         if clean_path not in made:
             try:
-                write_copies(original.path, cfg.spec, parse_pairs(cfg.pairs), os.path.dirname(clean_path), stem,
+                write_copies(original.path, cfg.spec, own, os.path.dirname(clean_path), stem,
                              max_pixels=cfg.max_pixels)
                 made[clean_path] = ""
             except Exception as e:  # noqa: BLE001  (a broken video: its pairs fail with the reason, as any video)

@@ -704,6 +704,53 @@ def read_frames(path: str, spec: Optional[PatchSpec] = None, *, max_pixels: int 
     return np.stack(frames), (spec.fps or info.rate)
 
 
+# Frames `mean_quantizer` reads by default: about 10 s at 30 fps, several GOPs of any common encoder.
+QUANTIZER_FRAMES = 300
+
+
+def mean_quantizer(path: str, frames: int = QUANTIZER_FRAMES, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
+    """The mean quantizer (QP, 0-51) of an H.264 video's first `frames` frames, as its own decoder reports it.
+
+    FFmpeg's H.264 decoder exports each frame's quantizer per macroblock when asked (`export_side_data
+    venc_params`); the mean over macroblocks and frames says how hard the footage was compressed, whatever
+    encoder made it (x264, a camera's hardware encoder). Nothing is converted to RGB. Raises `VideoError` for
+    another codec or a decoder that reports no quantizer."""
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        name = stream.codec_context.name
+        if name != "h264":
+            raise VideoError(path, f"its video is {name}, expected H.264 for a quantizer reading (name the crf "
+                                   "values instead, e.g. h264:37-41)")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise VideoError(path, f"declared frame size {width}x{height} = {width * height} pixels exceeds "
+                                   f"the limit of {max_pixels} (--max-pixels)")
+        stream.codec_context.options = {"export_side_data": "venc_params"}
+        kind = getattr(getattr(av, "sidedata", None), "sidedata", None)
+        kind = getattr(getattr(kind, "Type", None), "VIDEO_ENC_PARAMS", None)
+        total, blocks, seen = 0.0, 0, 0
+        try:
+            for frame in container.decode(stream):
+                for data in frame.side_data:
+                    if kind is not None and data.type == kind and hasattr(data, "qp_map"):
+                        qp = np.asarray(data.qp_map(), np.float64)
+                        total, blocks = total + float(qp.sum()), blocks + qp.size
+                seen += 1
+                if seen >= frames:
+                    break
+        except av.error.FFmpegError as e:
+            raise VideoError(path, f"FFmpeg failed while decoding frame {seen} for its quantizer: {e}") from e
+        if not blocks:
+            raise VideoError(path, f"its decoder reported no quantizer in {seen} frames (PyAV {av.__version__}: "
+                                   "needs VideoEncParams side data; name the crf values instead, e.g. h264:37-41)")
+        return total / blocks
+    finally:
+        container.close()
+
+
 class VideoWriter:
     """Writes `uint8 [H, W, 3]` RGB frames to a video file with PyAV, one frame at a time.
 
