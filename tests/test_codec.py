@@ -188,6 +188,19 @@ def test_auto_pairs_parse_and_take_the_level_below_the_quantizer():
     assert CodecPairs("h264", (30, 37)).resolve("not read") == CodecPairs("h264", (30, 37))
 
 
+def _write_mpeg4(path: str, frames: np.ndarray) -> str:
+    """`frames` as MPEG-4 Part 2 (a codec whose decoder reports no H.264 quantizer)."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", frames.shape[1], frames.shape[2]
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def test_the_quantizer_of_real_footage_follows_the_crf_it_was_encoded_at(tmp_path, sample):
     # 64 frames of real footage encoded at three crf values: the quantizer its decoder reports is the crf plus
     # libx264's offset (here 2.8-3.7; 1-5 measured on the sample videos at several sizes and lengths), so the
@@ -206,17 +219,9 @@ def test_the_quantizer_of_real_footage_follows_the_crf_it_was_encoded_at(tmp_pat
     assert all(abs(level - crf) <= 2 for crf, level in levels.items()), levels
     assert levels[23] < levels[33] < levels[43]
     # Another codec has no H.264 quantizer: refused with the file and the reason.
-    other = tmp_path / "mpeg4.mkv"
-    with av.open(str(other), "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.pix_fmt, stream.height, stream.width = "yuv420p", frames.shape[1], frames.shape[2]
-        for frame in frames[:4]:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    other = _write_mpeg4(str(tmp_path / "mpeg4.mkv"), frames[:4])
     with pytest.raises(VideoError, match=r"mpeg4.mkv: its video is mpeg4, expected H.264"):
-        mean_quantizer(str(other))
+        mean_quantizer(other)
 
 
 def test_convert_auto_pairs_each_video_at_its_own_level_and_fails_a_video_it_cannot_read(tmp_path, cli, sample):
@@ -230,14 +235,7 @@ def test_convert_auto_pairs_each_video_at_its_own_level_and_fails_a_video_it_can
         for frame in frames[:16]:
             writer.write(frame)
         writer.close()
-    with av.open(str(src / "other.avi"), "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.pix_fmt, stream.height, stream.width = "yuv420p", frames.shape[1], frames.shape[2]
-        for frame in frames[:8]:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    _write_mpeg4(str(src / "other.avi"), frames[:8])
     r = cli("convert", src, tmp_path / "pairs", "--patch", "4x32x32", "--pairs", "h264:auto", "--workers", "1")
     assert r.exit_code == EXIT_PARTIAL, r.output
     assert "other.avi: its video is mpeg4, expected H.264" in r.output and "Traceback" not in r.output
