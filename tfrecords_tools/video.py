@@ -228,6 +228,13 @@ def _open(path: str):
     return container
 
 
+def _check_pixels(path: str, width: int, height: int, max_pixels: int) -> None:
+    """The decompression-bomb guard: a declared frame size above `max_pixels` is refused before decoding."""
+    if width * height > max_pixels:
+        raise VideoError(path, f"declared frame size {width}x{height} = {width * height} pixels exceeds "
+                               f"the limit of {max_pixels} (--max-pixels)")
+
+
 def _rate(stream) -> float:
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate and float(rate) > 0:
@@ -274,9 +281,7 @@ def _probe(path: str, max_pixels: int, keep_open: bool, threads: int = 1) -> Tup
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(path, f"the video stream declares no frame size ({width}x{height})")
-        if width * height > max_pixels:
-            raise VideoError(path, f"declared frame size {width}x{height} = {width * height} pixels exceeds "
-                                   f"the limit of {max_pixels} (--max-pixels)")
+        _check_pixels(path, width, height, max_pixels)
         rate = _rate(stream)
         tb = float(stream.time_base) if stream.time_base else 1.0 / rate
         packets, start, end, first = 0, math.inf, -math.inf, None
@@ -725,9 +730,7 @@ def mean_quantizer(path: str, frames: int = QUANTIZER_FRAMES, *, max_pixels: int
             raise VideoError(path, f"its video is {name}, expected H.264 for a quantizer reading (name the crf "
                                    "values instead, e.g. h264:37-41)")
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_pixels:
-            raise VideoError(path, f"declared frame size {width}x{height} = {width * height} pixels exceeds "
-                                   f"the limit of {max_pixels} (--max-pixels)")
+        _check_pixels(path, width, height, max_pixels)
         stream.codec_context.options = {"export_side_data": "venc_params"}
         kind = getattr(getattr(av, "sidedata", None), "sidedata", None)
         kind = getattr(getattr(kind, "Type", None), "VIDEO_ENC_PARAMS", None)
