@@ -1010,7 +1010,9 @@ def search_command(index_dir, queries, k, model, split, as_json, rerank):
               help="Overlap of neighbouring patches, at most half the patch (default: a quarter of it).")
 @click.option("--lossless", is_flag=True,
               help="Write lossless RGB H.264 (libx264rgb, qp 0), so measurements are not blurred by the codec.")
-@click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower: better).")
+@click.option("--crf", type=click.IntRange(0, 51), default=None,
+              help="H.264 quality (lower: better). Default: 10 for a model trained on pairs (a restoration gains "
+                   "tenths of a dB, and crf 18 writes half of it away), 18 otherwise.")
 @click.option("--side-by-side", default=None, type=click.Path(dir_okay=False), metavar="FILE.mp4",
               help="Also write input | output (| reference) side by side.")
 @click.option("--frame-png", default=None, type=click.Path(dir_okay=False), metavar="FILE.png",
@@ -1043,7 +1045,8 @@ def enhance_command(model, video, out, reference, overlap, lossless, crf, side_b
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    click.echo(f"{out}: {result.frames} frames of {result.width}x{result.height} at {result.fps:g} fps, "
+    written = "lossless" if result.crf is None else f"crf {result.crf}"
+    click.echo(f"{out}: {result.frames} frames of {result.width}x{result.height} at {result.fps:g} fps ({written}), "
                f"{result.patches} patches, {result.seconds:.1f}s ({result.model_s:.1f}s in the model)")
     if result.reference:
         click.echo(f"against {reference}: input PSNR {result.input_psnr:.2f} dB SSIM {result.input_ssim:.4f} -> "

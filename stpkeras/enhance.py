@@ -13,7 +13,8 @@ and a model that returns its input gives back the input exactly. Frames are
 written as soon as no later patch can touch them, so memory holds about one
 patch length of frames, whatever the video's length. The output is H.264 at
 the source's declared frame rate (`crf`), or lossless RGB (`libx264rgb`, qp 0)
-so measurements are not blurred by the output codec.
+so measurements are not blurred by the output codec. The crf defaults to the model's kind (`default_crf`):
+a restoration learnt from pairs gains tenths of a dB, which crf 18 writes half away.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from tfrecords_tools.patches import overlap_spec
 from tfrecords_tools.spec import PatchSpec
 
 DEFAULT_BATCH_SIZE = 8
+# The output's H.264 crf: a model trained on degradations it makes itself (noise, blur) gains whole dBs and
+# crf 18 keeps them; one trained on pairs (`stp convert --pairs`, a `path,target` CSV: restoring a codec's
+# or a camera's losses) gains tenths of a dB, and crf 18 wrote away over half of a camera restoration's
+# (bikes at crf 37: +0.058 dB of luma at 18, +0.127 at 10; docs/benchmarks.md).
+DEFAULT_CRF, PAIRED_CRF = 18, 10
 
 
 class EnhanceError(BadInput, ValueError):
@@ -54,6 +60,7 @@ class Enhancer:
 
     spec: PatchSpec
     source: str
+    paired: bool = False   # trained on pairs (`task_options["paired"]`): a restoration
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         patches = np.asarray(patches)
@@ -74,6 +81,7 @@ class KerasEnhancer(Enhancer):
         import tensorflow as tf
 
         self.source, self.spec, self.model = artifact.path, artifact.spec, artifact.model
+        self.paired = bool(artifact.task_options.get("paired"))
         if PIXELS not in [layer.name for layer in self.model.layers]:
             raise EnhanceError(f"{self.source}: no layer {PIXELS!r}; expected an enhancement model (unet3d, dncnn3d)")
         self._call = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32), reduce_retracing=True)
@@ -87,6 +95,7 @@ class SavedModelEnhancer(Enhancer):
 
     def __init__(self, artifact: Artifact):
         self.source, self.spec = artifact.path, artifact.spec
+        self.paired = bool(artifact.task_options.get("paired"))
         self._loaded = artifact.model  # the signature's function holds on to it
         self._serve = artifact.model.signatures[SERVING_DEFAULT]
         if PIXELS_FLOAT not in self._serve.structured_outputs:
@@ -116,6 +125,11 @@ def load_enhancer(path: str, spec: Optional[PatchSpec] = None, *, tta: bool = Fa
     return KerasEnhancer(artifact) if artifact.form == "keras" else SavedModelEnhancer(artifact)
 
 
+def default_crf(enhancer: Enhancer) -> int:
+    """The output's crf when none is given: `PAIRED_CRF` for a model trained on pairs, else `DEFAULT_CRF`."""
+    return PAIRED_CRF if enhancer.paired else DEFAULT_CRF
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -139,6 +153,7 @@ class EnhanceResult:
     height: int = 0
     width: int = 0
     fps: float = 0.0
+    crf: Optional[int] = None   # the output's H.264 crf (None: lossless)
     patches: int = 0
     seconds: float = 0.0
     model_s: float = 0.0
@@ -241,7 +256,7 @@ class _Enhancement(OverlapAddHead[None]):
 
 
 def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[Tuple[int, int, int]] = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE, crf: int = 18, lossless: bool = False,
+                  batch_size: int = DEFAULT_BATCH_SIZE, crf: Optional[int] = None, lossless: bool = False,
                   reference: Optional[str] = None, side_by_side: Optional[str] = None,
                   frame_png: Optional[str] = None, frame_index: Optional[int] = None,
                   max_pixels: Optional[int] = None) -> EnhanceResult:
@@ -249,15 +264,17 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
 
     `overlap` (T, H, W) defaults to `default_overlap`. `side_by_side` writes a
     second video, input | output (| reference); `frame_png` a PNG of frame
-    `frame_index` (default: the middle one) as input | output (| reference).
-    Every output is written under a temporary name and renamed when the whole video is done; an
-    output that is one of the inputs raises `outputs.OutputIsInputError` before any work.
+    `frame_index` (default: the middle one) as input | output (| reference). `crf` defaults to the
+    model's kind (`default_crf`). Every output is written under a temporary name and renamed when the
+    whole video is done; an output that is one of the inputs raises `outputs.OutputIsInputError` before
+    any work.
     """
     from tfrecords_tools.video import DEFAULT_MAX_PIXELS, REWRITE_COLOUR, probe
 
     for written in (out, side_by_side, frame_png):
         outputs.check_not_input(written, [path, reference])
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    crf = default_crf(enhancer) if crf is None else crf
     overlap = tuple(overlap) if overlap is not None else default_overlap(enhancer.spec)
     cut = overlap_spec(enhancer.spec, overlap)
     started = time.perf_counter()
@@ -276,7 +293,8 @@ def enhance_video(enhancer: Enhancer, path: str, out: str, *, overlap: Optional[
             head.close()
     plan = head.plan
     result = EnhanceResult(video=path, out=out, frames=plan.frames, height=plan.height, width=plan.width,
-                           fps=info.rate, patches=timing.patches, model_s=timing.model_s, reference=reference,
+                           fps=info.rate, crf=None if lossless else crf, patches=timing.patches,
+                           model_s=timing.model_s, reference=reference,
                            side_by_side=side_by_side, frame_png=frame_png)
     if head.scores:
         scores = np.mean(np.array(head.scores), axis=0)

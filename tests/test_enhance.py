@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +206,20 @@ def test_paired_data_trains_at_a_fifth_of_the_default_rate_and_a_given_rate_is_k
     assert budget["lr"] == pytest.approx(2e-4) and budget["recipe"].startswith("CPU-budget defaults: crop=32, lr 0.001")
     assert budget["recipe"].endswith("; lr 0.001 x 0.2 = 0.0002 on paired data (--lr chooses otherwise)")
     assert "lr 0.001 x 0.2 = 0.0002 on paired data" in r.output   # the run's first line says so
+    # `stp enhance` writes a model trained on pairs (a restoration, tenths of a dB) at crf 10 unless told otherwise:
+    # libx264's own record of its settings in the written file says so.
+    for args, crf in (((), 10), (("--crf", "23"), 23)):
+        out = tmp_path / f"restored{crf}.mp4"
+        r = cli("enhance", tmp_path / "default", root / "bad.mp4", "--out", out, *args)
+        assert r.exit_code == 0, r.output
+        assert f"(crf {crf})" in r.output and x264_crf(out) == crf
+
+
+def x264_crf(path) -> float:
+    """The crf libx264 wrote `path` at, from the settings it records in the stream (`crf=10.0`)."""
+    found = re.search(rb"crf=(\d+(?:\.\d+)?)", Path(path).read_bytes())
+    assert found, f"{path}: no libx264 settings"
+    return float(found.group(1))
 
 
 # --- training, evaluation, export -----------------------------------------------------------------
@@ -305,7 +321,10 @@ def test_tta_averages_the_pixels_over_four_flips_and_helps_a_trained_denoiser(no
         assert r.exit_code == 0, r.output
         got[flag] = json.loads(r.output)
     one, four = got[()], got[("--tta",)]
-    assert one["output_psnr"] > one["input_psnr"] + 3
+    assert one["output_psnr"] > one["input_psnr"] + 3 and one["crf"] is None   # lossless
+    # A model trained on its own degradations (not pairs) is written at crf 18 by default.
+    r = cli("enhance", noisy_run / "run", tmp_path / "noisy.mp4", "--out", tmp_path / "default.mp4")
+    assert r.exit_code == 0 and "(crf 18)" in r.output and x264_crf(tmp_path / "default.mp4") == 18, r.output
     assert four["output_psnr"] > one["output_psnr"] + 0.05
     r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--json", "--no-baselines", "--tta")
     assert r.exit_code == 0, r.output
