@@ -1,27 +1,48 @@
-"""Baseline stage: classical video denoisers to measure an enhancement model against (SciPy; OpenCV optional).
+"""Baseline stage: classical video restorers to measure an enhancement model against (SciPy; OpenCV and
+scikit-image optional).
 
 Each baseline maps `uint8 [B, T, H, W, C]` patches to uint8 patches of the
-same shape and has one parameter, picked per evaluation from a small grid
+same shape and has one parameter (a number or a tuple of them), picked per evaluation from a small grid
 (`GRIDS`) on a few patches of the split being measured: an oracle choice
-that favours the baseline, so a model's gain over it is not overstated.
+that favours the baseline, so a model's gain over it is not overstated. Which
+ones run depends on the degradation (`for_degradations`): denoisers for noise, codecs and pairs,
+sharpeners for blur.
 
+Denoisers:
 - `gaussian3d`: SciPy's separable Gaussian filter over time and space, spatial
   sigma s and temporal sigma s/2 (edges mirrored);
 - `median3`, `median5`: the temporal median over 3 or 5 frames (edges repeated);
 - `nlmeans`: OpenCV's per-frame non-local means (`cv2.fastNlMeansDenoisingColored`,
   template 7, search 21), when `opencv-python-headless` is installed
   (`pip install 'stpkeras[baselines]'`).
+
+Sharpeners (`blur`, `motion`):
+- `unsharp`: unsharp masking of every frame, `x + amount * (x - gaussian(x, radius))` (SciPy's Gaussian,
+  edges mirrored); parameter (radius, amount);
+- `wiener`: Wiener deconvolution of every frame by a Gaussian point-spread function
+  (`skimage.restoration.wiener`, edges mirrored by the PSF's reach first); parameter (PSF sigma,
+  balance), when `scikit-image` is installed (`pip install 'stpkeras[baselines]'`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+import itertools
+from typing import Callable, Dict, Sequence, Union
 
 import numpy as np
 
-# Parameter grids: gaussian3d's spatial sigma in pixels; nlmeans' filter strength h.
-GRIDS: Dict[str, Sequence[float]] = {"gaussian3d": (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 2.8), "median3": (3,),
-                                     "median5": (5,), "nlmeans": (6.0, 9.0, 12.0, 15.0, 20.0)}
+Param = Union[float, tuple]
+
+# Parameter grids: gaussian3d's spatial sigma in pixels; nlmeans' filter strength h; unsharp's (radius in
+# pixels, amount); wiener's (PSF sigma in pixels, balance: the noise-to-signal ratio it assumes).
+GRIDS: Dict[str, Sequence[Param]] = {
+    "gaussian3d": (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 2.8), "median3": (3,), "median5": (5,),
+    "nlmeans": (6.0, 9.0, 12.0, 15.0, 20.0),
+    "unsharp": tuple(itertools.product((0.5, 0.7, 1.0, 1.5, 2.0, 3.0), (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))),
+    "wiener": tuple(itertools.product((0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5), (0.003, 0.01, 0.03, 0.1))),
+}
+# Degradations a sharpener undoes; every other kind (and paired data) is measured against the denoisers.
+BLURS = ("blur", "motion")
 
 
 def gaussian3d(patches: np.ndarray, sigma: float) -> np.ndarray:
@@ -54,6 +75,58 @@ def nlmeans(patches: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
+def unsharp(patches: np.ndarray, param: Param) -> np.ndarray:
+    """Unsharp masking of every frame: `x + amount * (x - gaussian(x, radius))`, spatial only."""
+    from scipy import ndimage
+
+    radius, amount = param
+    x = patches.astype(np.float32)
+    smooth = ndimage.gaussian_filter(x, sigma=(0, 0, radius, radius, 0), mode="reflect", truncate=3.0)
+    return np.clip(np.rint(x + amount * (x - smooth)), 0, 255).astype(np.uint8)
+
+
+def gaussian_psf(sigma: float) -> np.ndarray:
+    """A normalised 2D Gaussian kernel reaching 3 sigma (at least 1 pixel)."""
+    r = max(1, int(np.ceil(3 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = np.outer(g, g)
+    return k / k.sum()
+
+
+def wiener(patches: np.ndarray, param: Param) -> np.ndarray:
+    """Wiener deconvolution of every frame by a Gaussian PSF (`skimage.restoration.wiener`), per channel; the
+    frames are mirrored by the PSF's reach first, so the FFT's wrap-around does not ring at the borders."""
+    from skimage.restoration import wiener as skimage_wiener
+
+    sigma, balance = param
+    psf = gaussian_psf(sigma)
+    r = psf.shape[0] // 2 * 2
+    x = np.pad(patches.astype(np.float64) / 255.0, [(0, 0), (0, 0), (r, r), (r, r), (0, 0)], mode="reflect")
+    # Every frame of every patch in one call: the PSF and the regulariser (the frame's Laplacian, as the
+    # function's default is in 2D) have no extent in batch or time.
+    laplacian = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float64)[None, None]
+    out = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        out[..., c] = skimage_wiener(x[..., c], psf[None, None], balance, reg=laplacian, clip=False)
+    out = out[:, :, r:r + patches.shape[2], r:r + patches.shape[3]]
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def param_text(param: Param) -> str:
+    """A parameter as the CLI prints it: `1.7`, `(1.5, 0.01)` -> `1.5,0.01`."""
+    if isinstance(param, (tuple, list)):
+        return ",".join(f"{p:g}" for p in param)
+    return f"{param:g}"
+
+
+def has_skimage() -> bool:
+    try:
+        import skimage.restoration  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def has_opencv() -> bool:
     try:
         import cv2  # noqa: F401
@@ -62,9 +135,32 @@ def has_opencv() -> bool:
     return True
 
 
-def available() -> Dict[str, Callable[[np.ndarray, float], np.ndarray]]:
-    """The baselines this installation can run, by name."""
+def available() -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
+    """The denoisers this installation can run, by name."""
     found = {"gaussian3d": gaussian3d, "median3": temporal_median, "median5": temporal_median}
     if has_opencv():
         found["nlmeans"] = nlmeans
     return found
+
+
+def for_degradations(kinds: Sequence[str]) -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
+    """The baselines this installation can run against degradations of `kinds` (e.g. `("blur",)`): the
+    sharpeners where every kind is a blur, the denoisers otherwise (noise, a codec, pairs: `()`), both where
+    blur comes with noise."""
+    blur = [k for k in kinds if k in BLURS]
+    found = {} if blur and len(blur) == len(kinds) else available()
+    if blur:
+        found["unsharp"] = unsharp
+        if has_skimage():
+            found["wiener"] = wiener
+    return found
+
+
+def missing(kinds: Sequence[str]) -> Dict[str, str]:
+    """The baselines `for_degradations(kinds)` would run with every optional package installed, and why not."""
+    extra = "pip install 'stpkeras[baselines]'"
+    everything = {"nlmeans": (has_opencv, f"needs opencv-python-headless ({extra})"),
+                  "wiener": (has_skimage, f"needs scikit-image ({extra})")}
+    blur = [k for k in kinds if k in BLURS]
+    wanted = (["wiener"] if blur else []) + ([] if blur and len(blur) == len(kinds) else ["nlmeans"])
+    return {name: everything[name][1] for name in wanted if not everything[name][0]()}

@@ -854,10 +854,13 @@ def evaluate_command(model, data, split, batch_size, top_k, out, as_json, degrad
         click.echo(f"wrote {result['json']}")
         return
     if result.get("task") == "enhance":
+        from stpkeras.baselines import param_text
+
         click.echo(f"{result['split']}: {result['patches']} patches, "
                    + (", ".join(result["degrade"]) or "paired targets") + f" (seed {result['seed']})")
         rows = [("input", result["input"], "")] + [
-            (name, v, f"{v['param']:g}") for name, v in result["baselines"].items()] + [("model", result["output"], "")]
+            (name, v, param_text(v["param"])) for name, v in result["baselines"].items()] + [
+            ("model", result["output"], "")]
         click.echo(f"{'':<11} {'PSNR dB':>8} {'SSIM':>7}  parameter")
         for name, v, param in rows:
             click.echo(f"{name:<11} {v['psnr']:>8.2f} {v['ssim']:>7.4f}  {param}")

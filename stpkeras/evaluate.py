@@ -371,7 +371,8 @@ TUNE_PATCHES = 64
 
 
 def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
-    """PSNR/SSIM per patch on a held-out split: the degraded input, the classical baselines and the model.
+    """PSNR/SSIM per patch on a held-out split: the degraded input, the classical baselines (denoisers; for blur,
+    sharpeners: `baselines.for_degradations`) and the model.
 
     The split's clean patches are degraded as in training (`run.json`'s
     degradations unless `config.degrade` says otherwise) with a fixed seed, so
@@ -398,7 +399,8 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False, element_fn=element,
                                     seed=config.seed, deterministic=True)
     forward = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
-    methods = baselines_lib.available() if config.baselines else {}
+    kinds = () if paired else tuple(d.kind for d in parse_degrade(degrade))
+    methods = baselines_lib.for_degradations(kinds) if config.baselines else {}
 
     # The baselines' parameters are chosen on TUNE_PATCHES patches spread evenly over the split (a pass that
     # reads and degrades, nothing more; each patch with the degradation it has in the measuring pass).
@@ -434,8 +436,8 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
               "degrade": list(degrade), "paired": paired, "seed": config.seed, "tta": config.tta,
               "input": scores["input"], "output": scores["model"],
               "baselines": {name: {**scores[name], "param": chosen[name]} for name in methods}}
-    if not baselines_lib.has_opencv() and config.baselines:
-        result["baselines_missing"] = {"nlmeans": "needs opencv-python-headless (pip install 'stpkeras[baselines]')"}
+    if config.baselines and baselines_lib.missing(kinds):
+        result["baselines_missing"] = baselines_lib.missing(kinds)
     best = max(methods, key=lambda n: scores[n]["psnr"]) if methods else None
     result["best_baseline"] = best
     result["gain_db"] = {"over_input": scores["model"]["psnr"] - scores["input"]["psnr"],

@@ -273,6 +273,23 @@ def test_short_training_beats_its_noisy_input_and_evaluate_reports_baselines(noi
     assert r.exit_code == 0 and "model gain:" in r.output
 
 
+def test_blur_is_measured_against_sharpeners_tuned_on_the_split(noisy_run, cli):
+    # A blur is not undone by a denoiser: the baselines are unsharp masking and Wiener deconvolution
+    # (scikit-image), each with its parameters chosen on the split; Wiener finds the blur's own sigma.
+    r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--degrade", "blur:1.5", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["degrade"] == ["blur:1.5"] and set(result["baselines"]) == {"unsharp", "wiener"}
+    assert "baselines_missing" not in result
+    sigma, balance = result["baselines"]["wiener"]["param"]
+    assert 1.25 <= sigma <= 1.75, result["baselines"]["wiener"]
+    for name, v in result["baselines"].items():
+        assert v["psnr"] > result["input"]["psnr"] + 1, (name, v, result["input"])
+    assert result["best_baseline"] in ("unsharp", "wiener")
+    r = cli("evaluate", noisy_run / "run", noisy_run / "data", "--degrade", "blur:1.5")
+    assert r.exit_code == 0 and f"{sigma:g},{balance:g}" in r.output, r.output   # the tuple parameter, printed
+
+
 def test_evaluate_loads_an_enhance_run_in_a_fresh_process(noisy_run):
     """`stp evaluate RUN` in a new process: the run's .keras names the PSNR/SSIM metrics, which must be
     registered before the load (in-process tests had them imported by training)."""
