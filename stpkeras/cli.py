@@ -201,8 +201,9 @@ def _pairs_option(ctx, param, value):
 @click.option("--pairs", default=None, metavar="CODEC:CRFS", callback=_pairs_option,
               help="Make compressed/clean pairs of every (clean) video for --task enhance: h264:23-40 (4 crf levels "
                    "evenly spaced), h264:30,37 or h264:37; each copy encoded with libx264 as converted (after resize "
-                   "and frame rate), its target the lossless original. h264:auto: each H.264 video's own level (from "
-                   "its quantizer) to 4 above, for compressed footage paired with its own re-encodings.")
+                   "and frame rate), its target the lossless original. h264:auto: each H.264 video's own level (its "
+                   "quantizer against a trial encode) to 4 above, for compressed footage paired with its own "
+                   "re-encodings.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tfrecords_tools import schema
 from tfrecords_tools.errors import EXIT_PARTIAL
-from tfrecords_tools.codec import CodecPairs, auto_crfs, parse_pairs
+from tfrecords_tools.codec import QUANTIZER_ABOVE_CRF, CodecPairs, auto_crfs, footage_level, parse_pairs
 from tfrecords_tools.spec import PatchSpec
 from tfrecords_tools.video import VideoError, VideoWriter, mean_quantizer, read_frames
 from videos import pattern_frames, write_video
@@ -177,12 +177,12 @@ def test_pairs_of_real_footage_differ_by_the_codec_not_by_a_colour_offset(tmp_pa
         assert np.all(diff > 0.5), diff   # every channel darker: an offset, not a codec error
 
 
-def test_auto_pairs_parse_and_take_the_level_below_the_quantizer():
+def test_auto_pairs_parse_and_span_the_level_to_4_above():
     auto = parse_pairs("H264:auto")
     assert auto.auto and auto.crfs == () and str(auto) == "h264:auto" and auto.crfs_text == "auto"
-    assert auto_crfs(40.2) == (37, 38, 40, 41)     # the quantizer less 3, to 4 above, 4 levels
-    assert auto_crfs(40.6) == (38, 39, 41, 42)
-    assert auto_crfs(60.0) == (47, 48, 50, 51) and auto_crfs(1.0) == (0, 1, 3, 4)   # inside libx264's 0-51
+    assert auto_crfs(37.2) == (37, 38, 40, 41)     # the level, to 4 above, 4 levels
+    assert auto_crfs(37.6) == (38, 39, 41, 42)
+    assert auto_crfs(57.0) == (47, 48, 50, 51) and auto_crfs(-2.0) == (0, 1, 3, 4)   # inside libx264's 0-51
     with pytest.raises(ValueError, match="no crf values with auto"):
         CodecPairs("h264", (30,), auto=True)
     assert CodecPairs("h264", (30, 37)).resolve("not read") == CodecPairs("h264", (30, 37))
@@ -201,10 +201,10 @@ def _write_mpeg4(path: str, frames: np.ndarray) -> str:
     return path
 
 
-def test_the_quantizer_of_real_footage_follows_the_crf_it_was_encoded_at(tmp_path, sample):
+def test_the_level_read_from_real_footage_is_the_crf_it_was_encoded_at(tmp_path, sample):
     # 64 frames of real footage encoded at three crf values: the quantizer its decoder reports is the crf plus
-    # libx264's offset (here 2.8-3.7; 1-5 measured on the sample videos at several sizes and lengths), so the
-    # level `auto` reads back is within 2 of the crf (an offset left out would put it 3-4 above).
+    # libx264's offset (here 2.8-3.7), and the level `auto` reads back (a trial encode of the same frames gives
+    # the content's own offset) is within 2 of the crf (the quantizer alone, the offset left out: 3-4 above).
     frames, _ = read_frames(sample("bikes.mp4"), PatchSpec(1, 1, 1, short_side=128))
     frames = frames[:64]
     levels = {}
@@ -215,9 +215,22 @@ def test_the_quantizer_of_real_footage_follows_the_crf_it_was_encoded_at(tmp_pat
         writer.close()
         quantizer = mean_quantizer(writer.path)
         assert crf + 1 <= quantizer <= crf + 6, (crf, quantizer)
-        levels[crf] = auto_crfs(quantizer)[0]
+        levels[crf] = footage_level(writer.path)
+        assert abs(levels[crf] - (quantizer - QUANTIZER_ABOVE_CRF)) < 3   # the trial moves the first guess a little
     assert all(abs(level - crf) <= 2 for crf, level in levels.items()), levels
     assert levels[23] < levels[33] < levels[43]
+    # The trial encodes went to a temporary folder of their own, now gone: nothing beside the footage.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"bikes-crf{crf}.mp4" for crf in (23, 33, 43)]
+    # Where the content's offset is far from libx264's median (bigbuckbunny's opening: 5.5-5.8), the quantizer
+    # less the median reads 2.5-3 high; the trial reads the crf within 1.
+    opening, rate = read_frames(sample("bigbuckbunny.mp4"), PatchSpec(1, 1, 1, short_side=128))
+    for crf in (30, 37):
+        writer = VideoWriter(str(tmp_path / f"bbb-crf{crf}.mp4"), rate, crf=crf)
+        for frame in opening[:64]:
+            writer.write(frame)
+        writer.close()
+        assert mean_quantizer(writer.path) - QUANTIZER_ABOVE_CRF - crf > 2, crf
+        assert abs(footage_level(writer.path) - crf) < 1, crf
     # Another codec has no H.264 quantizer: refused with the file and the reason.
     other = _write_mpeg4(str(tmp_path / "mpeg4.mkv"), frames[:4])
     with pytest.raises(VideoError, match=r"mpeg4.mkv: its video is mpeg4, expected H.264"):

@@ -11,11 +11,16 @@ YUV -> RGB conversion (`tfrecords_tools.pairs`), as the clean copy never was YUV
 conversion's work folder and go with it.
 
 `--pairs h264:auto` chooses each video's crf values from the video itself, for compressed footage whose own
-re-encodings are the pairs (no clean originals): its level is the mean quantizer its H.264 decoder reports
-(`video.mean_quantizer`) less `QUANTIZER_ABOVE_CRF`, and its copies are at that level to `AUTO_SPAN` above it
-(`auto_crfs`), the range that restored best (docs/enhancement.md). On the four sample videos encoded with
-libx264 at crf 23, 30, 37 and 45, the mean quantizer was the crf +3.0 (median; -0.3 to +3.9): the level comes
-out between the crf -3 and +1. Footage of another codec fails with the reason (name its crf values).
+re-encodings are the pairs (no clean originals). Its level (`footage_level`) is the crf at which this module's
+encoder compresses the video's own first frames as hard as the video is compressed, by the mean quantizer
+FFmpeg's H.264 decoder reports (`video.mean_quantizer`): a trial encode of those frames at a first guess (the
+footage's quantizer less `QUANTIZER_ABOVE_CRF`, libx264's median offset) gives this content's own offset (the
+trial's quantizer less its crf), and the level is the footage's quantizer less that offset and less
+`SECOND_GENERATION`. Its copies are at that level to `AUTO_SPAN` above it (`auto_crfs`), the range that
+restored best (docs/enhancement.md). Why a trial: libx264's offset depends on the content (on the four sample
+videos at crf 28 and 37: -0.3 to +3.9; Megamind's 0.1 at crf 37, read 3 low by the median alone); with the
+trial, 7 of the 8 came out at their crf and one 2 above (`benchmarks/level_read.py`). Footage of another
+codec fails with the reason (name its crf values).
 
 A video that is already a pair (a `target` column), or has masks or frame labels, is refused: one kind of
 target per record.
@@ -27,20 +32,27 @@ import contextlib
 import dataclasses
 import os
 import re
+import tempfile
 from typing import List, Tuple
 
 import numpy as np
 
 from tfrecords_tools.outputs import atomic_file
 from tfrecords_tools.spec import PatchSpec
-from tfrecords_tools.video import DEFAULT_MAX_PIXELS, VideoError, VideoWriter, fold_frames, mean_quantizer, probe
+from tfrecords_tools.video import (DEFAULT_MAX_PIXELS, QUANTIZER_FRAMES, FrameStream, Replan, VideoError, VideoWriter,
+                                   fold_frames, make_plan, mean_quantizer, probe)
 
 CODECS = {"h264": "libx264"}
 CRF_RANGE = (0, 51)
 DEFAULT_LEVELS = 4
 AUTO = "auto"
-# libx264's mean quantizer sits this far above its crf (the median over 4 sample videos x crf 23, 30, 37, 45).
+# libx264's mean quantizer sits this far above its crf (the median over 4 sample videos x crf 23, 30, 37, 45):
+# the trial encode's first guess.
 QUANTIZER_ABOVE_CRF = 3
+# A trial encode of already compressed frames is quantized more finely than the footage's own encode was at the
+# same crf (what the first encode took away, the second does not spend bits on): the level it reads is this much
+# high (the median over the 4 sample videos at crf 28 and 37: +0.1 to +2.3; `benchmarks/level_read.py`).
+SECOND_GENERATION = 0.7
 AUTO_SPAN = 4   # `h264:auto`: from the footage's level to this many crf steps above it
 _SPEC = re.compile(r"^\s*([a-z0-9]+)\s*:\s*(?:crf\s*=\s*)?([\d\s,\-]+|auto)$")
 
@@ -80,15 +92,56 @@ class CodecPairs:
         Raises `VideoError` where the level cannot be read."""
         if not self.auto:
             return self
-        return CodecPairs(self.codec, auto_crfs(mean_quantizer(path, max_pixels=max_pixels)))
+        return CodecPairs(self.codec, auto_crfs(footage_level(path, self.codec, max_pixels=max_pixels)))
 
 
-def auto_crfs(quantizer: float, levels: int = DEFAULT_LEVELS) -> Tuple[int, ...]:
-    """`h264:auto`'s crf values for footage whose mean quantizer is `quantizer`: its level (the quantizer less
-    `QUANTIZER_ABOVE_CRF`) to `AUTO_SPAN` above it, `levels` of them; e.g. 40.2 -> (37, 38, 40, 41)."""
-    lo, hi = CRF_RANGE
-    level = int(min(max(round(quantizer - QUANTIZER_ABOVE_CRF), lo), hi - AUTO_SPAN))
+def _clamped_crf(value: float, top: int = CRF_RANGE[1]) -> int:
+    return int(min(max(round(value), CRF_RANGE[0]), top))
+
+
+def auto_crfs(level: float, levels: int = DEFAULT_LEVELS) -> Tuple[int, ...]:
+    """`h264:auto`'s crf values for footage at `level` (`footage_level`): the level to `AUTO_SPAN` above it,
+    `levels` of them, inside the encoder's range; e.g. 37.2 -> (37, 38, 40, 41)."""
+    level = _clamped_crf(level, CRF_RANGE[1] - AUTO_SPAN)
     return _spread(level, level + AUTO_SPAN, levels)
+
+
+def footage_level(path: str, codec: str = "h264", frames: int = QUANTIZER_FRAMES, *,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
+    """The crf at which `codec`'s encoder here (the copies' own settings, `VideoWriter`) compresses `path`'s first
+    `frames` frames as hard as `path` is compressed, by their mean quantizers (`video.mean_quantizer`).
+
+    One trial encode at a guess (the footage's quantizer q less `QUANTIZER_ABOVE_CRF`) gives this content's own
+    offset (the trial's quantizer less the guess); the level is q less that offset, less `SECOND_GENERATION`.
+    The trial is written to a temporary folder outside any output, and removed. Raises `VideoError` where the
+    quantizer cannot be read (another codec)."""
+    quantizer = mean_quantizer(path, frames, max_pixels=max_pixels)
+    guess = _clamped_crf(quantizer - QUANTIZER_ABOVE_CRF)
+    info = probe(path, max_pixels)
+    spec = PatchSpec(1, 1, 1)
+    plan = make_plan(info, spec)
+    with tempfile.TemporaryDirectory(prefix="stp-level-") as folder:
+        for _ in range(3):
+            trial = VideoWriter(os.path.join(folder, "trial.mp4"), info.rate, codec=CODECS[codec], crf=guess)
+            try:
+                # The first `frames` frames, as the converter decodes them at their own size (4:2:0 wants even
+                # sides); leaving the stream early skips its end-of-video checks, which this does not need.
+                for count, (frame, _) in enumerate(FrameStream(info, spec, plan), 1):
+                    trial.write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
+                    if count >= frames:
+                        break
+                trial.close()
+                break
+            except Replan as r:   # timestamps the probe could not see: read again, as the converter does
+                _close([trial])
+                plan = r.plan
+            except BaseException:
+                _close([trial])
+                raise
+        else:
+            raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+        offset = mean_quantizer(trial.path, frames, max_pixels=max_pixels) - guess
+    return quantizer - offset - SECOND_GENERATION
 
 
 def _spread(low: int, high: int, levels: int) -> Tuple[int, ...]:

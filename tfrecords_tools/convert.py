@@ -202,9 +202,10 @@ def codec_items(cfg: ConvertConfig, items: Sequence[Item], work: str) -> Tuple[L
 
 
 def _resolve_pairs(cfg: ConvertConfig, pairs, items: Sequence[Item]) -> dict:
-    """{item key: its `CodecPairs`, or why its level could not be read}. `auto` reads the videos' quantizers
-    (`CodecPairs.resolve`: up to 300 frames each, 0.2 s of CPU for 640x272, ~2 s for 1080p) in `cfg.workers`
-    threads (FFmpeg decodes outside the GIL). Nothing is written (this runs before OUT is checked); a resumed
+    """{item key: its `CodecPairs`, or why its level could not be read}. `auto` reads the videos' levels
+    (`CodecPairs.resolve`, `codec.footage_level`: up to 300 frames each read twice and encoded once, 1-2.5 s of
+    CPU for 640x272 to 1280x720) in `cfg.workers` threads (FFmpeg decodes and encodes outside the GIL). Nothing
+    is written in OUT (this runs before OUT is checked; the trial encodes go to a temporary folder); a resumed
     conversion reads them again."""
     if not pairs.auto:
         return {item.key: pairs for item in items}
