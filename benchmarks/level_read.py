@@ -30,7 +30,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from tfrecords_tools import codec, video  # noqa: E402
-from tfrecords_tools.spec import PatchSpec  # noqa: E402
 
 DEFAULT_VIDEOS = os.path.join(ROOT, "..", "shared", "data", "videos")
 NAMES = ("bikes.mp4", "tree.avi", "bigbuckbunny.mp4", "Megamind_bugy.avi")
@@ -38,22 +37,10 @@ PICTURE_TYPES = {1: "I", 2: "P", 3: "B"}   # FFmpeg's AVPictureType, as PyAV 18 
 
 
 def encode_first(path: str, out: str, crf: int, frames: int) -> str:
-    """`path`'s first `frames` frames (native size, its own rate) encoded at `crf` by `video.VideoWriter`."""
-    info = video.probe(path)
-    spec = PatchSpec(1, 1, 1)
-    plan = video.make_plan(info, spec)
-    for _ in range(3):
-        try:
-            with video.VideoWriter(out + ".part.mp4", info.rate, crf=crf) as writer:
-                for count, (frame, _) in enumerate(video.FrameStream(info, spec, plan), 1):
-                    writer.write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
-                    if count >= frames:
-                        break
-            os.replace(writer.path, out)   # whole, or not there: a later run would take a partial one as made
-            return out
-        except video.Replan as r:   # timestamps the probe could not see (Megamind_bugy.avi): read again
-            plan = r.plan
-    raise video.VideoError(path, "decoding gave a different frame count on each of 3 reads")
+    """`path`'s first `frames` frames at `crf` (`codec.encode_first`), whole at `out` or not there."""
+    codec.encode_first(path, out + ".part.mp4", crf, frames)
+    os.replace(out + ".part.mp4", out)   # a later run takes a file that is there as made
+    return out
 
 
 def quantizer_by_type(path: str, frames: int) -> dict:

@@ -20,7 +20,7 @@ Sharpeners (`blur`, `motion`):
 - `unsharp`: unsharp masking of every frame, `x + amount * (x - gaussian(x, radius))` (SciPy's Gaussian,
   edges mirrored); parameter (radius, amount);
 - `wiener`: Wiener deconvolution of every frame by a Gaussian point-spread function
-  (`skimage.restoration.wiener`, edges mirrored by the PSF's reach first); parameter (PSF sigma,
+  (`skimage.restoration.wiener`, edges mirrored by twice the PSF's reach first); parameter (PSF sigma,
   balance), when `scikit-image` is installed (`pip install 'stpkeras[baselines]'`).
 """
 
@@ -95,7 +95,7 @@ def gaussian_psf(sigma: float) -> np.ndarray:
 
 def wiener(patches: np.ndarray, param: Param) -> np.ndarray:
     """Wiener deconvolution of every frame by a Gaussian PSF (`skimage.restoration.wiener`), per channel; the
-    frames are mirrored by the PSF's reach first, so the FFT's wrap-around does not ring at the borders."""
+    frames are mirrored by twice the PSF's reach first, so the FFT's wrap-around does not ring at the borders."""
     from skimage.restoration import wiener as skimage_wiener
 
     sigma, balance = param

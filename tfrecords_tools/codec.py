@@ -53,7 +53,7 @@ QUANTIZER_ABOVE_CRF = 3
 # same crf (what the first encode took away, the second does not spend bits on): the level it reads is this much
 # high (the median over the 4 sample videos at crf 28 and 37: +0.1 to +2.3; `benchmarks/level_read.py`).
 SECOND_GENERATION = 0.7
-AUTO_SPAN = 4   # `h264:auto`: from the footage's level to this many crf steps above it
+AUTO_SPAN = 2   # `h264:auto`: from the footage's level to this many crf steps above it
 _SPEC = re.compile(r"^\s*([a-z0-9]+)\s*:\s*(?:crf\s*=\s*)?([\d\s,\-]+|auto)$")
 
 
@@ -101,7 +101,7 @@ def _clamped_crf(value: float, top: int = CRF_RANGE[1]) -> int:
 
 def auto_crfs(level: float, levels: int = DEFAULT_LEVELS) -> Tuple[int, ...]:
     """`h264:auto`'s crf values for footage at `level` (`footage_level`): the level to `AUTO_SPAN` above it,
-    `levels` of them, inside the encoder's range; e.g. 37.2 -> (37, 38, 40, 41)."""
+    `levels` of them at most (one per crf step), inside the encoder's range; e.g. 37.2 -> (37, 38, 39)."""
     level = _clamped_crf(level, CRF_RANGE[1] - AUTO_SPAN)
     return _spread(level, level + AUTO_SPAN, levels)
 
@@ -117,30 +117,10 @@ def footage_level(path: str, codec: str = "h264", frames: int = QUANTIZER_FRAMES
     quantizer cannot be read (another codec)."""
     quantizer = mean_quantizer(path, frames, max_pixels=max_pixels)
     guess = _clamped_crf(quantizer - QUANTIZER_ABOVE_CRF)
-    info = probe(path, max_pixels)
-    spec = PatchSpec(1, 1, 1)
-    plan = make_plan(info, spec)
     with tempfile.TemporaryDirectory(prefix="stp-level-") as folder:
-        for _ in range(3):
-            trial = VideoWriter(os.path.join(folder, "trial.mp4"), info.rate, codec=CODECS[codec], crf=guess)
-            try:
-                # The first `frames` frames, as the converter decodes them at their own size (4:2:0 wants even
-                # sides); leaving the stream early skips its end-of-video checks, which this does not need.
-                for count, (frame, _) in enumerate(FrameStream(info, spec, plan), 1):
-                    trial.write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
-                    if count >= frames:
-                        break
-                trial.close()
-                break
-            except Replan as r:   # timestamps the probe could not see: read again, as the converter does
-                _close([trial])
-                plan = r.plan
-            except BaseException:
-                _close([trial])
-                raise
-        else:
-            raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
-        offset = mean_quantizer(trial.path, frames, max_pixels=max_pixels) - guess
+        trial = encode_first(path, os.path.join(folder, "trial.mp4"), guess, frames, codec=codec,
+                             max_pixels=max_pixels)
+        offset = mean_quantizer(trial, frames, max_pixels=max_pixels) - guess
     return quantizer - offset - SECOND_GENERATION
 
 
@@ -214,6 +194,32 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
         finally:
             _close(writers)
     return clean, copies
+
+
+def encode_first(path: str, out: str, crf: int, frames: int, *, codec: str = "h264",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Writes `path`'s first `frames` frames, as the converter decodes them at their own size and rate (cropped
+    to even sides for 4:2:0), to `out` with `codec`'s encoder at `crf` (the copies' own settings); returns `out`.
+    Leaving the stream early skips its end-of-video checks, which a quantizer reading does not need."""
+    info = probe(path, max_pixels)
+    spec = PatchSpec(1, 1, 1)
+    plan = make_plan(info, spec)
+    for _ in range(3):
+        writer = VideoWriter(out, info.rate, codec=CODECS[codec], crf=crf)
+        try:
+            for count, (frame, _) in enumerate(FrameStream(info, spec, plan), 1):
+                writer.write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
+                if count >= frames:
+                    break
+            writer.close()
+            return out
+        except Replan as r:   # timestamps the probe could not see: read again, as the converter does
+            _close([writer])
+            plan = r.plan
+        except BaseException:
+            _close([writer])
+            raise
+    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
 
 
 def _close(writers: List[VideoWriter]) -> None:
