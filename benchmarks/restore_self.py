@@ -21,8 +21,8 @@ same run. The model trained on the other kind's clean pairs is the earlier recip
 default: the compressed videos re-encoded at crf 37-45 at their own size, as `stp convert --pairs h264:37-45`
 makes them), `self@0.5:37-45` (the compressed videos scaled to half size first, losslessly, then encoded: a
 cleaner target of the same content, as zero-shot super-resolution trains on a smaller copy of its input),
-`self@1:auto` (each compressed video at its own level to 4 above, read from its quantizer, as `stp convert
---pairs h264:auto` makes them), `clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier
+`self@1:auto` (each compressed video at its own level to 2 above, read by `codec.footage_level`, as `stp
+convert --pairs h264:auto` makes them), `clean@1:23-40` (the other kind's pristine originals at crf 23-40, the earlier
 recipe of benchmarks/enhance.py),
 `leaves@1:23-40` (synthetic dead-leaves videos, `benchmarks/dead_leaves.py`, at crf 23-40: clean pairs that
 carry no real footage's content; `--leaves N` of them).

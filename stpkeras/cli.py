@@ -202,7 +202,7 @@ def _pairs_option(ctx, param, value):
               help="Make compressed/clean pairs of every (clean) video for --task enhance: h264:23-40 (4 crf levels "
                    "evenly spaced), h264:30,37 or h264:37; each copy encoded with libx264 as converted (after resize "
                    "and frame rate), its target the lossless original. h264:auto: each H.264 video's own level (its "
-                   "quantizer against a trial encode) to 4 above, for compressed footage paired with its own "
+                   "quantizer against a trial encode) to 2 above, for compressed footage paired with its own "
                    "re-encodings.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUT written with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails (exit 1, no manifest).")
