@@ -135,32 +135,37 @@ def has_opencv() -> bool:
     return True
 
 
+DENOISERS = {"gaussian3d": gaussian3d, "median3": temporal_median, "median5": temporal_median, "nlmeans": nlmeans}
+SHARPENERS = {"unsharp": unsharp, "wiener": wiener}
+# The baselines that need an optional package: the check, and the package.
+_NEEDS = {"nlmeans": (has_opencv, "opencv-python-headless"), "wiener": (has_skimage, "scikit-image")}
+
+
+def _wanted(kinds: Sequence[str]) -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
+    """The sharpeners where every kind is a blur, the denoisers otherwise (noise, a codec, pairs: `()`), both
+    where blur comes with noise; whether or not their packages are installed."""
+    blur = [k for k in kinds if k in BLURS]
+    found = {} if blur and len(blur) == len(kinds) else dict(DENOISERS)
+    if blur:
+        found.update(SHARPENERS)
+    return found
+
+
+def _installed(name: str) -> bool:
+    return name not in _NEEDS or _NEEDS[name][0]()
+
+
 def available() -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
     """The denoisers this installation can run, by name."""
-    found = {"gaussian3d": gaussian3d, "median3": temporal_median, "median5": temporal_median}
-    if has_opencv():
-        found["nlmeans"] = nlmeans
-    return found
+    return for_degradations(())
 
 
 def for_degradations(kinds: Sequence[str]) -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
-    """The baselines this installation can run against degradations of `kinds` (e.g. `("blur",)`): the
-    sharpeners where every kind is a blur, the denoisers otherwise (noise, a codec, pairs: `()`), both where
-    blur comes with noise."""
-    blur = [k for k in kinds if k in BLURS]
-    found = {} if blur and len(blur) == len(kinds) else available()
-    if blur:
-        found["unsharp"] = unsharp
-        if has_skimage():
-            found["wiener"] = wiener
-    return found
+    """The baselines this installation can run against degradations of `kinds` (e.g. `("blur",)`; `_wanted`)."""
+    return {name: fn for name, fn in _wanted(kinds).items() if _installed(name)}
 
 
 def missing(kinds: Sequence[str]) -> Dict[str, str]:
-    """The baselines `for_degradations(kinds)` would run with every optional package installed, and why not."""
-    extra = "pip install 'stpkeras[baselines]'"
-    everything = {"nlmeans": (has_opencv, f"needs opencv-python-headless ({extra})"),
-                  "wiener": (has_skimage, f"needs scikit-image ({extra})")}
-    blur = [k for k in kinds if k in BLURS]
-    wanted = (["wiener"] if blur else []) + ([] if blur and len(blur) == len(kinds) else ["nlmeans"])
-    return {name: everything[name][1] for name in wanted if not everything[name][0]()}
+    """The baselines `for_degradations(kinds)` leaves out for want of a package, and which one."""
+    return {name: f"needs {_NEEDS[name][1]} (pip install 'stpkeras[baselines]')"
+            for name in _wanted(kinds) if not _installed(name)}

@@ -436,8 +436,9 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
               "degrade": list(degrade), "paired": paired, "seed": config.seed, "tta": config.tta,
               "input": scores["input"], "output": scores["model"],
               "baselines": {name: {**scores[name], "param": chosen[name]} for name in methods}}
-    if config.baselines and baselines_lib.missing(kinds):
-        result["baselines_missing"] = baselines_lib.missing(kinds)
+    left_out = baselines_lib.missing(kinds) if config.baselines else {}
+    if left_out:
+        result["baselines_missing"] = left_out
     best = max(methods, key=lambda n: scores[n]["psnr"]) if methods else None
     result["best_baseline"] = best
     result["gain_db"] = {"over_input": scores["model"]["psnr"] - scores["input"]["psnr"],

@@ -39,8 +39,8 @@ import numpy as np
 
 from tfrecords_tools.outputs import atomic_file
 from tfrecords_tools.spec import PatchSpec
-from tfrecords_tools.video import (DEFAULT_MAX_PIXELS, QUANTIZER_FRAMES, FrameStream, Replan, VideoError, VideoWriter,
-                                   fold_frames, make_plan, mean_quantizer, probe)
+from tfrecords_tools.video import (DEFAULT_MAX_PIXELS, QUANTIZER_FRAMES, VideoError, VideoWriter, fold_frames,
+                                   mean_quantizer, probe)
 
 CODECS = {"h264": "libx264"}
 CRF_RANGE = (0, 51)
@@ -199,27 +199,24 @@ def write_copies(path: str, spec: PatchSpec, pairs: CodecPairs, out_dir: str, st
 def encode_first(path: str, out: str, crf: int, frames: int, *, codec: str = "h264",
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Writes `path`'s first `frames` frames, as the converter decodes them at their own size and rate (cropped
-    to even sides for 4:2:0), to `out` with `codec`'s encoder at `crf` (the copies' own settings); returns `out`.
-    Leaving the stream early skips its end-of-video checks, which a quantizer reading does not need."""
+    to even sides for 4:2:0), to `out` with `codec`'s encoder at `crf` (the copies' own settings); returns `out`."""
     info = probe(path, max_pixels)
-    spec = PatchSpec(1, 1, 1)
-    plan = make_plan(info, spec)
-    for _ in range(3):
-        writer = VideoWriter(out, info.rate, codec=CODECS[codec], crf=crf)
-        try:
-            for count, (frame, _) in enumerate(FrameStream(info, spec, plan), 1):
-                writer.write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
-                if count >= frames:
-                    break
-            writer.close()
-            return out
-        except Replan as r:   # timestamps the probe could not see: read again, as the converter does
-            _close([writer])
-            plan = r.plan
-        except BaseException:
-            _close([writer])
-            raise
-    raise VideoError(path, "decoding gave a different frame count on each of 3 reads")
+    writers: List[VideoWriter] = []
+
+    def start() -> List[VideoWriter]:  # a re-read after `Replan` writes the file from the start
+        _close(writers)
+        writers.append(VideoWriter(out, info.rate, codec=CODECS[codec], crf=crf))
+        return writers
+
+    def add(writers: List[VideoWriter], frame: np.ndarray) -> None:
+        writers[0].write(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
+
+    try:
+        fold_frames(path, PatchSpec(1, 1, 1), start, add, max_pixels=max_pixels, info=info, limit=frames)
+        writers.pop().close()
+    finally:
+        _close(writers)
+    return out
 
 
 def _close(writers: List[VideoWriter]) -> None:

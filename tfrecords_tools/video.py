@@ -681,17 +681,20 @@ def video_patches(path: str, spec: PatchSpec, *, max_pixels: int = DEFAULT_MAX_P
 
 def fold_frames(path: str, spec: PatchSpec, start: Callable[[], object], add: Callable[[object, np.ndarray], None],
                 *, region: Optional[Tuple[int, int, int, int]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                info: Optional[VideoInfo] = None, colour: str = DEFAULT_COLOUR) -> object:
+                info: Optional[VideoInfo] = None, colour: str = DEFAULT_COLOUR, limit: Optional[int] = None) -> object:
     """Streams every frame of `path` under `spec` (and `region`, `Plan.region`) into `add(state, frame)`,
     one frame at a time, `state` made by `start()`; returns the state. When decoding shows the plan was
-    wrong (`Replan`) the fold starts again from a fresh state, as `video_patches` reads again."""
+    wrong (`Replan`) the fold starts again from a fresh state, as `video_patches` reads again. `limit`: only
+    the first `limit` frames (the rest is not decoded, nor the end-of-video checks made)."""
     info = info or probe(path, max_pixels)
     plan = make_plan(info, spec, region=region)
     for _ in range(3):
         state = start()
         try:
-            for frame, _ in FrameStream(info, spec, plan, colour=colour):
+            for count, (frame, _) in enumerate(FrameStream(info, spec, plan, colour=colour), 1):
                 add(state, frame)
+                if limit is not None and count >= limit:
+                    break
             return state
         except Replan as r:
             plan = r.plan
