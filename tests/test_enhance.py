@@ -290,6 +290,31 @@ def test_blur_is_measured_against_sharpeners_tuned_on_the_split(noisy_run, cli):
     assert r.exit_code == 0 and f"{sigma:g},{balance:g}" in r.output, r.output   # the tuple parameter, printed
 
 
+def test_deblur_levels_benchmark_measures_the_detail_each_restorer_puts_back(noisy_run, tmp_path):
+    """benchmarks/deblur_levels.py (its figures are on the benchmarks page): per level, PSNR and the share of the
+    clean patches' fine detail kept by the blurred input, the tuned Wiener filter and each run's model."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "deblur_levels.py"
+    spec = importlib.util.spec_from_file_location("deblur_levels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = np.random.default_rng(0).integers(0, 256, (2, 4, 16, 16, 3), dtype=np.uint8)
+    assert bench.detail(x) > 0 and bench.detail(np.full_like(x, 7)) == 0
+    result = bench.main([str(noisy_run / "data"), str(noisy_run / "run"), "--levels", "1,2", "--patches", "8",
+                         "--out", str(tmp_path / "levels.json")])
+    assert json.loads((tmp_path / "levels.json").read_text()) == result
+    one, two = result["levels"]
+    assert [one["level"], two["level"]] == [1.0, 2.0]
+    for row in (one, two):
+        wiener = next(k for k in row["psnr"] if k.startswith("wiener "))
+        assert row["detail"]["input"] < 0.9 and row["detail"][wiener] > row["detail"]["input"] + 0.05, row
+        assert row["psnr"][wiener] > row["psnr"]["input"] + 1, row
+        assert str(noisy_run / "run") in row["psnr"]   # the (denoising) model measured beside them
+    assert two["detail"]["input"] < one["detail"]["input"] - 0.1, result   # a wider blur keeps less
+    assert one["wiener_param"][0] < two["wiener_param"][0]   # and Wiener finds a wider PSF for it
+
+
 def test_evaluate_loads_an_enhance_run_in_a_fresh_process(noisy_run):
     """`stp evaluate RUN` in a new process: the run's .keras names the PSNR/SSIM metrics, which must be
     registered before the load (in-process tests had them imported by training)."""
