@@ -4,7 +4,7 @@ tuned at each, and how much of the lost detail each puts back.
 For each run (an `stp train --task enhance --degrade blur...` folder) and each `--levels` sigma: `--patches`
 test patches spread evenly over DATA's test split are blurred at that sigma (`stp evaluate`'s degradation and
 seed), and restored by the run's model and by `baselines.wiener`, its (sigma, balance) tuned on those same
-patches over `baselines.GRIDS` (as `stp evaluate` tunes it). Reported per level:
+patches (`baselines.tune`, as `stp evaluate` tunes it). Reported per level:
 
   - PSNR (dB) of the blurred input, the model and the tuned Wiener filter, against the clean patches;
   - detail kept: the mean squared difference of neighbouring pixels (luma, both directions) of each, as a
@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
     results = {"data": args.data, "patches": args.patches, "levels": []}
     for level in (float(v) for v in args.levels.split(",")):
         x, y = test_patches(args.data, level, args.patches)
-        scores = {p: float(np.mean(psnr(baselines.wiener(x, p), y))) for p in baselines.GRIDS["wiener"]}
-        param = max(scores, key=scores.get)
+        param = baselines.tune("wiener", x, y)
         outputs = {"input": x, f"wiener {baselines.param_text(param)}": baselines.wiener(x, param)}
         for run, model in models.items():
             out = np.asarray(model(x, training=False), np.float32)

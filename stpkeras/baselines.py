@@ -119,6 +119,16 @@ def param_text(param: Param) -> str:
     return f"{param:g}"
 
 
+def tune(name: str, degraded: np.ndarray, clean: np.ndarray) -> Param:
+    """The parameter of `GRIDS[name]` whose output has the best mean PSNR against `clean` (the oracle choice
+    `stp evaluate` makes on a few patches of the split it measures)."""
+    from stpkeras.quality import psnr
+
+    fn = {**DENOISERS, **SHARPENERS}[name]
+    scores = {p: float(np.mean(psnr(fn(degraded, p), clean))) for p in GRIDS[name]}
+    return max(scores, key=scores.get)
+
+
 def has_skimage() -> bool:
     try:
         import skimage.restoration  # noqa: F401

@@ -409,10 +409,7 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     if tune is None:
         raise EvaluateError(f"{config.data}: split {split!r} is empty")
     tune_x, tune_y = tune[0].numpy(), tune[1].numpy()
-    chosen = {}
-    for name, fn in methods.items():
-        scores = {p: float(np.mean(psnr(fn(tune_x, p), tune_y))) for p in baselines_lib.GRIDS[name]}
-        chosen[name] = max(scores, key=scores.get)
+    chosen = {name: baselines_lib.tune(name, tune_x, tune_y) for name in methods}
 
     sums: Dict[str, np.ndarray] = {}
     count = 0
