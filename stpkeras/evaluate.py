@@ -366,8 +366,11 @@ def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
 
 # Patches on which each baseline's parameter is chosen (see stpkeras.baselines): every k-th patch of the
 # split, so every video of it has a say (the first 64 patches came from one video: a Gaussian sigma tuned
-# there, 2.8, scored 26.56 dB on the benchmark's split; sigma 1.7 scored 28.76).
-TUNE_PATCHES = 64
+# there, 2.8, scored 26.56 dB on the benchmark's split; sigma 1.7 scored 28.76). 256: on 64 of the 6,424
+# animation test patches blurred at sigma 1.5 Wiener's two parameters came out (1.25, 0.03), 42.08 dB on the
+# split, where 128 and 256 patches choose (1.5, 0.003), 43.25 dB (issue 20, docs/benchmarks.md). Tuning Wiener
+# on 256 patches of 8x64x64 costs about 2 CPU minutes.
+TUNE_PATCHES = 256
 
 
 def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
