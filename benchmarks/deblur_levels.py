@@ -35,7 +35,7 @@ def detail(patches: np.ndarray) -> float:
     return float(np.mean(np.diff(y, axis=-1) ** 2) + np.mean(np.diff(y, axis=-2) ** 2))
 
 
-def test_patches(data: str, level: float, count: int):
+def held_out_patches(data: str, level: float, count: int):
     """`count` test patches of `data` spread evenly over the split, blurred at `level` (seed 0): (input, clean)."""
     from stpkeras import pipeline
     from stpkeras.degrade import make_pairs
@@ -48,6 +48,12 @@ def test_patches(data: str, level: float, count: int):
     stride = max(1, info.num_records("test") // count)
     x, y = next(iter(dataset.unbatch().shard(stride, 0).take(count).batch(count)))
     return x.numpy(), y.numpy()
+
+
+def chunked(fn, x: np.ndarray, size: int = 32) -> np.ndarray:
+    """`fn` over `x` `size` patches at a time (a model's activations and Wiener's FFTs of all of them at once
+    would hold gigabytes)."""
+    return np.concatenate([fn(x[i:i + size]) for i in range(0, len(x), size)])
 
 
 def main(argv=None) -> dict:
@@ -65,11 +71,12 @@ def main(argv=None) -> dict:
     models = {run: artifacts.load(run, compile=False).model for run in args.runs}
     results = {"data": args.data, "patches": args.patches, "levels": []}
     for level in (float(v) for v in args.levels.split(",")):
-        x, y = test_patches(args.data, level, args.patches)
+        x, y = held_out_patches(args.data, level, args.patches)
         param = baselines.tune("wiener", x, y)
-        outputs = {"input": x, f"wiener {baselines.param_text(param)}": baselines.wiener(x, param)}
+        wiener = chunked(lambda c: baselines.wiener(c, param), x)
+        outputs = {"input": x, f"wiener {baselines.param_text(param)}": wiener}
         for run, model in models.items():
-            out = np.asarray(model(x, training=False), np.float32)
+            out = chunked(lambda c: np.asarray(model(c, training=False), np.float32), x)
             outputs[run] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
         clean = detail(y)
         row = {"level": level, "wiener_param": list(param),
