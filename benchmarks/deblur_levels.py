@@ -36,18 +36,18 @@ def detail(patches: np.ndarray) -> float:
 
 
 def held_out_patches(data: str, level: float, count: int):
-    """`count` test patches of `data` spread evenly over the split, blurred at `level` (seed 0): (input, clean)."""
+    """`count` test patches of `data` spread evenly over the split (`evaluate.spread_sample`, as `stp evaluate`
+    tunes its baselines), blurred at `level` (seed 0): (input, clean)."""
     from stpkeras import pipeline
     from stpkeras.degrade import make_pairs
+    from stpkeras.evaluate import spread_sample
 
     info = pipeline.load_info(data)
     info.resolve("test")
     element = make_pairs(info.encoding, info.spec, paired=False, degradations=[f"blur:{level:g}"])
     dataset = pipeline.make_dataset(info, "test", batch_size=count, training=False, element_fn=element, seed=0,
                                     deterministic=True)
-    stride = max(1, info.num_records("test") // count)
-    x, y = next(iter(dataset.unbatch().shard(stride, 0).take(count).batch(count)))
-    return x.numpy(), y.numpy()
+    return spread_sample(dataset, info.num_records("test"), count)
 
 
 def chunked(fn, x: np.ndarray, size: int = 32) -> np.ndarray:

@@ -373,6 +373,14 @@ def evaluate_targets(config: EvalConfig, artifact, info) -> dict:
 TUNE_PATCHES = 256
 
 
+def spread_sample(dataset, records: int, count: int):
+    """`count` (input, target) patches of a batched `dataset` of `records` patches, every k-th of them so that
+    each video of the split has a say, as numpy arrays; None when it is empty."""
+    stride = max(1, records // count)
+    sample = next(iter(dataset.unbatch().shard(stride, 0).take(count).batch(count)), None)
+    return None if sample is None else (sample[0].numpy(), sample[1].numpy())
+
+
 def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     """PSNR/SSIM per patch on a held-out split: the degraded input, the classical baselines (denoisers; for blur,
     sharpeners: `baselines.for_degradations`) and the model.
@@ -407,11 +415,10 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
 
     # The baselines' parameters are chosen on TUNE_PATCHES patches spread evenly over the split (a pass that
     # reads and degrades, nothing more; each patch with the degradation it has in the measuring pass).
-    stride = max(1, info.num_records(split) // TUNE_PATCHES)
-    tune = next(iter(dataset.unbatch().shard(stride, 0).take(TUNE_PATCHES).batch(TUNE_PATCHES)), None)
+    tune = spread_sample(dataset, info.num_records(split), TUNE_PATCHES)
     if tune is None:
         raise EvaluateError(f"{config.data}: split {split!r} is empty")
-    tune_x, tune_y = tune[0].numpy(), tune[1].numpy()
+    tune_x, tune_y = tune
     chosen = {name: baselines_lib.tune(name, tune_x, tune_y) for name in methods}
 
     sums: Dict[str, np.ndarray] = {}
