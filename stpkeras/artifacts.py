@@ -111,10 +111,10 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
                             + (f" and --tta-flip-labels {list(more_flips)}" if more_flips else ""))
     try:
         permutations = augment.parse_flip_labels(flips, artifact.labels)
+        averaged = augment.flip_averaged(artifact.model, permutations, artifact.spec.pixels)
     except ValueError as e:
         raise ArtifactError(f"{artifact.path}: {e}") from None
-    return dataclasses.replace(artifact, model=augment.flip_averaged(artifact.model, permutations,
-                                                                     artifact.spec.pixels))
+    return dataclasses.replace(artifact, model=averaged)
 
 
 # --- reading the files --------------------------------------------------------------------------

@@ -327,8 +327,25 @@ def make_augment(names: Sequence[str], pixels: str | PixelFormat = "rgb") -> Aug
 # --- flips that swap labels ---------------------------------------------------------------------------
 # A flip of a clip panning left pans right: motion classes that mirror each other stay right under a flip
 # when the flip swaps their labels too (`--flip-labels h:left=right --flip-labels v:up=down`). Played
-# backwards (`t`), a clip panning left pans right too, and one panning up pans down.
+# backwards (`t`), a clip panning left pans right too, and one panning up pans down. Mirrored about its main
+# diagonal (`d`: rows become columns), a clip panning left pans up and one panning right pans down
+# (`--flip-labels d:left=up --flip-labels d:right=down`); it needs square frames.
 FLIP_AXES = {"h": 2, "v": 1, "t": 0}   # the axis of `[T, H, W, C]` each flip reverses
+TRANSPOSE = "d"                        # the flip that swaps H and W
+LABEL_FLIPS = (*FLIP_AXES, TRANSPOSE)
+
+
+def flip_clips(clips, axis: str, batched: bool = True):
+    """`clips` (`[B, T, H, W, C]`, or one `[T, H, W, C]` with `batched=False`; a tf, numpy or Keras tensor)
+    flipped along `axis` of `LABEL_FLIPS`. Each flip is its own inverse."""
+    import keras
+
+    first = 1 if batched else 0
+    if axis == TRANSPOSE:
+        order = list(range(first + 4))
+        order[first + 1], order[first + 2] = first + 2, first + 1
+        return keras.ops.transpose(clips, order)
+    return keras.ops.flip(clips, axis=FLIP_AXES[axis] + first)
 
 
 def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
@@ -339,10 +356,10 @@ def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
     for entry in entries:
         axis, _, pair = str(entry).partition(":")
         a, _, b = pair.partition("=")
-        if axis not in FLIP_AXES or not a or not b or a == b or a not in labels or b not in labels:
+        if axis not in LABEL_FLIPS or not a or not b or a == b or a not in labels or b not in labels:
             raise ValueError(f"Invalid value for argument `flip_labels`. Expected AXIS:A=B with AXIS h (left-right), "
-                             f"v (top-bottom) or t (time: the clip played backwards) and two different classes of "
-                             f"{labels}. Received {entry!r}")
+                             f"v (top-bottom), t (time: the clip played backwards) or d (the main diagonal: rows "
+                             f"become columns) and two different classes of {labels}. Received {entry!r}")
         permutation = out.setdefault(axis, list(range(len(labels))))
         i, j = labels.index(a), labels.index(b)
         if permutation[i] != i or permutation[j] != j:
@@ -353,24 +370,33 @@ def parse_flip_labels(entries: Sequence[str], labels: Sequence[str]) -> dict:
 
 
 def _require_row_aligned(permutations: dict, pixels, argument: str) -> None:
-    """A top-bottom flip (`v`) needs one picture row per stored row."""
-    if "v" in permutations and not pixel_formats.get(pixels).format.pixel_aligned:
+    """A top-bottom flip (`v`) or a transposition (`d`) needs one picture row per stored row."""
+    if ("v" in permutations or TRANSPOSE in permutations) and not pixel_formats.get(pixels).format.pixel_aligned:
         # A packed row of yuv440 is a pair of picture rows: reversing the rows would swap the pair's order.
-        raise ValueError(f"Invalid value for argument `{argument}`. A top-bottom flip (v) needs 'rgb' patches. "
-                         f"Received pixels={pixel_formats.get(pixels).format.name!r}")
+        raise ValueError(f"Invalid value for argument `{argument}`. A top-bottom flip (v) or a transposition (d) "
+                         f"needs 'rgb' patches. Received pixels={pixel_formats.get(pixels).format.name!r}")
+
+
+def require_square(permutations: dict, height, width, argument: str = "flip_labels") -> None:
+    """A transposition (`d`) keeps a clip's shape only when its frames are square."""
+    if TRANSPOSE in permutations and height != width:
+        raise ValueError(f"Invalid value for argument `{argument}`. A transposition (d) needs square patches "
+                         f"(height = width). Received {height}x{width}")
 
 
 def make_label_flips(permutations: dict, pixels: str | PixelFormat = "rgb"):
     """`(uint8 [T, H, W, C] patch, int32 label, int64 [2] seed) -> (patch, label)`: each axis of `permutations`
     (`parse_flip_labels`) flips the clip with probability 1/2 and maps its label through the permutation."""
     _require_row_aligned(permutations, pixels, "flip_labels")
-    axes = [(FLIP_AXES[a], tf.constant(p, tf.int32)) for a, p in sorted(permutations.items())]
+    axes = [(a, tf.constant(p, tf.int32)) for a, p in sorted(permutations.items())]
 
     def flip(patch: tf.Tensor, label: tf.Tensor, seed: tf.Tensor):
+        if TRANSPOSE in permutations:
+            require_square(permutations, patch.shape[1], patch.shape[2])
         seeds = tf.random.experimental.stateless_split(seed, max(1, len(axes)))
         for (axis, permutation), s in zip(axes, tf.unstack(seeds)):
             flipped = tf.random.stateless_uniform([], s) < 0.5
-            patch = tf.cond(flipped, lambda p=patch, a=axis: tf.reverse(p, [a]), lambda p=patch: p)
+            patch = tf.cond(flipped, lambda p=patch, a=axis: flip_clips(p, a, batched=False), lambda p=patch: p)
             label = tf.where(flipped, tf.gather(permutation, label), label)
         return patch, label
 
@@ -392,7 +418,7 @@ def _mean_over_flips(model, axes: Sequence[str], undo):
         for subset in itertools.combinations(axes, n):
             patch = inputs
             for axis in subset:
-                patch = keras.ops.flip(patch, axis=FLIP_AXES[axis] + 1)
+                patch = flip_clips(patch, axis)
             output = keras.ops.cast(model(patch), "float32")
             views.append(undo(output, subset) if subset else output)
     return inputs, views[0] if len(views) == 1 else keras.ops.mean(keras.ops.stack(views), axis=0)
@@ -405,6 +431,7 @@ def flip_averaged(model, permutations: dict, pixels: str | PixelFormat = "rgb"):
     import keras
 
     _require_row_aligned(permutations, pixels, "permutations")
+    require_square(permutations, *model.input_shape[2:4], argument="permutations")
 
     def in_clip_classes(logits, subset):
         order = np.arange(model.output_shape[-1])

@@ -436,7 +436,7 @@ _tta_option = click.option(
          "an enhancer's pixels over the left-right, top-bottom and time flips (8 passes).")
 _tta_flip_labels_option = click.option(
     "--tta-flip-labels", multiple=True, metavar="AXIS:A=B",
-    help="A classifier's --tta also over this flip (as --flip-labels: h, v or t, and the two classes it swaps), "
+    help="A classifier's --tta also over this flip (as --flip-labels: h, v, t or d, and the two classes it swaps), "
          "besides the run's own; repeatable, implies --tta. E.g. time reversal for camera motion: "
          "t:left=right and t:up=down.")
 
@@ -690,7 +690,8 @@ def _shake_limits(text: str):
                    "dataset.json says label_mode 'multi'); on single-label data, one-hot targets.")
 @click.option("--flip-labels", multiple=True, metavar="AXIS:A=B",
               help="classify: a flip that swaps two mirrored classes, repeatable: h:left=right (left-right flip), "
-                   "v:up=down (top-bottom), t:left=right (the clip played backwards). Each axis flips half the "
+                   "v:up=down (top-bottom), t:left=right (the clip played backwards), d:left=up (rows become "
+                   "columns; square patches). Each axis flips half the "
                    "training patches and swaps the named labels; other classes must look alike mirrored. For "
                    "motion classes, which --augment flip would mislabel.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,

@@ -131,8 +131,9 @@ class Classify(Task):
             if self.flip_labels:
                 raise ValueError(f"{info.root}: flip_labels swaps one label per patch; multi-label records have none")
             return dataclasses.replace(self, multi_label=True, monitor="pr_auc")
-        from stpkeras.augment import parse_flip_labels
-        parse_flip_labels(self.flip_labels, info.labels)   # a bad pair fails before training starts
+        from stpkeras.augment import parse_flip_labels, require_square
+        flips = parse_flip_labels(self.flip_labels, info.labels)   # a bad pair fails before training starts
+        require_square(flips, info.spec.height, info.spec.width)
         return dataclasses.replace(self, multi_label=False, flip_labels=tuple(self.flip_labels))
 
     def build_model(self, model, spec, labels, options):

@@ -377,7 +377,8 @@ def _motion_of(patch):
 
 
 @pytest.mark.parametrize("flips", [("h:left=right", "v:up=down"),
-                                   ("h:left=right", "v:up=down", "t:left=right", "t:up=down")])
+                                   ("h:left=right", "v:up=down", "t:left=right", "t:up=down"),
+                                   ("h:left=right", "v:up=down", "d:left=up", "d:right=down")])
 def test_label_flips_swap_the_labels_with_the_motion(tmp_path, flips):
     from stpkeras.tasks import get_task
 
@@ -429,6 +430,20 @@ def test_test_time_flips_average_the_logits_in_each_clips_own_classes():
     np.testing.assert_allclose(every.predict(hv, verbose=0)[:, perms["v"]][:, perms["h"]], mean, rtol=1e-4, atol=1e-5)
     assert mean.shape == plain.shape and mean.dtype == np.float32
 
+    # With the transposition (d) the flips no longer commute (h then d is not d then h): 16 passes, and the mean
+    # is still exactly symmetric under each flip, the diagonal's too.
+    dihedral = augment.parse_flip_labels(["h:left=right", "v:up=down", "t:left=right", "t:up=down", "d:left=up",
+                                          "d:right=down"], labels)
+    every = augment.flip_averaged(model, dihedral)
+    mean = every.predict(clips, verbose=0)
+    transposed = clips.transpose(0, 1, 3, 2, 4).copy()
+    assert [labels[dihedral["d"][labels.index(name)]] for name in ("left", "up", "still")] == ["up", "left", "still"]
+    assert [_motion_of(p) for p in transposed] == [labels[dihedral["d"][i]] for i in range(len(labels))]
+    for flipped, perm in ((transposed, dihedral["d"]), (clips[:, :, :, ::-1].copy(), dihedral["h"])):
+        np.testing.assert_allclose(every.predict(flipped, verbose=0)[:, perm], mean, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs square patches .* Received 8x6"):
+        augment.flip_averaged(build_model("stcnn", PatchSpec(4, 8, 6), len(labels), filters=4), dihedral)
+
 
 def test_label_flips_refuse_unknown_or_repeated_classes():
     with pytest.raises(ValueError, match="Expected AXIS:A=B .* Received 'h:left=sideways'"):
@@ -441,3 +456,5 @@ def test_label_flips_refuse_unknown_or_repeated_classes():
     assert flips == {"t": [3, 2, 1, 0]}
     with pytest.raises(ValueError, match="t \\(time"):
         augment.parse_flip_labels(["x:left=right"], ("left", "right"))
+    transposition = augment.parse_flip_labels(["d:left=up", "d:right=down"], ("down", "left", "right", "up"))
+    assert transposition == {"d": [2, 3, 0, 1]}
