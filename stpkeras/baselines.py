@@ -6,7 +6,7 @@ same shape and has one parameter (a number or a tuple of them), picked per evalu
 (`GRIDS`) on a few patches of the split being measured: an oracle choice
 that favours the baseline, so a model's gain over it is not overstated. Which
 ones run depends on the degradation (`for_degradations`): denoisers for noise, codecs and pairs,
-sharpeners for blur.
+sharpeners for blur, and a deblocker as well for codecs and paired data.
 
 Denoisers:
 - `gaussian3d`: SciPy's separable Gaussian filter over time and space, spatial
@@ -15,6 +15,15 @@ Denoisers:
 - `nlmeans`: OpenCV's per-frame non-local means (`cv2.fastNlMeansDenoisingColored`,
   template 7, search 21), when `opencv-python-headless` is installed
   (`pip install 'stpkeras[baselines]'`).
+
+Deblocker (`jpeg` and paired data, e.g. `stp convert --pairs h264:...`):
+- `shifted_dct`: re-application of the block transform's quantizer (Nosratinia, "Enhancement of JPEG-compressed
+  images by re-application of JPEG", 2001; FFmpeg's `spp` filter): every frame's 8x8 block DCT (SciPy's) at 16
+  shifts of the block grid (every second pixel each way), coefficients smaller than a threshold zeroed (the DC
+  kept), transformed back and averaged over the shifts; per RGB channel; parameter: the threshold, in units of
+  an orthonormal DCT of 0-255 pixels. On whole H.264 files FFmpeg's `spp` was the best of FFmpeg's
+  post-filters (`benchmarks/codec_postfilters.py`); this is the same method on patches, so `stp evaluate`
+  measures a restoration against it in the same run.
 
 Sharpeners (`blur`, `motion`):
 - `unsharp`: unsharp masking of every frame, `x + amount * (x - gaussian(x, radius))` (SciPy's Gaussian,
@@ -40,9 +49,12 @@ GRIDS: Dict[str, Sequence[Param]] = {
     "nlmeans": (6.0, 9.0, 12.0, 15.0, 20.0),
     "unsharp": tuple(itertools.product((0.5, 0.7, 1.0, 1.5, 2.0, 3.0), (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))),
     "wiener": tuple(itertools.product((0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5), (0.003, 0.01, 0.03, 0.1))),
+    "shifted_dct": (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0),
 }
 # Degradations a sharpener undoes; every other kind (and paired data) is measured against the denoisers.
 BLURS = ("blur", "motion")
+# Degradations (besides paired data, kinds `()`) that a deblocker undoes as well.
+CODECS = ("jpeg",)
 
 
 def gaussian3d(patches: np.ndarray, sigma: float) -> np.ndarray:
@@ -112,6 +124,28 @@ def wiener(patches: np.ndarray, param: Param) -> np.ndarray:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+def shifted_dct(patches: np.ndarray, threshold: float, block: int = 8, step: int = 2) -> np.ndarray:
+    """Every frame's `block` x `block` DCT at each shift of the grid by `step` pixels, coefficients with
+    |c| < `threshold` zeroed (the DC kept), back and averaged over the shifts (see the module's docstring)."""
+    from scipy.fft import dctn, idctn
+
+    b, t, h, w, c = patches.shape
+    pad = block  # mirrored, so that every shift's blocks cover every pixel
+    x = np.pad(patches.astype(np.float32), [(0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
+    total = np.zeros_like(x)
+    shifts = range(0, block, step)
+    for dy, dx in itertools.product(shifts, shifts):
+        ny, nx = (x.shape[2] - dy) // block, (x.shape[3] - dx) // block
+        window = (slice(None), slice(None), slice(dy, dy + ny * block), slice(dx, dx + nx * block))
+        blocks = x[window].reshape(b, t, ny, block, nx, block, c)
+        coef = dctn(blocks, axes=(3, 5), norm="ortho", workers=-1)
+        keep = np.abs(coef) >= threshold
+        keep[:, :, :, 0, :, 0] = True
+        total[window] += idctn(coef * keep, axes=(3, 5), norm="ortho", workers=-1).reshape(x[window].shape)
+    out = total[:, :, pad:pad + h, pad:pad + w] / len(shifts) ** 2
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def param_text(param: Param) -> str:
     """A parameter as the CLI prints it: `1.7`, `(1.5, 0.01)` -> `1.5,0.01`."""
     if isinstance(param, (tuple, list)):
@@ -125,7 +159,7 @@ def tune(name: str, degraded: np.ndarray, clean: np.ndarray, chunk: int = 32) ->
     patches at a time: Wiener's float64 FFTs of 256 patches of 8x64x64 would hold about a gigabyte."""
     from stpkeras.quality import psnr
 
-    fn = {**DENOISERS, **SHARPENERS}[name]
+    fn = {**DENOISERS, **SHARPENERS, **DEBLOCKERS}[name]
 
     def score(param) -> float:
         return float(np.mean(np.concatenate([np.asarray(psnr(fn(degraded[i:i + chunk], param), clean[i:i + chunk]))
@@ -153,17 +187,21 @@ def has_opencv() -> bool:
 
 DENOISERS = {"gaussian3d": gaussian3d, "median3": temporal_median, "median5": temporal_median, "nlmeans": nlmeans}
 SHARPENERS = {"unsharp": unsharp, "wiener": wiener}
+DEBLOCKERS = {"shifted_dct": shifted_dct}
 # The baselines that need an optional package: the check, and the package.
 _NEEDS = {"nlmeans": (has_opencv, "opencv-python-headless"), "wiener": (has_skimage, "scikit-image")}
 
 
 def _wanted(kinds: Sequence[str]) -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
     """The sharpeners where every kind is a blur, the denoisers otherwise (noise, a codec, pairs: `()`), both
-    where blur comes with noise; whether or not their packages are installed."""
+    where blur comes with noise, and the deblocker for a codec or pairs; whether or not their packages are
+    installed."""
     blur = [k for k in kinds if k in BLURS]
     found = {} if blur and len(blur) == len(kinds) else dict(DENOISERS)
     if blur:
         found.update(SHARPENERS)
+    if not kinds or any(k in CODECS for k in kinds):
+        found.update(DEBLOCKERS)
     return found
 
 
@@ -173,7 +211,7 @@ def _installed(name: str) -> bool:
 
 def available() -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:
     """The denoisers this installation can run, by name."""
-    return for_degradations(())
+    return {name: fn for name, fn in DENOISERS.items() if _installed(name)}
 
 
 def for_degradations(kinds: Sequence[str]) -> Dict[str, Callable[[np.ndarray, Param], np.ndarray]]:

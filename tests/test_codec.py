@@ -262,3 +262,27 @@ def test_convert_auto_pairs_each_video_at_its_own_level_and_fails_a_video_it_can
         level = int(name[5:7])
         assert got == list(range(got[0], got[0] + 3)) and abs(got[0] - level) <= 3, crfs
     assert records and all(str(r[schema.VIDEO_ID]).split("#")[0] in crfs for r in records)
+
+
+def test_the_deblocker_baseline_takes_back_part_of_what_h264_lost_on_real_footage(tmp_path, cli, sample):
+    # `stp evaluate` measures a restoration of codec pairs against `shifted_dct` (FFmpeg's spp on patches): on
+    # real footage at crf 40 it must gain over the compressed input, or it would be no baseline at all; a
+    # threshold of 0 keeps every coefficient and gives the input back exactly.
+    from stpkeras import baselines
+    from stpkeras.quality import psnr
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
+    r = cli("convert", src, tmp_path / "pairs", "--patch", "8x32x32", "--short-side", "96", "--pairs", "h264:40",
+            "--workers", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    _, records = _records(tmp_path / "pairs")
+    x = np.stack([rec[schema.PATCH] for rec in records[:96]])
+    y = np.stack([rec[schema.TARGET] for rec in records[:96]])
+    assert np.array_equal(baselines.shifted_dct(x, 0.0), x)
+    threshold = baselines.tune("shifted_dct", x, y)
+    gain = float(np.mean(psnr(baselines.shifted_dct(x, threshold), y)) - np.mean(psnr(x, y)))
+    assert threshold < max(baselines.GRIDS["shifted_dct"]) and gain > 0.1, (threshold, gain)
+    assert "shifted_dct" in baselines.for_degradations(())  # pairs
+    assert "shifted_dct" not in baselines.for_degradations(("noise",))
