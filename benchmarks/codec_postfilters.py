@@ -13,9 +13,9 @@ tables only), so each is given a fixed quantizer from the grid, which is what th
 
 With `--run RUN` (a `stp train --task enhance` run on the footage's re-encodings, as
 `benchmarks/restore_self.py` trains them), the model's output is measured beside them: `stp enhance RUN
-VIDEO --lossless` (what the model computes, not blurred by a second encode), the same at the crf a user gets
-by default (crf 10 for a model trained on pairs), and the lossless output then post-filtered by the best
-`spp` (do the two remove the same error?).
+VIDEO --lossless` (what the model computes, not blurred by a second encode), with `--written` the same at the
+crf a user gets by default (crf 10 for a model trained on pairs), and the lossless output then post-filtered by
+the best `spp` (do the two remove the same error?).
 
 PSNR is FFmpeg's (`psnr` filter) on 4:4:4 YUV of the whole video against the lossless copy of the original
 (`codec.write_copies`' `*-clean.mkv`), as docs/benchmarks.md's earlier "through `stp enhance`" figures.
@@ -23,7 +23,7 @@ The files are `benchmarks/restore_self.py`'s: its `--out` folder holds `copies/S
 `copies/STEM-clean.mkv` of each video of the fold.
 
     python benchmarks/restore_self.py --fold camera --clock cpu --source self@1:auto --seed 1 --out WORK
-    python benchmarks/codec_postfilters.py --fold camera --work WORK [--run WORK/run-...] [--crf 37]
+    python benchmarks/codec_postfilters.py --fold camera --work WORK [--run WORK/run-... [--written]] [--crf 37]
 
 Needs `ffmpeg` on PATH (Debian's package: a baseline, not a dependency of stpkeras).
 """
@@ -85,15 +85,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fold", choices=sorted(FOLDS), default="camera")
     parser.add_argument("--work", required=True, help="benchmarks/restore_self.py's --out folder")
+    parser.add_argument("--stems", default=None, help="the videos' names, comma-separated (default: the fold's)")
     parser.add_argument("--crf", type=int, default=37, help="the level of the compressed copies")
     parser.add_argument("--run", default=None, help="a restoration run to measure beside the filters")
+    parser.add_argument("--written", action="store_true",
+                        help="also measure the run's output as `stp enhance` writes it by default")
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args(argv)
     if shutil.which("ffmpeg") is None:
         parser.error("needs ffmpeg on PATH (apt-get install ffmpeg)")
     copies = os.path.join(args.work, "copies")
     results = {}
-    for stem in FOLDS[args.fold]:
+    for stem in args.stems.split(",") if args.stems else FOLDS[args.fold]:
         video = os.path.join(copies, f"{stem}-crf{args.crf}.mp4")
         clean = os.path.join(copies, f"{stem}-clean.mkv")
         for path in (video, clean):
@@ -109,9 +112,10 @@ def main(argv=None) -> int:
             name = os.path.basename(os.path.normpath(args.run))
             lossless = enhance(args.run, video, os.path.join(args.work, f"{stem}-crf{args.crf}-{name}-lossless.mp4"),
                                ["--lossless"])
-            written = enhance(args.run, video, os.path.join(args.work, f"{stem}-crf{args.crf}-{name}.mp4"), [])
             rows["model, lossless"] = ("", psnr(lossless, clean))
-            rows["model, as written (default crf)"] = ("", psnr(written, clean))
+            if args.written:
+                written = enhance(args.run, video, os.path.join(args.work, f"{stem}-crf{args.crf}-{name}.mp4"), [])
+                rows["model, as written (default crf)"] = ("", psnr(written, clean))
             rows["model, lossless, then spp"] = best_of(lossless, clean, GRIDS["spp"])
         results[stem] = {k: {"chain": c, **s} for k, (c, s) in rows.items()}
         print(f"{stem}: {time.process_time() - started:.0f} CPU s of this process (ffmpeg's not counted)")
@@ -128,8 +132,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fold": args.fold, "crf": args.crf, "run": args.run, "videos": results}, f, indent=2)
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
