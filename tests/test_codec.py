@@ -298,7 +298,7 @@ def test_codec_postfilters_benchmark_measures_ffmpegs_filters_against_the_clean_
     from videos import decode_all
 
     if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg not installed (Debian's `apt-get install ffmpeg`): the benchmark's baselines are its")
+        pytest.skip("ffmpeg not installed (Debian's `apt-get install ffmpeg`): the baselines are FFmpeg's")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec_postfilters.py"
     spec = importlib.util.spec_from_file_location("codec_postfilters", path)
     bench = importlib.util.module_from_spec(spec)
