@@ -45,11 +45,11 @@ FOLDS = {"camera": ("bikes", "tree"), "animation": ("bigbuckbunny", "Megamind_bu
 # Each family's grid; the parameters are FFmpeg's (ffmpeg -h filter=NAME). spp/fspp/pp7's `qp` is an
 # MPEG-style quantizer (1-63): how strong a DCT coefficient must be to survive.
 GRIDS = {
-    "spp": [f"spp=quality={q}:qp={p}" for q in (3, 6) for p in (2, 3, 4, 5, 6, 8)],
-    "fspp": [f"fspp=qp={p}" for p in (2, 3, 4, 6)],
-    "pp7": [f"pp7=qp={p}" for p in (2, 3, 4, 6)],
+    "spp": [f"spp=quality={q}:qp={p}" for q in (3, 6) for p in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20)],
+    "fspp": [f"fspp=qp={p}" for p in (2, 3, 4, 6, 8, 12)],
+    "pp7": [f"pp7=qp={p}" for p in (2, 3, 4, 6, 8, 12, 16)],
     "deblock": [f"deblock=filter={f}:block={b}" for f in ("weak", "strong") for b in (4, 8)],
-    "hqdn3d": [f"hqdn3d={s}:{s * 0.75:g}:{t}:{t * 0.75:g}" for s in (0.5, 1, 2) for t in (0, 1.5)],
+    "hqdn3d": [f"hqdn3d={s}:{s * 0.75:g}:{t}:{t * 0.75:g}" for s in (0.5, 1, 2, 4) for t in (0, 1.5, 3)],
 }
 _PSNR = re.compile(r"PSNR y:([\d.inf]+) u:([\d.inf]+) v:([\d.inf]+) average:([\d.inf]+)")
 
