@@ -36,6 +36,17 @@ def _records(root):
     return manifest, out
 
 
+def _bikes_pairs(tmp_path, cli, sample, patch: str, short_side: int, pairs: str) -> list:
+    """The records of `stp convert --pairs PAIRS` of the real sample bikes.mp4 (one worker)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
+    r = cli("convert", src, tmp_path / "pairs", "--patch", patch, "--short-side", str(short_side), "--pairs", pairs,
+            "--workers", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    return _records(tmp_path / "pairs")[1]
+
+
 def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_frames_as_target(tmp_path, cli):
     # Two clean sources stored losslessly (so their frames are known exactly) and downscaled at conversion; each
     # video's copies are its own (they once shared a name in the work folder: the second video's pairs failed).
@@ -162,13 +173,7 @@ def test_pairs_of_real_footage_differ_by_the_codec_not_by_a_colour_offset(tmp_pa
     import tfrecords_tools.convert as convert_module
 
     monkeypatch.setattr(convert_module, "PAIR_COLOUR", colour)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
-    r = cli("convert", src, tmp_path / "pairs", "--patch", "4x32x32", "--short-side", "64", "--pairs", "h264:0",
-            "--workers", "1", "--quiet")
-    assert r.exit_code == 0, r.output
-    _, records = _records(tmp_path / "pairs")
+    records = _bikes_pairs(tmp_path, cli, sample, "4x32x32", 64, "h264:0")
     assert len(records) > 50
     diff = np.mean([rec[schema.TARGET].astype(np.float64) - rec[schema.PATCH] for rec in records], axis=(0, 1, 2, 3))
     if colour == "exact":
@@ -271,13 +276,7 @@ def test_the_deblocker_baseline_takes_back_part_of_what_h264_lost_on_real_footag
     from stpkeras import baselines
     from stpkeras.quality import psnr
 
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
-    r = cli("convert", src, tmp_path / "pairs", "--patch", "8x32x32", "--short-side", "96", "--pairs", "h264:40",
-            "--workers", "1", "--quiet")
-    assert r.exit_code == 0, r.output
-    _, records = _records(tmp_path / "pairs")
+    records = _bikes_pairs(tmp_path, cli, sample, "8x32x32", 96, "h264:40")
     x = np.stack([rec[schema.PATCH] for rec in records[:96]])
     y = np.stack([rec[schema.TARGET] for rec in records[:96]])
     assert np.array_equal(baselines.shifted_dct(x, 0.0), x)
