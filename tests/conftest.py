@@ -48,6 +48,21 @@ def sample():
 
 
 @pytest.fixture(scope="session")
+def benchmark_script():
+    """`benchmark_script('deblur_levels')` -> the module benchmarks/deblur_levels.py (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def video_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("videos")
 

@@ -287,21 +287,17 @@ def test_the_deblocker_baseline_takes_back_part_of_what_h264_lost_on_real_footag
     assert "shifted_dct" not in baselines.for_degradations(("noise",))
 
 
-def test_codec_postfilters_benchmark_measures_ffmpegs_filters_against_the_clean_video(tmp_path, sample):
+def test_codec_postfilters_benchmark_measures_ffmpegs_filters_against_the_clean_video(tmp_path, sample,
+                                                                                      benchmark_script):
     """benchmarks/codec_postfilters.py (its figures are on the benchmarks page): FFmpeg's post-filters, each
     tuned on the clean original, on a real clip compressed with libx264; spp gains over the input there."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
     from videos import decode_all
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg not installed (Debian's `apt-get install ffmpeg`): the baselines are FFmpeg's")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec_postfilters.py"
-    spec = importlib.util.spec_from_file_location("codec_postfilters", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("codec_postfilters")
     frames = decode_all(sample("bikes.mp4"), size=(136, 320))[0][:24]
     write_video(str(tmp_path / "copies" / "bikes-clean.mkv"), frames, lossless=True)
     with VideoWriter(str(tmp_path / "copies" / "bikes-crf40.mp4"), 25, crf=40) as w:

@@ -290,15 +290,10 @@ def test_blur_is_measured_against_sharpeners_tuned_on_the_split(noisy_run, cli):
     assert r.exit_code == 0 and f"{sigma:g},{balance:g}" in r.output, r.output   # the tuple parameter, printed
 
 
-def test_deblur_levels_benchmark_measures_the_detail_each_restorer_puts_back(noisy_run, tmp_path):
+def test_deblur_levels_benchmark_measures_the_detail_each_restorer_puts_back(noisy_run, tmp_path, benchmark_script):
     """benchmarks/deblur_levels.py (its figures are on the benchmarks page): per level, PSNR and the share of the
     clean patches' fine detail kept by the blurred input, the tuned Wiener filter and each run's model."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "deblur_levels.py"
-    spec = importlib.util.spec_from_file_location("deblur_levels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("deblur_levels")
     x = np.random.default_rng(0).integers(0, 256, (2, 4, 16, 16, 3), dtype=np.uint8)
     assert bench.detail(x) > 0 and bench.detail(np.full_like(x, 7)) == 0
     result = bench.main([str(noisy_run / "data"), str(noisy_run / "run"), "--levels", "1,2", "--patches", "8",
