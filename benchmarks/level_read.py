@@ -52,7 +52,7 @@ def quantizer_by_type(path: str, frames: int) -> dict:
         stream = container.streams.video[0]
         stream.codec_context.options = {"export_side_data": "venc_params"}
         for count, frame in enumerate(container.decode(stream), 1):
-            for data in frame.side_data:
+            for data in video.side_data(frame):
                 if hasattr(data, "qp_map"):
                     qp = np.asarray(data.qp_map(), np.float64)
                     kind = PICTURE_TYPES.get(int(frame.pict_type), str(frame.pict_type))

@@ -125,6 +125,17 @@ class Orientation:
         return {"rotation": self.rotation, **({"mirrored": True} if self.mirrored else {})}
 
 
+def side_data(frame) -> list:
+    """The side data of a decoded PyAV frame, as a list, on every PyAV this package supports.
+
+    `frame.side_data` is a `Mapping` whose iteration yielded the entries up to PyAV 18.1.0 and yields
+    their `Type` keys from 18.1.1 on (iterating it then raised "'Type' object has no attribute 'type'"
+    here); indexing by position gives the entries on both (checked on 14.0.1, 18.1.0 and 18.1.1).
+    """
+    data = frame.side_data
+    return [data[i] for i in range(len(data))]
+
+
 def orientation_of(frame, path: str) -> Orientation:
     """The `Orientation` of a decoded PyAV frame, from its `DISPLAYMATRIX` side data.
 
@@ -133,7 +144,7 @@ def orientation_of(frame, path: str) -> Orientation:
     `frame.rotation` keeps only the angle (a mirror reads as -180), so the
     matrix is read whole.
     """
-    for data in frame.side_data:
+    for data in side_data(frame):
         if data.type.name == "DISPLAYMATRIX":
             try:
                 return _orientation(bytes(data))
@@ -740,7 +751,7 @@ def mean_quantizer(path: str, frames: int = QUANTIZER_FRAMES, *, max_pixels: int
         total, blocks, seen = 0.0, 0, 0
         try:
             for frame in container.decode(stream):
-                for data in frame.side_data:
+                for data in side_data(frame):
                     if kind is not None and data.type == kind and hasattr(data, "qp_map"):
                         qp = np.asarray(data.qp_map(), np.float64)
                         total, blocks = total + float(qp.sum()), blocks + qp.size
