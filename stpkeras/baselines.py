@@ -18,7 +18,7 @@ Denoisers:
 
 Deblocker (`jpeg` and paired data, e.g. `stp convert --pairs h264:...`):
 - `shifted_dct`: re-application of the block transform's quantizer (Nosratinia, "Enhancement of JPEG-compressed
-  images by re-application of JPEG", 2001; FFmpeg's `spp` filter): every frame's 8x8 block DCT (SciPy's) at 16
+  images by re-application of JPEG", 2001; FFmpeg's `spp` filter): every frame's 8x8 block DCT at 16
   shifts of the block grid (every second pixel each way), coefficients smaller than a threshold zeroed (the DC
   kept), transformed back and averaged over the shifts; per RGB channel; parameter: the threshold, in units of
   an orthonormal DCT of 0-255 pixels. On whole H.264 files FFmpeg's `spp` was the best of FFmpeg's
@@ -126,23 +126,11 @@ def wiener(patches: np.ndarray, param: Param) -> np.ndarray:
 
 def shifted_dct(patches: np.ndarray, threshold: float, block: int = 8, step: int = 2) -> np.ndarray:
     """Every frame's `block` x `block` DCT at each shift of the grid by `step` pixels, coefficients with
-    |c| < `threshold` zeroed (the DC kept), back and averaged over the shifts (see the module's docstring)."""
-    from scipy.fft import dctn, idctn
+    |c| < `threshold` zeroed (the DC kept), back and averaged over the shifts (see the module's docstring):
+    `stpkeras.models.layers.block_shrink`, the enhancers' deblocking stage, on uint8 patches."""
+    from stpkeras.models.layers import block_shrink
 
-    b, t, h, w, c = patches.shape
-    pad = block  # mirrored, so that every shift's blocks cover every pixel
-    x = np.pad(patches.astype(np.float32), [(0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
-    total = np.zeros_like(x)
-    shifts = range(0, block, step)
-    for dy, dx in itertools.product(shifts, shifts):
-        ny, nx = (x.shape[2] - dy) // block, (x.shape[3] - dx) // block
-        window = (slice(None), slice(None), slice(dy, dy + ny * block), slice(dx, dx + nx * block))
-        blocks = x[window].reshape(b, t, ny, block, nx, block, c)
-        coef = dctn(blocks, axes=(3, 5), norm="ortho", workers=-1)
-        keep = np.abs(coef) >= threshold
-        keep[:, :, :, 0, :, 0] = True
-        total[window] += idctn(coef * keep, axes=(3, 5), norm="ortho", workers=-1).reshape(x[window].shape)
-    out = total[:, :, pad:pad + h, pad:pad + w] / len(shifts) ** 2
+    out = block_shrink(patches.astype(np.float32), threshold, block=block, step=step).numpy()
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -376,8 +376,9 @@ TUNE_PATCHES = 256
 def spread_sample(dataset, records: int, count: int):
     """`count` (input, target) patches of a batched `dataset` of `records` patches, every k-th of them so that
     each video of the split has a say, as numpy arrays; None when it is empty."""
-    stride = max(1, records // count)
-    sample = next(iter(dataset.unbatch().shard(stride, 0).take(count).batch(count)), None)
+    from stpkeras import pipeline
+
+    sample = next(iter(pipeline.spread(dataset, records, count, count)), None)
     return None if sample is None else (sample[0].numpy(), sample[1].numpy())
 
 

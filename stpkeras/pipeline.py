@@ -252,6 +252,13 @@ def read_buffer_size(root: str) -> Optional[int]:
     return 0 if "://" not in root or root.startswith("file://") else None
 
 
+def spread(dataset: tf.data.Dataset, records: int, count: int, batch_size: int) -> tf.data.Dataset:
+    """`count` elements of a batched `dataset` of `records` elements, every k-th of them so that each video of
+    the split has a say (the manifest keeps a video's patches together), in batches of `batch_size`."""
+    stride = max(1, records // count)
+    return dataset.unbatch().shard(stride, 0).take(count).batch(batch_size)
+
+
 def make_dataset(data: Union[str, DataInfo], split: Splits = "train", *, batch_size: int = 32,
                  training: bool = False, augment: Union[str, Sequence[str], None] = None,
                  shuffle_buffer: int = 1024, seed: Optional[int] = None, deterministic: bool = False,

@@ -446,14 +446,17 @@ class Run:
 
     def finish(self, record: dict, history, echo: Callable[[str], None] = print) -> dict:
         """run.json at the end, both loops alike: the metrics of `history` (history.csv's rows, or a worker's
-        own), the optimizer's steps, the budget, the task's check of the trained model (`Task.check_model`, on
-        the chief; its warning echoed) and the status."""
+        own), the optimizer's steps, the budget, the task's end-of-run choices (`tune_files`) and check of the
+        trained model (`Task.check_model`), both on the chief (the check's warning echoed), and the status."""
         task = self.task
         record["metrics"] = run_folder.summarize(history, self.monitor, task.monitor_mode)
         record["metrics"]["optimizer_steps"] = int(self.model.optimizer.iterations.numpy())
         if self.budget is not None:
             record["budget"] = self.budget.record()
         if self.worker.chief:
+            tuned = self.tune_files(echo)
+            if tuned is not None:
+                record["tuned"] = tuned
             check = task.check_model(self.model, self.info, self.val_split or list(self.train_splits))
             if check is not None:
                 record["check"] = check
@@ -462,6 +465,45 @@ class Run:
         record["status"] = "done"
         record["seconds"] = round(time.time() - self.started, 2)
         return record
+
+    def tune_files(self, echo: Callable[[str], None] = print) -> Optional[dict]:
+        """The task's end-of-run choices (`Task.tune_model`, e.g. an enhancer's deblocking threshold) for the
+        run's model files: made on the model as it predicts (float32), set in the model in memory and written
+        into last.keras and best.keras (each its own choice; atomically, so a kill leaves the file as it was);
+        run.json's `tuned`, by file. None when the task has nothing to choose (`Task.tunes`; no file is touched)."""
+        import keras
+        import numpy as np
+
+        from stpkeras.artifacts import float32_model
+        from tfrecords_tools import outputs
+
+        if not self.task.tunes(self.model):
+            return None
+        split = self.val_split or list(self.train_splits)
+        inference = float32_model(self.model)
+        choice = self.task.tune_model(inference, self.info, split)
+        if inference is not self.model:
+            self.model.set_weights(inference.get_weights())
+        tuned = {}
+        for name in (LAST, BEST):
+            path = os.path.join(self.config.out, name)
+            if not os.path.exists(path):
+                continue
+            saved = self.model if name == LAST else keras.saving.load_model(path)
+            if saved is not self.model and not all(np.array_equal(a, b) for a, b in zip(
+                    saved.trainable_weights, self.model.trainable_weights)):
+                inference = float32_model(saved)
+                tuned[name] = self.task.tune_model(inference, self.info, split)
+                if inference is not saved:
+                    saved.set_weights(inference.get_weights())
+            else:   # the last epoch's weights: the same choice
+                saved.set_weights(self.model.get_weights())
+                tuned[name] = choice
+            with outputs.atomic_file(path) as tmp:
+                saved.save(tmp)
+        echo(f"tuned after training ({', '.join(tuned)}): "
+             + ", ".join(f"{k} {v}" for k, v in choice.items() if not isinstance(v, dict)))
+        return tuned
 
     def precision_note(self) -> str:
         """What the model computes in, and why when the config did not say."""

@@ -103,6 +103,16 @@ class Task:
         with a `warning` when the run trained a model that does nothing useful, or None (no check)."""
         return None
 
+    def tunes(self, model) -> bool:
+        """Whether `model` leaves choices to the end of its run (`tune_model`)."""
+        return False
+
+    def tune_model(self, model, info, split) -> Optional[dict]:
+        """Choices a trained model leaves to the end of its run (its non-trainable settings), made on patches of
+        `split` and set in `model`: what was chosen and measured (run.json's `tuned`). `stp train` runs it on
+        each model file of a finished run whose model it `tunes`, before `check_model`."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Classify(Task):
@@ -443,8 +453,14 @@ class Enhance(Task):
         if model not in ENHANCE_MODELS:
             raise ValueError(f"Invalid value for argument `model`. Task enhance needs one of {list(ENHANCE_MODELS)}. "
                              f"Received model={model!r}")
+        from stpkeras.models import model_options
         from stpkeras.models.layers import PixelPhases
-        built = build_model(model, spec, spec.channels, **dict(options))
+        options = dict(options)
+        if self.paired and "deblock" in model_options(model):
+            # Paired data (codec restoration, `stp convert --pairs`): a deblocking stage after the model, its
+            # threshold chosen at the end of training (`tune_model`; 0 where it does not help).
+            options.setdefault("deblock", CODEC_BLOCK)
+        built = build_model(model, spec, spec.channels, **options)
         if self.crop and self.crop < max(spec.height, spec.width):
             if built.input.shape[2] is not None:
                 raise ValueError(f"Invalid value for argument `crop`. Model {model!r} with these options takes "
@@ -509,6 +525,53 @@ class Enhance(Task):
                        f"against {before:.2f} dB {where}")
         return {"split": split, "patches": patches, "input_psnr": round(before, 3), "output_psnr": round(after, 3),
                 "residual_spread": round(spread, 4), "warning": warning}
+
+    # The deblocking stage's threshold (`layers.ResidualPixels(deblock=...)`) is chosen from this grid (0: off;
+    # in 0-255 units of an orthonormal 8x8 DCT) on TUNE_PATCHES patches spread over the validation split, else
+    # the training data: the pairs the run learnt from, the footage's own re-encodings for `h264:auto` pairs.
+    DEBLOCK_GRID: ClassVar[Tuple[float, ...]] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+    TUNE_PATCHES: ClassVar[int] = 128
+    TUNE_BATCH: ClassVar[int] = 16
+
+    @staticmethod
+    def _deblock_layer(model):
+        return next((layer for layer in model.layers if getattr(layer, "deblock", 0)), None)
+
+    def tunes(self, model) -> bool:
+        return self._deblock_layer(model) is not None
+
+    def tune_model(self, model, info, split):
+        import numpy as np
+        import tensorflow as tf
+
+        from stpkeras import pipeline
+        from stpkeras.models.layers import block_shrink
+        from stpkeras.quality import psnr
+
+        layer = self._deblock_layer(model)
+        if layer is None:
+            return None
+        layer.deblock_threshold.assign(0.0)
+        element = self.element_fn(info, (), training=False)
+        dataset = pipeline.make_dataset(info, split, batch_size=self.TUNE_BATCH, training=False, element_fn=element,
+                                        seed=0, deterministic=True)
+        dataset = pipeline.spread(dataset, info.num_records(split), self.TUNE_PATCHES, self.TUNE_BATCH)
+
+        @tf.function(reduce_retracing=True)
+        def scores_of(x, y):   # one graph for the grid: eager, the small ops of 10 thresholds cost 15 s
+            out = tf.cast(model(x, training=False), tf.float32)   # threshold 0: the stage returns its input
+            return tf.stack([psnr(block_shrink(out, t, block=layer.deblock), y) for t in self.DEBLOCK_GRID])
+
+        scores = [scores_of(x, y).numpy() for x, y in dataset]
+        if not scores:
+            return None
+        mean = np.mean(np.concatenate(scores, axis=1), axis=1)
+        best = int(np.argmax(mean))
+        layer.deblock_threshold.assign(self.DEBLOCK_GRID[best])
+        where = split if isinstance(split, str) else "train"
+        return {"deblock_threshold": self.DEBLOCK_GRID[best], "deblock_block": layer.deblock, "split": where,
+                "patches": int(sum(len(s[0]) for s in scores)),
+                "psnr_by_threshold": {f"{t:g}": round(float(v), 3) for t, v in zip(self.DEBLOCK_GRID, mean)}}
 
     def element_fn(self, info, augment, training):
         from stpkeras.degrade import make_pairs

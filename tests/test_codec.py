@@ -37,7 +37,7 @@ def _records(root):
 
 
 def _bikes_pairs(tmp_path, cli, sample, patch: str, short_side: int, pairs: str) -> list:
-    """The records of `stp convert --pairs PAIRS` of the real sample bikes.mp4 (one worker)."""
+    """The records of `stp convert --pairs PAIRS` of the real sample bikes.mp4 (one worker), in `tmp_path/pairs`."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "bikes.mp4").symlink_to(sample("bikes.mp4"))
@@ -45,6 +45,19 @@ def _bikes_pairs(tmp_path, cli, sample, patch: str, short_side: int, pairs: str)
             "--workers", "1", "--quiet")
     assert r.exit_code == 0, r.output
     return _records(tmp_path / "pairs")[1]
+
+
+@pytest.fixture(scope="module")
+def bikes_crf40(tmp_path_factory, sample):
+    """bikes.mp4 at short side 96 as 8x32x32 pairs at crf 40: (the converted folder, its records)."""
+    from click.testing import CliRunner
+
+    from stpkeras.cli import main
+
+    root = tmp_path_factory.mktemp("bikes40")
+    records = _bikes_pairs(root, lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False),
+                           sample, "8x32x32", 96, "h264:40")
+    return root / "pairs", records
 
 
 def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_frames_as_target(tmp_path, cli):
@@ -269,14 +282,14 @@ def test_convert_auto_pairs_each_video_at_its_own_level_and_fails_a_video_it_can
     assert records and all(str(r[schema.VIDEO_ID]).split("#")[0] in crfs for r in records)
 
 
-def test_the_deblocker_baseline_takes_back_part_of_what_h264_lost_on_real_footage(tmp_path, cli, sample):
+def test_the_deblocker_baseline_takes_back_part_of_what_h264_lost_on_real_footage(bikes_crf40):
     # `stp evaluate` measures a restoration of codec pairs against `shifted_dct` (FFmpeg's spp on patches): on
     # real footage at crf 40 it must gain over the compressed input, or it would be no baseline at all; a
     # threshold of 0 keeps every coefficient and gives the input back exactly.
     from stpkeras import baselines
     from stpkeras.quality import psnr
 
-    records = _bikes_pairs(tmp_path, cli, sample, "8x32x32", 96, "h264:40")
+    records = bikes_crf40[1]
     x = np.stack([rec[schema.PATCH] for rec in records[:48]])
     y = np.stack([rec[schema.TARGET] for rec in records[:48]])
     assert np.array_equal(baselines.shifted_dct(x, 0.0), x)
@@ -311,3 +324,47 @@ def test_codec_postfilters_benchmark_measures_ffmpegs_filters_against_the_clean_
     assert 25 < rows["input"]["y"] < 40 and rows["input"]["mean"] > rows["input"]["y"]   # chroma is easier
     assert rows["spp"]["y"] > rows["input"]["y"] + 0.05 and rows["spp"]["chain"].startswith("spp="), rows["spp"]
     assert all(rows[f]["chain"] in bench.GRIDS[f] for f in bench.GRIDS)
+
+
+def test_a_run_on_codec_pairs_chooses_a_deblocking_threshold_that_its_files_and_export_carry(tmp_path, cli,
+                                                                                              bikes_crf40):
+    # On paired data the enhancer ends in a deblocking stage (`layers.block_shrink`, the `shifted_dct` baseline's
+    # method) whose threshold `stp train` chooses after training on the run's patches: on real footage at crf 40
+    # a barely trained model leaves blocks that the stage takes back, so the threshold is not 0. Each model file
+    # keeps its choice, and the file and its SavedModel (what TF Serving loads) compute it.
+    from stpkeras.artifacts import load_keras_model
+    from stpkeras.models.layers import block_shrink
+    from stpkeras.tasks import Enhance
+
+    data, records = bikes_crf40
+    run = tmp_path / "run"
+    r = cli("train", data, "--out", run, "--task", "enhance", "--model-arg", "depth=2",
+            "--model-arg", "filters=4", "--epochs", "1", "--steps-per-epoch", "8", "--batch-size", "8", "--seed", "0",
+            "--verbose", "0")
+    assert r.exit_code == 0, r.output
+    tuned = json.loads((run / "run.json").read_text())["tuned"]
+    assert set(tuned) == {"last.keras", "best.keras"}
+    chosen = tuned["best.keras"]
+    scores = chosen["psnr_by_threshold"]
+    assert list(scores) == [f"{t:g}" for t in Enhance.DEBLOCK_GRID] and chosen["split"] == "train"
+    assert chosen["patches"] == Enhance.TUNE_PATCHES and chosen["deblock_block"] == 8
+    assert chosen["deblock_threshold"] > 0 and scores[f"{chosen['deblock_threshold']:g}"] == max(scores.values())
+    assert scores[f"{chosen['deblock_threshold']:g}"] > scores["0"] + 0.02, scores
+    threshold = tuned["last.keras"]["deblock_threshold"]
+    assert f"tuned after training (last.keras, best.keras): deblock_threshold {threshold}" in r.output
+
+    model = load_keras_model(str(run / "best.keras"))
+    layer = model.get_layer("pixels")
+    assert float(layer.deblock_threshold.numpy()) == chosen["deblock_threshold"]
+    x = np.stack([rec[schema.PATCH] for rec in records[:3]])
+    out = np.asarray(model(x))
+    layer.deblock_threshold.assign(0.0)
+    raw = np.asarray(model(x))
+    layer.deblock_threshold.assign(chosen["deblock_threshold"])
+    np.testing.assert_allclose(out, block_shrink(raw, chosen["deblock_threshold"]).numpy(), atol=1e-3)
+    assert np.abs(out - raw).max() > 1.0            # the stage is in the model's path
+
+    r = cli("export", run, "--name", "restore", "--out", tmp_path / "saved")
+    assert r.exit_code == 0, r.output
+    serve = tf.saved_model.load(str(tmp_path / "saved" / "restore" / "1")).signatures["serving_default"]
+    np.testing.assert_allclose(serve(patches=tf.constant(x))["pixels_float"].numpy(), out, atol=1e-3)

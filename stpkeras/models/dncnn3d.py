@@ -31,7 +31,8 @@ from stpkeras.models import layers
 
 
 def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32, kernel_size=3,
-                  downscale: int = 1, dilation: int = 1, factorize: int = 0, name: str = "dncnn3d") -> keras.Model:
+                  downscale: int = 1, dilation: int = 1, factorize: int = 0, deblock: int = 0,
+                  name: str = "dncnn3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
     `channels` is the number of output channels, which must equal the input's
@@ -50,7 +51,9 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
     factorisation, Tran et al. 2018): the same receptive field from 12 instead of 27 multiplies per filter pair
     at k=3, and twice the nonlinearities. On a CPU in float32 a step cost 0.70-0.89x, and 15 minutes of
     denoising gained +0.13 dB on one kind of unseen footage and lost 0.87 on the other (issue 20,
-    docs/benchmarks.md): an option, not the default.
+    docs/benchmarks.md): an option, not the default. `deblock` B > 0 adds a deblocking stage on B x B blocks
+    after the output (`layers.ResidualPixels`), its threshold chosen at the end of training: `stp train` adds
+    it (8) on paired data.
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
@@ -89,5 +92,5 @@ def build_dncnn3d(spec, channels: int = 3, *, depth: int = 5, filters: int = 32,
                                    name="residual")(x)
     if downscale > 1:
         residual = layers.PixelPhases(downscale, inverse=True, name="from_phases")(residual)
-    return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)
+    return keras.Model(inputs, layers.enhance_output(inputs, residual, deblock=deblock), name=name)
 

@@ -66,13 +66,14 @@ def unet_body(x, filters, convs: int, kernel_size):
     return x
 
 
-def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 2, kernel_size=3,
+def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 2, kernel_size=3, deblock: int = 0,
                  name: str = "unet3d") -> keras.Model:
     """uint8 `[B, T, H, W, C]` -> float32 pixels `[B, T, H, W, channels]` (layer 'pixels').
 
     `filters[i]` are the channels of level i (level 0 is full resolution);
     `convs` Conv3D layers per level on each side. The patch's height and
-    width must be divisible by `2 ** (len(filters) - 1)`.
+    width must be divisible by `2 ** (len(filters) - 1)`. `deblock` B > 0: a deblocking stage on B x B blocks
+    after the output, its threshold chosen after training (`layers.ResidualPixels`).
     """
     if channels != spec.channels:
         raise ValueError(f"Invalid value for argument `channels`. Expected the patch's {spec.channels} channels "
@@ -85,4 +86,4 @@ def build_unet3d(spec, channels: int = 3, *, filters=(16, 32, 64), convs: int = 
     # benchmark's data (250 steps, lr 2e-3; L1 about 17 for the identity): 6.6 with it, 10.1 with
     # a 3x3x3 projection; with filters (32, 64, 128) the 3x3x3 one did not learn at all (16-17).
     residual = keras.layers.Conv3D(channels, 1, kernel_initializer="zeros", name="residual")(x)
-    return keras.Model(inputs, layers.enhance_output(inputs, residual), name=name)
+    return keras.Model(inputs, layers.enhance_output(inputs, residual, deblock=deblock), name=name)
