@@ -253,7 +253,7 @@ def _evaluate(config: EvalConfig) -> dict:
         artifact = artifacts.flip_averaged(artifact, config.tta_flip_labels)
     model, run = artifact.model, artifact.run or {}
     spec = artifact.spec if artifact.run is not None else None
-    if run.get("task") == "enhance":
+    if artifact.task == "enhance":   # a run's, or a lone .keras file's whose output layer is 'pixels'
         return evaluate_enhance(config, model, run, info)
     if artifact.task == "regress" or artifact.multi_label:
         return evaluate_targets(config, artifact, info)

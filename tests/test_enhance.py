@@ -325,6 +325,22 @@ def test_evaluate_loads_an_enhance_run_in_a_fresh_process(noisy_run):
     assert fresh["output"]["psnr"] > fresh["input"]["psnr"] + 1.0
 
 
+def test_evaluate_measures_a_lone_enhancer_file_as_its_run(noisy_run, tmp_path, cli):
+    """A `.keras` enhancer away from its run folder (no run.json: its output layer 'pixels' says what it is) is
+    measured as an enhancer, with `--degrade` for what its run.json would have said; once it was taken for a
+    classifier of the data's 0 classes."""
+    shutil.copy(noisy_run / "run" / "best.keras", tmp_path / "denoiser.keras")
+    results = []
+    for i, model in enumerate((noisy_run / "run", tmp_path / "denoiser.keras")):
+        r = cli("evaluate", model, noisy_run / "data", "--degrade", "noise:25", "--no-baselines", "--json",
+                "--out", tmp_path / f"eval{i}")
+        assert r.exit_code == 0, r.output
+        results.append(json.loads(r.output))
+    run, lone = results
+    assert lone["output"] == run["output"] and lone["input"] == run["input"]
+    assert lone["output"]["psnr"] > lone["input"]["psnr"] + 1.0
+
+
 def test_tta_averages_the_pixels_over_four_flips_and_helps_a_trained_denoiser(noisy_run, tmp_path, cli):
     """`--tta` on an enhancer (`augment.flip_averaged_pixels`): each patch's pixels are the mean of the model's
     over the patch and its flips left-right, top-bottom and in time (8 passes), each flipped back, so the answer
