@@ -482,6 +482,8 @@ class Run:
         split = self.val_split or list(self.train_splits)
         inference = float32_model(self.model)
         choice = self.task.tune_model(inference, self.info, split)
+        if choice is None:   # no patches to choose on
+            return None
         if inference is not self.model:
             self.model.set_weights(inference.get_weights())
         tuned = {}

@@ -568,7 +568,7 @@ class Enhance(Task):
         mean = np.mean(np.concatenate(scores, axis=1), axis=1)
         best = int(np.argmax(mean))
         layer.deblock_threshold.assign(self.DEBLOCK_GRID[best])
-        where = split if isinstance(split, str) else "train"
+        where = split if isinstance(split, str) else ",".join(split)
         return {"deblock_threshold": self.DEBLOCK_GRID[best], "deblock_block": layer.deblock, "split": where,
                 "patches": int(sum(len(s[0]) for s in scores)),
                 "psnr_by_threshold": {f"{t:g}": round(float(v), 3) for t, v in zip(self.DEBLOCK_GRID, mean)}}
