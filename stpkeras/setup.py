@@ -491,16 +491,18 @@ class Run:
             path = os.path.join(self.config.out, name)
             if not os.path.exists(path):
                 continue
-            saved = self.model if name == LAST else keras.saving.load_model(path)
-            if saved is not self.model and not all(np.array_equal(a, b) for a, b in zip(
-                    saved.trainable_weights, self.model.trainable_weights)):
-                inference = float32_model(saved)
-                tuned[name] = self.task.tune_model(inference, self.info, split)
-                if inference is not saved:
-                    saved.set_weights(inference.get_weights())
-            else:   # the last epoch's weights: the same choice
-                saved.set_weights(self.model.get_weights())
-                tuned[name] = choice
+            if name == LAST:     # the model in memory: chosen above
+                saved, tuned[name] = self.model, choice
+            else:
+                saved = keras.saving.load_model(path)
+                if all(np.array_equal(a, b) for a, b in zip(saved.trainable_weights, self.model.trainable_weights)):
+                    saved.set_weights(self.model.get_weights())   # the last epoch's weights: the same choice
+                    tuned[name] = choice
+                else:
+                    inference = float32_model(saved)
+                    tuned[name] = self.task.tune_model(inference, self.info, split)
+                    if inference is not saved:
+                        saved.set_weights(inference.get_weights())
             with outputs.atomic_file(path) as tmp:
                 saved.save(tmp)
         echo(f"tuned after training ({', '.join(tuned)}): "

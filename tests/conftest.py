@@ -132,9 +132,10 @@ def converted_copy(converted, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
-    """`cli('convert', SRC, OUT, ...)` -> click's Result (exit_code, stdout, stderr), run in-process."""
+    """`cli('convert', SRC, OUT, ...)` -> click's Result (exit_code, stdout, stderr), run in-process (a new
+    CliRunner each call: no state between calls, so module fixtures may use it too)."""
     from click.testing import CliRunner
 
     from stpkeras.cli import main

@@ -48,16 +48,10 @@ def _bikes_pairs(tmp_path, cli, sample, patch: str, short_side: int, pairs: str)
 
 
 @pytest.fixture(scope="module")
-def bikes_crf40(tmp_path_factory, sample):
+def bikes_crf40(tmp_path_factory, cli, sample):
     """bikes.mp4 at short side 96 as 8x32x32 pairs at crf 40: (the converted folder, its records)."""
-    from click.testing import CliRunner
-
-    from stpkeras.cli import main
-
     root = tmp_path_factory.mktemp("bikes40")
-    records = _bikes_pairs(root, lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False),
-                           sample, "8x32x32", 96, "h264:40")
-    return root / "pairs", records
+    return root / "pairs", _bikes_pairs(root, cli, sample, "8x32x32", 96, "h264:40")
 
 
 def test_convert_pairs_makes_compressed_copies_of_clean_videos_with_the_clean_frames_as_target(tmp_path, cli):
