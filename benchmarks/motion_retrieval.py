@@ -13,16 +13,20 @@ the whole ranking (`stpkeras.index.mean_average_precision`), and recall@1.
 Methods, measured in the same run:
   - thumbnail 8x8 (mean over frames, L2-normalised and centred as the index does);
   - a classifier's pooled features (`stp train --task classify`, the default model and augmentation,
-    `--epochs`, `--batch-size`, clips resized to 32x32), indexed with `--aggregate mean`;
+    `--epochs` or `--minutes`, `--batch-size`, clips resized to 32x32), indexed with `--aggregate mean`;
+    each `--variant NAME=ARGS` trains another with ARGS added (e.g. the motion recipe: `corrnet+hv='--model
+    corrnet --flip-labels h:left=right --flip-labels v:up=down'`), `--skip-default` leaves the default out;
   - `--embed-run`s given (e.g. `--task embed` runs of benchmarks/copies.py): their features, the same way.
 
-Run: python benchmarks/motion_retrieval.py [--work /tmp/stp-motion] [--epochs 10] [--embed-run FOLD=RUN ...]
+Run: python benchmarks/motion_retrieval.py [--work /tmp/stp-motion] [--epochs 10 | --minutes 5 [--clock cpu]]
+       [--variant NAME=ARGS ...] [--skip-default] [--embed-run FOLD=RUN ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -33,7 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from copies import FOLDS, read_frames, stp, thumbnail_embedder, write_video  # noqa: E402
+import motion_classify  # noqa: E402
+from copies import FOLDS, read_frames, thumbnail_embedder, write_video  # noqa: E402
+from motion_classify import stp  # noqa: E402
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 SIZE, FRAMES, STEP = 64, 16, 3
@@ -89,6 +95,12 @@ def main(argv=None):
     parser.add_argument("--work", default="/tmp/stp-motion")
     parser.add_argument("--clips", type=int, default=8, help="Clips per direction and source video.")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what --minutes counts (see benchmarks/motion_classify.py)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="Also train with these `stp train` arguments added (repeatable).")
+    parser.add_argument("--skip-default", action="store_true", help="Leave out the run with the defaults.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embed-run", action="append", default=[], metavar="FOLD=RUN",
@@ -98,6 +110,12 @@ def main(argv=None):
     from stpkeras.index import load_embedder
     from tfrecords_tools.spec import PatchSpec
 
+    if args.clock == "cpu":
+        motion_classify.CLOCK_PREFIX = motion_classify.CPU_CLOCK
+    budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
+    length = f"m{args.minutes:g}" if args.minutes else f"e{args.epochs}"
+    variants = ([] if args.skip_default else [("default", [])]) + [
+        (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
     clips = make_clips(args.videos, args.work, args.clips, args.seed)
     print(f"{sum(len(c) for c in clips.values())} clips, {len(DIRECTIONS)} directions; chance recall@1 "
           f"{1 / len(DIRECTIONS):.2f}", flush=True)
@@ -111,19 +129,21 @@ def main(argv=None):
         csv = os.path.join(args.work, f"train-{fold}.csv")
         with open(csv, "w") as f:
             f.write("path,label\n" + "".join(f"{p},{d}\n" for p, d in other))
-        data, run = os.path.join(args.work, f"data-{fold}"), os.path.join(args.work, f"run-{fold}-e{args.epochs}")
+        data = os.path.join(args.work, f"data-{fold}")
         if not os.path.isdir(data):
             stp("convert", csv, data, "--patch", f"{FRAMES}x{MODEL_SIZE}x{MODEL_SIZE}", "--resize",
                 f"{MODEL_SIZE}x{MODEL_SIZE}")
-        started = time.perf_counter()
-        if not os.path.isfile(os.path.join(run, "best.keras")):
-            stp("train", data, "--out", run, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                "--batch-size", str(args.batch_size), "--val-split", "none", "--verbose", "0")
-        seconds = time.perf_counter() - started
-        r = leave_one_out(load_embedder(run), clips[fold])
-        print(f"{fold:<10} classifier features     mAP {r['map']:.3f}  recall@1 {r['recall@1']:.3f}  "
-              f"(trained {args.epochs} epochs on the other kind's {len(other)} clips in {seconds:.0f}s wall, "
-              "shared machine)", flush=True)
+        for name, extra in variants:
+            run = os.path.join(args.work, f"run-{fold}-{length}" + ("" if name == "default" else f"-{name}"))
+            started, cpu = time.perf_counter(), os.times()
+            if not os.path.isfile(os.path.join(run, "best.keras")):
+                stp("train", data, "--out", run, *budget, "--seed", str(args.seed), "--batch-size",
+                    str(args.batch_size), "--val-split", "none", "--verbose", "0", *extra)
+            seconds, cpu_seconds = time.perf_counter() - started, os.times().children_user - cpu.children_user
+            r = leave_one_out(load_embedder(run), clips[fold])
+            print(f"{fold:<10} {name + ' features':<23} mAP {r['map']:.3f}  recall@1 {r['recall@1']:.3f}  "
+                  f"(trained {' '.join(budget[:2])} on the other kind's {len(other)} clips: {seconds:.0f} s wall, "
+                  f"{cpu_seconds:.0f} CPU s)", flush=True)
         if fold in runs:
             r = leave_one_out(load_embedder(runs[fold]), clips[fold])
             print(f"{fold:<10} embed features          mAP {r['map']:.3f}  recall@1 {r['recall@1']:.3f}  "

@@ -67,6 +67,7 @@ class Artifact:
     spec: PatchSpec
     model: object
     run: Optional[dict] = None   # run.json (a run's model), or the export's stpkeras_export.json
+    tta: Tuple[str, ...] = ()    # the flips `model` averages over (`flip_averaged`); () for one pass
 
     @property
     def run_dir(self) -> Optional[str]:
@@ -98,8 +99,11 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
     (`augment.flip_averaged_pixels`)."""
     from stpkeras import augment
 
+    if artifact.tta:
+        raise ArtifactError(f"{artifact.path}: already averaged over the flips {list(artifact.tta)}")
     if artifact.form == "keras" and artifact.task == "enhance" and not more_flips:
-        return dataclasses.replace(artifact, model=augment.flip_averaged_pixels(artifact.model))
+        return dataclasses.replace(artifact, model=augment.flip_averaged_pixels(artifact.model),
+                                   tta=augment.ENHANCE_TTA_AXES)
     own = tuple(artifact.task_options.get("flip_labels") or ())
     flips = own + tuple(f for f in dict.fromkeys(more_flips) if f not in own)
     if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
@@ -114,7 +118,12 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
         averaged = augment.flip_averaged(artifact.model, permutations, artifact.spec.pixels)
     except ValueError as e:
         raise ArtifactError(f"{artifact.path}: {e}") from None
-    return dataclasses.replace(artifact, model=averaged)
+    return dataclasses.replace(artifact, model=averaged, tta=flips)
+
+
+def tta_passes(flips: Sequence[str]) -> int:
+    """How many passes of the model averaging over `flips` costs (`Artifact.tta`): 2^k for k flipped axes."""
+    return 2 ** len({f.split(":", 1)[0] for f in flips})
 
 
 # --- reading the files --------------------------------------------------------------------------

@@ -377,6 +377,19 @@ def _labels_option(ctx, param, value):
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+# `stp evaluate`, `stp predict` and `stp export` (`artifacts.flip_averaged`).
+_tta_option = click.option(
+    "--tta", is_flag=True,
+    help="Test-time augmentation: average each patch's logits over the flips the run trained with "
+         "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes; "
+         "an enhancer's pixels over the left-right, top-bottom and time flips (8 passes).")
+_tta_flip_labels_option = click.option(
+    "--tta-flip-labels", multiple=True, metavar="AXIS:A=B",
+    help="A classifier's --tta also over this flip (as --flip-labels: h, v, t or d, and the two classes it swaps), "
+         "besides the run's own; repeatable, implies --tta. E.g. time reversal for camera motion: "
+         "t:left=right and t:up=down.")
+
+
 @main.command("export")
 @click.argument("model", metavar="RUN_DIR_OR_MODEL", type=click.Path(exists=True))
 @click.option("--name", required=True, metavar="NAME",
@@ -393,8 +406,14 @@ def _labels_option(ctx, param, value):
 @click.option("--streaming", is_flag=True,
               help="Also export `stream` (new frames + state -> an answer per frame + new state) and `init_state`, "
                    "for `stp watch`; needs a causal classifier (`stp train --causal`).")
-def export_command(model, name, out_root, version, data, labels, streaming):
-    """Export a trained classifier for TF Serving: OUT/NAME/VERSION with signatures, assets and warmup."""
+@_tta_option
+@_tta_flip_labels_option
+def export_command(model, name, out_root, version, data, labels, streaming, tta, tta_flip_labels):
+    """Export a trained classifier for TF Serving: OUT/NAME/VERSION with signatures, assets and warmup.
+
+    With --tta (or --tta-flip-labels) the served answers are those of `stp predict --tta` with the same flags:
+    every request runs the model over each patch and its flips (2^k passes for k axes) and averages.
+    """
     from stpkeras.export import export_for_serving
 
     spec = None
@@ -404,9 +423,14 @@ def export_command(model, name, out_root, version, data, labels, streaming):
         manifest = read_manifest(data)
         spec = spec_of(manifest)
         labels = labels if labels is not None else tuple(manifest["labels"]) or None
-    result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec, streaming=streaming)
+    result = export_for_serving(model, out_root, name, version, labels=labels, spec=spec, streaming=streaming,
+                                tta=tta, tta_flip_labels=tta_flip_labels)
     click.echo(f"exported {model} -> {result.path}")
     click.echo(f"  signatures: {', '.join(result.signatures)}")
+    if result.tta:
+        from stpkeras.artifacts import tta_passes
+
+        click.echo(f"  test-time flips: {', '.join(result.tta)} ({tta_passes(result.tta)} passes a patch)")
     click.echo(f"  {len(result.labels)} classes: {', '.join(result.labels)}")
     click.echo(f"  input: uint8 [batch, {', '.join(map(str, result.spec.shape))}] ({result.spec.describe()})")
     click.echo(f"  warmup: {result.warmup_records} requests in assets.extra/tf_serving_warmup_requests")
@@ -426,19 +450,6 @@ def serving_config_command(root, base_path):
     from stpkeras.export import serving_config
 
     click.echo(serving_config(root, base_path), nl=False)
-
-
-# `stp evaluate` and `stp predict` (`artifacts.flip_averaged`).
-_tta_option = click.option(
-    "--tta", is_flag=True,
-    help="Test-time augmentation: average each patch's logits over the flips the run trained with "
-         "(--flip-labels; 2^k passes for k flipped axes), each mapped back to the clip's own classes; "
-         "an enhancer's pixels over the left-right, top-bottom and time flips (8 passes).")
-_tta_flip_labels_option = click.option(
-    "--tta-flip-labels", multiple=True, metavar="AXIS:A=B",
-    help="A classifier's --tta also over this flip (as --flip-labels: h, v, t or d, and the two classes it swaps), "
-         "besides the run's own; repeatable, implies --tta. E.g. time reversal for camera motion: "
-         "t:left=right and t:up=down.")
 
 
 @main.command("predict")
@@ -479,7 +490,7 @@ def predict_command(model, videos, server, top_k, as_json, batch_size, timeout, 
 
     if (tta or tta_flip_labels) and server is not None:
         raise click.UsageError("--tta runs the flips in this process; the server runs the export as it is "
-                               "(pass one of --tta and --server)")
+                               "(pass one of --tta and --server; `stp export --tta` serves the flips)")
     predictor = load(model, tta=tta, tta_flip_labels=tta_flip_labels)
     if server is not None:
         client = connect(server, timeout_s=timeout, retries=retries, max_request_mb=max_request_mb)

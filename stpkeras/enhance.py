@@ -120,7 +120,7 @@ def load_enhancer(path: str, spec: Optional[PatchSpec] = None, *, tta: bool = Fa
     if tta:
         if artifact.form != "keras":
             raise EnhanceError(f"{path}: --tta runs the flips in this process on a run or .keras file; received "
-                               "an export, which runs as it is")
+                               "an export, which runs as it is (`stp export --tta` writes one that averages the flips)")
         artifact = artifacts.flip_averaged(artifact)
     return KerasEnhancer(artifact) if artifact.form == "keras" else SavedModelEnhancer(artifact)
 

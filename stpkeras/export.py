@@ -96,6 +96,7 @@ class ExportResult:
     labels: Tuple[str, ...]
     spec: PatchSpec
     warmup_records: int
+    tta: Tuple[str, ...] = ()   # the flips its answers average over (`--tta`); () for one pass
 
 
 # --- reading the input ------------------------------------------------------------------------
@@ -294,13 +295,16 @@ def _add_stream_endpoints(archive, model, spec: PatchSpec, outputs) -> Tuple[str
     return STREAM_SIGNATURES
 
 
-def _build_archive(source: Artifact, labels_path: str, streaming: bool = False):
+def _build_archive(source: Artifact, labels_path: str, streaming: bool = False, features_of=None):
+    """The export's endpoints; `features_of` is the model whose `features` layer answers `embeddings` (the
+    model itself, or the one a flip-averaged `source.model` averages)."""
     import keras
     import tensorflow as tf
 
     if source.task == "enhance":
         return _build_enhance_archive(source)
     model, spec = source.model, source.spec
+    features_of = model if features_of is None else features_of
     table = _label_table(labels_path)
     patch_sig = [tf.TensorSpec([None, *spec.shape], tf.uint8, name=PATCHES)]
     example_sig = [tf.TensorSpec([None], tf.string, name=EXAMPLES)]
@@ -329,9 +333,9 @@ def _build_archive(source: Artifact, labels_path: str, streaming: bool = False):
     archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=patch_sig)
     archive.add_endpoint(SERVE_EXAMPLES, serve_examples, input_signature=example_sig)
     names = [SERVING_DEFAULT, SERVE_EXAMPLES]
-    if any(layer.name == FEATURES_LAYER for layer in model.layers):
+    if any(layer.name == FEATURES_LAYER for layer in features_of.layers):
         # A second view of the same layers (shared weights) that also returns the pooled features.
-        features = keras.Model(model.input, model.get_layer(FEATURES_LAYER).output, name="features_model")
+        features = keras.Model(features_of.input, features_of.get_layer(FEATURES_LAYER).output, name="features_model")
 
         def embeddings(patches):
             return {EMBEDDINGS: tf.cast(features(patches, training=False), tf.float32)}
@@ -415,14 +419,17 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
                        version: Optional[int] = None, *, labels: Optional[Sequence[str]] = None,
                        spec: Optional[PatchSpec] = None,
                        warmup_batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
-                       streaming: bool = False) -> ExportResult:
+                       streaming: bool = False, tta: bool = False,
+                       tta_flip_labels: Sequence[str] = ()) -> ExportResult:
     """Writes `out_root/name/version/`: the SavedModel, its assets and its warmup requests.
 
     `model_or_run` is a run folder, a `.keras` file (see `resolve_source`) or
     an `Artifact`. `name` defaults to the run folder's (or file's) name;
     `version` to the next free integer. An existing version is never
     overwritten. Returns where it wrote and what. `streaming=True` adds `stream` and `init_state` (a
-    causal classifier only; `check_streaming`).
+    causal classifier only; `check_streaming`). `tta` (implied by `tta_flip_labels`) bakes the test-time
+    flips of `stp predict --tta` into `serving_default` and `serve_examples` (`artifacts.flip_averaged`: 2^k
+    passes a patch), so that TF Serving answers as `--tta` does; `embeddings` stays one pass.
 
     The version is claimed when the model is complete, under an exclusive lock on `out_root/name`
     (`outputs.writing`, waiting for it): exports to the same name at once get different versions,
@@ -432,8 +439,14 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
         source = model_or_run
     else:
         source = resolve_source(os.fspath(model_or_run), labels, spec)
+    if streaming and (tta or tta_flip_labels):
+        raise ExportError(f"{source.path}: --tta and --streaming: the stream signature answers each new frame "
+                          "from its state in one pass; export the two separately")
     if streaming:
         check_streaming(source)
+    plain = source
+    if tta or tta_flip_labels:
+        source = artifacts.flip_averaged(source, tta_flip_labels)
     if name is None:
         base = source.path if source.run is None else os.path.dirname(os.path.abspath(source.path))
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(base))[0]) or "model"
@@ -460,7 +473,7 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
             labels_path = os.path.join(scratch, LABELS_ASSET)
             with open(labels_path, "w", encoding="utf-8") as f:
                 f.write("".join(label + "\n" for label in source.labels))
-            archive, signatures = _build_archive(source, labels_path, streaming)
+            archive, signatures = _build_archive(source, labels_path, streaming, plain.model)
             archive.write_out(target, verbose=False)  # copies labels.txt into target/assets
         with open(os.path.join(target, "assets", SPEC_ASSET), "w", encoding="utf-8") as f:
             f.write(json.dumps(source.spec.to_dict(), indent=1, sort_keys=True) + "\n")
@@ -477,7 +490,7 @@ def export_for_serving(model_or_run, out_root: str = "saved_models", name: Optio
                 os.rename(target, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(final, name, version, signatures, source.labels, source.spec, len(records))
+    return ExportResult(final, name, version, signatures, source.labels, source.spec, len(records), source.tta)
 
 
 def _check_free(model_root: str, version: int) -> str:
@@ -499,6 +512,7 @@ def _write_info(target: str, name: str, version: int, signatures, source: Artifa
         "spec": source.spec.to_dict(), "source": os.path.abspath(source.path), "task": source.task,
         "task_options": source.task_options,
         "streaming": _stream_info(source) if STREAM in signatures else None,
+        "tta": {"flips": list(source.tta), "passes": artifacts.tta_passes(source.tta)} if source.tta else None,
         "run": {k: source.run.get(k) for k in ("task", "model", "config") if k in source.run} if source.run else None,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

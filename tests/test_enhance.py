@@ -390,6 +390,11 @@ def test_tta_averages_the_pixels_over_four_flips_and_helps_a_trained_denoiser(no
     r = cli("enhance", tmp_path / "saved" / "denoise", tmp_path / "noisy.mp4", "--out", tmp_path / "x.mp4", "--tta")
     assert r.exit_code == 2 and "--tta runs the flips in this process" in r.output
     assert not (tmp_path / "x.mp4").exists()
+    # `stp export --tta` serves the same average: the SavedModel's pixels are the 8 passes' mean.
+    r = cli("export", noisy_run / "run", "--name", "denoise-tta", "--out", tmp_path / "saved", "--tta")
+    assert r.exit_code == 0 and "test-time flips: h, v, t (8 passes a patch)" in r.output, r.output
+    served = tf.saved_model.load(str(tmp_path / "saved" / "denoise-tta" / "1")).signatures["serving_default"]
+    np.testing.assert_allclose(served(patches=tf.constant(x))["pixels_float"].numpy(), flipped(x), atol=2e-3)
 
 
 def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):

@@ -247,6 +247,51 @@ def test_export_cli_and_keras_file_sources(exported, tmp_path):
     assert not (out / "x").exists() or ex.versions(str(out / "x")) == []
 
 
+def test_a_tta_export_serves_the_flip_averaged_answer_in_a_fresh_process(exported, tmp_path):
+    """`stp export --tta-flip-labels ...` bakes `stp predict --tta`'s flips into the served signatures: in a new
+    process, both loaders answer the in-process flip average (not the plain model), exactly symmetric under each
+    flip (a mirrored clip gets the mirrored class); `embeddings` stays the one-pass features."""
+    import tensorflow as tf
+
+    from stpkeras import augment
+
+    model, run_dir, _ = exported
+    flips = ["h:left=right", "v:up=down", "t:left=right", "t:up=down"]
+    out = tmp_path / "sm"
+    r = CliRunner().invoke(main, ["export", run_dir, "--name", "tta", "--out", str(out),
+                                  *[a for f in flips for a in ("--tta-flip-labels", f)]])
+    assert r.exit_code == 0, r.output
+    assert f"test-time flips: {', '.join(flips)} (8 passes a patch)" in r.output
+    path = str(out / "tta" / "1")
+    with open(os.path.join(path, ex.INFO_FILE)) as f:
+        assert json.load(f)["tta"] == {"flips": flips, "passes": 8}
+    x = np.random.default_rng(11).integers(0, 256, size=(3, *SPEC.shape), dtype=np.uint8)
+    views = {axis: np.asarray(augment.flip_clips(tf.constant(x), axis)) for axis in ("h", "t")}
+    batch = np.concatenate([x, views["h"], views["t"]])
+    np.savez(tmp_path / "in.npz", **{f"{ex.SERVING_DEFAULT}/9": batch, f"{ex.EMBEDDINGS}/3": x})
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, str(script), path, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = dict(np.load(tmp_path / "out.npz", allow_pickle=True))
+    averaged = artifacts.flip_averaged(artifacts.load(run_dir), flips).model
+    reference = np.asarray(averaged(batch, training=False))
+    plain, features = keras_reference(model, x)
+    for loader in ("v1", "v2"):
+        logits = got[f"{loader}/{ex.SERVING_DEFAULT}/9/{ex.LOGITS}"]
+        np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=0)
+        assert np.abs(logits[:3] - plain).max() > 1e-3          # 8 passes, not the plain model's one
+        # LABELS = down, left, right, up: mirrored left-right, left and right swap; played backwards, both pairs.
+        np.testing.assert_allclose(logits[3:6], logits[:3][:, [0, 2, 1, 3]], atol=1e-5)
+        np.testing.assert_allclose(logits[6:], logits[:3][:, [3, 2, 1, 0]], atol=1e-5)
+        np.testing.assert_allclose(got[f"{loader}/{ex.EMBEDDINGS}/3/{ex.EMBEDDINGS}"], features, atol=1e-5)
+    # The flips cannot be baked into the stream signature (one pass per frame); nothing is written.
+    with pytest.raises(ex.ExportError, match="--tta and --streaming"):
+        ex.export_for_serving(run_dir, str(out), "tta-stream", streaming=True, tta=True)
+    assert not (out / "tta-stream").exists()
+
+
 def test_serving_config_lists_every_model(exported, tmp_path):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
