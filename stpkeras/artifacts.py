@@ -81,6 +81,13 @@ class Artifact:
         return dict((self.run or {}).get("task_options") or {})
 
     @property
+    def train_config(self) -> dict:
+        """The `stp train` config of the run the model came from (run.json's `config`; an export keeps its run's
+        in its `run`); {} for a lone `.keras` file."""
+        run = self.run or {}
+        return dict((run.get("run") or {} if self.form == "saved_model" else run).get("config") or {})
+
+    @property
     def multi_label(self) -> bool:
         """A classifier with sigmoid outputs, one probability per class (`stp train --multi-label`)."""
         return self.task == "classify" and bool(self.task_options.get("multi_label"))
@@ -119,6 +126,29 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
     except ValueError as e:
         raise ArtifactError(f"{artifact.path}: {e}") from None
     return dataclasses.replace(artifact, model=averaged, tta=flips)
+
+
+def keras_model(artifact: Artifact):
+    """`artifact`'s model as a `keras.Model` from uint8 patches to the task's output: a Keras model as it is; an
+    export's `serving_default` through `keras.layers.TFSMLayer` (its `logits`, `values` or `pixels_float`), so
+    that a stage written for Keras models (`stp evaluate`) measures an export as TF Serving runs it, flips and
+    deblocking stage included."""
+    if artifact.form == "keras":
+        return artifact.model
+    import keras
+
+    from stpkeras.signatures import LOGITS, PIXELS_FLOAT, SERVING_DEFAULT, VALUES
+
+    key = {"classify": LOGITS, "regress": VALUES, "enhance": PIXELS_FLOAT}.get(artifact.task)
+    outputs = artifact.model.signatures[SERVING_DEFAULT].structured_outputs if SERVING_DEFAULT in \
+        artifact.signatures else {}
+    if key not in outputs:
+        raise ArtifactError(f"{artifact.path}: expected an export of a classifier, regressor or enhancer whose "
+                            f"{SERVING_DEFAULT} returns {key or 'logits, values or pixels_float'!r}; received one of "
+                            f"task {artifact.task!r} with signatures {list(artifact.signatures)}")
+    inputs = keras.Input(artifact.spec.shape, dtype="uint8", name="patches")
+    served = keras.layers.TFSMLayer(artifact.path, call_endpoint=SERVING_DEFAULT, name="served")(inputs)
+    return keras.Model(inputs, served[key], name=f"{os.path.basename(os.path.dirname(artifact.path))}_served")
 
 
 def tta_passes(flips: Sequence[str]) -> int:

@@ -251,27 +251,26 @@ def _evaluate(config: EvalConfig) -> dict:
     artifact = artifacts.load(config.model, compile=True, **lone)
     if config.tta or config.tta_flip_labels:
         artifact = artifacts.flip_averaged(artifact, config.tta_flip_labels)
-    model, run = artifact.model, artifact.run or {}
+    # An export is measured through its serving signature, as TF Serving would run it; its folder, which a
+    # server may be loading, is not written into.
+    if artifact.form == "saved_model" and config.out is None:
+        raise EvaluateError(f"{config.model}: an export; pass --out for the evaluation's files (an export's "
+                            "folder is not written into)")
+    artifact = dataclasses.replace(artifact, model=artifacts.keras_model(artifact))
+    model = artifact.model
     spec = artifact.spec if artifact.run is not None else None
     if artifact.task == "enhance":   # a run's, or a lone .keras file's whose output layer is 'pixels'
-        return evaluate_enhance(config, model, run, info)
+        return evaluate_enhance(config, model, artifact.train_config, info)
     if artifact.task == "regress" or artifact.multi_label:
         return evaluate_targets(config, artifact, info)
     _require_patch_shape(config, model, info)
-    labels = tuple(run.get("labels") or info.labels)
+    labels = tuple(artifact.labels or info.labels)
     if tuple(info.labels) != labels:
         raise EvaluateError(f"{config.data}: classes {list(info.labels)} differ from the model's {list(labels)}")
     if model.output_shape[-1] != len(labels):
         raise EvaluateError(f"{config.model}: {model.output_shape[-1]} outputs for {len(labels)} classes "
                             f"{list(labels)}")
-    split = config.split
-    if split is None:
-        split = next((s for s in ("test", "val") if s in info.splits), None)
-        if split is None:
-            raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split "
-                                f"(available: {list(info.splits)})")
-    info.resolve(split)
-
+    split = _split_to_evaluate(config, info)
     dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False,
                                     as_supervised=False, spec=spec)
     out = predict(model, dataset)
@@ -287,9 +286,7 @@ def _evaluate(config: EvalConfig) -> dict:
     _, video_labels, video_logits = video_level(ids, y, logits)
     result["video"] = classification_metrics(video_labels, video_logits, labels, config.top_k)
 
-    out_dir = config.out or (config.model if os.path.isdir(config.model)
-                             else os.path.dirname(os.path.abspath(config.model)))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = _out_dir(config)
     for level in ("patch", "video"):
         path = os.path.join(out_dir, CONFUSION_PNG.format(split=split, level=level))
         draw_confusion(np.array(result[level]["confusion"]), labels, path, title=f"{split}, {level} level")
@@ -308,6 +305,7 @@ def _split_to_evaluate(config: EvalConfig, info) -> str:
 
 
 def _out_dir(config: EvalConfig) -> str:
+    """`--out`, else the run folder (or the `.keras` file's folder); made if missing."""
     out_dir = config.out or (config.model if os.path.isdir(config.model)
                              else os.path.dirname(os.path.abspath(config.model)))
     os.makedirs(out_dir, exist_ok=True)
@@ -382,7 +380,7 @@ def spread_sample(dataset, records: int, count: int):
     return None if sample is None else (sample[0].numpy(), sample[1].numpy())
 
 
-def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
+def evaluate_enhance(config: EvalConfig, model, train_config: dict, info) -> dict:
     """PSNR/SSIM per patch on a held-out split: the degraded input, the classical baselines (denoisers; for blur,
     sharpeners: `baselines.for_degradations`) and the model.
 
@@ -399,14 +397,11 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     from stpkeras.quality import psnr, ssim
 
     _require_patch_shape(config, model, info)
-    degrade = describe(parse_degrade(config.degrade or run.get("config", {}).get("task_options", {}).get("degrade")))
+    degrade = describe(parse_degrade(config.degrade or (train_config.get("task_options") or {}).get("degrade")))
     paired = bool(info.manifest.get("paired"))
     if not degrade and not paired:
         raise EvaluateError(f"{config.data}: no degradations (the run has none; pass --degrade) and no paired targets")
-    split = config.split or next((s for s in ("test", "val") if s in info.splits), None)
-    if split is None:
-        raise EvaluateError(f"{config.data}: no 'test' or 'val' split; pass --split (available: {list(info.splits)})")
-    info.resolve(split)
+    split = _split_to_evaluate(config, info)
     element = make_pairs(info.encoding, info.spec, paired=paired, degradations=degrade)
     dataset = pipeline.make_dataset(info, split, batch_size=config.batch_size, training=False, element_fn=element,
                                     seed=config.seed, deterministic=True)
@@ -451,9 +446,6 @@ def evaluate_enhance(config: EvalConfig, model, run: dict, info) -> dict:
     result["best_baseline"] = best
     result["gain_db"] = {"over_input": scores["model"]["psnr"] - scores["input"]["psnr"],
                          "over_best_baseline": (scores["model"]["psnr"] - scores[best]["psnr"]) if best else None}
-    out_dir = config.out or (config.model if os.path.isdir(config.model)
-                             else os.path.dirname(os.path.abspath(config.model)))
-    os.makedirs(out_dir, exist_ok=True)
-    result["json"] = os.path.join(out_dir, EVAL_JSON.format(split=split))
+    result["json"] = os.path.join(_out_dir(config), EVAL_JSON.format(split=split))
     outputs.write_text(result["json"], json.dumps(result, indent=1) + "\n")
     return result

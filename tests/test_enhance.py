@@ -425,6 +425,14 @@ def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
     # The export enhances whole videos too.
     enhancer = load_enhancer(str(tmp_path / "saved" / "denoise"))
     assert enhancer.spec.shape == (4, 32, 32, 3)
+    # `stp evaluate` measures the export through its serving signature: the run's figures.
+    got = {}
+    for name, source in (("export", tmp_path / "saved" / "denoise"), ("run", noisy_run / "run")):
+        r = cli("evaluate", source, noisy_run / "data", "--json", "--no-baselines", "--out", tmp_path / f"e-{name}")
+        assert r.exit_code == 0, r.output
+        got[name] = json.loads(r.output)
+    assert got["export"]["output"]["psnr"] == pytest.approx(got["run"]["output"]["psnr"], abs=1e-3)
+    assert got["export"]["output"]["psnr"] > got["export"]["input"]["psnr"] + 3
 
 
 # --- models -----------------------------------------------------------------------------------------

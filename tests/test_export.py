@@ -286,6 +286,26 @@ def test_a_tta_export_serves_the_flip_averaged_answer_in_a_fresh_process(exporte
         np.testing.assert_allclose(logits[3:6], logits[:3][:, [0, 2, 1, 3]], atol=1e-5)
         np.testing.assert_allclose(logits[6:], logits[:3][:, [3, 2, 1, 0]], atol=1e-5)
         np.testing.assert_allclose(got[f"{loader}/{ex.EMBEDDINGS}/3/{ex.EMBEDDINGS}"], features, atol=1e-5)
+    # `stp evaluate` measures an export through its serving signature: the flipped export scores what the run
+    # scores with the same flips in this process, the plain export what the run scores plainly. It writes only
+    # where --out says, never into the export's folder.
+    from stpkeras.evaluate import EvalConfig, EvaluateError, evaluate
+
+    data = os.path.join(os.path.dirname(run_dir), "data")
+    scores = {}
+    for name, model_path, flags in (("export-tta", path, {}), ("run-tta", run_dir, {"tta_flip_labels": tuple(flips)}),
+                                    ("export", exported[2].path, {}),
+                                    ("run", run_dir, {})):
+        scores[name] = evaluate(EvalConfig(model=model_path, data=data, split="val", out=str(tmp_path / name),
+                                           **flags))
+    for served, here in (("export-tta", "run-tta"), ("export", "run")):
+        for level in ("patch", "video"):
+            assert scores[served][level]["confusion"] == scores[here][level]["confusion"]
+            assert scores[served][level]["accuracy"] == pytest.approx(scores[here][level]["accuracy"])
+    before = sorted(os.listdir(path))
+    with pytest.raises(EvaluateError, match="an export; pass --out"):
+        evaluate(EvalConfig(model=path, data=data, split="val"))
+    assert sorted(os.listdir(path)) == before
     # The flips cannot be baked into the stream signature (one pass per frame); nothing is written.
     with pytest.raises(ex.ExportError, match="--tta and --streaming"):
         ex.export_for_serving(run_dir, str(out), "tta-stream", streaming=True, tta=True)
