@@ -101,7 +101,8 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
     """`artifact` whose model averages each patch over flips, for `--tta` (test-time augmentation, 2^k passes
     for k flipped axes). A classifier's logits over the flips of its run's `--flip-labels` and `more_flips`
     (`--tta-flip-labels`: symmetries of the task the run did not train with, e.g. time reversal for camera
-    motion), each flip's put back in the clip's own classes (`augment.flip_averaged`); an enhancer's pixels
+    motion; those the run recorded, `stp train --tta-flip-labels`, come with it), each flip's put back in the
+    clip's own classes (`augment.flip_averaged`); an enhancer's pixels
     over the left-right, top-bottom and time flips (8 passes), each output flipped back
     (`augment.flip_averaged_pixels`)."""
     from stpkeras import augment
@@ -111,8 +112,9 @@ def flip_averaged(artifact: Artifact, more_flips: Sequence[str] = ()) -> Artifac
     if artifact.form == "keras" and artifact.task == "enhance" and not more_flips:
         return dataclasses.replace(artifact, model=augment.flip_averaged_pixels(artifact.model),
                                    tta=augment.ENHANCE_TTA_AXES)
-    own = tuple(artifact.task_options.get("flip_labels") or ())
-    flips = own + tuple(f for f in dict.fromkeys(more_flips) if f not in own)
+    options = artifact.task_options
+    own = tuple(options.get("flip_labels") or ()) + tuple(options.get("tta_flip_labels") or ())
+    flips = tuple(dict.fromkeys(own + tuple(more_flips)))
     if artifact.form != "keras" or artifact.task != "classify" or artifact.multi_label or not flips:
         raise ArtifactError(f"{artifact.path}: --tta averages an enhancer over flips, or a classifier over the flips "
                             "its run trained with (`stp train --flip-labels`) or that --tta-flip-labels names; "
@@ -397,4 +399,5 @@ def _load_export(version_dir: str) -> Artifact:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ArtifactError(f"{version_dir}: not a loadable SavedModel ({type(e).__name__}: {first}). "
                             "Export it again with `stp export`") from e
-    return Artifact(version_dir, "saved_model", task, labels, spec, loaded, info)
+    tta = tuple(((info or {}).get("tta") or {}).get("flips") or ())   # `stp export --tta`: baked in
+    return Artifact(version_dir, "saved_model", task, labels, spec, loaded, info, tta)

@@ -705,6 +705,10 @@ def _shake_limits(text: str):
                    "columns; square patches). Each axis flips half the "
                    "training patches and swaps the named labels; other classes must look alike mirrored. For "
                    "motion classes, which --augment flip would mislabel.")
+@click.option("--tta-flip-labels", multiple=True, metavar="AXIS:A=B",
+              help="classify: a symmetry of the task for test time only (as --flip-labels), repeatable: recorded in "
+                   "run.json, so that --tta (stp evaluate, predict, export) averages over it too without naming it "
+                   "again. E.g. time reversal for camera motion: t:left=right and t:up=down.")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="FRACTION", help="pretrain: the share of tubelet tubes hidden from the encoder (default 0.9).")
 @click.option("--shake", default=None, metavar="SHIFT,DEGREES,ZOOM",
@@ -722,8 +726,8 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
                   schedule, warmup, weight_decay, augment,
                   train_split, val_split, strategy, devices, mixed_precision, jit, seed, deterministic,
                   class_weight, shuffle_buffer, resume, verbose, data_service, trace_dir, task, degrade, crop, soften,
-                  loss, multi_label, flip_labels, mask_ratio, shake, init_from, freeze_backbone, backbone_lr_scale,
-                  layer_decay):
+                  loss, multi_label, flip_labels, tta_flip_labels, mask_ratio, shake, init_from, freeze_backbone,
+                  backbone_lr_scale, layer_decay):
     """Train a model on the patches in DATA (a folder written by `stp convert`) into RUN_DIR.
 
     A killed run started again with --resume goes on from its last finished epoch.
@@ -744,8 +748,9 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
                                      f"--task regress (received --task {task})", param_hint="--loss")
         if multi_label and task != "classify":
             raise click.BadParameter("--multi-label is an option of --task classify", param_hint="--task")
-        if flip_labels and task != "classify":
-            raise click.BadParameter("--flip-labels is an option of --task classify", param_hint="--task")
+        if (flip_labels or tta_flip_labels) and task != "classify":
+            raise click.BadParameter("--flip-labels and --tta-flip-labels are options of --task classify",
+                                     param_hint="--task")
         # Model, augmentation and task options left out (None) are the task's defaults (stpkeras.tasks).
         if mask_ratio is not None and task != "pretrain":
             raise click.BadParameter("--mask-ratio is an option of --task pretrain", param_hint="--task")
@@ -761,6 +766,7 @@ def train_command(data, out, model_name, model_args, causal, epochs, minutes, st
             raise click.BadParameter("--shake is an option of --task stabilize", param_hint="--task")
         task_options = tuple((k, v) for k, v in (("degrade", degrade), (losses.get(task, ("",))[0], loss),
                                                   ("multi_label", multi_label), ("flip_labels", tuple(flip_labels)),
+                                                  ("tta_flip_labels", tuple(tta_flip_labels)),
                                                   ("mask_ratio", mask_ratio)) if v)
         if crop is not None:
             task_options += (("crop", crop),)   # 0 too: whole patches, not the CPU budget's crops

@@ -131,6 +131,8 @@ class Classify(Task):
     multi_label: Optional[bool] = None
     # Flips that swap mirrored classes (`augment.parse_flip_labels`): e.g. ("h:left=right", "v:up=down").
     flip_labels: Tuple[str, ...] = ()
+    # More such symmetries, for test time only: `--tta` (evaluate, predict, export) averages over them too.
+    tta_flip_labels: Tuple[str, ...] = ()
 
     def for_data(self, info) -> "Classify":
         multi = info.label_mode == "multi"
@@ -138,13 +140,14 @@ class Classify(Task):
             raise ValueError(f"{info.root}: the records are multi-label (label_mode 'multi': no single label "
                              "per patch); train them with multi-label outputs (leave out multi_label=False)")
         if self.multi_label or multi:
-            if self.flip_labels:
+            if self.flip_labels or self.tta_flip_labels:
                 raise ValueError(f"{info.root}: flip_labels swaps one label per patch; multi-label records have none")
             return dataclasses.replace(self, multi_label=True, monitor="pr_auc")
         from stpkeras.augment import parse_flip_labels, require_square
-        flips = parse_flip_labels(self.flip_labels, info.labels)   # a bad pair fails before training starts
-        require_square(flips, info.spec.height, info.spec.width)
-        return dataclasses.replace(self, multi_label=False, flip_labels=tuple(self.flip_labels))
+        for flips in (self.flip_labels, self.tta_flip_labels):   # a bad pair fails before training starts
+            require_square(parse_flip_labels(flips, info.labels), info.spec.height, info.spec.width)
+        return dataclasses.replace(self, multi_label=False, flip_labels=tuple(self.flip_labels),
+                                   tta_flip_labels=tuple(self.tta_flip_labels))
 
     def build_model(self, model, spec, labels, options):
         from stpkeras.models import ENHANCE_MODELS, build_model

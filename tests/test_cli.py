@@ -273,4 +273,23 @@ def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converte
     assert "['circle', 'square', 'stripe']" in result.output and "Traceback" not in result.output
     result = cli("train", converted[0], "--out", tmp_path / "bad2", "--task", "regress",
                  "--flip-labels", "h:circle=square", *common)
-    assert result.exit_code == 2 and "--flip-labels is an option of --task classify" in result.output
+    assert result.exit_code == 2 and "--flip-labels and --tta-flip-labels are options of --task classify" \
+        in result.output
+    # `stp train --tta-flip-labels`: a symmetry for test time only, recorded, so that --tta alone (and the
+    # export's) averages over it too; a bad pair fails before training.
+    result = cli("train", converted[0], "--out", tmp_path / "recorded", "--flip-labels", "h:circle=square",
+                 "--tta-flip-labels", "t:circle=stripe", *common)
+    assert result.exit_code == 0, result.output
+    recorded = artifacts.load(str(tmp_path / "recorded"))
+    assert recorded.task_options["tta_flip_labels"] == ["t:circle=stripe"]
+    averaged = artifacts.flip_averaged(recorded)
+    assert averaged.tta == ("h:circle=square", "t:circle=stripe")
+    by_hand = augment.flip_averaged(recorded.model, augment.parse_flip_labels(averaged.tta, recorded.labels))
+    np.testing.assert_allclose(averaged.model.predict(patches, verbose=0), by_hand.predict(patches, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    result = cli("export", tmp_path / "recorded", "--name", "rec", "--out", tmp_path / "sm", "--tta")
+    assert result.exit_code == 0 and "test-time flips: h:circle=square, t:circle=stripe (4 passes a patch)" \
+        in result.output, result.output
+    result = cli("train", converted[0], "--out", tmp_path / "bad3", "--tta-flip-labels", "t:circle=nope", *common)
+    assert result.exit_code != 0 and "Received 't:circle=nope'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bad3" / "best.keras").exists()

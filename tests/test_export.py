@@ -265,6 +265,7 @@ def test_a_tta_export_serves_the_flip_averaged_answer_in_a_fresh_process(exporte
     path = str(out / "tta" / "1")
     with open(os.path.join(path, ex.INFO_FILE)) as f:
         assert json.load(f)["tta"] == {"flips": flips, "passes": 8}
+    assert artifacts.load(path).tta == tuple(flips) and artifacts.load(exported[2].path).tta == ()
     x = np.random.default_rng(11).integers(0, 256, size=(3, *SPEC.shape), dtype=np.uint8)
     views = {axis: np.asarray(augment.flip_clips(tf.constant(x), axis)) for axis in ("h", "t")}
     batch = np.concatenate([x, views["h"], views["t"]])
