@@ -280,8 +280,8 @@ def _evaluate(config: EvalConfig) -> dict:
         raise EvaluateError(f"{config.data}: split {split!r} has no labelled patches")
     logits, y, ids = out["logits"][known], out["labels"][known].astype(np.int64), out["video_ids"][known]
     result = {"model": config.model, "data": config.data, "split": split, "labels": list(labels),
-              "unlabelled_patches": unlabelled, "tta": bool(config.tta or config.tta_flip_labels),
-              "tta_flip_labels": list(config.tta_flip_labels),
+              "unlabelled_patches": unlabelled, "tta": bool(artifact.tta),
+              "tta_flip_labels": list(config.tta_flip_labels), "tta_flips": list(artifact.tta),
               "patch": classification_metrics(y, logits, labels, config.top_k)}
     _, video_labels, video_logits = video_level(ids, y, logits)
     result["video"] = classification_metrics(video_labels, video_logits, labels, config.top_k)

@@ -257,6 +257,7 @@ def test_train_flip_labels_is_recorded_and_a_bad_pair_names_the_classes(converte
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.output)
     assert evaluated["tta"] is True and evaluated["tta_flip_labels"] == ["t:circle=stripe", "h:circle=square"]
+    assert evaluated["tta_flips"] == ["h:circle=square", "v:square=stripe", "t:circle=stripe"]   # all it averaged
     run = artifacts.load(str(tmp_path / "run"))
     averaged = artifacts.flip_averaged(run, ("t:circle=stripe", "h:circle=square"))
     patches = np.random.default_rng(0).integers(0, 256, (3, *load_info(str(converted[0])).spec.shape), dtype=np.uint8)

@@ -299,6 +299,8 @@ def test_a_tta_export_serves_the_flip_averaged_answer_in_a_fresh_process(exporte
                                     ("run", run_dir, {})):
         scores[name] = evaluate(EvalConfig(model=model_path, data=data, split="val", out=str(tmp_path / name),
                                            **flags))
+    assert scores["export-tta"]["tta"] is True and scores["export-tta"]["tta_flips"] == flips
+    assert scores["export"]["tta"] is False and scores["export"]["tta_flips"] == []
     for served, here in (("export-tta", "run-tta"), ("export", "run")):
         for level in ("patch", "video"):
             assert scores[served][level]["confusion"] == scores[here][level]["confusion"]

@@ -74,7 +74,8 @@ CASES = {
     # classify also runs the options the custom loop once ignored in silence.
     "classify": dict(task_options={}, model_options={"filters": 8}, lr=1e-2,
                      flags={"class_weight": True, "mixed_precision": True, "jit": True},
-                     model="stcnn", augment=["crop", "color"], recorded={"multi_label": None, "flip_labels": [], "tta_flip_labels": []},
+                     model="stcnn", augment=["crop", "color"],
+                     recorded={"multi_label": None, "flip_labels": [], "tta_flip_labels": []},
                      # Two epochs: after one (16 steps of 4 in bfloat16, colour jitter on a brightness-coded
                      # class) a run once stopped at 0.44 on validation.
                      epochs=2, check=lambda m, noisy: m["val_accuracy"] > 0.5),           # chance 1/3
@@ -82,7 +83,8 @@ CASES = {
     # constant scores their shares, 0.44 on average.
     "classify-multi": dict(task="classify", data="targets", task_options={}, model_options={"filters": 8}, lr=1e-2,
                            flags={"mixed_precision": True, "jit": True}, model="stcnn", augment=["crop", "color"],
-                           recorded={"multi_label": None, "flip_labels": [], "tta_flip_labels": []}, labels=["dark", "lit", "bright"],
+                           recorded={"multi_label": None, "flip_labels": [], "tta_flip_labels": []},
+                           labels=["dark", "lit", "bright"],
                            options={"multi_label": True},
                            check=lambda m, noisy: m["val_pr_auc"] > 0.7),
     # Huber loss in standard deviations: predicting the mean scores about 0.48 (levels at -1.22, 0, 1.22).
