@@ -260,7 +260,7 @@ def _evaluate(config: EvalConfig) -> dict:
     model = artifact.model
     spec = artifact.spec if artifact.run is not None else None
     if artifact.task == "enhance":   # a run's, or a lone .keras file's whose output layer is 'pixels'
-        return evaluate_enhance(config, model, artifact.train_config, info)
+        return evaluate_enhance(config, artifact, info)
     if artifact.task == "regress" or artifact.multi_label:
         return evaluate_targets(config, artifact, info)
     _require_patch_shape(config, model, info)
@@ -380,7 +380,7 @@ def spread_sample(dataset, records: int, count: int):
     return None if sample is None else (sample[0].numpy(), sample[1].numpy())
 
 
-def evaluate_enhance(config: EvalConfig, model, train_config: dict, info) -> dict:
+def evaluate_enhance(config: EvalConfig, artifact, info) -> dict:
     """PSNR/SSIM per patch on a held-out split: the degraded input, the classical baselines (denoisers; for blur,
     sharpeners: `baselines.for_degradations`) and the model.
 
@@ -396,6 +396,7 @@ def evaluate_enhance(config: EvalConfig, model, train_config: dict, info) -> dic
     from stpkeras.degrade import describe, make_pairs, parse_degrade
     from stpkeras.quality import psnr, ssim
 
+    model, train_config = artifact.model, artifact.train_config
     _require_patch_shape(config, model, info)
     degrade = describe(parse_degrade(config.degrade or (train_config.get("task_options") or {}).get("degrade")))
     paired = bool(info.manifest.get("paired"))
@@ -436,7 +437,7 @@ def evaluate_enhance(config: EvalConfig, model, train_config: dict, info) -> dic
             measure(name, fn(x, chosen[name]), y)
     scores = {name: {"psnr": float(v[0] / count), "ssim": float(v[1] / count)} for name, v in sums.items()}
     result = {"task": "enhance", "model": config.model, "data": config.data, "split": split, "patches": count,
-              "degrade": list(degrade), "paired": paired, "seed": config.seed, "tta": config.tta,
+              "degrade": list(degrade), "paired": paired, "seed": config.seed, "tta": bool(artifact.tta),
               "input": scores["input"], "output": scores["model"],
               "baselines": {name: {**scores[name], "param": chosen[name]} for name in methods}}
     left_out = baselines_lib.missing(kinds) if config.baselines else {}

@@ -395,6 +395,12 @@ def test_tta_averages_the_pixels_over_four_flips_and_helps_a_trained_denoiser(no
     assert r.exit_code == 0 and "test-time flips: h, v, t (8 passes a patch)" in r.output, r.output
     served = tf.saved_model.load(str(tmp_path / "saved" / "denoise-tta" / "1")).signatures["serving_default"]
     np.testing.assert_allclose(served(patches=tf.constant(x))["pixels_float"].numpy(), flipped(x), atol=2e-3)
+    r = cli("evaluate", tmp_path / "saved" / "denoise-tta", noisy_run / "data", "--json", "--no-baselines",
+            "--out", tmp_path / "e-tta")
+    assert r.exit_code == 0, r.output
+    served_scores = json.loads(r.output)   # the export's figures are the run's with --tta
+    assert served_scores["tta"] is True
+    assert served_scores["output"]["psnr"] == pytest.approx(evaluated["output"]["psnr"], abs=1e-3)
 
 
 def test_export_serves_uint8_and_float_pixels(noisy_run, tmp_path, cli):
