@@ -222,6 +222,28 @@ CPU_CLOCK = ("import os, time; from stpkeras import budget; "
 CLOCK_PREFIX = ""
 
 
+def add_training_arguments(parser) -> None:
+    """`--minutes`, `--clock`, `--variant` and `--skip-default`: how this script and motion_retrieval.py train."""
+    parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="A run with these extra `stp train` arguments (repeatable).")
+    parser.add_argument("--skip-default", action="store_true", help="Leave out the run with the defaults.")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what --minutes counts: wall seconds, or the training process's CPU seconds / cores "
+                             "(a fair budget on a machine shared with other jobs)")
+
+
+def training_plan(args) -> tuple:
+    """`(budget, variants)` of `add_training_arguments`' flags: the `stp train` budget arguments and the
+    `(name, extra arguments)` of each run; sets the clock `stp` trains by."""
+    global CLOCK_PREFIX
+    CLOCK_PREFIX = CPU_CLOCK if args.clock == "cpu" else ""
+    budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
+    variants = ([] if args.skip_default else [("default", [])]) + [
+        (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    return budget, variants
+
+
 def stp(*args, quiet: bool = True) -> str:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", CLOCK_PREFIX + "from stpkeras.cli import run; run()", *args],
@@ -288,16 +310,13 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=32, help="Frames per clip.")
     parser.add_argument("--frames-per-patch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="Frames resized to SIZE x SIZE for every method.")
-    parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
+    add_training_arguments(parser)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="stp train --seed.")
     parser.add_argument("--clip-seed", type=int, default=0,
                         help="Draws the clips' places. Separate from --seed: clips are written once per --work, "
                              "so a second training seed must measure the same clips (their scene motion too).")
     parser.add_argument("--mirror", action="store_true", help="Also train on the mirrored training clips.")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                        help="A run with these extra `stp train` arguments (repeatable).")
-    parser.add_argument("--skip-default", action="store_true", help="Leave out the run with the defaults.")
     parser.add_argument("--folds", default=",".join(FOLDS), help="Held-out kinds to test on.")
     parser.add_argument("--steady-scene", action="store_true",
                         help="Cut clips only where the scene itself holds still (under half the slowest pan), so that "
@@ -305,19 +324,12 @@ def main(argv=None):
     parser.add_argument("--tta-flip-labels", action="append", default=[], metavar="AXIS:A=B",
                         help="Also evaluate every run with --tta over these flips besides its own (repeatable; "
                              "e.g. t:left=right and t:up=down, time reversal).")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="what --minutes counts: wall seconds, or the training process's CPU seconds / cores "
-                             "(a fair budget on a machine shared with other jobs)")
     args = parser.parse_args(argv)
-    global CLOCK_PREFIX
-    CLOCK_PREFIX = CPU_CLOCK if args.clock == "cpu" else ""
+    budget, variants = training_plan(args)
 
     own = {}
     clips = make_clips(args.videos, args.work, args.clips, args.frames, args.clip_seed, own,
                        steady=args.steady_scene)
-    budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
-    variants = ([] if args.skip_default else [("default", [])]) + [
-        (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
     print(f"{sum(len(c) for c in clips.values())} clips of {args.frames} frames, {len(CLASSES)} classes, "
           f"{args.size}x{args.size}, patches {args.frames_per_patch} frames; chance {1 / len(CLASSES):.2f}; "
           f"training {' '.join(budget[:2])}{' + mirrored clips' if args.mirror else ''}", flush=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 
@@ -95,12 +94,7 @@ def main(argv=None):
     parser.add_argument("--work", default="/tmp/stp-motion")
     parser.add_argument("--clips", type=int, default=8, help="Clips per direction and source video.")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--minutes", type=float, default=None, help="stp train --minutes (default: --epochs).")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="what --minutes counts (see benchmarks/motion_classify.py)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                        help="Also train with these `stp train` arguments added (repeatable).")
-    parser.add_argument("--skip-default", action="store_true", help="Leave out the run with the defaults.")
+    motion_classify.add_training_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embed-run", action="append", default=[], metavar="FOLD=RUN",
@@ -110,12 +104,8 @@ def main(argv=None):
     from stpkeras.index import load_embedder
     from tfrecords_tools.spec import PatchSpec
 
-    if args.clock == "cpu":
-        motion_classify.CLOCK_PREFIX = motion_classify.CPU_CLOCK
-    budget = ["--minutes", str(args.minutes), "--epochs", "1000"] if args.minutes else ["--epochs", str(args.epochs)]
+    budget, variants = motion_classify.training_plan(args)
     length = f"m{args.minutes:g}" if args.minutes else f"e{args.epochs}"
-    variants = ([] if args.skip_default else [("default", [])]) + [
-        (v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
     clips = make_clips(args.videos, args.work, args.clips, args.seed)
     print(f"{sum(len(c) for c in clips.values())} clips, {len(DIRECTIONS)} directions; chance recall@1 "
           f"{1 / len(DIRECTIONS):.2f}", flush=True)
